@@ -1,0 +1,545 @@
+//! Fluentd event entries, scanned without decoding.
+//!
+//! A chunk body in the `msgpack` format is the Fluentd buffer format: concatenated msgpack
+//! `[time, record]` arrays, exactly as a forward client sent them. This module finds entry
+//! boundaries and event times by walking the msgpack framing only; records are never built.
+//! The sidecar uses it on ingest (to validate and split by timekey) and the consumer uses it to
+//! cut a body into events.
+//!
+//! ```text
+//! entry  ::= array(2) [ time, record ]          any array header width (fix, 16, 32)
+//! time   ::= uint | EventTime | array [ uint|EventTime, map... ]    (the last form: forward v1.5)
+//! EventTime ::= ext type 0, 8 bytes: seconds u32 BE, nanoseconds u32 BE (fixext8 or ext8)
+//! record ::= map
+//! ```
+
+use std::fmt;
+
+use rmp::Marker;
+
+/// Why a byte slice is not (yet) a msgpack value or a valid entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScanError {
+    /// The slice ends inside the value: read more bytes.
+    Incomplete,
+    /// The bytes can never become a valid value or entry; the reason is for logs.
+    Invalid(&'static str),
+}
+
+impl fmt::Display for ScanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScanError::Incomplete => f.write_str("incomplete msgpack value"),
+            ScanError::Invalid(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for ScanError {}
+
+/// An event time: seconds since the Unix epoch and nanoseconds, as Fluentd's `EventTime`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EventTime {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl EventTime {
+    pub const fn new(secs: i64, nanos: u32) -> Self {
+        EventTime { secs, nanos }
+    }
+
+    /// The time as RFC 3339 in UTC with nanoseconds, e.g. `2026-11-21T16:01:02.123456789Z`.
+    pub fn to_rfc3339(self) -> String {
+        match chrono::DateTime::from_timestamp(self.secs, self.nanos) {
+            Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            None => format!("{}.{:09}", self.secs, self.nanos),
+        }
+    }
+
+    /// Parses what [`EventTime::to_rfc3339`] writes (any RFC 3339 offset is accepted).
+    pub fn parse_rfc3339(s: &str) -> Option<Self> {
+        let t = chrono::DateTime::parse_from_rfc3339(s).ok()?;
+        Some(EventTime::new(t.timestamp(), t.timestamp_subsec_nanos()))
+    }
+
+    /// Exact decimal form `secs.nanos` (nine digits), the pointer's `first_time` notation.
+    pub fn to_decimal(self) -> String {
+        format!("{}.{:09}", self.secs, self.nanos)
+    }
+
+    /// Parses a decimal number of seconds (`1763740801`, `1763740801.5`, `1763740801.123456789`)
+    /// without going through a float, so nanoseconds survive.
+    pub fn parse_decimal(s: &str) -> Option<Self> {
+        let (int, frac) = match s.split_once('.') {
+            Some((i, f)) => (i, f),
+            None => (s, ""),
+        };
+        let secs: i64 = int.parse().ok()?;
+        if frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let mut nanos = 0u32;
+        for i in 0..9 {
+            let digit = frac.as_bytes().get(i).map_or(0, |b| u32::from(b - b'0'));
+            nanos = nanos * 10 + digit;
+        }
+        Some(EventTime::new(secs, nanos))
+    }
+}
+
+impl fmt::Display for EventTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+
+/// What [`scan_entry`] learned about one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryInfo {
+    /// Bytes taken by the whole entry.
+    pub len: usize,
+    /// The event time (seconds and nanoseconds; integer times have zero nanoseconds).
+    pub time: EventTime,
+    /// Byte range of the time slot inside the entry (a v1.5 `[time, metadata]` array included).
+    pub time_slot: (usize, usize),
+    /// Byte range of the record map inside the entry.
+    pub record: (usize, usize),
+    /// True when the time slot is the forward v1.5 form `[time, {metadata}]`.
+    pub has_metadata: bool,
+}
+
+fn need(buf: &[u8], n: usize) -> Result<&[u8], ScanError> {
+    buf.get(..n).ok_or(ScanError::Incomplete)
+}
+
+fn be_len(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .fold(0usize, |acc, b| (acc << 8) | usize::from(*b))
+}
+
+/// Header of a msgpack value: how many bytes the header itself takes, how many payload bytes
+/// follow it, and how many nested values follow it (array elements, map keys and values).
+struct Header {
+    header: usize,
+    payload: usize,
+    children: u64,
+}
+
+fn header(buf: &[u8]) -> Result<(Marker, Header), ScanError> {
+    let first = *buf.first().ok_or(ScanError::Incomplete)?;
+    let marker = Marker::from_u8(first);
+    let fixed = |header, payload| {
+        Ok(Header {
+            header,
+            payload,
+            children: 0,
+        })
+    };
+    let sized = |width: usize, extra: usize| -> Result<Header, ScanError> {
+        let len = be_len(&need(buf, 1 + width)?[1..]);
+        Ok(Header {
+            header: 1 + width + extra,
+            payload: len,
+            children: 0,
+        })
+    };
+    let counted = |width: usize, per: u64| -> Result<Header, ScanError> {
+        let n = be_len(&need(buf, 1 + width)?[1..]) as u64;
+        Ok(Header {
+            header: 1 + width,
+            payload: 0,
+            children: n * per,
+        })
+    };
+    let h = match marker {
+        Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
+            fixed(1, 0)
+        }
+        Marker::U8 | Marker::I8 => fixed(1, 1),
+        Marker::U16 | Marker::I16 => fixed(1, 2),
+        Marker::U32 | Marker::I32 | Marker::F32 => fixed(1, 4),
+        Marker::U64 | Marker::I64 | Marker::F64 => fixed(1, 8),
+        Marker::FixStr(n) => fixed(1, usize::from(n)),
+        Marker::Str8 | Marker::Bin8 => sized(1, 0),
+        Marker::Str16 | Marker::Bin16 => sized(2, 0),
+        Marker::Str32 | Marker::Bin32 => sized(4, 0),
+        // Fixed ext: one type byte, then 1/2/4/8/16 data bytes.
+        Marker::FixExt1 => fixed(2, 1),
+        Marker::FixExt2 => fixed(2, 2),
+        Marker::FixExt4 => fixed(2, 4),
+        Marker::FixExt8 => fixed(2, 8),
+        Marker::FixExt16 => fixed(2, 16),
+        Marker::Ext8 => sized(1, 1),
+        Marker::Ext16 => sized(2, 1),
+        Marker::Ext32 => sized(4, 1),
+        Marker::FixArray(n) => Ok(Header {
+            header: 1,
+            payload: 0,
+            children: u64::from(n),
+        }),
+        Marker::FixMap(n) => Ok(Header {
+            header: 1,
+            payload: 0,
+            children: 2 * u64::from(n),
+        }),
+        Marker::Array16 => counted(2, 1),
+        Marker::Array32 => counted(4, 1),
+        Marker::Map16 => counted(2, 2),
+        Marker::Map32 => counted(4, 2),
+        Marker::Reserved => Err(ScanError::Invalid("reserved msgpack byte 0xc1")),
+    }?;
+    Ok((marker, h))
+}
+
+/// Length in bytes of the msgpack value at the start of `buf`, found without decoding it.
+///
+/// Runs in time linear in the bytes it looks at and without recursion, so hostile nesting or
+/// huge declared lengths cost nothing but `Incomplete`.
+pub fn value_len(buf: &[u8]) -> Result<usize, ScanError> {
+    let mut pos = 0usize;
+    let mut pending: u64 = 1;
+    while pending > 0 {
+        pending -= 1;
+        let (_, h) = header(&buf[pos.min(buf.len())..])?;
+        pos = pos
+            .checked_add(h.header)
+            .and_then(|p| p.checked_add(h.payload))
+            .ok_or(ScanError::Invalid("msgpack length overflows"))?;
+        if pos > buf.len() {
+            return Err(ScanError::Incomplete);
+        }
+        pending += h.children;
+    }
+    Ok(pos)
+}
+
+/// Number of elements if `buf` starts with an array header, and the header's length.
+pub fn array_header(buf: &[u8]) -> Result<Option<(u64, usize)>, ScanError> {
+    let (marker, h) = header(buf)?;
+    Ok(match marker {
+        Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => Some((h.children, h.header)),
+        _ => None,
+    })
+}
+
+/// Number of pairs if `buf` starts with a map header, and the header's length.
+pub fn map_header(buf: &[u8]) -> Result<Option<(u64, usize)>, ScanError> {
+    let (marker, h) = header(buf)?;
+    Ok(match marker {
+        Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => Some((h.children / 2, h.header)),
+        _ => None,
+    })
+}
+
+/// The payload of a msgpack str or bin at the start of `buf`: `(header_len, payload_len)`.
+pub fn str_or_bin(buf: &[u8]) -> Result<Option<(usize, usize)>, ScanError> {
+    let (marker, h) = header(buf)?;
+    Ok(match marker {
+        Marker::FixStr(_)
+        | Marker::Str8
+        | Marker::Str16
+        | Marker::Str32
+        | Marker::Bin8
+        | Marker::Bin16
+        | Marker::Bin32 => Some((h.header, h.payload)),
+        _ => None,
+    })
+}
+
+/// Reads a plain time: an unsigned integer or an EventTime ext. `Ok(None)` means "not a time".
+fn plain_time(buf: &[u8]) -> Result<Option<(EventTime, usize)>, ScanError> {
+    let (marker, h) = header(buf)?;
+    let total = h.header + h.payload;
+    let body = need(buf, total)?;
+    let int = |bytes: &[u8]| EventTime::new(be_len(bytes) as i64, 0);
+    let time = match marker {
+        Marker::FixPos(n) => EventTime::new(i64::from(n), 0),
+        Marker::U8 | Marker::U16 | Marker::U32 => int(&body[1..]),
+        Marker::U64 => {
+            let v = u64::from_be_bytes(body[1..9].try_into().expect("8 bytes"));
+            match i64::try_from(v) {
+                Ok(secs) => EventTime::new(secs, 0),
+                Err(_) => return Ok(None),
+            }
+        }
+        // Signed encodings are accepted when the value is not negative (some encoders use them).
+        Marker::I8 | Marker::I16 | Marker::I32 | Marker::I64 => {
+            let bytes = &body[1..];
+            let mut v: i64 = if bytes[0] & 0x80 != 0 { -1 } else { 0 };
+            for b in bytes {
+                v = (v << 8) | i64::from(*b);
+            }
+            if v < 0 {
+                return Ok(None);
+            }
+            EventTime::new(v, 0)
+        }
+        Marker::FixExt8 | Marker::Ext8 | Marker::Ext16 | Marker::Ext32 if h.payload == 8 => {
+            let type_at = h.header - 1;
+            if body[type_at] != 0 {
+                return Ok(None);
+            }
+            let data = &body[h.header..total];
+            let secs = u32::from_be_bytes(data[..4].try_into().expect("4 bytes"));
+            let nanos = u32::from_be_bytes(data[4..].try_into().expect("4 bytes"));
+            if nanos >= 1_000_000_000 {
+                return Ok(None);
+            }
+            EventTime::new(i64::from(secs), nanos)
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some((time, total)))
+}
+
+/// Scans one `[time, record]` entry at the start of `buf`.
+///
+/// `Invalid` names what is wrong with the entry (for Fluentd-style `skip_invalid_event`
+/// logging); the entry's length is then still found by [`value_len`] when the caller wants
+/// to skip it.
+pub fn scan_entry(buf: &[u8]) -> Result<EntryInfo, ScanError> {
+    let (n, mut pos) = array_header(buf)?.ok_or(ScanError::Invalid("entry is not an array"))?;
+    if n != 2 {
+        return Err(ScanError::Invalid("entry is not a [time, record] pair"));
+    }
+    let slot_start = pos;
+    let (time, has_metadata) = match plain_time(&buf[pos..])? {
+        Some((time, len)) => {
+            pos += len;
+            (time, false)
+        }
+        None => match array_header(&buf[pos..])? {
+            // Forward protocol v1.5: `[EventTime, {metadata}]` in the time slot.
+            Some((m, hlen)) if m >= 1 => {
+                pos += hlen;
+                let (time, len) = plain_time(&buf[pos..])?.ok_or(ScanError::Invalid(
+                    "event time is not an integer or EventTime",
+                ))?;
+                pos += len;
+                for _ in 1..m {
+                    if map_header(&buf[pos..])?.is_none() {
+                        return Err(ScanError::Invalid("event metadata is not a map"));
+                    }
+                    pos += value_len(&buf[pos..])?;
+                }
+                (time, true)
+            }
+            _ => {
+                return Err(ScanError::Invalid(
+                    "event time is not an integer or EventTime",
+                ))
+            }
+        },
+    };
+    let slot_end = pos;
+    if map_header(&buf[pos..])?.is_none() {
+        return Err(ScanError::Invalid("record is not a map"));
+    }
+    let record_len = value_len(&buf[pos..])?;
+    Ok(EntryInfo {
+        len: pos + record_len,
+        time,
+        time_slot: (slot_start, slot_end),
+        record: (pos, pos + record_len),
+        has_metadata,
+    })
+}
+
+/// Iterates over the entries of a complete body, yielding each entry's bytes and info.
+///
+/// Stops with an error at the first invalid or truncated entry; bodies written by the sidecar
+/// only ever contain entries that passed [`scan_entry`].
+pub fn entries(body: &[u8]) -> impl Iterator<Item = Result<(&[u8], EntryInfo), ScanError>> {
+    let mut rest = body;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if rest.is_empty() || failed {
+            return None;
+        }
+        match scan_entry(rest) {
+            Ok(info) => {
+                let (entry, tail) = rest.split_at(info.len);
+                rest = tail;
+                Some(Ok((entry, info)))
+            }
+            Err(e) => {
+                failed = true;
+                Some(Err(e))
+            }
+        }
+    })
+}
+
+/// Encoders used by tests and tools to build entries by hand.
+pub mod encode {
+    use super::EventTime;
+
+    /// `EventTime` as fixext8 (`d7 00 <secs> <nanos>`), the form Fluentd and Fluent Bit send.
+    pub fn event_time(buf: &mut Vec<u8>, t: EventTime) {
+        buf.extend_from_slice(&[0xd7, 0x00]);
+        buf.extend_from_slice(&(t.secs as u32).to_be_bytes());
+        buf.extend_from_slice(&t.nanos.to_be_bytes());
+    }
+
+    /// `EventTime` as ext8 (`c7 08 00 <secs> <nanos>`), which the protocol also allows.
+    pub fn event_time_ext8(buf: &mut Vec<u8>, t: EventTime) {
+        buf.extend_from_slice(&[0xc7, 0x08, 0x00]);
+        buf.extend_from_slice(&(t.secs as u32).to_be_bytes());
+        buf.extend_from_slice(&t.nanos.to_be_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pack(v: &rmpv::Value) -> Vec<u8> {
+        let mut buf = Vec::new();
+        rmpv::encode::write_value(&mut buf, v).unwrap();
+        buf
+    }
+
+    fn record() -> rmpv::Value {
+        rmpv::Value::Map(vec![("msg".into(), "hello".into()), ("n".into(), 7.into())])
+    }
+
+    #[test]
+    fn value_len_matches_encoder_for_every_kind() {
+        let values = vec![
+            rmpv::Value::Nil,
+            true.into(),
+            5.into(),
+            (-3).into(),
+            300.into(),
+            70000.into(),
+            (u64::MAX).into(),
+            (i64::MIN).into(),
+            1.5f32.into(),
+            2.5f64.into(),
+            "x".repeat(40).into(),
+            "y".repeat(300).into(),
+            "z".repeat(70000).into(),
+            rmpv::Value::Binary(vec![1; 300]),
+            rmpv::Value::Ext(0, vec![0; 8]),
+            rmpv::Value::Ext(5, vec![0; 3]),
+            rmpv::Value::Ext(-1, vec![0; 12]),
+            rmpv::Value::Array(vec![1.into(); 20]),
+            rmpv::Value::Map((0..20).map(|i| (i.into(), record())).collect()),
+        ];
+        for v in values {
+            let bytes = pack(&v);
+            assert_eq!(value_len(&bytes), Ok(bytes.len()), "{v:?}");
+            for cut in 0..bytes.len() {
+                assert_eq!(
+                    value_len(&bytes[..cut]),
+                    Err(ScanError::Incomplete),
+                    "{v:?} cut {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn value_len_rejects_reserved_byte_and_survives_huge_lengths() {
+        assert!(matches!(value_len(&[0xc1]), Err(ScanError::Invalid(_))));
+        // array32 of 4 billion elements with almost nothing behind it: just Incomplete.
+        assert_eq!(
+            value_len(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01]),
+            Err(ScanError::Incomplete)
+        );
+        assert_eq!(
+            value_len(&[0xc6, 0xff, 0xff, 0xff, 0xff]),
+            Err(ScanError::Incomplete)
+        );
+    }
+
+    #[test]
+    fn entry_with_event_time_int_and_metadata() {
+        let t = EventTime::new(1_763_740_801, 123_456_789);
+        let rec = pack(&record());
+
+        let mut fixext = vec![0x92];
+        encode::event_time(&mut fixext, t);
+        fixext.extend_from_slice(&rec);
+        let info = scan_entry(&fixext).unwrap();
+        assert_eq!(
+            (info.len, info.time, info.has_metadata),
+            (fixext.len(), t, false)
+        );
+        assert_eq!(&fixext[info.record.0..info.record.1], &rec[..]);
+
+        let mut ext8 = vec![0x92];
+        encode::event_time_ext8(&mut ext8, t);
+        ext8.extend_from_slice(&rec);
+        assert_eq!(scan_entry(&ext8).unwrap().time, t);
+
+        let int = pack(&rmpv::Value::Array(vec![1_763_740_801u64.into(), record()]));
+        assert_eq!(
+            scan_entry(&int).unwrap().time,
+            EventTime::new(1_763_740_801, 0)
+        );
+
+        // Fluent Bit: [[EventTime, {meta}], record], here with an array32 outer header.
+        let mut fb = vec![0xdd, 0, 0, 0, 2, 0x92];
+        encode::event_time(&mut fb, t);
+        fb.extend_from_slice(&pack(&rmpv::Value::Map(vec![("k8s".into(), "pod".into())])));
+        fb.extend_from_slice(&rec);
+        let info = scan_entry(&fb).unwrap();
+        assert_eq!(
+            (info.len, info.time, info.has_metadata),
+            (fb.len(), t, true)
+        );
+    }
+
+    #[test]
+    fn invalid_entries_are_named() {
+        let float = pack(&rmpv::Value::Array(vec![1.5f64.into(), record()]));
+        assert_eq!(
+            scan_entry(&float),
+            Err(ScanError::Invalid(
+                "event time is not an integer or EventTime"
+            ))
+        );
+        let not_map = pack(&rmpv::Value::Array(vec![1.into(), "text".into()]));
+        assert_eq!(
+            scan_entry(&not_map),
+            Err(ScanError::Invalid("record is not a map"))
+        );
+        let triple = pack(&rmpv::Value::Array(vec![1.into(), record(), 3.into()]));
+        assert!(matches!(scan_entry(&triple), Err(ScanError::Invalid(_))));
+        let negative = pack(&rmpv::Value::Array(vec![(-5).into(), record()]));
+        assert!(matches!(scan_entry(&negative), Err(ScanError::Invalid(_))));
+        assert!(matches!(
+            scan_entry(&pack(&"x".into())),
+            Err(ScanError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn entries_iterates_and_stops_at_damage() {
+        let one = pack(&rmpv::Value::Array(vec![10.into(), record()]));
+        let mut body = one.repeat(3);
+        assert_eq!(entries(&body).count(), 3);
+        body.extend_from_slice(&one[..one.len() - 1]);
+        let results: Vec<_> = entries(&body).collect();
+        assert_eq!(results.len(), 4);
+        assert_eq!(results[3].as_ref().unwrap_err(), &ScanError::Incomplete);
+    }
+
+    #[test]
+    fn decimal_and_rfc3339_times_round_trip() {
+        let t = EventTime::new(1_763_740_801, 123_456_789);
+        assert_eq!(t.to_decimal(), "1763740801.123456789");
+        assert_eq!(EventTime::parse_decimal("1763740801.123456789"), Some(t));
+        assert_eq!(
+            EventTime::parse_decimal("1763740859.5"),
+            Some(EventTime::new(1_763_740_859, 500_000_000))
+        );
+        assert_eq!(EventTime::parse_decimal("12"), Some(EventTime::new(12, 0)));
+        assert_eq!(EventTime::parse_decimal("1.1234567891"), None);
+        assert_eq!(t.to_rfc3339(), "2025-11-21T16:00:01.123456789Z");
+        assert_eq!(EventTime::parse_rfc3339(&t.to_rfc3339()), Some(t));
+    }
+}
