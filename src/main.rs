@@ -1,1 +1,69 @@
-fn main() {}
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use claimcheck::config::{LogFormat, ServeArgs};
+use claimcheck::consume::{self, ResolveArgs, TailArgs};
+use claimcheck::Sidecar;
+
+/// Fluentd forward target: chunks to S3, pointers to Kinesis.
+#[derive(Parser)]
+#[command(name = "claimcheck", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar: forward in, chunks to S3, pointers to Kinesis.
+    Serve(Box<ServeArgs>),
+    /// Follow a pointer stream and print its events as JSON lines.
+    Tail(TailArgs),
+    /// Print the events of one pointer (argument) or of pointers on stdin.
+    Resolve(ResolveArgs),
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing(args.log_format);
+            let config = args.into_config().map_err(anyhow::Error::msg)?;
+            let sidecar = Sidecar::open(config.clone())?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+            sidecar.run(listener, shutdown_signal()).await
+        }
+        Command::Tail(args) => {
+            init_tracing(LogFormat::Human);
+            consume::tail(args).await
+        }
+        Command::Resolve(args) => {
+            init_tracing(LogFormat::Human);
+            consume::resolve(args).await
+        }
+    }
+}

@@ -198,21 +198,54 @@ fn header(buf: &[u8]) -> Result<(Marker, Header), ScanError> {
 /// Runs in time linear in the bytes it looks at and without recursion, so hostile nesting or
 /// huge declared lengths cost nothing but `Incomplete`.
 pub fn value_len(buf: &[u8]) -> Result<usize, ScanError> {
-    let mut pos = 0usize;
-    let mut pending: u64 = 1;
-    while pending > 0 {
-        pending -= 1;
-        let (_, h) = header(&buf[pos.min(buf.len())..])?;
-        pos = pos
-            .checked_add(h.header)
-            .and_then(|p| p.checked_add(h.payload))
-            .ok_or(ScanError::Invalid("msgpack length overflows"))?;
-        if pos > buf.len() {
-            return Err(ScanError::Incomplete);
-        }
-        pending += h.children;
+    match ValueScanner::default().advance(buf)? {
+        Some(len) => Ok(len),
+        None => Err(ScanError::Incomplete),
     }
-    Ok(pos)
+}
+
+/// A resumable [`value_len`]: feed it the same growing buffer after every read and it goes on
+/// from where it stopped, so a large request arriving in many reads is scanned once.
+#[derive(Debug, Clone)]
+pub struct ValueScanner {
+    pos: usize,
+    pending: u64,
+}
+
+impl Default for ValueScanner {
+    fn default() -> Self {
+        ValueScanner { pos: 0, pending: 1 }
+    }
+}
+
+impl ValueScanner {
+    /// `Some(len)` once the whole value is in `buf`, `None` if more bytes are needed. `buf`
+    /// must start with the same bytes as on earlier calls.
+    pub fn advance(&mut self, buf: &[u8]) -> Result<Option<usize>, ScanError> {
+        while self.pending > 0 {
+            let h = match header(buf.get(self.pos..).unwrap_or_default()) {
+                Ok((_, h)) => h,
+                Err(ScanError::Incomplete) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let end = self
+                .pos
+                .checked_add(h.header)
+                .and_then(|p| p.checked_add(h.payload))
+                .ok_or(ScanError::Invalid("msgpack length overflows"))?;
+            if end > buf.len() {
+                return Ok(None);
+            }
+            self.pos = end;
+            self.pending = self.pending - 1 + h.children;
+        }
+        Ok(Some(self.pos))
+    }
+
+    /// Bytes known to belong to the value so far.
+    pub fn scanned(&self) -> usize {
+        self.pos
+    }
 }
 
 /// Number of elements if `buf` starts with an array header, and the header's length.
@@ -439,6 +472,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn scanner_resumes_across_reads() {
+        let v = rmpv::Value::Array(
+            (0..50)
+                .map(|i| rmpv::Value::Array(vec![i.into(), record()]))
+                .collect(),
+        );
+        let bytes = pack(&v);
+        let mut s = ValueScanner::default();
+        for cut in 0..bytes.len() {
+            assert_eq!(s.advance(&bytes[..cut]), Ok(None), "cut {cut}");
+        }
+        assert_eq!(s.advance(&bytes), Ok(Some(bytes.len())));
     }
 
     #[test]

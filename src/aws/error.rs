@@ -1,0 +1,95 @@
+//! Classifying SDK errors: can a retry help, or must an operator act?
+
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+
+/// A call to a backend (S3, Kinesis) failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation} failed ({code}): {message}")]
+pub struct BackendError {
+    pub operation: &'static str,
+    /// The service's error code, or a transport class (`dispatch`, `timeout`, `response`).
+    pub code: String,
+    pub message: String,
+    /// False for errors that retrying alone will not fix (access denied, missing bucket or
+    /// stream, bad request): the sidecar still retries, but logs them at ERROR.
+    pub retryable: bool,
+}
+
+/// Service error codes that need an operator (credentials, permissions, missing resources).
+const NEEDS_OPERATOR: &[&str] = &[
+    "AccessDenied",
+    "AccessDeniedException",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "UnrecognizedClientException",
+    "NoSuchBucket",
+    "ResourceNotFoundException",
+    "InvalidArgumentException",
+    "ValidationException",
+    "KMSAccessDeniedException",
+    "KMSDisabledException",
+    "KMSNotFoundException",
+];
+
+impl BackendError {
+    pub fn from_sdk<E, R>(operation: &'static str, err: SdkError<E, R>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let (code, retryable) = match &err {
+            SdkError::ServiceError(e) => {
+                let code = e.err().code().unwrap_or("unknown").to_string();
+                let retryable = !NEEDS_OPERATOR.contains(&code.as_str());
+                (code, retryable)
+            }
+            SdkError::TimeoutError(_) => ("timeout".into(), true),
+            SdkError::DispatchFailure(_) => ("dispatch".into(), true),
+            SdkError::ResponseError(_) => ("response".into(), true),
+            // Building the request failed: a configuration problem such as a missing region.
+            SdkError::ConstructionFailure(_) => ("construction".into(), false),
+            _ => ("unknown".into(), true),
+        };
+        let message = match &err {
+            SdkError::ServiceError(e) => e
+                .err()
+                .message()
+                .map(str::to_string)
+                .unwrap_or_else(|| e.err().to_string()),
+            other => std::error::Error::source(other)
+                .map_or_else(|| other.to_string(), |s| error_chain(s)),
+        };
+        BackendError {
+            operation,
+            code,
+            message,
+            retryable,
+        }
+    }
+
+    /// An error of our own around an AWS call (reading the staged file, a bad response).
+    pub fn local(operation: &'static str, message: impl ToString) -> Self {
+        BackendError {
+            operation,
+            code: "local".into(),
+            message: message.to_string(),
+            retryable: true,
+        }
+    }
+}
+
+/// "outer: inner: innermost", so that "dispatch failure" says why (connection refused…).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
+}

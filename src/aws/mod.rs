@@ -1,0 +1,55 @@
+//! The only users of the AWS SDK: client set-up, and the S3 and Kinesis implementations of
+//! [`ChunkStore`](crate::uploader::ChunkStore) and [`PointerSink`](crate::publisher::PointerSink).
+//!
+//! Settings come from the standard chain: environment, profile, web identity (IRSA), ECS and
+//! IMDS credentials, `AWS_REGION`, `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` /
+//! `AWS_ENDPOINT_URL_KINESIS`. When an endpoint is overridden (LocalStack, moto, MinIO) S3 uses
+//! path-style addressing, since emulators rarely resolve virtual-host bucket names.
+
+mod error;
+pub mod kinesis;
+pub mod s3;
+
+use std::time::Duration;
+
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, SdkConfig};
+pub use error::BackendError;
+
+/// Loads the shared AWS configuration. Never fails: a missing region or credentials show up
+/// as errors of the first calls, which are retried, so the sidecar starts without AWS.
+pub async fn load_config() -> SdkConfig {
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(60))
+        .operation_attempt_timeout(Duration::from_secs(120))
+        .build();
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .load()
+        .await;
+    if config.region().is_none() {
+        tracing::warn!("no AWS region is configured (set AWS_REGION); S3 and Kinesis calls will fail until one is");
+    }
+    config
+}
+
+/// True when an S3 endpoint override is configured, in the SDK config or the environment.
+fn endpoint_overridden(config: &SdkConfig) -> bool {
+    config.endpoint_url().is_some()
+        || ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+}
+
+/// An S3 client; path-style when an endpoint is overridden.
+pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
+    let s3 = aws_sdk_s3::config::Builder::from(config)
+        .force_path_style(endpoint_overridden(config))
+        .build();
+    aws_sdk_s3::Client::from_conf(s3)
+}
+
+pub fn kinesis_client(config: &SdkConfig) -> aws_sdk_kinesis::Client {
+    aws_sdk_kinesis::Client::new(config)
+}

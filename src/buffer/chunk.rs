@@ -1,0 +1,559 @@
+//! One chunk on disk: the data file, its frames, and the state file. Blocking I/O only; the
+//! buffer runs these on tokio's blocking pool.
+//!
+//! See the module documentation of [`crate::buffer`] for the layout and the lifecycle.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use claimcheck_consumer::entry::{self, EventTime};
+use claimcheck_consumer::Pointer;
+use serde::{Deserialize, Serialize};
+
+/// First bytes of every data file; the digit is the data file version.
+pub const MAGIC: &[u8; 8] = b"CCHUNK01";
+/// Bytes before a frame's payload: payload length (u32 LE) and payload CRC32C (u32 LE).
+pub const FRAME_HEADER: usize = 8;
+/// Data file suffix.
+pub const DATA_EXT: &str = "chunk";
+/// State file suffix.
+pub const STATE_EXT: &str = "state";
+/// Staged (compressed) object suffix.
+pub const OBJECT_EXT: &str = "object";
+
+/// What a data file records about its chunk before the first event is appended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkHeader {
+    pub chunk_id: String,
+    pub tag: String,
+    /// Start of the timekey window, Unix seconds.
+    pub timekey: i64,
+    /// Creation time, Unix milliseconds.
+    pub created_ms: i64,
+}
+
+/// The sums of a chunk's events, kept while appending and rebuilt by scanning on recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ChunkStats {
+    /// Number of events.
+    pub records: u64,
+    /// Body bytes (frame payloads only).
+    pub body_bytes: u64,
+    /// Length of the data file's valid part, header included.
+    pub data_len: u64,
+    #[serde(with = "time_pair")]
+    pub first_time: EventTime,
+    #[serde(with = "time_pair")]
+    pub last_time: EventTime,
+}
+
+impl ChunkStats {
+    /// Adds events whose times span `first..=last`.
+    pub fn add(&mut self, records: u64, body_bytes: u64, first: EventTime, last: EventTime) {
+        if self.records == 0 {
+            self.first_time = first;
+            self.last_time = last;
+        } else {
+            self.first_time = self.first_time.min(first);
+            self.last_time = self.last_time.max(last);
+        }
+        self.records += records;
+        self.body_bytes += body_bytes;
+    }
+}
+
+mod time_pair {
+    use claimcheck_consumer::EventTime;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &EventTime, s: S) -> Result<S::Ok, S::Error> {
+        (t.secs, t.nanos).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<EventTime, D::Error> {
+        let (secs, nanos) = <(i64, u32)>::deserialize(d)?;
+        Ok(EventTime::new(secs, nanos))
+    }
+}
+
+/// The durable state of a chunk past "open", written atomically to `<id>.state`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum ChunkState {
+    /// Nothing more will be appended; `stats.data_len` bytes of the data file are the chunk.
+    Sealed {
+        header: ChunkHeader,
+        stats: ChunkStats,
+    },
+    /// S3 confirmed the object; the pointer is ready to publish.
+    Uploaded {
+        header: ChunkHeader,
+        stats: ChunkStats,
+        pointer: Pointer,
+        etag: Option<String>,
+    },
+}
+
+/// Paths of one chunk's files.
+#[derive(Debug, Clone)]
+pub struct ChunkPaths {
+    pub data: PathBuf,
+    pub state: PathBuf,
+    pub object: PathBuf,
+}
+
+impl ChunkPaths {
+    pub fn new(dir: &Path, chunk_id: &str) -> Self {
+        ChunkPaths {
+            data: dir.join(format!("{chunk_id}.{DATA_EXT}")),
+            state: dir.join(format!("{chunk_id}.{STATE_EXT}")),
+            object: dir.join(format!("{chunk_id}.{OBJECT_EXT}")),
+        }
+    }
+
+    /// Removes the chunk. The data file goes first: once it is gone the chunk is gone, and
+    /// recovery deletes any state or object file left without one.
+    pub fn remove(&self) -> io::Result<()> {
+        for path in [&self.data, &self.state, &self.object] {
+            match fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fsyncs a directory so that file creations, renames and removals in it are durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `state` to `path` atomically: temporary file, fsync, rename, directory fsync.
+pub fn write_state(path: &Path, state: &ChunkState) -> io::Result<()> {
+    let tmp = path.with_extension("state.tmp");
+    let json = serde_json::to_vec(state).map_err(io::Error::other)?;
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    sync_dir(path.parent().expect("state files live in a directory"))
+}
+
+pub fn read_state(path: &Path) -> io::Result<ChunkState> {
+    let bytes = fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn encode_header(header: &ChunkHeader) -> Vec<u8> {
+    let json = serde_json::to_vec(header).expect("a header always serializes");
+    let mut out = Vec::with_capacity(16 + json.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
+/// An open chunk's data file, appended to by the buffer writer.
+#[derive(Debug)]
+pub struct ChunkWriter {
+    file: File,
+    /// Length of the valid part; a failed append is cut back to it.
+    len: u64,
+}
+
+impl ChunkWriter {
+    /// Creates the data file and writes its header. The caller syncs the file and the
+    /// directory before acknowledging anything stored in it.
+    pub fn create(path: &Path, header: &ChunkHeader) -> io::Result<Self> {
+        let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
+        let bytes = encode_header(header);
+        if let Err(e) = file.write_all(&bytes) {
+            drop(file);
+            let _ = fs::remove_file(path);
+            return Err(e);
+        }
+        Ok(ChunkWriter {
+            file,
+            len: bytes.len() as u64,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Appends one frame holding `payload` (the concatenation of the slices). On error the
+    /// file is cut back to its previous length so that later frames do not follow garbage.
+    pub fn append(&mut self, payload: &[Bytes]) -> io::Result<()> {
+        let total: usize = payload.iter().map(Bytes::len).sum();
+        let len = u32::try_from(total).map_err(|_| io::Error::other("frame larger than 4 GiB"))?;
+        let crc = payload
+            .iter()
+            .fold(0, |crc, s| crc32c::crc32c_append(crc, s));
+        let mut head = [0u8; FRAME_HEADER];
+        head[..4].copy_from_slice(&len.to_le_bytes());
+        head[4..].copy_from_slice(&crc.to_le_bytes());
+        let result = write_all_vectored(&mut self.file, &head, payload);
+        match result {
+            Ok(()) => {
+                self.len += (FRAME_HEADER + total) as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Best effort: the length recorded at seal time excludes the failed frame anyway.
+                let _ = self
+                    .file
+                    .set_len(self.len)
+                    .and_then(|()| self.file.seek(SeekFrom::End(0)).map(|_| ()));
+                Err(e)
+            }
+        }
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+fn write_all_vectored(file: &mut File, head: &[u8], payload: &[Bytes]) -> io::Result<()> {
+    let mut slices: Vec<&[u8]> = Vec::with_capacity(payload.len() + 1);
+    slices.push(head);
+    slices.extend(payload.iter().map(|b| b.as_ref()));
+    let mut first = 0;
+    let mut offset = 0;
+    while first < slices.len() {
+        let io: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&slices[first][offset..]))
+            .chain(
+                slices[first + 1..]
+                    .iter()
+                    .take(1023)
+                    .map(|s| IoSlice::new(s)),
+            )
+            .collect();
+        let mut written = file.write_vectored(&io)?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while first < slices.len() && written >= slices[first].len() - offset {
+            written -= slices[first].len() - offset;
+            first += 1;
+            offset = 0;
+        }
+        offset += written;
+    }
+    Ok(())
+}
+
+/// Why a data file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    #[error("not a chunk data file (bad magic)")]
+    BadMagic,
+    #[error("chunk header is damaged: {0}")]
+    BadHeader(String),
+    #[error("frame at offset {offset} is damaged: {why}")]
+    BadFrame { offset: u64, why: &'static str },
+}
+
+/// Reads a data file's header; returns it with the offset of the first frame.
+pub fn read_header(file: &mut File) -> Result<(ChunkHeader, u64), ReadError> {
+    let mut fixed = [0u8; 16];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut fixed).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => ReadError::BadHeader("file shorter than its header".into()),
+        _ => ReadError::Io(e),
+    })?;
+    if &fixed[..8] != MAGIC {
+        return Err(ReadError::BadMagic);
+    }
+    let len = u32::from_le_bytes(fixed[8..12].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(fixed[12..16].try_into().expect("4 bytes"));
+    if len > 64 * 1024 {
+        return Err(ReadError::BadHeader(format!(
+            "header length {len} is implausible"
+        )));
+    }
+    let mut json = vec![0u8; len];
+    file.read_exact(&mut json)
+        .map_err(|e| ReadError::BadHeader(e.to_string()))?;
+    if crc32c::crc32c(&json) != crc {
+        return Err(ReadError::BadHeader("header checksum mismatch".into()));
+    }
+    let header = serde_json::from_slice(&json).map_err(|e| ReadError::BadHeader(e.to_string()))?;
+    Ok((header, 16 + len as u64))
+}
+
+/// Reads frame payloads of a data file in order, in pieces of bounded size, checking each
+/// frame's CRC32C once the frame has been read.
+pub struct FrameReader {
+    file: io::BufReader<File>,
+    pos: u64,
+    end: u64,
+    frame_left: u64,
+    frame_crc: u32,
+    crc: u32,
+    frame_start: u64,
+}
+
+impl FrameReader {
+    /// Reads frames from `start` to `end` (the sealed `data_len`).
+    pub fn new(mut file: File, start: u64, end: u64) -> io::Result<Self> {
+        file.seek(SeekFrom::Start(start))?;
+        Ok(FrameReader {
+            file: io::BufReader::with_capacity(1 << 20, file),
+            pos: start,
+            end,
+            frame_left: 0,
+            frame_crc: 0,
+            crc: 0,
+            frame_start: start,
+        })
+    }
+
+    /// Next piece of payload, at most `max` bytes, or `None` at the end.
+    pub fn next_piece(&mut self, buf: &mut Vec<u8>, max: usize) -> Result<bool, ReadError> {
+        while self.frame_left == 0 {
+            if self.pos >= self.end {
+                return Ok(false);
+            }
+            if self.end - self.pos < FRAME_HEADER as u64 {
+                return Err(ReadError::BadFrame {
+                    offset: self.pos,
+                    why: "truncated frame header",
+                });
+            }
+            let mut head = [0u8; FRAME_HEADER];
+            self.file.read_exact(&mut head)?;
+            self.frame_start = self.pos;
+            self.pos += FRAME_HEADER as u64;
+            self.frame_left = u64::from(u32::from_le_bytes(head[..4].try_into().expect("4")));
+            self.frame_crc = u32::from_le_bytes(head[4..].try_into().expect("4"));
+            self.crc = 0;
+            if self.frame_left > self.end - self.pos {
+                return Err(ReadError::BadFrame {
+                    offset: self.frame_start,
+                    why: "frame runs past the end",
+                });
+            }
+        }
+        let n = (self.frame_left as usize).min(max);
+        buf.clear();
+        buf.resize(n, 0);
+        self.file.read_exact(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, buf);
+        self.pos += n as u64;
+        self.frame_left -= n as u64;
+        if self.frame_left == 0 && self.crc != self.frame_crc {
+            return Err(ReadError::BadFrame {
+                offset: self.frame_start,
+                why: "checksum mismatch",
+            });
+        }
+        Ok(true)
+    }
+}
+
+/// What scanning an unsealed data file found.
+#[derive(Debug)]
+pub struct Scan {
+    pub header: ChunkHeader,
+    pub stats: ChunkStats,
+    /// Bytes past the last whole, valid frame (a torn tail).
+    pub torn_bytes: u64,
+}
+
+/// Scans an unsealed data file frame by frame: the valid part ends before the first frame that
+/// is incomplete, fails its checksum or holds anything but whole entries. Whole frames are
+/// exactly what was acknowledged (a frame is synced before its events are acked).
+pub fn scan(path: &Path) -> Result<Scan, ReadError> {
+    let mut file = File::open(path)?;
+    let (header, start) = read_header(&mut file)?;
+    let file_len = file.metadata()?.len();
+    let mut reader = io::BufReader::with_capacity(1 << 20, file);
+    reader.seek(SeekFrom::Start(start))?;
+    let mut stats = ChunkStats {
+        data_len: start,
+        ..ChunkStats::default()
+    };
+    let mut pos = start;
+    let mut payload = Vec::new();
+    loop {
+        let mut head = [0u8; FRAME_HEADER];
+        if file_len - pos < FRAME_HEADER as u64 {
+            break;
+        }
+        reader.read_exact(&mut head)?;
+        let len = u64::from(u32::from_le_bytes(head[..4].try_into().expect("4")));
+        let crc = u32::from_le_bytes(head[4..].try_into().expect("4"));
+        if len == 0 || file_len - pos - (FRAME_HEADER as u64) < len {
+            break;
+        }
+        payload.clear();
+        payload.resize(len as usize, 0);
+        reader.read_exact(&mut payload)?;
+        if crc32c::crc32c(&payload) != crc {
+            break;
+        }
+        let mut frame = ChunkStats::default();
+        let mut whole = true;
+        for e in entry::entries(&payload) {
+            match e {
+                Ok((_, info)) => frame.add(1, 0, info.time, info.time),
+                Err(_) => {
+                    whole = false;
+                    break;
+                }
+            }
+        }
+        if !whole {
+            break;
+        }
+        stats.add(frame.records, len, frame.first_time, frame.last_time);
+        pos += FRAME_HEADER as u64 + len;
+        stats.data_len = pos;
+    }
+    Ok(Scan {
+        header,
+        stats,
+        torn_bytes: file_len - stats.data_len,
+    })
+}
+
+/// Cuts a data file back to `len` bytes and syncs it.
+pub fn truncate(path: &Path, len: u64) -> io::Result<()> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    f.set_len(len)?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> ChunkHeader {
+        ChunkHeader {
+            chunk_id: "0".repeat(32),
+            tag: "app".into(),
+            timekey: 60,
+            created_ms: 1,
+        }
+    }
+
+    fn entry_bytes(secs: u32) -> Bytes {
+        let mut b = vec![0x92];
+        entry::encode::event_time(&mut b, EventTime::new(i64::from(secs), 0));
+        b.extend_from_slice(&[0x81, 0xa1, b'k', 0x01]);
+        Bytes::from(b)
+    }
+
+    fn body(path: &Path, start: u64, end: u64) -> Vec<u8> {
+        let mut r = FrameReader::new(File::open(path).unwrap(), start, end).unwrap();
+        let mut out = Vec::new();
+        let mut piece = Vec::new();
+        while r.next_piece(&mut piece, 5).unwrap() {
+            out.extend_from_slice(&piece);
+        }
+        out
+    }
+
+    #[test]
+    fn frames_round_trip_and_torn_tails_are_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.chunk");
+        let mut w = ChunkWriter::create(&path, &header()).unwrap();
+        w.append(&[entry_bytes(100), entry_bytes(90)]).unwrap();
+        w.append(&[entry_bytes(120)]).unwrap();
+        w.sync().unwrap();
+        let good_len = w.len();
+        drop(w);
+
+        let s = scan(&path).unwrap();
+        assert_eq!(s.header, header());
+        assert_eq!(
+            (s.stats.records, s.stats.data_len, s.torn_bytes),
+            (3, good_len, 0)
+        );
+        assert_eq!((s.stats.first_time.secs, s.stats.last_time.secs), (90, 120));
+
+        let mut all = Vec::new();
+        for secs in [100, 90, 120] {
+            all.extend_from_slice(&entry_bytes(secs));
+        }
+        let (_, start) = read_header(&mut File::open(&path).unwrap()).unwrap();
+        assert_eq!(body(&path, start, good_len), all);
+        assert_eq!(s.stats.body_bytes, all.len() as u64);
+
+        // A torn frame: header and part of a payload.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[9, 0, 0, 0, 1, 2, 3, 4, 0x92]).unwrap();
+        let s = scan(&path).unwrap();
+        assert_eq!(
+            (s.stats.records, s.stats.data_len, s.torn_bytes),
+            (3, good_len, 9)
+        );
+
+        // A whole frame with a wrong checksum is not trusted either.
+        truncate(&path, good_len).unwrap();
+        let e = entry_bytes(1);
+        let mut bad = (e.len() as u32).to_le_bytes().to_vec();
+        bad.extend_from_slice(&0u32.to_le_bytes());
+        bad.extend_from_slice(&e);
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&bad)
+            .unwrap();
+        assert_eq!(scan(&path).unwrap().stats.data_len, good_len);
+    }
+
+    #[test]
+    fn damaged_headers_and_frames_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.chunk");
+        fs::write(&path, b"CCHUNK01\x05").unwrap();
+        assert!(matches!(scan(&path), Err(ReadError::BadHeader(_))));
+        fs::write(&path, b"something else entirely").unwrap();
+        assert!(matches!(scan(&path), Err(ReadError::BadMagic)));
+
+        let mut w = ChunkWriter::create(&dir.path().join("d.chunk"), &header()).unwrap();
+        w.append(&[entry_bytes(5)]).unwrap();
+        let len = w.len();
+        drop(w);
+        let mut bytes = fs::read(dir.path().join("d.chunk")).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let mut file = File::open(&path).unwrap();
+        let (_, start) = read_header(&mut file).unwrap();
+        let mut r = FrameReader::new(file, start, len).unwrap();
+        let mut piece = Vec::new();
+        assert!(matches!(
+            r.next_piece(&mut piece, 1 << 20),
+            Err(ReadError::BadFrame { .. })
+        ));
+    }
+
+    #[test]
+    fn state_files_are_replaced_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = ChunkPaths::new(dir.path(), "abc");
+        let state = ChunkState::Sealed {
+            header: header(),
+            stats: ChunkStats::default(),
+        };
+        write_state(&paths.state, &state).unwrap();
+        assert_eq!(read_state(&paths.state).unwrap(), state);
+        assert!(!paths.state.with_extension("state.tmp").exists());
+        paths.remove().unwrap();
+        assert!(!paths.state.exists());
+    }
+}

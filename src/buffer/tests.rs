@@ -1,0 +1,279 @@
+use std::time::Duration;
+
+use bytes::Bytes;
+use claimcheck_consumer::entry::{self, EventTime};
+use tokio::sync::mpsc;
+
+use super::chunk::{self, ChunkState, ChunkWriter};
+use super::*;
+
+fn config(dir: &Path) -> BufferConfig {
+    BufferConfig {
+        dir: dir.to_path_buf(),
+        timekey: Duration::from_secs(60),
+        timekey_wait: Duration::from_secs(0),
+        chunk_limit_size: 1 << 20,
+        chunk_limit_records: None,
+        flush_interval: Duration::from_secs(3600),
+    }
+}
+
+fn entry_at(secs: i64, pad: usize) -> Bytes {
+    let mut b = vec![0x92];
+    entry::encode::event_time(&mut b, EventTime::new(secs, 7));
+    let record = rmpv::Value::Map(vec![("pad".into(), "x".repeat(pad).into())]);
+    rmpv::encode::write_value(&mut b, &record).unwrap();
+    Bytes::from(b)
+}
+
+fn group_of(timekey: i64, entries: &[Bytes]) -> Group {
+    let mut g = Group::new(timekey);
+    for e in entries {
+        let t = entry::scan_entry(e).unwrap().time;
+        g.push(e.clone(), 1, t, t);
+    }
+    g
+}
+
+fn body_of(sealed: &SealedChunk) -> Vec<u8> {
+    let mut file = File::open(&sealed.paths.data).unwrap();
+    let (_, start) = chunk::read_header(&mut file).unwrap();
+    let mut r = chunk::FrameReader::new(file, start, sealed.stats.data_len).unwrap();
+    let (mut out, mut piece) = (Vec::new(), Vec::new());
+    while r.next_piece(&mut piece, 1 << 20).unwrap() {
+        out.extend_from_slice(&piece);
+    }
+    out
+}
+
+async fn recv(rx: &mut mpsc::UnboundedReceiver<SealedChunk>) -> SealedChunk {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("a chunk is sealed in time")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn appends_are_durable_then_sealed_by_flush_interval_without_new_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut cfg = config(dir.path());
+    cfg.flush_interval = Duration::from_millis(300);
+    let (buffer, recovered) = Buffer::open(cfg, tx).unwrap();
+    assert!(recovered.sealed.is_empty());
+    let handle = buffer.handle.clone();
+    let task = tokio::spawn(buffer.run());
+
+    let entries = [entry_at(120, 10), entry_at(130, 20)];
+    handle
+        .append("app".into(), vec![group_of(120, &entries)])
+        .await
+        .await
+        .unwrap();
+    let sealed = recv(&mut rx).await;
+    assert_eq!(
+        (
+            sealed.stats.records,
+            sealed.header.tag.as_str(),
+            sealed.header.timekey
+        ),
+        (2, "app", 120)
+    );
+    assert_eq!(
+        body_of(&sealed),
+        [&entries[0][..], &entries[1][..]].concat()
+    );
+    assert!(matches!(
+        chunk::read_state(&sealed.paths.state).unwrap(),
+        ChunkState::Sealed { .. }
+    ));
+    drop(handle);
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn chunks_split_by_tag_timekey_size_and_records_and_seal_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut cfg = config(dir.path());
+    let one = entry_at(60, 100).len() as u64;
+    cfg.chunk_limit_size = one * 3;
+    cfg.chunk_limit_records = Some(100);
+    let (buffer, _) = Buffer::open(cfg, tx).unwrap();
+    let handle = buffer.handle.clone();
+    let task = tokio::spawn(buffer.run());
+
+    // Seven entries in one timekey of tag a: chunks of 3, 3, 1.
+    let a: Vec<Bytes> = (0..7).map(|i| entry_at(60 + i, 100)).collect();
+    // Tag b, two timekeys in one request, plus one entry bigger than a whole chunk.
+    let b1 = [entry_at(0, 100)];
+    let b2 = [entry_at(120, 1000)];
+    let d1 = handle.append("a".into(), vec![group_of(60, &a)]).await;
+    let d2 = handle
+        .append("b".into(), vec![group_of(0, &b1), group_of(120, &b2)])
+        .await;
+    d1.await.unwrap();
+    d2.await.unwrap();
+    drop(handle);
+    task.await.unwrap().unwrap();
+
+    let mut sealed = Vec::new();
+    while let Ok(s) = rx.try_recv() {
+        sealed.push(s);
+    }
+    let mut shapes: Vec<(String, i64, u64)> = sealed
+        .iter()
+        .map(|s| (s.header.tag.clone(), s.header.timekey, s.stats.records))
+        .collect();
+    shapes.sort();
+    assert_eq!(
+        shapes,
+        vec![
+            ("a".into(), 60, 1),
+            ("a".into(), 60, 3),
+            ("a".into(), 60, 3),
+            ("b".into(), 0, 1),
+            ("b".into(), 120, 1)
+        ]
+    );
+    // Every entry of tag a is stored once, in order across chunks ordered by id.
+    let mut a_chunks: Vec<_> = sealed.iter().filter(|s| s.header.tag == "a").collect();
+    a_chunks.sort_by(|x, y| x.header.chunk_id.cmp(&y.header.chunk_id));
+    let stored: Vec<u8> = a_chunks.iter().flat_map(|s| body_of(s)).collect();
+    assert_eq!(stored, a.concat());
+    for s in &sealed {
+        assert!(
+            s.stats.body_bytes <= one * 3 || s.stats.records == 1,
+            "{:?}",
+            s.stats
+        );
+    }
+}
+
+#[tokio::test]
+async fn records_limit_seals_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut cfg = config(dir.path());
+    cfg.chunk_limit_records = Some(2);
+    let (buffer, _) = Buffer::open(cfg, tx).unwrap();
+    let handle = buffer.handle.clone();
+    let task = tokio::spawn(buffer.run());
+    let a: Vec<Bytes> = (0..5).map(|i| entry_at(60 + i, 3)).collect();
+    handle
+        .append("a".into(), vec![group_of(60, &a)])
+        .await
+        .await
+        .unwrap();
+    // Two full chunks are sealed at once, without waiting for time or shutdown.
+    assert_eq!(recv(&mut rx).await.stats.records, 2);
+    assert_eq!(recv(&mut rx).await.stats.records, 2);
+    drop(handle);
+    task.await.unwrap().unwrap();
+    assert_eq!(recv(&mut rx).await.stats.records, 1);
+}
+
+#[tokio::test]
+async fn a_second_process_cannot_open_the_same_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let (_first, _) = Buffer::open(config(dir.path()), tx.clone()).unwrap();
+    let err = Buffer::open(config(dir.path()), tx)
+        .err()
+        .expect("second open fails");
+    assert!(err.to_string().contains("in use"), "{err}");
+}
+
+#[test]
+fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = chunks_dir(dir.path());
+    std::fs::create_dir_all(&chunks).unwrap();
+    let header = |id: &str| ChunkHeader {
+        chunk_id: id.into(),
+        tag: "t".into(),
+        timekey: 0,
+        created_ms: 0,
+    };
+
+    // An open chunk with two whole frames and a torn third.
+    let open_paths = ChunkPaths::new(&chunks, &"1".repeat(32));
+    let mut w = ChunkWriter::create(&open_paths.data, &header(&"1".repeat(32))).unwrap();
+    w.append(&[entry_at(1, 5)]).unwrap();
+    w.append(&[entry_at(2, 5), entry_at(3, 5)]).unwrap();
+    let good = w.len();
+    drop(w);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&open_paths.data)
+        .unwrap();
+    f.write_all(&[200, 0, 0, 0, 0, 0, 0, 0, 0x92, 0xd7])
+        .unwrap();
+
+    // A sealed chunk and an uploaded one.
+    let sealed_paths = ChunkPaths::new(&chunks, &"2".repeat(32));
+    let mut w = ChunkWriter::create(&sealed_paths.data, &header(&"2".repeat(32))).unwrap();
+    w.append(&[entry_at(4, 5)]).unwrap();
+    let stats = ChunkStats {
+        records: 1,
+        data_len: w.len(),
+        ..ChunkStats::default()
+    };
+    chunk::write_state(
+        &sealed_paths.state,
+        &ChunkState::Sealed {
+            header: header(&"2".repeat(32)),
+            stats,
+        },
+    )
+    .unwrap();
+
+    // Leftovers of a published chunk, an interrupted state write, and garbage.
+    std::fs::write(chunks.join(format!("{}.state", "3".repeat(32))), b"{}").unwrap();
+    std::fs::write(chunks.join("x.state.tmp"), b"{").unwrap();
+    std::fs::write(
+        chunks.join(format!("{}.chunk", "4".repeat(32))),
+        b"not a chunk at all",
+    )
+    .unwrap();
+
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let (_buffer, recovered) = Buffer::open(config(dir.path()), tx).unwrap();
+    let ids: Vec<&str> = recovered
+        .sealed
+        .iter()
+        .map(|s| s.header.chunk_id.as_str())
+        .collect();
+    assert_eq!(ids, vec!["1".repeat(32), "2".repeat(32)]);
+    let opened = &recovered.sealed[0];
+    assert_eq!((opened.stats.records, opened.stats.data_len), (3, good));
+    assert_eq!(std::fs::metadata(&open_paths.data).unwrap().len(), good);
+    assert!(matches!(
+        chunk::read_state(&open_paths.state).unwrap(),
+        ChunkState::Sealed { .. }
+    ));
+    assert_eq!(recovered.quarantined.len(), 1);
+    assert!(dir
+        .path()
+        .join("quarantine")
+        .join(format!("{}.chunk", "4".repeat(32)))
+        .exists());
+    assert!(!chunks.join(format!("{}.state", "3".repeat(32))).exists());
+    assert!(!chunks.join("x.state.tmp").exists());
+}
+
+#[test]
+fn split_front_keeps_order_and_takes_at_least_one_entry() {
+    let entries: Vec<Bytes> = (0..4).map(|i| entry_at(i, 10)).collect();
+    let one = entries[0].len() as u64;
+    let mut g = group_of(0, &entries);
+    let front = g.split_front(one * 2 + 1, u64::MAX);
+    assert_eq!((front.records, g.records), (2, 2));
+    assert_eq!(front.slices.concat(), entries[..2].concat());
+    assert_eq!((g.first.secs, g.last.secs), (2, 3));
+    let tiny = g.split_front(1, u64::MAX);
+    assert_eq!((tiny.records, g.records), (1, 1));
+    let by_count = group_of(0, &entries).split_front(u64::MAX, 3);
+    assert_eq!(by_count.records, 3);
+}

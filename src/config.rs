@@ -1,0 +1,308 @@
+//! Settings of `claimcheck serve`. Every setting is a flag and a `CLAIMCHECK_*` environment
+//! variable of the same name (`--buffer-dir` / `CLAIMCHECK_BUFFER_DIR`); names follow
+//! Fluentd's where a Fluentd user would look for them. Durations take `500ms`, `60s`, `1m`,
+//! `1h`; sizes take `8MiB`, `256KiB`, `1GB` or plain bytes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use claimcheck_consumer::body::{Compression, Format};
+
+use crate::buffer::BufferConfig;
+use crate::forward::ConnectionConfig;
+use crate::key_template::KeyTemplate;
+use crate::publisher::PublisherConfig;
+use crate::retry::Backoff;
+use crate::uploader::UploaderConfig;
+
+/// Parses a duration such as `500ms`, `60s`, `1m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 60s, 1m)"))
+}
+
+/// Parses a size such as `8MiB`, `256KiB`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{e} (examples: 8MiB, 256KiB, 1048576)"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// `claimcheck serve`: the sidecar.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address of the forward listener (TCP). The Docker image uses 0.0.0.0:24224.
+    #[arg(long, env = "CLAIMCHECK_LISTEN", default_value = "127.0.0.1:24224")]
+    pub listen: SocketAddr,
+
+    /// Directory of the durable buffer. One sidecar per directory (it is locked).
+    #[arg(
+        long,
+        env = "CLAIMCHECK_BUFFER_DIR",
+        default_value = "./claimcheck-buffer"
+    )]
+    pub buffer_dir: PathBuf,
+
+    /// Length of a chunk's time window, by event time (Fluentd's `timekey`).
+    #[arg(long, env = "CLAIMCHECK_TIMEKEY", default_value = "60s", value_parser = parse_duration)]
+    pub timekey: Duration,
+
+    /// How long after its window ends a chunk waits for late events (Fluentd's `timekey_wait`).
+    #[arg(long, env = "CLAIMCHECK_TIMEKEY_WAIT", default_value = "10s", value_parser = parse_duration)]
+    pub timekey_wait: Duration,
+
+    /// A chunk is sealed when its body reaches this size (Fluentd's `chunk_limit_size`).
+    #[arg(long, env = "CLAIMCHECK_CHUNK_LIMIT_SIZE", default_value = "8MiB", value_parser = parse_size)]
+    pub chunk_limit_size: u64,
+
+    /// A chunk is sealed when it holds this many events (Fluentd's `chunk_limit_records`).
+    #[arg(long, env = "CLAIMCHECK_CHUNK_LIMIT_RECORDS")]
+    pub chunk_limit_records: Option<u64>,
+
+    /// A chunk is sealed this long after it was created, even with no new events
+    /// (Fluentd's `flush_interval`).
+    #[arg(long, env = "CLAIMCHECK_FLUSH_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub flush_interval: Duration,
+
+    /// Largest forward request accepted, as received; a larger one closes the connection
+    /// without an ack (Fluentd's `chunk_size_limit`).
+    #[arg(long, env = "CLAIMCHECK_CHUNK_SIZE_LIMIT", default_value = "256MiB", value_parser = parse_size)]
+    pub chunk_size_limit: u64,
+
+    /// Forward requests larger than this are logged (Fluentd's `chunk_size_warn_limit`).
+    #[arg(long, env = "CLAIMCHECK_CHUNK_SIZE_WARN_LIMIT", value_parser = parse_size)]
+    pub chunk_size_warn_limit: Option<u64>,
+
+    /// Largest decompressed size of one gzip or zstd request (Fluentd's
+    /// `decompression_size_limit`).
+    #[arg(long, env = "CLAIMCHECK_DECOMPRESSION_SIZE_LIMIT", default_value = "256MiB", value_parser = parse_size)]
+    pub decompression_size_limit: u64,
+
+    /// S3 bucket for chunk bodies.
+    #[arg(long, env = "CLAIMCHECK_S3_BUCKET")]
+    pub s3_bucket: String,
+
+    /// Prefix of every object key (a `/` is added if missing).
+    #[arg(long, env = "CLAIMCHECK_S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+
+    /// Object key template (fluent-plugin-s3's `s3_object_key_format`); must contain
+    /// `${chunk_id}` so that retries overwrite the same object and hosts never collide.
+    #[arg(
+        long,
+        env = "CLAIMCHECK_S3_OBJECT_KEY_FORMAT",
+        default_value = "${tag}/%Y/%m/%d/%H/${chunk_id}.%{file_extension}"
+    )]
+    pub s3_object_key_format: String,
+
+    /// Objects larger than this are sent by multipart upload.
+    #[arg(long, env = "CLAIMCHECK_S3_MULTIPART_THRESHOLD", default_value = "16MiB", value_parser = parse_size)]
+    pub s3_multipart_threshold: u64,
+
+    /// Part size of multipart uploads (S3's minimum is 5 MiB).
+    #[arg(long, env = "CLAIMCHECK_S3_PART_SIZE", default_value = "8MiB", value_parser = parse_size)]
+    pub s3_part_size: u64,
+
+    /// Body format: msgpack (Fluentd's buffer format, bytes as received) or json (lines).
+    #[arg(long, env = "CLAIMCHECK_FORMAT", default_value = "msgpack")]
+    pub format: Format,
+
+    /// Body compression: zstd, gzip or none.
+    #[arg(long, env = "CLAIMCHECK_COMPRESSION", default_value = "zstd")]
+    pub compression: Compression,
+
+    /// Compression level (zstd 1-22, default 3; gzip 0-9, default 6).
+    #[arg(long, env = "CLAIMCHECK_COMPRESSION_LEVEL")]
+    pub compression_level: Option<i32>,
+
+    /// Kinesis stream for pointer records (a name or an ARN).
+    #[arg(long, env = "CLAIMCHECK_KINESIS_STREAM")]
+    pub kinesis_stream: String,
+
+    /// Partition key template of pointer records; `${tag}` keeps each tag's pointers in order
+    /// within a shard.
+    #[arg(
+        long,
+        env = "CLAIMCHECK_KINESIS_PARTITION_KEY",
+        default_value = "${tag}"
+    )]
+    pub kinesis_partition_key: String,
+
+    /// Chunks uploaded at once (Fluentd's `flush_thread_count`).
+    #[arg(long, env = "CLAIMCHECK_FLUSH_THREAD_COUNT", default_value_t = 2)]
+    pub flush_thread_count: usize,
+
+    /// First wait before retrying a failed upload or publish (Fluentd's `retry_wait`).
+    #[arg(long, env = "CLAIMCHECK_RETRY_WAIT", default_value = "1s", value_parser = parse_duration)]
+    pub retry_wait: Duration,
+
+    /// Longest wait between retries (Fluentd's `retry_max_interval`).
+    #[arg(long, env = "CLAIMCHECK_RETRY_MAX_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub retry_max_interval: Duration,
+
+    /// On SIGTERM or SIGINT, how long to keep delivering sealed chunks before exiting; what is
+    /// left stays in the buffer for the next start.
+    #[arg(long, env = "CLAIMCHECK_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Host name used in pointers (`producer`) and in `%{hostname}`; defaults to the system's.
+    #[arg(long, env = "CLAIMCHECK_HOSTNAME")]
+    pub hostname: Option<String>,
+
+    /// Log format: human or json. The level comes from RUST_LOG (default info).
+    #[arg(long, env = "CLAIMCHECK_LOG_FORMAT", default_value = "human")]
+    pub log_format: LogFormat,
+}
+
+/// The validated settings of every component.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub buffer: BufferConfig,
+    pub connection: Arc<ConnectionConfig>,
+    pub uploader: Arc<UploaderConfig>,
+    pub publisher: Arc<PublisherConfig>,
+    pub s3_bucket: String,
+    pub s3_multipart_threshold: u64,
+    pub s3_part_size: u64,
+    pub kinesis_stream: String,
+    pub shutdown_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// Checks the settings and builds each component's configuration.
+    pub fn into_config(self) -> Result<Config, String> {
+        if self.timekey.as_secs() == 0 {
+            return Err("--timekey must be at least 1s".into());
+        }
+        if self.s3_bucket.is_empty() {
+            return Err("--s3-bucket is required".into());
+        }
+        if self.kinesis_stream.is_empty() {
+            return Err("--kinesis-stream is required".into());
+        }
+        let hostname = match self.hostname {
+            Some(h) => h,
+            None => hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "unknown".into()),
+        };
+        let key_template = KeyTemplate::parse(&self.s3_object_key_format, &hostname)
+            .map_err(|e| format!("--s3-object-key-format: {e}"))?;
+        if !key_template.has_chunk_id() {
+            return Err("--s3-object-key-format must contain ${chunk_id}, so that retries rewrite the same object and hosts never collide".into());
+        }
+        let partition_key = KeyTemplate::parse(&self.kinesis_partition_key, &hostname)
+            .map_err(|e| format!("--kinesis-partition-key: {e}"))?;
+        let backoff = Backoff {
+            wait: self.retry_wait,
+            max_interval: self.retry_max_interval.max(self.retry_wait),
+        };
+        Ok(Config {
+            listen: self.listen,
+            buffer: BufferConfig {
+                dir: self.buffer_dir,
+                timekey: self.timekey,
+                timekey_wait: self.timekey_wait,
+                chunk_limit_size: self.chunk_limit_size.max(1),
+                chunk_limit_records: self.chunk_limit_records,
+                flush_interval: self.flush_interval,
+            },
+            connection: Arc::new(ConnectionConfig {
+                chunk_size_limit: self.chunk_size_limit,
+                chunk_size_warn_limit: self.chunk_size_warn_limit,
+                decompression_size_limit: self.decompression_size_limit,
+                timekey_secs: self.timekey.as_secs() as i64,
+            }),
+            uploader: Arc::new(UploaderConfig {
+                format: self.format,
+                compression: self.compression,
+                compression_level: self.compression_level,
+                key_template,
+                prefix: self.s3_prefix,
+                producer: hostname,
+                workers: self.flush_thread_count.max(1),
+                backoff,
+            }),
+            publisher: Arc::new(PublisherConfig {
+                partition_key,
+                backoff,
+            }),
+            s3_bucket: self.s3_bucket,
+            s3_multipart_threshold: self.s3_multipart_threshold,
+            s3_part_size: self.s3_part_size,
+            kinesis_stream: self.kinesis_stream,
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut all = vec!["claimcheck", "--s3-bucket", "b", "--kinesis-stream", "s"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all)
+            .map_err(|e| e.to_string())?
+            .serve
+            .into_config()
+    }
+
+    #[test]
+    fn durations_and_sizes_take_human_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_size("256KiB"), Ok(256 << 10));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_size("big").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:24224");
+        assert_eq!(c.buffer.dir, PathBuf::from("./claimcheck-buffer"));
+        assert_eq!(
+            (c.buffer.timekey, c.buffer.timekey_wait),
+            (Duration::from_secs(60), Duration::from_secs(10))
+        );
+        assert_eq!(
+            (c.buffer.chunk_limit_size, c.buffer.flush_interval),
+            (8 << 20, Duration::from_secs(60))
+        );
+        assert_eq!(
+            (c.uploader.format, c.uploader.compression),
+            (Format::Msgpack, Compression::Zstd)
+        );
+    }
+
+    #[test]
+    fn key_format_must_name_the_chunk_id() {
+        let err = parse(&["--s3-object-key-format", "${tag}/%Y/x.log"]).unwrap_err();
+        assert!(err.contains("${chunk_id}"), "{err}");
+        let err = parse(&["--s3-object-key-format", "${nope}/${chunk_id}"]).unwrap_err();
+        assert!(err.contains("unknown placeholder"), "{err}");
+        assert!(parse(&["--compression", "lz4"]).is_err());
+    }
+}

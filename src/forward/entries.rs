@@ -1,0 +1,245 @@
+//! From a request's entries to buffer groups: decompress, validate, split by timekey.
+//!
+//! Records are never decoded: [`entry::scan_entry`] walks the msgpack framing to find each
+//! entry's end and time. Consecutive valid entries of one timekey stay one zero-copy slice of
+//! the received bytes; when every entry of a request falls in one timekey (the usual case) the
+//! whole blob is appended as is. Invalid entries are skipped, as Fluentd's
+//! `skip_invalid_event` does, and counted.
+
+use std::io::Read;
+
+use bytes::Bytes;
+use claimcheck_consumer::body::{self, Compression};
+use claimcheck_consumer::entry::{self, ScanError};
+
+use super::frame::Entries;
+use crate::buffer::Group;
+
+/// Valid entries grouped by timekey, and what was skipped.
+#[derive(Debug, Default)]
+pub struct Split {
+    pub groups: Vec<Group>,
+    pub events: u64,
+    pub invalid: u64,
+    /// Why the first skipped entry was skipped.
+    pub invalid_reason: Option<&'static str>,
+}
+
+impl Split {
+    fn skip(&mut self, why: &'static str) {
+        self.invalid += 1;
+        self.invalid_reason.get_or_insert(why);
+    }
+}
+
+/// Why a packed blob could not be expanded. The connection is closed without an ack.
+#[derive(Debug, thiserror::Error)]
+pub enum DecompressError {
+    #[error("decompressed entries exceed decompression_size_limit ({limit} bytes)")]
+    TooLarge { limit: u64 },
+    #[error("cannot decompress {method} entries: {source}")]
+    Corrupt {
+        method: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Expands `compressed: "gzip"` (every member) or `"zstd"` (every frame); anything else,
+/// Fluentd's `"text"` included, is taken as plain entries.
+pub fn decompress(blob: Bytes, method: Option<&str>, limit: u64) -> Result<Bytes, DecompressError> {
+    let (compression, name) = match method {
+        Some("gzip") => (Compression::Gzip, "gzip"),
+        Some("zstd") => (Compression::Zstd, "zstd"),
+        _ => return Ok(blob),
+    };
+    let mut out = Vec::with_capacity((blob.len() * 4).min(limit as usize));
+    body::decoder(compression, &blob[..])
+        .and_then(|d| d.take(limit.saturating_add(1)).read_to_end(&mut out))
+        .map_err(|source| DecompressError::Corrupt {
+            method: name,
+            source,
+        })?;
+    if out.len() as u64 > limit {
+        return Err(DecompressError::TooLarge { limit });
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Start of the timekey window holding `secs`.
+pub fn timekey_of(secs: i64, timekey_secs: i64) -> i64 {
+    secs - secs.rem_euclid(timekey_secs.max(1))
+}
+
+/// Validates the entries of a blob and groups them by timekey.
+pub fn split(blob: &Bytes, timekey_secs: i64) -> Split {
+    let mut out = Split::default();
+    let mut pos = 0usize;
+    // The run of consecutive valid entries being collected: (start, timekey, stats).
+    let mut run: Option<(usize, Group)> = None;
+    let close = |run: &mut Option<(usize, Group)>, end: usize, out: &mut Split| {
+        if let Some((start, g)) = run.take() {
+            let slice = blob.slice(start..end);
+            match out.groups.iter_mut().find(|x| x.timekey == g.timekey) {
+                Some(existing) => existing.push(slice, g.records, g.first, g.last),
+                None => {
+                    let mut group = Group::new(g.timekey);
+                    group.push(slice, g.records, g.first, g.last);
+                    out.groups.push(group);
+                }
+            }
+        }
+    };
+    while pos < blob.len() {
+        match entry::scan_entry(&blob[pos..]) {
+            Ok(info) => {
+                let key = timekey_of(info.time.secs, timekey_secs);
+                if run.as_ref().is_some_and(|(_, g)| g.timekey != key) {
+                    close(&mut run, pos, &mut out);
+                }
+                let (_, g) = run.get_or_insert_with(|| (pos, Group::new(key)));
+                // Stats only; the slice is cut when the run closes.
+                if g.records == 0 {
+                    (g.first, g.last) = (info.time, info.time);
+                } else {
+                    g.first = g.first.min(info.time);
+                    g.last = g.last.max(info.time);
+                }
+                g.records += 1;
+                out.events += 1;
+                pos += info.len;
+            }
+            Err(err) => {
+                close(&mut run, pos, &mut out);
+                let why = match err {
+                    ScanError::Invalid(why) => why,
+                    ScanError::Incomplete => "entries end inside an entry",
+                };
+                out.skip(why);
+                match entry::value_len(&blob[pos..]) {
+                    // A whole value that is not a valid entry: skip just it.
+                    Ok(len) if !matches!(err, ScanError::Incomplete) => pos += len,
+                    // Cannot find where it ends: the rest of the blob is lost to us.
+                    _ => pos = blob.len(),
+                }
+            }
+        }
+    }
+    close(&mut run, pos, &mut out);
+    out
+}
+
+/// The entries blob of a request, ready for [`split`], and the count the request claimed.
+pub fn blob_of(entries: Entries) -> Bytes {
+    match entries {
+        Entries::Single(b) | Entries::Packed(b) => b,
+        Entries::Array { bytes, .. } => bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use claimcheck_consumer::entry::{encode, EventTime};
+
+    use super::*;
+
+    fn entry_at(secs: i64) -> Vec<u8> {
+        let mut b = vec![0x92];
+        encode::event_time(&mut b, EventTime::new(secs, 1));
+        b.extend_from_slice(&[0x81, 0xa1, b'k', 0x01]);
+        b
+    }
+
+    #[test]
+    fn one_timekey_is_one_zero_copy_slice() {
+        let blob = Bytes::from([entry_at(600), entry_at(601), entry_at(659)].concat());
+        let s = split(&blob, 60);
+        assert_eq!((s.events, s.invalid, s.groups.len()), (3, 0, 1));
+        let g = &s.groups[0];
+        assert_eq!((g.timekey, g.records, g.slices.len()), (600, 3, 1));
+        assert_eq!(
+            g.slices[0].as_ptr(),
+            blob.as_ptr(),
+            "the slice shares the received bytes"
+        );
+        assert_eq!((g.first.secs, g.last.secs), (600, 659));
+    }
+
+    #[test]
+    fn entries_are_grouped_by_timekey_keeping_order() {
+        let (a, b, c) = (entry_at(600), entry_at(660), entry_at(610));
+        let blob = Bytes::from([a.clone(), b.clone(), c.clone()].concat());
+        let s = split(&blob, 60);
+        assert_eq!(s.groups.len(), 2);
+        assert_eq!((s.groups[0].timekey, s.groups[0].records), (600, 2));
+        assert_eq!(s.groups[0].slices.concat(), [a, c].concat());
+        assert_eq!((s.groups[1].timekey, s.groups[1].slices.concat()), (660, b));
+        assert_eq!(timekey_of(-1, 60), -60);
+    }
+
+    #[test]
+    fn invalid_entries_are_skipped_and_the_rest_kept() {
+        let mut float_time = Vec::new();
+        rmpv::encode::write_value(
+            &mut float_time,
+            &rmpv::Value::Array(vec![1.5.into(), rmpv::Value::Map(vec![])]),
+        )
+        .unwrap();
+        let blob = Bytes::from(
+            [
+                entry_at(600),
+                float_time,
+                entry_at(601),
+                entry_at(602)[..5].to_vec(),
+            ]
+            .concat(),
+        );
+        let s = split(&blob, 60);
+        assert_eq!((s.events, s.invalid), (2, 2));
+        assert_eq!(
+            s.invalid_reason,
+            Some("event time is not an integer or EventTime")
+        );
+        assert_eq!(
+            s.groups[0].slices.concat(),
+            [entry_at(600), entry_at(601)].concat()
+        );
+    }
+
+    #[test]
+    fn decompression_handles_members_frames_and_the_limit() {
+        let plain = [entry_at(1), entry_at(2)].concat();
+        let mut gz = Vec::new();
+        for part in [&plain[..7], &plain[7..]] {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(part).unwrap();
+            gz.extend(e.finish().unwrap());
+        }
+        assert_eq!(
+            decompress(Bytes::from(gz.clone()), Some("gzip"), 1 << 20).unwrap(),
+            plain
+        );
+        let zst = [
+            zstd::encode_all(&plain[..3], 1).unwrap(),
+            zstd::encode_all(&plain[3..], 1).unwrap(),
+        ]
+        .concat();
+        assert_eq!(
+            decompress(Bytes::from(zst), Some("zstd"), 1 << 20).unwrap(),
+            plain
+        );
+        assert_eq!(
+            decompress(Bytes::from(plain.clone()), Some("text"), 1).unwrap(),
+            plain
+        );
+        assert!(matches!(
+            decompress(Bytes::from(gz), Some("gzip"), 10),
+            Err(DecompressError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decompress(Bytes::from_static(b"nope"), Some("gzip"), 10),
+            Err(DecompressError::Corrupt { .. })
+        ));
+    }
+}

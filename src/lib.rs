@@ -1,0 +1,108 @@
+//! claimcheck: a Fluentd forward target that stores chunks of events in S3 and publishes small
+//! pointer records to Kinesis (the claim-check pattern).
+//!
+//! # Layout, following one record
+//!
+//! 1. [`server`] accepts a TCP connection; [`forward::connection`] reads bytes into a buffer.
+//! 2. [`forward::frame`] finds one whole forward request and parses it without copying;
+//!    [`forward::entries`] decompresses, validates entries and groups them by timekey.
+//! 3. [`buffer`] appends each group to the open chunk file of its (tag, timekey), fsyncs once
+//!    for every append of the round, and only then lets the connection send `{"ack": token}`.
+//! 4. The buffer seals chunks (size, records, timekey + wait, flush interval, shutdown) and
+//!    hands them to the [`uploader`], which compresses the body to a staged file and PUTs it
+//!    to S3 through [`aws::s3`] at a key derived from the chunk id.
+//! 5. The [`publisher`] batches pointer records ([`claimcheck_consumer::Pointer`]) into Kinesis
+//!    PutRecords through [`aws::kinesis`], retries only failed entries, and deletes the chunk
+//!    once its pointer is accepted.
+//! 6. The `claimcheck-consumer` crate turns pointers back into events.
+
+pub mod aws;
+pub mod buffer;
+pub mod config;
+pub mod consume;
+pub mod delivery;
+pub mod forward;
+pub mod key_template;
+pub mod publisher;
+pub mod retry;
+pub mod server;
+pub mod uploader;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use buffer::{Buffer, Recovered, SealedChunk};
+use config::Config;
+
+/// A sidecar whose buffer is open and recovered, ready to serve.
+pub struct Sidecar {
+    config: Config,
+    buffer: Buffer,
+    recovered: Recovered,
+    sealed_rx: mpsc::UnboundedReceiver<SealedChunk>,
+}
+
+impl Sidecar {
+    /// Opens the buffer directory (locking it) and recovers what a previous run left.
+    pub fn open(config: Config) -> anyhow::Result<Sidecar> {
+        let (sealed_tx, sealed_rx) = mpsc::unbounded_channel();
+        let (buffer, mut recovered) = Buffer::open(config.buffer.clone(), sealed_tx.clone())?;
+        for chunk in recovered.sealed.drain(..) {
+            let _ = sealed_tx.send(chunk);
+        }
+        Ok(Sidecar {
+            config,
+            buffer,
+            recovered,
+            sealed_rx,
+        })
+    }
+
+    /// Serves `listener` until `shutdown` resolves, then stops accepting, lets connections
+    /// finish, seals every open chunk and delivers until `shutdown_timeout`.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let Sidecar {
+            config,
+            buffer,
+            recovered,
+            sealed_rx,
+        } = self;
+        let delivery = delivery::Delivery::start(&config, sealed_rx, recovered);
+        let handle = buffer.handle.clone();
+        let writer = tokio::spawn(buffer.run());
+        let token = CancellationToken::new();
+        let server = tokio::spawn(server::run(
+            listener,
+            handle,
+            config.connection.clone(),
+            token.clone(),
+        ));
+        info!(listen = %config.listen, buffer_dir = %config.buffer.dir.display(), "claimcheck is serving");
+
+        shutdown.await;
+        info!("shutting down: no new connections; finishing requests in flight");
+        token.cancel();
+        server.await?;
+        // Every connection is gone, so every buffer handle is gone: the writer seals and stops.
+        writer.await??;
+        info!(timeout = ?config.shutdown_timeout, "delivering sealed chunks before exit");
+        let left = delivery.drain(config.shutdown_timeout).await;
+        if left > 0 {
+            warn!(
+                chunks = left,
+                "chunks left in the buffer; they are delivered on the next start"
+            );
+        } else {
+            info!("buffer is empty");
+        }
+        Ok(())
+    }
+}
