@@ -79,13 +79,16 @@ impl Sidecar {
         let handle = buffer.handle.clone();
         let writer = tokio::spawn(buffer.run());
         let token = CancellationToken::new();
+        let listen = listener
+            .local_addr()
+            .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
         let server = tokio::spawn(server::run(
             listener,
             handle,
             config.connection.clone(),
             token.clone(),
         ));
-        info!(listen = %config.listen, buffer_dir = %config.buffer.dir.display(), "claimcheck is serving");
+        info!(%listen, buffer_dir = %config.buffer.dir.display(), "claimcheck is serving");
 
         shutdown.await;
         info!("shutting down: no new connections; finishing requests in flight");

@@ -2,6 +2,8 @@
 
 use std::error::Error as StdError;
 
+use aws_smithy_types::error::display::DisplayErrorContext;
+
 /// Everything that can go wrong between a pointer record and its events.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -32,14 +34,14 @@ pub enum Error {
     #[error("cannot decode body: {0}")]
     Decode(String),
     /// A call to S3 failed.
-    #[error("s3 {operation} failed: {source}")]
+    #[error("s3 {operation} failed: {}", DisplayErrorContext(&**source))]
     S3 {
         operation: &'static str,
         #[source]
         source: Box<dyn StdError + Send + Sync>,
     },
     /// A call to Kinesis failed.
-    #[error("kinesis {operation} failed: {source}")]
+    #[error("kinesis {operation} failed: {}", DisplayErrorContext(&**source))]
     Kinesis {
         operation: &'static str,
         #[source]

@@ -1,0 +1,40 @@
+// Sends events with @fluent-org/logger and reports which were acknowledged.
+//
+// Reads a JSON spec on stdin:
+//   {"host": "127.0.0.1", "port": 24224, "mode": "PackedForward", "ack": true,
+//    "ackTimeoutMs": 30000, "events": [{"tag": "app.web", "secs": 1763740801, "nanos": 5,
+//    "record": {...}}, ...]}
+// "nanos": null sends an integer time instead of an EventTime.
+// Prints {"acked": [indexes], "failed": [{"index", "error"}]} on stdout.
+"use strict";
+const { FluentClient, EventTime } = require("@fluent-org/logger");
+
+async function main() {
+  const chunks = [];
+  for await (const chunk of process.stdin) chunks.push(chunk);
+  const spec = JSON.parse(Buffer.concat(chunks).toString("utf8"));
+  const client = new FluentClient(null, {
+    eventMode: spec.mode || "PackedForward",
+    socket: { host: spec.host, port: spec.port, timeout: 60000, disableReconnect: false },
+    ack: spec.ack === false ? undefined : { ackTimeout: spec.ackTimeoutMs || 30000 },
+    flushInterval: spec.flushIntervalMs || 0,
+  });
+  const results = spec.events.map((e, index) => {
+    // The library takes a plain number as milliseconds and sends whole seconds.
+    const time = e.nanos === null ? e.secs * 1000 : new EventTime(e.secs, e.nanos || 0);
+    return client.emit(e.tag, e.record, time).then(
+      () => ({ index, ok: true }),
+      (err) => ({ index, ok: false, error: String(err && err.message ? err.message : err) }),
+    );
+  });
+  const settled = await Promise.all(results);
+  await client.shutdown().catch(() => {});
+  const acked = settled.filter((r) => r.ok).map((r) => r.index);
+  const failed = settled.filter((r) => !r.ok).map((r) => ({ index: r.index, error: r.error }));
+  process.stdout.write(JSON.stringify({ acked, failed }) + "\n");
+}
+
+main().catch((err) => {
+  process.stderr.write(String(err && err.stack ? err.stack : err) + "\n");
+  process.exit(2);
+});

@@ -1,0 +1,488 @@
+//! Support for integration tests: a real S3 + Kinesis emulator (moto server), the sidecar as a
+//! real process, and real forward client libraries (Node `@fluent-org/logger`, Python
+//! `fluent-logger`). `scripts/test` installs all of them; a test that cannot find one fails
+//! with a message saying so, it never skips.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use claimcheck_consumer::{Event, ResolvedChunk, Resolver, StartPosition, StreamReader};
+use serde_json::{json, Value};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16, what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not start listening on port {port} within {timeout:?}");
+}
+
+fn tool(env_var: &str, default: &Path, hint: &str) -> PathBuf {
+    let path = std::env::var_os(env_var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| default.to_path_buf());
+    assert!(
+        path.exists(),
+        "{} not found at {} ({hint}); run scripts/test, which installs it",
+        env_var,
+        path.display()
+    );
+    path
+}
+
+/// A moto server: S3 and Kinesis in one process, on 127.0.0.1.
+pub struct Moto {
+    pub port: u16,
+    child: Child,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        Moto::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Moto {
+        let bin = tool(
+            "CLAIMCHECK_MOTO_SERVER",
+            &repo_root().join(".venv/bin/moto_server"),
+            "moto[server]==5.2.5 in .venv",
+        );
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start moto_server");
+        let moto = Moto { port, child };
+        wait_for_port(port, "moto_server", Duration::from_secs(60));
+        moto
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Environment that points the AWS SDK at an emulator on `port`.
+pub fn aws_env(port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        // No IMDS or profile look-ups in tests.
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_CONFIG_FILE", "/dev/null".into()),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
+    ]
+}
+
+/// SDK clients for an emulator on `port`.
+pub struct Aws {
+    pub s3: aws_sdk_s3::Client,
+    pub kinesis: aws_sdk_kinesis::Client,
+}
+
+impl Aws {
+    pub fn new(port: u16) -> Aws {
+        let creds = Credentials::new("test", "test", None, None, "tests");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let s3 = aws_sdk_s3::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(creds.clone())
+            .endpoint_url(&endpoint)
+            .force_path_style(true)
+            .build();
+        let kinesis = aws_sdk_kinesis::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+            .credentials_provider(creds)
+            .endpoint_url(&endpoint)
+            .build();
+        Aws {
+            s3: aws_sdk_s3::Client::from_conf(s3),
+            kinesis: aws_sdk_kinesis::Client::from_conf(kinesis),
+        }
+    }
+
+    /// Creates a bucket and a one-shard stream and waits until the stream is active.
+    pub async fn create(&self, bucket: &str, stream: &str) {
+        self.s3
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("create bucket");
+        self.kinesis
+            .create_stream()
+            .stream_name(stream)
+            .shard_count(1)
+            .send()
+            .await
+            .expect("create stream");
+        for _ in 0..100 {
+            let d = self
+                .kinesis
+                .describe_stream_summary()
+                .stream_name(stream)
+                .send()
+                .await
+                .expect("describe stream");
+            if d.stream_description_summary
+                .map(|s| s.stream_status.as_str() == "ACTIVE")
+                .unwrap_or(false)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("stream {stream} never became active");
+    }
+
+    /// Reads the stream from its start until `expected` events arrived (or `timeout`),
+    /// resolving every pointer through the consumer crate.
+    pub async fn read_events(
+        &self,
+        stream: &str,
+        expected: usize,
+        timeout: Duration,
+    ) -> Vec<ResolvedChunk> {
+        let resolver = Resolver::new(self.s3.clone());
+        let mut reader = StreamReader::open(
+            self.kinesis.clone(),
+            resolver,
+            stream,
+            StartPosition::TrimHorizon,
+        )
+        .await
+        .expect("open stream reader");
+        let deadline = Instant::now() + timeout;
+        let mut chunks = Vec::new();
+        let mut count = 0;
+        while count < expected && Instant::now() < deadline {
+            for item in reader.poll().await.expect("read stream") {
+                let chunk = item.expect("every pointer resolves");
+                count += chunk.events.len();
+                chunks.push(chunk);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Give stragglers (duplicates would show here) a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for item in reader.poll().await.expect("read stream") {
+            chunks.push(item.expect("every pointer resolves"));
+        }
+        chunks
+    }
+}
+
+/// Names unique to one test: buckets and streams.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The sidecar as a real process.
+pub struct Sidecar {
+    pub port: u16,
+    pub buffer_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Sidecar {
+    /// Starts `claimcheck serve` on a free port with `args` added, and waits until it listens.
+    pub fn start(
+        buffer_dir: &Path,
+        aws_port: u16,
+        bucket: &str,
+        stream: &str,
+        args: &[&str],
+    ) -> Sidecar {
+        Sidecar::start_on(free_port(), buffer_dir, aws_port, bucket, stream, args)
+    }
+
+    pub fn start_on(
+        port: u16,
+        buffer_dir: &Path,
+        aws_port: u16,
+        bucket: &str,
+        stream: &str,
+        args: &[&str],
+    ) -> Sidecar {
+        let log = buffer_dir.with_extension(format!("{port}.log"));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_claimcheck"));
+        cmd.arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--buffer-dir")
+            .arg(buffer_dir)
+            .args(["--s3-bucket", bucket, "--kinesis-stream", stream])
+            .args(args)
+            .env("RUST_LOG", "info,claimcheck=debug")
+            .envs(aws_env(aws_port))
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let child = cmd.spawn().expect("cannot start claimcheck");
+        let sidecar = Sidecar {
+            port,
+            buffer_dir: buffer_dir.to_path_buf(),
+            log,
+            child: Some(child),
+        };
+        wait_for_port(port, "claimcheck", Duration::from_secs(30));
+        sidecar
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// SIGKILL: no chance to seal, flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("sidecar is running");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "sidecar did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- sidecar log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// One event to send: tag, time (seconds, and nanoseconds or `None` for an integer time),
+/// and the record.
+#[derive(Debug, Clone)]
+pub struct TestEvent {
+    pub tag: String,
+    pub secs: i64,
+    pub nanos: Option<u32>,
+    pub record: Value,
+}
+
+impl TestEvent {
+    fn to_json(&self) -> Value {
+        json!({"tag": self.tag, "secs": self.secs, "nanos": self.nanos, "record": self.record})
+    }
+
+    /// The key events are compared by: tag, time, record as JSON text.
+    pub fn key(&self) -> (String, i64, u32, String) {
+        (
+            self.tag.clone(),
+            self.secs,
+            self.nanos.unwrap_or(0),
+            self.record.to_string(),
+        )
+    }
+}
+
+/// The comparison key of a resolved event (see [`TestEvent::key`]).
+pub fn event_key(e: &Event) -> (String, i64, u32, String) {
+    (
+        e.tag.clone(),
+        e.time.secs,
+        e.time.nanos,
+        e.record_json().to_string(),
+    )
+}
+
+fn run_client(mut cmd: Command, spec: Value, what: &str) -> Value {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(spec.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Sends with Node `@fluent-org/logger` in `mode` (Message, Forward, PackedForward,
+/// CompressedPackedForward), requesting acks. Returns the indexes of acknowledged events.
+pub fn node_send(port: u16, mode: &str, events: &[TestEvent]) -> Vec<usize> {
+    let dir = repo_root().join("tests/clients");
+    tool(
+        "CLAIMCHECK_NODE_MODULES",
+        &dir.join("node_modules/@fluent-org/logger"),
+        "npm ci in tests/clients",
+    );
+    let spec = json!({"host": "127.0.0.1", "port": port, "mode": mode, "ack": true, "ackTimeoutMs": 60000,
+                      "events": events.iter().map(TestEvent::to_json).collect::<Vec<_>>()});
+    let mut cmd = Command::new("node");
+    cmd.arg(dir.join("send.js"));
+    let result = run_client(cmd, spec, "node client");
+    let failed = result["failed"].as_array().cloned().unwrap_or_default();
+    if !failed.is_empty() {
+        eprintln!(
+            "node client: {} events not acknowledged, first: {}",
+            failed.len(),
+            failed[0]
+        );
+    }
+    result["acked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// Sends with Python `fluent-logger` (Message mode; the library cannot request acks).
+pub fn python_send(port: u16, events: &[TestEvent]) {
+    let python = tool(
+        "CLAIMCHECK_PYTHON",
+        &repo_root().join(".venv/bin/python"),
+        "fluent-logger in .venv",
+    );
+    let spec = json!({"host": "127.0.0.1", "port": port, "events": events.iter().map(TestEvent::to_json).collect::<Vec<_>>()});
+    let mut cmd = Command::new(python);
+    cmd.arg(repo_root().join("tests/clients/send.py"));
+    let result = run_client(cmd, spec, "python client");
+    assert_eq!(result["sent"].as_u64(), Some(events.len() as u64));
+}
+
+/// Start of the timekey window (60 s) holding `secs`.
+pub fn minute_of(secs: i64) -> i64 {
+    secs - secs.rem_euclid(60)
+}
+
+/// Now, in Unix seconds.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Checks that `chunks` hold exactly `expected` (as a multiset), each event once, and that
+/// every object key contains its chunk id. Returns the number of chunks.
+pub fn assert_exactly_once(chunks: &[ResolvedChunk], expected: &[TestEvent]) -> usize {
+    let mut want: HashMap<(String, i64, u32, String), usize> = HashMap::new();
+    for e in expected {
+        *want.entry(e.key()).or_default() += 1;
+    }
+    let mut got: HashMap<(String, i64, u32, String), usize> = HashMap::new();
+    let mut ids = std::collections::HashSet::new();
+    for chunk in chunks {
+        let p = &chunk.pointer;
+        assert!(
+            ids.insert(p.chunk_id.clone()),
+            "chunk {} yielded twice",
+            p.chunk_id
+        );
+        assert!(
+            p.key.contains(&p.chunk_id),
+            "key {} does not contain chunk id {}",
+            p.key,
+            p.chunk_id
+        );
+        assert_eq!(p.records as usize, chunk.events.len());
+        for e in &chunk.events {
+            assert_eq!(e.tag, p.tag);
+            *got.entry(event_key(e)).or_default() += 1;
+        }
+    }
+    let missing: Vec<_> = want
+        .iter()
+        .filter(|(k, n)| got.get(*k) != Some(n))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = got
+        .iter()
+        .filter(|(k, n)| want.get(*k) != Some(n))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "events differ: missing or miscounted {missing:?}; unexpected {extra:?}"
+    );
+    chunks.len()
+}

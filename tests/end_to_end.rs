@@ -1,0 +1,304 @@
+//! The whole path with real components: forward clients (Node `@fluent-org/logger`, Python
+//! `fluent-logger`) → claimcheck (a real process) → S3 and Kinesis (moto server) → the
+//! consumer crate. `scripts/test` installs the clients and the emulator.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const DELIVERY: Duration = Duration::from_secs(90);
+
+/// Events across `tags`, half in one timekey and half in the next.
+fn events(source: &str, tags: &[&str], count: usize, base: i64, int_time: bool) -> Vec<TestEvent> {
+    (0..count)
+        .map(|i| TestEvent {
+            tag: tags[i % tags.len()].to_string(),
+            secs: base + if i % 2 == 0 { 5 } else { 65 } + (i as i64 % 7),
+            nanos: if int_time && i % 3 == 0 { None } else { Some(1000 * i as u32 + 7) },
+            record: json!({"source": source, "seq": i, "message": format!("{source} event {i}"), "nested": {"ok": true, "n": [i, -1]}}),
+        })
+        .collect()
+}
+
+async fn round_trip(format: &str, compression: &str, modes: &[&str]) {
+    let moto = Moto::start();
+    let aws = Aws::new(moto.port);
+    let (bucket, stream) = (unique("e2e"), unique("e2e"));
+    aws.create(&bucket, &stream).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        &dir.path().join("buffer"),
+        moto.port,
+        &bucket,
+        &stream,
+        &[
+            "--format",
+            format,
+            "--compression",
+            compression,
+            "--flush-interval",
+            "1s",
+            "--timekey-wait",
+            "0s",
+        ],
+    );
+    // Two timekeys well in the past, so they are sealed as soon as they are a second old.
+    let base = minute_of(now_secs()) - 600;
+    let mut expected = Vec::new();
+    for mode in modes {
+        let sent = events(
+            &format!("node-{mode}"),
+            &["app.web", "app.db", "app.web.access"],
+            60,
+            base,
+            true,
+        );
+        let acked = node_send(sidecar.port, mode, &sent);
+        assert_eq!(
+            acked.len(),
+            sent.len(),
+            "every event is acknowledged in {mode} mode"
+        );
+        expected.extend(sent);
+    }
+    let py = events("python", &["app.py"], 40, base, true);
+    python_send(sidecar.port, &py);
+    expected.extend(py);
+
+    let chunks = aws.read_events(&stream, expected.len(), DELIVERY).await;
+    let n = assert_exactly_once(&chunks, &expected);
+    // Four tags × two timekeys at least; more if a flush split a timekey.
+    assert!(n >= 8, "expected at least 8 chunks, got {n}");
+    for chunk in &chunks {
+        let p = &chunk.pointer;
+        assert_eq!(
+            (p.format.as_str(), p.compression.as_str()),
+            (format, compression)
+        );
+        let minute = p.timekey;
+        assert!(
+            minute == base || minute == base + 60,
+            "timekey {minute} is one of the two sent"
+        );
+        for e in &chunk.events {
+            assert_eq!(
+                minute_of(e.time.secs),
+                p.timekey,
+                "events are chunked by their own time"
+            );
+        }
+        // The object exists under the pointer's key, with the pointer's size.
+        let head = aws
+            .s3
+            .head_object()
+            .bucket(&p.bucket)
+            .key(&p.key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.content_length, Some(p.stored_bytes as i64));
+    }
+    drop(sidecar);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mode_from_node_and_python_arrives_exactly_once_msgpack_zstd() {
+    round_trip(
+        "msgpack",
+        "zstd",
+        &[
+            "Message",
+            "Forward",
+            "PackedForward",
+            "CompressedPackedForward",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_bodies_with_gzip_arrive_exactly_once() {
+    round_trip(
+        "json",
+        "gzip",
+        &["PackedForward", "CompressedPackedForward"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncompressed_bodies_and_multipart_uploads() {
+    let moto = Moto::start();
+    let aws = Aws::new(moto.port);
+    let (bucket, stream) = (unique("mp"), unique("mp"));
+    aws.create(&bucket, &stream).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Bodies of ~12 MiB with a 6 MiB threshold: multipart with 5 MiB parts, uncompressed.
+    let sidecar = Sidecar::start(
+        &dir.path().join("buffer"),
+        moto.port,
+        &bucket,
+        &stream,
+        &[
+            "--compression",
+            "none",
+            "--flush-interval",
+            "2s",
+            "--s3-multipart-threshold",
+            "6MiB",
+            "--s3-part-size",
+            "5MiB",
+            "--chunk-limit-size",
+            "64MiB",
+        ],
+    );
+    let base = minute_of(now_secs()) - 600;
+    let sent: Vec<TestEvent> = (0..24)
+        .map(|i| TestEvent {
+            tag: "big.blob".into(),
+            secs: base + 1,
+            nanos: Some(i),
+            record: json!({"seq": i, "payload": format!("{i:08}").repeat(64 * 1024)}),
+        })
+        .collect();
+    let acked = node_send(sidecar.port, "PackedForward", &sent);
+    assert_eq!(acked.len(), sent.len());
+    let chunks = aws.read_events(&stream, sent.len(), DELIVERY).await;
+    assert_exactly_once(&chunks, &sent);
+    assert!(
+        chunks.iter().any(|c| c.pointer.stored_bytes > 6 << 20),
+        "at least one object went by multipart"
+    );
+    assert!(
+        sidecar.log_text().contains("part uploaded"),
+        "multipart parts were uploaded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_events_survive_kill_9_and_arrive_after_restart() {
+    let moto = Moto::start();
+    let aws = Aws::new(moto.port);
+    let (bucket, stream) = (unique("kill"), unique("kill"));
+    aws.create(&bucket, &stream).await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = dir.path().join("buffer");
+    // A long flush interval and event times two hours ahead keep the chunks open: only the
+    // buffer holds the acknowledged events when the process dies.
+    let mut sidecar = Sidecar::start(
+        &buffer,
+        moto.port,
+        &bucket,
+        &stream,
+        &["--flush-interval", "1h"],
+    );
+    let base = now_secs() + 7200;
+    let sent: Vec<TestEvent> = (0..300)
+        .map(|i| TestEvent {
+            tag: format!("app.kill{}", i % 3),
+            secs: base,
+            nanos: Some(i),
+            record: json!({"seq": i, "msg": "must survive"}),
+        })
+        .collect();
+    let acked = node_send(sidecar.port, "PackedForward", &sent);
+    assert_eq!(acked.len(), sent.len());
+    sidecar.kill9();
+    let leftover = std::fs::read_dir(buffer.join("chunks")).unwrap().count();
+    assert!(
+        leftover >= 3,
+        "open chunk files remain after kill -9 ({leftover})"
+    );
+
+    let sidecar = Sidecar::start(
+        &buffer,
+        moto.port,
+        &bucket,
+        &stream,
+        &["--flush-interval", "1s"],
+    );
+    let chunks = aws.read_events(&stream, sent.len(), DELIVERY).await;
+    assert_exactly_once(&chunks, &sent);
+    assert!(sidecar
+        .log_text()
+        .contains("recovered open chunk and sealed it"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_and_acks_with_backends_down_then_delivers_when_they_come_up() {
+    let aws_port = free_port();
+    let (bucket, stream) = (unique("down"), unique("down"));
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        &dir.path().join("buffer"),
+        aws_port,
+        &bucket,
+        &stream,
+        &[
+            "--flush-interval",
+            "1s",
+            "--retry-wait",
+            "200ms",
+            "--retry-max-interval",
+            "1s",
+        ],
+    );
+    let base = minute_of(now_secs()) - 600;
+    let sent = events("down", &["app.down", "app.other"], 100, base, false);
+    let acked = node_send(sidecar.port, "CompressedPackedForward", &sent);
+    assert_eq!(
+        acked.len(),
+        sent.len(),
+        "acks do not wait for S3 or Kinesis"
+    );
+    // Let uploads fail against the closed port for a while.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !sidecar.log_text().contains("upload failed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "uploads were attempted and failed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let moto = Moto::start_on(aws_port);
+    let aws = Aws::new(moto.port);
+    aws.create(&bucket, &stream).await;
+    let chunks = aws.read_events(&stream, sent.len(), DELIVERY).await;
+    assert_exactly_once(&chunks, &sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_seals_open_chunks_delivers_and_exits_zero() {
+    let moto = Moto::start();
+    let aws = Aws::new(moto.port);
+    let (bucket, stream) = (unique("term"), unique("term"));
+    aws.create(&bucket, &stream).await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = dir.path().join("buffer");
+    let mut sidecar = Sidecar::start(
+        &buffer,
+        moto.port,
+        &bucket,
+        &stream,
+        &["--flush-interval", "1h"],
+    );
+    let sent = events("term", &["app.term"], 50, now_secs() + 7200, false);
+    assert_eq!(node_send(sidecar.port, "Forward", &sent).len(), sent.len());
+    let status = sidecar.terminate(Duration::from_secs(60));
+    assert!(status.success(), "exit status {status}");
+    let log = sidecar.log_text();
+    assert!(
+        log.contains("reason=\"shutdown\""),
+        "chunks were sealed at shutdown:\n{log}"
+    );
+    assert!(
+        log.contains("buffer is empty"),
+        "delivery finished before exit:\n{log}"
+    );
+    let chunks = aws.read_events(&stream, sent.len(), DELIVERY).await;
+    assert_exactly_once(&chunks, &sent);
+}
