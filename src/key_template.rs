@@ -19,7 +19,7 @@ enum Part {
     /// Literal text, strftime applied.
     Text(String),
     Tag,
-    TagPart(i64),
+    TagIndex(i64),
     ChunkId,
     FileExtension,
 }
@@ -55,7 +55,7 @@ impl KeyTemplate {
                     "tag" => Part::Tag,
                     "chunk_id" => Part::ChunkId,
                     _ => match name.strip_prefix("tag[").and_then(|n| n.strip_suffix(']')) {
-                        Some(n) => Part::TagPart(n.parse().map_err(|_| format!("bad tag index in ${{{name}}}"))?),
+                        Some(n) => Part::TagIndex(n.parse().map_err(|_| format!("bad tag index in ${{{name}}}"))?),
                         None => return Err(format!("unknown placeholder ${{{name}}} (known: ${{tag}}, ${{tag[N]}}, ${{chunk_id}})")),
                     },
                 };
@@ -102,7 +102,7 @@ impl KeyTemplate {
             match part {
                 Part::Text(t) => out.push_str(&time.format(t).to_string()),
                 Part::Tag => out.push_str(v.tag),
-                Part::TagPart(n) => {
+                Part::TagIndex(n) => {
                     let pieces: Vec<&str> = v.tag.split('.').collect();
                     let index = if *n < 0 { pieces.len() as i64 + n } else { *n };
                     match usize::try_from(index).ok().and_then(|i| pieces.get(i)) {

@@ -239,7 +239,7 @@ async fn upload<S: ChunkStore>(
     let state = ChunkState::Uploaded {
         header: header.clone(),
         stats: chunk.stats,
-        pointer: pointer.clone(),
+        pointer: Box::new(pointer.clone()),
         etag,
     };
     let paths = chunk.paths.clone();

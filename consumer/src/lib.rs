@@ -40,4 +40,4 @@ pub use entry::EventTime;
 pub use error::Error;
 pub use pointer::Pointer;
 pub use reader::{StartPosition, StreamReader};
-pub use resolve::{ResolvedChunk, Resolver};
+pub use resolve::{verify_and_decode, ResolvedChunk, Resolver};

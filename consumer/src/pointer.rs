@@ -20,6 +20,10 @@ use crate::entry::EventTime;
 use crate::Error;
 
 /// A pointer to one chunk body stored in S3.
+///
+/// Parse it with [`Pointer::from_json`] (or `serde_json` directly): the exact times are read as
+/// raw JSON numbers, which serde cannot do through buffered forms such as `serde_json::Value`
+/// or internally tagged enums.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pointer {
     /// Format version of this record.

@@ -57,8 +57,9 @@ impl BackendError {
                 .message()
                 .map(str::to_string)
                 .unwrap_or_else(|| e.err().to_string()),
-            other => std::error::Error::source(other)
-                .map_or_else(|| other.to_string(), |s| error_chain(s)),
+            other => {
+                std::error::Error::source(other).map_or_else(|| other.to_string(), error_chain)
+            }
         };
         BackendError {
             operation,

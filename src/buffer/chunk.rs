@@ -78,9 +78,11 @@ mod time_pair {
     }
 }
 
-/// The durable state of a chunk past "open", written atomically to `<id>.state`.
+/// The durable state of a chunk past "open", written atomically to `<id>.state`:
+/// `{"sealed": {...}}` or `{"uploaded": {...}}`. (Externally tagged: the pointer's exact
+/// times are raw JSON numbers, which serde cannot read back through an internally tagged enum.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum ChunkState {
     /// Nothing more will be appended; `stats.data_len` bytes of the data file are the chunk.
     Sealed {
@@ -91,7 +93,7 @@ pub enum ChunkState {
     Uploaded {
         header: ChunkHeader,
         stats: ChunkStats,
-        pointer: Pointer,
+        pointer: Box<Pointer>,
         etag: Option<String>,
     },
 }
@@ -184,7 +186,7 @@ impl ChunkWriter {
         })
     }
 
-    pub fn len(&self) -> u64 {
+    pub fn valid_len(&self) -> u64 {
         self.len
     }
 
@@ -472,7 +474,7 @@ mod tests {
         w.append(&[entry_bytes(100), entry_bytes(90)]).unwrap();
         w.append(&[entry_bytes(120)]).unwrap();
         w.sync().unwrap();
-        let good_len = w.len();
+        let good_len = w.valid_len();
         drop(w);
 
         let s = scan(&path).unwrap();
@@ -526,7 +528,7 @@ mod tests {
 
         let mut w = ChunkWriter::create(&dir.path().join("d.chunk"), &header()).unwrap();
         w.append(&[entry_bytes(5)]).unwrap();
-        let len = w.len();
+        let len = w.valid_len();
         drop(w);
         let mut bytes = fs::read(dir.path().join("d.chunk")).unwrap();
         let last = bytes.len() - 1;
@@ -540,6 +542,21 @@ mod tests {
             r.next_piece(&mut piece, 1 << 20),
             Err(ReadError::BadFrame { .. })
         ));
+    }
+
+    #[test]
+    fn uploaded_state_with_its_pointer_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.state");
+        let pointer = Pointer::from_json(br#"{"v":1,"chunk_id":"0193a1c2e4f87d3e9a5b6c7d8e9f0a1b","bucket":"logs","key":"k","tag":"t","timekey":1,"first_time":1763740801.123456789,"last_time":1763740859.5,"records":1,"bytes":1,"stored_bytes":1,"format":"msgpack","compression":"zstd","checksum":{"crc32c":"b5c3a1f2"},"producer":"p","created_at":"c"}"#).unwrap();
+        let state = ChunkState::Uploaded {
+            header: header(),
+            stats: ChunkStats::default(),
+            pointer: Box::new(pointer),
+            etag: Some("e".into()),
+        };
+        write_state(&path, &state).unwrap();
+        assert_eq!(read_state(&path).unwrap(), state);
     }
 
     #[test]

@@ -592,7 +592,7 @@ impl Writer {
             return;
         }
         let stats = ChunkStats {
-            data_len: writer.len(),
+            data_len: writer.valid_len(),
             ..*stats
         };
         let result = writer.sync().and_then(|()| {

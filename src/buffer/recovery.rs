@@ -88,7 +88,7 @@ pub(super) fn recover(dir: &Path) -> io::Result<Recovered> {
                 out.uploaded.push(UploadedChunk {
                     header,
                     paths,
-                    pointer,
+                    pointer: *pointer,
                 });
             }
             Some(ChunkState::Sealed { header, stats }) => {

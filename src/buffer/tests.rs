@@ -202,7 +202,7 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
     let mut w = ChunkWriter::create(&open_paths.data, &header(&"1".repeat(32))).unwrap();
     w.append(&[entry_at(1, 5)]).unwrap();
     w.append(&[entry_at(2, 5), entry_at(3, 5)]).unwrap();
-    let good = w.len();
+    let good = w.valid_len();
     drop(w);
     let mut f = std::fs::OpenOptions::new()
         .append(true)
@@ -217,7 +217,7 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
     w.append(&[entry_at(4, 5)]).unwrap();
     let stats = ChunkStats {
         records: 1,
-        data_len: w.len(),
+        data_len: w.valid_len(),
         ..ChunkStats::default()
     };
     chunk::write_state(
@@ -228,6 +228,21 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
         },
     )
     .unwrap();
+
+    let uploaded_paths = ChunkPaths::new(&chunks, &"5".repeat(32));
+    let mut w = ChunkWriter::create(&uploaded_paths.data, &header(&"5".repeat(32))).unwrap();
+    w.append(&[entry_at(6, 5)]).unwrap();
+    let pointer = claimcheck_consumer::Pointer::from_json(
+        br#"{"v":1,"chunk_id":"55555555555555555555555555555555","bucket":"b","key":"k","tag":"t","timekey":0,"first_time":6.000000007,"last_time":6.000000007,"records":1,"bytes":1,"stored_bytes":1,"format":"msgpack","compression":"zstd","checksum":{"crc32c":"00000000"},"producer":"p","created_at":"c"}"#,
+    )
+    .unwrap();
+    let state = ChunkState::Uploaded {
+        header: header(&"5".repeat(32)),
+        stats,
+        pointer: Box::new(pointer.clone()),
+        etag: None,
+    };
+    chunk::write_state(&uploaded_paths.state, &state).unwrap();
 
     // Leftovers of a published chunk, an interrupted state write, and garbage.
     std::fs::write(chunks.join(format!("{}.state", "3".repeat(32))), b"{}").unwrap();
@@ -246,6 +261,8 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
         .map(|s| s.header.chunk_id.as_str())
         .collect();
     assert_eq!(ids, vec!["1".repeat(32), "2".repeat(32)]);
+    assert_eq!(recovered.uploaded.len(), 1);
+    assert_eq!(recovered.uploaded[0].pointer, pointer);
     let opened = &recovered.sealed[0];
     assert_eq!((opened.stats.records, opened.stats.data_len), (3, good));
     assert_eq!(std::fs::metadata(&open_paths.data).unwrap().len(), good);
