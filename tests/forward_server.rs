@@ -1,0 +1,279 @@
+//! The forward protocol on a real socket, with requests built byte by byte for what the client
+//! libraries do not send: Fluentd's str32 entries and newline-ended tokens, multi-member gzip,
+//! zstd, Fluent Bit's map32 options and `[[time, metadata], record]` entries, pipelining,
+//! split writes, garbage.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use claimcheck_consumer::entry::{encode, EventTime};
+use common::*;
+use rmpv::Value;
+
+const DELIVERY: Duration = Duration::from_secs(90);
+
+fn pack(v: &Value) -> Vec<u8> {
+    let mut b = Vec::new();
+    rmpv::encode::write_value(&mut b, v).unwrap();
+    b
+}
+
+fn record(source: &str, i: usize) -> Value {
+    Value::Map(vec![("source".into(), source.into()), ("seq".into(), (i as u64).into())])
+}
+
+fn expected(tag: &str, source: &str, base: i64, n: usize) -> Vec<TestEvent> {
+    (0..n)
+        .map(|i| TestEvent {
+            tag: tag.into(),
+            secs: base + i as i64,
+            nanos: Some(i as u32),
+            record: serde_json::json!({"source": source, "seq": i}),
+        })
+        .collect()
+}
+
+/// Entries `[EventTime, record]` (or Fluent Bit's `[[EventTime, {}], record]`), back to back.
+fn entries(source: &str, base: i64, n: usize, fluent_bit: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let t = EventTime::new(base + i as i64, i as u32);
+        if fluent_bit {
+            out.push(0x92);
+            out.push(0x92);
+            encode::event_time(&mut out, t);
+            out.extend(pack(&Value::Map(vec![("pod".into(), "web-1".into())])));
+        } else {
+            // Non-minimal array32 header, as Fluent Bit writes without metadata.
+            out.extend_from_slice(&[0xdd, 0, 0, 0, 2]);
+            encode::event_time(&mut out, t);
+        }
+        out.extend(pack(&record(source, i)));
+    }
+    out
+}
+
+/// `[tag, str32(entries), {"size", "compressed", "chunk"}]`, exactly as Fluentd's out_forward.
+fn fluentd_request(tag: &str, entries: &[u8], n: usize, compressed: &str, token: &str) -> Vec<u8> {
+    let mut out = vec![0x93];
+    out.extend(pack(&tag.into()));
+    out.push(0xdb);
+    out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    out.extend_from_slice(entries);
+    out.extend(pack(&Value::Map(vec![
+        ("size".into(), (n as u64).into()),
+        ("compressed".into(), compressed.into()),
+        ("chunk".into(), token.into()),
+    ])));
+    out
+}
+
+fn gzip_members(data: &[u8], members: usize) -> Vec<u8> {
+    let step = data.len().div_ceil(members);
+    data.chunks(step)
+        .flat_map(|part| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(part).unwrap();
+            e.finish().unwrap()
+        })
+        .collect()
+}
+
+fn expect_ack(conn: &mut TcpStream, token: &[u8]) {
+    let mut want = vec![0x81, 0xa3, b'a', b'c', b'k'];
+    rmp::encode::write_str_len(&mut want, token.len() as u32).unwrap();
+    want.extend_from_slice(token);
+    // One read, as Fluent Bit does it: the ack must arrive in one piece.
+    let mut buf = [0u8; 512];
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let n = conn.read(&mut buf).expect("an ack arrives");
+    assert_eq!(&buf[..n], &want[..], "ack for token {:?}", String::from_utf8_lossy(token));
+}
+
+fn connect(port: u16) -> TcpStream {
+    let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_nodelay(true).unwrap();
+    c
+}
+
+struct Setup {
+    _moto: Moto,
+    aws: Aws,
+    stream: String,
+    sidecar: Sidecar,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(args: &[&str]) -> Setup {
+    let moto = Moto::start();
+    let aws = Aws::new(moto.port);
+    let (bucket, stream) = (unique("fwd"), unique("fwd"));
+    aws.create(&bucket, &stream).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut all = vec!["--flush-interval", "1s", "--timekey-wait", "0s"];
+    all.extend_from_slice(args);
+    let sidecar = Sidecar::start(&dir.path().join("buffer"), moto.port, &bucket, &stream, &all);
+    Setup { _moto: moto, aws, stream, sidecar, _dir: dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fluentd_packed_forward_text_gzip_and_zstd_with_newline_tokens() {
+    let s = setup(&[]).await;
+    let base = minute_of(now_secs()) - 600;
+    let mut conn = connect(s.sidecar.port);
+    let mut want = Vec::new();
+
+    let plain = entries("text", base, 20, false);
+    conn.write_all(&fluentd_request("fd.text", &plain, 20, "text", "p8n9gmxTQVC8/nh2wlKKeQ==\n")).unwrap();
+    expect_ack(&mut conn, b"p8n9gmxTQVC8/nh2wlKKeQ==\n");
+    want.extend(expected("fd.text", "text", base, 20));
+
+    // Fluentd compresses one gzip member per buffer append: several members back to back.
+    let gz = gzip_members(&entries("gzip", base, 30, false), 5);
+    conn.write_all(&fluentd_request("fd.gzip", &gz, 30, "gzip", "ZgzDi7Mh8Zj//lwAwM7UHw==\n")).unwrap();
+    expect_ack(&mut conn, b"ZgzDi7Mh8Zj//lwAwM7UHw==\n");
+    want.extend(expected("fd.gzip", "gzip", base, 30));
+
+    let raw = entries("zstd", base, 30, false);
+    let zst: Vec<u8> = raw.chunks(300).flat_map(|p| zstd::encode_all(p, 1).unwrap()).collect();
+    conn.write_all(&fluentd_request("fd.zstd", &zst, 30, "zstd", "c3RkLXRva2VuLXRocmVlIQ==\n")).unwrap();
+    expect_ack(&mut conn, b"c3RkLXRva2VuLXRocmVlIQ==\n");
+    want.extend(expected("fd.zstd", "zstd", base, 30));
+
+    let chunks = s.aws.read_events(&s.stream, want.len(), DELIVERY).await;
+    assert_exactly_once(&chunks, &want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fluent_bit_forward_mode_with_metadata_and_map32_options() {
+    let s = setup(&[]).await;
+    let base = minute_of(now_secs()) - 600;
+    let n = 25;
+    // [tag, array16(n) of [[EventTime, {meta}], record], map32{chunk, size, fluent_signal}]
+    let mut req = vec![0x93];
+    req.extend(pack(&"fb.app".into()));
+    req.extend_from_slice(&[0xdc, 0, n as u8]);
+    req.extend(entries("fb", base, n, true));
+    req.extend_from_slice(&[0xdf, 0, 0, 0, 3]);
+    for (k, v) in [("chunk", Value::from("rtXcVIIX6crUN5KFMZPzZQ==")), ("size", (n as u64).into()), ("fluent_signal", 0.into())] {
+        req.extend(pack(&k.into()));
+        req.extend(pack(&v));
+    }
+    let mut conn = connect(s.sidecar.port);
+    conn.write_all(&req).unwrap();
+    expect_ack(&mut conn, b"rtXcVIIX6crUN5KFMZPzZQ==");
+
+    // Compressed with bin16 entries, as Fluent Bit sends gzip.
+    let gz = gzip_members(&entries("fbgz", base, n, true), 1);
+    let mut req = vec![0x93];
+    req.extend(pack(&"fb.gz".into()));
+    req.push(0xc5);
+    req.extend_from_slice(&(gz.len() as u16).to_be_bytes());
+    req.extend(gz);
+    req.extend(pack(&Value::Map(vec![("chunk".into(), "Zmx1ZW50LWJpdC1nemlwIQ==".into()), ("compressed".into(), "gzip".into())])));
+    conn.write_all(&req).unwrap();
+    expect_ack(&mut conn, b"Zmx1ZW50LWJpdC1nemlwIQ==");
+
+    let mut want = expected("fb.app", "fb", base, n);
+    want.extend(expected("fb.gz", "fbgz", base, n));
+    let chunks = s.aws.read_events(&s.stream, want.len(), DELIVERY).await;
+    assert_exactly_once(&chunks, &want);
+    let meta = serde_json::json!({"pod": "web-1"});
+    for e in chunks.iter().flat_map(|c| &c.events) {
+        assert_eq!(e.metadata.as_ref().map(claimcheck_consumer::body::to_json), Some(meta.clone()), "metadata is kept");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_writes_pipelining_no_ack_requests_and_skipped_events() {
+    let s = setup(&[]).await;
+    let base = minute_of(now_secs()) - 600;
+    let mut want = Vec::new();
+
+    // One request written a byte at a time.
+    let mut conn = connect(s.sidecar.port);
+    let req = fluentd_request("split.bytes", &entries("bytes", base, 3, false), 3, "text", "Ynl0ZS1ieS1ieXRl");
+    for b in &req {
+        conn.write_all(&[*b]).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    expect_ack(&mut conn, b"Ynl0ZS1ieS1ieXRl");
+    want.extend(expected("split.bytes", "bytes", base, 3));
+
+    // A Message-mode request without options gets no reply, but is stored; 50 pipelined
+    // requests on the same connection are acked in order.
+    conn.write_all(&pack(&Value::Array(vec!["noack".into(), Value::Ext(0, [(base as u32).to_be_bytes(), 0u32.to_be_bytes()].concat()), record("noack", 0)]))).unwrap();
+    want.push(TestEvent { tag: "noack".into(), secs: base, nanos: Some(0), record: serde_json::json!({"source": "noack", "seq": 0}) });
+    let mut burst = Vec::new();
+    for i in 0..50 {
+        let e = entries(&format!("pipe{i}"), base, 2, false);
+        burst.extend(fluentd_request("pipe", &e, 2, "text", &format!("token-{i:03}\n")));
+        want.extend(expected("pipe", &format!("pipe{i}"), base, 2));
+    }
+    conn.write_all(&burst).unwrap();
+    let mut acks = Vec::new();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let expected_acks: Vec<u8> = (0..50).flat_map(|i| {
+        let t = format!("token-{i:03}\n");
+        let mut a = vec![0x81, 0xa3, b'a', b'c', b'k', 0xa0 | t.len() as u8];
+        a.extend_from_slice(t.as_bytes());
+        a
+    }).collect();
+    while acks.len() < expected_acks.len() {
+        let mut buf = [0u8; 4096];
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed early");
+        acks.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(acks, expected_acks, "one ack per request, in order, none for the no-option request");
+
+    // Invalid events are skipped, the valid ones in the same request kept, and it is acked.
+    let mut mixed = entries("mixed", base, 2, false);
+    mixed.extend(pack(&Value::Array(vec![1.5.into(), record("float-time", 0)])));
+    mixed.extend(pack(&Value::Array(vec![(base as u64).into(), "not a map".into()])));
+    conn.write_all(&fluentd_request("mixed", &mixed, 4, "text", "bWl4ZWQ=")).unwrap();
+    expect_ack(&mut conn, b"bWl4ZWQ=");
+    want.extend(expected("mixed", "mixed", base, 2));
+
+    let chunks = s.aws.read_events(&s.stream, want.len(), DELIVERY).await;
+    assert_exactly_once(&chunks, &want);
+    assert!(s.sidecar.log_text().contains("skipping invalid events"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_bombs_and_oversized_requests_close_only_their_connection() {
+    let s = setup(&["--chunk-size-limit", "64KiB", "--decompression-size-limit", "1MiB"]).await;
+    let base = minute_of(now_secs()) - 600;
+    let mut good = connect(s.sidecar.port);
+
+    let closed = |mut c: TcpStream, bytes: &[u8], what: &str| {
+        let _ = c.write_all(bytes);
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => {}
+            Ok(n) => panic!("{what}: expected the connection to close without a reply, got {:?}", &buf[..n]),
+        }
+    };
+    // A reserved msgpack byte can never start a request.
+    closed(connect(s.sidecar.port), &[0xc1, 0x00, 0x01], "garbage");
+    // 2 MiB of zeros compress to a few KiB: over the decompression limit.
+    let bomb = gzip_members(&vec![0u8; 2 << 20], 1);
+    closed(connect(s.sidecar.port), &fluentd_request("bomb", &bomb, 1, "gzip", "Ym9tYg=="), "bomb");
+    // Larger than chunk_size_limit as received.
+    let big = entries("big", base, 4000, false);
+    closed(connect(s.sidecar.port), &fluentd_request("big", &big, 4000, "text", "YmlnCg=="), "oversized");
+
+    // The other connection was not disturbed.
+    good.write_all(&fluentd_request("still.fine", &entries("fine", base, 5, false), 5, "text", "ZmluZQ==")).unwrap();
+    expect_ack(&mut good, b"ZmluZQ==");
+    let chunks = s.aws.read_events(&s.stream, 5, DELIVERY).await;
+    assert_exactly_once(&chunks, &expected("still.fine", "fine", base, 5));
+    let log = s.sidecar.log_text();
+    for what in ["reserved msgpack byte", "decompression_size_limit", "chunk_size_limit"] {
+        assert!(log.contains(what), "log names the reason ({what}):\n{log}");
+    }
+}
