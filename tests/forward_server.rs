@@ -22,7 +22,10 @@ fn pack(v: &Value) -> Vec<u8> {
 }
 
 fn record(source: &str, i: usize) -> Value {
-    Value::Map(vec![("source".into(), source.into()), ("seq".into(), (i as u64).into())])
+    Value::Map(vec![
+        ("source".into(), source.into()),
+        ("seq".into(), (i as u64).into()),
+    ])
 }
 
 fn expected(tag: &str, source: &str, base: i64, n: usize) -> Vec<TestEvent> {
@@ -88,9 +91,15 @@ fn expect_ack(conn: &mut TcpStream, token: &[u8]) {
     want.extend_from_slice(token);
     // One read, as Fluent Bit does it: the ack must arrive in one piece.
     let mut buf = [0u8; 512];
-    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let n = conn.read(&mut buf).expect("an ack arrives");
-    assert_eq!(&buf[..n], &want[..], "ack for token {:?}", String::from_utf8_lossy(token));
+    assert_eq!(
+        &buf[..n],
+        &want[..],
+        "ack for token {:?}",
+        String::from_utf8_lossy(token)
+    );
 }
 
 fn connect(port: u16) -> TcpStream {
@@ -115,8 +124,20 @@ async fn setup(args: &[&str]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let mut all = vec!["--flush-interval", "1s", "--timekey-wait", "0s"];
     all.extend_from_slice(args);
-    let sidecar = Sidecar::start(&dir.path().join("buffer"), moto.port, &bucket, &stream, &all);
-    Setup { _moto: moto, aws, stream, sidecar, _dir: dir }
+    let sidecar = Sidecar::start(
+        &dir.path().join("buffer"),
+        moto.port,
+        &bucket,
+        &stream,
+        &all,
+    );
+    Setup {
+        _moto: moto,
+        aws,
+        stream,
+        sidecar,
+        _dir: dir,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,19 +148,43 @@ async fn fluentd_packed_forward_text_gzip_and_zstd_with_newline_tokens() {
     let mut want = Vec::new();
 
     let plain = entries("text", base, 20, false);
-    conn.write_all(&fluentd_request("fd.text", &plain, 20, "text", "p8n9gmxTQVC8/nh2wlKKeQ==\n")).unwrap();
+    conn.write_all(&fluentd_request(
+        "fd.text",
+        &plain,
+        20,
+        "text",
+        "p8n9gmxTQVC8/nh2wlKKeQ==\n",
+    ))
+    .unwrap();
     expect_ack(&mut conn, b"p8n9gmxTQVC8/nh2wlKKeQ==\n");
     want.extend(expected("fd.text", "text", base, 20));
 
     // Fluentd compresses one gzip member per buffer append: several members back to back.
     let gz = gzip_members(&entries("gzip", base, 30, false), 5);
-    conn.write_all(&fluentd_request("fd.gzip", &gz, 30, "gzip", "ZgzDi7Mh8Zj//lwAwM7UHw==\n")).unwrap();
+    conn.write_all(&fluentd_request(
+        "fd.gzip",
+        &gz,
+        30,
+        "gzip",
+        "ZgzDi7Mh8Zj//lwAwM7UHw==\n",
+    ))
+    .unwrap();
     expect_ack(&mut conn, b"ZgzDi7Mh8Zj//lwAwM7UHw==\n");
     want.extend(expected("fd.gzip", "gzip", base, 30));
 
     let raw = entries("zstd", base, 30, false);
-    let zst: Vec<u8> = raw.chunks(300).flat_map(|p| zstd::encode_all(p, 1).unwrap()).collect();
-    conn.write_all(&fluentd_request("fd.zstd", &zst, 30, "zstd", "c3RkLXRva2VuLXRocmVlIQ==\n")).unwrap();
+    let zst: Vec<u8> = raw
+        .chunks(300)
+        .flat_map(|p| zstd::encode_all(p, 1).unwrap())
+        .collect();
+    conn.write_all(&fluentd_request(
+        "fd.zstd",
+        &zst,
+        30,
+        "zstd",
+        "c3RkLXRva2VuLXRocmVlIQ==\n",
+    ))
+    .unwrap();
     expect_ack(&mut conn, b"c3RkLXRva2VuLXRocmVlIQ==\n");
     want.extend(expected("fd.zstd", "zstd", base, 30));
 
@@ -158,7 +203,11 @@ async fn fluent_bit_forward_mode_with_metadata_and_map32_options() {
     req.extend_from_slice(&[0xdc, 0, n as u8]);
     req.extend(entries("fb", base, n, true));
     req.extend_from_slice(&[0xdf, 0, 0, 0, 3]);
-    for (k, v) in [("chunk", Value::from("rtXcVIIX6crUN5KFMZPzZQ==")), ("size", (n as u64).into()), ("fluent_signal", 0.into())] {
+    for (k, v) in [
+        ("chunk", Value::from("rtXcVIIX6crUN5KFMZPzZQ==")),
+        ("size", (n as u64).into()),
+        ("fluent_signal", 0.into()),
+    ] {
         req.extend(pack(&k.into()));
         req.extend(pack(&v));
     }
@@ -173,7 +222,10 @@ async fn fluent_bit_forward_mode_with_metadata_and_map32_options() {
     req.push(0xc5);
     req.extend_from_slice(&(gz.len() as u16).to_be_bytes());
     req.extend(gz);
-    req.extend(pack(&Value::Map(vec![("chunk".into(), "Zmx1ZW50LWJpdC1nemlwIQ==".into()), ("compressed".into(), "gzip".into())])));
+    req.extend(pack(&Value::Map(vec![
+        ("chunk".into(), "Zmx1ZW50LWJpdC1nemlwIQ==".into()),
+        ("compressed".into(), "gzip".into()),
+    ])));
     conn.write_all(&req).unwrap();
     expect_ack(&mut conn, b"Zmx1ZW50LWJpdC1nemlwIQ==");
 
@@ -183,7 +235,11 @@ async fn fluent_bit_forward_mode_with_metadata_and_map32_options() {
     assert_exactly_once(&chunks, &want);
     let meta = serde_json::json!({"pod": "web-1"});
     for e in chunks.iter().flat_map(|c| &c.events) {
-        assert_eq!(e.metadata.as_ref().map(claimcheck_consumer::body::to_json), Some(meta.clone()), "metadata is kept");
+        assert_eq!(
+            e.metadata.as_ref().map(claimcheck_consumer::body::to_json),
+            Some(meta.clone()),
+            "metadata is kept"
+        );
     }
 }
 
@@ -195,7 +251,13 @@ async fn split_writes_pipelining_no_ack_requests_and_skipped_events() {
 
     // One request written a byte at a time.
     let mut conn = connect(s.sidecar.port);
-    let req = fluentd_request("split.bytes", &entries("bytes", base, 3, false), 3, "text", "Ynl0ZS1ieS1ieXRl");
+    let req = fluentd_request(
+        "split.bytes",
+        &entries("bytes", base, 3, false),
+        3,
+        "text",
+        "Ynl0ZS1ieS1ieXRl",
+    );
     for b in &req {
         conn.write_all(&[*b]).unwrap();
         std::thread::sleep(Duration::from_millis(1));
@@ -205,36 +267,68 @@ async fn split_writes_pipelining_no_ack_requests_and_skipped_events() {
 
     // A Message-mode request without options gets no reply, but is stored; 50 pipelined
     // requests on the same connection are acked in order.
-    conn.write_all(&pack(&Value::Array(vec!["noack".into(), Value::Ext(0, [(base as u32).to_be_bytes(), 0u32.to_be_bytes()].concat()), record("noack", 0)]))).unwrap();
-    want.push(TestEvent { tag: "noack".into(), secs: base, nanos: Some(0), record: serde_json::json!({"source": "noack", "seq": 0}) });
+    conn.write_all(&pack(&Value::Array(vec![
+        "noack".into(),
+        Value::Ext(
+            0,
+            [(base as u32).to_be_bytes(), 0u32.to_be_bytes()].concat(),
+        ),
+        record("noack", 0),
+    ])))
+    .unwrap();
+    want.push(TestEvent {
+        tag: "noack".into(),
+        secs: base,
+        nanos: Some(0),
+        record: serde_json::json!({"source": "noack", "seq": 0}),
+    });
     let mut burst = Vec::new();
     for i in 0..50 {
         let e = entries(&format!("pipe{i}"), base, 2, false);
-        burst.extend(fluentd_request("pipe", &e, 2, "text", &format!("token-{i:03}\n")));
+        burst.extend(fluentd_request(
+            "pipe",
+            &e,
+            2,
+            "text",
+            &format!("token-{i:03}\n"),
+        ));
         want.extend(expected("pipe", &format!("pipe{i}"), base, 2));
     }
     conn.write_all(&burst).unwrap();
     let mut acks = Vec::new();
-    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let expected_acks: Vec<u8> = (0..50).flat_map(|i| {
-        let t = format!("token-{i:03}\n");
-        let mut a = vec![0x81, 0xa3, b'a', b'c', b'k', 0xa0 | t.len() as u8];
-        a.extend_from_slice(t.as_bytes());
-        a
-    }).collect();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let expected_acks: Vec<u8> = (0..50)
+        .flat_map(|i| {
+            let t = format!("token-{i:03}\n");
+            let mut a = vec![0x81, 0xa3, b'a', b'c', b'k', 0xa0 | t.len() as u8];
+            a.extend_from_slice(t.as_bytes());
+            a
+        })
+        .collect();
     while acks.len() < expected_acks.len() {
         let mut buf = [0u8; 4096];
         let n = conn.read(&mut buf).unwrap();
         assert!(n > 0, "connection closed early");
         acks.extend_from_slice(&buf[..n]);
     }
-    assert_eq!(acks, expected_acks, "one ack per request, in order, none for the no-option request");
+    assert_eq!(
+        acks, expected_acks,
+        "one ack per request, in order, none for the no-option request"
+    );
 
     // Invalid events are skipped, the valid ones in the same request kept, and it is acked.
     let mut mixed = entries("mixed", base, 2, false);
-    mixed.extend(pack(&Value::Array(vec![1.5.into(), record("float-time", 0)])));
-    mixed.extend(pack(&Value::Array(vec![(base as u64).into(), "not a map".into()])));
-    conn.write_all(&fluentd_request("mixed", &mixed, 4, "text", "bWl4ZWQ=")).unwrap();
+    mixed.extend(pack(&Value::Array(vec![
+        1.5.into(),
+        record("float-time", 0),
+    ])));
+    mixed.extend(pack(&Value::Array(vec![
+        (base as u64).into(),
+        "not a map".into(),
+    ])));
+    conn.write_all(&fluentd_request("mixed", &mixed, 4, "text", "bWl4ZWQ="))
+        .unwrap();
     expect_ack(&mut conn, b"bWl4ZWQ=");
     want.extend(expected("mixed", "mixed", base, 2));
 
@@ -245,7 +339,13 @@ async fn split_writes_pipelining_no_ack_requests_and_skipped_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_bombs_and_oversized_requests_close_only_their_connection() {
-    let s = setup(&["--chunk-size-limit", "64KiB", "--decompression-size-limit", "1MiB"]).await;
+    let s = setup(&[
+        "--chunk-size-limit",
+        "64KiB",
+        "--decompression-size-limit",
+        "1MiB",
+    ])
+    .await;
     let base = minute_of(now_secs()) - 600;
     let mut good = connect(s.sidecar.port);
 
@@ -255,25 +355,47 @@ async fn garbage_bombs_and_oversized_requests_close_only_their_connection() {
         let mut buf = [0u8; 64];
         match c.read(&mut buf) {
             Ok(0) | Err(_) => {}
-            Ok(n) => panic!("{what}: expected the connection to close without a reply, got {:?}", &buf[..n]),
+            Ok(n) => panic!(
+                "{what}: expected the connection to close without a reply, got {:?}",
+                &buf[..n]
+            ),
         }
     };
     // A reserved msgpack byte can never start a request.
     closed(connect(s.sidecar.port), &[0xc1, 0x00, 0x01], "garbage");
     // 2 MiB of zeros compress to a few KiB: over the decompression limit.
     let bomb = gzip_members(&vec![0u8; 2 << 20], 1);
-    closed(connect(s.sidecar.port), &fluentd_request("bomb", &bomb, 1, "gzip", "Ym9tYg=="), "bomb");
+    closed(
+        connect(s.sidecar.port),
+        &fluentd_request("bomb", &bomb, 1, "gzip", "Ym9tYg=="),
+        "bomb",
+    );
     // Larger than chunk_size_limit as received.
     let big = entries("big", base, 4000, false);
-    closed(connect(s.sidecar.port), &fluentd_request("big", &big, 4000, "text", "YmlnCg=="), "oversized");
+    closed(
+        connect(s.sidecar.port),
+        &fluentd_request("big", &big, 4000, "text", "YmlnCg=="),
+        "oversized",
+    );
 
     // The other connection was not disturbed.
-    good.write_all(&fluentd_request("still.fine", &entries("fine", base, 5, false), 5, "text", "ZmluZQ==")).unwrap();
+    good.write_all(&fluentd_request(
+        "still.fine",
+        &entries("fine", base, 5, false),
+        5,
+        "text",
+        "ZmluZQ==",
+    ))
+    .unwrap();
     expect_ack(&mut good, b"ZmluZQ==");
     let chunks = s.aws.read_events(&s.stream, 5, DELIVERY).await;
     assert_exactly_once(&chunks, &expected("still.fine", "fine", base, 5));
     let log = s.sidecar.log_text();
-    for what in ["reserved msgpack byte", "decompression_size_limit", "chunk_size_limit"] {
+    for what in [
+        "reserved msgpack byte",
+        "decompression_size_limit",
+        "chunk_size_limit",
+    ] {
         assert!(log.contains(what), "log names the reason ({what}):\n{log}");
     }
 }
