@@ -17,6 +17,7 @@
 //! 6. The `claimcheck-consumer` crate turns pointers back into events.
 
 pub mod aws;
+pub mod bench;
 pub mod buffer;
 pub mod config;
 pub mod consume;

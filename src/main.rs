@@ -1,6 +1,7 @@
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use claimcheck::bench::BenchArgs;
 use claimcheck::config::{LogFormat, ServeArgs};
 use claimcheck::consume::{self, ResolveArgs, TailArgs};
 use claimcheck::Sidecar;
@@ -21,6 +22,8 @@ enum Command {
     Tail(TailArgs),
     /// Print the events of one pointer (argument) or of pointers on stdin.
     Resolve(ResolveArgs),
+    /// Load a forward receiver with acknowledged requests and report throughput and latency.
+    Bench(BenchArgs),
 }
 
 fn init_tracing(format: LogFormat) {
@@ -80,6 +83,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resolve(args) => {
             init_tracing(LogFormat::Human);
             consume::resolve(args).await
+        }
+        Command::Bench(args) => {
+            init_tracing(LogFormat::Human);
+            let json = args.json;
+            let report = claimcheck::bench::run(args).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(())
         }
     }
 }

@@ -1,0 +1,449 @@
+//! `claimcheck bench`: a forward load generator with acks, for claimcheck or any forward
+//! receiver (Fluentd's in_forward, Fluent Bit's).
+//!
+//! Messages are encoded once before the run; per request only the ack token (a fixed-width
+//! counter) changes, so the generator itself stays cheap (its CPU time is reported). Every
+//! connection keeps `window` requests in flight and matches acks in order.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use claimcheck_consumer::entry::{self, EventTime, ValueScanner};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::parse_duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// PackedForward, entries as str32 (what Fluentd sends).
+    Packed,
+    /// CompressedPackedForward with gzip.
+    Gzip,
+    /// CompressedPackedForward with zstd.
+    Zstd,
+    /// Forward mode: an array of entries.
+    Forward,
+}
+
+/// `claimcheck bench`: send pre-encoded forward requests and measure acks.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Forward receiver to load.
+    #[arg(long, default_value = "127.0.0.1:24224")]
+    pub target: SocketAddr,
+    /// Bytes per event (the whole msgpack entry, approximately).
+    #[arg(long, default_value_t = 200)]
+    pub event_size: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 1000)]
+    pub events_per_message: usize,
+    /// Distinct tags, used round-robin.
+    #[arg(long, default_value_t = 1)]
+    pub tags: usize,
+    #[arg(long, value_enum, default_value = "packed")]
+    pub mode: Mode,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 4)]
+    pub window: usize,
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Report CPU seconds and peak RSS of this process (e.g. the sidecar) over the run.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub mode: String,
+    pub connections: usize,
+    pub window: usize,
+    pub event_bytes: usize,
+    pub events_per_message: usize,
+    pub seconds: f64,
+    pub requests: u64,
+    pub events: u64,
+    pub events_per_sec: f64,
+    /// Event bytes (uncompressed entries) acknowledged per second, in MB (10^6 bytes).
+    pub mb_per_sec: f64,
+    /// Bytes written to the sockets per second, in MB.
+    pub wire_mb_per_sec: f64,
+    pub ack_p50_ms: f64,
+    pub ack_p99_ms: f64,
+    pub ack_max_ms: f64,
+    pub errors: u64,
+    pub bench_cpu_seconds: f64,
+    pub target_cpu_seconds: Option<f64>,
+    pub target_peak_rss_mib: Option<f64>,
+}
+
+const TOKEN_WIDTH: usize = 24;
+
+/// A request split around its token: `head` (shared), then `token_prefix ++ token`.
+struct Message {
+    head: Bytes,
+    events: u64,
+    raw_bytes: u64,
+}
+
+/// One `[EventTime, {"message": <pad>, "seq": i}]` entry with a pad of `pad` letters.
+fn one_entry(out: &mut Vec<u8>, time: EventTime, i: usize, pad: usize, seq: usize) {
+    out.push(0x92);
+    entry::encode::event_time(out, time);
+    let text: String = (0..pad)
+        .map(|k| (b'a' + ((i + k + seq) % 26) as u8) as char)
+        .collect();
+    let record = rmpv::Value::Map(vec![
+        ("message".into(), text.into()),
+        ("seq".into(), (i as u64).into()),
+    ]);
+    rmpv::encode::write_value(out, &record).expect("writing to a Vec cannot fail");
+}
+
+/// `events` entries of `event_size` bytes each (as near as the msgpack headers allow).
+fn entries(events: usize, event_size: usize, seq: usize) -> Vec<u8> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(events * event_size);
+    let mut probe = Vec::new();
+    for i in 0..events {
+        let time = EventTime::new(now.as_secs() as i64, (i as u32) % 1_000_000_000);
+        probe.clear();
+        one_entry(&mut probe, time, i, 0, seq);
+        let mut pad = event_size.saturating_sub(probe.len());
+        probe.clear();
+        one_entry(&mut probe, time, i, pad, seq);
+        // A longer string may take a longer header: shrink the pad by the difference.
+        if probe.len() > event_size && pad > 0 {
+            pad -= (probe.len() - event_size).min(pad);
+        }
+        one_entry(&mut out, time, i, pad, seq);
+    }
+    out
+}
+
+fn encode_message(mode: Mode, tag: &str, events: usize, event_size: usize, seq: usize) -> Message {
+    let body = entries(events, event_size, seq);
+    let raw_bytes = body.len() as u64;
+    let mut head = Vec::with_capacity(body.len() + 64);
+    head.push(0x93);
+    rmp::encode::write_str(&mut head, tag).expect("vec");
+    let compressed = match mode {
+        Mode::Packed => {
+            head.push(0xdb);
+            head.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            head.extend_from_slice(&body);
+            "text"
+        }
+        Mode::Forward => {
+            rmp::encode::write_array_len(&mut head, events as u32).expect("vec");
+            head.extend_from_slice(&body);
+            "text"
+        }
+        Mode::Gzip | Mode::Zstd => {
+            let compressed = if mode == Mode::Gzip {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(&body).expect("vec");
+                e.finish().expect("vec")
+            } else {
+                zstd::encode_all(&body[..], 1).expect("vec")
+            };
+            head.push(0xdb);
+            head.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
+            head.extend_from_slice(&compressed);
+            if mode == Mode::Gzip {
+                "gzip"
+            } else {
+                "zstd"
+            }
+        }
+    };
+    // {"size": n, "compressed": c, "chunk": <token>}, the token written per request.
+    head.push(0x83);
+    rmp::encode::write_str(&mut head, "size").expect("vec");
+    rmp::encode::write_uint(&mut head, events as u64).expect("vec");
+    rmp::encode::write_str(&mut head, "compressed").expect("vec");
+    rmp::encode::write_str(&mut head, compressed).expect("vec");
+    rmp::encode::write_str(&mut head, "chunk").expect("vec");
+    rmp::encode::write_str_len(&mut head, TOKEN_WIDTH as u32).expect("vec");
+    Message {
+        head: Bytes::from(head),
+        events: events as u64,
+        raw_bytes,
+    }
+}
+
+fn token(conn: usize, n: u64) -> [u8; TOKEN_WIDTH] {
+    let mut t = [b'0'; TOKEN_WIDTH];
+    let s = format!("c{conn:03}n{n:019}");
+    t[..s.len().min(TOKEN_WIDTH)].copy_from_slice(&s.as_bytes()[..s.len().min(TOKEN_WIDTH)]);
+    t
+}
+
+#[derive(Default)]
+struct ConnStats {
+    requests: u64,
+    events: u64,
+    raw_bytes: u64,
+    wire_bytes: u64,
+    latencies_us: Vec<u32>,
+    errors: u64,
+}
+
+async fn run_connection(
+    id: usize,
+    args: Arc<BenchArgs>,
+    messages: Arc<Vec<Message>>,
+    stop: Arc<AtomicBool>,
+) -> ConnStats {
+    let mut stats = ConnStats::default();
+    let stream = match TcpStream::connect(args.target).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("connection {id}: cannot connect to {}: {e}", args.target);
+            stats.errors += 1;
+            return stats;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut in_flight: std::collections::VecDeque<(u64, Instant, usize)> = Default::default();
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut next = 0u64;
+    loop {
+        while in_flight.len() < args.window && !stop.load(Ordering::Relaxed) {
+            let m = &messages[(next as usize + id) % messages.len()];
+            let t = token(id, next);
+            if let Err(e) = async {
+                wr.write_all(&m.head).await?;
+                wr.write_all(&t).await
+            }
+            .await
+            {
+                eprintln!("connection {id}: write failed: {e}");
+                stats.errors += 1;
+                return stats;
+            }
+            stats.wire_bytes += (m.head.len() + TOKEN_WIDTH) as u64;
+            in_flight.push_back((next, Instant::now(), (next as usize + id) % messages.len()));
+            next += 1;
+        }
+        if in_flight.is_empty() {
+            return stats;
+        }
+        // Read acks until at least one completes.
+        let mut scanner = ValueScanner::default();
+        let len = loop {
+            match scanner.advance(&buf) {
+                Ok(Some(len)) => break len,
+                Ok(None) => {}
+                Err(e) => {
+                    eprintln!("connection {id}: bad ack: {e}");
+                    stats.errors += 1;
+                    return stats;
+                }
+            }
+            match rd.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    eprintln!(
+                        "connection {id}: closed by the receiver with {} requests unacknowledged",
+                        in_flight.len()
+                    );
+                    stats.errors += in_flight.len() as u64;
+                    return stats;
+                }
+                Ok(_) => {}
+            }
+        };
+        let ack = buf.split_to(len);
+        let (n, sent, index) = in_flight.pop_front().expect("a request is in flight");
+        let want = token(id, n);
+        if !ack.ends_with(&want) {
+            eprintln!("connection {id}: ack does not match request {n}");
+            stats.errors += 1;
+            return stats;
+        }
+        stats
+            .latencies_us
+            .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        stats.requests += 1;
+        stats.events += messages[index].events;
+        stats.raw_bytes += messages[index].raw_bytes;
+    }
+}
+
+/// CPU seconds (user + system) of a process, from /proc.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Peak resident set size of a process in MiB, from /proc (VmHWM).
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
+    let args = Arc::new(args);
+    let messages: Arc<Vec<Message>> = Arc::new(
+        (0..args.tags.max(1) * 2)
+            .map(|i| {
+                encode_message(
+                    args.mode,
+                    &format!("bench.tag{}", i % args.tags.max(1)),
+                    args.events_per_message.max(1),
+                    args.event_size,
+                    i,
+                )
+            })
+            .collect(),
+    );
+    let target_cpu_before = args.pid.and_then(|p| cpu_seconds(&p.to_string()));
+    let bench_cpu_before = cpu_seconds("self").unwrap_or(0.0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.connections.max(1))
+        .map(|id| {
+            tokio::spawn(run_connection(
+                id,
+                args.clone(),
+                messages.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(args.duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = ConnStats::default();
+    for t in tasks {
+        let s = t.await?;
+        total.requests += s.requests;
+        total.events += s.events;
+        total.raw_bytes += s.raw_bytes;
+        total.wire_bytes += s.wire_bytes;
+        total.errors += s.errors;
+        total.latencies_us.extend(s.latencies_us);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    total.latencies_us.sort_unstable();
+    let target_cpu = match (args.pid, target_cpu_before) {
+        (Some(p), Some(before)) => cpu_seconds(&p.to_string()).map(|after| after - before),
+        _ => None,
+    };
+    Ok(Report {
+        mode: format!("{:?}", args.mode).to_lowercase(),
+        connections: args.connections,
+        window: args.window,
+        event_bytes: args.event_size,
+        events_per_message: args.events_per_message,
+        seconds,
+        requests: total.requests,
+        events: total.events,
+        events_per_sec: total.events as f64 / seconds,
+        mb_per_sec: total.raw_bytes as f64 / seconds / 1e6,
+        wire_mb_per_sec: total.wire_bytes as f64 / seconds / 1e6,
+        ack_p50_ms: percentile(&total.latencies_us, 0.50),
+        ack_p99_ms: percentile(&total.latencies_us, 0.99),
+        ack_max_ms: total
+            .latencies_us
+            .last()
+            .map_or(0.0, |m| f64::from(*m) / 1000.0),
+        errors: total.errors,
+        bench_cpu_seconds: cpu_seconds("self").unwrap_or(0.0) - bench_cpu_before,
+        target_cpu_seconds: target_cpu,
+        target_peak_rss_mib: args.pid.and_then(peak_rss_mib),
+    })
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "mode {} · {} connections × window {} · {} events of ~{} B per request · {:.1} s",
+            self.mode,
+            self.connections,
+            self.window,
+            self.events_per_message,
+            self.event_bytes,
+            self.seconds
+        )?;
+        writeln!(
+            f,
+            "acked    {} requests, {} events, {} errors",
+            self.requests, self.events, self.errors
+        )?;
+        writeln!(
+            f,
+            "rate     {:.0} events/s · {:.1} MB/s of events · {:.1} MB/s on the wire",
+            self.events_per_sec, self.mb_per_sec, self.wire_mb_per_sec
+        )?;
+        writeln!(
+            f,
+            "ack      p50 {:.2} ms · p99 {:.2} ms · max {:.2} ms",
+            self.ack_p50_ms, self.ack_p99_ms, self.ack_max_ms
+        )?;
+        write!(f, "cpu      bench {:.2} s", self.bench_cpu_seconds)?;
+        if let Some(cpu) = self.target_cpu_seconds {
+            write!(f, " · target {cpu:.2} s")?;
+        }
+        if let Some(rss) = self.target_peak_rss_mib {
+            write!(f, " · target peak RSS {rss:.1} MiB")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use claimcheck_consumer::entry;
+
+    use super::*;
+    use crate::forward::frame::{self, Request};
+
+    #[test]
+    fn encoded_messages_parse_as_forward_requests_of_the_right_size() {
+        for mode in [Mode::Packed, Mode::Forward, Mode::Gzip, Mode::Zstd] {
+            let m = encode_message(mode, "bench.tag0", 50, 200, 0);
+            let mut bytes = m.head.to_vec();
+            bytes.extend_from_slice(&token(1, 2));
+            assert_eq!(entry::value_len(&bytes), Ok(bytes.len()), "{mode:?}");
+            let Request::Events(msg) = frame::parse(Bytes::from(bytes)) else {
+                panic!("{mode:?} is not a request")
+            };
+            assert_eq!(msg.options.chunk.as_deref(), Some(&token(1, 2)[..]));
+            assert_eq!(msg.options.size, Some(50));
+            let per_event = m.raw_bytes as f64 / 50.0;
+            assert!(
+                (190.0..=210.0).contains(&per_event),
+                "{mode:?}: {per_event} bytes per event"
+            );
+        }
+    }
+}
