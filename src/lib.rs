@@ -96,7 +96,8 @@ impl Sidecar {
         token.cancel();
         server.await?;
         // Every connection is gone, so every buffer handle is gone: the writer seals and stops.
-        writer.await??;
+        // Its lock on the directory is held until delivery has stopped as well.
+        let _lock = writer.await??;
         info!(timeout = ?config.shutdown_timeout, "delivering sealed chunks before exit");
         let left = delivery.drain(config.shutdown_timeout).await;
         if left > 0 {

@@ -4,25 +4,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::buffer::BufferHandle;
 use crate::forward::{connection, ConnectionConfig};
 
+/// How long shutdown waits for connections before closing them: the time a connection gets
+/// to finish a request it is receiving, and as long again to send its acks.
+const DRAIN: Duration = Duration::from_secs(2 * connection::SHUTDOWN_GRACE.as_secs());
+
 /// Accepts forward connections until `shutdown` is cancelled, then waits for the connections
 /// to finish: each stops reading, completes the request it is receiving (for a few seconds at
-/// most) and sends the acks of what was stored.
+/// most) and sends the acks of what was stored. Connections still open after that are closed;
+/// their senders resend whatever was not acknowledged.
 pub async fn run(
     listener: TcpListener,
     buffer: BufferHandle,
     config: Arc<ConnectionConfig>,
     shutdown: CancellationToken,
 ) {
-    let tracker = TaskTracker::new();
+    let mut connections = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
     loop {
+        // Reap finished connections (Fluentd opens one per second for heartbeats).
+        while connections.try_join_next().is_some() {}
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
@@ -44,22 +51,30 @@ pub async fn run(
         let _ = socket.set_nodelay(true);
         debug!(%peer, "connection accepted");
         let span = tracing::info_span!("connection", %peer);
-        tracker.spawn(
-            connection::serve(
-                socket,
-                peer,
-                buffer.clone(),
-                config.clone(),
-                shutdown.clone(),
-            )
-            .instrument(span),
+        let conn = connection::serve(
+            socket,
+            peer,
+            buffer.clone(),
+            config.clone(),
+            shutdown.clone(),
         );
+        connections.spawn(conn.instrument(span));
     }
     drop(listener);
-    tracker.close();
     info!(
-        connections = tracker.len(),
+        connections = connections.len(),
         "stopped accepting; waiting for open connections to finish"
     );
-    tracker.wait().await;
+    let drained = tokio::time::timeout(DRAIN, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            connections = connections.len(),
+            "closing connections that did not finish in time; their senders resend what was not acknowledged"
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
+    }
 }

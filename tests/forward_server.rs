@@ -399,3 +399,39 @@ async fn garbage_bombs_and_oversized_requests_close_only_their_connection() {
         assert!(log.contains(what), "log names the reason ({what}):\n{log}");
     }
 }
+
+#[test]
+fn shutdown_waits_for_a_request_in_progress_only_so_long() {
+    let dir = tempfile::tempdir().unwrap();
+    // No emulator: acks and shutdown do not depend on S3 or Kinesis.
+    let mut sidecar = Sidecar::start(
+        &dir.path().join("buffer"),
+        free_port(),
+        "b",
+        "s",
+        &["--shutdown-timeout", "1s"],
+    );
+    let base = minute_of(now_secs());
+    let req = fluentd_request(
+        "slow",
+        &entries("slow", base, 50, false),
+        50,
+        "text",
+        "c2xvdw==",
+    );
+    let mut slow = connect(sidecar.port);
+    slow.write_all(&req[..req.len() / 2]).unwrap();
+    let idle = connect(sidecar.port);
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let status = sidecar.terminate(Duration::from_secs(60));
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    let log = sidecar.log_text();
+    assert!(log.contains("dropping an incomplete request"), "{log}");
+    drop((slow, idle));
+}

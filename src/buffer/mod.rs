@@ -242,8 +242,12 @@ pub struct Buffer {
     pub handle: BufferHandle,
     pub writer: Writer,
     rx: mpsc::Receiver<Append>,
-    _lock: File,
+    lock: DirLock,
 }
+
+/// The buffer directory's lock (an flock on `LOCK`); released when dropped.
+#[derive(Debug)]
+pub struct DirLock(#[allow(dead_code)] File);
 
 impl Buffer {
     /// Opens (creating if needed) the buffer directory, takes its lock and recovers what a
@@ -280,20 +284,21 @@ impl Buffer {
                 handle: BufferHandle { tx },
                 writer,
                 rx,
-                _lock: lock,
+                lock: DirLock(lock),
             },
             recovered,
         ))
     }
 
     /// Runs the writer until every [`BufferHandle`] is dropped, then seals all open chunks.
-    /// Returns an error only if the writer itself failed (a panic in its blocking work).
-    pub async fn run(self) -> anyhow::Result<()> {
+    /// Returns the directory lock, for the caller to hold until delivery has stopped too, or
+    /// an error if the writer itself failed (a panic in its blocking work).
+    pub async fn run(self) -> anyhow::Result<DirLock> {
         let Buffer {
             handle,
             mut writer,
             mut rx,
-            _lock,
+            lock,
         } = self;
         drop(handle);
         loop {
@@ -328,8 +333,7 @@ impl Buffer {
             writer.retry_unsealed();
         })
         .await?;
-        drop(_lock);
-        Ok(())
+        Ok(lock)
     }
 }
 

@@ -31,7 +31,7 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Longest tag accepted (S3 keys are limited to 1024 bytes and usually contain the tag).
 pub const MAX_TAG_BYTES: usize = 512;
 /// How long a connection may take to finish a request it is receiving when shutdown starts.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Settings of the forward input that connections apply.
 #[derive(Debug, Clone)]
@@ -157,6 +157,11 @@ impl Connection {
     /// The next complete request in the read buffer, if there is one.
     fn next_request(&mut self) -> Result<Option<Bytes>, ConnectionError> {
         match self.scanner.advance(&self.read_buf) {
+            Ok(Some(len)) if len as u64 > self.config.chunk_size_limit => {
+                Err(ConnectionError::TooLarge {
+                    limit: self.config.chunk_size_limit,
+                })
+            }
             Ok(Some(len)) => {
                 self.scanner = ValueScanner::default();
                 Ok(Some(self.read_buf.split_to(len).freeze()))
