@@ -24,27 +24,17 @@ fn events(source: &str, tags: &[&str], count: usize, base: i64, int_time: bool) 
 }
 
 async fn round_trip(format: &str, compression: &str, modes: &[&str]) {
-    let moto = Moto::start();
-    let aws = Aws::new(moto.port);
-    let (bucket, stream) = (unique("e2e"), unique("e2e"));
-    aws.create(&bucket, &stream).await;
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = Sidecar::start(
-        &dir.path().join("buffer"),
-        moto.port,
-        &bucket,
-        &stream,
-        &[
-            "--format",
-            format,
-            "--compression",
-            compression,
-            "--flush-interval",
-            "1s",
-            "--timekey-wait",
-            "0s",
-        ],
-    );
+    let env = Emulated::start("e2e").await;
+    let sidecar = env.sidecar(&[
+        "--format",
+        format,
+        "--compression",
+        compression,
+        "--flush-interval",
+        "1s",
+        "--timekey-wait",
+        "0s",
+    ]);
     // Two timekeys well in the past, so they are sealed as soon as they are a second old.
     let base = minute_of(now_secs()) - 600;
     let mut expected = Vec::new();
@@ -68,7 +58,7 @@ async fn round_trip(format: &str, compression: &str, modes: &[&str]) {
     python_send(sidecar.port, &py);
     expected.extend(py);
 
-    let chunks = aws.read_events(&stream, expected.len(), DELIVERY).await;
+    let chunks = env.read_events(expected.len()).await;
     let n = assert_exactly_once(&chunks, &expected);
     // Four tags × two timekeys at least; more if a flush split a timekey.
     assert!(n >= 8, "expected at least 8 chunks, got {n}");
@@ -91,7 +81,7 @@ async fn round_trip(format: &str, compression: &str, modes: &[&str]) {
             );
         }
         // The object exists under the pointer's key, with the pointer's size.
-        let head = aws
+        let head = env.aws
             .s3
             .head_object()
             .bucket(&p.bucket)
@@ -131,30 +121,20 @@ async fn json_bodies_with_gzip_arrive_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncompressed_bodies_and_multipart_uploads() {
-    let moto = Moto::start();
-    let aws = Aws::new(moto.port);
-    let (bucket, stream) = (unique("mp"), unique("mp"));
-    aws.create(&bucket, &stream).await;
-    let dir = tempfile::tempdir().unwrap();
+    let env = Emulated::start("mp").await;
     // Bodies of ~12 MiB with a 6 MiB threshold: multipart with 5 MiB parts, uncompressed.
-    let sidecar = Sidecar::start(
-        &dir.path().join("buffer"),
-        moto.port,
-        &bucket,
-        &stream,
-        &[
-            "--compression",
-            "none",
-            "--flush-interval",
-            "2s",
-            "--s3-multipart-threshold",
-            "6MiB",
-            "--s3-part-size",
-            "5MiB",
-            "--chunk-limit-size",
-            "64MiB",
-        ],
-    );
+    let sidecar = env.sidecar(&[
+        "--compression",
+        "none",
+        "--flush-interval",
+        "2s",
+        "--s3-multipart-threshold",
+        "6MiB",
+        "--s3-part-size",
+        "5MiB",
+        "--chunk-limit-size",
+        "64MiB",
+    ]);
     let base = minute_of(now_secs()) - 600;
     let sent: Vec<TestEvent> = (0..24)
         .map(|i| TestEvent {
@@ -166,7 +146,7 @@ async fn uncompressed_bodies_and_multipart_uploads() {
         .collect();
     let acked = node_send(sidecar.port, "PackedForward", &sent);
     assert_eq!(acked.len(), sent.len());
-    let chunks = aws.read_events(&stream, sent.len(), DELIVERY).await;
+    let chunks = env.read_events(sent.len()).await;
     assert_exactly_once(&chunks, &sent);
     assert!(
         chunks.iter().any(|c| c.pointer.stored_bytes > 6 << 20),
@@ -180,21 +160,10 @@ async fn uncompressed_bodies_and_multipart_uploads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_events_survive_kill_9_and_arrive_after_restart() {
-    let moto = Moto::start();
-    let aws = Aws::new(moto.port);
-    let (bucket, stream) = (unique("kill"), unique("kill"));
-    aws.create(&bucket, &stream).await;
-    let dir = tempfile::tempdir().unwrap();
-    let buffer = dir.path().join("buffer");
+    let env = Emulated::start("kill").await;
     // A long flush interval and event times two hours ahead keep the chunks open: only the
     // buffer holds the acknowledged events when the process dies.
-    let mut sidecar = Sidecar::start(
-        &buffer,
-        moto.port,
-        &bucket,
-        &stream,
-        &["--flush-interval", "1h"],
-    );
+    let mut sidecar = env.sidecar(&["--flush-interval", "1h"]);
     let base = now_secs() + 7200;
     let sent: Vec<TestEvent> = (0..300)
         .map(|i| TestEvent {
@@ -207,20 +176,16 @@ async fn acked_events_survive_kill_9_and_arrive_after_restart() {
     let acked = node_send(sidecar.port, "PackedForward", &sent);
     assert_eq!(acked.len(), sent.len());
     sidecar.kill9();
-    let leftover = std::fs::read_dir(buffer.join("chunks")).unwrap().count();
+    let leftover = std::fs::read_dir(env.buffer_dir().join("chunks"))
+        .unwrap()
+        .count();
     assert!(
         leftover >= 3,
         "open chunk files remain after kill -9 ({leftover})"
     );
 
-    let sidecar = Sidecar::start(
-        &buffer,
-        moto.port,
-        &bucket,
-        &stream,
-        &["--flush-interval", "1s"],
-    );
-    let chunks = aws.read_events(&stream, sent.len(), DELIVERY).await;
+    let sidecar = env.sidecar(&["--flush-interval", "1s"]);
+    let chunks = env.read_events(sent.len()).await;
     assert_exactly_once(&chunks, &sent);
     assert!(sidecar
         .log_text()
@@ -273,19 +238,8 @@ async fn starts_and_acks_with_backends_down_then_delivers_when_they_come_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_seals_open_chunks_delivers_and_exits_zero() {
-    let moto = Moto::start();
-    let aws = Aws::new(moto.port);
-    let (bucket, stream) = (unique("term"), unique("term"));
-    aws.create(&bucket, &stream).await;
-    let dir = tempfile::tempdir().unwrap();
-    let buffer = dir.path().join("buffer");
-    let mut sidecar = Sidecar::start(
-        &buffer,
-        moto.port,
-        &bucket,
-        &stream,
-        &["--flush-interval", "1h"],
-    );
+    let env = Emulated::start("term").await;
+    let mut sidecar = env.sidecar(&["--flush-interval", "1h"]);
     let sent = events("term", &["app.term"], 50, now_secs() + 7200, false);
     assert_eq!(node_send(sidecar.port, "Forward", &sent).len(), sent.len());
     let status = sidecar.terminate(Duration::from_secs(60));
@@ -299,6 +253,6 @@ async fn sigterm_seals_open_chunks_delivers_and_exits_zero() {
         log.contains("buffer is empty"),
         "delivery finished before exit:\n{log}"
     );
-    let chunks = aws.read_events(&stream, sent.len(), DELIVERY).await;
+    let chunks = env.read_events(sent.len()).await;
     assert_exactly_once(&chunks, &sent);
 }

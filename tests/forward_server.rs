@@ -13,8 +13,6 @@ use claimcheck_consumer::entry::{encode, EventTime};
 use common::*;
 use rmpv::Value;
 
-const DELIVERY: Duration = Duration::from_secs(90);
-
 fn pack(v: &Value) -> Vec<u8> {
     let mut b = Vec::new();
     rmpv::encode::write_value(&mut b, v).unwrap();
@@ -108,36 +106,18 @@ fn connect(port: u16) -> TcpStream {
     c
 }
 
+/// A test's emulator and a sidecar that seals chunks after a second.
 struct Setup {
-    _moto: Moto,
-    aws: Aws,
-    stream: String,
+    env: Emulated,
     sidecar: Sidecar,
-    _dir: tempfile::TempDir,
 }
 
 async fn setup(args: &[&str]) -> Setup {
-    let moto = Moto::start();
-    let aws = Aws::new(moto.port);
-    let (bucket, stream) = (unique("fwd"), unique("fwd"));
-    aws.create(&bucket, &stream).await;
-    let dir = tempfile::tempdir().unwrap();
+    let env = Emulated::start("fwd").await;
     let mut all = vec!["--flush-interval", "1s", "--timekey-wait", "0s"];
     all.extend_from_slice(args);
-    let sidecar = Sidecar::start(
-        &dir.path().join("buffer"),
-        moto.port,
-        &bucket,
-        &stream,
-        &all,
-    );
-    Setup {
-        _moto: moto,
-        aws,
-        stream,
-        sidecar,
-        _dir: dir,
-    }
+    let sidecar = env.sidecar(&all);
+    Setup { env, sidecar }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,7 +168,7 @@ async fn fluentd_packed_forward_text_gzip_and_zstd_with_newline_tokens() {
     expect_ack(&mut conn, b"c3RkLXRva2VuLXRocmVlIQ==\n");
     want.extend(expected("fd.zstd", "zstd", base, 30));
 
-    let chunks = s.aws.read_events(&s.stream, want.len(), DELIVERY).await;
+    let chunks = s.env.read_events(want.len()).await;
     assert_exactly_once(&chunks, &want);
 }
 
@@ -231,7 +211,7 @@ async fn fluent_bit_forward_mode_with_metadata_and_map32_options() {
 
     let mut want = expected("fb.app", "fb", base, n);
     want.extend(expected("fb.gz", "fbgz", base, n));
-    let chunks = s.aws.read_events(&s.stream, want.len(), DELIVERY).await;
+    let chunks = s.env.read_events(want.len()).await;
     assert_exactly_once(&chunks, &want);
     let meta = serde_json::json!({"pod": "web-1"});
     for e in chunks.iter().flat_map(|c| &c.events) {
@@ -332,7 +312,7 @@ async fn split_writes_pipelining_no_ack_requests_and_skipped_events() {
     expect_ack(&mut conn, b"bWl4ZWQ=");
     want.extend(expected("mixed", "mixed", base, 2));
 
-    let chunks = s.aws.read_events(&s.stream, want.len(), DELIVERY).await;
+    let chunks = s.env.read_events(want.len()).await;
     assert_exactly_once(&chunks, &want);
     assert!(s.sidecar.log_text().contains("skipping invalid events"));
 }
@@ -388,7 +368,7 @@ async fn garbage_bombs_and_oversized_requests_close_only_their_connection() {
     ))
     .unwrap();
     expect_ack(&mut good, b"ZmluZQ==");
-    let chunks = s.aws.read_events(&s.stream, 5, DELIVERY).await;
+    let chunks = s.env.read_events(5).await;
     assert_exactly_once(&chunks, &expected("still.fine", "fine", base, 5));
     let log = s.sidecar.log_text();
     for what in [

@@ -208,6 +208,52 @@ impl Aws {
     }
 }
 
+/// A test's own emulator, bucket, stream and temporary directory.
+pub struct Emulated {
+    pub moto: Moto,
+    pub aws: Aws,
+    pub bucket: String,
+    pub stream: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Emulated {
+    pub async fn start(name: &str) -> Emulated {
+        let moto = Moto::start();
+        let aws = Aws::new(moto.port);
+        let (bucket, stream) = (unique(name), unique(name));
+        aws.create(&bucket, &stream).await;
+        Emulated {
+            moto,
+            aws,
+            bucket,
+            stream,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn buffer_dir(&self) -> PathBuf {
+        self.dir.path().join("buffer")
+    }
+
+    /// Starts a sidecar on this test's buffer directory, bucket and stream.
+    pub fn sidecar(&self, args: &[&str]) -> Sidecar {
+        Sidecar::start(
+            &self.buffer_dir(),
+            self.moto.port,
+            &self.bucket,
+            &self.stream,
+            args,
+        )
+    }
+
+    pub async fn read_events(&self, expected: usize) -> Vec<ResolvedChunk> {
+        self.aws
+            .read_events(&self.stream, expected, Duration::from_secs(90))
+            .await
+    }
+}
+
 /// Names unique to one test: buckets and streams.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
@@ -230,17 +276,7 @@ impl Sidecar {
         stream: &str,
         args: &[&str],
     ) -> Sidecar {
-        Sidecar::start_on(free_port(), buffer_dir, aws_port, bucket, stream, args)
-    }
-
-    pub fn start_on(
-        port: u16,
-        buffer_dir: &Path,
-        aws_port: u16,
-        bucket: &str,
-        stream: &str,
-        args: &[&str],
-    ) -> Sidecar {
+        let port = free_port();
         let log = buffer_dir.with_extension(format!("{port}.log"));
         let log_file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_claimcheck"));
