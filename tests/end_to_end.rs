@@ -81,7 +81,8 @@ async fn round_trip(format: &str, compression: &str, modes: &[&str]) {
             );
         }
         // The object exists under the pointer's key, with the pointer's size.
-        let head = env.aws
+        let head = env
+            .aws
             .s3
             .head_object()
             .bucket(&p.bucket)
@@ -255,4 +256,99 @@ async fn sigterm_seals_open_chunks_delivers_and_exits_zero() {
     );
     let chunks = env.read_events(sent.len()).await;
     assert_exactly_once(&chunks, &sent);
+}
+
+/// Runs `claimcheck <args>` against the test's emulator and returns stdout lines and stderr.
+fn run_cli(
+    env: &Emulated,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> (Vec<serde_json::Value>, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_claimcheck"))
+        .args(args)
+        .envs(aws_env(env.moto.port))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        let mut input = input;
+        input.write_all(bytes).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "claimcheck {args:?} failed: {stderr}");
+    let lines = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    (lines, stderr)
+}
+
+fn line_key(line: &serde_json::Value) -> (String, i64, u32, String) {
+    let time =
+        claimcheck_consumer::EventTime::parse_rfc3339(line["time"].as_str().unwrap()).unwrap();
+    (
+        line["tag"].as_str().unwrap().to_string(),
+        time.secs,
+        time.nanos,
+        line["record"].to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_and_resolve_print_events_and_drop_a_republished_pointer() {
+    let env = Emulated::start("tail").await;
+    let sidecar = env.sidecar(&["--flush-interval", "1s", "--timekey-wait", "0s"]);
+    let base = minute_of(now_secs()) - 600;
+    let sent = events("tail", &["app.tail", "app.tail2"], 30, base, true);
+    assert_eq!(
+        node_send(sidecar.port, "PackedForward", &sent).len(),
+        sent.len()
+    );
+    let chunks = env.read_events(sent.len()).await;
+    assert_exactly_once(&chunks, &sent);
+
+    // Publish one pointer again, as a crash between PutRecords and deleting the chunk would.
+    let again = &chunks[0].pointer;
+    env.aws
+        .kinesis
+        .put_record()
+        .stream_name(&env.stream)
+        .partition_key(&again.tag)
+        .data(aws_sdk_kinesis::primitives::Blob::new(again.to_json()))
+        .send()
+        .await
+        .unwrap();
+
+    let (lines, log) = run_cli(
+        &env,
+        &[
+            "tail",
+            "--kinesis-stream",
+            &env.stream,
+            "--until-idle",
+            "2s",
+        ],
+        None,
+    );
+    let mut got: Vec<_> = lines.iter().map(line_key).collect();
+    let mut want: Vec<_> = sent.iter().map(TestEvent::key).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "tail prints every event once");
+    assert!(log.contains("duplicates_dropped=1"), "{log}");
+
+    let (lines, _) = run_cli(&env, &["resolve"], Some(&again.to_json()));
+    let mut got: Vec<_> = lines.iter().map(line_key).collect();
+    let mut want: Vec<_> = chunks[0].events.iter().map(event_key).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "resolve prints the chunk's events");
 }
