@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use claimcheck_consumer::body::{Compression, Format};
 
-use crate::buffer::BufferConfig;
+use crate::buffer::{BufferConfig, OverflowAction, SyncPolicy};
 use crate::forward::ConnectionConfig;
 use crate::key_template::KeyTemplate;
 use crate::publisher::PublisherConfig;
-use crate::retry::Backoff;
+use crate::retry::{Backoff, RetryPolicy};
 use crate::uploader::UploaderConfig;
 
 /// Parses a duration such as `500ms`, `60s`, `1m`.
@@ -28,6 +28,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .parse::<bytesize::ByteSize>()
         .map(|b| b.as_u64())
         .map_err(|e| format!("{e} (examples: 8MiB, 256KiB, 1048576)"))
+}
+
+/// `overflow_action` under Fluentd's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OverflowActionArg {
+    Block,
+    #[value(name = "drop_oldest_chunk", alias = "drop-oldest-chunk")]
+    DropOldestChunk,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -72,6 +80,33 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_FLUSH_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub flush_interval: Duration,
 
+    /// When the buffer's chunks reach this size, it takes no more requests (or drops chunks,
+    /// with `overflow_action drop_oldest_chunk`) until delivery frees space (Fluentd's
+    /// `total_limit_size`). The disk filling up has the same effect.
+    #[arg(long, env = "CLAIMCHECK_TOTAL_LIMIT_SIZE", default_value = "64GiB", value_parser = parse_size)]
+    pub total_limit_size: u64,
+
+    /// At `total_limit_size`: `block` (senders wait; nothing is lost) or `drop_oldest_chunk`
+    /// (the oldest chunk waiting for delivery is deleted, logged at ERROR).
+    #[arg(
+        long,
+        env = "CLAIMCHECK_OVERFLOW_ACTION",
+        value_enum,
+        default_value = "block"
+    )]
+    pub overflow_action: OverflowActionArg,
+
+    /// When appends are fsynced: `always` (before each ack, shared by concurrent requests),
+    /// `interval` (every `sync_interval`; acks after the write) or `none` (only when a chunk is
+    /// sealed). All three survive a crash of the process; only `always` survives power loss for
+    /// everything acknowledged.
+    #[arg(long, env = "CLAIMCHECK_SYNC", value_enum, default_value = "always")]
+    pub sync: SyncPolicy,
+
+    /// Fsync period under `sync interval`.
+    #[arg(long, env = "CLAIMCHECK_SYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub sync_interval: Duration,
+
     /// Largest forward request accepted, as received; a larger one closes the connection
     /// without an ack (Fluentd's `chunk_size_limit`).
     #[arg(long, env = "CLAIMCHECK_CHUNK_SIZE_LIMIT", default_value = "256MiB", value_parser = parse_size)]
@@ -103,7 +138,8 @@ pub struct ServeArgs {
     )]
     pub s3_object_key_format: String,
 
-    /// Objects larger than this are sent by multipart upload.
+    /// Objects larger than this are sent by multipart upload, part by part while they are
+    /// compressed; smaller ones by one PutObject from memory.
     #[arg(long, env = "CLAIMCHECK_S3_MULTIPART_THRESHOLD", default_value = "16MiB", value_parser = parse_size)]
     pub s3_multipart_threshold: u64,
 
@@ -148,6 +184,20 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_RETRY_MAX_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub retry_max_interval: Duration,
 
+    /// A chunk that still fails this long after its first failure moves to the dead-letter
+    /// folder (Fluentd's `retry_timeout`).
+    #[arg(long, env = "CLAIMCHECK_RETRY_TIMEOUT", default_value = "72h", value_parser = parse_duration)]
+    pub retry_timeout: Duration,
+
+    /// A chunk that failed this many retries moves to the dead-letter folder (Fluentd's
+    /// `retry_max_times`; default: no limit but `retry_timeout`).
+    #[arg(long, env = "CLAIMCHECK_RETRY_MAX_TIMES")]
+    pub retry_max_times: Option<u32>,
+
+    /// Retry forever; never dead-letter (Fluentd's `retry_forever`).
+    #[arg(long, env = "CLAIMCHECK_RETRY_FOREVER", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub retry_forever: bool,
+
     /// On SIGTERM or SIGINT, how long to keep delivering sealed chunks before exiting; what is
     /// left stays in the buffer for the next start.
     #[arg(long, env = "CLAIMCHECK_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -171,8 +221,6 @@ pub struct Config {
     pub uploader: Arc<UploaderConfig>,
     pub publisher: Arc<PublisherConfig>,
     pub s3_bucket: String,
-    pub s3_multipart_threshold: u64,
-    pub s3_part_size: u64,
     pub kinesis_stream: String,
     pub shutdown_timeout: Duration,
 }
@@ -206,15 +254,31 @@ impl ServeArgs {
             wait: self.retry_wait,
             max_interval: self.retry_max_interval.max(self.retry_wait),
         };
+        let retry = RetryPolicy {
+            backoff,
+            timeout: self.retry_timeout,
+            max_times: self.retry_max_times,
+            forever: self.retry_forever,
+        };
+        if self.s3_part_size < crate::aws::s3::MIN_PART_SIZE {
+            return Err("--s3-part-size must be at least 5MiB (S3's minimum part size)".into());
+        }
         Ok(Config {
             listen: self.listen,
             buffer: BufferConfig {
-                dir: self.buffer_dir,
+                dir: self.buffer_dir.clone(),
                 timekey: self.timekey,
                 timekey_wait: self.timekey_wait,
                 chunk_limit_size: self.chunk_limit_size.max(1),
                 chunk_limit_records: self.chunk_limit_records,
                 flush_interval: self.flush_interval,
+                total_limit_size: Some(self.total_limit_size),
+                overflow_action: match self.overflow_action {
+                    OverflowActionArg::Block => OverflowAction::Block,
+                    OverflowActionArg::DropOldestChunk => OverflowAction::DropOldestChunk,
+                },
+                sync: self.sync,
+                sync_interval: self.sync_interval,
             },
             connection: Arc::new(ConnectionConfig {
                 chunk_size_limit: self.chunk_size_limit,
@@ -230,15 +294,17 @@ impl ServeArgs {
                 prefix: self.s3_prefix,
                 producer: hostname,
                 workers: self.flush_thread_count.max(1),
-                backoff,
+                retry,
+                multipart_threshold: self.s3_multipart_threshold,
+                part_size: self.s3_part_size,
+                buffer_dir: self.buffer_dir.clone(),
             }),
             publisher: Arc::new(PublisherConfig {
                 partition_key,
-                backoff,
+                retry,
+                buffer_dir: self.buffer_dir,
             }),
             s3_bucket: self.s3_bucket,
-            s3_multipart_threshold: self.s3_multipart_threshold,
-            s3_part_size: self.s3_part_size,
             kinesis_stream: self.kinesis_stream,
             shutdown_timeout: self.shutdown_timeout,
         })

@@ -1,4 +1,5 @@
-//! Wires the uploader and the publisher to S3 and Kinesis, and drains them at shutdown.
+//! Wires the uploader and the publisher to S3 and Kinesis, picks up chunks put back in the
+//! buffer (by `claimcheck replay`), and drains delivery at shutdown.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,10 +10,14 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::aws::{self, kinesis::KinesisSink, s3::S3Store};
-use crate::buffer::{chunk, Recovered, SealedChunk};
+use crate::buffer::registry::Registry;
+use crate::buffer::{self, chunk, Recovered, SealedChunk, UploadedChunk};
 use crate::config::Config;
 use crate::publisher::{self, PointerSink};
 use crate::uploader::{self, ChunkStore};
+
+/// How often the buffer is checked for chunks put back by `claimcheck replay`.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The running uploader and publisher.
 pub struct Delivery {
@@ -20,42 +25,40 @@ pub struct Delivery {
     chunks_dir: PathBuf,
 }
 
+/// The queues between the buffer and delivery.
+pub struct Queues {
+    pub sealed_tx: mpsc::UnboundedSender<SealedChunk>,
+    pub sealed_rx: mpsc::UnboundedReceiver<SealedChunk>,
+}
+
 impl Delivery {
     /// Starts delivery against AWS. The AWS configuration is loaded inside the task, so that
     /// the listener never waits for it (the sidecar must start with AWS unreachable).
     pub fn start(
         config: &Config,
-        sealed: mpsc::UnboundedReceiver<SealedChunk>,
-        recovered_uploaded: Recovered,
+        registry: Arc<Registry>,
+        queues: Queues,
+        recovered: Recovered,
     ) -> Delivery {
         let c = config.clone();
-        let (uploaded_tx, uploaded_rx) = mpsc::unbounded_channel();
-        for chunk in recovered_uploaded.uploaded {
-            let _ = uploaded_tx.send(chunk);
-        }
         let task = tokio::spawn(async move {
             let sdk = aws::load_config().await;
-            let store = S3Store::new(
-                aws::s3_client(&sdk),
-                c.s3_bucket.clone(),
-                c.s3_multipart_threshold,
-                c.s3_part_size,
-            );
+            let store = S3Store::new(aws::s3_client(&sdk), c.s3_bucket.clone());
             let sink = KinesisSink::new(aws::kinesis_client(&sdk), c.kinesis_stream.clone());
             info!(bucket = %c.s3_bucket, stream = %c.kinesis_stream, "delivery started");
             run(
                 Arc::new(store),
                 Arc::new(sink),
                 &c,
-                sealed,
-                uploaded_tx,
-                uploaded_rx,
+                registry,
+                queues,
+                recovered,
             )
             .await;
         });
         Delivery {
             task,
-            chunks_dir: chunk_dir_of(config),
+            chunks_dir: buffer::chunks_dir(&config.buffer.dir),
         }
     }
 
@@ -74,23 +77,69 @@ impl Delivery {
     }
 }
 
-fn chunk_dir_of(config: &Config) -> PathBuf {
-    crate::buffer::chunks_dir(&config.buffer.dir)
-}
-
-/// Runs the uploader and the publisher with any store and sink.
+/// Runs the uploader, the publisher and the rescan with any store and sink.
 pub async fn run<S: ChunkStore, P: PointerSink>(
     store: Arc<S>,
     sink: Arc<P>,
     config: &Config,
-    sealed: mpsc::UnboundedReceiver<SealedChunk>,
-    uploaded_tx: mpsc::UnboundedSender<crate::buffer::UploadedChunk>,
-    uploaded_rx: mpsc::UnboundedReceiver<crate::buffer::UploadedChunk>,
+    registry: Arc<Registry>,
+    queues: Queues,
+    recovered: Recovered,
 ) {
+    let (uploaded_tx, uploaded_rx) = mpsc::unbounded_channel();
+    let Queues {
+        sealed_tx,
+        sealed_rx,
+    } = queues;
+    enqueue(recovered, &sealed_tx, &uploaded_tx);
+    let chunks_dir = buffer::chunks_dir(&config.buffer.dir);
     tokio::join!(
-        uploader::run(store, config.uploader.clone(), sealed, uploaded_tx),
-        publisher::run(sink, config.publisher.clone(), uploaded_rx),
+        uploader::run(
+            store,
+            config.uploader.clone(),
+            registry.clone(),
+            sealed_rx,
+            uploaded_tx.clone()
+        ),
+        publisher::run(
+            sink,
+            config.publisher.clone(),
+            registry.clone(),
+            uploaded_rx
+        ),
+        rescan(chunks_dir, registry, sealed_tx, uploaded_tx),
     );
+}
+
+fn enqueue(
+    found: Recovered,
+    sealed: &mpsc::UnboundedSender<SealedChunk>,
+    uploaded: &mpsc::UnboundedSender<UploadedChunk>,
+) {
+    for chunk in found.sealed {
+        let _ = sealed.send(chunk);
+    }
+    for chunk in found.uploaded {
+        let _ = uploaded.send(chunk);
+    }
+}
+
+/// Picks up sealed or uploaded chunks that appear in the buffer while running.
+async fn rescan(
+    dir: PathBuf,
+    registry: Arc<Registry>,
+    sealed: mpsc::UnboundedSender<SealedChunk>,
+    uploaded: mpsc::UnboundedSender<UploadedChunk>,
+) {
+    loop {
+        tokio::time::sleep(RESCAN_INTERVAL).await;
+        let (dir, registry) = (dir.clone(), registry.clone());
+        match tokio::task::spawn_blocking(move || buffer::rescan(&dir, &registry)).await {
+            Ok(Ok(found)) => enqueue(found, &sealed, &uploaded),
+            Ok(Err(e)) => warn!(cause = %e, "cannot rescan the buffer"),
+            Err(e) => warn!(cause = %e, "buffer rescan failed"),
+        }
+    }
 }
 
 /// Chunk data files in the buffer (sealed or not, not yet published).

@@ -30,13 +30,15 @@ pub mod server;
 pub mod uploader;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use buffer::{Buffer, Recovered, SealedChunk};
+use buffer::registry::Registry;
+use buffer::{Buffer, Recovered};
 use config::Config;
 
 /// A sidecar whose buffer is open and recovered, ready to serve.
@@ -44,22 +46,27 @@ pub struct Sidecar {
     config: Config,
     buffer: Buffer,
     recovered: Recovered,
-    sealed_rx: mpsc::UnboundedReceiver<SealedChunk>,
+    registry: Arc<Registry>,
+    queues: delivery::Queues,
 }
 
 impl Sidecar {
     /// Opens the buffer directory (locking it) and recovers what a previous run left.
     pub fn open(config: Config) -> anyhow::Result<Sidecar> {
         let (sealed_tx, sealed_rx) = mpsc::unbounded_channel();
-        let (buffer, mut recovered) = Buffer::open(config.buffer.clone(), sealed_tx.clone())?;
-        for chunk in recovered.sealed.drain(..) {
-            let _ = sealed_tx.send(chunk);
-        }
+        let registry = Arc::new(Registry::new());
+        let (buffer, recovered) =
+            Buffer::open(config.buffer.clone(), registry.clone(), sealed_tx.clone())?;
+        let queues = delivery::Queues {
+            sealed_tx,
+            sealed_rx,
+        };
         Ok(Sidecar {
             config,
             buffer,
             recovered,
-            sealed_rx,
+            registry,
+            queues,
         })
     }
 
@@ -74,9 +81,10 @@ impl Sidecar {
             config,
             buffer,
             recovered,
-            sealed_rx,
+            registry,
+            queues,
         } = self;
-        let delivery = delivery::Delivery::start(&config, sealed_rx, recovered);
+        let delivery = delivery::Delivery::start(&config, registry.clone(), queues, recovered);
         let handle = buffer.handle.clone();
         let writer = tokio::spawn(buffer.run());
         let token = CancellationToken::new();
@@ -100,6 +108,15 @@ impl Sidecar {
         let _lock = writer.await??;
         info!(timeout = ?config.shutdown_timeout, "delivering sealed chunks before exit");
         let left = delivery.drain(config.shutdown_timeout).await;
+        let (dropped, dropped_events, dead) = registry.losses();
+        if dropped > 0 || dead > 0 {
+            warn!(
+                dropped_chunks = dropped,
+                dropped_events,
+                dead_lettered_chunks = dead,
+                "chunks were dropped or dead-lettered during this run"
+            );
+        }
         if left > 0 {
             warn!(
                 chunks = left,

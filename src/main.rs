@@ -24,6 +24,24 @@ enum Command {
     Resolve(ResolveArgs),
     /// Load a forward receiver with acknowledged requests and report throughput and latency.
     Bench(BenchArgs),
+    /// Move dead-lettered chunks back into the buffer for delivery.
+    Replay(ReplayArgs),
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The sidecar's buffer directory.
+    #[arg(
+        long,
+        env = "CLAIMCHECK_BUFFER_DIR",
+        default_value = "./claimcheck-buffer"
+    )]
+    buffer_dir: std::path::PathBuf,
+    /// Only these chunk ids (default: every dead-lettered chunk).
+    chunk_ids: Vec<String>,
+    /// List the dead-lettered chunks instead of replaying them.
+    #[arg(long)]
+    list: bool,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -83,6 +101,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resolve(args) => {
             init_tracing(LogFormat::Human);
             consume::resolve(args).await
+        }
+        Command::Replay(args) => {
+            init_tracing(LogFormat::Human);
+            use claimcheck::buffer::dead_letter;
+            if args.list {
+                for id in dead_letter::list_dead(&args.buffer_dir)? {
+                    println!("{id}");
+                }
+                return Ok(());
+            }
+            let moved = dead_letter::replay(&args.buffer_dir, &args.chunk_ids)?;
+            for id in &moved {
+                println!("{id}");
+            }
+            eprintln!(
+                "{} chunk(s) moved back to {}; a running sidecar delivers them within seconds, otherwise the next start does",
+                moved.len(),
+                claimcheck::buffer::chunks_dir(&args.buffer_dir).display()
+            );
+            Ok(())
         }
         Command::Bench(args) => {
             init_tracing(LogFormat::Human);

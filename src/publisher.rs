@@ -2,21 +2,24 @@
 //!
 //! Pointers are batched into PutRecords requests (at most 500 records and 5 MiB including
 //! partition keys, Kinesis' limits). A request can succeed while some of its records fail
-//! (throttling); only those records are retried, with backoff. A chunk's files are deleted
-//! only after Kinesis accepted its pointer; a crash before that publishes it again (the same
-//! chunk id, which consumers drop).
+//! (throttling); only those records are retried, with backoff, until the retry budget is spent
+//! and the chunk moves to `dead/`. A chunk's files are deleted only after Kinesis accepted its
+//! pointer; a crash before that publishes it again (the same chunk id, which consumers drop).
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::aws::BackendError;
+use crate::buffer::dead_letter;
+use crate::buffer::registry::{Phase, Registry};
 use crate::buffer::UploadedChunk;
 use crate::key_template::{KeyTemplate, KeyValues};
-use crate::retry::Backoff;
+use crate::retry::{Attempts, RetryPolicy};
 
 /// Kinesis PutRecords limits.
 pub const MAX_BATCH_RECORDS: usize = 500;
@@ -57,20 +60,27 @@ pub trait PointerSink: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
     pub partition_key: KeyTemplate,
-    pub backoff: Backoff,
+    pub retry: RetryPolicy,
+    /// The buffer directory, for `dead/`.
+    pub buffer_dir: PathBuf,
 }
 
 impl PublisherConfig {
     fn partition_key(&self, chunk: &UploadedChunk) -> String {
         let p = &chunk.pointer;
         let ext = claimcheck_consumer::body::file_extension(p.format, p.compression);
-        let key = self.partition_key.render(KeyValues {
+        let values = KeyValues {
             tag: &p.tag,
             chunk_id: &p.chunk_id,
             timekey: p.timekey,
             file_extension: &ext,
-        });
-        let key: String = key.chars().take(MAX_PARTITION_KEY_CHARS).collect();
+        };
+        let key: String = self
+            .partition_key
+            .render(values)
+            .chars()
+            .take(MAX_PARTITION_KEY_CHARS)
+            .collect();
         if key.is_empty() {
             p.chunk_id.clone()
         } else {
@@ -82,13 +92,14 @@ impl PublisherConfig {
 struct Job {
     chunk: UploadedChunk,
     record: PointerRecord,
-    attempt: u32,
+    attempts: Attempts,
 }
 
-/// Publishes pointers forever, deleting each chunk once its pointer is accepted.
+/// Publishes pointers for as long as it runs, deleting each chunk once its pointer is accepted.
 pub async fn run<P: PointerSink>(
     sink: Arc<P>,
     config: Arc<PublisherConfig>,
+    registry: Arc<Registry>,
     mut uploaded: mpsc::UnboundedReceiver<UploadedChunk>,
 ) {
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Job>();
@@ -100,7 +111,7 @@ pub async fn run<P: PointerSink>(
         Job {
             chunk,
             record,
-            attempt: 0,
+            attempts: Attempts::default(),
         }
     };
     loop {
@@ -108,32 +119,39 @@ pub async fn run<P: PointerSink>(
             Some(chunk) = uploaded.recv() => new_job(chunk),
             Some(job) = retry_rx.recv() => job,
         };
-        let mut bytes = first.record.data.len() + first.record.partition_key.len();
-        let mut batch = vec![first];
+        let mut bytes = 0;
+        let mut batch = Vec::new();
+        let mut next = Some(first);
         // Take whatever else is ready, without waiting: batches grow with load by themselves.
-        while batch.len() < MAX_BATCH_RECORDS {
-            let next = match retry_rx.try_recv() {
-                Ok(job) => job,
-                Err(_) => match uploaded.try_recv() {
-                    Ok(chunk) => new_job(chunk),
-                    Err(_) => break,
-                },
-            };
-            let size = next.record.data.len() + next.record.partition_key.len();
-            if bytes + size > MAX_BATCH_BYTES {
-                let _ = retry_tx.send(next);
+        while let Some(job) = next.take() {
+            let size = job.record.data.len() + job.record.partition_key.len();
+            if !batch.is_empty() && bytes + size > MAX_BATCH_BYTES {
+                let _ = retry_tx.send(job);
                 break;
             }
-            bytes += size;
-            batch.push(next);
+            if registry.set_phase(&job.chunk.pointer.chunk_id, Phase::Publishing) {
+                bytes += size;
+                batch.push(job);
+            } else {
+                debug!(chunk_id = %job.chunk.pointer.chunk_id, "chunk is no longer in the buffer (dropped); not publishing it");
+            }
+            if batch.len() < MAX_BATCH_RECORDS {
+                next = retry_rx
+                    .try_recv()
+                    .ok()
+                    .or_else(|| uploaded.try_recv().ok().map(new_job));
+            }
         }
-        publish(&*sink, &config, batch, &retry_tx).await;
+        if !batch.is_empty() {
+            publish(&*sink, &config, &registry, batch, &retry_tx).await;
+        }
     }
 }
 
 async fn publish<P: PointerSink>(
     sink: &P,
     config: &PublisherConfig,
+    registry: &Registry,
     batch: Vec<Job>,
     retry_tx: &mpsc::UnboundedSender<Job>,
 ) {
@@ -142,73 +160,98 @@ async fn publish<P: PointerSink>(
     let results = match sink.put_records(&records).await {
         Ok(results) => results,
         Err(e) => {
-            let attempt = batch.iter().map(|j| j.attempt).max().unwrap_or(0) + 1;
-            let delay = config.backoff.delay(attempt);
             if e.retryable {
-                warn!(records = batch.len(), attempt, retry_in = ?delay, cause = %e, "PutRecords failed; will retry");
+                warn!(records = batch.len(), cause = %e, "PutRecords failed; will retry");
             } else {
-                error!(records = batch.len(), attempt, retry_in = ?delay, cause = %e, "PutRecords failed and needs attention; will retry");
+                error!(records = batch.len(), cause = %e, "PutRecords failed and needs attention; will retry");
             }
-            retry_later(
-                batch
-                    .into_iter()
-                    .map(|mut j| {
-                        j.attempt = attempt;
-                        j
-                    })
-                    .collect(),
-                delay,
-                retry_tx,
-            );
+            let message = e.to_string();
+            for job in batch {
+                retry_later(job, &message, config, registry, retry_tx);
+            }
             return;
         }
     };
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let mut published = Vec::new();
-    let mut failed = Vec::new();
-    for (mut job, result) in batch.into_iter().zip(results) {
+    for (job, result) in batch.into_iter().zip(results) {
         match result {
             EntryResult::Accepted {
                 shard_id,
                 sequence_number,
             } => {
                 info!(chunk_id = %job.chunk.pointer.chunk_id, key = %job.chunk.pointer.key, %shard_id, %sequence_number, elapsed_ms, "pointer published");
-                published.push(job.chunk.paths);
+                published.push(job.chunk);
             }
             EntryResult::Failed { code, message } => {
-                job.attempt += 1;
-                warn!(chunk_id = %job.chunk.pointer.chunk_id, attempt = job.attempt, %code, %message, "pointer not accepted; will retry");
-                failed.push(job);
+                warn!(chunk_id = %job.chunk.pointer.chunk_id, %code, %message, "pointer not accepted; will retry");
+                retry_later(
+                    job,
+                    &format!("{code}: {message}"),
+                    config,
+                    registry,
+                    retry_tx,
+                );
             }
         }
     }
-    if !failed.is_empty() {
-        let attempt = failed.iter().map(|j| j.attempt).max().unwrap_or(1);
-        retry_later(failed, config.backoff.delay(attempt), retry_tx);
+    if published.is_empty() {
+        return;
     }
-    if !published.is_empty() {
-        let removed = tokio::task::spawn_blocking(move || {
-            for paths in published {
-                if let Err(e) = paths.remove() {
+    let removed = tokio::task::spawn_blocking(move || {
+        published
+            .into_iter()
+            .filter_map(|chunk| match chunk.paths.remove() {
+                Ok(()) => Some(chunk.pointer.chunk_id),
+                Err(e) => {
                     // The next start sees the chunk and publishes it again: a duplicate, not a loss.
-                    error!(path = %paths.data.display(), cause = %e, "cannot delete a published chunk");
+                    error!(path = %chunk.paths.data.display(), cause = %e, "cannot delete a published chunk");
+                    None
                 }
-            }
-        })
-        .await;
-        if let Err(e) = removed {
-            error!(cause = %e, "deleting published chunks failed");
-        }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match removed {
+        Ok(ids) => ids.iter().for_each(|id| {
+            registry.remove(id);
+        }),
+        Err(e) => error!(cause = %e, "deleting published chunks failed"),
     }
 }
 
-fn retry_later(jobs: Vec<Job>, delay: std::time::Duration, retry_tx: &mpsc::UnboundedSender<Job>) {
+/// Records a failure and retries the job after backoff, or dead-letters it when its budget is
+/// spent.
+fn retry_later(
+    mut job: Job,
+    error: &str,
+    config: &PublisherConfig,
+    registry: &Registry,
+    retry_tx: &mpsc::UnboundedSender<Job>,
+) {
+    let id = job.chunk.pointer.chunk_id.clone();
+    registry.failed(&id, Phase::Uploaded, error.to_string());
+    job.attempts.failed();
+    if job.attempts.exhausted(&config.retry) {
+        match dead_letter::move_to_dead(&config.buffer_dir, &job.chunk.paths) {
+            Ok(()) => {
+                registry.remove(&id);
+                registry.count_dead_letter();
+                error!(chunk_id = %id, attempts = job.attempts.count(), cause = %error,
+                       "retry budget exhausted; chunk moved to the dead-letter folder (claimcheck replay re-queues it)");
+            }
+            Err(e) => {
+                error!(chunk_id = %id, cause = %e, "retry budget exhausted but the chunk cannot be moved to the dead-letter folder; it stays in the buffer")
+            }
+        }
+        return;
+    }
+    let delay = job.attempts.delay(&config.retry);
+    debug!(chunk_id = %id, attempt = job.attempts.count(), retry_in = ?delay, "pointer retry scheduled");
     let tx = retry_tx.clone();
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        for job in jobs {
-            let _ = tx.send(job);
-        }
+        let _ = tx.send(job);
     });
 }
 

@@ -1,10 +1,12 @@
-//! Exponential backoff with jitter, Fluentd style.
+//! Retries, Fluentd style: exponential backoff with jitter, and a budget.
 //!
 //! The n-th retry waits `retry_wait * 2^(n-1)`, capped at `retry_max_interval`, then moved by a
 //! random ±12.5 % (Fluentd's `retry_randomize`) so that chunks failing together do not retry
-//! together.
+//! together. A chunk's budget is spent after `retry_max_times` retries or `retry_timeout` after
+//! its first failure, whichever comes first, unless `retry_forever`; the chunk then goes to the
+//! dead-letter folder, never away.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Retry timing shared by the uploader and the publisher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,9 +31,89 @@ impl Backoff {
     }
 }
 
+/// Backoff and budget of the uploader and the publisher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub backoff: Backoff,
+    /// Give up this long after the first failure (Fluentd's `retry_timeout`).
+    pub timeout: Duration,
+    /// Give up after this many retries (Fluentd's `retry_max_times`).
+    pub max_times: Option<u32>,
+    /// Never give up (Fluentd's `retry_forever`).
+    pub forever: bool,
+}
+
+/// The failures of one chunk at one stage.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Attempts {
+    failures: u32,
+    first_failure: Option<Instant>,
+}
+
+impl Attempts {
+    pub fn failed(&mut self) {
+        self.failures += 1;
+        self.first_failure.get_or_insert_with(Instant::now);
+    }
+
+    pub fn count(&self) -> u32 {
+        self.failures
+    }
+
+    /// True once the budget is spent: no retry is left.
+    pub fn exhausted(&self, policy: &RetryPolicy) -> bool {
+        if policy.forever || self.failures == 0 {
+            return false;
+        }
+        let retries = self.failures - 1;
+        policy.max_times.is_some_and(|max| retries >= max)
+            || self
+                .first_failure
+                .is_some_and(|t| t.elapsed() >= policy.timeout)
+    }
+
+    /// How long to wait before the next attempt.
+    pub fn delay(&self, policy: &RetryPolicy) -> Duration {
+        policy.backoff.delay(self.failures.max(1))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_budget_counts_retries_and_time_unless_forever() {
+        let backoff = Backoff {
+            wait: Duration::from_millis(1),
+            max_interval: Duration::from_millis(2),
+        };
+        let times = RetryPolicy {
+            backoff,
+            timeout: Duration::from_secs(3600),
+            max_times: Some(2),
+            forever: false,
+        };
+        let mut a = Attempts::default();
+        assert!(!a.exhausted(&times));
+        a.failed(); // the first attempt
+        a.failed(); // retry 1
+        assert!(!a.exhausted(&times));
+        a.failed(); // retry 2: the last one allowed
+        assert!(a.exhausted(&times));
+        assert!(!a.exhausted(&RetryPolicy {
+            forever: true,
+            ..times
+        }));
+        let timeout = RetryPolicy {
+            timeout: Duration::ZERO,
+            max_times: None,
+            ..times
+        };
+        let mut b = Attempts::default();
+        b.failed();
+        assert!(b.exhausted(&timeout));
+    }
 
     #[test]
     fn grows_exponentially_with_jitter_and_stays_bounded() {

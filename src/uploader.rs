@@ -1,18 +1,25 @@
 //! Sealed chunk → compressed object in S3 → `uploaded` state.
 //!
-//! Each chunk is first staged: its frames are read back (checking every frame's CRC32C),
-//! converted to the body format, compressed, and written to `<id>.object` while the CRC32C and
-//! size of the result are computed. Staging streams in 1 MiB pieces, so memory does not grow
-//! with chunk size, and a retry reuses the staged file instead of compressing again. The
-//! object key is derived from the chunk id, so any retry, even after a crash, rewrites the same
-//! key. Only after S3 confirmed the object is the `uploaded` state (with the pointer) written.
+//! The chunk's frames are read back (checking every frame's CRC32C), converted to the body
+//! format and compressed on a blocking thread, which hands the output over in pieces: a body
+//! that ends within `multipart_threshold` goes as one PutObject from memory; a larger one is
+//! sent by multipart upload, part by part while it is being compressed. Memory therefore stays
+//! within about two parts per upload whatever the chunk size, and no copy of the body is kept
+//! on disk, which matters when the disk is full. Compression is deterministic, so a retry, even
+//! after a crash, writes the same bytes to the same key (derived from the chunk id). Only after
+//! S3 confirmed the object is the `uploaded` state (with the pointer) written.
+//!
+//! A failed upload is retried with backoff until the retry budget is spent; the chunk then
+//! moves to `dead/` for `claimcheck replay`. A chunk whose data turns out to be damaged is
+//! moved to `quarantine/` at once: no retry can repair it.
 
 use std::fs::File;
 use std::future::Future;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use claimcheck_consumer::body::{self, Compression, Encoder, Format};
 use claimcheck_consumer::pointer::{Checksum, Pointer};
 use tokio::sync::{mpsc, Semaphore};
@@ -21,31 +28,65 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::aws::BackendError;
 use crate::buffer::chunk::{self, ChunkState, ReadError};
+use crate::buffer::dead_letter;
+use crate::buffer::registry::{Phase, Registry};
 use crate::buffer::{SealedChunk, UploadedChunk};
 use crate::key_template::{KeyTemplate, KeyValues};
-use crate::retry::Backoff;
+use crate::retry::{Attempts, RetryPolicy};
 
-/// One object to store.
+/// What is stored, besides the bytes.
 #[derive(Debug, Clone)]
-pub struct ObjectUpload {
+pub struct ObjectMeta {
     pub key: String,
-    /// The staged object file.
-    pub path: PathBuf,
-    pub len: u64,
-    pub crc32c: u32,
     pub content_type: &'static str,
     pub content_encoding: Option<&'static str>,
     pub chunk_id: String,
 }
 
-/// Where chunk bodies are stored (S3 in production, a fake in tests).
+/// A part of a multipart upload, as S3 confirmed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadedPart {
+    pub number: i32,
+    pub etag: Option<String>,
+    pub crc32c: u32,
+}
+
+/// Where chunk bodies are stored (S3 in production, a fake in tests). Every call carries the
+/// CRC32C of its bytes, for the store to verify. Writing an existing key replaces the object.
 pub trait ChunkStore: Send + Sync + 'static {
     fn bucket(&self) -> &str;
-    /// Stores the object, replacing any object at the same key. Returns the ETag.
-    fn put(
+    /// Stores a whole object; returns its ETag.
+    fn put_object(
         &self,
-        upload: &ObjectUpload,
+        meta: &ObjectMeta,
+        body: Bytes,
+        crc32c: u32,
     ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
+    /// Starts a multipart upload; returns its upload id.
+    fn create_multipart(
+        &self,
+        meta: &ObjectMeta,
+    ) -> impl Future<Output = Result<String, BackendError>> + Send;
+    /// Stores part `number` (from 1); returns its ETag.
+    fn upload_part(
+        &self,
+        meta: &ObjectMeta,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+        crc32c: u32,
+    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
+    fn complete_multipart(
+        &self,
+        meta: &ObjectMeta,
+        upload_id: &str,
+        parts: &[UploadedPart],
+    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
+    fn abort_multipart(
+        &self,
+        meta: &ObjectMeta,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
 }
 
 /// Settings of the uploader.
@@ -61,7 +102,13 @@ pub struct UploaderConfig {
     pub producer: String,
     /// Chunks uploaded at once (Fluentd's `flush_thread_count`).
     pub workers: usize,
-    pub backoff: Backoff,
+    pub retry: RetryPolicy,
+    /// Bodies up to this size go by one PutObject; larger ones by multipart upload.
+    pub multipart_threshold: u64,
+    /// Part size of multipart uploads (at least S3's minimum of 5 MiB).
+    pub part_size: u64,
+    /// The buffer directory, for `dead/` and `quarantine/`.
+    pub buffer_dir: PathBuf,
 }
 
 impl UploaderConfig {
@@ -87,47 +134,53 @@ impl UploaderConfig {
 pub enum UploadError {
     #[error("cannot read chunk: {0}")]
     Read(#[from] ReadError),
-    #[error("cannot stage object: {0}")]
-    Stage(#[source] io::Error),
+    #[error("cannot build the object: {0}")]
+    Body(#[source] io::Error),
     #[error(transparent)]
     Store(#[from] BackendError),
-    #[error("cannot record upload: {0}")]
+    #[error("cannot record the upload: {0}")]
     State(#[source] io::Error),
 }
 
 impl UploadError {
-    /// Whether retrying alone can help (a damaged chunk file or access denied will not heal).
+    /// The chunk file itself is damaged: no retry can help.
+    pub fn is_damaged(&self) -> bool {
+        matches!(
+            self,
+            UploadError::Read(
+                ReadError::BadMagic | ReadError::BadHeader(_) | ReadError::BadFrame { .. }
+            )
+        )
+    }
+
+    /// Whether retrying alone can help (access denied or a missing bucket will not heal).
     pub fn is_retryable(&self) -> bool {
         match self {
-            UploadError::Read(ReadError::Io(_)) | UploadError::Stage(_) | UploadError::State(_) => {
-                true
-            }
-            UploadError::Read(_) => false,
             UploadError::Store(e) => e.retryable,
+            other => !other.is_damaged(),
         }
     }
 }
 
-/// The staged object of a chunk.
-#[derive(Debug, Clone, Copy)]
-pub struct Staged {
-    pub len: u64,
+/// The stored object's size and checksum, and the body size before compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodySummary {
+    pub stored_bytes: u64,
     pub crc32c: u32,
-    /// Body bytes before compression (for `json`, the JSON text).
     pub body_bytes: u64,
 }
 
 struct Job {
     chunk: SealedChunk,
-    attempt: u32,
-    staged: Option<Staged>,
+    attempts: Attempts,
 }
 
-/// Uploads sealed chunks with `config.workers` at a time, forever; failed chunks are retried
-/// with backoff. Uploaded chunks go to `publish`.
+/// Uploads sealed chunks, `config.workers` at a time, for as long as it runs; failed chunks
+/// are retried with backoff until the retry budget is spent. Uploaded chunks go to `publish`.
 pub async fn run<S: ChunkStore>(
     store: Arc<S>,
     config: Arc<UploaderConfig>,
+    registry: Arc<Registry>,
     mut sealed: mpsc::UnboundedReceiver<SealedChunk>,
     publish: mpsc::UnboundedSender<UploadedChunk>,
 ) {
@@ -136,7 +189,7 @@ pub async fn run<S: ChunkStore>(
     let mut tasks = JoinSet::new();
     loop {
         let job = tokio::select! {
-            Some(chunk) = sealed.recv() => Job { chunk, attempt: 0, staged: None },
+            Some(chunk) = sealed.recv() => Job { chunk, attempts: Attempts::default() },
             Some(job) = retry_rx.recv() => job,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
@@ -145,29 +198,37 @@ pub async fn run<S: ChunkStore>(
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let (store, config, retry_tx, publish) = (
-            store.clone(),
-            config.clone(),
-            retry_tx.clone(),
-            publish.clone(),
-        );
+        let (store, config, registry) = (store.clone(), config.clone(), registry.clone());
+        let (retry_tx, publish) = (retry_tx.clone(), publish.clone());
         let span = tracing::info_span!("chunk", chunk_id = %job.chunk.header.chunk_id);
         tasks.spawn(
             async move {
                 let mut job = job;
-                let result = upload(&*store, &config, &mut job).await;
+                let id = job.chunk.header.chunk_id.clone();
+                if !registry.set_phase(&id, Phase::Uploading) {
+                    debug!("chunk is no longer in the buffer (dropped); not uploading it");
+                    return;
+                }
+                let result = upload(&*store, &config, &job.chunk).await;
                 drop(permit);
                 match result {
                     Ok(uploaded) => {
+                        registry.set_phase(&id, Phase::Uploaded);
                         let _ = publish.send(uploaded);
                     }
+                    Err(e) if e.is_damaged() => quarantine(&config, &registry, &job.chunk, &e),
                     Err(e) => {
-                        job.attempt += 1;
-                        let delay = config.backoff.delay(job.attempt);
+                        registry.failed(&id, Phase::Sealed, e.to_string());
+                        job.attempts.failed();
+                        if job.attempts.exhausted(&config.retry) {
+                            dead_letter(&config, &registry, &job.chunk, &e, job.attempts.count());
+                            return;
+                        }
+                        let delay = job.attempts.delay(&config.retry);
                         if e.is_retryable() {
-                            warn!(attempt = job.attempt, retry_in = ?delay, cause = %e, "upload failed; will retry");
+                            warn!(attempt = job.attempts.count(), retry_in = ?delay, cause = %e, "upload failed; will retry");
                         } else {
-                            error!(attempt = job.attempt, retry_in = ?delay, cause = %e, "upload failed and needs attention; will retry");
+                            error!(attempt = job.attempts.count(), retry_in = ?delay, cause = %e, "upload failed and needs attention; will retry");
                         }
                         tokio::spawn(async move {
                             tokio::time::sleep(delay).await;
@@ -181,60 +242,94 @@ pub async fn run<S: ChunkStore>(
     }
 }
 
-async fn upload<S: ChunkStore>(
+fn quarantine(config: &UploaderConfig, registry: &Registry, chunk: &SealedChunk, e: &UploadError) {
+    let paths = &chunk.paths;
+    match dead_letter::quarantine(&config.buffer_dir, &[&paths.data, &paths.state]) {
+        Ok(to) => error!(cause = %e, to = %to.display(), events = chunk.stats.records,
+                         "chunk data is damaged and cannot be delivered; moved to quarantine"),
+        Err(q) => {
+            error!(cause = %e, quarantine_error = %q, "chunk data is damaged and cannot be moved to quarantine")
+        }
+    }
+    registry.remove(&chunk.header.chunk_id);
+}
+
+fn dead_letter(
+    config: &UploaderConfig,
+    registry: &Registry,
+    chunk: &SealedChunk,
+    e: &UploadError,
+    attempts: u32,
+) {
+    match dead_letter::move_to_dead(&config.buffer_dir, &chunk.paths) {
+        Ok(()) => {
+            registry.remove(&chunk.header.chunk_id);
+            registry.count_dead_letter();
+            error!(attempts, cause = %e, events = chunk.stats.records,
+                   "retry budget exhausted; chunk moved to the dead-letter folder (claimcheck replay re-queues it)");
+        }
+        Err(m) => {
+            error!(attempts, cause = %e, move_error = %m, "retry budget exhausted but the chunk cannot be moved to the dead-letter folder; it stays in the buffer")
+        }
+    }
+}
+
+/// Builds the body, stores it, records the pointer.
+pub async fn upload<S: ChunkStore>(
     store: &S,
     config: &UploaderConfig,
-    job: &mut Job,
+    chunk: &SealedChunk,
 ) -> Result<UploadedChunk, UploadError> {
-    let chunk = &job.chunk;
-    let staged = match job.staged {
-        Some(s) => s,
-        None => {
-            let (c, cfg) = (
-                chunk.clone(),
-                (config.format, config.compression, config.compression_level),
-            );
-            let s = tokio::task::spawn_blocking(move || stage(&c, cfg.0, cfg.1, cfg.2))
-                .await
-                .map_err(|e| UploadError::Stage(io::Error::other(e)))??;
-            job.staged = Some(s);
-            s
-        }
-    };
     let header = &chunk.header;
-    let key = config.key(&header.tag, &header.chunk_id, header.timekey);
-    let upload = ObjectUpload {
-        key: key.clone(),
-        path: chunk.paths.object.clone(),
-        len: staged.len,
-        crc32c: staged.crc32c,
+    let meta = ObjectMeta {
+        key: config.key(&header.tag, &header.chunk_id, header.timekey),
         content_type: config.format.content_type(),
         content_encoding: config.compression.content_encoding(),
         chunk_id: header.chunk_id.clone(),
     };
     let started = std::time::Instant::now();
-    let etag = store.put(&upload).await?;
+    let (tx, mut pieces) = mpsc::channel::<Piece>(1);
+    let (c, cfg) = (chunk.clone(), config.clone());
+    let build = tokio::task::spawn_blocking(move || write_body(&c, &cfg, tx));
+    let etag = match pieces.recv().await {
+        Some(Piece::Whole(body)) => {
+            let summary = join(build).await?;
+            store
+                .put_object(&meta, body, summary.crc32c)
+                .await
+                .map(|etag| (etag, summary))
+                .map_err(UploadError::from)
+        }
+        Some(Piece::Part(first)) => multipart(store, &meta, first, &mut pieces, build).await,
+        None => {
+            return Err(join(build)
+                .await
+                .err()
+                .unwrap_or_else(|| UploadError::Body(io::Error::other("no body"))))
+        }
+    };
+    let (etag, summary) = etag?;
     let pointer = Pointer {
         v: Pointer::VERSION,
         chunk_id: header.chunk_id.clone(),
         bucket: store.bucket().to_string(),
-        key,
+        key: meta.key.clone(),
         tag: header.tag.clone(),
         timekey: header.timekey,
         first_time: chunk.stats.first_time,
         last_time: chunk.stats.last_time,
         records: chunk.stats.records,
-        bytes: staged.body_bytes,
-        stored_bytes: staged.len,
+        bytes: summary.body_bytes,
+        stored_bytes: summary.stored_bytes,
         format: config.format,
         compression: config.compression,
         checksum: Checksum {
-            crc32c: staged.crc32c,
+            crc32c: summary.crc32c,
         },
         producer: config.producer.clone(),
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     };
-    info!(key = %pointer.key, bytes = staged.body_bytes, stored_bytes = staged.len,
+    info!(key = %pointer.key, bytes = summary.body_bytes, stored_bytes = summary.stored_bytes,
           elapsed_ms = started.elapsed().as_millis() as u64, "object stored");
     let state = ChunkState::Uploaded {
         header: header.clone(),
@@ -242,37 +337,141 @@ async fn upload<S: ChunkStore>(
         pointer: Box::new(pointer.clone()),
         etag,
     };
-    let paths = chunk.paths.clone();
-    tokio::task::spawn_blocking(move || {
-        chunk::write_state(&paths.state, &state)?;
-        // The staged object is no longer needed: the pointer has all the publisher needs.
-        match std::fs::remove_file(&paths.object) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    })
-    .await
-    .map_err(|e| UploadError::State(io::Error::other(e)))?
-    .map_err(UploadError::State)?;
+    let path = chunk.paths.state.clone();
+    tokio::task::spawn_blocking(move || chunk::write_state(&path, &state))
+        .await
+        .map_err(|e| UploadError::State(io::Error::other(e)))?
+        .map_err(UploadError::State)?;
     Ok(UploadedChunk {
-        header: chunk.header.clone(),
+        header: header.clone(),
         paths: chunk.paths.clone(),
         pointer,
     })
 }
 
-/// Counts and checksums what passes through it.
+async fn join(
+    build: tokio::task::JoinHandle<Result<BodySummary, UploadError>>,
+) -> Result<BodySummary, UploadError> {
+    build
+        .await
+        .map_err(|e| UploadError::Body(io::Error::other(e)))?
+}
+
+/// Sends parts as the body is built; aborts the upload on any error.
+async fn multipart<S: ChunkStore>(
+    store: &S,
+    meta: &ObjectMeta,
+    first: Bytes,
+    pieces: &mut mpsc::Receiver<Piece>,
+    build: tokio::task::JoinHandle<Result<BodySummary, UploadError>>,
+) -> Result<(Option<String>, BodySummary), UploadError> {
+    let upload_id = store.create_multipart(meta).await?;
+    let mut parts = Vec::new();
+    let result = async {
+        let mut next = Some(first);
+        while let Some(body) = next.take() {
+            let number = parts.len() as i32 + 1;
+            let crc = crc32c::crc32c(&body);
+            let size = body.len();
+            let etag = store
+                .upload_part(meta, &upload_id, number, body, crc)
+                .await?;
+            debug!(key = %meta.key, part = number, bytes = size, "part uploaded");
+            parts.push(UploadedPart {
+                number,
+                etag,
+                crc32c: crc,
+            });
+            next = match pieces.recv().await {
+                Some(Piece::Part(b) | Piece::Whole(b)) => Some(b),
+                None => None,
+            };
+        }
+        let summary = join(build).await?;
+        let etag = store.complete_multipart(meta, &upload_id, &parts).await?;
+        Ok((etag, summary))
+    }
+    .await;
+    if result.is_err() {
+        // Best effort; a bucket lifecycle rule (AbortIncompleteMultipartUpload) cleans up
+        // after crashes, when this cannot run.
+        if let Err(e) = store.abort_multipart(meta, &upload_id).await {
+            warn!(key = %meta.key, cause = %e, "cannot abort a multipart upload");
+        }
+    }
+    result
+}
+
+/// A piece of a body on its way from the compressing thread to the upload.
+enum Piece {
+    /// The whole body, within the multipart threshold.
+    Whole(Bytes),
+    /// The next part of a multipart upload.
+    Part(Bytes),
+}
+
+/// Collects compressed output, checksums it, and hands it to the upload in parts.
+struct PartSink {
+    buf: Vec<u8>,
+    threshold: usize,
+    part_size: usize,
+    multipart: bool,
+    tx: mpsc::Sender<Piece>,
+    len: u64,
+    crc: u32,
+}
+
+impl PartSink {
+    fn send(&self, piece: Piece) -> io::Result<()> {
+        self.tx
+            .blocking_send(piece)
+            .map_err(|_| io::Error::other("the upload stopped"))
+    }
+
+    fn finish(mut self) -> io::Result<(u64, u32)> {
+        let rest = Bytes::from(std::mem::take(&mut self.buf));
+        if self.multipart {
+            if !rest.is_empty() {
+                self.send(Piece::Part(rest))?;
+            }
+        } else {
+            self.send(Piece::Whole(rest))?;
+        }
+        Ok((self.len, self.crc))
+    }
+}
+
+impl Write for PartSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        self.len += data.len() as u64;
+        self.crc = crc32c::crc32c_append(self.crc, data);
+        if !self.multipart && self.buf.len() > self.threshold {
+            self.multipart = true;
+        }
+        while self.multipart && self.buf.len() >= self.part_size {
+            let rest = self.buf.split_off(self.part_size);
+            let part = std::mem::replace(&mut self.buf, rest);
+            self.send(Piece::Part(Bytes::from(part)))?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counts what passes through it.
 struct Counting<W> {
     inner: W,
     len: u64,
-    crc: u32,
 }
 
 impl<W: Write> Write for Counting<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.len += n as u64;
-        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
         Ok(n)
     }
 
@@ -282,57 +481,58 @@ impl<W: Write> Write for Counting<W> {
 }
 
 /// Piece size for reading a chunk back.
-const PIECE: usize = 1 << 20;
+const READ_PIECE: usize = 1 << 20;
 
-/// Writes a chunk's compressed body to its staged object file (blocking).
-pub fn stage(
+/// Reads a chunk, builds its body in the configured format and compression, and sends it to
+/// `tx` (blocking).
+fn write_body(
     chunk: &SealedChunk,
-    format: Format,
-    compression: Compression,
-    level: Option<i32>,
-) -> Result<Staged, UploadError> {
-    let tmp = chunk.paths.object.with_extension("object.tmp");
-    let out = File::create(&tmp).map_err(UploadError::Stage)?;
-    let stored = Counting {
-        inner: BufWriter::with_capacity(PIECE, out),
+    config: &UploaderConfig,
+    tx: mpsc::Sender<Piece>,
+) -> Result<BodySummary, UploadError> {
+    let threshold = config.multipart_threshold.max(1) as usize;
+    let part_size = config.part_size.max(crate::aws::s3::MIN_PART_SIZE) as usize;
+    let sink = PartSink {
+        buf: Vec::new(),
+        threshold,
+        part_size,
+        multipart: false,
+        tx,
         len: 0,
         crc: 0,
     };
-    let encoder = Encoder::new(compression, level, stored).map_err(UploadError::Stage)?;
+    let encoder = Encoder::new(config.compression, config.compression_level, sink)
+        .map_err(UploadError::Body)?;
     let mut body = Counting {
         inner: encoder,
         len: 0,
-        crc: 0,
     };
-
     let mut data = File::open(&chunk.paths.data).map_err(ReadError::Io)?;
     let (_, start) = chunk::read_header(&mut data)?;
     let mut frames =
         chunk::FrameReader::new(data, start, chunk.stats.data_len).map_err(ReadError::Io)?;
     let mut piece = Vec::new();
-    match format {
+    match config.format {
         Format::Msgpack => {
-            while frames.next_piece(&mut piece, PIECE)? {
-                body.write_all(&piece).map_err(UploadError::Stage)?;
+            while frames.next_piece(&mut piece, READ_PIECE)? {
+                body.write_all(&piece).map_err(UploadError::Body)?;
             }
         }
         // JSON needs whole entries: read whole frames (each holds whole entries only).
         Format::Json => {
             while frames.next_piece(&mut piece, usize::MAX)? {
                 body::write_json_lines(&chunk.header.tag, &piece, &mut body).map_err(|e| {
-                    UploadError::Stage(io::Error::new(io::ErrorKind::InvalidData, e))
+                    UploadError::Body(io::Error::new(io::ErrorKind::InvalidData, e))
                 })?;
             }
         }
     }
     let body_bytes = body.len;
-    let mut stored = body.inner.finish().map_err(UploadError::Stage)?;
-    stored.flush().map_err(UploadError::Stage)?;
-    std::fs::rename(&tmp, &chunk.paths.object).map_err(UploadError::Stage)?;
-    debug!(chunk_id = %chunk.header.chunk_id, body_bytes, stored_bytes = stored.len, "object staged");
-    Ok(Staged {
-        len: stored.len,
-        crc32c: stored.crc,
+    let sink = body.inner.finish().map_err(UploadError::Body)?;
+    let (stored_bytes, crc32c) = sink.finish().map_err(UploadError::Body)?;
+    Ok(BodySummary {
+        stored_bytes,
+        crc32c,
         body_bytes,
     })
 }

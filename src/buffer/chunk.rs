@@ -20,8 +20,6 @@ pub const FRAME_HEADER: usize = 8;
 pub const DATA_EXT: &str = "chunk";
 /// State file suffix.
 pub const STATE_EXT: &str = "state";
-/// Staged (compressed) object suffix.
-pub const OBJECT_EXT: &str = "object";
 
 /// What a data file records about its chunk before the first event is appended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,7 +101,6 @@ pub enum ChunkState {
 pub struct ChunkPaths {
     pub data: PathBuf,
     pub state: PathBuf,
-    pub object: PathBuf,
 }
 
 impl ChunkPaths {
@@ -111,14 +108,13 @@ impl ChunkPaths {
         ChunkPaths {
             data: dir.join(format!("{chunk_id}.{DATA_EXT}")),
             state: dir.join(format!("{chunk_id}.{STATE_EXT}")),
-            object: dir.join(format!("{chunk_id}.{OBJECT_EXT}")),
         }
     }
 
     /// Removes the chunk. The data file goes first: once it is gone the chunk is gone, and
-    /// recovery deletes any state or object file left without one.
+    /// recovery deletes a state file left without one.
     pub fn remove(&self) -> io::Result<()> {
-        for path in [&self.data, &self.state, &self.object] {
+        for path in [&self.data, &self.state] {
             match fs::remove_file(path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}

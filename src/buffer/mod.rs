@@ -3,18 +3,27 @@
 //! # The promise
 //!
 //! A forward `chunk` option is acknowledged only after its events are written to a chunk file
-//! *and that file has been fsynced* (plus its directory, when the file is new). One fsync covers
-//! every append that arrived while the previous one ran (group commit). Nothing is deleted
-//! before Kinesis accepted the chunk's pointer.
+//! and, under the default `sync always`, that file has been fsynced (plus its directory when
+//! the file is new). One fsync covers every request that arrived while the previous one ran
+//! (group commit). Nothing is deleted before Kinesis accepted the chunk's pointer, or before
+//! an operator's `drop_oldest_chunk` asks for it.
+//!
+//! | `sync`     | acknowledged after          | survives a process crash | survives power loss      |
+//! |------------|-----------------------------|--------------------------|--------------------------|
+//! | `always`   | write + fsync               | yes                      | yes                      |
+//! | `interval` | write (fsync every `sync_interval`) | yes              | all but the last interval |
+//! | `none`     | write (fsync only at seal)  | yes                      | sealed chunks only       |
 //!
 //! # Layout
 //!
 //! ```text
 //! <buffer_dir>/
-//!   LOCK                      held (flock) while a sidecar uses the directory
-//!   chunks/<id>.chunk         data file (the chunk id is 32 lowercase hex digits, a UUIDv7)
-//!   chunks/<id>.state         JSON state once sealed; replaced atomically (tmp, fsync, rename)
-//!   chunks/<id>.object        compressed object staged for upload (a cache; rebuilt if lost)
+//!   LOCK                  held (flock) while a sidecar uses the directory
+//!   RESERVE               1 MiB released when the disk fills, so chunks can still be sealed
+//!   chunks/<id>.chunk     data file (the chunk id is 32 lowercase hex digits, a UUIDv7)
+//!   chunks/<id>.state     JSON state once sealed; replaced atomically (tmp, fsync, rename)
+//!   dead/                 chunks whose delivery exhausted the retry budget (`claimcheck replay`)
+//!   quarantine/           files recovery could not read, and torn tails cut off; never deleted
 //!
 //! data file  = "CCHUNK01" | header_len u32 LE | header_crc32c u32 LE | header JSON | frame*
 //! header     = {"chunk_id","tag","timekey","created_ms"}
@@ -23,45 +32,56 @@
 //! ```
 //!
 //! The chunk body (what S3 stores before compression) is the concatenation of the payloads.
-//! Each append batch of a chunk is one frame, written with one vectored write; a crash in the
+//! Each write round of a chunk is one frame, written with one vectored write; a crash in the
 //! middle leaves a torn frame, which recovery detects (short or CRC mismatch) and cuts off.
-//! None of a torn frame's events were acknowledged, because acks wait for the fsync.
+//! None of a torn frame's events were acknowledged, because acks wait for the write (and the
+//! fsync, under `sync always`).
 //!
 //! # Lifecycle
 //!
 //! ```text
 //! open ──seal──▶ sealed ──S3 PUT ok──▶ uploaded ──PutRecords ok──▶ deleted
 //!  (data file)   (state: sealed,     (state: uploaded,            (data file removed first,
-//!                 data_len fixed)     pointer + etag)              then state and object)
+//!                 data_len fixed)     pointer + etag)              then the state)
+//!                    │                     │
+//!                    └── retry budget exhausted ──▶ dead/ ──claimcheck replay──▶ chunks/
 //! ```
 //!
 //! * **seal** when the chunk reaches `chunk_limit_size` or `chunk_limit_records`, when its
-//!   timekey plus `timekey_wait` has passed, `flush_interval` after it was created, or at
-//!   shutdown. Sealing syncs the data file and writes the state atomically.
+//!   timekey plus `timekey_wait` has passed, `flush_interval` after it was created, when the
+//!   buffer or the disk is full, or at shutdown. Sealing syncs the data file and writes the
+//!   state atomically.
+//! * **full**: when the chunks reach `total_limit_size`, or a write finds no space, the writer
+//!   takes no new requests (connections stop reading; TCP pushes back on the senders) and
+//!   seals its open chunks so that delivery frees space; with `overflow_action
+//!   drop_oldest_chunk` it deletes the oldest waiting chunk instead, logging each at ERROR.
 //! * **recover** on start: sealed and uploaded chunks are queued again where they stopped;
 //!   open chunks are scanned, cut back to their last whole frame, and sealed.
 //! * **delete** is the "published" record: the data file is unlinked first, so a crash
 //!   between Kinesis accepting a pointer and the unlink publishes the pointer again (same chunk
-//!   id; consumers drop it). A state or object file without its data file is removed on start.
+//!   id; consumers drop it). A state file without its data file is removed on start.
 
 pub mod chunk;
+pub mod dead_letter;
 mod recovery;
+pub mod registry;
+mod writer;
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use claimcheck_consumer::entry::{self, EventTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
-use chunk::{ChunkHeader, ChunkPaths, ChunkState, ChunkStats, ChunkWriter};
-pub use recovery::Recovered;
+use chunk::{ChunkHeader, ChunkPaths, ChunkStats};
+pub use recovery::{rescan, Recovered};
+use registry::Registry;
+use writer::{Append, Writer};
 
 /// Settings of the buffer (see `config.rs` for their documentation and defaults).
 #[derive(Debug, Clone)]
@@ -72,6 +92,27 @@ pub struct BufferConfig {
     pub chunk_limit_size: u64,
     pub chunk_limit_records: Option<u64>,
     pub flush_interval: Duration,
+    pub total_limit_size: Option<u64>,
+    pub overflow_action: OverflowAction,
+    pub sync: SyncPolicy,
+    pub sync_interval: Duration,
+}
+
+/// When appended events are fsynced (see the table in the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncPolicy {
+    Always,
+    Interval,
+    None,
+}
+
+/// What to do when the buffer reaches `total_limit_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OverflowAction {
+    /// Stop taking requests until delivery frees space (senders wait; nothing is lost).
+    Block,
+    /// Delete the oldest chunk waiting for delivery, logging it at ERROR (data is lost).
+    DropOldestChunk,
 }
 
 /// Events of one tag that fall in one timekey, as byte slices of whole entries.
@@ -194,12 +235,6 @@ pub struct SealedChunk {
     pub paths: ChunkPaths,
 }
 
-struct Append {
-    tag: Arc<str>,
-    groups: Vec<Group>,
-    done: oneshot::Sender<Result<(), BufferError>>,
-}
-
 /// Cheap handle that connections use to append events.
 #[derive(Clone, Debug)]
 pub struct BufferHandle {
@@ -234,15 +269,17 @@ impl BufferHandle {
 
 /// How many append requests may wait for the writer before connections stop reading.
 const QUEUE_DEPTH: usize = 1024;
-/// Most append requests gathered into one write-and-fsync round.
+/// Most append requests gathered into one write round.
 const MAX_BATCH: usize = 4096;
 
 /// The opened buffer: the handle for connections and the writer task to run.
 pub struct Buffer {
     pub handle: BufferHandle,
-    pub writer: Writer,
+    writer: Writer,
     rx: mpsc::Receiver<Append>,
     lock: DirLock,
+    registry: Arc<Registry>,
+    config: Arc<BufferConfig>,
 }
 
 /// The buffer directory's lock (an flock on `LOCK`); released when dropped.
@@ -251,12 +288,14 @@ pub struct DirLock(#[allow(dead_code)] File);
 
 impl Buffer {
     /// Opens (creating if needed) the buffer directory, takes its lock and recovers what a
-    /// previous run left. Sealed chunks go to `sealed_tx` as the writer produces them.
+    /// previous run left into `registry`. Sealed chunks go to `sealed_tx` as the writer makes
+    /// them.
     pub fn open(
         config: BufferConfig,
+        registry: Arc<Registry>,
         sealed_tx: mpsc::UnboundedSender<SealedChunk>,
     ) -> anyhow::Result<(Buffer, Recovered)> {
-        let chunks_dir = config.dir.join("chunks");
+        let chunks_dir = chunks_dir(&config.dir);
         std::fs::create_dir_all(&chunks_dir).map_err(|e| {
             anyhow::anyhow!(
                 "cannot create buffer directory {}: {e}",
@@ -270,24 +309,19 @@ impl Buffer {
                 config.dir.display()
             );
         }
-        let recovered = recovery::recover(&chunks_dir)?;
+        let recovered = recovery::recover(&chunks_dir, &registry)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let writer = Writer {
-            config: Arc::new(config),
-            chunks_dir,
-            open: HashMap::new(),
-            unsealed: Vec::new(),
-            sealed_tx,
+        let config = Arc::new(config);
+        let writer = Writer::new(config.clone(), chunks_dir, registry.clone(), sealed_tx);
+        let buffer = Buffer {
+            handle: BufferHandle { tx },
+            writer,
+            rx,
+            lock: DirLock(lock),
+            registry,
+            config,
         };
-        Ok((
-            Buffer {
-                handle: BufferHandle { tx },
-                writer,
-                rx,
-                lock: DirLock(lock),
-            },
-            recovered,
-        ))
+        Ok((buffer, recovered))
     }
 
     /// Runs the writer until every [`BufferHandle`] is dropped, then seals all open chunks.
@@ -299,16 +333,44 @@ impl Buffer {
             mut writer,
             mut rx,
             lock,
+            registry,
+            config,
         } = self;
         drop(handle);
+        let mut full_since: Option<Instant> = None;
         loop {
+            if config.overflow_action == OverflowAction::DropOldestChunk {
+                drop_oldest(&config, &registry);
+            }
+            let full = config
+                .total_limit_size
+                .is_some_and(|limit| registry.usage() >= limit);
+            match (full, full_since) {
+                (true, None) => {
+                    warn!(usage = registry.usage(), limit = config.total_limit_size,
+                          "buffer full (total_limit_size): taking no requests until delivery frees space");
+                    full_since = Some(Instant::now());
+                    writer = tokio::task::spawn_blocking(move || {
+                        writer.seal_all("buffer full");
+                        writer
+                    })
+                    .await?;
+                }
+                (false, Some(since)) => {
+                    info!(after = ?since.elapsed(), "buffer has room again");
+                    full_since = None;
+                }
+                _ => {}
+            }
+            let accepting = !full && !writer.stalled();
             let deadline = writer.next_deadline();
             let first = tokio::select! {
-                msg = rx.recv() => match msg {
+                msg = rx.recv(), if accepting => match msg {
                     Some(m) => Some(m),
                     None => break,
                 },
                 () = sleep_until(deadline) => None,
+                () = registry.wait_for_space(Duration::from_secs(1)), if !accepting => None,
             };
             let mut batch: Vec<Append> = first.into_iter().collect();
             while batch.len() < MAX_BATCH && !batch.is_empty() {
@@ -319,21 +381,35 @@ impl Buffer {
             }
             let now = Instant::now();
             writer = tokio::task::spawn_blocking(move || {
-                writer.apply(batch, now);
-                writer.seal_due(now);
+                writer.round(batch, now);
+                writer.tick(now);
                 writer
             })
             .await?;
         }
-        tokio::task::spawn_blocking(move || {
-            let keys: Vec<_> = writer.open.keys().cloned().collect();
-            for key in keys {
-                writer.seal_key(&key, "shutdown");
-            }
-            writer.retry_unsealed();
-        })
-        .await?;
+        tokio::task::spawn_blocking(move || writer.close()).await?;
         Ok(lock)
+    }
+}
+
+/// `overflow_action drop_oldest_chunk`: delete waiting chunks, oldest first, until the buffer
+/// is under `total_limit_size`. Each drop is logged at ERROR: it is data loss by choice.
+fn drop_oldest(config: &BufferConfig, registry: &Registry) {
+    let Some(limit) = config.total_limit_size else {
+        return;
+    };
+    while registry.usage() >= limit {
+        let Some(info) = registry.take_oldest_waiting() else {
+            return;
+        };
+        let paths = ChunkPaths::new(&chunks_dir(&config.dir), &info.chunk_id);
+        if let Err(e) = paths.remove() {
+            error!(chunk_id = %info.chunk_id, cause = %e, "cannot delete a dropped chunk's files");
+        }
+        registry.remove(&info.chunk_id);
+        registry.count_dropped(info.records);
+        error!(chunk_id = %info.chunk_id, tag = %info.tag, events = info.records, bytes = info.bytes,
+               "buffer full: dropped the oldest chunk (overflow_action drop_oldest_chunk)");
     }
 }
 
@@ -341,322 +417,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-struct OpenChunk {
-    header: ChunkHeader,
-    paths: ChunkPaths,
-    writer: ChunkWriter,
-    stats: ChunkStats,
-    deadline: Instant,
-    /// The directory entry has not been synced yet.
-    new_file: bool,
-    /// Events appended in the current batch, written as one frame.
-    pending: Vec<Bytes>,
-    pending_stats: ChunkStats,
-    /// Indexes (in the batch) of the appends that put events in `pending` or in frames of this
-    /// batch, and whether this chunk's writes so far succeeded.
-    contributors: Vec<usize>,
-    failed: Option<String>,
-}
-
-/// The state owned by the writer task; all of its methods do blocking I/O.
-pub struct Writer {
-    config: Arc<BufferConfig>,
-    chunks_dir: PathBuf,
-    open: HashMap<(Arc<str>, i64), OpenChunk>,
-    /// Chunks taken out of `open` whose seal failed; retried on every round.
-    unsealed: Vec<OpenChunk>,
-    sealed_tx: mpsc::UnboundedSender<SealedChunk>,
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-impl Writer {
-    fn next_deadline(&self) -> Option<Instant> {
-        let retry = (!self.unsealed.is_empty()).then(|| Instant::now() + Duration::from_secs(1));
-        self.open.values().map(|c| c.deadline).chain(retry).min()
-    }
-
-    fn max_records(&self) -> u64 {
-        self.config.chunk_limit_records.unwrap_or(u64::MAX)
-    }
-
-    /// Writes a batch of appends, syncs every touched chunk once, then completes the appends.
-    fn apply(&mut self, batch: Vec<Append>, now: Instant) {
-        let mut outcome: Vec<Option<String>> = vec![None; batch.len()];
-        let mut done_chunks: Vec<OpenChunk> = Vec::new();
-        let mut senders = Vec::with_capacity(batch.len());
-        let (limit_bytes, limit_records) = (self.config.chunk_limit_size, self.max_records());
-        for (i, append) in batch.into_iter().enumerate() {
-            senders.push(append.done);
-            for mut group in append.groups {
-                while group.records > 0 {
-                    let key = (append.tag.clone(), group.timekey);
-                    let chunk = match self.open_chunk(&key, now) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            error!(tag = %key.0, timekey = key.1, cause = %e, "cannot create chunk file");
-                            outcome[i] = Some(e.to_string());
-                            break;
-                        }
-                    };
-                    let room_bytes = limit_bytes
-                        .saturating_sub(chunk.stats.body_bytes + chunk.pending_stats.body_bytes);
-                    let room_records = limit_records
-                        .saturating_sub(chunk.stats.records + chunk.pending_stats.records);
-                    let has_data = chunk.stats.records + chunk.pending_stats.records > 0;
-                    let piece = if group.bytes <= room_bytes && group.records <= room_records {
-                        std::mem::replace(&mut group, Group::new(0))
-                    } else if has_data
-                        && (room_bytes == 0
-                            || room_records == 0
-                            || !fits_first_entry(&group, room_bytes))
-                    {
-                        // Full: seal it and go round again with a fresh chunk.
-                        let mut full = self.open.remove(&key).expect("chunk is open");
-                        flush_pending(&mut full);
-                        done_chunks.push(full);
-                        continue;
-                    } else {
-                        group.split_front(room_bytes.max(1), room_records.max(1))
-                    };
-                    let chunk = self.open.get_mut(&key).expect("chunk is open");
-                    chunk
-                        .pending_stats
-                        .add(piece.records, piece.bytes, piece.first, piece.last);
-                    chunk.pending.extend(piece.slices);
-                    chunk.contributors.push(i);
-                }
-            }
-        }
-        // Write what is pending, then sync each touched chunk (and the directory for new ones).
-        let mut new_files = false;
-        let mut synced: Vec<&mut OpenChunk> = Vec::new();
-        for chunk in self.open.values_mut().chain(done_chunks.iter_mut()) {
-            if chunk.contributors.is_empty() {
-                continue;
-            }
-            flush_pending(chunk);
-            if chunk.failed.is_none() {
-                if let Err(e) = chunk.writer.sync() {
-                    chunk.failed = Some(format!("fsync: {e}"));
-                }
-            }
-            new_files |= chunk.new_file;
-            synced.push(chunk);
-        }
-        if new_files {
-            if let Err(e) = chunk::sync_dir(&self.chunks_dir) {
-                for chunk in &mut synced {
-                    if chunk.new_file {
-                        chunk
-                            .failed
-                            .get_or_insert_with(|| format!("directory fsync: {e}"));
-                    }
-                }
-            }
-        }
-        for chunk in synced {
-            chunk.new_file = chunk.new_file && chunk.failed.is_some();
-            if let Some(reason) = &chunk.failed {
-                error!(chunk_id = %chunk.header.chunk_id, tag = %chunk.header.tag, %reason, "chunk write failed; its appends are not acknowledged");
-                for &i in &chunk.contributors {
-                    outcome[i].get_or_insert_with(|| reason.clone());
-                }
-            }
-            chunk.contributors.clear();
-        }
-        for (sender, failed) in senders.into_iter().zip(outcome) {
-            let _ = sender.send(match failed {
-                None => Ok(()),
-                Some(reason) => Err(BufferError::Write { reason }),
-            });
-        }
-        // A chunk whose write failed takes no more events: seal what it durably holds.
-        let failed: Vec<_> = self
-            .open
-            .iter()
-            .filter(|(_, c)| c.failed.is_some())
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in failed {
-            self.seal_key(&key, "write error");
-        }
-        for chunk in done_chunks {
-            self.seal_chunk(chunk, "size");
-        }
-        let full: Vec<_> = self
-            .open
-            .iter()
-            .filter(|(_, c)| {
-                c.stats.body_bytes >= self.config.chunk_limit_size
-                    || c.stats.records >= self.max_records()
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in full {
-            self.seal_key(&key, "size");
-        }
-    }
-
-    /// Seals chunks whose time is up and retries failed seals.
-    fn seal_due(&mut self, now: Instant) {
-        let due: Vec<_> = self
-            .open
-            .iter()
-            .filter(|(_, c)| c.deadline <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in due {
-            self.seal_key(&key, "time");
-        }
-        self.retry_unsealed();
-    }
-
-    fn retry_unsealed(&mut self) {
-        for chunk in std::mem::take(&mut self.unsealed) {
-            self.seal_chunk(chunk, "retry");
-        }
-    }
-
-    fn open_chunk(&mut self, key: &(Arc<str>, i64), now: Instant) -> io::Result<&mut OpenChunk> {
-        if !self.open.contains_key(key) {
-            let chunk = self.create_chunk(key, now)?;
-            self.open.insert(key.clone(), chunk);
-        }
-        Ok(self.open.get_mut(key).expect("just inserted"))
-    }
-
-    fn create_chunk(&self, key: &(Arc<str>, i64), now: Instant) -> io::Result<OpenChunk> {
-        let chunk_id = uuid::Uuid::now_v7().simple().to_string();
-        let created_ms = unix_ms();
-        let header = ChunkHeader {
-            chunk_id,
-            tag: key.0.to_string(),
-            timekey: key.1,
-            created_ms,
-        };
-        let paths = ChunkPaths::new(&self.chunks_dir, &header.chunk_id);
-        let writer = ChunkWriter::create(&paths.data, &header)?;
-        debug!(chunk_id = %header.chunk_id, tag = %header.tag, timekey = header.timekey, "chunk created");
-        Ok(OpenChunk {
-            deadline: self.deadline(now, created_ms, key.1),
-            header,
-            paths,
-            writer,
-            stats: ChunkStats::default(),
-            new_file: true,
-            pending: Vec::new(),
-            pending_stats: ChunkStats::default(),
-            contributors: Vec::new(),
-            failed: None,
-        })
-    }
-
-    /// When a chunk created now must be sealed: `flush_interval` after creation, or once its
-    /// timekey plus `timekey_wait` has passed on the wall clock, whichever is first, but not
-    /// before it is a second old (so a replay of old events does not make a chunk per request).
-    fn deadline(&self, now: Instant, created_ms: i64, timekey: i64) -> Instant {
-        let c = &self.config;
-        let flush = now + c.flush_interval;
-        let window_end_ms =
-            (timekey + c.timekey.as_secs() as i64) * 1000 + c.timekey_wait.as_millis() as i64;
-        let timekey_due =
-            now + Duration::from_millis(window_end_ms.saturating_sub(created_ms).max(0) as u64);
-        let min_age = now + c.flush_interval.min(Duration::from_secs(1));
-        flush.min(timekey_due).max(min_age)
-    }
-
-    fn seal_key(&mut self, key: &(Arc<str>, i64), reason: &'static str) {
-        if let Some(chunk) = self.open.remove(key) {
-            self.seal_chunk(chunk, reason);
-        }
-    }
-
-    /// Makes a chunk immutable: sync its data, write the sealed state, hand it to the
-    /// uploader. An empty chunk is just removed.
-    fn seal_chunk(&mut self, chunk: OpenChunk, reason: &'static str) {
-        let OpenChunk {
-            header,
-            paths,
-            writer,
-            stats,
-            ..
-        } = &chunk;
-        if stats.records == 0 {
-            if let Err(e) = paths.remove() {
-                warn!(chunk_id = %header.chunk_id, cause = %e, "cannot remove empty chunk");
-            }
-            return;
-        }
-        let stats = ChunkStats {
-            data_len: writer.valid_len(),
-            ..*stats
-        };
-        let result = writer.sync().and_then(|()| {
-            chunk::write_state(
-                &paths.state,
-                &ChunkState::Sealed {
-                    header: header.clone(),
-                    stats,
-                },
-            )
-        });
-        match result {
-            Ok(()) => {
-                info!(chunk_id = %header.chunk_id, tag = %header.tag, timekey = header.timekey,
-                      events = stats.records, bytes = stats.body_bytes, reason, "chunk sealed");
-                let sealed = SealedChunk {
-                    header: header.clone(),
-                    stats,
-                    paths: paths.clone(),
-                };
-                if self.sealed_tx.send(sealed).is_err() {
-                    debug!(chunk_id = %header.chunk_id, "uploader is gone; the chunk stays for the next start");
-                }
-            }
-            Err(e) => {
-                error!(chunk_id = %header.chunk_id, cause = %e, "cannot seal chunk; will retry");
-                self.unsealed.push(chunk);
-            }
-        }
-    }
-}
-
-/// Whether at least the first entry of `group` fits in `room` bytes.
-fn fits_first_entry(group: &Group, room: u64) -> bool {
-    group
-        .slices
-        .first()
-        .and_then(|s| entry::entries(s).next())
-        .and_then(Result::ok)
-        .is_some_and(|(bytes, _)| bytes.len() as u64 <= room)
-}
-
-/// Writes a chunk's pending events as one frame and moves them into its stats.
-fn flush_pending(chunk: &mut OpenChunk) {
-    if chunk.pending.is_empty() {
-        return;
-    }
-    let pending = std::mem::take(&mut chunk.pending);
-    let stats = std::mem::take(&mut chunk.pending_stats);
-    if chunk.failed.is_some() {
-        return;
-    }
-    match chunk.writer.append(&pending) {
-        Ok(()) => chunk.stats.add(
-            stats.records,
-            stats.body_bytes,
-            stats.first_time,
-            stats.last_time,
-        ),
-        Err(e) => chunk.failed = Some(format!("write: {e}")),
     }
 }
 

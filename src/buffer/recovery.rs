@@ -1,25 +1,33 @@
 //! Start-up recovery: turn whatever a previous run left in the buffer into work.
 //!
-//! | found                              | done                                              |
-//! |------------------------------------|---------------------------------------------------|
-//! | data + `uploaded` state            | publish the pointer again                         |
-//! | data + `sealed` state              | upload again (same key, same bytes)               |
-//! | data, no state (or unreadable one) | scan, cut a torn tail, seal, upload               |
-//! | data that cannot be read at all    | move to `quarantine/`, log at ERROR               |
-//! | state or object with no data       | remove (the chunk was published and deleted)      |
-//! | `*.tmp`                            | remove (an interrupted atomic write)              |
+//! | found in `chunks/`                   | done                                                 |
+//! |--------------------------------------|------------------------------------------------------|
+//! | data + `uploaded` state              | publish the pointer again                            |
+//! | data + `sealed` state                | upload again (same key, same bytes)                  |
+//! | data, no state                       | scan, cut a torn tail (kept in `quarantine/`), seal  |
+//! | data + unreadable state              | state kept in `quarantine/` (ERROR), then as above   |
+//! | data that cannot be read at all      | moved to `quarantine/` (ERROR)                       |
+//! | sealed data shorter than its state   | both moved to `quarantine/` (ERROR)                  |
+//! | state with no data                   | removed (the chunk was published and deleted)        |
+//! | `*.tmp`                              | removed (an interrupted atomic write)                |
+//! | anything else                        | moved to `quarantine/` (ERROR)                       |
+//!
+//! Every whole frame of a data file was acknowledged or could have been, so recovery keeps all
+//! of them; what it cannot read it keeps aside, never deletes.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use tracing::{error, info, warn};
 
-use super::chunk::{self, ChunkPaths, ChunkState, DATA_EXT, OBJECT_EXT, STATE_EXT};
+use super::chunk::{self, ChunkHeader, ChunkPaths, ChunkState, ChunkStats, DATA_EXT, STATE_EXT};
+use super::dead_letter::quarantine;
+use super::registry::{ChunkInfo, Phase, Registry};
 use super::{SealedChunk, UploadedChunk};
 
-/// Chunks a previous run left, oldest first.
+/// Chunks found in the buffer, oldest first.
 #[derive(Debug, Default)]
 pub struct Recovered {
     pub sealed: Vec<SealedChunk>,
@@ -28,14 +36,54 @@ pub struct Recovered {
     pub quarantined: Vec<PathBuf>,
 }
 
+impl Recovered {
+    fn add(&mut self, registry: &Registry, state: ChunkState, paths: ChunkPaths) -> io::Result<()> {
+        let bytes =
+            fs::metadata(&paths.data)?.len() + fs::metadata(&paths.state).map_or(0, |m| m.len());
+        let (header, records, phase) = match &state {
+            ChunkState::Sealed { header, stats } => (header, stats.records, Phase::Sealed),
+            ChunkState::Uploaded {
+                header, pointer, ..
+            } => (header, pointer.records, Phase::Uploaded),
+        };
+        registry.insert(ChunkInfo {
+            chunk_id: header.chunk_id.clone(),
+            tag: header.tag.clone(),
+            timekey: header.timekey,
+            phase,
+            created_ms: header.created_ms,
+            records,
+            bytes,
+            attempts: 0,
+            last_error: None,
+        });
+        match state {
+            ChunkState::Sealed { header, stats } => self.sealed.push(SealedChunk {
+                header,
+                stats,
+                paths,
+            }),
+            ChunkState::Uploaded {
+                header, pointer, ..
+            } => self.uploaded.push(UploadedChunk {
+                header,
+                paths,
+                pointer: *pointer,
+            }),
+        }
+        Ok(())
+    }
+}
+
 #[derive(Default)]
 struct Found {
     data: bool,
     state: bool,
-    object: bool,
 }
 
-pub(super) fn recover(dir: &Path) -> io::Result<Recovered> {
+/// Files of `dir` by chunk id; removes `*.tmp` and quarantines files that are no chunk's.
+fn list(dir: &Path, out: &mut Recovered) -> io::Result<BTreeMap<String, Found>> {
+    let buffer_dir = dir.parent().unwrap_or(dir);
     let mut ids: BTreeMap<String, Found> = BTreeMap::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
@@ -49,24 +97,26 @@ pub(super) fn recover(dir: &Path) -> io::Result<Recovered> {
             continue;
         }
         let (id, ext) = name.rsplit_once('.').unwrap_or((&name, ""));
-        let found = match ext {
-            DATA_EXT | STATE_EXT | OBJECT_EXT => ids.entry(id.to_string()).or_default(),
-            _ => {
-                warn!(path = %path.display(), "unknown file in the buffer directory; left alone");
-                continue;
-            }
-        };
+        let is_id = id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
         match ext {
-            DATA_EXT => found.data = true,
-            STATE_EXT => found.state = true,
-            _ => found.object = true,
+            DATA_EXT if is_id => ids.entry(id.to_string()).or_default().data = true,
+            STATE_EXT if is_id => ids.entry(id.to_string()).or_default().state = true,
+            _ => {
+                error!(path = %path.display(), "unknown file in the buffer; moving it to quarantine");
+                out.quarantined.push(quarantine(buffer_dir, &[&path])?);
+            }
         }
     }
+    Ok(ids)
+}
+
+pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> {
+    let buffer_dir = dir.parent().unwrap_or(dir).to_path_buf();
     let mut out = Recovered::default();
-    for (id, found) in ids {
+    for (id, found) in list(dir, &mut out)? {
         let paths = ChunkPaths::new(dir, &id);
         if !found.data {
-            // Published and deleted, but the crash came before the rest was removed.
+            // Published and deleted, but the crash came before the state file went too.
             paths.remove()?;
             continue;
         }
@@ -74,7 +124,9 @@ pub(super) fn recover(dir: &Path) -> io::Result<Recovered> {
             match chunk::read_state(&paths.state) {
                 Ok(state) => Some(state),
                 Err(e) => {
-                    warn!(chunk_id = %id, cause = %e, "chunk state file is unreadable; rebuilding it from the data file");
+                    error!(chunk_id = %id, cause = %e, "chunk state file is unreadable; keeping it in quarantine and rebuilding it from the data file");
+                    out.quarantined
+                        .push(quarantine(&buffer_dir, &[&paths.state])?);
                     None
                 }
             }
@@ -82,59 +134,44 @@ pub(super) fn recover(dir: &Path) -> io::Result<Recovered> {
             None
         };
         match state {
-            Some(ChunkState::Uploaded {
-                header, pointer, ..
-            }) => {
-                out.uploaded.push(UploadedChunk {
-                    header,
-                    paths,
-                    pointer: *pointer,
-                });
-            }
             Some(ChunkState::Sealed { header, stats }) => {
                 let len = fs::metadata(&paths.data)?.len();
                 if len < stats.data_len {
-                    error!(chunk_id = %id, expected = stats.data_len, found = len, "sealed chunk is shorter than recorded");
-                    out.quarantined.push(quarantine(dir, &paths)?);
+                    error!(chunk_id = %id, expected = stats.data_len, found = len, "sealed chunk is shorter than recorded; moving it to quarantine");
+                    out.quarantined
+                        .push(quarantine(&buffer_dir, &[&paths.data, &paths.state])?);
                     continue;
                 }
-                if found.object {
-                    fs::remove_file(&paths.object)?;
-                }
-                out.sealed.push(SealedChunk {
-                    header,
-                    stats,
-                    paths,
-                });
+                out.add(registry, ChunkState::Sealed { header, stats }, paths)?;
             }
+            Some(uploaded @ ChunkState::Uploaded { .. }) => out.add(registry, uploaded, paths)?,
             None => match chunk::scan(&paths.data) {
                 Ok(scan) => {
                     if scan.torn_bytes > 0 {
-                        warn!(chunk_id = %id, bytes = scan.torn_bytes, "cutting a torn tail (never acknowledged)");
+                        let kept = keep_tail(&buffer_dir, &paths.data, scan.stats.data_len)?;
+                        warn!(chunk_id = %id, bytes = scan.torn_bytes, kept = %kept.display(),
+                              "cut a torn tail off an open chunk (never acknowledged under sync always)");
                         chunk::truncate(&paths.data, scan.stats.data_len)?;
                     }
                     if scan.stats.records == 0 {
                         paths.remove()?;
                         continue;
                     }
-                    if found.object {
-                        fs::remove_file(&paths.object)?;
-                    }
-                    let state = ChunkState::Sealed {
-                        header: scan.header.clone(),
-                        stats: scan.stats,
-                    };
-                    chunk::write_state(&paths.state, &state)?;
+                    seal_recovered(&paths, scan.header.clone(), scan.stats)?;
                     info!(chunk_id = %id, tag = %scan.header.tag, events = scan.stats.records, "recovered open chunk and sealed it");
-                    out.sealed.push(SealedChunk {
-                        header: scan.header,
-                        stats: scan.stats,
+                    out.add(
+                        registry,
+                        ChunkState::Sealed {
+                            header: scan.header,
+                            stats: scan.stats,
+                        },
                         paths,
-                    });
+                    )?;
                 }
                 Err(e) => {
                     error!(chunk_id = %id, cause = %e, "chunk data file is unreadable; moving it to quarantine");
-                    out.quarantined.push(quarantine(dir, &paths)?);
+                    out.quarantined
+                        .push(quarantine(&buffer_dir, &[&paths.data, &paths.state])?);
                 }
             },
         }
@@ -149,18 +186,55 @@ pub(super) fn recover(dir: &Path) -> io::Result<Recovered> {
     Ok(out)
 }
 
-/// Moves a chunk's files into `<buffer_dir>/quarantine/`, never deleting them.
-fn quarantine(dir: &Path, paths: &ChunkPaths) -> io::Result<PathBuf> {
-    let target = dir.parent().unwrap_or(dir).join("quarantine");
-    fs::create_dir_all(&target)?;
-    for path in [&paths.data, &paths.state, &paths.object] {
-        if path.exists() {
-            fs::rename(
-                path,
-                target.join(path.file_name().expect("chunk files have names")),
-            )?;
+/// Sealed or uploaded chunks in `dir` that `registry` does not know, for example chunks that
+/// `claimcheck replay` moved back while the sidecar runs. Open chunks have no state file and
+/// are never picked up here.
+pub fn rescan(dir: &Path, registry: &Registry) -> io::Result<Recovered> {
+    let mut out = Recovered::default();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(&format!(".{STATE_EXT}")) else {
+            continue;
+        };
+        let paths = ChunkPaths::new(dir, id);
+        if registry.contains(id) || !paths.data.exists() {
+            continue;
+        }
+        match chunk::read_state(&paths.state) {
+            Ok(state) => {
+                info!(chunk_id = %id, "picked up a chunk put back in the buffer");
+                out.add(registry, state, paths)?;
+            }
+            Err(e) => {
+                warn!(chunk_id = %id, cause = %e, "cannot read the state of a chunk put back in the buffer")
+            }
         }
     }
-    chunk::sync_dir(dir)?;
-    Ok(target.join(paths.data.file_name().expect("chunk files have names")))
+    Ok(out)
+}
+
+fn seal_recovered(paths: &ChunkPaths, header: ChunkHeader, stats: ChunkStats) -> io::Result<()> {
+    chunk::write_state(&paths.state, &ChunkState::Sealed { header, stats })
+}
+
+/// Copies the bytes of `data` from `from` to its end into `quarantine/<name>.tail-<from>`.
+fn keep_tail(buffer_dir: &Path, data: &Path, from: u64) -> io::Result<PathBuf> {
+    let dir = super::dead_letter::quarantine_dir(buffer_dir);
+    fs::create_dir_all(&dir)?;
+    let name = format!(
+        "{}.tail-{from}",
+        data.file_name()
+            .expect("chunk files have names")
+            .to_string_lossy()
+    );
+    let target = dir.join(name);
+    let mut src = fs::File::open(data)?;
+    src.seek(SeekFrom::Start(from))?;
+    let mut tail = Vec::new();
+    src.read_to_end(&mut tail)?;
+    let f = fs::File::create(&target)?;
+    io::Write::write_all(&mut &f, &tail)?;
+    f.sync_all()?;
+    chunk::sync_dir(&dir)?;
+    Ok(target)
 }

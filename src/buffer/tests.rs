@@ -15,7 +15,15 @@ fn config(dir: &Path) -> BufferConfig {
         chunk_limit_size: 1 << 20,
         chunk_limit_records: None,
         flush_interval: Duration::from_secs(3600),
+        total_limit_size: None,
+        overflow_action: OverflowAction::Block,
+        sync: SyncPolicy::Always,
+        sync_interval: Duration::from_secs(1),
     }
+}
+
+fn registry() -> Arc<Registry> {
+    Arc::new(Registry::new())
 }
 
 fn entry_at(secs: i64, pad: usize) -> Bytes {
@@ -59,7 +67,7 @@ async fn appends_are_durable_then_sealed_by_flush_interval_without_new_input() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut cfg = config(dir.path());
     cfg.flush_interval = Duration::from_millis(300);
-    let (buffer, recovered) = Buffer::open(cfg, tx).unwrap();
+    let (buffer, recovered) = Buffer::open(cfg, registry(), tx).unwrap();
     assert!(recovered.sealed.is_empty());
     let handle = buffer.handle.clone();
     let task = tokio::spawn(buffer.run());
@@ -99,7 +107,7 @@ async fn chunks_split_by_tag_timekey_size_and_records_and_seal_at_shutdown() {
     let one = entry_at(60, 100).len() as u64;
     cfg.chunk_limit_size = one * 3;
     cfg.chunk_limit_records = Some(100);
-    let (buffer, _) = Buffer::open(cfg, tx).unwrap();
+    let (buffer, _) = Buffer::open(cfg, registry(), tx).unwrap();
     let handle = buffer.handle.clone();
     let task = tokio::spawn(buffer.run());
 
@@ -156,7 +164,7 @@ async fn records_limit_seals_chunks() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut cfg = config(dir.path());
     cfg.chunk_limit_records = Some(2);
-    let (buffer, _) = Buffer::open(cfg, tx).unwrap();
+    let (buffer, _) = Buffer::open(cfg, registry(), tx).unwrap();
     let handle = buffer.handle.clone();
     let task = tokio::spawn(buffer.run());
     let a: Vec<Bytes> = (0..5).map(|i| entry_at(60 + i, 3)).collect();
@@ -177,8 +185,8 @@ async fn records_limit_seals_chunks() {
 async fn a_second_process_cannot_open_the_same_buffer() {
     let dir = tempfile::tempdir().unwrap();
     let (tx, _rx) = mpsc::unbounded_channel();
-    let (_first, _) = Buffer::open(config(dir.path()), tx.clone()).unwrap();
-    let err = Buffer::open(config(dir.path()), tx)
+    let (_first, _) = Buffer::open(config(dir.path()), registry(), tx.clone()).unwrap();
+    let err = Buffer::open(config(dir.path()), registry(), tx)
         .err()
         .expect("second open fails");
     assert!(err.to_string().contains("in use"), "{err}");
@@ -254,7 +262,7 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
     .unwrap();
 
     let (tx, _rx) = mpsc::unbounded_channel();
-    let (_buffer, recovered) = Buffer::open(config(dir.path()), tx).unwrap();
+    let (_buffer, recovered) = Buffer::open(config(dir.path()), registry(), tx).unwrap();
     let ids: Vec<&str> = recovered
         .sealed
         .iter()
@@ -293,4 +301,132 @@ fn split_front_keeps_order_and_takes_at_least_one_entry() {
     assert_eq!((tiny.records, g.records), (1, 1));
     let by_count = group_of(0, &entries).split_front(u64::MAX, 3);
     assert_eq!(by_count.records, 3);
+}
+
+/// A buffer over `config`, its registry, handle, sealed-chunk receiver and writer task.
+fn start(
+    config: BufferConfig,
+) -> (
+    Arc<Registry>,
+    BufferHandle,
+    mpsc::UnboundedReceiver<SealedChunk>,
+    tokio::task::JoinHandle<anyhow::Result<DirLock>>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let registry = registry();
+    let (buffer, _) = Buffer::open(config, registry.clone(), tx).unwrap();
+    let handle = buffer.handle.clone();
+    (registry, handle, rx, tokio::spawn(buffer.run()))
+}
+
+/// Delivers a sealed chunk the way the publisher does in the end: files gone, index updated.
+fn deliver(registry: &Registry, sealed: &SealedChunk) {
+    sealed.paths.remove().unwrap();
+    registry.remove(&sealed.header.chunk_id);
+}
+
+#[tokio::test]
+async fn a_full_buffer_holds_acks_until_delivery_frees_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    let one = entry_at(60, 1000);
+    cfg.total_limit_size = Some(3 * one.len() as u64);
+    let (registry, handle, mut sealed_rx, task) = start(cfg);
+
+    // Fill the buffer: these are acknowledged.
+    for i in 0..3 {
+        handle
+            .append("full".into(), vec![group_of(60, &[entry_at(60 + i, 1000)])])
+            .await
+            .await
+            .unwrap();
+    }
+    // Full now: the open chunk is sealed so that delivery can free space...
+    let sealed = recv(&mut sealed_rx).await;
+    assert_eq!(sealed.stats.records, 3);
+    // ...and the next request waits, unacknowledged.
+    let mut waiting = Box::pin(
+        handle
+            .append("full".into(), vec![group_of(60, &[entry_at(70, 1000)])])
+            .await,
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut waiting)
+            .await
+            .is_err(),
+        "no ack while the buffer is full"
+    );
+    assert!(registry.usage() >= 3 * one.len() as u64);
+
+    deliver(&registry, &sealed);
+    tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("acked once there is room")
+        .unwrap();
+    drop(handle);
+    task.await.unwrap().unwrap();
+    assert_eq!(recv(&mut sealed_rx).await.stats.records, 1);
+}
+
+#[tokio::test]
+async fn drop_oldest_chunk_deletes_waiting_chunks_and_keeps_acking() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    let one = entry_at(60, 1000).len() as u64;
+    cfg.total_limit_size = Some(3 * one);
+    cfg.chunk_limit_records = Some(1);
+    cfg.overflow_action = OverflowAction::DropOldestChunk;
+    let (registry, handle, mut sealed_rx, task) = start(cfg);
+
+    for i in 0..8 {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            handle
+                .append("drop".into(), vec![group_of(60, &[entry_at(60 + i, 1000)])])
+                .await,
+        )
+        .await
+        .expect("acks keep coming: old chunks are dropped instead")
+        .unwrap();
+    }
+    let mut sealed = Vec::new();
+    while let Ok(s) = sealed_rx.try_recv() {
+        sealed.push(s);
+    }
+    let (dropped_chunks, dropped_events, _) = registry.losses();
+    assert!(dropped_chunks >= 4, "dropped {dropped_chunks}");
+    assert_eq!(dropped_chunks, dropped_events);
+    // The dropped ones are the oldest, and their files are gone; the newest are kept.
+    let kept: Vec<_> = sealed.iter().filter(|s| s.paths.data.exists()).collect();
+    assert!(sealed
+        .iter()
+        .take(dropped_chunks as usize)
+        .all(|s| !s.paths.data.exists()));
+    assert!(!kept.is_empty() && registry.usage() <= 4 * one);
+    drop(handle);
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn sync_interval_and_none_ack_after_the_write_and_keep_every_event() {
+    for sync in [SyncPolicy::Interval, SyncPolicy::None] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.sync = sync;
+        cfg.sync_interval = Duration::from_millis(50);
+        let (registry, handle, mut sealed_rx, task) = start(cfg);
+        let entries: Vec<Bytes> = (0..20).map(|i| entry_at(60 + i, 50)).collect();
+        for e in &entries {
+            handle
+                .append("sync".into(), vec![group_of(60, std::slice::from_ref(e))])
+                .await
+                .await
+                .unwrap();
+        }
+        assert_eq!(registry.snapshot()[0].records, 20, "{sync:?}");
+        drop(handle);
+        task.await.unwrap().unwrap();
+        let sealed = recv(&mut sealed_rx).await;
+        assert_eq!(body_of(&sealed), entries.concat(), "{sync:?}");
+    }
 }

@@ -8,6 +8,8 @@ use claimcheck_consumer::EventTime;
 
 use super::*;
 use crate::buffer::chunk::{ChunkHeader, ChunkPaths};
+use crate::buffer::registry::ChunkInfo;
+use crate::retry::Backoff;
 
 /// Answers each call with the next scripted outcome (accept everything when the script ends)
 /// and remembers the partition keys and pointer ids of every call.
@@ -66,9 +68,11 @@ impl PointerSink for FakeSink {
     }
 }
 
-fn uploaded(dir: &std::path::Path, n: usize) -> UploadedChunk {
+fn uploaded(dir: &std::path::Path, registry: &Registry, n: usize) -> UploadedChunk {
+    let chunks = crate::buffer::chunks_dir(dir);
+    std::fs::create_dir_all(&chunks).unwrap();
     let id = format!("{n:032x}");
-    let paths = ChunkPaths::new(dir, &id);
+    let paths = ChunkPaths::new(&chunks, &id);
     std::fs::write(&paths.data, b"data").unwrap();
     std::fs::write(&paths.state, b"{}").unwrap();
     let header = ChunkHeader {
@@ -95,6 +99,17 @@ fn uploaded(dir: &std::path::Path, n: usize) -> UploadedChunk {
         producer: "h".into(),
         created_at: "2026-01-01T00:00:00.000Z".into(),
     };
+    registry.insert(ChunkInfo {
+        chunk_id: id,
+        tag: header.tag.clone(),
+        timekey: 0,
+        phase: Phase::Uploaded,
+        created_ms: 0,
+        records: 1,
+        bytes: 4,
+        attempts: 0,
+        last_error: None,
+    });
     UploadedChunk {
         header,
         paths,
@@ -102,13 +117,19 @@ fn uploaded(dir: &std::path::Path, n: usize) -> UploadedChunk {
     }
 }
 
-fn config() -> PublisherConfig {
+fn config(dir: &std::path::Path) -> PublisherConfig {
     PublisherConfig {
         partition_key: KeyTemplate::parse("${tag}", "h").unwrap(),
-        backoff: Backoff {
-            wait: Duration::from_millis(10),
-            max_interval: Duration::from_millis(50),
+        retry: RetryPolicy {
+            backoff: Backoff {
+                wait: Duration::from_millis(10),
+                max_interval: Duration::from_millis(50),
+            },
+            timeout: Duration::from_secs(3600),
+            max_times: None,
+            forever: false,
         },
+        buffer_dir: dir.to_path_buf(),
     }
 }
 
@@ -122,56 +143,92 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     panic!("timed out waiting until {what}");
 }
 
+/// Starts the publisher with `chunks` queued.
+fn start(
+    sink: &Arc<FakeSink>,
+    config: PublisherConfig,
+    registry: &Arc<Registry>,
+    chunks: &[UploadedChunk],
+) -> tokio::task::JoinHandle<()> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for c in chunks {
+        tx.send(c.clone()).unwrap();
+    }
+    // The sender is kept by the task so that the publisher keeps running.
+    tokio::spawn({
+        let (sink, registry) = (sink.clone(), registry.clone());
+        async move {
+            let _tx = tx;
+            run(sink, Arc::new(config), registry, rx).await
+        }
+    })
+}
+
 #[tokio::test]
 async fn only_failed_entries_are_retried_and_chunks_go_only_once_accepted() {
     let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
     let sink = Arc::new(FakeSink::default());
     sink.script
         .lock()
         .unwrap()
         .push_back(Outcome::Throttle(vec![1, 3]));
-    let chunks: Vec<_> = (0..5).map(|n| uploaded(dir.path(), n)).collect();
-    let (tx, rx) = mpsc::unbounded_channel();
-    for c in &chunks {
-        tx.send(c.clone()).unwrap();
-    }
-    let task = tokio::spawn(run(sink.clone(), Arc::new(config()), rx));
+    let chunks: Vec<_> = (0..5).map(|n| uploaded(dir.path(), &registry, n)).collect();
+    let task = start(&sink, config(dir.path()), &registry, &chunks);
     wait_until("every chunk is deleted", || {
         chunks
             .iter()
             .all(|c| !c.paths.data.exists() && !c.paths.state.exists())
     })
     .await;
+    wait_until("the registry is empty", || registry.snapshot().is_empty()).await;
     task.abort();
 
     let calls = sink.calls.lock().unwrap();
-    assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[0].len(), 5, "ready pointers share one request");
-    let retried: Vec<&str> = calls[1].iter().map(|(_, id)| id.as_str()).collect();
+    // Each failed entry is retried on its own backoff (with jitter), alone or together.
+    let mut retried: Vec<&str> = calls[1..]
+        .iter()
+        .flatten()
+        .map(|(_, id)| id.as_str())
+        .collect();
+    retried.sort();
     assert_eq!(
         retried,
         vec![
             chunks[1].pointer.chunk_id.as_str(),
             chunks[3].pointer.chunk_id.as_str()
-        ]
+        ],
+        "{calls:?}"
     );
     assert_eq!(calls[0][2].0, "app.t2", "the partition key is the tag");
+    assert_eq!(registry.usage(), 0);
 }
 
 #[tokio::test]
 async fn a_failed_request_keeps_every_chunk_until_it_succeeds() {
     let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
     let sink = Arc::new(FakeSink::default());
     sink.script
         .lock()
         .unwrap()
         .extend([Outcome::Down, Outcome::Down]);
-    let chunk = uploaded(dir.path(), 7);
-    let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(chunk.clone()).unwrap();
-    let task = tokio::spawn(run(sink.clone(), Arc::new(config()), rx));
+    let chunk = uploaded(dir.path(), &registry, 7);
+    let task = start(
+        &sink,
+        config(dir.path()),
+        &registry,
+        std::slice::from_ref(&chunk),
+    );
     wait_until("two calls failed", || sink.calls.lock().unwrap().len() >= 2).await;
-    assert!(sink.calls.lock().unwrap().len() < 3 || !chunk.paths.data.exists());
+    let info = registry.snapshot();
+    assert!(chunk.paths.data.exists() || sink.calls.lock().unwrap().len() >= 3);
+    assert!(
+        info.first()
+            .is_none_or(|c| c.last_error.as_deref().is_some_and(|e| e.contains("down"))),
+        "{info:?}"
+    );
     wait_until("the chunk is deleted", || !chunk.paths.data.exists()).await;
     task.abort();
     assert_eq!(sink.calls.lock().unwrap().len(), 3);
@@ -180,13 +237,12 @@ async fn a_failed_request_keeps_every_chunk_until_it_succeeds() {
 #[tokio::test]
 async fn batches_respect_the_record_limit() {
     let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
     let sink = Arc::new(FakeSink::default());
-    let chunks: Vec<_> = (0..1100).map(|n| uploaded(dir.path(), n)).collect();
-    let (tx, rx) = mpsc::unbounded_channel();
-    for c in &chunks {
-        tx.send(c.clone()).unwrap();
-    }
-    let task = tokio::spawn(run(sink.clone(), Arc::new(config()), rx));
+    let chunks: Vec<_> = (0..1100)
+        .map(|n| uploaded(dir.path(), &registry, n))
+        .collect();
+    let task = start(&sink, config(dir.path()), &registry, &chunks);
     wait_until("every chunk is deleted", || {
         chunks.iter().all(|c| !c.paths.data.exists())
     })
@@ -196,13 +252,43 @@ async fn batches_respect_the_record_limit() {
     assert_eq!(sizes, vec![500, 500, 100]);
 }
 
+#[tokio::test]
+async fn a_pointer_that_exhausts_its_budget_moves_to_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let sink = Arc::new(FakeSink::default());
+    sink.script
+        .lock()
+        .unwrap()
+        .extend((0..10).map(|_| Outcome::Throttle(vec![0])));
+    let chunk = uploaded(dir.path(), &registry, 3);
+    let mut cfg = config(dir.path());
+    cfg.retry.max_times = Some(1);
+    let task = start(&sink, cfg, &registry, std::slice::from_ref(&chunk));
+    wait_until("the chunk is dead-lettered", || {
+        dir.path()
+            .join("dead")
+            .join(format!("{}.chunk", chunk.pointer.chunk_id))
+            .exists()
+    })
+    .await;
+    task.abort();
+    assert_eq!(
+        sink.calls.lock().unwrap().len(),
+        2,
+        "the first attempt and one retry"
+    );
+    assert!(!chunk.paths.data.exists() && registry.snapshot().is_empty());
+    assert_eq!(registry.losses().2, 1);
+}
+
 #[test]
 fn partition_keys_are_cut_to_kinesis_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let mut chunk = uploaded(dir.path(), 1);
+    let mut chunk = uploaded(dir.path(), &Registry::new(), 1);
     chunk.pointer.tag = "t".repeat(400);
     assert_eq!(
-        config().partition_key(&chunk).chars().count(),
+        config(dir.path()).partition_key(&chunk).chars().count(),
         MAX_PARTITION_KEY_CHARS
     );
 }

@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -8,12 +9,37 @@ use claimcheck_consumer::verify_and_decode;
 
 use super::*;
 use crate::buffer::chunk::{ChunkHeader, ChunkPaths, ChunkStats, ChunkWriter};
+use crate::buffer::registry::ChunkInfo;
+use crate::retry::Backoff;
 
-/// Remembers every object put; fails the first `fail_first` calls.
+/// Parts received per multipart upload id: (part number, bytes).
+type Uploads = HashMap<String, Vec<(i32, Vec<u8>)>>;
+
+/// Keeps objects in memory; checks every checksum it is given; fails on request.
 #[derive(Default)]
 struct FakeStore {
-    puts: Mutex<Vec<(String, Vec<u8>, u32)>>,
-    fail_first: Mutex<u32>,
+    /// Every whole object stored, in order: (key, bytes).
+    stored: Mutex<Vec<(String, Vec<u8>)>>,
+    uploads: Mutex<Uploads>,
+    aborted: Mutex<Vec<String>>,
+    fail_puts: Mutex<u32>,
+    fail_parts: Mutex<u32>,
+}
+
+fn injected(op: &'static str) -> BackendError {
+    BackendError {
+        operation: op,
+        code: "InternalError".into(),
+        message: "injected".into(),
+        retryable: true,
+    }
+}
+
+fn take_failure(counter: &Mutex<u32>) -> bool {
+    let mut n = counter.lock().unwrap();
+    let fail = *n > 0;
+    *n = n.saturating_sub(1);
+    fail
 }
 
 impl ChunkStore for FakeStore {
@@ -21,28 +47,89 @@ impl ChunkStore for FakeStore {
         "fake-bucket"
     }
 
-    async fn put(&self, upload: &ObjectUpload) -> Result<Option<String>, BackendError> {
-        let bytes = std::fs::read(&upload.path).unwrap();
-        assert_eq!(bytes.len() as u64, upload.len);
-        self.puts
+    async fn put_object(
+        &self,
+        meta: &ObjectMeta,
+        body: Bytes,
+        crc32c: u32,
+    ) -> Result<Option<String>, BackendError> {
+        assert_eq!(
+            crc32c,
+            crc32c::crc32c(&body),
+            "the checksum sent matches the body"
+        );
+        if take_failure(&self.fail_puts) {
+            return Err(injected("PutObject"));
+        }
+        self.stored
             .lock()
             .unwrap()
-            .push((upload.key.clone(), bytes, upload.crc32c));
-        let mut fail = self.fail_first.lock().unwrap();
-        if *fail > 0 {
-            *fail -= 1;
-            return Err(BackendError {
-                operation: "PutObject",
-                code: "InternalError".into(),
-                message: "injected".into(),
-                retryable: true,
-            });
-        }
+            .push((meta.key.clone(), body.to_vec()));
         Ok(Some("\"etag\"".into()))
+    }
+
+    async fn create_multipart(&self, meta: &ObjectMeta) -> Result<String, BackendError> {
+        let id = format!("upload-{}", self.uploads.lock().unwrap().len());
+        self.uploads.lock().unwrap().insert(id.clone(), Vec::new());
+        let _ = meta;
+        Ok(id)
+    }
+
+    async fn upload_part(
+        &self,
+        _: &ObjectMeta,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+        crc32c: u32,
+    ) -> Result<Option<String>, BackendError> {
+        assert_eq!(
+            crc32c,
+            crc32c::crc32c(&body),
+            "the part checksum matches the part"
+        );
+        if take_failure(&self.fail_parts) {
+            return Err(injected("UploadPart"));
+        }
+        self.uploads
+            .lock()
+            .unwrap()
+            .get_mut(upload_id)
+            .unwrap()
+            .push((number, body.to_vec()));
+        Ok(Some(format!("\"part{number}\"")))
+    }
+
+    async fn complete_multipart(
+        &self,
+        meta: &ObjectMeta,
+        upload_id: &str,
+        parts: &[UploadedPart],
+    ) -> Result<Option<String>, BackendError> {
+        let uploaded = self.uploads.lock().unwrap().remove(upload_id).unwrap();
+        assert_eq!(
+            parts.iter().map(|p| p.number).collect::<Vec<_>>(),
+            uploaded.iter().map(|p| p.0).collect::<Vec<_>>()
+        );
+        let sizes: Vec<usize> = uploaded.iter().map(|p| p.1.len()).collect();
+        assert!(
+            sizes[..sizes.len() - 1]
+                .iter()
+                .all(|s| *s as u64 >= crate::aws::s3::MIN_PART_SIZE),
+            "parts but the last are at least 5 MiB: {sizes:?}"
+        );
+        let body = uploaded.into_iter().flat_map(|p| p.1).collect();
+        self.stored.lock().unwrap().push((meta.key.clone(), body));
+        Ok(Some("\"multi-2\"".into()))
+    }
+
+    async fn abort_multipart(&self, _: &ObjectMeta, upload_id: &str) -> Result<(), BackendError> {
+        self.aborted.lock().unwrap().push(upload_id.to_string());
+        Ok(())
     }
 }
 
-fn config(format: Format, compression: Compression) -> UploaderConfig {
+fn config(dir: &std::path::Path, format: Format, compression: Compression) -> UploaderConfig {
     UploaderConfig {
         format,
         compression,
@@ -52,15 +139,31 @@ fn config(format: Format, compression: Compression) -> UploaderConfig {
         prefix: "logs".into(),
         producer: "host-1".into(),
         workers: 2,
-        backoff: Backoff {
-            wait: Duration::from_millis(10),
-            max_interval: Duration::from_millis(50),
+        retry: RetryPolicy {
+            backoff: Backoff {
+                wait: Duration::from_millis(10),
+                max_interval: Duration::from_millis(50),
+            },
+            timeout: Duration::from_secs(3600),
+            max_times: None,
+            forever: false,
         },
+        multipart_threshold: 16 << 20,
+        part_size: 5 << 20,
+        buffer_dir: dir.to_path_buf(),
     }
 }
 
-/// A sealed chunk on disk with `n` events, written in two frames.
-fn sealed_chunk(dir: &std::path::Path, n: u32) -> (SealedChunk, Vec<u8>) {
+/// A sealed chunk on disk (in `<dir>/chunks`) with `n` events of about `pad` bytes, written in
+/// two frames, and registered.
+fn sealed_chunk(
+    dir: &std::path::Path,
+    registry: &Registry,
+    n: u32,
+    pad: usize,
+) -> (SealedChunk, Vec<u8>) {
+    let chunks = crate::buffer::chunks_dir(dir);
+    std::fs::create_dir_all(&chunks).unwrap();
     let id = uuid::Uuid::now_v7().simple().to_string();
     let header = ChunkHeader {
         chunk_id: id.clone(),
@@ -68,16 +171,18 @@ fn sealed_chunk(dir: &std::path::Path, n: u32) -> (SealedChunk, Vec<u8>) {
         timekey: 1_763_740_800,
         created_ms: 0,
     };
-    let paths = ChunkPaths::new(dir, &id);
+    let paths = ChunkPaths::new(&chunks, &id);
     let mut writer = ChunkWriter::create(&paths.data, &header).unwrap();
-    let mut body = Vec::new();
-    let mut stats = ChunkStats::default();
-    let mut frame = Vec::new();
+    let (mut body, mut stats, mut frame) = (Vec::new(), ChunkStats::default(), Vec::new());
     for i in 0..n {
         let mut e = vec![0x92];
         let t = EventTime::new(1_763_740_800 + i64::from(i), i);
         entry::encode::event_time(&mut e, t);
-        rmpv::encode::write_value(&mut e, &rmpv::Value::Map(vec![("i".into(), i.into())])).unwrap();
+        let record = rmpv::Value::Map(vec![
+            ("i".into(), i.into()),
+            ("pad".into(), format!("{i:07}").repeat(pad / 7 + 1).into()),
+        ]);
+        rmpv::encode::write_value(&mut e, &record).unwrap();
         stats.add(1, e.len() as u64, t, t);
         body.extend_from_slice(&e);
         frame.push(Bytes::from(e));
@@ -95,6 +200,17 @@ fn sealed_chunk(dir: &std::path::Path, n: u32) -> (SealedChunk, Vec<u8>) {
         },
     )
     .unwrap();
+    registry.insert(ChunkInfo {
+        chunk_id: id,
+        tag: header.tag.clone(),
+        timekey: header.timekey,
+        phase: Phase::Sealed,
+        created_ms: 0,
+        records: stats.records,
+        bytes: stats.data_len,
+        attempts: 0,
+        last_error: None,
+    });
     (
         SealedChunk {
             header,
@@ -105,34 +221,60 @@ fn sealed_chunk(dir: &std::path::Path, n: u32) -> (SealedChunk, Vec<u8>) {
     )
 }
 
-async fn upload_through_run(
+/// Runs the uploader on one chunk until it is uploaded, or until `gone` is true (the chunk
+/// left for quarantine or dead letters), or for at most 20 s.
+async fn run_until(
     store: Arc<FakeStore>,
     config: UploaderConfig,
+    registry: Arc<Registry>,
     chunk: SealedChunk,
-) -> UploadedChunk {
+    gone: impl Fn() -> bool,
+) -> Option<UploadedChunk> {
     let (sealed_tx, sealed_rx) = mpsc::unbounded_channel();
     let (publish_tx, mut publish_rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(run(store, Arc::new(config), sealed_rx, publish_tx));
+    let task = tokio::spawn(run(
+        store,
+        Arc::new(config),
+        registry,
+        sealed_rx,
+        publish_tx,
+    ));
     sealed_tx.send(chunk).unwrap();
-    let uploaded = tokio::time::timeout(Duration::from_secs(20), publish_rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let mut uploaded = None;
+    for _ in 0..200 {
+        if let Ok(Some(u)) =
+            tokio::time::timeout(Duration::from_millis(100), publish_rx.recv()).await
+        {
+            uploaded = Some(u);
+            break;
+        }
+        if gone() {
+            break;
+        }
+    }
     task.abort();
     uploaded
+}
+
+async fn run_one(
+    store: Arc<FakeStore>,
+    config: UploaderConfig,
+    registry: Arc<Registry>,
+    chunk: SealedChunk,
+) -> Option<UploadedChunk> {
+    run_until(store, config, registry, chunk, || false).await
 }
 
 #[tokio::test]
 async fn uploads_a_verifiable_object_then_records_the_pointer() {
     let dir = tempfile::tempdir().unwrap();
-    let (chunk, body) = sealed_chunk(dir.path(), 9);
+    let registry = Arc::new(Registry::new());
+    let (chunk, body) = sealed_chunk(dir.path(), &registry, 9, 20);
     let store = Arc::new(FakeStore::default());
-    let uploaded = upload_through_run(
-        store.clone(),
-        config(Format::Msgpack, Compression::Zstd),
-        chunk.clone(),
-    )
-    .await;
+    let cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
+    let uploaded = run_one(store.clone(), cfg, registry.clone(), chunk.clone())
+        .await
+        .expect("uploaded");
 
     let p = &uploaded.pointer;
     assert_eq!(
@@ -153,18 +295,17 @@ async fn uploads_a_verifiable_object_then_records_the_pointer() {
             EventTime::new(1_763_740_808, 8)
         )
     );
-    let puts = store.puts.lock().unwrap();
-    let (_, stored, crc) = &puts[0];
+    let stored = store.stored.lock().unwrap();
+    let (_, bytes) = &stored[0];
     assert_eq!(
-        (*crc, p.checksum.crc32c, p.stored_bytes),
-        (crc32c::crc32c(stored), *crc, stored.len() as u64)
+        (p.checksum.crc32c, p.stored_bytes),
+        (crc32c::crc32c(bytes), bytes.len() as u64)
     );
-    assert_eq!(verify_and_decode(p, stored).unwrap().len(), 9);
+    assert_eq!(verify_and_decode(p, bytes).unwrap().len(), 9);
     assert_eq!(
-        body::decompress(Compression::Zstd, stored, 1 << 20).unwrap(),
+        body::decompress(Compression::Zstd, bytes, 1 << 20).unwrap(),
         body
     );
-
     match chunk::read_state(&chunk.paths.state).unwrap() {
         ChunkState::Uploaded { pointer, etag, .. } => {
             assert_eq!((&*pointer, etag.as_deref()), (p, Some("\"etag\"")))
@@ -172,76 +313,238 @@ async fn uploads_a_verifiable_object_then_records_the_pointer() {
         other => panic!("state not recorded: {other:?}"),
     }
     assert!(
-        !chunk.paths.object.exists(),
-        "the staged object is removed once S3 has it"
-    );
-    assert!(
         chunk.paths.data.exists(),
         "the data stays until the pointer is published"
+    );
+    assert_eq!(registry.snapshot()[0].phase, Phase::Uploaded);
+}
+
+#[tokio::test]
+async fn large_bodies_stream_by_multipart_in_parts_of_the_set_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    // About 12 MiB uncompressed, stored as is: above a 6 MiB threshold, parts of 5 MiB.
+    let (chunk, body) = sealed_chunk(dir.path(), &registry, 24, 512 * 1024);
+    let store = Arc::new(FakeStore::default());
+    let mut cfg = config(dir.path(), Format::Msgpack, Compression::None);
+    cfg.multipart_threshold = 6 << 20;
+    let uploaded = run_one(store.clone(), cfg, registry, chunk)
+        .await
+        .expect("uploaded");
+    let stored = store.stored.lock().unwrap();
+    assert_eq!(stored[0].1, body, "the parts add up to the body");
+    assert_eq!(
+        uploaded.pointer.checksum.crc32c,
+        crc32c::crc32c(&body),
+        "the pointer checksums the whole object"
+    );
+    assert_eq!(
+        verify_and_decode(&uploaded.pointer, &stored[0].1)
+            .unwrap()
+            .len(),
+        24
     );
 }
 
 #[tokio::test]
-async fn a_failed_upload_is_retried_at_the_same_key_with_the_same_bytes() {
+async fn failed_uploads_are_retried_at_the_same_key_with_the_same_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let (chunk, _) = sealed_chunk(dir.path(), 4);
+    let registry = Arc::new(Registry::new());
+    let (chunk, _) = sealed_chunk(dir.path(), &registry, 4, 10);
     let store = Arc::new(FakeStore {
-        fail_first: Mutex::new(2),
+        fail_puts: Mutex::new(2),
         ..FakeStore::default()
     });
-    let uploaded = upload_through_run(
-        store.clone(),
-        config(Format::Msgpack, Compression::Gzip),
-        chunk,
+    let cfg = config(dir.path(), Format::Msgpack, Compression::Gzip);
+    let uploaded = run_one(store.clone(), cfg, registry.clone(), chunk)
+        .await
+        .expect("uploaded after retries");
+    let first = store.stored.lock().unwrap().clone();
+    assert_eq!(first.len(), 1);
+    assert_eq!(uploaded.pointer.key, first[0].0);
+    let info = &registry.snapshot()[0];
+    assert_eq!(
+        (
+            info.attempts,
+            info.last_error.as_deref().map(|e| e.contains("injected"))
+        ),
+        (2, Some(true))
+    );
+    // Deterministic compression: building the upload again (as after a crash) gives the same
+    // key and bytes.
+    let store2 = Arc::new(FakeStore::default());
+    let again = run_one(
+        store2.clone(),
+        config(dir.path(), Format::Msgpack, Compression::Gzip),
+        registry,
+        upload_source(&uploaded),
     )
-    .await;
-    let puts = store.puts.lock().unwrap();
-    assert_eq!(puts.len(), 3);
-    assert!(puts
-        .iter()
-        .all(|(k, b, c)| (k, b, c) == (&puts[0].0, &puts[0].1, &puts[0].2)));
-    assert_eq!(uploaded.pointer.key, puts[0].0);
+    .await
+    .unwrap();
+    assert_eq!(again.pointer.key, uploaded.pointer.key);
+    assert_eq!(store2.stored.lock().unwrap()[0], first[0]);
+}
+
+/// The sealed chunk behind an uploaded one (as a restart that lost the uploaded state sees it).
+fn upload_source(u: &UploadedChunk) -> SealedChunk {
+    let ChunkState::Uploaded { header, stats, .. } = chunk::read_state(&u.paths.state).unwrap()
+    else {
+        panic!()
+    };
+    SealedChunk {
+        header,
+        stats,
+        paths: u.paths.clone(),
+    }
+}
+
+#[tokio::test]
+async fn a_failed_part_aborts_the_multipart_upload_and_retries_it_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let (chunk, body) = sealed_chunk(dir.path(), &registry, 24, 512 * 1024);
+    let store = Arc::new(FakeStore {
+        fail_parts: Mutex::new(1),
+        ..FakeStore::default()
+    });
+    let mut cfg = config(dir.path(), Format::Msgpack, Compression::None);
+    cfg.multipart_threshold = 6 << 20;
+    run_one(store.clone(), cfg, registry.clone(), chunk)
+        .await
+        .expect("uploaded on the retry");
+    assert_eq!(store.aborted.lock().unwrap().len(), 1);
+    assert_eq!(store.stored.lock().unwrap()[0].1, body);
+    assert_eq!(registry.snapshot()[0].attempts, 1);
 }
 
 #[tokio::test]
 async fn json_bodies_carry_tag_time_and_record() {
     let dir = tempfile::tempdir().unwrap();
-    let (chunk, _) = sealed_chunk(dir.path(), 3);
+    let registry = Arc::new(Registry::new());
+    let (chunk, _) = sealed_chunk(dir.path(), &registry, 3, 1);
     let store = Arc::new(FakeStore::default());
-    let uploaded = upload_through_run(
+    let uploaded = run_one(
         store.clone(),
-        config(Format::Json, Compression::None),
+        config(dir.path(), Format::Json, Compression::None),
+        registry,
         chunk,
     )
-    .await;
-    let puts = store.puts.lock().unwrap();
-    let text = String::from_utf8(puts[0].1.clone()).unwrap();
+    .await
+    .unwrap();
+    let stored = store.stored.lock().unwrap();
+    let text = String::from_utf8(stored[0].1.clone()).unwrap();
     assert_eq!(
         text.lines().next().unwrap(),
-        r#"{"time":"2025-11-21T16:00:00.000000000Z","tag":"app.web","record":{"i":0}}"#
+        r#"{"time":"2025-11-21T16:00:00.000000000Z","tag":"app.web","record":{"i":0,"pad":"0000000"}}"#
     );
     assert_eq!(uploaded.pointer.bytes, text.len() as u64);
     assert!(uploaded.pointer.key.ends_with(".json"));
     assert_eq!(
-        verify_and_decode(&uploaded.pointer, &puts[0].1)
+        verify_and_decode(&uploaded.pointer, &stored[0].1)
             .unwrap()
             .len(),
         3
     );
 }
 
-#[test]
-fn a_damaged_chunk_is_not_uploaded_and_not_retryable() {
+#[tokio::test]
+async fn a_damaged_chunk_goes_to_quarantine_without_retries() {
     let dir = tempfile::tempdir().unwrap();
-    let (chunk, _) = sealed_chunk(dir.path(), 4);
+    let registry = Arc::new(Registry::new());
+    let (chunk, _) = sealed_chunk(dir.path(), &registry, 4, 10);
     let mut bytes = std::fs::read(&chunk.paths.data).unwrap();
     let last = bytes.len() - 2;
     bytes[last] ^= 0x55;
     std::fs::write(&chunk.paths.data, bytes).unwrap();
-    let err = stage(&chunk, Format::Msgpack, Compression::Zstd, None).unwrap_err();
+    let store = Arc::new(FakeStore::default());
+    let id = chunk.header.chunk_id.clone();
+    let cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
+    let moved = dir.path().join("quarantine").join(format!("{id}.chunk"));
     assert!(
-        matches!(err, UploadError::Read(ReadError::BadFrame { .. })),
-        "{err}"
+        run_until(store.clone(), cfg, registry.clone(), chunk.clone(), || {
+            moved.exists()
+        })
+        .await
+        .is_none()
     );
-    assert!(!err.is_retryable());
+    assert!(store.stored.lock().unwrap().is_empty());
+    assert!(dir
+        .path()
+        .join("quarantine")
+        .join(format!("{id}.chunk"))
+        .exists());
+    assert!(!chunk.paths.data.exists());
+    assert!(!registry.contains(&id));
+}
+
+#[tokio::test]
+async fn a_chunk_that_exhausts_its_budget_moves_to_dead_letters_and_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let (chunk, _) = sealed_chunk(dir.path(), &registry, 4, 10);
+    let id = chunk.header.chunk_id.clone();
+    let store = Arc::new(FakeStore {
+        fail_puts: Mutex::new(100),
+        ..FakeStore::default()
+    });
+    let mut cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
+    cfg.retry.max_times = Some(2);
+    let moved = dir.path().join("dead").join(format!("{id}.state"));
+    assert!(
+        run_until(store, cfg, registry.clone(), chunk.clone(), || moved
+            .exists())
+        .await
+        .is_none()
+    );
+    assert_eq!(
+        crate::buffer::dead_letter::list_dead(dir.path()).unwrap(),
+        vec![id.clone()]
+    );
+    assert!(!chunk.paths.data.exists() && !registry.contains(&id));
+    assert_eq!(registry.losses().2, 1);
+
+    assert_eq!(
+        crate::buffer::dead_letter::replay(dir.path(), &[]).unwrap(),
+        vec![id.clone()]
+    );
+    let found = crate::buffer::rescan(&crate::buffer::chunks_dir(dir.path()), &registry).unwrap();
+    assert_eq!(
+        found
+            .sealed
+            .iter()
+            .map(|c| c.header.chunk_id.clone())
+            .collect::<Vec<_>>(),
+        vec![id.clone()]
+    );
+    let store = Arc::new(FakeStore::default());
+    let uploaded = run_one(
+        store,
+        config(dir.path(), Format::Msgpack, Compression::Zstd),
+        registry,
+        found.sealed[0].clone(),
+    )
+    .await;
+    assert_eq!(uploaded.map(|u| u.pointer.chunk_id), Some(id));
+}
+
+#[tokio::test]
+async fn a_dropped_chunk_is_not_uploaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let (chunk, _) = sealed_chunk(dir.path(), &registry, 2, 10);
+    assert!(registry.take_oldest_waiting().is_some());
+    let store = Arc::new(FakeStore::default());
+    let cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
+    // Give it a second: an upload would take a few milliseconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    assert!(run_until(
+        store.clone(),
+        cfg,
+        registry,
+        chunk,
+        || std::time::Instant::now() > deadline
+    )
+    .await
+    .is_none());
+    assert!(store.stored.lock().unwrap().is_empty());
 }

@@ -1,0 +1,110 @@
+//! Where chunks go when they cannot be delivered or read: `dead/` for chunks whose delivery
+//! exhausted the retry budget (whole and valid, waiting for `claimcheck replay`), and
+//! `quarantine/` for files recovery could not read and bytes it had to cut off. Nothing in
+//! either folder is ever deleted by claimcheck.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::chunk::{self, ChunkPaths, DATA_EXT, STATE_EXT};
+
+pub fn dead_dir(buffer_dir: &Path) -> PathBuf {
+    buffer_dir.join("dead")
+}
+
+pub fn quarantine_dir(buffer_dir: &Path) -> PathBuf {
+    buffer_dir.join("quarantine")
+}
+
+/// Moves a chunk's data and state files into `dead/`. Its state (sealed or uploaded) goes
+/// with it, so a replay resumes exactly where delivery stopped.
+pub fn move_to_dead(buffer_dir: &Path, paths: &ChunkPaths) -> io::Result<()> {
+    let dead = dead_dir(buffer_dir);
+    fs::create_dir_all(&dead)?;
+    // The data file first: a chunk without data is taken for a published one.
+    for path in [&paths.data, &paths.state] {
+        fs::rename(
+            path,
+            dead.join(path.file_name().expect("chunk files have names")),
+        )?;
+    }
+    chunk::sync_dir(&dead)?;
+    chunk::sync_dir(
+        paths
+            .data
+            .parent()
+            .expect("chunk files live in a directory"),
+    )
+}
+
+/// Moves files into `quarantine/`, keeping their names; returns where the first one went.
+pub fn quarantine(buffer_dir: &Path, files: &[&Path]) -> io::Result<PathBuf> {
+    let target = quarantine_dir(buffer_dir);
+    fs::create_dir_all(&target)?;
+    let mut first = None;
+    for path in files.iter().filter(|p| p.exists()) {
+        let to = target.join(path.file_name().expect("files have names"));
+        fs::rename(path, &to)?;
+        first.get_or_insert(to);
+        if let Some(dir) = path.parent() {
+            chunk::sync_dir(dir)?;
+        }
+    }
+    chunk::sync_dir(&target)?;
+    Ok(first.unwrap_or(target))
+}
+
+/// Chunk ids in `dead/`, oldest first.
+pub fn list_dead(buffer_dir: &Path) -> io::Result<Vec<String>> {
+    let dead = dead_dir(buffer_dir);
+    if !dead.exists() {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<String> = fs::read_dir(&dead)?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_suffix(&format!(".{DATA_EXT}"))
+                .map(str::to_string)
+        })
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// Moves dead-lettered chunks (all, or those in `ids`) back to `chunks/`, where a running
+/// sidecar picks them up within seconds and a starting one recovers them. Returns the ids
+/// moved. Safe while a sidecar runs: each move is a rename, data file first.
+pub fn replay(buffer_dir: &Path, ids: &[String]) -> io::Result<Vec<String>> {
+    let dead = dead_dir(buffer_dir);
+    let chunks = super::chunks_dir(buffer_dir);
+    fs::create_dir_all(&chunks)?;
+    let available = list_dead(buffer_dir)?;
+    let wanted: Vec<String> = if ids.is_empty() {
+        available
+    } else {
+        for id in ids {
+            if !available.contains(id) {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no dead-lettered chunk {id}"),
+                ));
+            }
+        }
+        ids.to_vec()
+    };
+    for id in &wanted {
+        for ext in [DATA_EXT, STATE_EXT] {
+            let name = format!("{id}.{ext}");
+            if dead.join(&name).exists() {
+                fs::rename(dead.join(&name), chunks.join(&name))?;
+            }
+        }
+    }
+    if !wanted.is_empty() {
+        chunk::sync_dir(&chunks)?;
+        chunk::sync_dir(&dead)?;
+    }
+    Ok(wanted)
+}
