@@ -156,6 +156,7 @@ async fn publish<P: PointerSink>(
     retry_tx: &mpsc::UnboundedSender<Job>,
 ) {
     let records: Vec<PointerRecord> = batch.iter().map(|j| j.record.clone()).collect();
+    debug!(records = records.len(), "sending PutRecords");
     let started = std::time::Instant::now();
     let results = match sink.put_records(&records).await {
         Ok(results) => results,

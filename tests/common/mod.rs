@@ -5,6 +5,9 @@
 
 #![allow(dead_code)]
 
+pub mod load;
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -247,6 +250,24 @@ impl Emulated {
         )
     }
 
+    /// Starts a sidecar on `port`, reaching S3 and Kinesis through `endpoints` (for example
+    /// fault proxies) when given.
+    pub fn sidecar_at(&self, port: u16, endpoints: Option<(&str, &str)>, args: &[&str]) -> Sidecar {
+        let mut env = aws_env(self.moto.port);
+        if let Some((s3, kinesis)) = endpoints {
+            env.push(("AWS_ENDPOINT_URL_S3", s3.to_string()));
+            env.push(("AWS_ENDPOINT_URL_KINESIS", kinesis.to_string()));
+        }
+        Sidecar::start_with(
+            port,
+            &self.buffer_dir(),
+            &env,
+            &self.bucket,
+            &self.stream,
+            args,
+        )
+    }
+
     pub async fn read_events(&self, expected: usize) -> Vec<ResolvedChunk> {
         self.aws
             .read_events(&self.stream, expected, Duration::from_secs(90))
@@ -276,18 +297,50 @@ impl Sidecar {
         stream: &str,
         args: &[&str],
     ) -> Sidecar {
-        let port = free_port();
-        let log = buffer_dir.with_extension(format!("{port}.log"));
-        let log_file = std::fs::File::create(&log).unwrap();
+        Sidecar::start_with(
+            free_port(),
+            buffer_dir,
+            &aws_env(aws_port),
+            bucket,
+            stream,
+            args,
+        )
+    }
+
+    /// Starts `claimcheck serve` on `port` with `env` (AWS settings) and `args`.
+    pub fn start_with(
+        port: u16,
+        buffer_dir: &Path,
+        env: &[(&str, String)],
+        bucket: &str,
+        stream: &str,
+        args: &[&str],
+    ) -> Sidecar {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_claimcheck"));
-        cmd.arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+        cmd.arg("serve");
+        Sidecar::spawn(cmd, port, buffer_dir, env, bucket, stream, args)
+    }
+
+    /// Starts the sidecar through `cmd` (the binary itself, or a wrapper that execs it).
+    pub fn spawn(
+        mut cmd: Command,
+        port: u16,
+        buffer_dir: &Path,
+        env: &[(&str, String)],
+        bucket: &str,
+        stream: &str,
+        args: &[&str],
+    ) -> Sidecar {
+        let log =
+            buffer_dir.with_extension(format!("{port}.{}.log", uuid::Uuid::new_v4().simple()));
+        let log_file = std::fs::File::create(&log).unwrap();
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--buffer-dir")
             .arg(buffer_dir)
             .args(["--s3-bucket", bucket, "--kinesis-stream", stream])
             .args(args)
             .env("RUST_LOG", "info,claimcheck=debug")
-            .envs(aws_env(aws_port))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(log_file);
         let child = cmd.spawn().expect("cannot start claimcheck");

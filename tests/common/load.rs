@@ -1,0 +1,163 @@
+//! A steady forward load that records exactly which events were acknowledged.
+//!
+//! Each connection sends PackedForward requests (Fluentd's shape: str32 entries, `chunk` token)
+//! one at a time, each event carrying a unique `id`, and waits for the ack. When the sidecar
+//! goes away (killed) the connection reconnects and goes on with new events: an unacknowledged
+//! request is never resent, so every event id is stored at most once by a correct sidecar and
+//! the acked ids are exactly the ones it promised to keep.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use claimcheck_consumer::entry::{encode, EventTime, ValueScanner};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// What a load run did.
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    /// Ids of every acknowledged event.
+    pub acked: HashSet<u64>,
+    /// Events sent (acknowledged or not).
+    pub sent: u64,
+    /// Requests whose ack never came (connection lost).
+    pub unacked_requests: u64,
+}
+
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<HashSet<u64>>>,
+    sent: Arc<AtomicU64>,
+    lost: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts `connections` senders to 127.0.0.1:`port`, each sending requests of
+    /// `events_per_request` events spread over `tags` tags.
+    pub fn start(port: u16, connections: usize, events_per_request: usize, tags: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(HashSet::new()));
+        let (sent, lost) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let tasks = (0..connections as u64)
+            .map(|conn| {
+                let (stop, acked, sent, lost) =
+                    (stop.clone(), acked.clone(), sent.clone(), lost.clone());
+                tokio::spawn(async move {
+                    let mut seq = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            continue;
+                        };
+                        let _ = stream.set_nodelay(true);
+                        while !stop.load(Ordering::Relaxed) {
+                            let ids: Vec<u64> = (0..events_per_request as u64)
+                                .map(|i| (conn << 48) | (seq << 12) | i)
+                                .collect();
+                            seq += 1;
+                            let tag = format!("load.t{}", seq % tags.max(1) as u64);
+                            let token = format!("c{conn}s{seq}");
+                            sent.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                            match send(&mut stream, &tag, &ids, &token).await {
+                                Ok(()) => acked.lock().unwrap().extend(ids),
+                                Err(_) => {
+                                    lost.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            acked,
+            sent,
+            lost,
+            tasks,
+        }
+    }
+
+    /// Events acknowledged so far.
+    pub fn acked_count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    pub async fn stop(self) -> LoadResult {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            // A sender blocked on a dead or paused sidecar is simply cut off.
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        LoadResult {
+            acked: std::mem::take(&mut *self.acked.lock().unwrap()),
+            sent: self.sent.load(Ordering::Relaxed),
+            unacked_requests: self.lost.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The record of event `id`.
+pub fn record_of(id: u64) -> rmpv::Value {
+    rmpv::Value::Map(vec![
+        ("id".into(), id.into()),
+        (
+            "msg".into(),
+            format!("event {id:x} {}", "x".repeat(64)).into(),
+        ),
+    ])
+}
+
+/// One request, then its ack (within 60 s).
+async fn send(stream: &mut TcpStream, tag: &str, ids: &[u64], token: &str) -> std::io::Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let mut entries = Vec::new();
+    for id in ids {
+        entries.push(0x92);
+        encode::event_time(
+            &mut entries,
+            EventTime::new(now.as_secs() as i64, now.subsec_nanos()),
+        );
+        rmpv::encode::write_value(&mut entries, &record_of(*id)).unwrap();
+    }
+    let mut req = vec![0x93];
+    rmp::encode::write_str(&mut req, tag).unwrap();
+    req.push(0xdb);
+    req.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    req.extend_from_slice(&entries);
+    let option = rmpv::Value::Map(vec![
+        ("size".into(), (ids.len() as u64).into()),
+        ("compressed".into(), "text".into()),
+        ("chunk".into(), token.into()),
+    ]);
+    rmpv::encode::write_value(&mut req, &option).unwrap();
+    stream.write_all(&req).await?;
+    let mut buf = Vec::new();
+    let mut scanner = ValueScanner::default();
+    let read = async {
+        loop {
+            if let Ok(Some(len)) = scanner.advance(&buf) {
+                return Ok(buf[..len].to_vec());
+            }
+            let mut piece = [0u8; 256];
+            let n = stream.read(&mut piece).await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+            buf.extend_from_slice(&piece[..n]);
+        }
+    };
+    let ack = tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    if !ack.ends_with(token.as_bytes()) {
+        return Err(std::io::Error::other("ack for another token"));
+    }
+    Ok(())
+}

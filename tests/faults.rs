@@ -1,0 +1,276 @@
+//! Backend faults: a proxy between the sidecar and the emulator makes S3 or Kinesis unreachable,
+//! failing, throttling or slow, at start or mid-run, under steady load.
+//!
+//! Pass: every acknowledged event is delivered exactly once, no pointer is published before
+//! its object is stored (checked by the proxies on every PutRecords), and delivery resumes
+//! within one retry interval (plus the SDK's own quick retries) of the fault clearing.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::load::{Load, LoadResult};
+use common::proxy::{Fault, Ledger, Proxy, Service};
+use common::*;
+
+/// `--retry-max-interval` of these tests.
+const MAX_INTERVAL: Duration = Duration::from_secs(2);
+/// Time allowed beyond one retry interval (with its +12.5 % jitter) for delivery to resume:
+/// the AWS SDK retries a failed call itself (up to 3 attempts) before the sidecar sees it.
+const RESUME_SLACK: Duration = Duration::from_secs(4);
+
+struct Faulty {
+    env: Emulated,
+    ledger: Arc<Ledger>,
+    s3: Proxy,
+    kinesis: Proxy,
+    sidecar: Sidecar,
+    started: Instant,
+}
+
+async fn setup(s3_fault: Fault, kinesis_fault: Fault) -> Faulty {
+    let env = Emulated::start("faults").await;
+    let ledger = Arc::new(Ledger::default());
+    let s3 = Proxy::start(Service::S3, env.moto.port, ledger.clone()).await;
+    let kinesis = Proxy::start(Service::Kinesis, env.moto.port, ledger.clone()).await;
+    s3.set(s3_fault);
+    kinesis.set(kinesis_fault);
+    let max = format!("{}s", MAX_INTERVAL.as_secs());
+    let args = [
+        "--flush-interval",
+        "300ms",
+        "--timekey-wait",
+        "0s",
+        "--chunk-limit-size",
+        "64KiB",
+        "--retry-wait",
+        "200ms",
+        "--retry-max-interval",
+        &max,
+    ];
+    let started = Instant::now();
+    let sidecar = env.sidecar_at(free_port(), Some((&s3.url(), &kinesis.url())), &args);
+    Faulty {
+        env,
+        ledger,
+        s3,
+        kinesis,
+        sidecar,
+        started,
+    }
+}
+
+/// Waits for the buffer to drain, then checks every acked event arrived exactly once and
+/// that no pointer went out before its object.
+async fn verify(f: &Faulty, load: &LoadResult) {
+    let chunks_dir = f.env.buffer_dir().join("chunks");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_dir(&chunks_dir)
+        .map(|d| d.count())
+        .unwrap_or(0)
+        > 0
+    {
+        assert!(Instant::now() < deadline, "the buffer did not drain");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let chunks = f.env.read_events(load.acked.len()).await;
+    let mut seen = std::collections::HashMap::new();
+    for e in chunks.iter().flat_map(|c| &c.events) {
+        *seen
+            .entry(e.record_json()["id"].as_u64().unwrap())
+            .or_insert(0) += 1;
+    }
+    let missing = load
+        .acked
+        .iter()
+        .filter(|id| !seen.contains_key(id))
+        .count();
+    assert_eq!(missing, 0, "acknowledged events lost");
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "an event was delivered twice"
+    );
+    assert_eq!(
+        f.ledger.violations(),
+        Vec::<String>::new(),
+        "pointers published before their objects"
+    );
+}
+
+/// Waits until `service` is written to successfully after `since`; returns how long it took.
+async fn resumed(ledger: &Ledger, service: Service, since: Instant) -> Duration {
+    let deadline = since + Duration::from_secs(60);
+    loop {
+        if let Some(t) = ledger.first_success_after(service, since) {
+            return t - since;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service:?} delivery never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn assert_quick(what: &str, took: Duration) {
+    let bound = MAX_INTERVAL.mul_f64(1.125) + RESUME_SLACK;
+    println!(
+        "{what}: delivery resumed {:.2} s after recovery (bound {:.2} s)",
+        took.as_secs_f64(),
+        bound.as_secs_f64()
+    );
+    assert!(
+        took <= bound,
+        "{what}: resumed after {took:?}, more than {bound:?}"
+    );
+}
+
+async fn wait_log(sidecar: &Sidecar, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !sidecar.log_text().contains(text) {
+        assert!(Instant::now() < deadline, "the log never said {text:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_down_at_start_then_back() {
+    let f = setup(Fault::Down, Fault::None).await;
+    let load = Load::start(f.sidecar.port, 2, 20, 3);
+    wait_log(&f.sidecar, "upload failed").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(load.acked_count() > 0, "acks keep coming with S3 down");
+    assert!(
+        f.ledger
+            .first_success_after(Service::Kinesis, f.started)
+            .is_none(),
+        "nothing published without objects"
+    );
+    let back = Instant::now();
+    f.s3.set(Fault::None);
+    assert_quick(
+        "S3 down at start",
+        resumed(&f.ledger, Service::S3, back).await,
+    );
+    let load = load.stop().await;
+    verify(&f, &load).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_down_at_start_then_back() {
+    let f = setup(Fault::None, Fault::Down).await;
+    let load = Load::start(f.sidecar.port, 2, 20, 3);
+    wait_log(&f.sidecar, "PutRecords failed").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        f.sidecar.log_text().contains("object stored"),
+        "uploads go on while Kinesis is down"
+    );
+    let back = Instant::now();
+    f.kinesis.set(Fault::None);
+    assert_quick(
+        "Kinesis down at start",
+        resumed(&f.ledger, Service::Kinesis, back).await,
+    );
+    let load = load.stop().await;
+    verify(&f, &load).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_backend_goes_down_mid_run_then_back() {
+    let f = setup(Fault::None, Fault::None).await;
+    let load = Load::start(f.sidecar.port, 2, 20, 3);
+    wait_log(&f.sidecar, "pointer published").await;
+
+    f.s3.set(Fault::Down);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let back = Instant::now();
+    f.s3.set(Fault::None);
+    assert_quick(
+        "S3 down mid-run",
+        resumed(&f.ledger, Service::S3, back).await,
+    );
+
+    f.kinesis.set(Fault::Down);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let back = Instant::now();
+    f.kinesis.set(Fault::None);
+    assert_quick(
+        "Kinesis down mid-run",
+        resumed(&f.ledger, Service::Kinesis, back).await,
+    );
+
+    let load = load.stop().await;
+    verify(&f, &load).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_of_all_requests_fail_with_500_and_503() {
+    let f = setup(
+        Fault::Errors {
+            status: 500,
+            rate: 0.5,
+        },
+        Fault::Errors {
+            status: 503,
+            rate: 0.5,
+        },
+    )
+    .await;
+    let load = Load::start(f.sidecar.port, 2, 20, 3);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let load = load.stop().await;
+    f.s3.set(Fault::None);
+    f.kinesis.set(Fault::None);
+    assert!(
+        f.ledger.injected() > 10,
+        "faults were injected ({})",
+        f.ledger.injected()
+    );
+    verify(&f, &load).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_throttling_and_partial_put_records_failures() {
+    let f = setup(
+        Fault::None,
+        Fault::Throttle {
+            request_rate: 0.3,
+            record_rate: 0.5,
+        },
+    )
+    .await;
+    let load = Load::start(f.sidecar.port, 2, 20, 3);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let load = load.stop().await;
+    let log = f.sidecar.log_text();
+    assert!(
+        log.contains("ProvisionedThroughputExceededException"),
+        "throttling was seen"
+    );
+    assert!(
+        log.contains("pointer not accepted"),
+        "partial failures were seen and retried alone"
+    );
+    f.kinesis.set(Fault::None);
+    verify(&f, &load).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_backends_delay_delivery_but_not_acks() {
+    let f = setup(
+        Fault::Slow(Duration::from_millis(1500)),
+        Fault::Slow(Duration::from_millis(1500)),
+    )
+    .await;
+    let load = Load::start(f.sidecar.port, 2, 20, 3);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        load.acked_count() > 1000,
+        "acks do not wait for slow backends ({})",
+        load.acked_count()
+    );
+    let load = load.stop().await;
+    verify(&f, &load).await;
+}
