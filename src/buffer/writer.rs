@@ -17,7 +17,9 @@
 //! While pieces are held, the writer takes no new requests, so connections stop reading and
 //! TCP pushes back on the senders. A small reserve file is released at that moment, so that
 //! open chunks can still be sealed (their state files need a few hundred bytes each) and
-//! delivered, which is what frees the space.
+//! delivered, which is what frees the space. Held pieces are tried again only once deliveries
+//! have freed space or the file system reports room beyond the reserve, so data never eats
+//! the room kept for state files.
 
 use std::collections::HashMap;
 use std::io;
@@ -119,6 +121,8 @@ pub struct Writer {
     /// Something was written and not yet synced (sync policies `interval` and `none`).
     dirty: bool,
     last_sync: Instant,
+    /// Buffer usage when the disk was found full; held pieces wait until it goes down.
+    full_at_usage: Option<u64>,
 }
 
 impl Writer {
@@ -142,6 +146,7 @@ impl Writer {
             held: Vec::new(),
             dirty: false,
             last_sync: Instant::now(),
+            full_at_usage: None,
         };
         writer.keep_reserve();
         writer
@@ -173,7 +178,11 @@ impl Writer {
     /// One round: place, write, sync, answer (see the module documentation).
     pub(super) fn round(&mut self, batch: Vec<Append>, now: Instant) {
         let was_stalled = self.stalled();
-        let mut pieces = std::mem::take(&mut self.held);
+        let mut pieces = if self.room_for_held() {
+            std::mem::take(&mut self.held)
+        } else {
+            Vec::new()
+        };
         for append in batch {
             let id = self.next_waiter;
             self.next_waiter += 1;
@@ -235,10 +244,14 @@ impl Writer {
         for waiter in flushed.ok {
             self.piece_done(waiter);
         }
-        if self.stalled() && !was_stalled {
-            self.on_disk_full();
-        } else if !self.stalled() && was_stalled {
+        if self.stalled() {
+            if !was_stalled {
+                self.on_disk_full();
+            }
+            self.full_at_usage = Some(self.registry.usage());
+        } else if was_stalled {
             info!("disk space is back; held requests are stored");
+            self.full_at_usage = None;
             self.keep_reserve();
         }
         // Chunks that filled up, and chunks that failed, are sealed with what they hold.
@@ -404,6 +417,20 @@ impl Writer {
             }
             self.piece_done(piece.waiter);
         }
+    }
+
+    /// Whether held pieces may be tried again: deliveries freed space since the disk was found
+    /// full, or the file system has room beyond what the reserve needs.
+    fn room_for_held(&self) -> bool {
+        let Some(usage) = self.full_at_usage else {
+            return true;
+        };
+        if self.registry.usage() < usage {
+            return true;
+        }
+        rustix::fs::statvfs(&self.chunks_dir)
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize) >= 2 * RESERVE_BYTES as u64)
+            .unwrap_or(false)
     }
 
     /// Makes room for delivery when the disk is full: release the reserve, seal open chunks.
