@@ -62,6 +62,11 @@ async fn kill_at(sidecar: &mut Sidecar, target: (&str, Option<&str>, u64)) -> bo
     hit
 }
 
+fn median_ms(d: &mut [Duration]) -> f64 {
+    d.sort();
+    d.get(d.len() / 2).map_or(0.0, |m| m.as_secs_f64() * 1000.0)
+}
+
 fn cycles() -> usize {
     std::env::var("CLAIMCHECK_CRASH_CYCLES")
         .ok()
@@ -184,8 +189,11 @@ async fn crash_cycles(sync: &str, cycles: usize) {
     let load = Load::start(port, 3, 25, 4);
     let mut phases: BTreeMap<&str, usize> = BTreeMap::new();
     let started = Instant::now();
+    let mut restarts: Vec<Duration> = Vec::new();
     for cycle in 0..cycles {
+        let restart = Instant::now();
         let mut sidecar = env.sidecar_at(port, None, &args);
+        restarts.push(restart.elapsed());
         // Let the load reach the new process before aiming at a phase.
         tokio::time::sleep(Duration::from_millis(rand::random_range(50..300))).await;
         let target = TARGETS[cycle % TARGETS.len()];
@@ -249,7 +257,8 @@ async fn crash_cycles(sync: &str, cycles: usize) {
     println!(
         "crash harness (sync {sync}): {cycles} kills in {:.0} s; {} events acked ({} before the last restart), {} sent; \
          {} delivered, 0 lost, 0 duplicated for the consumer; {} unacked events delivered once; {} chunks, {} republished \
-         (whole chunks, {} pointers dropped by the consumer); kills by phase: {:?}",
+         (whole chunks, {} pointers dropped by the consumer); restart to listening: median {:.0} ms, max {:.0} ms; \
+         kills by phase: {:?}",
         started.elapsed().as_secs_f64(),
         load.acked.len(),
         acked_before_last,
@@ -259,6 +268,8 @@ async fn crash_cycles(sync: &str, cycles: usize) {
         ids.len(),
         republished,
         duplicates_dropped,
+        median_ms(&mut restarts),
+        restarts.iter().max().unwrap_or(&Duration::ZERO).as_secs_f64() * 1000.0,
         phases
     );
     assert!(
