@@ -108,8 +108,9 @@ fn connect(port: u16) -> TcpStream {
 
 /// A test's emulator and a sidecar that seals chunks after a second.
 struct Setup {
-    env: Emulated,
+    // The sidecar drops first, so that its log can still be read on failure.
     sidecar: Sidecar,
+    env: Emulated,
 }
 
 async fn setup(args: &[&str]) -> Setup {

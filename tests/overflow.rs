@@ -14,11 +14,12 @@ use common::load::{Load, LoadResult};
 use common::proxy::{Fault, Ledger, Proxy, Service};
 use common::*;
 
+/// Fields drop in order: the sidecar first, so that its log can still be read on failure.
 struct Setup {
+    sidecar: Sidecar,
     env: Emulated,
     s3: Proxy,
     _kinesis: Proxy,
-    sidecar: Sidecar,
 }
 
 const ARGS: [&str; 8] = [
