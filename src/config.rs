@@ -51,6 +51,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_LISTEN", default_value = "127.0.0.1:24224")]
     pub listen: SocketAddr,
 
+    /// Address of the metrics and health endpoint (`/metrics`, `/healthz`, `/readyz`,
+    /// `/api/v1/buffer`); off when unset. The Docker image uses 0.0.0.0:24231.
+    #[arg(long, env = "CLAIMCHECK_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Directory of the durable buffer. One sidecar per directory (it is locked).
     #[arg(
         long,
@@ -216,6 +221,7 @@ pub struct ServeArgs {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
     pub buffer: BufferConfig,
     pub connection: Arc<ConnectionConfig>,
     pub uploader: Arc<UploaderConfig>,
@@ -265,6 +271,7 @@ impl ServeArgs {
         }
         Ok(Config {
             listen: self.listen,
+            metrics_listen: self.metrics_listen,
             buffer: BufferConfig {
                 dir: self.buffer_dir.clone(),
                 timekey: self.timekey,

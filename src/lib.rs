@@ -16,6 +16,7 @@
 //!    once its pointer is accepted.
 //! 6. The `claimcheck-consumer` crate turns pointers back into events.
 
+pub mod admin;
 pub mod aws;
 pub mod bench;
 pub mod buffer;
@@ -24,6 +25,7 @@ pub mod consume;
 pub mod delivery;
 pub mod forward;
 pub mod key_template;
+pub mod metrics;
 pub mod publisher;
 pub mod retry;
 pub mod server;
@@ -84,10 +86,19 @@ impl Sidecar {
             registry,
             queues,
         } = self;
+        let token = CancellationToken::new();
+        if let Some(addr) = config.metrics_listen {
+            let admin = admin::bind(addr).await?;
+            tokio::spawn(admin::run(
+                admin,
+                registry.clone(),
+                config.buffer.total_limit_size,
+                token.clone(),
+            ));
+        }
         let delivery = delivery::Delivery::start(&config, registry.clone(), queues, recovered);
         let handle = buffer.handle.clone();
         let writer = tokio::spawn(buffer.run());
-        let token = CancellationToken::new();
         let listen = listener
             .local_addr()
             .map_or_else(|_| config.listen.to_string(), |a| a.to_string());

@@ -19,6 +19,7 @@ use crate::buffer::dead_letter;
 use crate::buffer::registry::{Phase, Registry};
 use crate::buffer::UploadedChunk;
 use crate::key_template::{KeyTemplate, KeyValues};
+use crate::metrics::{metrics, Code};
 use crate::retry::{Attempts, RetryPolicy};
 
 /// Kinesis PutRecords limits.
@@ -182,10 +183,16 @@ async fn publish<P: PointerSink>(
                 sequence_number,
             } => {
                 info!(chunk_id = %job.chunk.pointer.chunk_id, key = %job.chunk.pointer.key, %shard_id, %sequence_number, elapsed_ms, "pointer published");
+                metrics().chunks_published.inc();
+                metrics().events_published.inc_by(job.chunk.pointer.records);
                 published.push(job.chunk);
             }
             EntryResult::Failed { code, message } => {
                 warn!(chunk_id = %job.chunk.pointer.chunk_id, %code, %message, "pointer not accepted; will retry");
+                metrics()
+                    .put_records_failed_entries
+                    .get_or_create(&Code { code: code.clone() })
+                    .inc();
                 retry_later(
                     job,
                     &format!("{code}: {message}"),
@@ -248,6 +255,7 @@ fn retry_later(
         return;
     }
     let delay = job.attempts.delay(&config.retry);
+    metrics().retry("publish");
     debug!(chunk_id = %id, attempt = job.attempts.count(), retry_in = ?delay, "pointer retry scheduled");
     let tx = retry_tx.clone();
     tokio::spawn(async move {

@@ -9,6 +9,23 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::buffer::BufferHandle;
+use crate::metrics::metrics;
+
+/// Keeps `claimcheck_connections_open` while it lives.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn new() -> Self {
+        metrics().connections_open.inc();
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics().connections_open.dec();
+    }
+}
 use crate::forward::{connection, ConnectionConfig};
 
 /// How long shutdown waits for connections before closing them: the time a connection gets
@@ -50,6 +67,7 @@ pub async fn run(
         // Acks are small writes that must not wait for Nagle's algorithm.
         let _ = socket.set_nodelay(true);
         debug!(%peer, "connection accepted");
+        metrics().connections_accepted.inc();
         let span = tracing::info_span!("connection", %peer);
         let conn = connection::serve(
             socket,
@@ -58,7 +76,14 @@ pub async fn run(
             config.clone(),
             shutdown.clone(),
         );
-        connections.spawn(conn.instrument(span));
+        connections.spawn(
+            async move {
+                // Counted open until the task ends, however it ends (aborts included).
+                let _open = OpenConnection::new();
+                conn.await
+            }
+            .instrument(span),
+        );
     }
     drop(listener);
     info!(

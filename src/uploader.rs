@@ -32,6 +32,7 @@ use crate::buffer::dead_letter;
 use crate::buffer::registry::{Phase, Registry};
 use crate::buffer::{SealedChunk, UploadedChunk};
 use crate::key_template::{KeyTemplate, KeyValues};
+use crate::metrics::metrics;
 use crate::retry::{Attempts, RetryPolicy};
 
 /// What is stored, besides the bytes.
@@ -225,6 +226,7 @@ pub async fn run<S: ChunkStore>(
                             return;
                         }
                         let delay = job.attempts.delay(&config.retry);
+                        metrics().retry("upload");
                         if e.is_retryable() {
                             warn!(attempt = job.attempts.count(), retry_in = ?delay, cause = %e, "upload failed; will retry");
                         } else {
@@ -245,8 +247,11 @@ pub async fn run<S: ChunkStore>(
 fn quarantine(config: &UploaderConfig, registry: &Registry, chunk: &SealedChunk, e: &UploadError) {
     let paths = &chunk.paths;
     match dead_letter::quarantine(&config.buffer_dir, &[&paths.data, &paths.state]) {
-        Ok(to) => error!(cause = %e, to = %to.display(), events = chunk.stats.records,
-                         "chunk data is damaged and cannot be delivered; moved to quarantine"),
+        Ok(to) => {
+            metrics().files_quarantined.inc_by(2);
+            error!(cause = %e, to = %to.display(), events = chunk.stats.records,
+                   "chunk data is damaged and cannot be delivered; moved to quarantine");
+        }
         Err(q) => {
             error!(cause = %e, quarantine_error = %q, "chunk data is damaged and cannot be moved to quarantine")
         }
@@ -331,6 +336,8 @@ pub async fn upload<S: ChunkStore>(
     };
     info!(key = %pointer.key, bytes = summary.body_bytes, stored_bytes = summary.stored_bytes,
           elapsed_ms = started.elapsed().as_millis() as u64, "object stored");
+    metrics().chunks_uploaded.inc();
+    metrics().stored_bytes.inc_by(summary.stored_bytes);
     let state = ChunkState::Uploaded {
         header: header.clone(),
         stats: chunk.stats,

@@ -5,10 +5,12 @@
 //! per-record failures (`ProvisionedThroughputExceededException`, `InternalFailure`), which the
 //! publisher retries alone.
 
+use std::time::Instant;
+
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 
-use super::BackendError;
+use super::{record, BackendError};
 use crate::publisher::{EntryResult, PointerRecord, PointerSink};
 
 #[derive(Debug, Clone)]
@@ -45,10 +47,13 @@ impl PointerSink for KinesisSink {
         } else {
             req.stream_name(&self.stream)
         };
-        let out = req
+        let started = Instant::now();
+        let result = req
             .send()
             .await
-            .map_err(|e| BackendError::from_sdk("PutRecords", e))?;
+            .map_err(|e| BackendError::from_sdk("PutRecords", e));
+        record(true, "PutRecords", started, &result);
+        let out = result?;
         if out.records.len() != records.len() {
             return Err(BackendError::local(
                 "PutRecords",

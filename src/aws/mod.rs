@@ -34,6 +34,17 @@ pub async fn load_config() -> SdkConfig {
     config
 }
 
+/// Records a call's duration, and its error code if it failed, in the metrics.
+fn record<T>(
+    kinesis: bool,
+    operation: &'static str,
+    started: std::time::Instant,
+    result: &Result<T, BackendError>,
+) {
+    let code = result.as_ref().err().map(|e| e.code.as_str());
+    crate::metrics::metrics().aws_call(kinesis, operation, started.elapsed(), code);
+}
+
 /// True when an S3 endpoint override is configured, in the SDK config or the environment.
 fn endpoint_overridden(config: &SdkConfig) -> bool {
     config.endpoint_url().is_some()

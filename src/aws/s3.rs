@@ -1,12 +1,14 @@
 //! Chunk bodies to S3. Every request carries the CRC32C of its bytes
 //! (`x-amz-checksum-crc32c`), so S3 itself rejects a corrupted upload.
 
+use std::time::Instant;
+
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use claimcheck_consumer::pointer::crc32c_base64;
 
-use super::BackendError;
+use super::{record, BackendError};
 use crate::uploader::{ChunkStore, ObjectMeta, UploadedPart};
 
 /// S3 requires every part but the last to be at least 5 MiB.
@@ -35,7 +37,8 @@ impl ChunkStore for S3Store {
         body: Bytes,
         crc32c: u32,
     ) -> Result<Option<String>, BackendError> {
-        let out = self
+        let started = Instant::now();
+        let result = self
             .client
             .put_object()
             .bucket(&self.bucket)
@@ -48,12 +51,15 @@ impl ChunkStore for S3Store {
             .metadata("claimcheck-chunk-id", &meta.chunk_id)
             .send()
             .await
-            .map_err(|e| BackendError::from_sdk("PutObject", e))?;
+            .map_err(|e| BackendError::from_sdk("PutObject", e));
+        record(false, "PutObject", started, &result);
+        let out = result?;
         Ok(out.e_tag)
     }
 
     async fn create_multipart(&self, meta: &ObjectMeta) -> Result<String, BackendError> {
-        let out = self
+        let started = Instant::now();
+        let result = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
@@ -64,7 +70,9 @@ impl ChunkStore for S3Store {
             .metadata("claimcheck-chunk-id", &meta.chunk_id)
             .send()
             .await
-            .map_err(|e| BackendError::from_sdk("CreateMultipartUpload", e))?;
+            .map_err(|e| BackendError::from_sdk("CreateMultipartUpload", e));
+        record(false, "CreateMultipartUpload", started, &result);
+        let out = result?;
         out.upload_id.ok_or_else(|| {
             BackendError::local("CreateMultipartUpload", "no upload id in the response")
         })
@@ -78,7 +86,8 @@ impl ChunkStore for S3Store {
         body: Bytes,
         crc32c: u32,
     ) -> Result<Option<String>, BackendError> {
-        let out = self
+        let started = Instant::now();
+        let result = self
             .client
             .upload_part()
             .bucket(&self.bucket)
@@ -90,7 +99,9 @@ impl ChunkStore for S3Store {
             .body(ByteStream::from(body))
             .send()
             .await
-            .map_err(|e| BackendError::from_sdk("UploadPart", e))?;
+            .map_err(|e| BackendError::from_sdk("UploadPart", e));
+        record(false, "UploadPart", started, &result);
+        let out = result?;
         Ok(out.e_tag)
     }
 
@@ -110,7 +121,8 @@ impl ChunkStore for S3Store {
                     .build()
             })
             .collect();
-        let out = self
+        let started = Instant::now();
+        let result = self
             .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
@@ -123,7 +135,9 @@ impl ChunkStore for S3Store {
             )
             .send()
             .await
-            .map_err(|e| BackendError::from_sdk("CompleteMultipartUpload", e))?;
+            .map_err(|e| BackendError::from_sdk("CompleteMultipartUpload", e));
+        record(false, "CompleteMultipartUpload", started, &result);
+        let out = result?;
         Ok(out.e_tag)
     }
 
@@ -132,14 +146,18 @@ impl ChunkStore for S3Store {
         meta: &ObjectMeta,
         upload_id: &str,
     ) -> Result<(), BackendError> {
-        self.client
+        let started = Instant::now();
+        let result = self
+            .client
             .abort_multipart_upload()
             .bucket(&self.bucket)
             .key(&meta.key)
             .upload_id(upload_id)
             .send()
             .await
-            .map_err(|e| BackendError::from_sdk("AbortMultipartUpload", e))?;
+            .map_err(|e| BackendError::from_sdk("AbortMultipartUpload", e));
+        record(false, "AbortMultipartUpload", started, &result);
+        let _out = result?;
         Ok(())
     }
 }

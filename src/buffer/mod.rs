@@ -363,6 +363,7 @@ impl Buffer {
                 _ => {}
             }
             let accepting = !full && !writer.stalled();
+            registry.set_full(full, writer.stalled());
             let deadline = writer.next_deadline();
             let first = tokio::select! {
                 msg = rx.recv(), if accepting => match msg {

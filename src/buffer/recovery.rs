@@ -103,7 +103,8 @@ fn list(dir: &Path, out: &mut Recovered) -> io::Result<BTreeMap<String, Found>> 
             STATE_EXT if is_id => ids.entry(id.to_string()).or_default().state = true,
             _ => {
                 error!(path = %path.display(), "unknown file in the buffer; moving it to quarantine");
-                out.quarantined.push(quarantine(buffer_dir, &[&path])?);
+                out.quarantined
+                    .push(quarantine_counted(buffer_dir, &[&path])?);
             }
         }
     }
@@ -211,6 +212,14 @@ pub fn rescan(dir: &Path, registry: &Registry) -> io::Result<Recovered> {
         }
     }
     Ok(out)
+}
+
+/// Moves files into `quarantine/` and counts them.
+fn quarantine_counted(buffer_dir: &Path, files: &[&Path]) -> io::Result<PathBuf> {
+    crate::metrics::metrics()
+        .files_quarantined
+        .inc_by(files.iter().filter(|f| f.exists()).count() as u64);
+    quarantine(buffer_dir, files)
 }
 
 fn seal_recovered(paths: &ChunkPaths, header: ChunkHeader, stats: ChunkStats) -> io::Result<()> {

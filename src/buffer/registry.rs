@@ -7,7 +7,7 @@
 //! recovery rebuilds the index from them.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -59,6 +59,12 @@ pub struct Registry {
     dropped_chunks: AtomicU64,
     dropped_events: AtomicU64,
     dead_lettered: AtomicU64,
+    /// The buffer is at `total_limit_size` (and blocking).
+    full: AtomicBool,
+    /// Writes are held for lack of disk space.
+    disk_full: AtomicBool,
+    /// The last write round failed for another reason (an I/O error).
+    write_failing: AtomicBool,
 }
 
 impl Registry {
@@ -169,6 +175,35 @@ impl Registry {
             self.dropped_events.load(Ordering::Relaxed),
             self.dead_lettered.load(Ordering::Relaxed),
         )
+    }
+
+    /// Records whether the buffer is at `total_limit_size` and whether the disk is full.
+    pub fn set_full(&self, full: bool, disk_full: bool) {
+        self.full.store(full, Ordering::Relaxed);
+        self.disk_full.store(disk_full, Ordering::Relaxed);
+    }
+
+    /// Records whether the last write round failed with an I/O error.
+    pub fn set_write_failing(&self, failing: bool) {
+        self.write_failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// True while new requests are taken: the buffer is neither full nor out of disk space.
+    pub fn accepting(&self) -> bool {
+        !self.full.load(Ordering::Relaxed) && !self.disk_full.load(Ordering::Relaxed)
+    }
+
+    /// Why the sidecar cannot accept and buffer events right now, if it cannot.
+    pub fn not_ready_because(&self) -> Option<&'static str> {
+        if self.full.load(Ordering::Relaxed) {
+            Some("the buffer is at total_limit_size")
+        } else if self.disk_full.load(Ordering::Relaxed) {
+            Some("the disk is full")
+        } else if self.write_failing.load(Ordering::Relaxed) {
+            Some("writes to the buffer fail")
+        } else {
+            None
+        }
     }
 
     /// Waits until some space is freed, or `timeout`.

@@ -235,6 +235,10 @@ impl Writer {
                 }
             }
         }
+        if !flushed.failed.is_empty() || !flushed.ok.is_empty() {
+            self.registry
+                .set_write_failing(!flushed.failed.is_empty() && flushed.ok.is_empty());
+        }
         for (waiter, reason) in flushed.failed {
             if let Some(w) = self.waiters.get_mut(&waiter) {
                 w.failed.get_or_insert(reason);
@@ -559,6 +563,7 @@ impl Writer {
             Ok(()) => {
                 info!(chunk_id = %header.chunk_id, tag = %header.tag, timekey = header.timekey,
                       events = stats.records, bytes = stats.body_bytes, reason, "chunk sealed");
+                crate::metrics::metrics().sealed(reason);
                 self.registry.set_phase(&header.chunk_id, Phase::Sealed);
                 let sealed = SealedChunk {
                     header: header.clone(),

@@ -20,9 +20,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use std::time::Instant;
+
 use super::entries;
 use super::frame::{self, Request};
 use crate::buffer::{BufferError, BufferHandle};
+use crate::metrics::metrics;
 
 /// Requests whose acks may be outstanding on one connection.
 const MAX_IN_FLIGHT: usize = 64;
@@ -46,7 +49,9 @@ pub struct ConnectionConfig {
     pub timekey_secs: i64,
 }
 
-type AckFuture = Pin<Box<dyn Future<Output = (Option<Bytes>, Result<(), BufferError>)> + Send>>;
+/// Resolves to the request's ack token, when it was received, and whether it was stored.
+type AckFuture =
+    Pin<Box<dyn Future<Output = (Option<Bytes>, Instant, Result<(), BufferError>)> + Send>>;
 
 /// Why a connection was closed by us.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +86,18 @@ pub async fn serve<S>(
         scanner: ValueScanner::default(),
         pending: FuturesOrdered::new(),
     };
-    match conn.run(stream, shutdown).await {
+    let result = conn.run(stream, shutdown).await;
+    if let Err(e) = &result {
+        let reason = match e {
+            ConnectionError::TooLarge { .. } => Some("too_large"),
+            ConnectionError::Garbage(_) => Some("not_msgpack"),
+            ConnectionError::Decompress(_) => Some("decompression"),
+            ConnectionError::Buffer(_) => Some("buffer_error"),
+            ConnectionError::Io(_) => None,
+        };
+        reason.into_iter().for_each(|r| metrics().refused(r));
+    }
+    match result {
         Ok(()) => debug!(%peer, "connection closed"),
         Err(ConnectionError::Io(e)) => debug!(%peer, cause = %e, "connection ended"),
         Err(e @ ConnectionError::Buffer(_)) => {
@@ -138,14 +154,19 @@ impl Connection {
             }
             tokio::select! {
                 read = reader.read_buf(&mut self.read_buf), if reading => {
-                    if read? == 0 {
-                        eof = true;
+                    match read? {
+                        0 => eof = true,
+                        n => {
+                            metrics().received_bytes.inc_by(n as u64);
+                        }
                     }
                 }
-                Some((token, result)) = self.pending.next(), if !self.pending.is_empty() => {
+                Some((token, received, result)) = self.pending.next(), if !self.pending.is_empty() => {
                     result?;
                     if let Some(token) = token {
                         writer.write_all(&frame::encode_ack(&token)).await?;
+                        metrics().acks_sent.inc();
+                        metrics().ack_duration.observe(received.elapsed().as_secs_f64());
                     }
                 }
                 () = shutdown.cancelled(), if stop_at.is_none() => {}
@@ -190,21 +211,27 @@ impl Connection {
             Request::Nop => return Ok(()),
             Request::Broken(why) => {
                 warn!(%peer, reason = why, "skipping a request that is not a forward message");
+                metrics().skipped(why, 1);
                 return Ok(());
             }
             Request::Events(m) => m,
         };
+        metrics().requests.inc();
+        // Events in requests skipped whole: the sender's count, when it gave one.
+        let announced = message.options.size.unwrap_or(1);
         let token = message.options.chunk.clone();
         let tag = match std::str::from_utf8(&message.tag) {
             Ok(t) if !t.is_empty() && t.len() <= MAX_TAG_BYTES => t,
             _ => {
                 warn!(%peer, tag = %String::from_utf8_lossy(&message.tag), "skipping events: tag is empty, not UTF-8 or longer than 512 bytes");
+                metrics().skipped("invalid tag", announced);
                 self.ack_now(token);
                 return Ok(());
             }
         };
         if let Some(signal) = message.options.fluent_signal.filter(|s| *s != 0) {
             info!(%peer, %tag, signal, "skipping a request that carries metrics or traces, not logs");
+            metrics().skipped("not logs (fluent_signal)", announced);
             self.ack_now(token);
             return Ok(());
         }
@@ -220,6 +247,9 @@ impl Connection {
             .map_err(|e| ConnectionError::Io(std::io::Error::other(e)))??;
         }
         let split = entries::split(&blob, self.config.timekey_secs);
+        for (why, n) in &split.reasons {
+            metrics().skipped(why, *n);
+        }
         if split.invalid > 0 {
             warn!(%peer, %tag, skipped = split.invalid, kept = split.events,
                   reason = split.invalid_reason.unwrap_or_default(), "skipping invalid events");
@@ -229,16 +259,21 @@ impl Connection {
             return Ok(());
         }
         debug!(%peer, %tag, events = split.events, "request");
+        let received = Instant::now();
+        metrics().events_received.inc_by(split.events);
         let durable = self.buffer.append(tag, split.groups).await;
         self.pending
-            .push_back(Box::pin(async move { (token, durable.await) }));
+            .push_back(Box::pin(async move { (token, received, durable.await) }));
         Ok(())
     }
 
     /// Queues an ack that needs no buffering (nothing to store), in order with the others.
     fn ack_now(&mut self, token: Option<Bytes>) {
-        self.pending
-            .push_back(Box::pin(std::future::ready((token, Ok(())))));
+        self.pending.push_back(Box::pin(std::future::ready((
+            token,
+            Instant::now(),
+            Ok(()),
+        ))));
     }
 }
 

@@ -23,12 +23,18 @@ pub struct Split {
     pub invalid: u64,
     /// Why the first skipped entry was skipped.
     pub invalid_reason: Option<&'static str>,
+    /// Skipped entries by reason.
+    pub reasons: Vec<(&'static str, u64)>,
 }
 
 impl Split {
     fn skip(&mut self, why: &'static str) {
         self.invalid += 1;
         self.invalid_reason.get_or_insert(why);
+        match self.reasons.iter_mut().find(|(r, _)| *r == why) {
+            Some((_, n)) => *n += 1,
+            None => self.reasons.push((why, 1)),
+        }
     }
 }
 

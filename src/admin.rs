@@ -1,0 +1,164 @@
+//! The admin HTTP endpoint on `--metrics-listen`:
+//!
+//! | path             | answers                                                               |
+//! |------------------|-----------------------------------------------------------------------|
+//! | `/metrics`       | every `claimcheck_*` metric, Prometheus/OpenMetrics text              |
+//! | `/healthz`       | 200 while the process runs                                            |
+//! | `/readyz`        | 200 while it can accept and buffer events (S3 and Kinesis need not be up); 503 when the buffer is full, the disk is full or failing |
+//! | `/api/v1/buffer` | JSON: every chunk in the buffer with its phase, age, size, attempts and last error |
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::buffer::registry::{ChunkInfo, Registry};
+
+struct State {
+    buffer: Arc<Registry>,
+    limit: Option<u64>,
+    metrics: prometheus_client::registry::Registry,
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown`.
+pub async fn run(
+    listener: TcpListener,
+    buffer: Arc<Registry>,
+    limit: Option<u64>,
+    shutdown: CancellationToken,
+) {
+    let metrics = crate::metrics::metrics().registry(buffer.clone(), limit);
+    let state = Arc::new(State {
+        buffer,
+        limit,
+        metrics,
+    });
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "metrics and health endpoint listening");
+    }
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(cause = %e, "admin endpoint: cannot accept");
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| answer(state.clone(), req));
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, cause = %e, "admin endpoint: connection error");
+            }
+        });
+    }
+}
+
+/// Binds the admin endpoint's listener.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-listen): {e}"))
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("a static response is valid")
+}
+
+#[derive(Serialize)]
+struct BufferView {
+    bytes: u64,
+    limit: Option<u64>,
+    accepting: bool,
+    chunks: Vec<ChunkView>,
+}
+
+#[derive(Serialize)]
+struct ChunkView {
+    #[serde(flatten)]
+    info: ChunkInfo,
+    age_seconds: f64,
+}
+
+async fn answer(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n",
+        ));
+    }
+    Ok(match req.uri().path() {
+        "/metrics" => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            crate::metrics::encode(&state.metrics),
+        ),
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" => match state.buffer.not_ready_because() {
+            None => respond(StatusCode::OK, "text/plain", "ready\n"),
+            Some(why) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/api/v1/buffer" => {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let chunks = state
+                .buffer
+                .snapshot()
+                .into_iter()
+                .map(|info| ChunkView {
+                    age_seconds: (now_ms - info.created_ms).max(0) as f64 / 1000.0,
+                    info,
+                })
+                .collect();
+            let view = BufferView {
+                bytes: state.buffer.usage(),
+                limit: state.limit,
+                accepting: state.buffer.accepting(),
+                chunks,
+            };
+            respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&view).expect("the view serializes"),
+            )
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: /metrics, /healthz, /readyz, /api/v1/buffer\n",
+        ),
+    })
+}

@@ -1,0 +1,415 @@
+//! Prometheus metrics, all named `claimcheck_*` with their unit in the name.
+//!
+//! Counters and histograms live in one process-wide [`Metrics`] that the stages record into.
+//! What describes the buffer (bytes, chunks by phase, the age of the oldest chunk not yet
+//! published, drops and dead letters) is read from the buffer's [`Registry`] at each scrape, so
+//! it cannot drift from the buffer itself. Label values come from small fixed sets (reasons,
+//! phases, operations, AWS error codes): tags are never labels.
+
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Unit;
+
+use crate::buffer::registry::{Phase, Registry};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Operation {
+    pub operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationCode {
+    pub operation: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Code {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Stage {
+    pub stage: String,
+}
+
+fn reason(r: &str) -> Reason {
+    Reason {
+        reason: r.to_string(),
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to about 65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// The process-wide counters and histograms.
+#[derive(Debug)]
+pub struct Metrics {
+    pub connections_accepted: Counter,
+    pub connections_open: Gauge,
+    pub requests: Counter,
+    pub received_bytes: Counter,
+    pub events_received: Counter,
+    pub events_skipped: Family<Reason, Counter>,
+    pub requests_refused: Family<Reason, Counter>,
+    pub acks_sent: Counter,
+    pub ack_duration: Histogram,
+    pub chunks_sealed: Family<Reason, Counter>,
+    pub s3_request_duration: Family<Operation, Histogram>,
+    pub s3_errors: Family<OperationCode, Counter>,
+    pub kinesis_request_duration: Family<Operation, Histogram>,
+    pub kinesis_errors: Family<OperationCode, Counter>,
+    pub put_records_failed_entries: Family<Code, Counter>,
+    pub retries: Family<Stage, Counter>,
+    pub chunks_uploaded: Counter,
+    pub stored_bytes: Counter,
+    pub chunks_published: Counter,
+    pub events_published: Counter,
+    pub files_quarantined: Counter,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    connections_accepted: Counter::default(),
+    connections_open: Gauge::default(),
+    requests: Counter::default(),
+    received_bytes: Counter::default(),
+    events_received: Counter::default(),
+    events_skipped: Family::default(),
+    requests_refused: Family::default(),
+    acks_sent: Counter::default(),
+    ack_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+    chunks_sealed: Family::default(),
+    s3_request_duration: Family::new_with_constructor(duration_histogram),
+    s3_errors: Family::default(),
+    kinesis_request_duration: Family::new_with_constructor(duration_histogram),
+    kinesis_errors: Family::default(),
+    put_records_failed_entries: Family::default(),
+    retries: Family::default(),
+    chunks_uploaded: Counter::default(),
+    stored_bytes: Counter::default(),
+    chunks_published: Counter::default(),
+    events_published: Counter::default(),
+    files_quarantined: Counter::default(),
+});
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    pub fn skipped(&self, why: &str, n: u64) {
+        self.events_skipped.get_or_create(&reason(why)).inc_by(n);
+    }
+
+    pub fn refused(&self, why: &str) {
+        self.requests_refused.get_or_create(&reason(why)).inc();
+    }
+
+    pub fn sealed(&self, why: &str) {
+        self.chunks_sealed.get_or_create(&reason(why)).inc();
+    }
+
+    pub fn retry(&self, stage: &str) {
+        self.retries
+            .get_or_create(&Stage {
+                stage: stage.to_string(),
+            })
+            .inc();
+    }
+
+    /// Records an S3 or Kinesis call: its duration, and its error code if it failed.
+    pub fn aws_call(
+        &self,
+        kinesis: bool,
+        operation: &str,
+        took: Duration,
+        error_code: Option<&str>,
+    ) {
+        let (durations, errors) = match kinesis {
+            false => (&self.s3_request_duration, &self.s3_errors),
+            true => (&self.kinesis_request_duration, &self.kinesis_errors),
+        };
+        durations
+            .get_or_create(&Operation {
+                operation: operation.to_string(),
+            })
+            .observe(took.as_secs_f64());
+        if let Some(code) = error_code {
+            errors
+                .get_or_create(&OperationCode {
+                    operation: operation.to_string(),
+                    code: code.to_string(),
+                })
+                .inc();
+        }
+    }
+
+    /// A Prometheus registry with every metric, plus the buffer's state read from `buffer`.
+    pub fn registry(
+        &'static self,
+        buffer: Arc<Registry>,
+        limit: Option<u64>,
+    ) -> prometheus_client::registry::Registry {
+        let mut r = prometheus_client::registry::Registry::with_prefix("claimcheck");
+        r.register(
+            "connections_accepted",
+            "Forward connections accepted",
+            self.connections_accepted.clone(),
+        );
+        r.register(
+            "connections_open",
+            "Forward connections open",
+            self.connections_open.clone(),
+        );
+        r.register(
+            "requests",
+            "Forward requests received",
+            self.requests.clone(),
+        );
+        r.register_with_unit(
+            "received",
+            "Bytes read from forward connections",
+            Unit::Bytes,
+            self.received_bytes.clone(),
+        );
+        r.register(
+            "events_received",
+            "Events received and buffered",
+            self.events_received.clone(),
+        );
+        r.register(
+            "events_skipped",
+            "Events skipped as invalid, by reason",
+            self.events_skipped.clone(),
+        );
+        r.register(
+            "requests_refused",
+            "Requests refused (connection closed, no ack), by reason",
+            self.requests_refused.clone(),
+        );
+        r.register("acks_sent", "Acks sent", self.acks_sent.clone());
+        r.register_with_unit(
+            "ack_duration",
+            "Time from a request received to its ack",
+            Unit::Seconds,
+            self.ack_duration.clone(),
+        );
+        r.register(
+            "chunks_sealed",
+            "Chunks sealed, by reason",
+            self.chunks_sealed.clone(),
+        );
+        r.register_with_unit(
+            "s3_request_duration",
+            "S3 request durations, by operation",
+            Unit::Seconds,
+            self.s3_request_duration.clone(),
+        );
+        r.register(
+            "s3_errors",
+            "Failed S3 requests, by operation and error code",
+            self.s3_errors.clone(),
+        );
+        r.register_with_unit(
+            "kinesis_request_duration",
+            "Kinesis request durations, by operation",
+            Unit::Seconds,
+            self.kinesis_request_duration.clone(),
+        );
+        r.register(
+            "kinesis_errors",
+            "Failed Kinesis requests, by operation and error code",
+            self.kinesis_errors.clone(),
+        );
+        r.register(
+            "put_records_failed_entries",
+            "PutRecords entries refused inside a successful response, by error code",
+            self.put_records_failed_entries.clone(),
+        );
+        r.register(
+            "retries",
+            "Delivery retries scheduled, by stage (upload, publish)",
+            self.retries.clone(),
+        );
+        r.register(
+            "chunks_uploaded",
+            "Chunks stored in S3",
+            self.chunks_uploaded.clone(),
+        );
+        r.register_with_unit(
+            "stored",
+            "Bytes stored in S3 (after compression)",
+            Unit::Bytes,
+            self.stored_bytes.clone(),
+        );
+        r.register(
+            "chunks_published",
+            "Chunks whose pointer Kinesis accepted",
+            self.chunks_published.clone(),
+        );
+        r.register(
+            "events_published",
+            "Events in chunks whose pointer Kinesis accepted",
+            self.events_published.clone(),
+        );
+        r.register(
+            "files_quarantined",
+            "Chunk files moved to quarantine (damaged, unknown)",
+            self.files_quarantined.clone(),
+        );
+        r.register_collector(Box::new(BufferCollector { buffer, limit }));
+        r
+    }
+}
+
+/// The buffer's state, read at each scrape.
+#[derive(Debug)]
+struct BufferCollector {
+    buffer: Arc<Registry>,
+    limit: Option<u64>,
+}
+
+fn encode_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: f64,
+) -> std::fmt::Result {
+    let gauge = ConstGauge::new(value);
+    let metric = encoder.encode_descriptor(name, help, unit, gauge.metric_type())?;
+    gauge.encode(metric)
+}
+
+fn encode_counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> std::fmt::Result {
+    let counter = ConstCounter::new(value);
+    let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+    counter.encode(metric)
+}
+
+impl Collector for BufferCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let chunks = self.buffer.snapshot();
+        encode_gauge(
+            &mut encoder,
+            "buffer",
+            "Bytes of the chunks in the buffer",
+            Some(&Unit::Bytes),
+            self.buffer.usage() as f64,
+        )?;
+        if let Some(limit) = self.limit {
+            encode_gauge(
+                &mut encoder,
+                "buffer_limit",
+                "total_limit_size",
+                Some(&Unit::Bytes),
+                limit as f64,
+            )?;
+        }
+        // Every phase is written, empty ones included, so that dashboards see zeros.
+        let phases = [
+            Phase::Open,
+            Phase::Sealed,
+            Phase::Uploading,
+            Phase::Uploaded,
+            Phase::Publishing,
+            Phase::Dropped,
+        ];
+        let mut family = encoder.encode_descriptor(
+            "buffer_chunks",
+            "Chunks in the buffer, by phase",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for phase in phases {
+            let n = chunks.iter().filter(|c| c.phase == phase).count();
+            let labels = vec![("phase".to_string(), phase_name(phase).to_string())];
+            ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let oldest = chunks
+            .iter()
+            .map(|c| c.created_ms)
+            .min()
+            .map_or(0.0, |ms| (now_ms - ms).max(0) as f64 / 1000.0);
+        encode_gauge(
+            &mut encoder,
+            "oldest_unpublished_chunk_age",
+            "Age of the oldest chunk not yet published (0 when the buffer is empty)",
+            Some(&Unit::Seconds),
+            oldest,
+        )?;
+        let (dropped, dropped_events, dead) = self.buffer.losses();
+        encode_counter(
+            &mut encoder,
+            "chunks_dropped",
+            "Chunks deleted by overflow_action drop_oldest_chunk",
+            dropped,
+        )?;
+        encode_counter(
+            &mut encoder,
+            "events_dropped",
+            "Events in chunks deleted by overflow_action drop_oldest_chunk",
+            dropped_events,
+        )?;
+        encode_counter(
+            &mut encoder,
+            "chunks_dead_lettered",
+            "Chunks moved to the dead-letter folder",
+            dead,
+        )?;
+        encode_gauge(
+            &mut encoder,
+            "ready",
+            "1 while the sidecar can accept and buffer events",
+            None,
+            if self.buffer.not_ready_because().is_none() {
+                1.0
+            } else {
+                0.0
+            },
+        )?;
+        Ok(())
+    }
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Open => "open",
+        Phase::Sealed => "sealed",
+        Phase::Uploading => "uploading",
+        Phase::Uploaded => "uploaded",
+        Phase::Publishing => "publishing",
+        Phase::Dropped => "dropped",
+    }
+}
+
+/// Encodes every metric in the text exposition format.
+pub fn encode(registry: &prometheus_client::registry::Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)
+        .expect("writing to a String cannot fail");
+    out
+}
