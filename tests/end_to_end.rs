@@ -75,7 +75,7 @@ async fn round_trip(format: &str, compression: &str, modes: &[&str]) {
         );
         for e in &chunk.events {
             assert_eq!(
-                minute_of(e.time.secs),
+                minute_of(e.time().secs),
                 p.timekey,
                 "events are chunked by their own time"
             );

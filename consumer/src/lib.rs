@@ -5,9 +5,11 @@
 //! them from here, so the two cannot disagree) and reads them back:
 //!
 //! * [`pointer`] — the pointer record (versioned JSON).
-//! * [`body`] — chunk body formats (`msgpack`, `json`), compressions and [`Event`].
+//! * [`body`] — chunk body formats (`msgpack`, `json`) and compressions.
+//! * [`Event`] — one event, with its record as borrowed msgpack, JSON or your own type.
 //! * [`entry`] — the msgpack `[time, record]` entry scanner shared with the sidecar.
-//! * [`Resolver`] — pointer → S3 GetObject → size and CRC32C checks → decompress → events.
+//! * [`Resolver`] — pointer → S3 GetObject → decompress → events, streamed, with size and
+//!   CRC32C checks before any event is handed out.
 //! * [`StreamReader`] — every shard of a stream from TRIM_HORIZON or LATEST, resolving
 //!   pointers and dropping chunk ids it has already yielded.
 //!
@@ -21,7 +23,7 @@
 //! loop {
 //!     for chunk in reader.poll().await? {
 //!         for event in chunk?.events {
-//!             println!("{} {} {}", event.tag, event.time, event.record_json());
+//!             println!("{} {} {}", event.tag(), event.time(), event.record_json());
 //!         }
 //!     }
 //! }
@@ -29,15 +31,20 @@
 //! ```
 
 pub mod body;
+mod decode;
 pub mod entry;
 mod error;
+mod event;
 pub mod pointer;
 mod reader;
 mod resolve;
+mod source;
 
-pub use body::{Compression, Event, Format};
+pub use body::{Compression, Format};
+pub use decode::verify_and_decode;
 pub use entry::EventTime;
-pub use error::Error;
+pub use error::{BoxError, Error};
+pub use event::{Event, MAX_NESTING};
 pub use pointer::Pointer;
 pub use reader::{StartPosition, StreamReader};
-pub use resolve::{verify_and_decode, ResolvedChunk, Resolver};
+pub use resolve::{EventStream, ResolveStats, ResolvedChunk, Resolver, Verification};

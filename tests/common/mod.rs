@@ -386,9 +386,9 @@ impl TestEvent {
 /// The comparison key of a resolved event (see [`TestEvent::key`]).
 pub fn event_key(e: &Event) -> (String, i64, u32, String) {
     (
-        e.tag.clone(),
-        e.time.secs,
-        e.time.nanos,
+        e.tag().to_string(),
+        e.time().secs,
+        e.time().nanos,
         e.record_json().to_string(),
     )
 }
@@ -502,7 +502,7 @@ pub fn assert_exactly_once(chunks: &[ResolvedChunk], expected: &[TestEvent]) -> 
         );
         assert_eq!(p.records as usize, chunk.events.len());
         for e in &chunk.events {
-            assert_eq!(e.tag, p.tag);
+            assert_eq!(e.tag(), p.tag);
             *got.entry(event_key(e)).or_default() += 1;
         }
     }
