@@ -5,7 +5,7 @@
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
-use claimcheck_consumer::{Event, Pointer, ResolvedChunk, Resolver, StartPosition, StreamReader};
+use claimcheck_consumer::{Event, Pointer, Resolver, StartPosition, StreamReader};
 use tracing::{error, info};
 
 use crate::aws;
@@ -67,36 +67,35 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let mut last_record = tokio::time::Instant::now();
     let (mut chunks, mut events) = (0u64, 0u64);
     loop {
-        let batch = reader.poll().await?;
-        if !batch.is_empty() {
-            last_record = tokio::time::Instant::now();
-        }
-        for item in batch {
-            match item {
-                Ok(ResolvedChunk {
-                    pointer,
-                    events: list,
-                }) => {
-                    print_events(&mut stdout, &list)?;
-                    chunks += 1;
-                    events += list.len() as u64;
-                    tracing::debug!(chunk_id = %pointer.chunk_id, events = list.len(), "chunk resolved");
+        let Some(mut delivery) = reader.next().await? else {
+            if let Some(idle) = args.until_idle {
+                if last_record.elapsed() >= idle {
+                    let stats = reader.stats();
+                    info!(
+                        chunks,
+                        events,
+                        duplicates_dropped = stats.duplicates_dropped,
+                        "idle; exiting"
+                    );
+                    return Ok(());
                 }
-                Err(e) => error!(cause = %e, "cannot resolve a pointer; skipping it"),
+            }
+            tokio::time::sleep(args.poll_interval).await;
+            continue;
+        };
+        last_record = tokio::time::Instant::now();
+        match delivery.events().await {
+            Ok(list) => {
+                print_events(&mut stdout, &list)?;
+                chunks += 1;
+                events += list.len() as u64;
+                tracing::debug!(position = %delivery.position(), events = list.len(), "chunk resolved");
+            }
+            Err(e) => {
+                error!(cause = %e, position = %delivery.position(), "cannot resolve a pointer; skipping it")
             }
         }
-        if let Some(idle) = args.until_idle {
-            if last_record.elapsed() >= idle {
-                info!(
-                    chunks,
-                    events,
-                    duplicates_dropped = reader.duplicates_dropped(),
-                    "idle; exiting"
-                );
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(args.poll_interval).await;
+        reader.commit(delivery.position());
     }
 }
 

@@ -4,7 +4,7 @@ use std::error::Error as StdError;
 
 use aws_smithy_types::error::display::DisplayErrorContext;
 
-/// A boxed error source, as kept by the AWS variants.
+/// A boxed error source, as kept by the AWS and checkpoint variants.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Everything that can go wrong between a pointer record and its events.
@@ -67,6 +67,13 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// A checkpoint could not be loaded or saved, or does not fit the stream.
+    #[error("checkpoint: {reason}")]
+    Checkpoint {
+        reason: String,
+        #[source]
+        source: Option<BoxError>,
+    },
     /// Local I/O failed.
     #[error("i/o error: {0}")]
     Io(#[source] std::io::Error),
@@ -76,7 +83,7 @@ impl Error {
     /// True when the error is about one pointer or its object — not a pointer, a newer
     /// version, object missing or changed, damaged, too large, undecodable — so reading it
     /// again will fail the same way. Such a pointer can be skipped; everything else (AWS calls,
-    /// local I/O) may succeed when retried.
+    /// checkpoints, local I/O) may succeed when retried.
     pub fn is_chunk_error(&self) -> bool {
         matches!(
             self,
@@ -90,5 +97,12 @@ impl Error {
                 | Error::Decompress(_)
                 | Error::Decode(_)
         )
+    }
+
+    pub(crate) fn checkpoint(reason: impl Into<String>, source: impl Into<BoxError>) -> Error {
+        Error::Checkpoint {
+            reason: reason.into(),
+            source: Some(source.into()),
+        }
     }
 }

@@ -104,6 +104,10 @@ pub(crate) mod fake {
             let version = objects.get(key).map_or(1, |(v, _)| v + 1);
             objects.insert(key.into(), (version, bytes));
         }
+
+        pub(crate) fn delete(&self, key: &str) {
+            self.objects.lock().unwrap().remove(key);
+        }
     }
 
     impl ObjectSource for Bucket {

@@ -192,17 +192,20 @@ impl Aws {
         let mut chunks = Vec::new();
         let mut count = 0;
         while count < expected && Instant::now() < deadline {
-            for item in reader.poll().await.expect("read stream") {
-                let chunk = item.expect("every pointer resolves");
-                count += chunk.events.len();
-                chunks.push(chunk);
+            match reader.next().await.expect("read stream") {
+                Some(mut delivery) => {
+                    let chunk = delivery.resolve().await.expect("every pointer resolves");
+                    count += chunk.events.len();
+                    chunks.push(chunk);
+                    reader.commit(delivery.position());
+                }
+                None => tokio::time::sleep(Duration::from_millis(200)).await,
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         // Give stragglers (duplicates would show here) a moment.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        for item in reader.poll().await.expect("read stream") {
-            chunks.push(item.expect("every pointer resolves"));
+        while let Some(mut delivery) = reader.next().await.expect("read stream") {
+            chunks.push(delivery.resolve().await.expect("every pointer resolves"));
         }
         chunks
     }
