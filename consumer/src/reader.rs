@@ -195,6 +195,12 @@ impl StreamReaderBuilder {
         self
     }
 
+    /// Records asked for per GetRecords call (Kinesis' `Limit`, 1 to 10 000; default 1000).
+    pub fn records_per_read(mut self, n: u16) -> Self {
+        self.records_per_read = i32::from(n.clamp(1, 10_000));
+        self
+    }
+
     /// Pointers for which `keep` is false are dropped without reading their objects, and count
     /// as processed for checkpoints.
     pub fn filter(mut self, keep: impl Fn(&Pointer) -> bool + Send + Sync + 'static) -> Self {
@@ -605,9 +611,9 @@ impl StreamReader {
             }));
         }
         if ended || (!progress && self.listed_at.elapsed() >= self.shard_refresh) {
-            let before = self.shards.len();
-            self.discover_shards().await?;
-            progress |= self.shards.len() > before;
+            // New shards, or a shard newly closed (which may end at the next read), are worth
+            // reading again at once.
+            progress |= self.discover_shards().await?;
         }
         // A shard that ended with nothing pending belongs in the checkpoint as finished.
         self.dirty |= ended;
@@ -615,8 +621,8 @@ impl StreamReader {
     }
 
     /// Lists the stream's shards and adds those that can be read: each of their parents still
-    /// in the stream has been read to its end.
-    async fn discover_shards(&mut self) -> Result<(), Error> {
+    /// in the stream has been read to its end. True when a shard was added or newly closed.
+    async fn discover_shards(&mut self) -> Result<bool, Error> {
         let listed = self.kinesis.list_shards(&self.stream).await?;
         self.listed_at = Instant::now();
         let listed_ids: HashSet<&str> = listed.iter().map(|s| s.id.as_str()).collect();
@@ -627,8 +633,10 @@ impl StreamReader {
             .initial
             .get_or_insert_with(|| listed_ids.iter().map(|s| s.to_string()).collect())
             .clone();
+        let mut changed = false;
         for s in &listed {
             if let Some(known) = self.shards.iter_mut().find(|k| k.id == s.id) {
+                changed |= s.closed && !known.closed && !known.ended;
                 known.closed = s.closed;
             }
         }
@@ -681,8 +689,9 @@ impl StreamReader {
                 added = true;
             }
             if !added {
-                return Ok(());
+                return Ok(changed);
             }
+            changed = true;
         }
     }
 }

@@ -149,10 +149,15 @@ impl Aws {
             .send()
             .await
             .expect("create bucket");
+        self.create_stream(stream, 1).await;
+    }
+
+    /// Creates a stream of `shards` shards and waits until it is active.
+    pub async fn create_stream(&self, stream: &str, shards: i32) {
         self.kinesis
             .create_stream()
             .stream_name(stream)
-            .shard_count(1)
+            .shard_count(shards)
             .send()
             .await
             .expect("create stream");

@@ -144,7 +144,14 @@ async fn children_are_read_after_their_parents_across_a_split_and_a_merge() {
     for hash in [LOW, HIGH, LOW] {
         world.publish(hash);
     }
-    let mut reader = world.builder().concurrency(2).open().await.unwrap();
+    // One record per read, so that a shard takes several reads to end.
+    let mut reader = world
+        .builder()
+        .concurrency(2)
+        .records_per_read(1)
+        .open()
+        .await
+        .unwrap();
     let mut first = reader.next().await.unwrap().unwrap();
     let mut got = vec![(first.position().shard_id.clone(), number(&mut first).await)];
     reader.commit(first.position());
@@ -179,6 +186,56 @@ async fn children_are_read_after_their_parents_across_a_split_and_a_merge() {
     assert!(parent.iter().max() < children.iter().min(), "{got:?}");
     assert!(children.iter().max() < grandchild.iter().min(), "{got:?}");
     assert!(reader.shards().iter().take(3).all(|(_, ended)| *ended));
+    assert_read_after_parents(
+        &world,
+        &[
+            (&left, &[parent_id()]),
+            (&right, &[parent_id()]),
+            (&merged, &[&left, &right]),
+        ],
+    );
+}
+
+fn parent_id() -> &'static str {
+    "shardId-000000000000"
+}
+
+/// Each child's first GetRecords came after its parents' last one (the read that ended them).
+fn assert_read_after_parents(world: &World, family: &[(&str, &[&str])]) {
+    let reads = world.stream.reads.lock().unwrap().clone();
+    for (child, parents) in family {
+        let first = reads.iter().position(|s| s == child).expect("child read");
+        for parent in *parents {
+            let last = reads
+                .iter()
+                .rposition(|s| s == parent)
+                .expect("parent read");
+            assert!(
+                last < first,
+                "{child} read before {parent} ended: {reads:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reader_opened_after_a_reshard_reads_the_parents_first() {
+    let mut world = World::new(2);
+    for hash in [LOW, HIGH, LOW, HIGH, LOW] {
+        world.publish(hash);
+    }
+    let merged = world
+        .stream
+        .merge("shardId-000000000000", "shardId-000000000001");
+    world.publish(LOW);
+    let mut reader = world.builder().records_per_read(1).open().await.unwrap();
+    let got = drain(&mut reader).await;
+    assert_eq!(numbers(&got), (0..6).collect::<Vec<_>>());
+    assert_eq!(got.last().unwrap(), &(merged.clone(), 5));
+    assert_read_after_parents(
+        &world,
+        &[(&merged, &["shardId-000000000000", "shardId-000000000001"])],
+    );
 }
 
 #[tokio::test]
