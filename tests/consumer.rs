@@ -8,10 +8,11 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 
 use claimcheck_consumer::body::{Compression, Encoder, Format};
+use claimcheck_consumer::checkpoint::DynamoDbCheckpointStore;
 use claimcheck_consumer::pointer::Checksum;
 use claimcheck_consumer::{
-    Error, Event, EventTime, FileCheckpointStore, Pointer, Resolver, StartPosition, StreamReader,
-    Verification,
+    CheckpointStore, Error, Event, EventTime, FileCheckpointStore, Pointer, Resolver,
+    StartPosition, StreamReader, Verification,
 };
 use common::*;
 
@@ -228,6 +229,66 @@ async fn a_reader_restarted_from_its_checkpoint_goes_on_where_it_stopped() {
         .collect();
     assert_eq!(labels, ["c", "d"]);
     assert_eq!(reader.stats().duplicates_dropped, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dynamodb_checkpoint_resumes_a_reader_and_refuses_a_second_writer() {
+    let env = Emulated::start("dynamodb").await;
+    let dynamodb = Aws::dynamodb(env.moto.port);
+    let table = unique("checkpoints");
+    DynamoDbCheckpointStore::create_table(&dynamodb, &table)
+        .await
+        .unwrap();
+    for label in ["a", "b", "c"] {
+        let events = sample_events("app.web", label, 2);
+        env.publish("app.web", &events, Format::Msgpack, Compression::Zstd)
+            .await;
+    }
+    let store = || DynamoDbCheckpointStore::new(dynamodb.clone(), &table, "tail");
+    let open = |store| {
+        StreamReader::builder(
+            env.aws.kinesis.clone(),
+            Resolver::new(env.aws.s3.clone()),
+            env.stream.clone(),
+        )
+        .checkpoints(store)
+        .open()
+    };
+    let mut reader = open(store()).await.unwrap();
+    for _ in 0..2 {
+        let mut d = reader.next().await.unwrap().unwrap();
+        d.events().await.unwrap();
+        reader.commit(d.position());
+    }
+    reader.checkpoint().await.unwrap();
+    drop(reader);
+
+    env.publish(
+        "app.web",
+        &sample_events("app.web", "d", 1),
+        Format::Json,
+        Compression::None,
+    )
+    .await;
+    let mut reader = open(store()).await.unwrap();
+    let labels: Vec<String> = drain(&mut reader)
+        .await
+        .into_iter()
+        .map(|(_, l)| l.unwrap())
+        .collect();
+    assert_eq!(labels, ["c", "d"]);
+    reader.checkpoint().await.unwrap();
+
+    // Two stores of the same name: whoever saves second was overtaken and is told so.
+    let (first, second) = (store(), store());
+    let saved = first.load().await.unwrap().expect("a saved checkpoint");
+    second.load().await.unwrap();
+    first.save(&saved).await.unwrap();
+    let err = second.save(&saved).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Checkpoint { reason, .. } if reason.contains("another reader")),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

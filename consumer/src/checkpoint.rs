@@ -13,7 +13,7 @@
 //!
 //! `recent_chunk_ids` is base64 of the 16-byte big-endian chunk ids, oldest first.
 //! [`FileCheckpointStore`] keeps it in a file; `DynamoDbCheckpointStore` (feature `dynamodb`) in
-//! a table; any other store implements [`CheckpointStore`].
+//! a DynamoDB table; any other store implements [`CheckpointStore`].
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,6 +25,11 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::Error;
+
+#[cfg(feature = "dynamodb")]
+mod dynamodb;
+#[cfg(feature = "dynamodb")]
+pub use dynamodb::DynamoDbCheckpointStore;
 
 /// How far a reader got in one shard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

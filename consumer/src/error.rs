@@ -67,6 +67,13 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// A call to DynamoDB failed (`DynamoDbCheckpointStore`, feature `dynamodb`).
+    #[error("dynamodb {operation} failed: {}", DisplayErrorContext(&**source))]
+    DynamoDb {
+        operation: &'static str,
+        #[source]
+        source: BoxError,
+    },
     /// A checkpoint could not be loaded or saved, or does not fit the stream.
     #[error("checkpoint: {reason}")]
     Checkpoint {

@@ -141,6 +141,17 @@ impl Aws {
         }
     }
 
+    /// A DynamoDB client for the same emulator.
+    pub fn dynamodb(port: u16) -> aws_sdk_dynamodb::Client {
+        let config = aws_sdk_dynamodb::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
+            .endpoint_url(format!("http://127.0.0.1:{port}"))
+            .build();
+        aws_sdk_dynamodb::Client::from_conf(config)
+    }
+
     /// Creates a bucket and a one-shard stream and waits until the stream is active.
     pub async fn create(&self, bucket: &str, stream: &str) {
         self.s3
