@@ -9,6 +9,7 @@ use std::io::Write;
 
 use claimcheck_consumer::body::{Compression, Encoder, Format};
 use claimcheck_consumer::checkpoint::DynamoDbCheckpointStore;
+use claimcheck_consumer::lambda::Consumer;
 use claimcheck_consumer::pointer::Checksum;
 use claimcheck_consumer::{
     CheckpointStore, Error, Event, EventTime, FileCheckpointStore, Pointer, Resolver,
@@ -289,6 +290,126 @@ async fn a_dynamodb_checkpoint_resumes_a_reader_and_refuses_a_second_writer() {
         matches!(&err, Error::Checkpoint { reason, .. } if reason.contains("another reader")),
         "{err}"
     );
+}
+
+/// The records of the stream's first shard as Lambda's event source mapping would hand them over.
+async fn lambda_event(env: &Emulated) -> claimcheck_consumer::lambda::KinesisEvent {
+    use base64::Engine;
+    let iterator = env
+        .aws
+        .kinesis
+        .get_shard_iterator()
+        .stream_name(&env.stream)
+        .shard_id("shardId-000000000000")
+        .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .unwrap()
+        .shard_iterator
+        .unwrap();
+    let out = env
+        .aws
+        .kinesis
+        .get_records()
+        .shard_iterator(iterator)
+        .send()
+        .await
+        .unwrap();
+    let records: Vec<serde_json::Value> = out
+        .records
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "kinesis": {
+                    "kinesisSchemaVersion": "1.0",
+                    "partitionKey": r.partition_key,
+                    "sequenceNumber": r.sequence_number,
+                    "data": base64::engine::general_purpose::STANDARD.encode(r.data.as_ref()),
+                    "approximateArrivalTimestamp": r
+                        .approximate_arrival_timestamp
+                        .map_or(0.0, |t| t.as_secs_f64()),
+                },
+                "eventSource": "aws:kinesis",
+                "eventVersion": "1.0",
+                "eventID": format!("shardId-000000000000:{}", r.sequence_number),
+                "eventName": "aws:kinesis:record",
+                "awsRegion": "us-east-1",
+                "eventSourceARN": format!("arn:aws:kinesis:us-east-1:123456789012:stream/{}", env.stream),
+            })
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({ "Records": records })).expect("a KinesisEvent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lambda_batch_resolves_through_s3_and_stops_at_a_missing_object() {
+    let env = Emulated::start("lambda").await;
+    let mut pointers = Vec::new();
+    for label in ["a", "b", "c", "d"] {
+        let events = sample_events("app.web", label, 3);
+        pointers.push(
+            env.publish("app.web", &events, Format::Json, Compression::Zstd)
+                .await,
+        );
+    }
+    env.aws.put_pointer(&env.stream, &pointers[0]).await;
+    env.aws
+        .s3
+        .delete_object()
+        .bucket(&env.bucket)
+        .key(&pointers[2].key)
+        .send()
+        .await
+        .unwrap();
+    let event = lambda_event(&env).await;
+    assert_eq!(event.records.len(), 5);
+    let failed_at = event.records[2].kinesis.sequence_number.clone();
+
+    let consumer = Consumer::new(Resolver::new(env.aws.s3.clone()));
+    let mut labels = Vec::new();
+    let response = consumer
+        .handle(&event, async |chunk| {
+            assert_eq!(chunk.events.len(), 3);
+            labels.push(
+                chunk.events[0].record_json()["chunk"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(labels, ["a", "b"]);
+    let failures: Vec<_> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone().unwrap())
+        .collect();
+    assert_eq!(
+        failures,
+        [failed_at],
+        "Lambda retries from the missing object"
+    );
+
+    // Skipping what cannot be mended: the rest of the batch, without the duplicate of "a".
+    let consumer =
+        Consumer::new(Resolver::new(env.aws.s3.clone())).skip_errors(Error::is_chunk_error);
+    let mut labels = Vec::new();
+    let response = consumer
+        .handle(&event, async |chunk| {
+            labels.push(
+                chunk.events[0].record_json()["chunk"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(labels, ["a", "b", "d"]);
+    assert!(response.batch_item_failures.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

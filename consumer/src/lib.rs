@@ -16,6 +16,8 @@
 //! * [`StreamReader`] ([`reader`]) — every shard of a stream, following resharding, from
 //!   TRIM_HORIZON, LATEST, a timestamp or a [`checkpoint`]; several pointers resolved at once,
 //!   per-shard order kept, duplicate chunk ids dropped.
+//! * `lambda` (feature `lambda`) — Lambda's `KinesisEvent` into pointers and events, with
+//!   batch item failures and duplicates dropped across warm invocations.
 //! * [`Error`] — the one error type; [`Error::is_chunk_error`] tells a pointer that can be
 //!   skipped from a call that may be retried.
 //!
@@ -47,6 +49,8 @@ pub mod entry;
 mod error;
 mod event;
 mod kinesis;
+#[cfg(feature = "lambda")]
+pub mod lambda;
 pub mod pointer;
 pub mod reader;
 mod resolve;
