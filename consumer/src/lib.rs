@@ -21,6 +21,9 @@
 //! * [`Error`] — the one error type; [`Error::is_chunk_error`] tells a pointer that can be
 //!   skipped from a call that may be retried.
 //!
+//! The formats are specified for readers in other languages in `docs/pointer-format.md`, with
+//! test vectors under `consumer/tests/vectors/`; the crate's `README.md` has more examples.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -65,3 +68,10 @@ pub use event::{Event, MAX_NESTING};
 pub use pointer::Pointer;
 pub use reader::{Delivery, Position, StartPosition, StreamReader};
 pub use resolve::{EventStream, ResolveStats, ResolvedChunk, Resolver, Verification};
+
+/// The README's examples, compiled as doctests so that they stay true (its Lambda example
+/// needs the `lambda` feature, which `scripts/test` turns on).
+#[cfg(all(doctest, feature = "lambda"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+

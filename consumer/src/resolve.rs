@@ -44,7 +44,8 @@ pub enum Verification {
 pub struct ResolveStats {
     /// Most bytes held at once on this stream's behalf: a spooled object, the decoder's read
     /// block and pending entry, and decoded events not yet handed out. The decompressor's own
-    /// window (zstd: up to 8 MiB for the levels the sidecar uses; gzip: 32 KiB) comes on top.
+    /// window comes on top (zstd: 2 MiB at the sidecar's default level 3, at most 128 MiB at
+    /// level 22; gzip: 32 KiB).
     pub peak_buffered_bytes: u64,
     /// GetObject requests made: 1, or 2 for a large object verified before its events.
     pub object_reads: u64,
