@@ -74,4 +74,3 @@ pub use resolve::{EventStream, ResolveStats, ResolvedChunk, Resolver, Verificati
 #[cfg(all(doctest, feature = "lambda"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
-
