@@ -85,7 +85,7 @@ impl Checkpoint {
     }
 
     /// How many recently processed chunk ids the checkpoint carries.
-    pub fn recent_chunk_ids(&self) -> usize {
+    pub fn recent_chunk_id_count(&self) -> usize {
         self.recent_chunk_ids.len()
     }
 

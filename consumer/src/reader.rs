@@ -107,13 +107,6 @@ impl Delivery {
         Ok(ResolvedChunk { pointer, events })
     }
 
-    /// The events as a stream of their own (for `futures` combinators).
-    pub fn into_stream(self) -> Result<EventStream, Error> {
-        self.chunk.map_err(|e| {
-            e.unwrap_or_else(|| Error::Decode("the record's error was already taken".into()))
-        })
-    }
-
     /// Memory and requests of resolving the chunk so far.
     pub fn stats(&self) -> Option<ResolveStats> {
         self.chunk.as_ref().ok().map(EventStream::stats)

@@ -270,7 +270,7 @@ async fn restart_from_a_checkpoint_resumes_after_what_was_committed() {
         ))
     );
     assert_eq!(
-        saved.recent_chunk_ids(),
+        saved.recent_chunk_id_count(),
         2,
         "only committed chunk ids are saved"
     );
@@ -299,7 +299,7 @@ async fn restart_from_a_checkpoint_resumes_after_what_was_committed() {
     );
     reader.checkpoint().await.unwrap();
     let saved = store.0.lock().unwrap().clone().unwrap();
-    assert_eq!(saved.recent_chunk_ids(), 5);
+    assert_eq!(saved.recent_chunk_id_count(), 5);
 }
 
 #[tokio::test]
