@@ -12,7 +12,7 @@ use claimcheck_consumer::checkpoint::DynamoDbCheckpointStore;
 use claimcheck_consumer::lambda::Consumer;
 use claimcheck_consumer::pointer::Checksum;
 use claimcheck_consumer::{
-    CheckpointStore, Error, Event, EventTime, FileCheckpointStore, Pointer, Resolver,
+    CheckpointStore, Delivery, Error, Event, EventTime, FileCheckpointStore, Pointer, Resolver,
     StartPosition, StreamReader, Verification,
 };
 use common::*;
@@ -129,21 +129,25 @@ async fn a_corrupted_object_is_a_checksum_error_before_any_event() {
     }
 }
 
-/// Reads until the reader is caught up, committing every delivery; returns the chunk labels
-/// (`record.chunk` of the first event, or the error) with their shard.
-async fn drain(reader: &mut StreamReader) -> Vec<(String, Result<String, Error>)> {
-    let mut got = Vec::new();
-    while let Some(mut d) = reader.next().await.expect("read the stream") {
-        let label = d.events().await.map(|events| {
-            events[0].record_json()["chunk"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        });
-        got.push((d.position().shard_id.clone(), label));
-        reader.commit(d.position());
-    }
-    got
+/// What one delivery gave: its shard, and the `record.chunk` label of its first event or the
+/// error.
+type Got = (String, Result<String, Error>);
+
+/// Takes one delivery's events, commits it, and returns what it gave.
+async fn take(reader: &mut StreamReader, mut d: Delivery) -> Got {
+    let label = d.events().await.map(|events| {
+        events[0].record_json()["chunk"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    });
+    reader.commit(d.position());
+    (d.position().shard_id.clone(), label)
+}
+
+/// Reads until the reader is caught up, committing every delivery.
+async fn drain(reader: &mut StreamReader) -> Vec<Got> {
+    drain_watching_parents(reader, &HashMap::new()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,7 +449,8 @@ async fn latest_starts_after_open() {
     assert_eq!(labels, ["after"]);
 }
 
-/// Publishes chunks of `tag` until one lands on each of `shards`; returns the labels by shard.
+/// Publishes chunks labelled `prefix0`, `prefix1`, … (at least four) until each of `shards` has
+/// one; adds the labels to `sent`.
 async fn publish_on_every_shard(
     env: &Emulated,
     stream: &str,
@@ -474,11 +479,12 @@ async fn publish_on_every_shard(
     }
 }
 
-/// Checks after every delivery that no child shard is being read before its parents ended.
+/// [`drain`], checking before every delivery that no child shard (a key of `parents`) is
+/// being read before its parents ended.
 async fn drain_watching_parents(
     reader: &mut StreamReader,
     parents: &HashMap<String, Vec<String>>,
-) -> Vec<(String, Result<String, Error>)> {
+) -> Vec<Got> {
     let mut got = Vec::new();
     loop {
         let shards: HashMap<String, bool> = reader.shards().into_iter().collect();
@@ -493,21 +499,14 @@ async fn drain_watching_parents(
                 }
             }
         }
-        let Some(mut d) = reader.next().await.expect("read the stream") else {
+        let Some(d) = reader.next().await.expect("read the stream") else {
             return got;
         };
-        let label = d.events().await.map(|events| {
-            events[0].record_json()["chunk"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        });
-        got.push((d.position().shard_id.clone(), label));
-        reader.commit(d.position());
+        got.push(take(reader, d).await);
     }
 }
 
-fn labels_once(got: &[(String, Result<String, Error>)], sent: &[String]) {
+fn labels_once(got: &[Got], sent: &[String]) {
     let mut labels: Vec<String> = got
         .iter()
         .map(|(_, l)| l.as_ref().unwrap().clone())
@@ -537,16 +536,8 @@ async fn resharding_mid_read_loses_nothing_and_reads_parents_first() {
     let mut sent = Vec::new();
     publish_on_every_shard(&env, &env.stream, &["shardId-000000000000"], "s", &mut sent).await;
     let mut reader = open(env.stream.clone()).await.unwrap();
-    let mut got = vec![];
-    let mut first = reader.next().await.unwrap().unwrap();
-    got.push((
-        first.position().shard_id.clone(),
-        first
-            .events()
-            .await
-            .map(|e| e[0].record_json()["chunk"].as_str().unwrap().to_string()),
-    ));
-    reader.commit(first.position());
+    let first = reader.next().await.unwrap().unwrap();
+    let mut got = vec![take(&mut reader, first).await];
     kinesis
         .update_shard_count()
         .stream_name(&env.stream)
@@ -583,16 +574,8 @@ async fn resharding_mid_read_loses_nothing_and_reads_parents_first() {
     let mut sent = Vec::new();
     publish_on_every_shard(&env, &stream, &both, "m", &mut sent).await;
     let mut reader = open(stream.clone()).await.unwrap();
-    let mut got = vec![];
-    let mut first = reader.next().await.unwrap().unwrap();
-    got.push((
-        first.position().shard_id.clone(),
-        first
-            .events()
-            .await
-            .map(|e| e[0].record_json()["chunk"].as_str().unwrap().to_string()),
-    ));
-    reader.commit(first.position());
+    let first = reader.next().await.unwrap().unwrap();
+    let mut got = vec![take(&mut reader, first).await];
     kinesis
         .merge_shards()
         .stream_name(&stream)
