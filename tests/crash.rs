@@ -147,26 +147,31 @@ async fn drain_and_read(env: &Emulated, load: &LoadResult) -> (HashMap<u64, Vec<
     let mut seen: HashMap<u64, Vec<String>> = HashMap::new();
     let mut idle = 0;
     while idle < 5 || load.acked.iter().any(|id| !seen.contains_key(id)) {
-        let batch = reader.poll().await.unwrap();
-        idle = if batch.is_empty() { idle + 1 } else { 0 };
-        for chunk in batch {
-            let chunk = chunk.expect("every pointer resolves");
-            for event in &chunk.events {
-                let id = event.record_json()["id"]
-                    .as_u64()
-                    .expect("events carry their id");
-                seen.entry(id)
-                    .or_default()
-                    .push(chunk.pointer.chunk_id.clone());
+        match reader.next().await.unwrap() {
+            Some(mut delivery) => {
+                idle = 0;
+                let chunk = delivery.resolve().await.expect("every pointer resolves");
+                for event in &chunk.events {
+                    let id = event.record_json()["id"]
+                        .as_u64()
+                        .expect("events carry their id");
+                    seen.entry(id)
+                        .or_default()
+                        .push(chunk.pointer.chunk_id.clone());
+                }
+                reader.commit(delivery.position());
+            }
+            None => {
+                idle += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         assert!(
             Instant::now() < deadline + Duration::from_secs(60),
             "acknowledged events are missing after the drain"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    (seen, reader.duplicates_dropped())
+    (seen, reader.stats().duplicates_dropped)
 }
 
 async fn crash_cycles(sync: &str, cycles: usize) {

@@ -75,7 +75,7 @@ async fn round_trip(format: &str, compression: &str, modes: &[&str]) {
         );
         for e in &chunk.events {
             assert_eq!(
-                minute_of(e.time.secs),
+                minute_of(e.time().secs),
                 p.timekey,
                 "events are chunked by their own time"
             );
@@ -264,31 +264,8 @@ fn run_cli(
     args: &[&str],
     stdin: Option<&[u8]>,
 ) -> (Vec<serde_json::Value>, String) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_claimcheck"))
-        .args(args)
-        .envs(aws_env(env.moto.port))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let input = child.stdin.take().unwrap();
-    if let Some(bytes) = stdin {
-        let mut input = input;
-        input.write_all(bytes).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "claimcheck {args:?} failed: {stderr}");
-    let lines = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
-    (lines, stderr)
+    let (stdout, stderr) = run_claimcheck(env.moto.port, args, stdin);
+    (json_lines(&stdout), stderr)
 }
 
 fn line_key(line: &serde_json::Value) -> (String, i64, u32, String) {

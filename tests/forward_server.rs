@@ -216,11 +216,7 @@ async fn fluent_bit_forward_mode_with_metadata_and_map32_options() {
     assert_exactly_once(&chunks, &want);
     let meta = serde_json::json!({"pod": "web-1"});
     for e in chunks.iter().flat_map(|c| &c.events) {
-        assert_eq!(
-            e.metadata.as_ref().map(claimcheck_consumer::body::to_json),
-            Some(meta.clone()),
-            "metadata is kept"
-        );
+        assert_eq!(e.metadata_json(), Some(meta.clone()), "metadata is kept");
     }
 }
 

@@ -16,11 +16,13 @@
 
 use std::io::{self, Read, Write};
 
+use std::sync::Arc;
+
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::entry::{self, EventTime};
-use crate::Error;
+use crate::{Error, Event};
 
 /// How events are laid out in a body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -175,130 +177,29 @@ pub fn decoder<'a, R: Read + 'a>(
     })
 }
 
-/// Decompresses a whole stored object, refusing to produce more than `limit` bytes.
+/// Decompresses a whole stored object in memory, refusing to produce more than `limit` bytes
+/// ([`Error::BodyTooLarge`], which then reports `limit + 1` bytes: decompression stops there).
 pub fn decompress(compression: Compression, stored: &[u8], limit: u64) -> Result<Vec<u8>, Error> {
     let mut out = Vec::new();
     decoder(compression, stored)
         .and_then(|d| d.take(limit.saturating_add(1)).read_to_end(&mut out))
         .map_err(Error::Decompress)?;
     if out.len() as u64 > limit {
-        return Err(Error::SizeMismatch {
-            what: "decompressed body",
-            expected: limit,
-            actual: out.len() as u64,
+        return Err(Error::BodyTooLarge {
+            bytes: out.len() as u64,
+            limit,
         });
     }
     Ok(out)
 }
 
-/// One event of a chunk.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    pub tag: String,
-    pub time: EventTime,
-    /// The record, normally a map.
-    pub record: rmpv::Value,
-    /// Fluent Bit's per-event metadata (`[[time, metadata], record]`), when present.
-    pub metadata: Option<rmpv::Value>,
-}
-
-impl Event {
-    /// The record as JSON, by the rules in this module's documentation.
-    pub fn record_json(&self) -> serde_json::Value {
-        to_json(&self.record)
-    }
-
-    /// The event as one JSON object: `{"tag","time","record"}` (and `"metadata"` if any), the
-    /// line format of the `json` body and of `claimcheck tail`.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut obj = serde_json::Map::new();
-        obj.insert("time".into(), self.time.to_rfc3339().into());
-        obj.insert("tag".into(), self.tag.clone().into());
-        obj.insert("record".into(), self.record_json());
-        if let Some(meta) = &self.metadata {
-            obj.insert("metadata".into(), to_json(meta));
-        }
-        serde_json::Value::Object(obj)
-    }
-}
-
-fn decode_err(what: impl std::fmt::Display) -> Error {
-    Error::Decode(what.to_string())
-}
-
-/// Decodes one entry found by [`entry::scan_entry`].
-fn decode_entry(tag: &str, bytes: &[u8], info: &entry::EntryInfo) -> Result<Event, Error> {
-    let record =
-        rmpv::decode::read_value(&mut &bytes[info.record.0..info.record.1]).map_err(decode_err)?;
-    let metadata = if info.has_metadata {
-        let slot = rmpv::decode::read_value(&mut &bytes[info.time_slot.0..info.time_slot.1])
-            .map_err(decode_err)?;
-        match slot {
-            rmpv::Value::Array(mut items) if items.len() >= 2 => Some(items.swap_remove(1)),
-            _ => None,
-        }
-    } else {
-        None
-    };
-    Ok(Event {
-        tag: tag.to_string(),
-        time: info.time,
-        record,
-        metadata,
-    })
-}
-
-/// Events of a `msgpack` body.
-pub fn decode_msgpack(tag: &str, body: &[u8]) -> Result<Vec<Event>, Error> {
-    entry::entries(body)
-        .map(|e| {
-            let (bytes, info) = e.map_err(|e| decode_err(format!("msgpack entry: {e}")))?;
-            decode_entry(tag, bytes, &info)
-        })
-        .collect()
-}
-
-/// Events of a `json` body.
-pub fn decode_json(body: &[u8]) -> Result<Vec<Event>, Error> {
-    #[derive(Deserialize)]
-    struct Line {
-        time: String,
-        tag: String,
-        record: serde_json::Value,
-        metadata: Option<serde_json::Value>,
-    }
-    body.split(|b| *b == b'\n')
-        .filter(|line| !line.is_empty())
-        .map(|line| {
-            let line: Line =
-                serde_json::from_slice(line).map_err(|e| decode_err(format!("json line: {e}")))?;
-            let time = EventTime::parse_rfc3339(&line.time)
-                .ok_or_else(|| decode_err(format!("json line: bad time {:?}", line.time)))?;
-            Ok(Event {
-                tag: line.tag,
-                time,
-                record: from_json(line.record),
-                metadata: line.metadata.map(from_json),
-            })
-        })
-        .collect()
-}
-
-/// Events of a decompressed body in either format.
-pub fn decode(format: Format, tag: &str, body: &[u8]) -> Result<Vec<Event>, Error> {
-    match format {
-        Format::Msgpack => decode_msgpack(tag, body),
-        Format::Json => decode_json(body),
-    }
-}
-
 /// Writes the entries of a msgpack body (whole entries only) as `json` body lines.
 pub fn write_json_lines<W: Write>(tag: &str, msgpack: &[u8], out: &mut W) -> Result<(), Error> {
+    let tag: Arc<str> = tag.into();
     for e in entry::entries(msgpack) {
-        let (bytes, info) = e.map_err(|e| decode_err(format!("msgpack entry: {e}")))?;
-        let event = decode_entry(tag, bytes, &info)?;
-        serde_json::to_writer(&mut *out, &event.to_json())
-            .map_err(|e| decode_err(e.to_string()))?;
+        let (bytes, _) = e.map_err(|e| Error::Decode(format!("msgpack entry: {e}")))?;
+        let event = Event::from_entry(tag.clone(), bytes)?;
+        serde_json::to_writer(&mut *out, &event.to_json()).map_err(|e| Error::Io(e.into()))?;
         out.write_all(b"\n").map_err(Error::Io)?;
     }
     Ok(())
@@ -306,8 +207,14 @@ pub fn write_json_lines<W: Write>(tag: &str, msgpack: &[u8], out: &mut W) -> Res
 
 /// Converts a msgpack value to JSON by the rules in this module's documentation.
 pub fn to_json(v: &rmpv::Value) -> serde_json::Value {
-    use rmpv::Value as M;
+    value_ref_to_json(&v.as_ref())
+}
+
+/// [`to_json`] for a borrowed value, such as [`Event::record`].
+pub fn value_ref_to_json(v: &rmpv::ValueRef<'_>) -> serde_json::Value {
+    use rmpv::ValueRef as M;
     use serde_json::Value as J;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
     match v {
         M::Nil => J::Null,
         M::Boolean(b) => J::Bool(*b),
@@ -318,19 +225,19 @@ pub fn to_json(v: &rmpv::Value) -> serde_json::Value {
         },
         M::F32(f) => serde_json::Number::from_f64(f64::from(*f)).map_or(J::Null, J::Number),
         M::F64(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
-        M::String(s) => J::String(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        M::Binary(b) => J::String(String::from_utf8_lossy(b).into_owned()),
-        M::Array(items) => J::Array(items.iter().map(to_json).collect()),
+        M::String(s) => J::String(text(s.as_bytes())),
+        M::Binary(b) => J::String(text(b)),
+        M::Array(items) => J::Array(items.iter().map(value_ref_to_json).collect()),
         M::Map(pairs) => J::Object(
             pairs
                 .iter()
                 .map(|(k, v)| {
                     let key = match k {
-                        M::String(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-                        M::Binary(b) => String::from_utf8_lossy(b).into_owned(),
-                        other => to_json(other).to_string(),
+                        M::String(s) => text(s.as_bytes()),
+                        M::Binary(b) => text(b),
+                        other => value_ref_to_json(other).to_string(),
                     };
-                    (key, to_json(v))
+                    (key, value_ref_to_json(v))
                 })
                 .collect(),
         ),
@@ -398,70 +305,61 @@ pub fn from_json(v: serde_json::Value) -> rmpv::Value {
 mod tests {
     use super::*;
 
-    fn body() -> (Vec<u8>, Vec<Event>) {
+    fn entries() -> Vec<u8> {
         let mut bytes = Vec::new();
-        let mut events = Vec::new();
         for i in 0..5u32 {
-            let time = EventTime::new(1_763_740_800 + i64::from(i), i * 1000);
-            let record = rmpv::Value::Map(vec![
-                ("msg".into(), format!("line {i}").into()),
-                ("bin".into(), rmpv::Value::Binary(b"raw".to_vec())),
-                ("n".into(), i.into()),
+            let entry = rmpv::Value::Array(vec![
+                i.into(),
+                rmpv::Value::Map(vec![("msg".into(), format!("line {i}").into())]),
             ]);
-            let metadata =
-                (i % 2 == 1).then(|| rmpv::Value::Map(vec![("pod".into(), "web-1".into())]));
-            bytes.push(0x92);
-            match &metadata {
-                Some(m) => {
-                    bytes.push(0x92);
-                    entry::encode::event_time(&mut bytes, time);
-                    rmpv::encode::write_value(&mut bytes, m).unwrap();
-                }
-                None => entry::encode::event_time(&mut bytes, time),
-            }
-            rmpv::encode::write_value(&mut bytes, &record).unwrap();
-            events.push(Event {
-                tag: "app.web".into(),
-                time,
-                record,
-                metadata,
-            });
+            rmpv::encode::write_value(&mut bytes, &entry).unwrap();
         }
-        (bytes, events)
+        bytes
     }
 
     #[test]
-    fn msgpack_body_decodes_with_metadata() {
-        let (bytes, events) = body();
-        assert_eq!(decode(Format::Msgpack, "app.web", &bytes).unwrap(), events);
-    }
-
-    #[test]
-    fn json_lines_round_trip_through_decoder() {
-        let (bytes, events) = body();
+    fn json_lines_have_a_fixed_field_order() {
+        let mut bytes = Vec::new();
+        entry::encode::event_time(&mut bytes, EventTime::new(0, 0));
+        let mut entry = vec![0x92, 0x92];
+        entry::encode::event_time(&mut entry, EventTime::new(1_763_740_800, 7));
+        rmpv::encode::write_value(
+            &mut entry,
+            &rmpv::Value::Map(vec![("pod".into(), "web-1".into())]),
+        )
+        .unwrap();
+        rmpv::encode::write_value(
+            &mut entry,
+            &rmpv::Value::Map(vec![
+                ("z".into(), 1.into()),
+                ("a".into(), rmpv::Value::Binary(b"raw".to_vec())),
+            ]),
+        )
+        .unwrap();
         let mut lines = Vec::new();
-        write_json_lines("app.web", &bytes, &mut lines).unwrap();
-        let text = String::from_utf8(lines.clone()).unwrap();
-        assert_eq!(text.lines().count(), 5);
-        assert!(text.starts_with(r#"{"time":"2025-11-21T16:00:00.000000000Z","tag":"app.web","record":{"msg":"line 0","bin":"raw","n":0}}"#), "{text}");
-        let decoded = decode(Format::Json, "ignored", &lines).unwrap();
-        // bin becomes a string in JSON; everything else survives.
-        for (d, e) in decoded.iter().zip(&events) {
-            assert_eq!((&d.tag, d.time, &d.metadata), (&e.tag, e.time, &e.metadata));
-            assert_eq!(d.record_json(), e.record_json());
-        }
+        write_json_lines("app.web", &entry, &mut lines).unwrap();
+        assert_eq!(
+            String::from_utf8(lines).unwrap(),
+            "{\"time\":\"2025-11-21T16:00:00.000000007Z\",\"tag\":\"app.web\",\
+             \"record\":{\"z\":1,\"a\":\"raw\"},\"metadata\":{\"pod\":\"web-1\"}}\n"
+        );
+        let mut cut = Vec::new();
+        assert!(write_json_lines("t", &entry[..entry.len() - 1], &mut cut).is_err());
     }
 
     #[test]
     fn every_compression_round_trips_and_multi_member_gzip_decodes() {
-        let (bytes, _) = body();
+        let bytes = entries();
         for c in [Compression::Zstd, Compression::Gzip, Compression::None] {
             let mut enc = Encoder::new(c, None, Vec::new()).unwrap();
             enc.write_all(&bytes).unwrap();
             let stored = enc.finish().unwrap();
             assert_eq!(decompress(c, &stored, 1 << 20).unwrap(), bytes, "{c:?}");
             assert!(
-                matches!(decompress(c, &stored, 10), Err(Error::SizeMismatch { .. })),
+                matches!(
+                    decompress(c, &stored, 10),
+                    Err(Error::BodyTooLarge { limit: 10, .. })
+                ),
                 "{c:?}"
             );
         }
@@ -475,19 +373,6 @@ mod tests {
             }
             assert_eq!(decompress(c, &stored, 1 << 20).unwrap(), bytes, "{c:?}");
         }
-    }
-
-    #[test]
-    fn truncated_or_garbage_bodies_are_errors() {
-        let (bytes, _) = body();
-        assert!(matches!(
-            decode_msgpack("t", &bytes[..bytes.len() - 2]),
-            Err(Error::Decode(_))
-        ));
-        assert!(matches!(
-            decode_json(b"{\"time\":1}\n"),
-            Err(Error::Decode(_))
-        ));
         assert!(matches!(
             decompress(Compression::Zstd, b"garbage", 100),
             Err(Error::Decompress(_))

@@ -248,6 +248,50 @@ impl ValueScanner {
     }
 }
 
+/// Checks that arrays and maps in the value at the start of `buf` nest at most `limit` deep
+/// (a scalar is depth 0, `[1]` is 1, `[[1]]` is 2).
+///
+/// Like [`value_len`] it walks the framing without recursion, and it stops as soon as the
+/// limit is passed, so a body of nothing but nested array headers costs no more than its bytes.
+pub fn check_depth(buf: &[u8], limit: usize) -> Result<(), ScanError> {
+    // Values still to read at each open level; the bottom entry is the value itself.
+    let mut remaining: Vec<u64> = vec![1];
+    let mut pos = 0usize;
+    while let Some(top) = remaining.last_mut() {
+        if *top == 0 {
+            remaining.pop();
+            continue;
+        }
+        *top -= 1;
+        let (marker, h) = header(buf.get(pos..).unwrap_or_default())?;
+        pos = pos
+            .checked_add(h.header)
+            .and_then(|p| p.checked_add(h.payload))
+            .ok_or(ScanError::Invalid("msgpack length overflows"))?;
+        if matches!(
+            marker,
+            Marker::FixArray(_)
+                | Marker::Array16
+                | Marker::Array32
+                | Marker::FixMap(_)
+                | Marker::Map16
+                | Marker::Map32
+        ) {
+            // This container sits at depth `remaining.len()`.
+            if remaining.len() > limit {
+                return Err(ScanError::Invalid("msgpack value nests too deeply"));
+            }
+            if h.children > 0 {
+                remaining.push(h.children);
+            }
+        }
+    }
+    if pos > buf.len() {
+        return Err(ScanError::Incomplete);
+    }
+    Ok(())
+}
+
 /// Number of elements if `buf` starts with an array header, and the header's length.
 pub fn array_header(buf: &[u8]) -> Result<Option<(u64, usize)>, ScanError> {
     let (marker, h) = header(buf)?;
@@ -574,6 +618,40 @@ mod tests {
         let results: Vec<_> = entries(&body).collect();
         assert_eq!(results.len(), 4);
         assert_eq!(results[3].as_ref().unwrap_err(), &ScanError::Incomplete);
+    }
+
+    #[test]
+    fn depth_is_checked_without_recursion() {
+        let nested = |n: usize| {
+            let mut v = rmpv::Value::from(1);
+            for _ in 0..n {
+                v = rmpv::Value::Array(vec![v]);
+            }
+            pack(&v)
+        };
+        assert_eq!(check_depth(&pack(&5.into()), 0), Ok(()));
+        assert_eq!(check_depth(&nested(3), 3), Ok(()));
+        assert!(matches!(
+            check_depth(&nested(4), 3),
+            Err(ScanError::Invalid(_))
+        ));
+        assert_eq!(check_depth(&pack(&record()), 1), Ok(()));
+        let wide = rmpv::Value::Map(vec![
+            ("a".into(), rmpv::Value::Array(vec![])),
+            ("b".into(), record()),
+        ]);
+        assert_eq!(check_depth(&pack(&wide), 2), Ok(()));
+        // Millions of array headers: refused at the limit, never a deep stack.
+        let bomb = vec![0x91u8; 4 << 20];
+        assert!(matches!(
+            check_depth(&bomb, 100),
+            Err(ScanError::Invalid(_))
+        ));
+        let bytes = nested(2);
+        assert_eq!(
+            check_depth(&bytes[..bytes.len() - 1], 5),
+            Err(ScanError::Incomplete)
+        );
     }
 
     #[test]

@@ -4,7 +4,14 @@ use std::error::Error as StdError;
 
 use aws_smithy_types::error::display::DisplayErrorContext;
 
+/// A boxed error source, as kept by the AWS and checkpoint variants.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
 /// Everything that can go wrong between a pointer record and its events.
+///
+/// Errors about one pointer or its object ([`Error::is_chunk_error`]) leave other pointers
+/// unaffected: a reader can skip the pointer or stop. The AWS variants keep the SDK error as
+/// their [`source`](StdError::source), so callers can downcast it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -17,37 +24,92 @@ pub enum Error {
     /// The object the pointer names does not exist (deleted by someone else, or wrong bucket).
     #[error("object s3://{bucket}/{key} is missing")]
     ObjectMissing { bucket: String, key: String },
+    /// The object was replaced between the read that verified it and the read that decoded it
+    /// (see [`Verification::BeforeEvents`](crate::Verification::BeforeEvents)).
+    #[error("object s3://{bucket}/{key} changed while it was being read")]
+    ObjectChanged { bucket: String, key: String },
     /// The stored object's CRC32C is not the pointer's: the object was changed or damaged.
     #[error("checksum mismatch: pointer says crc32c {expected:08x}, object has {actual:08x}")]
     ChecksumMismatch { expected: u32, actual: u32 },
     /// A size recorded in the pointer does not match what was read.
-    #[error("{what} is {actual} bytes, expected {expected}")]
+    #[error("{what} is {actual}, the pointer says {expected}")]
     SizeMismatch {
+        /// `"stored object bytes"`, `"decompressed body bytes"` or `"event count"`.
         what: &'static str,
         expected: u64,
         actual: u64,
     },
+    /// The pointer's body is larger than the resolver accepts
+    /// ([`Resolver::max_body_bytes`](crate::Resolver::max_body_bytes)).
+    #[error("body of {bytes} bytes is over this reader's limit of {limit}")]
+    BodyTooLarge { bytes: u64, limit: u64 },
     /// The body could not be decompressed.
     #[error("cannot decompress body: {0}")]
     Decompress(#[source] std::io::Error),
     /// The decompressed body is not valid in its format.
     #[error("cannot decode body: {0}")]
     Decode(String),
-    /// A call to S3 failed.
+    /// A record does not deserialize into the type asked for
+    /// ([`Event::deserialize_record`](crate::Event::deserialize_record)).
+    #[error("record does not deserialize: {0}")]
+    Deserialize(#[source] BoxError),
+    /// A call to S3 failed (after the SDK's own retries).
     #[error("s3 {operation} failed: {}", DisplayErrorContext(&**source))]
     S3 {
         operation: &'static str,
         #[source]
-        source: Box<dyn StdError + Send + Sync>,
+        source: BoxError,
     },
-    /// A call to Kinesis failed.
+    /// A call to Kinesis failed (after the SDK's own retries).
     #[error("kinesis {operation} failed: {}", DisplayErrorContext(&**source))]
     Kinesis {
         operation: &'static str,
         #[source]
-        source: Box<dyn StdError + Send + Sync>,
+        source: BoxError,
+    },
+    /// A call to DynamoDB failed (`DynamoDbCheckpointStore`, feature `dynamodb`).
+    #[error("dynamodb {operation} failed: {}", DisplayErrorContext(&**source))]
+    DynamoDb {
+        operation: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    /// A checkpoint could not be loaded or saved, or does not fit the stream.
+    #[error("checkpoint: {reason}")]
+    Checkpoint {
+        reason: String,
+        #[source]
+        source: Option<BoxError>,
     },
     /// Local I/O failed.
     #[error("i/o error: {0}")]
     Io(#[source] std::io::Error),
+}
+
+impl Error {
+    /// True when the error is about one pointer or its object — not a pointer, a newer
+    /// version, object missing or changed, damaged, too large, undecodable — so reading it
+    /// again will fail the same way. Such a pointer can be skipped; everything else (AWS calls,
+    /// checkpoints, local I/O) may succeed when retried.
+    pub fn is_chunk_error(&self) -> bool {
+        matches!(
+            self,
+            Error::MalformedPointer(_)
+                | Error::UnsupportedVersion { .. }
+                | Error::ObjectMissing { .. }
+                | Error::ObjectChanged { .. }
+                | Error::ChecksumMismatch { .. }
+                | Error::SizeMismatch { .. }
+                | Error::BodyTooLarge { .. }
+                | Error::Decompress(_)
+                | Error::Decode(_)
+        )
+    }
+
+    pub(crate) fn checkpoint(reason: impl Into<String>, source: impl Into<BoxError>) -> Error {
+        Error::Checkpoint {
+            reason: reason.into(),
+            source: Some(source.into()),
+        }
+    }
 }

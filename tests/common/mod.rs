@@ -16,7 +16,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-use claimcheck_consumer::{Event, ResolvedChunk, Resolver, StartPosition, StreamReader};
+use claimcheck_consumer::body::{Compression, Encoder, Format};
+use claimcheck_consumer::pointer::Checksum;
+use claimcheck_consumer::{
+    Event, EventTime, Pointer, ResolvedChunk, Resolver, StartPosition, StreamReader,
+};
 use serde_json::{json, Value};
 
 pub fn repo_root() -> PathBuf {
@@ -140,6 +144,17 @@ impl Aws {
         }
     }
 
+    /// A DynamoDB client for the same emulator.
+    pub fn dynamodb(port: u16) -> aws_sdk_dynamodb::Client {
+        let config = aws_sdk_dynamodb::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
+            .endpoint_url(format!("http://127.0.0.1:{port}"))
+            .build();
+        aws_sdk_dynamodb::Client::from_conf(config)
+    }
+
     /// Creates a bucket and a one-shard stream and waits until the stream is active.
     pub async fn create(&self, bucket: &str, stream: &str) {
         self.s3
@@ -148,10 +163,15 @@ impl Aws {
             .send()
             .await
             .expect("create bucket");
+        self.create_stream(stream, 1).await;
+    }
+
+    /// Creates a stream of `shards` shards and waits until it is active.
+    pub async fn create_stream(&self, stream: &str, shards: i32) {
         self.kinesis
             .create_stream()
             .stream_name(stream)
-            .shard_count(1)
+            .shard_count(shards)
             .send()
             .await
             .expect("create stream");
@@ -195,19 +215,136 @@ impl Aws {
         let mut chunks = Vec::new();
         let mut count = 0;
         while count < expected && Instant::now() < deadline {
-            for item in reader.poll().await.expect("read stream") {
-                let chunk = item.expect("every pointer resolves");
-                count += chunk.events.len();
-                chunks.push(chunk);
+            match reader.next().await.expect("read stream") {
+                Some(mut delivery) => {
+                    let chunk = delivery.resolve().await.expect("every pointer resolves");
+                    count += chunk.events.len();
+                    chunks.push(chunk);
+                    reader.commit(delivery.position());
+                }
+                None => tokio::time::sleep(Duration::from_millis(200)).await,
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         // Give stragglers (duplicates would show here) a moment.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        for item in reader.poll().await.expect("read stream") {
-            chunks.push(item.expect("every pointer resolves"));
+        while let Some(mut delivery) = reader.next().await.expect("read stream") {
+            chunks.push(delivery.resolve().await.expect("every pointer resolves"));
         }
         chunks
+    }
+}
+
+/// Builds a chunk the way the sidecar stores it: `events` as a body in `format`, compressed,
+/// and the pointer that describes it (unique chunk id, key under `tag/`).
+pub fn make_chunk(
+    bucket: &str,
+    tag: &str,
+    events: &[Event],
+    format: Format,
+    compression: Compression,
+) -> (Pointer, Vec<u8>) {
+    let mut body = Vec::new();
+    for e in events {
+        match format {
+            Format::Msgpack => body.extend_from_slice(e.entry_msgpack()),
+            Format::Json => {
+                claimcheck_consumer::body::write_json_lines(tag, e.entry_msgpack(), &mut body)
+                    .unwrap()
+            }
+        }
+    }
+    let mut encoder = Encoder::new(compression, None, Vec::new()).unwrap();
+    std::io::Write::write_all(&mut encoder, &body).unwrap();
+    let stored = encoder.finish().unwrap();
+    let chunk_id = uuid::Uuid::new_v4().simple().to_string();
+    let times = events.iter().map(Event::time);
+    let pointer = Pointer {
+        v: 1,
+        key: format!(
+            "{tag}/{chunk_id}.{}",
+            claimcheck_consumer::body::file_extension(format, compression)
+        ),
+        chunk_id,
+        bucket: bucket.into(),
+        tag: tag.into(),
+        timekey: 0,
+        first_time: times.clone().min().unwrap_or_default(),
+        last_time: times.max().unwrap_or_default(),
+        records: events.len() as u64,
+        bytes: body.len() as u64,
+        stored_bytes: stored.len() as u64,
+        format,
+        compression,
+        checksum: Checksum {
+            crc32c: crc32c::crc32c(&stored),
+        },
+        producer: "tests".into(),
+        created_at: "2026-11-21T16:01:02.345Z".into(),
+    };
+    (pointer, stored)
+}
+
+/// `n` events of `tag`, records `{"tag": tag, "i": i, "chunk": label}`.
+pub fn sample_events(tag: &str, label: &str, n: usize) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            let record = rmpv::Value::Map(vec![
+                ("tag".into(), tag.into()),
+                ("i".into(), (i as u64).into()),
+                ("chunk".into(), label.into()),
+            ]);
+            Event::new(
+                tag,
+                EventTime::new(1_795_276_800 + i as i64, 7),
+                &record,
+                None,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+impl Aws {
+    /// Stores `stored` at the pointer's key.
+    pub async fn put_object(&self, pointer: &Pointer, stored: Vec<u8>) {
+        self.s3
+            .put_object()
+            .bucket(&pointer.bucket)
+            .key(&pointer.key)
+            .body(stored.into())
+            .send()
+            .await
+            .expect("put object");
+    }
+
+    /// Puts one record on the stream, partitioned by the pointer's tag as the sidecar does.
+    pub async fn put_pointer(&self, stream: &str, pointer: &Pointer) -> (String, String) {
+        let out = self
+            .kinesis
+            .put_record()
+            .stream_name(stream)
+            .partition_key(&pointer.tag)
+            .data(aws_sdk_kinesis::primitives::Blob::new(pointer.to_json()))
+            .send()
+            .await
+            .expect("put record");
+        (out.shard_id, out.sequence_number)
+    }
+}
+
+impl Emulated {
+    /// Stores a chunk of `events` and publishes its pointer, as the sidecar would.
+    pub async fn publish(
+        &self,
+        tag: &str,
+        events: &[Event],
+        format: Format,
+        compression: Compression,
+    ) -> Pointer {
+        let (pointer, stored) = make_chunk(&self.bucket, tag, events, format, compression);
+        self.aws.put_object(&pointer, stored).await;
+        self.aws.put_pointer(&self.stream, &pointer).await;
+        pointer
     }
 }
 
@@ -439,9 +576,9 @@ impl TestEvent {
 /// The comparison key of a resolved event (see [`TestEvent::key`]).
 pub fn event_key(e: &Event) -> (String, i64, u32, String) {
     (
-        e.tag.clone(),
-        e.time.secs,
-        e.time.nanos,
+        e.tag().to_string(),
+        e.time().secs,
+        e.time().nanos,
         e.record_json().to_string(),
     )
 }
@@ -472,6 +609,38 @@ fn run_client(mut cmd: Command, spec: Value, what: &str) -> Value {
             String::from_utf8_lossy(&out.stdout)
         )
     })
+}
+
+/// Runs `claimcheck <args>` against the emulator on `aws_port`, feeding `stdin`; checks that it
+/// succeeded and returns its stdout and stderr.
+pub fn run_claimcheck(aws_port: u16, args: &[&str], stdin: Option<&[u8]>) -> (Vec<u8>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_claimcheck"))
+        .args(args)
+        .envs(aws_env(aws_port))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "claimcheck {args:?} failed: {stderr}");
+    (out.stdout, stderr)
+}
+
+/// Stdout of `claimcheck tail` or `resolve` in the JSON format, one value per line.
+pub fn json_lines(stdout: &[u8]) -> Vec<Value> {
+    std::str::from_utf8(stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
 }
 
 /// Sends with Node `@fluent-org/logger` in `mode` (Message, Forward, PackedForward,
@@ -555,7 +724,7 @@ pub fn assert_exactly_once(chunks: &[ResolvedChunk], expected: &[TestEvent]) -> 
         );
         assert_eq!(p.records as usize, chunk.events.len());
         for e in &chunk.events {
-            assert_eq!(e.tag, p.tag);
+            assert_eq!(e.tag(), p.tag);
             *got.entry(event_key(e)).or_default() += 1;
         }
     }

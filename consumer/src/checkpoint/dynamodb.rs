@@ -1,0 +1,197 @@
+//! A checkpoint in a DynamoDB table (feature `dynamodb`).
+
+use std::sync::Mutex;
+
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ScalarAttributeType,
+};
+
+use super::{Checkpoint, CheckpointStore};
+use crate::Error;
+
+/// The table's partition key: the checkpoint's name.
+const KEY: &str = "name";
+
+fn dynamodb_err<E: std::error::Error + Send + Sync + 'static>(
+    operation: &'static str,
+) -> impl FnOnce(E) -> Error {
+    move |e| Error::DynamoDb {
+        operation,
+        source: Box::new(e),
+    }
+}
+
+/// A checkpoint kept as one item of a DynamoDB table whose partition key is the string
+/// attribute `name` ([`DynamoDbCheckpointStore::create_table`] makes such a table).
+///
+/// The item is `{"name": S, "checkpoint": S (the JSON document), "version": N}`. Every save is
+/// conditional on the version this store loaded or last saved, so that a second reader using
+/// the same name gets an [`Error::Checkpoint`] instead of silently overwriting the first
+/// one's progress. A checkpoint with the default dedup window (10 000 ids) takes about 230 KB
+/// of the item's 400 KB limit; windows above about 16 000 ids do not fit.
+///
+/// Needs `dynamodb:GetItem` and `dynamodb:PutItem` on the table.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), claimcheck_consumer::Error> {
+/// use claimcheck_consumer::checkpoint::DynamoDbCheckpointStore;
+/// use claimcheck_consumer::{Resolver, StreamReader};
+///
+/// let config = aws_config::load_from_env().await;
+/// let store = DynamoDbCheckpointStore::new(
+///     aws_sdk_dynamodb::Client::new(&config),
+///     "claimcheck-checkpoints",
+///     "billing-export",
+/// );
+/// let reader = StreamReader::builder(
+///     aws_sdk_kinesis::Client::new(&config),
+///     Resolver::new(aws_sdk_s3::Client::new(&config)),
+///     "pointers",
+/// )
+/// .checkpoints(store)
+/// .open()
+/// .await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct DynamoDbCheckpointStore {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+    name: String,
+    /// The version of the item as last loaded or saved; `None` when there was no item.
+    version: Mutex<Option<u64>>,
+}
+
+impl DynamoDbCheckpointStore {
+    /// The checkpoint called `name` in `table`.
+    pub fn new(
+        client: aws_sdk_dynamodb::Client,
+        table: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Self {
+        DynamoDbCheckpointStore {
+            client,
+            table: table.into(),
+            name: name.into(),
+            version: Mutex::new(None),
+        }
+    }
+
+    /// Creates a table for checkpoints (on-demand capacity) and waits until it is active.
+    pub async fn create_table(client: &aws_sdk_dynamodb::Client, table: &str) -> Result<(), Error> {
+        let attribute = AttributeDefinition::builder()
+            .attribute_name(KEY)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .map_err(dynamodb_err("CreateTable"))?;
+        let key = KeySchemaElement::builder()
+            .attribute_name(KEY)
+            .key_type(KeyType::Hash)
+            .build()
+            .map_err(dynamodb_err("CreateTable"))?;
+        client
+            .create_table()
+            .table_name(table)
+            .attribute_definitions(attribute)
+            .key_schema(key)
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await
+            .map_err(dynamodb_err("CreateTable"))?;
+        loop {
+            let out = client
+                .describe_table()
+                .table_name(table)
+                .send()
+                .await
+                .map_err(dynamodb_err("DescribeTable"))?;
+            let status = out.table.and_then(|t| t.table_status);
+            if status.is_some_and(|s| s.as_str() == "ACTIVE") {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl CheckpointStore for DynamoDbCheckpointStore {
+    async fn load(&self) -> Result<Option<Checkpoint>, Error> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(KEY, AttributeValue::S(self.name.clone()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(dynamodb_err("GetItem"))?;
+        let Some(item) = out.item else {
+            *self.version.lock().expect("not poisoned") = None;
+            return Ok(None);
+        };
+        let field = |name: &str| Error::Checkpoint {
+            reason: format!("item {:?} in {} has no {name}", self.name, self.table),
+            source: None,
+        };
+        let json = item
+            .get("checkpoint")
+            .and_then(|v| v.as_s().ok())
+            .ok_or_else(|| field("checkpoint string"))?;
+        let version = item
+            .get("version")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse::<u64>().ok())
+            .ok_or_else(|| field("version number"))?;
+        let checkpoint = Checkpoint::from_json(json.as_bytes())?;
+        *self.version.lock().expect("not poisoned") = Some(version);
+        Ok(Some(checkpoint))
+    }
+
+    async fn save(&self, checkpoint: &Checkpoint) -> Result<(), Error> {
+        let loaded = *self.version.lock().expect("not poisoned");
+        let next = loaded.map_or(1, |v| v + 1);
+        let req = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item(KEY, AttributeValue::S(self.name.clone()))
+            .item(
+                "checkpoint",
+                AttributeValue::S(String::from_utf8(checkpoint.to_json()).expect("JSON is UTF-8")),
+            )
+            .item("version", AttributeValue::N(next.to_string()));
+        let req = match loaded {
+            None => req
+                .condition_expression("attribute_not_exists(#key)")
+                .expression_attribute_names("#key", KEY),
+            Some(v) => req
+                .condition_expression("#version = :version")
+                .expression_attribute_names("#version", "version")
+                .expression_attribute_values(":version", AttributeValue::N(v.to_string())),
+        };
+        match req.send().await {
+            Ok(_) => {
+                *self.version.lock().expect("not poisoned") = Some(next);
+                Ok(())
+            }
+            Err(e)
+                if matches!(
+                    e.as_service_error(),
+                    Some(PutItemError::ConditionalCheckFailedException(_))
+                ) =>
+            {
+                Err(Error::checkpoint(
+                    format!(
+                        "checkpoint {:?} in {} was saved by another reader since this one loaded it",
+                        self.name, self.table
+                    ),
+                    e,
+                ))
+            }
+            Err(e) => Err(dynamodb_err("PutItem")(e)),
+        }
+    }
+}

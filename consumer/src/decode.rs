@@ -1,0 +1,672 @@
+//! Streaming decoding of one stored object: stored bytes → CRC32C and size → decompression →
+//! entries or JSON lines → events, with the pointer's checks at the end.
+//!
+//! Nothing here holds a whole body: the stored bytes pass through a counting reader, the
+//! decompressor streams, and the splitter keeps at most one entry (or line) plus one read block.
+//! Memory that the crate holds on the caller's behalf is reported to a [`Gauge`].
+
+use std::io::{self, BufRead, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::body::{self, Format};
+use crate::entry::{EventTime, ValueScanner};
+use crate::{Error, Event, Pointer};
+
+/// Bytes read from the decompressor at a time.
+pub(crate) const READ_BLOCK: usize = 64 * 1024;
+
+/// Bytes held by the crate for one resolution: spooled objects, the splitter's buffer, and
+/// events decoded but not yet handed to the caller. Shared between the decoding thread and the
+/// caller's side of the stream.
+#[derive(Debug, Default)]
+pub(crate) struct Gauge {
+    current: AtomicU64,
+    peak: AtomicU64,
+    object_reads: AtomicU64,
+}
+
+impl Gauge {
+    pub(crate) fn add(&self, n: usize) {
+        let now = self.current.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sub(&self, n: usize) {
+        self.current.fetch_sub(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn object_read(&self) {
+        self.object_reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn object_reads(&self) -> u64 {
+        self.object_reads.load(Ordering::Relaxed)
+    }
+}
+
+/// Where decoded events go. `false` means "stop": nobody wants more.
+pub(crate) trait Sink {
+    fn event(&mut self, event: Event) -> bool;
+}
+
+impl Sink for Vec<Event> {
+    fn event(&mut self, event: Event) -> bool {
+        self.push(event);
+        true
+    }
+}
+
+/// How a pass over an object ended when nothing was wrong with it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Every check passed.
+    Verified,
+    /// The sink stopped the pass; nothing was checked.
+    Stopped,
+}
+
+/// The stored bytes as they are read: count, CRC32C, and the first read error, which belongs
+/// to the transport (S3), not to the data.
+struct Stored<R> {
+    inner: R,
+    bytes: u64,
+    crc: u32,
+    failed: Option<io::Error>,
+}
+
+impl<R: Read> Read for Stored<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.bytes += n as u64;
+                self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                let kept = io::Error::new(e.kind(), e.to_string());
+                self.failed = Some(e);
+                Err(kept)
+            }
+        }
+    }
+}
+
+/// Counts decompressed bytes.
+struct Counted<R> {
+    inner: R,
+    bytes: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Why a pass stopped early: decompression failed, the body is not valid in its format, or the
+/// sink stopped it.
+enum Cut {
+    Read(io::Error),
+    Decode(Error),
+    Stopped,
+}
+
+/// Reads `stored` (the object's bytes) to its end, sends the events to `sink`, and checks the
+/// pointer's stored size, CRC32C, body size and event count.
+///
+/// When decompression or decoding fails, the rest of the object is still read so that a
+/// damaged object is reported as the checksum or size mismatch it is, rather than as the
+/// decoding error it causes. A read error of `stored` itself is an [`Error::S3`].
+pub(crate) fn decode_object<R: Read>(
+    pointer: &Pointer,
+    stored: R,
+    gauge: &Gauge,
+    sink: &mut dyn Sink,
+) -> Result<Outcome, Error> {
+    let mut stored = Stored {
+        inner: stored,
+        bytes: 0,
+        crc: 0,
+        failed: None,
+    };
+    let (cut, body_bytes, events) = {
+        let decoder = match body::decoder(pointer.compression, &mut stored) {
+            Ok(d) => d,
+            Err(e) => return Err(Error::Decompress(e)),
+        };
+        let mut body = Counted {
+            inner: decoder,
+            bytes: 0,
+        };
+        let tag: Arc<str> = pointer.tag.as_str().into();
+        let mut counting = Counting { sink, events: 0 };
+        let cut = match pointer.format {
+            Format::Msgpack => split_msgpack(&mut body, &tag, gauge, &mut counting),
+            Format::Json => split_json_lines(&mut body, gauge, &mut counting),
+        };
+        (cut, body.bytes, counting.events)
+    };
+    if let Some(e) = stored.failed.take() {
+        return Err(transport(e));
+    }
+    match cut {
+        Ok(()) => {}
+        Err(Cut::Stopped) => return Ok(Outcome::Stopped),
+        Err(Cut::Read(e)) => {
+            check_stored(pointer, &mut stored)?;
+            return Err(Error::Decompress(e));
+        }
+        Err(Cut::Decode(e)) => {
+            check_stored(pointer, &mut stored)?;
+            return Err(e);
+        }
+    }
+    check_stored(pointer, &mut stored)?;
+    if body_bytes != pointer.bytes {
+        return Err(Error::SizeMismatch {
+            what: "decompressed body bytes",
+            expected: pointer.bytes,
+            actual: body_bytes,
+        });
+    }
+    if events != pointer.records {
+        return Err(Error::SizeMismatch {
+            what: "event count",
+            expected: pointer.records,
+            actual: events,
+        });
+    }
+    Ok(Outcome::Verified)
+}
+
+fn transport(e: io::Error) -> Error {
+    Error::S3 {
+        operation: "GetObject body",
+        source: Box::new(e),
+    }
+}
+
+/// Reads what is left of the stored object and checks its size and CRC32C.
+fn check_stored<R: Read>(pointer: &Pointer, stored: &mut Stored<R>) -> Result<(), Error> {
+    if let Err(e) = io::copy(stored, &mut io::sink()) {
+        return Err(transport(stored.failed.take().unwrap_or(e)));
+    }
+    if stored.bytes != pointer.stored_bytes {
+        return Err(Error::SizeMismatch {
+            what: "stored object bytes",
+            expected: pointer.stored_bytes,
+            actual: stored.bytes,
+        });
+    }
+    if stored.crc != pointer.checksum.crc32c {
+        return Err(Error::ChecksumMismatch {
+            expected: pointer.checksum.crc32c,
+            actual: stored.crc,
+        });
+    }
+    Ok(())
+}
+
+struct Counting<'a> {
+    sink: &'a mut dyn Sink,
+    events: u64,
+}
+
+impl Counting<'_> {
+    fn event(&mut self, event: Event) -> Result<(), Cut> {
+        self.events += 1;
+        if self.sink.event(event) {
+            Ok(())
+        } else {
+            Err(Cut::Stopped)
+        }
+    }
+}
+
+/// The splitter's buffer, reported to the gauge by capacity.
+struct Buffer<'g> {
+    bytes: Vec<u8>,
+    reported: usize,
+    gauge: &'g Gauge,
+}
+
+impl<'g> Buffer<'g> {
+    fn new(gauge: &'g Gauge) -> Self {
+        Buffer {
+            bytes: Vec::new(),
+            reported: 0,
+            gauge,
+        }
+    }
+
+    fn report(&mut self) {
+        let cap = self.bytes.capacity();
+        if cap > self.reported {
+            self.gauge.add(cap - self.reported);
+        } else {
+            self.gauge.sub(self.reported - cap);
+        }
+        self.reported = cap;
+    }
+
+    /// Appends up to one block from `r`; 0 at the end of the body.
+    fn fill(&mut self, r: &mut impl Read) -> io::Result<usize> {
+        let len = self.bytes.len();
+        self.bytes.resize(len + READ_BLOCK, 0);
+        self.report();
+        let n = loop {
+            match r.read(&mut self.bytes[len..]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        self.bytes.truncate(len + n.as_ref().copied().unwrap_or(0));
+        n
+    }
+
+    /// Drops the first `n` bytes.
+    fn consume(&mut self, n: usize) {
+        self.bytes.drain(..n);
+        self.relax();
+    }
+
+    /// Gives memory back once a large entry or line has passed.
+    fn relax(&mut self) {
+        if self.bytes.capacity() > 4 * READ_BLOCK && self.bytes.len() < READ_BLOCK {
+            self.bytes.shrink_to(2 * READ_BLOCK);
+            self.report();
+        }
+    }
+}
+
+impl Drop for Buffer<'_> {
+    fn drop(&mut self) {
+        self.gauge.sub(self.reported);
+    }
+}
+
+/// Cuts a msgpack body into entries as it streams by.
+fn split_msgpack(
+    body: &mut impl Read,
+    tag: &Arc<str>,
+    gauge: &Gauge,
+    out: &mut Counting<'_>,
+) -> Result<(), Cut> {
+    let mut buf = Buffer::new(gauge);
+    let mut start = 0;
+    let mut scanner = ValueScanner::default();
+    loop {
+        match scanner.advance(&buf.bytes[start..]) {
+            Ok(Some(len)) => {
+                let event = Event::from_entry(tag.clone(), &buf.bytes[start..start + len])
+                    .map_err(Cut::Decode)?;
+                out.event(event)?;
+                start += len;
+                scanner = ValueScanner::default();
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Cut::Decode(Error::Decode(format!("msgpack entry: {e}")))),
+        }
+        // The scanner's position is relative to the entry's start, which `consume` moves to 0.
+        buf.consume(start);
+        start = 0;
+        if buf.fill(body).map_err(Cut::Read)? == 0 {
+            return if buf.bytes.is_empty() {
+                Ok(())
+            } else {
+                Err(Cut::Decode(Error::Decode(format!(
+                    "body ends inside a msgpack entry ({} bytes left)",
+                    buf.bytes.len()
+                ))))
+            };
+        }
+    }
+}
+
+/// One line of a `json` body.
+#[derive(Deserialize)]
+struct Line {
+    time: String,
+    tag: String,
+    record: serde_json::Value,
+    metadata: Option<serde_json::Value>,
+}
+
+/// Reads a `json` body line by line.
+fn split_json_lines(
+    body: &mut impl Read,
+    gauge: &Gauge,
+    out: &mut Counting<'_>,
+) -> Result<(), Cut> {
+    let mut reader = io::BufReader::with_capacity(READ_BLOCK, body);
+    let _reader_memory = Held::new(gauge, READ_BLOCK);
+    let mut line = Buffer::new(gauge);
+    let mut tag: Option<Arc<str>> = None;
+    loop {
+        line.bytes.clear();
+        let n = reader
+            .read_until(b'\n', &mut line.bytes)
+            .map_err(Cut::Read)?;
+        line.report();
+        if n == 0 {
+            return Ok(());
+        }
+        let text = line.bytes.strip_suffix(b"\n").unwrap_or(&line.bytes);
+        if text.is_empty() {
+            continue;
+        }
+        let parsed: Line = serde_json::from_slice(text)
+            .map_err(|e| Cut::Decode(Error::Decode(format!("json line: {e}"))))?;
+        let time = EventTime::parse_rfc3339(&parsed.time).ok_or_else(|| {
+            Cut::Decode(Error::Decode(format!(
+                "json line: bad time {:?}",
+                parsed.time
+            )))
+        })?;
+        // Every line of a chunk has the same tag: share one allocation.
+        let line_tag = match &tag {
+            Some(t) if **t == *parsed.tag => t.clone(),
+            _ => tag.insert(parsed.tag.as_str().into()).clone(),
+        };
+        let record = body::from_json(parsed.record);
+        let metadata = parsed.metadata.map(body::from_json);
+        let event =
+            Event::from_parts(line_tag, time, &record, metadata.as_ref()).map_err(Cut::Decode)?;
+        out.event(event)?;
+        line.relax();
+    }
+}
+
+/// Memory reported to a gauge for as long as this lives.
+pub(crate) struct Held<'g>(&'g Gauge, usize);
+
+impl<'g> Held<'g> {
+    pub(crate) fn new(gauge: &'g Gauge, bytes: usize) -> Self {
+        gauge.add(bytes);
+        Held(gauge, bytes)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.sub(self.1);
+    }
+}
+
+/// The checks and decoding of [`Resolver::resolve`](crate::Resolver::resolve) on an object
+/// already in memory: the events, only if every check passed.
+///
+/// ```
+/// use claimcheck_consumer::{verify_and_decode, Error, Pointer};
+///
+/// // A pointer and its object: one `[EventTime, {"msg": "hello"}]` entry, not compressed.
+/// let pointer = Pointer::from_json(br#"{"v":1,"chunk_id":"0193a1c2e4f87d3e9a5b6c7d8e9f0a1b",
+///   "bucket":"logs","key":"app/0193a1c2e4f87d3e9a5b6c7d8e9f0a1b.msgpack","tag":"app",
+///   "timekey":1763740800,"first_time":1763740801.5,"last_time":1763740801.5,"records":1,
+///   "bytes":22,"stored_bytes":22,"format":"msgpack","compression":"none",
+///   "checksum":{"crc32c":"a7b5de6f"},"producer":"h","created_at":"2026-11-21T16:01:02.345Z"}"#)?;
+/// let stored = b"\x92\xd7\x00\x69\x20\x8c\x81\x1d\xcd\x65\x00\x81\xa3msg\xa5hello".to_vec();
+///
+/// let events = verify_and_decode(&pointer, &stored)?;
+/// assert_eq!(events[0].to_json().to_string(),
+///     r#"{"time":"2025-11-21T16:00:01.500000000Z","tag":"app","record":{"msg":"hello"}}"#);
+///
+/// let mut damaged = stored.clone();
+/// damaged[20] ^= 1;
+/// assert!(matches!(verify_and_decode(&pointer, &damaged), Err(Error::ChecksumMismatch { .. })));
+/// # Ok::<(), Error>(())
+/// ```
+pub fn verify_and_decode(pointer: &Pointer, stored: &[u8]) -> Result<Vec<Event>, Error> {
+    let mut events = Vec::new();
+    match decode_object(pointer, stored, &Gauge::default(), &mut events)? {
+        Outcome::Verified => Ok(events),
+        Outcome::Stopped => unreachable!("a Vec never stops a pass"),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::body::{Compression, Encoder};
+    use crate::entry;
+    use crate::pointer::Checksum;
+
+    /// Five entries, the odd ones with Fluent Bit metadata.
+    pub(crate) fn body() -> (Vec<u8>, Vec<Event>) {
+        let mut bytes = Vec::new();
+        let mut events = Vec::new();
+        for i in 0..5u32 {
+            let time = EventTime::new(1_763_740_800 + i64::from(i), i * 1000);
+            let record = rmpv::Value::Map(vec![
+                ("msg".into(), format!("line {i}").into()),
+                ("bin".into(), rmpv::Value::Binary(b"raw".to_vec())),
+                ("n".into(), i.into()),
+            ]);
+            let metadata =
+                (i % 2 == 1).then(|| rmpv::Value::Map(vec![("pod".into(), "web-1".into())]));
+            let start = bytes.len();
+            bytes.push(0x92);
+            match &metadata {
+                Some(m) => {
+                    bytes.push(0x92);
+                    entry::encode::event_time(&mut bytes, time);
+                    rmpv::encode::write_value(&mut bytes, m).unwrap();
+                }
+                None => entry::encode::event_time(&mut bytes, time),
+            }
+            rmpv::encode::write_value(&mut bytes, &record).unwrap();
+            events.push(Event::from_entry("app.web".into(), &bytes[start..]).unwrap());
+        }
+        (bytes, events)
+    }
+
+    pub(crate) fn stored(
+        format: Format,
+        compression: Compression,
+        body: &[u8],
+        records: u64,
+    ) -> (Pointer, Vec<u8>) {
+        let mut enc = Encoder::new(compression, None, Vec::new()).unwrap();
+        enc.write_all(body).unwrap();
+        let stored = enc.finish().unwrap();
+        let p = Pointer {
+            v: 1,
+            chunk_id: "00".repeat(16),
+            bucket: "b".into(),
+            key: "k".into(),
+            tag: "app.web".into(),
+            timekey: 0,
+            first_time: EventTime::new(1, 0),
+            last_time: EventTime::new(1, 0),
+            records,
+            bytes: body.len() as u64,
+            stored_bytes: stored.len() as u64,
+            format,
+            compression,
+            checksum: Checksum {
+                crc32c: crc32c::crc32c(&stored),
+            },
+            producer: "h".into(),
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+        };
+        (p, stored)
+    }
+
+    #[test]
+    fn both_formats_and_every_compression_decode_to_the_same_events() {
+        let (msgpack, events) = body();
+        let mut json = Vec::new();
+        body::write_json_lines("app.web", &msgpack, &mut json).unwrap();
+        for c in [Compression::Zstd, Compression::Gzip, Compression::None] {
+            let (p, bytes) = stored(Format::Msgpack, c, &msgpack, 5);
+            assert_eq!(verify_and_decode(&p, &bytes).unwrap(), events, "{c:?}");
+            let (p, bytes) = stored(Format::Json, c, &json, 5);
+            let decoded = verify_and_decode(&p, &bytes).unwrap();
+            // bin becomes a string in JSON; everything else survives.
+            for (d, e) in decoded.iter().zip(&events) {
+                assert_eq!((d.tag(), d.time()), (e.tag(), e.time()), "{c:?}");
+                assert_eq!(d.record_json(), e.record_json());
+                assert_eq!(d.metadata_json(), e.metadata_json());
+            }
+            assert_eq!(decoded.len(), 5);
+        }
+    }
+
+    #[test]
+    fn entries_split_across_reads_and_larger_than_a_block() {
+        let mut body = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..40u32 {
+            let size = if i % 10 == 3 { 3 * READ_BLOCK } else { 7000 };
+            let entry = rmpv::Value::Array(vec![
+                i.into(),
+                rmpv::Value::Map(vec![("pad".into(), "x".repeat(size).into())]),
+            ]);
+            rmpv::encode::write_value(&mut body, &entry).unwrap();
+            want.push(u64::from(i));
+        }
+        let (p, bytes) = stored(Format::Msgpack, Compression::Gzip, &body, 40);
+        let gauge = Gauge::default();
+        let mut events = Vec::new();
+        assert_eq!(
+            decode_object(&p, &bytes[..], &gauge, &mut events).unwrap(),
+            Outcome::Verified
+        );
+        let secs: Vec<u64> = events.iter().map(|e| e.time().secs as u64).collect();
+        assert_eq!(secs, want);
+        // One large entry plus a block or two, never the body (about 1 MiB here).
+        assert!(gauge.peak() < (5 * READ_BLOCK) as u64, "{}", gauge.peak());
+        assert!(body.len() > 12 * READ_BLOCK);
+    }
+
+    #[test]
+    fn every_check_is_made_and_damage_is_reported_as_damage() {
+        let (msgpack, _) = body();
+        let (p, bytes) = stored(Format::Msgpack, Compression::Zstd, &msgpack, 5);
+
+        let mut corrupt = bytes.clone();
+        corrupt[bytes.len() / 2] ^= 0xff;
+        let err = verify_and_decode(&p, &corrupt).unwrap_err();
+        assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
+
+        let err = verify_and_decode(&p, &bytes[..bytes.len() - 3]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::SizeMismatch {
+                    what: "stored object bytes",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let mut count = p.clone();
+        count.records = 6;
+        let err = verify_and_decode(&count, &bytes).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::SizeMismatch {
+                    what: "event count",
+                    expected: 6,
+                    actual: 5
+                }
+            ),
+            "{err}"
+        );
+
+        let mut size = p.clone();
+        size.bytes += 1;
+        let err = verify_and_decode(&size, &bytes).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::SizeMismatch {
+                    what: "decompressed body bytes",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn undecodable_bodies_with_a_good_checksum_are_decode_errors() {
+        let (msgpack, _) = body();
+        let cut = &msgpack[..msgpack.len() - 2];
+        let (p, bytes) = stored(Format::Msgpack, Compression::None, cut, 5);
+        let err = verify_and_decode(&p, &bytes).unwrap_err();
+        assert!(
+            matches!(&err, Error::Decode(m) if m.contains("ends inside")),
+            "{err}"
+        );
+
+        let (p, bytes) = stored(Format::Json, Compression::Gzip, b"{\"time\":1}\n", 1);
+        assert!(matches!(
+            verify_and_decode(&p, &bytes),
+            Err(Error::Decode(_))
+        ));
+
+        let mut p = p;
+        p.compression = Compression::Zstd;
+        assert!(matches!(
+            verify_and_decode(&p, &bytes),
+            Err(Error::Decompress(_))
+        ));
+    }
+
+    #[test]
+    fn a_stopping_sink_ends_the_pass_unchecked() {
+        struct First(usize);
+        impl Sink for First {
+            fn event(&mut self, _: Event) -> bool {
+                self.0 += 1;
+                false
+            }
+        }
+        let (msgpack, _) = body();
+        let (p, bytes) = stored(Format::Msgpack, Compression::Zstd, &msgpack, 5);
+        let mut sink = First(0);
+        assert_eq!(
+            decode_object(&p, &bytes[..], &Gauge::default(), &mut sink).unwrap(),
+            Outcome::Stopped
+        );
+        assert_eq!(sink.0, 1);
+    }
+
+    #[test]
+    fn a_failing_transport_is_an_s3_error() {
+        struct Broken<'a>(&'a [u8]);
+        impl Read for Broken<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0.is_empty() {
+                    return Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset"));
+                }
+                let n = buf.len().min(self.0.len()).min(7);
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let (msgpack, _) = body();
+        let (p, bytes) = stored(Format::Msgpack, Compression::Gzip, &msgpack, 5);
+        let half = Broken(&bytes[..bytes.len() / 2]);
+        let err = decode_object(&p, half, &Gauge::default(), &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, Error::S3 { .. }), "{err}");
+        assert!(!err.is_chunk_error());
+    }
+}

@@ -1,0 +1,420 @@
+//! The reader against an in-process stream that behaves like Kinesis (closed shards keep
+//! their records and end; writes go to open shards) and an in-memory bucket.
+
+use std::sync::Mutex;
+
+use super::*;
+use crate::body::{Compression, Format};
+use crate::decode::tests::stored;
+use crate::kinesis::fake;
+use crate::source::fake::Bucket;
+
+const LOW: u128 = 0;
+const HIGH: u128 = u128::MAX;
+
+#[derive(Clone, Default)]
+struct MemoryStore(Arc<Mutex<Option<Checkpoint>>>);
+
+impl CheckpointStore for MemoryStore {
+    async fn load(&self) -> Result<Option<Checkpoint>, Error> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+
+    async fn save(&self, checkpoint: &Checkpoint) -> Result<(), Error> {
+        *self.0.lock().unwrap() = Some(checkpoint.clone());
+        Ok(())
+    }
+}
+
+/// A stream, a bucket, and chunks numbered from 0 (one event each, `{"n": n}`).
+struct World {
+    stream: Arc<fake::Stream>,
+    bucket: Arc<Bucket>,
+    next: u32,
+    published: Vec<Pointer>,
+}
+
+impl World {
+    fn new(shards: u128) -> Self {
+        World {
+            stream: Arc::new(fake::Stream::with_shards(shards)),
+            bucket: Arc::new(Bucket::default()),
+            next: 0,
+            published: Vec::new(),
+        }
+    }
+
+    fn pointer(&mut self, tag: &str) -> Pointer {
+        let n = self.next;
+        self.next += 1;
+        let record = rmpv::Value::Map(vec![("n".into(), n.into())]);
+        let event =
+            Event::new(tag, crate::EventTime::new(1_763_740_800, n), &record, None).unwrap();
+        let (mut p, bytes) = stored(Format::Msgpack, Compression::Zstd, event.entry_msgpack(), 1);
+        p.chunk_id = format!("{n:032x}");
+        p.key = format!("{tag}/{n}");
+        p.tag = tag.into();
+        self.bucket.put(&p.key, bytes);
+        self.published.push(p.clone());
+        p
+    }
+
+    /// Publishes a new chunk with the partition hash `hash`; returns its number.
+    fn publish(&mut self, hash: u128) -> u32 {
+        let p = self.pointer("app");
+        self.stream.put(hash, &p.to_json());
+        self.next - 1
+    }
+
+    /// Publishes chunk `n`'s pointer again.
+    fn republish(&self, n: u32, hash: u128) {
+        self.stream.put(hash, &self.published[n as usize].to_json());
+    }
+
+    fn builder(&self) -> StreamReaderBuilder {
+        StreamReader::builder_with(
+            self.stream.clone(),
+            Resolver::from_source(self.bucket.clone()),
+            "pointers".into(),
+        )
+        .shard_refresh_interval(Duration::ZERO)
+    }
+}
+
+/// The chunk number of a delivery's only event.
+async fn number(delivery: &mut Delivery) -> u32 {
+    let events = delivery.events().await.expect("the chunk resolves");
+    assert_eq!(events.len(), 1);
+    events[0].record_json()["n"].as_u64().unwrap() as u32
+}
+
+/// Reads until caught up, committing everything; returns (shard, chunk number) in order.
+async fn drain(reader: &mut StreamReader) -> Vec<(String, u32)> {
+    let mut got = Vec::new();
+    while let Some(mut d) = reader.next().await.unwrap() {
+        got.push((d.position().shard_id.clone(), number(&mut d).await));
+        reader.commit(d.position());
+    }
+    got
+}
+
+fn numbers(got: &[(String, u32)]) -> Vec<u32> {
+    let mut n: Vec<u32> = got.iter().map(|(_, n)| *n).collect();
+    n.sort();
+    n
+}
+
+#[tokio::test]
+async fn every_shard_in_order_with_several_chunks_resolved_at_once() {
+    let mut world = World::new(3);
+    let hashes = [LOW, u128::MAX / 2, HIGH];
+    let mut sent: HashMap<String, Vec<u32>> = HashMap::new();
+    for i in 0..30 {
+        let hash = hashes[i % 3];
+        let n = world.publish(hash);
+        let (shard, _) = world.stream.put(hash, b"");
+        // The empty record above is not a pointer: it comes back as an error delivery.
+        sent.entry(shard).or_default().push(n);
+    }
+    let mut reader = world.builder().concurrency(8).open().await.unwrap();
+    let mut got: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut errors = 0;
+    while let Some(mut d) = reader.next().await.unwrap() {
+        match d.events().await {
+            Ok(events) => got
+                .entry(d.position().shard_id.clone())
+                .or_default()
+                .push(events[0].record_json()["n"].as_u64().unwrap() as u32),
+            Err(e) => {
+                assert!(matches!(e, Error::MalformedPointer(_)), "{e}");
+                assert!(d.pointer().is_none());
+                errors += 1;
+            }
+        }
+        reader.commit(d.position());
+    }
+    assert_eq!(got, sent, "each shard's chunks, in order");
+    assert_eq!(errors, 30);
+    assert_eq!(reader.stats().delivered, 60);
+}
+
+#[tokio::test]
+async fn children_are_read_after_their_parents_across_a_split_and_a_merge() {
+    let mut world = World::new(1);
+    for hash in [LOW, HIGH, LOW] {
+        world.publish(hash);
+    }
+    // One record per read, so that a shard takes several reads to end.
+    let mut reader = world
+        .builder()
+        .concurrency(2)
+        .records_per_read(1)
+        .open()
+        .await
+        .unwrap();
+    let mut first = reader.next().await.unwrap().unwrap();
+    let mut got = vec![(first.position().shard_id.clone(), number(&mut first).await)];
+    reader.commit(first.position());
+
+    // Split while the reader is in the parent, then merge the children.
+    let (left, right) = world.stream.split("shardId-000000000000");
+    for hash in [LOW, HIGH, HIGH] {
+        world.publish(hash);
+    }
+    let merged = world.stream.merge(&left, &right);
+    for hash in [HIGH, LOW] {
+        world.publish(hash);
+    }
+    got.extend(drain(&mut reader).await);
+
+    assert_eq!(
+        numbers(&got),
+        (0..8).collect::<Vec<_>>(),
+        "nothing lost or repeated"
+    );
+    let at = |shard: &str| -> Vec<usize> {
+        got.iter()
+            .enumerate()
+            .filter(|(_, (s, _))| s == shard)
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let parent = at("shardId-000000000000");
+    let children = [at(&left), at(&right)].concat();
+    let grandchild = at(&merged);
+    assert_eq!((parent.len(), children.len(), grandchild.len()), (3, 3, 2));
+    assert!(parent.iter().max() < children.iter().min(), "{got:?}");
+    assert!(children.iter().max() < grandchild.iter().min(), "{got:?}");
+    assert!(reader.shards().iter().take(3).all(|(_, ended)| *ended));
+    assert_read_after_parents(
+        &world,
+        &[
+            (&left, &[parent_id()]),
+            (&right, &[parent_id()]),
+            (&merged, &[&left, &right]),
+        ],
+    );
+}
+
+fn parent_id() -> &'static str {
+    "shardId-000000000000"
+}
+
+/// Each child's first GetRecords came after its parents' last one (the read that ended them).
+fn assert_read_after_parents(world: &World, family: &[(&str, &[&str])]) {
+    let reads = world.stream.reads.lock().unwrap().clone();
+    for (child, parents) in family {
+        let first = reads.iter().position(|s| s == child).expect("child read");
+        for parent in *parents {
+            let last = reads
+                .iter()
+                .rposition(|s| s == parent)
+                .expect("parent read");
+            assert!(
+                last < first,
+                "{child} read before {parent} ended: {reads:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reader_opened_after_a_reshard_reads_the_parents_first() {
+    let mut world = World::new(2);
+    for hash in [LOW, HIGH, LOW, HIGH, LOW] {
+        world.publish(hash);
+    }
+    let merged = world
+        .stream
+        .merge("shardId-000000000000", "shardId-000000000001");
+    world.publish(LOW);
+    let mut reader = world.builder().records_per_read(1).open().await.unwrap();
+    let got = drain(&mut reader).await;
+    assert_eq!(numbers(&got), (0..6).collect::<Vec<_>>());
+    assert_eq!(got.last().unwrap(), &(merged.clone(), 5));
+    assert_read_after_parents(
+        &world,
+        &[(&merged, &["shardId-000000000000", "shardId-000000000001"])],
+    );
+}
+
+#[tokio::test]
+async fn restart_from_a_checkpoint_resumes_after_what_was_committed() {
+    let mut world = World::new(1);
+    for _ in 0..5 {
+        world.publish(LOW);
+    }
+    let store = MemoryStore::default();
+    let mut reader = world
+        .builder()
+        .checkpoints(store.clone())
+        .open()
+        .await
+        .unwrap();
+    let mut handed = Vec::new();
+    for _ in 0..3 {
+        handed.push(reader.next().await.unwrap().unwrap());
+    }
+    // Committed out of order: the checkpoint moves only over a processed prefix.
+    reader.commit(handed[1].position());
+    reader.checkpoint().await.unwrap();
+    let saved = store.0.lock().unwrap().clone().unwrap();
+    assert_eq!(saved.shard("shardId-000000000000"), None);
+    reader.commit(handed[0].position());
+    reader.checkpoint().await.unwrap();
+    let saved = store.0.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        saved.shard("shardId-000000000000"),
+        Some(&ShardCheckpoint::After(
+            handed[1].position().sequence_number.clone()
+        ))
+    );
+    assert_eq!(
+        saved.recent_chunk_id_count(),
+        2,
+        "only committed chunk ids are saved"
+    );
+    drop(handed);
+    drop(reader);
+
+    // Chunk 0 is published again, as by a sidecar restarted after a crash.
+    world.republish(0, LOW);
+
+    let mut reader = world
+        .builder()
+        .checkpoints(store.clone())
+        .open()
+        .await
+        .unwrap();
+    let got = drain(&mut reader).await;
+    assert_eq!(
+        numbers(&got),
+        vec![2, 3, 4],
+        "chunk 2 was handed out but not committed"
+    );
+    assert_eq!(
+        reader.stats().duplicates_dropped,
+        1,
+        "the window survived the restart"
+    );
+    reader.checkpoint().await.unwrap();
+    let saved = store.0.lock().unwrap().clone().unwrap();
+    assert_eq!(saved.recent_chunk_id_count(), 5);
+}
+
+#[tokio::test]
+async fn a_finished_parent_is_not_read_again_after_a_restart() {
+    let mut world = World::new(1);
+    world.publish(LOW);
+    world.publish(HIGH);
+    let (left, right) = world.stream.split("shardId-000000000000");
+    world.publish(LOW);
+    world.publish(HIGH);
+    let store = MemoryStore::default();
+    let mut reader = world
+        .builder()
+        .checkpoints(store.clone())
+        .open()
+        .await
+        .unwrap();
+    assert_eq!(numbers(&drain(&mut reader).await), vec![0, 1, 2, 3]);
+    reader.checkpoint().await.unwrap();
+    let saved = store.0.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        saved.shard("shardId-000000000000"),
+        Some(&ShardCheckpoint::Finished)
+    );
+    assert!(matches!(
+        saved.shard(&left),
+        Some(ShardCheckpoint::After(_))
+    ));
+    assert!(matches!(
+        saved.shard(&right),
+        Some(ShardCheckpoint::After(_))
+    ));
+
+    world.stream.reads.lock().unwrap().clear();
+    world.publish(HIGH);
+    let mut reader = world.builder().checkpoints(store).open().await.unwrap();
+    let got = drain(&mut reader).await;
+    assert_eq!(got, vec![(right.clone(), 4)]);
+    let reads = world.stream.reads.lock().unwrap().clone();
+    assert!(
+        !reads.contains(&"shardId-000000000000".to_string()),
+        "{reads:?}"
+    );
+}
+
+#[tokio::test]
+async fn duplicates_filtered_pointers_and_bad_records_count_for_the_checkpoint() {
+    let mut world = World::new(1);
+    let a = world.pointer("app.keep");
+    let b = world.pointer("app.drop");
+    for p in [&a, &b] {
+        world.stream.put(LOW, &p.to_json());
+    }
+    world.republish(0, LOW);
+    world.stream.put(LOW, b"not a pointer");
+    let store = MemoryStore::default();
+    let mut reader = world
+        .builder()
+        .filter(|p| p.tag == "app.keep")
+        .checkpoints(store.clone())
+        .open()
+        .await
+        .unwrap();
+    let mut first = reader.next().await.unwrap().unwrap();
+    assert_eq!(number(&mut first).await, 0);
+    let mut bad = reader.next().await.unwrap().unwrap();
+    assert!(matches!(
+        bad.next_event().await,
+        Some(Err(Error::MalformedPointer(_)))
+    ));
+    assert!(bad.next_event().await.is_none());
+    assert!(reader.next().await.unwrap().is_none());
+    assert_eq!(
+        (reader.stats().filtered, reader.stats().duplicates_dropped),
+        (1, 1)
+    );
+    // Skip the bad record; the first chunk is still being processed.
+    reader.commit(bad.position());
+    reader.checkpoint().await.unwrap();
+    assert!(store
+        .0
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap()
+        .shard("shardId-000000000000")
+        .is_none());
+    reader.commit(first.position());
+    reader.checkpoint().await.unwrap();
+    let saved = store.0.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        saved.shard("shardId-000000000000"),
+        Some(&ShardCheckpoint::After(
+            bad.position().sequence_number.clone()
+        ))
+    );
+}
+
+#[tokio::test]
+async fn latest_starts_after_open_and_missing_objects_are_errors_to_skip() {
+    let mut world = World::new(1);
+    world.publish(LOW);
+    let mut reader = world
+        .builder()
+        .start(StartPosition::Latest)
+        .open()
+        .await
+        .unwrap();
+    let n = world.publish(LOW);
+    world.bucket.delete(&format!("app/{n}"));
+    world.publish(LOW);
+    let mut missing = reader.next().await.unwrap().unwrap();
+    let err = missing.events().await.unwrap_err();
+    assert!(matches!(err, Error::ObjectMissing { .. }), "{err}");
+    assert!(err.is_chunk_error());
+    reader.commit(missing.position());
+    assert_eq!(numbers(&drain(&mut reader).await), vec![2]);
+}
