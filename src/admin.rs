@@ -77,6 +77,21 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-listen): {e}"))
 }
 
+/// GETs `url` (plain HTTP) within 5 seconds: its status and body. For `claimcheck health`.
+pub async fn get(url: &str) -> anyhow::Result<(StatusCode, String)> {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let uri: hyper::Uri = url.parse()?;
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), client.get(uri))
+        .await
+        .map_err(|_| anyhow::anyhow!("{url}: no answer within 5 s"))?
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
 fn respond(
     status: StatusCode,
     content_type: &str,

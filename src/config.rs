@@ -1,8 +1,15 @@
-//! Settings of `claimcheck serve`. Every setting is a flag and a `CLAIMCHECK_*` environment
-//! variable of the same name (`--buffer-dir` / `CLAIMCHECK_BUFFER_DIR`); names follow
-//! Fluentd's where a Fluentd user would look for them. Durations take `500ms`, `60s`, `1m`,
-//! `1h`; sizes take `8MiB`, `256KiB`, `1GB` or plain bytes.
+//! Settings of `claimcheck serve`. Every setting is a flag, a `CLAIMCHECK_*` environment
+//! variable and a key of the TOML configuration file, all of the same name (`--buffer-dir`,
+//! `CLAIMCHECK_BUFFER_DIR`, `buffer_dir`); names follow Fluentd's where a Fluentd user would
+//! look for them. Durations take `500ms`, `60s`, `1m`, `1h`; sizes take `8MiB`, `256KiB`, `1GB`
+//! or plain bytes.
+//!
+//! Precedence: flag, then environment, then file, then default. The file is applied by
+//! [`with_config_file`] before the command line is parsed: each of its settings is checked with
+//! the flag's own parser (an error names the file, the key and the value) and becomes a flag
+//! only where neither a flag nor an environment variable already set it.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,6 +54,15 @@ pub enum LogFormat {
 /// `claimcheck serve`: the sidecar.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
+    /// TOML file of settings, under the flags' names with underscores (`buffer_dir = "..."`).
+    /// Flags and environment variables override it.
+    #[arg(long, env = "CLAIMCHECK_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective settings as a configuration file and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
     /// Address of the forward listener (TCP). The Docker image uses 0.0.0.0:24224.
     #[arg(long, env = "CLAIMCHECK_LISTEN", default_value = "127.0.0.1:24224")]
     pub listen: SocketAddr,
@@ -318,6 +334,170 @@ impl ServeArgs {
     }
 }
 
+/// Arguments of `serve` that are not settings.
+const NOT_SETTINGS: [&str; 3] = ["config", "print_config", "help"];
+
+/// The `serve` command, for checking and printing settings.
+fn serve_command() -> clap::Command {
+    <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve").no_binary_name(true))
+}
+
+/// The first line of a clap error, without its "error: " prefix.
+fn clap_message(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
+}
+
+/// The command line with the configuration file's settings added as flags (see the module
+/// documentation). `argv` is the whole command line; only `serve` uses a file.
+pub fn with_config_file(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
+    let Some(at) = argv.iter().position(|a| a == "serve") else {
+        return Ok(argv);
+    };
+    let cmd = serve_command();
+    // A lenient first look: settings that only the file provides may be "missing" now.
+    let matches = cmd
+        .clone()
+        .ignore_errors(true)
+        .get_matches_from(argv[at + 1..].iter().cloned());
+    let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
+        return Ok(argv);
+    };
+    let name = path.display();
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read the configuration file {name}: {e}"))?;
+    let table: toml::Table = text.parse().map_err(|e| format!("{name}: {e}"))?;
+    let mut extra: Vec<OsString> = Vec::new();
+    for (key, value) in table {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == key.as_str() && !NOT_SETTINGS.contains(&key.as_str()))
+            .ok_or_else(|| format!("{name}: unknown setting `{key}` (settings are `claimcheck serve --help`'s flags, with underscores)"))?;
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => {
+                return Err(format!(
+                    "{name}: `{key}` must be a string, a number or a boolean, not {}",
+                    other.type_str()
+                ))
+            }
+        };
+        // The flag's own parser, on this value alone (no environment, nothing required).
+        let long = arg.get_long().expect("settings are long flags");
+        let alone = arg
+            .clone()
+            .required(false)
+            .env(clap::builder::Resettable::Reset);
+        clap::Command::new("check")
+            .no_binary_name(true)
+            .arg(alone)
+            .try_get_matches_from([OsString::from(format!("--{long}")), OsString::from(&value)])
+            .map_err(|e| {
+                format!(
+                    "{name}: `{key}` = {value:?} is invalid: {}",
+                    clap_message(&e)
+                )
+            })?;
+        let set_elsewhere = matches!(
+            matches.value_source(key.as_str()),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        );
+        if !set_elsewhere {
+            extra.push(format!("--{}", arg.get_long().expect("settings are long flags")).into());
+            extra.push(value.into());
+        }
+    }
+    let mut out = argv;
+    out.splice(at + 1..at + 1, extra);
+    Ok(out)
+}
+
+/// The effective settings of `serve_argv` (the arguments after `serve`) as a TOML file that
+/// gives the same settings when read back with `--config`.
+pub fn effective_toml(serve_argv: &[OsString]) -> Result<String, String> {
+    let matches = serve_command()
+        .try_get_matches_from(serve_argv)
+        .map_err(|e| clap_message(&e))?;
+    let mut table = toml::Table::new();
+    for arg in serve_command().get_arguments() {
+        let id = arg.get_id().as_str();
+        if NOT_SETTINGS.contains(&id) {
+            continue;
+        }
+        if let Some(mut raw) = matches.get_raw(id) {
+            if let Some(value) = raw.next() {
+                table.insert(
+                    id.to_string(),
+                    toml::Value::String(value.to_string_lossy().into_owned()),
+                );
+            }
+        }
+    }
+    toml::to_string(&table).map_err(|e| e.to_string())
+}
+
+/// The configuration reference (docs/configuration.md): every `serve` setting with its flag,
+/// environment variable, file key, default and description, from the definitions above.
+pub fn reference_markdown() -> String {
+    let mut out = String::from(
+        "# Configuration reference\n\n\
+         Generated from the code by `claimcheck config-reference`; a test keeps it in step.\n\n\
+         Every setting of `claimcheck serve` is a flag, an environment variable and a key of the\n\
+         TOML file given with `--config` (or `CLAIMCHECK_CONFIG`). Precedence: flag, environment,\n\
+         file, default. Durations take `500ms`, `60s`, `1m`, `72h`; sizes take `8MiB`, `256KiB`,\n\
+         `1GB` or bytes. `claimcheck serve --print-config` prints the effective settings as a\n\
+         file.\n\n\
+         | file key | flag | environment | default | meaning |\n\
+         |---|---|---|---|---|\n",
+    );
+    for arg in serve_command().get_arguments() {
+        let id = arg.get_id().as_str();
+        if NOT_SETTINGS.contains(&id) {
+            continue;
+        }
+        let flag = format!("`--{}`", arg.get_long().expect("settings are long flags"));
+        let env = arg
+            .get_env()
+            .map_or(String::new(), |e| format!("`{}`", e.to_string_lossy()));
+        let default: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let default = if default.is_empty() {
+            "(none)".to_string()
+        } else {
+            format!("`{}`", default.join(" "))
+        };
+        let mut help = arg
+            .get_long_help()
+            .or(arg.get_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        let values: Vec<String> = arg
+            .get_possible_values()
+            .iter()
+            .map(|v| format!("`{}`", v.get_name()))
+            .collect();
+        if !values.is_empty() && !help.contains(&values[0]) {
+            help.push_str(&format!(" One of {}.", values.join(", ")));
+        }
+        let help = help
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .replace('|', "\\|");
+        out.push_str(&format!(
+            "| `{id}` | {flag} | {env} | {default} | {help} |\n"
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -337,6 +517,15 @@ mod tests {
             .map_err(|e| e.to_string())?
             .serve
             .into_config()
+    }
+
+    #[test]
+    fn the_configuration_reference_is_in_step_with_the_code() {
+        let doc = include_str!("../docs/configuration.md");
+        assert!(
+            doc == reference_markdown(),
+            "docs/configuration.md is out of date: run `cargo run -- config-reference > docs/configuration.md`"
+        );
     }
 
     #[test]

@@ -26,6 +26,25 @@ enum Command {
     Bench(BenchArgs),
     /// Move dead-lettered chunks back into the buffer for delivery.
     Replay(ReplayArgs),
+    /// Ask a running sidecar whether it is alive (or ready); for container health checks.
+    Health(HealthArgs),
+    /// Print the configuration reference (docs/configuration.md).
+    #[command(hide = true)]
+    ConfigReference,
+}
+
+#[derive(clap::Args)]
+struct HealthArgs {
+    /// Address of the sidecar's metrics endpoint (its --metrics-listen; 0.0.0.0 means this host).
+    #[arg(
+        long,
+        env = "CLAIMCHECK_METRICS_LISTEN",
+        default_value = "127.0.0.1:24231"
+    )]
+    metrics_listen: String,
+    /// Ask /readyz (can accept and buffer events) instead of /healthz (the process is alive).
+    #[arg(long)]
+    ready: bool,
 }
 
 #[derive(clap::Args)]
@@ -72,7 +91,32 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let argv = match claimcheck::config::with_config_file(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(&argv);
+    if let Command::Serve(args) = &cli.command {
+        if args.print_config {
+            let at = argv
+                .iter()
+                .position(|a| a == "serve")
+                .map_or(argv.len(), |i| i + 1);
+            return match claimcheck::config::effective_toml(&argv[at..]) {
+                Ok(toml) => {
+                    print!("{toml}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::ExitCode::from(2)
+                }
+            };
+        }
+    }
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -101,6 +145,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resolve(args) => {
             init_tracing(LogFormat::Human);
             consume::resolve(args).await
+        }
+        Command::ConfigReference => {
+            print!("{}", claimcheck::config::reference_markdown());
+            Ok(())
+        }
+        Command::Health(args) => {
+            let addr = args.metrics_listen.replace("0.0.0.0", "127.0.0.1");
+            let path = if args.ready { "/readyz" } else { "/healthz" };
+            let (status, body) = claimcheck::admin::get(&format!("http://{addr}{path}")).await?;
+            print!("{body}");
+            anyhow::ensure!(status.is_success(), "{path} answered {status}");
+            Ok(())
         }
         Command::Replay(args) => {
             init_tracing(LogFormat::Human);

@@ -111,6 +111,19 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
+/// Label values known in advance, created at zero so that every series exists from the start.
+const SEAL_REASONS: [&str; 7] = [
+    "size",
+    "time",
+    "shutdown",
+    "buffer full",
+    "disk full",
+    "write error",
+    "retry",
+];
+const REFUSAL_REASONS: [&str; 4] = ["too_large", "not_msgpack", "decompression", "buffer_error"];
+const STAGES: [&str; 2] = ["upload", "publish"];
+
 impl Metrics {
     pub fn skipped(&self, why: &str, n: u64) {
         self.events_skipped.get_or_create(&reason(why)).inc_by(n);
@@ -165,6 +178,17 @@ impl Metrics {
         buffer: Arc<Registry>,
         limit: Option<u64>,
     ) -> prometheus_client::registry::Registry {
+        for r in SEAL_REASONS {
+            drop(self.chunks_sealed.get_or_create(&reason(r)));
+        }
+        for r in REFUSAL_REASONS {
+            drop(self.requests_refused.get_or_create(&reason(r)));
+        }
+        for s in STAGES {
+            drop(self.retries.get_or_create(&Stage {
+                stage: s.to_string(),
+            }));
+        }
         let mut r = prometheus_client::registry::Registry::with_prefix("claimcheck");
         r.register(
             "connections_accepted",

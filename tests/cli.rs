@@ -145,3 +145,159 @@ fn resolve_names_what_is_wrong_with_a_pointer() {
         "{err}"
     );
 }
+
+/// `serve --print-config` with `args` and `env`: the effective settings as a TOML table.
+fn effective(args: &[&str], env: &[(&str, &str)]) -> toml::Table {
+    let out = claimcheck()
+        .arg("serve")
+        .args(args)
+        .arg("--print-config")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .parse()
+        .expect("the printed configuration is TOML")
+}
+
+fn setting<'a>(t: &'a toml::Table, key: &str) -> &'a str {
+    t.get(key)
+        .and_then(|v| v.as_str())
+        .unwrap_or_else(|| panic!("no {key} in {t:?}"))
+}
+
+#[test]
+fn a_configuration_file_sits_between_the_environment_and_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("claimcheck.toml");
+    std::fs::write(
+        &file,
+        "s3_bucket = \"file-bucket\"\nkinesis_stream = \"file-stream\"\nflush_interval = \"7s\"\ntimekey = \"2m\"\n\
+         timekey_wait = \"20s\"\nchunk_limit_records = 5000\nretry_forever = true\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let t = effective(
+        &["--config", file, "--timekey-wait", "3s"],
+        &[
+            ("CLAIMCHECK_TIMEKEY", "5m"),
+            ("CLAIMCHECK_TIMEKEY_WAIT", "30s"),
+        ],
+    );
+    assert_eq!(setting(&t, "flush_interval"), "7s", "file over default");
+    assert_eq!(setting(&t, "timekey"), "5m", "environment over file");
+    assert_eq!(
+        setting(&t, "timekey_wait"),
+        "3s",
+        "flag over environment and file"
+    );
+    assert_eq!(
+        setting(&t, "chunk_limit_size"),
+        "8MiB",
+        "default when nobody sets it"
+    );
+    assert_eq!(
+        (
+            setting(&t, "chunk_limit_records"),
+            setting(&t, "retry_forever")
+        ),
+        ("5000", "true"),
+        "numbers and booleans"
+    );
+    assert_eq!(
+        setting(&t, "s3_bucket"),
+        "file-bucket",
+        "required settings may come from the file alone"
+    );
+
+    // The file can also be named by CLAIMCHECK_CONFIG.
+    let t = effective(&[], &[("CLAIMCHECK_CONFIG", file)]);
+    assert_eq!(setting(&t, "kinesis_stream"), "file-stream");
+}
+
+#[test]
+fn print_config_round_trips_through_the_file_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = effective(
+        &[
+            "--s3-bucket",
+            "b",
+            "--kinesis-stream",
+            "arn:aws:kinesis:eu-west-1:1:stream/s",
+            "--s3-prefix",
+            "logs/",
+            "--overflow-action",
+            "drop_oldest_chunk",
+            "--metrics-listen",
+            "0.0.0.0:24231",
+            "--s3-object-key-format",
+            "${tag[0]}/%Y/%m/${chunk_id}.%{file_extension}",
+        ],
+        &[],
+    );
+    let file = dir.path().join("printed.toml");
+    std::fs::write(&file, toml::to_string(&first).unwrap()).unwrap();
+    let second = effective(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(first, second);
+}
+
+#[test]
+fn configuration_file_mistakes_name_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "flush_intervl = \"1s\"\n",
+            "unknown setting `flush_intervl`",
+        ),
+        (
+            "flush_interval = \"soon\"\n",
+            "`flush_interval` = \"soon\" is invalid",
+        ),
+        (
+            "chunk_limit_size = \"huge\"\n",
+            "`chunk_limit_size` = \"huge\" is invalid",
+        ),
+        (
+            "compression = \"lz4\"\n",
+            "`compression` = \"lz4\" is invalid",
+        ),
+        (
+            "flush_interval = [1]\n",
+            "`flush_interval` must be a string, a number or a boolean",
+        ),
+        ("s3_bucket = \n", "claimcheck.toml"),
+    ];
+    for (text, expected) in cases {
+        let file = dir.path().join("claimcheck.toml");
+        std::fs::write(&file, text).unwrap();
+        let err = fails(
+            claimcheck()
+                .args([
+                    "serve",
+                    "--s3-bucket",
+                    "b",
+                    "--kinesis-stream",
+                    "s",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--config",
+                ])
+                .arg(&file),
+        );
+        assert!(
+            err.contains(expected) && err.contains("claimcheck.toml"),
+            "{text:?}: {err}"
+        );
+    }
+    let err = fails(claimcheck().args(["serve", "--config", "/nonexistent/claimcheck.toml"]));
+    assert!(
+        err.contains("cannot read the configuration file /nonexistent/claimcheck.toml"),
+        "{err}"
+    );
+}

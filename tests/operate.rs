@@ -1,0 +1,379 @@
+//! Operating the sidecar: metrics across a send/deliver cycle and a backend outage, readiness,
+//! the buffer API, `claimcheck health`, and the Grafana dashboard against the real `/metrics`.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::load::Load;
+use common::proxy::{Fault, Ledger, Proxy, Service};
+use common::*;
+
+/// Samples of a scrape: `name{labels}` -> value.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn scrape(port: u16, path: &str) -> (u16, String) {
+    let (status, body) = claimcheck::admin::get(&format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .expect("the admin endpoint answers");
+    (status.as_u16(), body)
+}
+
+async fn metrics(port: u16) -> HashMap<String, f64> {
+    samples(&scrape(port, "/metrics").await.1)
+}
+
+fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
+    m.get(series).copied().unwrap_or(0.0)
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_a_send_and_deliver_cycle() {
+    let env = Emulated::start("metrics").await;
+    let admin = free_port();
+    let listen = format!("127.0.0.1:{admin}");
+    let sidecar = env.sidecar(&[
+        "--metrics-listen",
+        &listen,
+        "--flush-interval",
+        "1s",
+        "--timekey-wait",
+        "0s",
+    ]);
+    let before = metrics(admin).await;
+    assert_eq!(value(&before, "claimcheck_events_received_total"), 0.0);
+    assert_eq!(value(&before, "claimcheck_ready"), 1.0);
+
+    let base = minute_of(now_secs()) - 600;
+    let sent: Vec<TestEvent> = (0..120)
+        .map(|i| TestEvent {
+            tag: format!("m.t{}", i % 2),
+            secs: base + 1,
+            nanos: Some(i),
+            record: serde_json::json!({"i": i}),
+        })
+        .collect();
+    assert_eq!(
+        node_send(sidecar.port, "PackedForward", &sent).len(),
+        sent.len()
+    );
+    env.read_events(sent.len()).await;
+    eventually("the buffer is empty", async || {
+        value(&metrics(admin).await, "claimcheck_buffer_bytes") == 0.0
+    })
+    .await;
+
+    let after = metrics(admin).await;
+    assert_eq!(value(&after, "claimcheck_events_received_total"), 120.0);
+    assert_eq!(value(&after, "claimcheck_events_published_total"), 120.0);
+    let requests = value(&after, "claimcheck_requests_total");
+    assert!(requests >= 1.0);
+    assert_eq!(
+        value(&after, "claimcheck_acks_sent_total"),
+        requests,
+        "every request with a token is acked"
+    );
+    assert_eq!(
+        value(&after, "claimcheck_ack_duration_seconds_count"),
+        requests
+    );
+    assert!(value(&after, "claimcheck_received_bytes_total") > 120.0 * 10.0);
+    assert!(
+        value(&after, "claimcheck_chunks_published_total") >= 2.0,
+        "two tags, two chunks at least"
+    );
+    assert_eq!(
+        value(&after, "claimcheck_chunks_uploaded_total"),
+        value(&after, "claimcheck_chunks_published_total")
+    );
+    assert!(
+        value(
+            &after,
+            r#"claimcheck_s3_request_duration_seconds_count{operation="PutObject"}"#
+        ) >= 2.0
+    );
+    assert!(
+        value(
+            &after,
+            r#"claimcheck_kinesis_request_duration_seconds_count{operation="PutRecords"}"#
+        ) >= 1.0
+    );
+    assert!(value(&after, r#"claimcheck_chunks_sealed_total{reason="time"}"#) >= 2.0);
+    assert_eq!(
+        value(&after, "claimcheck_oldest_unpublished_chunk_age_seconds"),
+        0.0
+    );
+    assert_eq!(
+        value(&after, r#"claimcheck_buffer_chunks{phase="sealed"}"#),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_s3_outage_the_sidecar_stays_ready_and_the_metrics_say_why_delivery_lags() {
+    let env = Emulated::start("outage").await;
+    let ledger = Arc::new(Ledger::default());
+    let s3 = Proxy::start(Service::S3, env.moto.port, ledger.clone()).await;
+    let kinesis = Proxy::start(Service::Kinesis, env.moto.port, ledger).await;
+    s3.set(Fault::Down);
+    let admin = free_port();
+    let listen = format!("127.0.0.1:{admin}");
+    let args = [
+        "--metrics-listen",
+        &listen,
+        "--flush-interval",
+        "300ms",
+        "--timekey-wait",
+        "0s",
+        "--retry-wait",
+        "200ms",
+        "--retry-max-interval",
+        "1s",
+    ];
+    let sidecar = env.sidecar_at(free_port(), Some((&s3.url(), &kinesis.url())), &args);
+    let load = Load::start(sidecar.port, 1, 20, 2);
+    eventually("uploads fail and are retried", async || {
+        let m = metrics(admin).await;
+        value(&m, r#"claimcheck_retries_total{stage="upload"}"#) >= 2.0
+    })
+    .await;
+    let m = metrics(admin).await;
+    let errors: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with(r#"claimcheck_s3_errors_total{operation="PutObject""#))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(errors >= 1.0, "S3 errors are counted by operation and code");
+    assert!(value(&m, "claimcheck_oldest_unpublished_chunk_age_seconds") > 0.0);
+    assert!(
+        value(&m, r#"claimcheck_buffer_chunks{phase="sealed"}"#)
+            + value(&m, r#"claimcheck_buffer_chunks{phase="uploading"}"#)
+            >= 1.0
+    );
+    assert_eq!(
+        value(&m, "claimcheck_ready"),
+        1.0,
+        "an AWS outage does not make the sidecar unready"
+    );
+    assert_eq!(scrape(admin, "/readyz").await, (200, "ready\n".to_string()));
+
+    // The buffer API shows the failing chunks and why.
+    let (_, body) = scrape(admin, "/api/v1/buffer").await;
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(view["accepting"].as_bool().unwrap());
+    let failing = view["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["attempts"].as_u64().unwrap_or(0) > 0)
+        .expect("a chunk with failed attempts");
+    assert!(
+        failing["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("PutObject"),
+        "{failing}"
+    );
+    assert!(
+        failing["age_seconds"].as_f64().unwrap() > 0.0
+            && failing["tag"].as_str().unwrap().starts_with("load.t")
+    );
+
+    s3.set(Fault::None);
+    let load = load.stop().await;
+    env.read_events(load.acked.len()).await;
+    eventually("the backlog is delivered", async || {
+        value(
+            &metrics(admin).await,
+            "claimcheck_oldest_unpublished_chunk_age_seconds",
+        ) == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_false_while_the_buffer_is_full_and_health_says_so() {
+    let env = Emulated::start("notready").await;
+    let ledger = Arc::new(Ledger::default());
+    let s3 = Proxy::start(Service::S3, env.moto.port, ledger.clone()).await;
+    let kinesis = Proxy::start(Service::Kinesis, env.moto.port, ledger).await;
+    s3.set(Fault::Down);
+    let admin = free_port();
+    let listen = format!("127.0.0.1:{admin}");
+    let args = [
+        "--metrics-listen",
+        &listen,
+        "--total-limit-size",
+        "128KiB",
+        "--flush-interval",
+        "300ms",
+        "--retry-max-interval",
+        "1s",
+    ];
+    let sidecar = env.sidecar_at(free_port(), Some((&s3.url(), &kinesis.url())), &args);
+    let health = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_claimcheck"))
+            .arg("health")
+            .args(extra)
+            .env("CLAIMCHECK_METRICS_LISTEN", &listen)
+            .output()
+            .unwrap()
+    };
+    assert!(health(&["--ready"]).status.success());
+
+    let load = Load::start(sidecar.port, 1, 20, 2);
+    eventually("/readyz turns 503", async || {
+        scrape(admin, "/readyz").await.0 == 503
+    })
+    .await;
+    assert_eq!(
+        scrape(admin, "/readyz").await.1,
+        "not ready: the buffer is at total_limit_size\n"
+    );
+    assert_eq!(value(&metrics(admin).await, "claimcheck_ready"), 0.0);
+    let ready = health(&["--ready"]);
+    assert!(
+        !ready.status.success(),
+        "claimcheck health --ready fails while the buffer is full"
+    );
+    assert!(
+        health(&[]).status.success(),
+        "the process is still alive (/healthz)"
+    );
+
+    s3.set(Fault::None);
+    eventually("/readyz is 200 again", async || {
+        scrape(admin, "/readyz").await.0 == 200
+    })
+    .await;
+    load.stop().await;
+    drop(sidecar);
+    let refused = Command::new(env!("CARGO_BIN_EXE_claimcheck"))
+        .args(["health", "--metrics-listen", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "health fails when nothing answers"
+    );
+}
+
+/// Metric names a PromQL expression reads.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("claimcheck_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        out.insert(name);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_queries_is_exposed() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("docs/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let queried: BTreeSet<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .flat_map(|t| metric_names(t["expr"].as_str().unwrap()))
+        .collect();
+    assert!(queried.len() >= 20, "{queried:?}");
+
+    // A day in the life: traffic, S3 errors, throttled PutRecords, an invalid event, garbage.
+    let env = Emulated::start("dashboard").await;
+    let ledger = Arc::new(Ledger::default());
+    let s3 = Proxy::start(Service::S3, env.moto.port, ledger.clone()).await;
+    let kinesis = Proxy::start(Service::Kinesis, env.moto.port, ledger).await;
+    s3.set(Fault::Errors {
+        status: 500,
+        rate: 0.5,
+    });
+    kinesis.set(Fault::Throttle {
+        request_rate: 0.5,
+        record_rate: 0.5,
+    });
+    let admin = free_port();
+    let listen = format!("127.0.0.1:{admin}");
+    let args = [
+        "--metrics-listen",
+        &listen,
+        "--flush-interval",
+        "300ms",
+        "--timekey-wait",
+        "0s",
+        "--retry-wait",
+        "100ms",
+        "--retry-max-interval",
+        "500ms",
+    ];
+    let sidecar = env.sidecar_at(free_port(), Some((&s3.url(), &kinesis.url())), &args);
+    let load = Load::start(sidecar.port, 1, 20, 2);
+    let bad = TestEvent {
+        tag: "bad".into(),
+        secs: now_secs(),
+        nanos: None,
+        record: serde_json::json!("not a map"),
+    };
+    python_send(sidecar.port, &[bad]);
+    let mut garbage = std::net::TcpStream::connect(("127.0.0.1", sidecar.port)).unwrap();
+    std::io::Write::write_all(&mut garbage, &[0xc1]).unwrap();
+    eventually("errors of every kind were seen", async || {
+        let text = scrape(admin, "/metrics").await.1;
+        [
+            "claimcheck_s3_errors_total{",
+            "claimcheck_kinesis_errors_total{",
+            "claimcheck_put_records_failed_entries_total{",
+            "claimcheck_events_skipped_total{",
+        ]
+        .iter()
+        .all(|m| text.contains(m))
+    })
+    .await;
+    load.stop().await;
+    let (_, text) = scrape(admin, "/metrics").await;
+    // Families are declared (# TYPE) from the start, even before their first sample.
+    let families: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    for name in &queried {
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        assert!(
+            families.contains(family) || families.contains(name.as_str()),
+            "{name} is not in /metrics ({families:?})"
+        );
+    }
+}
