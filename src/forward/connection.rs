@@ -49,6 +49,18 @@ pub struct ConnectionConfig {
     pub timekey_secs: i64,
 }
 
+impl Default for ConnectionConfig {
+    /// The settings' defaults, as `claimcheck serve` has them.
+    fn default() -> Self {
+        ConnectionConfig {
+            chunk_size_limit: 256 << 20,
+            chunk_size_warn_limit: None,
+            decompression_size_limit: 256 << 20,
+            timekey_secs: 3600,
+        }
+    }
+}
+
 /// Resolves to the request's ack token, when it was received, and whether it was stored.
 type AckFuture =
     Pin<Box<dyn Future<Output = (Option<Bytes>, Instant, Result<(), BufferError>)> + Send>>;
