@@ -31,6 +31,55 @@ pub enum Mode {
     Forward,
 }
 
+/// What the records' `message` field is made of. It decides how well bodies compress, and so
+/// what compression costs downstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Payload {
+    /// A shifted alphabet (`abcd…`): compresses extremely well (zstd: ~100:1).
+    Letters,
+    /// Synthetic access-log lines (words from a small vocabulary, random numbers): compresses
+    /// like real logs (zstd: about 5:1 to 10:1).
+    Logs,
+    /// Pseudo-random hex digits: compresses about 2:1, a pessimistic case for compression.
+    Hex,
+}
+
+/// Words of [`Payload::Logs`] lines.
+const LOG_WORDS: [&str; 32] = [
+    "GET",
+    "POST",
+    "PUT",
+    "DELETE",
+    "/api/v1/users",
+    "/api/v1/orders",
+    "/healthz",
+    "/static/app.js",
+    "/api/v2/search",
+    "/login",
+    "HTTP/1.1",
+    "HTTP/2.0",
+    "200",
+    "201",
+    "204",
+    "301",
+    "404",
+    "500",
+    "Mozilla/5.0",
+    "curl/8.5.0",
+    "python-requests/2.32",
+    "Go-http-client/1.1",
+    "user_id=",
+    "session=",
+    "latency_ms=",
+    "bytes=",
+    "upstream=10.0.3.",
+    "region=eu-west-1",
+    "trace_id=",
+    "level=info",
+    "level=warn",
+    "msg=\"request served\"",
+];
+
 /// `claimcheck bench`: send pre-encoded forward requests and measure acks.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -48,6 +97,9 @@ pub struct BenchArgs {
     pub tags: usize,
     #[arg(long, value_enum, default_value = "packed")]
     pub mode: Mode,
+    /// What the records' `message` field is made of.
+    #[arg(long, value_enum, default_value = "letters")]
+    pub payload: Payload,
     /// Concurrent connections.
     #[arg(long, default_value_t = 1)]
     pub connections: usize,
@@ -56,6 +108,10 @@ pub struct BenchArgs {
     pub window: usize,
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub duration: Duration,
+    /// Send at most this many events per second in all (requests evenly spaced, each
+    /// connection its share); unset: as fast as acks come back.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Report CPU seconds and peak RSS of this process (e.g. the sidecar) over the run.
     #[arg(long)]
     pub pid: Option<u32>,
@@ -68,6 +124,7 @@ pub struct BenchArgs {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub mode: String,
+    pub payload: String,
     pub connections: usize,
     pub window: usize,
     pub event_bytes: usize,
@@ -98,13 +155,50 @@ struct Message {
     raw_bytes: u64,
 }
 
-/// One `[EventTime, {"message": <pad>, "seq": i}]` entry with a pad of `pad` letters.
-fn one_entry(out: &mut Vec<u8>, time: EventTime, i: usize, pad: usize, seq: usize) {
+/// One `[EventTime, {"message": <pad>, "seq": i}]` entry with a pad of `pad` characters.
+fn one_entry(
+    out: &mut Vec<u8>,
+    time: EventTime,
+    i: usize,
+    pad: usize,
+    seq: usize,
+    payload: Payload,
+) {
     out.push(0x92);
     entry::encode::event_time(out, time);
-    let text: String = (0..pad)
-        .map(|k| (b'a' + ((i + k + seq) % 26) as u8) as char)
-        .collect();
+    // xorshift64* seeded per entry through splitmix64: the same bytes on every run.
+    let mut x = ((seq as u64) << 32 ^ i as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= (x >> 31) | 1;
+    let mut random = move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let text: String = match payload {
+        Payload::Letters => (0..pad)
+            .map(|k| (b'a' + ((i + k + seq) % 26) as u8) as char)
+            .collect(),
+        Payload::Hex => (0..pad)
+            .map(|_| char::from(b"0123456789abcdef"[(random() >> 60) as usize]))
+            .collect(),
+        Payload::Logs => {
+            let mut line = String::with_capacity(pad + 32);
+            while line.len() < pad {
+                let r = random();
+                line.push_str(LOG_WORDS[(r >> 59) as usize]);
+                // A number after about every other word: ids, sizes, latencies.
+                if r & 1 == 0 {
+                    line.push_str(&((r >> 8) % 100_000).to_string());
+                }
+                line.push(' ');
+            }
+            line.truncate(pad);
+            line
+        }
+    };
     let record = rmpv::Value::Map(vec![
         ("message".into(), text.into()),
         ("seq".into(), (i as u64).into()),
@@ -112,8 +206,9 @@ fn one_entry(out: &mut Vec<u8>, time: EventTime, i: usize, pad: usize, seq: usiz
     rmpv::encode::write_value(out, &record).expect("writing to a Vec cannot fail");
 }
 
-/// `events` entries of `event_size` bytes each (as near as the msgpack headers allow).
-fn entries(events: usize, event_size: usize, seq: usize) -> Vec<u8> {
+/// `events` entries of `event_size` bytes each (as near as the msgpack headers allow), stamped
+/// with the current time: a PackedForward entries blob, and a chunk body.
+pub fn sample_entries(events: usize, event_size: usize, seq: usize, payload: Payload) -> Vec<u8> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -122,21 +217,43 @@ fn entries(events: usize, event_size: usize, seq: usize) -> Vec<u8> {
     for i in 0..events {
         let time = EventTime::new(now.as_secs() as i64, (i as u32) % 1_000_000_000);
         probe.clear();
-        one_entry(&mut probe, time, i, 0, seq);
+        one_entry(&mut probe, time, i, 0, seq, payload);
         let mut pad = event_size.saturating_sub(probe.len());
         probe.clear();
-        one_entry(&mut probe, time, i, pad, seq);
+        one_entry(&mut probe, time, i, pad, seq, payload);
         // A longer string may take a longer header: shrink the pad by the difference.
         if probe.len() > event_size && pad > 0 {
             pad -= (probe.len() - event_size).min(pad);
         }
-        one_entry(&mut out, time, i, pad, seq);
+        one_entry(&mut out, time, i, pad, seq, payload);
     }
     out
 }
 
-fn encode_message(mode: Mode, tag: &str, events: usize, event_size: usize, seq: usize) -> Message {
-    let body = entries(events, event_size, seq);
+/// One whole forward request as the load generator sends it, with ack token `token`.
+pub fn sample_request(
+    mode: Mode,
+    tag: &str,
+    events: usize,
+    event_size: usize,
+    payload: Payload,
+    token: u64,
+) -> Vec<u8> {
+    let m = encode_message(mode, tag, events, event_size, 0, payload);
+    let mut out = m.head.to_vec();
+    out.extend_from_slice(&self::token(0, token));
+    out
+}
+
+fn encode_message(
+    mode: Mode,
+    tag: &str,
+    events: usize,
+    event_size: usize,
+    seq: usize,
+    payload: Payload,
+) -> Message {
+    let body = sample_entries(events, event_size, seq, payload);
     let raw_bytes = body.len() as u64;
     let mut head = Vec::with_capacity(body.len() + 64);
     head.push(0x93);
@@ -223,8 +340,22 @@ async fn run_connection(
     let mut in_flight: std::collections::VecDeque<(u64, Instant, usize)> = Default::default();
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut next = 0u64;
+    // Under `--rate`, request n of this connection is due at `started + n * interval`.
+    let interval = args.rate.filter(|r| *r > 0.0).map(|r| {
+        let per_conn = r / args.connections.max(1) as f64;
+        Duration::from_secs_f64(args.events_per_message.max(1) as f64 / per_conn)
+    });
+    let started = Instant::now();
     loop {
+        let mut due_at = None;
         while in_flight.len() < args.window && !stop.load(Ordering::Relaxed) {
+            if let Some(interval) = interval {
+                let due = started + interval.mul_f64(next as f64);
+                if due > Instant::now() {
+                    due_at = Some(due);
+                    break;
+                }
+            }
             let m = &messages[(next as usize + id) % messages.len()];
             let t = token(id, next);
             if let Err(e) = async {
@@ -242,13 +373,19 @@ async fn run_connection(
             next += 1;
         }
         if in_flight.is_empty() {
-            return stats;
+            match due_at {
+                Some(due) => {
+                    tokio::time::sleep_until(due.into()).await;
+                    continue;
+                }
+                None => return stats,
+            }
         }
-        // Read acks until at least one completes.
+        // Read acks until at least one completes (or the next request is due).
         let mut scanner = ValueScanner::default();
         let len = loop {
             match scanner.advance(&buf) {
-                Ok(Some(len)) => break len,
+                Ok(Some(len)) => break Some(len),
                 Ok(None) => {}
                 Err(e) => {
                     eprintln!("connection {id}: bad ack: {e}");
@@ -256,7 +393,17 @@ async fn run_connection(
                     return stats;
                 }
             }
-            match rd.read_buf(&mut buf).await {
+            let read = match due_at {
+                Some(due) => tokio::select! {
+                    r = rd.read_buf(&mut buf) => Some(r),
+                    () = tokio::time::sleep_until(due.into()) => None,
+                },
+                None => Some(rd.read_buf(&mut buf).await),
+            };
+            let Some(read) = read else {
+                break None;
+            };
+            match read {
                 Ok(0) | Err(_) => {
                     eprintln!(
                         "connection {id}: closed by the receiver with {} requests unacknowledged",
@@ -267,6 +414,10 @@ async fn run_connection(
                 }
                 Ok(_) => {}
             }
+        };
+        // A request is due: send it, then come back for the ack.
+        let Some(len) = len else {
+            continue;
         };
         let ack = buf.split_to(len);
         let (n, sent, index) = in_flight.pop_front().expect("a request is in flight");
@@ -283,6 +434,21 @@ async fn run_connection(
         stats.events += messages[index].events;
         stats.raw_bytes += messages[index].raw_bytes;
     }
+}
+
+/// Distinct bytes the pre-encoded messages cover at least (up to `MAX_MESSAGES` of them):
+/// more than a compressor's window, so that bodies made of repeated messages do not compress
+/// better than the records themselves would.
+const DISTINCT_BYTES: usize = 16 << 20;
+const MAX_MESSAGES: usize = 256;
+
+/// How many different messages to pre-encode: two per tag at least.
+fn distinct_messages(args: &BenchArgs) -> usize {
+    let message = (args.events_per_message.max(1) * args.event_size.max(1)).max(1);
+    DISTINCT_BYTES
+        .div_ceil(message)
+        .clamp(1, MAX_MESSAGES)
+        .max(args.tags.max(1) * 2)
 }
 
 /// CPU seconds (user + system) of a process, from /proc.
@@ -313,7 +479,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let args = Arc::new(args);
     let messages: Arc<Vec<Message>> = Arc::new(
-        (0..args.tags.max(1) * 2)
+        (0..distinct_messages(&args))
             .map(|i| {
                 encode_message(
                     args.mode,
@@ -321,6 +487,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
                     args.events_per_message.max(1),
                     args.event_size,
                     i,
+                    args.payload,
                 )
             })
             .collect(),
@@ -359,6 +526,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     };
     Ok(Report {
         mode: format!("{:?}", args.mode).to_lowercase(),
+        payload: format!("{:?}", args.payload).to_lowercase(),
         connections: args.connections,
         window: args.window,
         event_bytes: args.event_size,
@@ -386,8 +554,9 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "mode {} · {} connections × window {} · {} events of ~{} B per request · {:.1} s",
+            "mode {} ({}) · {} connections × window {} · {} events of ~{} B per request · {:.1} s",
             self.mode,
+            self.payload,
             self.connections,
             self.window,
             self.events_per_message,
@@ -430,7 +599,7 @@ mod tests {
     #[test]
     fn encoded_messages_parse_as_forward_requests_of_the_right_size() {
         for mode in [Mode::Packed, Mode::Forward, Mode::Gzip, Mode::Zstd] {
-            let m = encode_message(mode, "bench.tag0", 50, 200, 0);
+            let m = encode_message(mode, "bench.tag0", 50, 200, 0, Payload::Hex);
             let mut bytes = m.head.to_vec();
             bytes.extend_from_slice(&token(1, 2));
             assert_eq!(entry::value_len(&bytes), Ok(bytes.len()), "{mode:?}");
