@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::body::{self, Format};
-use crate::entry::{EventTime, ValueScanner};
+use crate::entry::{self, EventTime, ScanError, ValueScanner};
 use crate::{Error, Event, Pointer};
 
 /// Bytes read from the decompressor at a time.
@@ -305,18 +305,35 @@ fn split_msgpack(
     let mut buf = Buffer::new(gauge);
     let mut start = 0;
     let mut scanner = ValueScanner::default();
+    let invalid = |e: ScanError| Cut::Decode(Error::Decode(format!("msgpack entry: {e}")));
     loop {
-        match scanner.advance(&buf.bytes[start..]) {
-            Ok(Some(len)) => {
-                let event = Event::from_entry(tag.clone(), &buf.bytes[start..start + len])
-                    .map_err(Cut::Decode)?;
-                out.event(event)?;
-                start += len;
-                scanner = ValueScanner::default();
-                continue;
+        let rest = &buf.bytes[start..];
+        // The usual case: the next entry is all in the buffer, and one walk both checks it
+        // and finds its end. An entry cut by the end of the buffer is followed by the
+        // resumable scanner instead, so that a large one is not walked again after each block.
+        let whole = if scanner.scanned() == 0 {
+            match entry::scan_entry(rest) {
+                Ok(info) => Some(info),
+                Err(ScanError::Incomplete) => None,
+                Err(e) => return Err(invalid(e)),
             }
-            Ok(None) => {}
-            Err(e) => return Err(Cut::Decode(Error::Decode(format!("msgpack entry: {e}")))),
+        } else {
+            None
+        };
+        let whole = match whole {
+            Some(info) => Some(info),
+            None => match scanner.advance(rest).map_err(invalid)? {
+                Some(len) => Some(entry::scan_entry(&rest[..len]).map_err(invalid)?),
+                None => None,
+            },
+        };
+        if let Some(info) = whole {
+            let event =
+                Event::from_scanned(tag.clone(), &rest[..info.len], info).map_err(Cut::Decode)?;
+            out.event(event)?;
+            start += info.len;
+            scanner = ValueScanner::default();
+            continue;
         }
         // The scanner's position is relative to the entry's start, which `consume` moves to 0.
         buf.consume(start);

@@ -255,7 +255,8 @@ impl ValueScanner {
 /// limit is passed, so a body of nothing but nested array headers costs no more than its bytes.
 pub fn check_depth(buf: &[u8], limit: usize) -> Result<(), ScanError> {
     // Values still to read at each open level; the bottom entry is the value itself.
-    let mut remaining: Vec<u64> = vec![1];
+    let mut remaining = Levels::default();
+    remaining.push(1);
     let mut pos = 0usize;
     while let Some(top) = remaining.last_mut() {
         if *top == 0 {
@@ -290,6 +291,46 @@ pub fn check_depth(buf: &[u8], limit: usize) -> Result<(), ScanError> {
         return Err(ScanError::Incomplete);
     }
     Ok(())
+}
+
+/// The stack of [`check_depth`]: the first levels live inline, so that the usual record (a
+/// map nesting a few levels) costs no allocation; the consumer checks every event this way.
+#[derive(Default)]
+struct Levels {
+    inline: [u64; Levels::INLINE],
+    len: usize,
+    spilled: Vec<u64>,
+}
+
+impl Levels {
+    const INLINE: usize = 16;
+
+    fn push(&mut self, n: u64) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = n,
+            None => self.spilled.push(n),
+        }
+        self.len += 1;
+    }
+
+    fn pop(&mut self) {
+        if self.len > Levels::INLINE {
+            self.spilled.pop();
+        }
+        self.len = self.len.saturating_sub(1);
+    }
+
+    fn last_mut(&mut self) -> Option<&mut u64> {
+        match self.len {
+            0 => None,
+            n if n <= Levels::INLINE => self.inline.get_mut(n - 1),
+            _ => self.spilled.last_mut(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
 }
 
 /// Number of elements if `buf` starts with an array header, and the header's length.
@@ -641,6 +682,17 @@ mod tests {
             ("b".into(), record()),
         ]);
         assert_eq!(check_depth(&pack(&wide), 2), Ok(()));
+        // Deeper than the levels kept inline, and siblings after the deep part.
+        let deep_then_wide = rmpv::Value::Array(vec![
+            rmpv::decode::read_value(&mut &nested(40)[..]).unwrap(),
+            record(),
+            rmpv::Value::Array(vec![1.into(), 2.into()]),
+        ]);
+        assert_eq!(check_depth(&pack(&deep_then_wide), 41), Ok(()));
+        assert!(matches!(
+            check_depth(&pack(&deep_then_wide), 40),
+            Err(ScanError::Invalid(_))
+        ));
         // Millions of array headers: refused at the limit, never a deep stack.
         let bomb = vec![0x91u8; 4 << 20];
         assert!(matches!(

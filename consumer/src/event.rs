@@ -103,6 +103,17 @@ impl Event {
         if info.len != entry.len() {
             return Err(Error::Decode("bytes after a msgpack entry".into()));
         }
+        Event::from_scanned(tag, entry, info)
+    }
+
+    /// [`Event::from_entry`] for an entry that [`entry::scan_entry`] already scanned: `info`
+    /// must be what it returned for exactly these bytes.
+    pub(crate) fn from_scanned(
+        tag: Arc<str>,
+        entry: &[u8],
+        info: entry::EntryInfo,
+    ) -> Result<Event, Error> {
+        debug_assert_eq!(info.len, entry.len());
         let record = &entry[info.record.0..info.record.1];
         entry::check_depth(record, MAX_NESTING).map_err(|e| invalid("record", e))?;
         let metadata = if info.has_metadata {
