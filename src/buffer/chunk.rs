@@ -289,6 +289,9 @@ pub fn read_header(file: &mut File) -> Result<(ChunkHeader, u64), ReadError> {
     Ok((header, 16 + len as u64))
 }
 
+/// Read buffer of [`FrameReader`].
+const FRAME_READ_BUFFER: usize = 64 << 10;
+
 /// Reads frame payloads of a data file in order, in pieces of bounded size, checking each
 /// frame's CRC32C once the frame has been read.
 pub struct FrameReader {
@@ -306,7 +309,10 @@ impl FrameReader {
     pub fn new(mut file: File, start: u64, end: u64) -> io::Result<Self> {
         file.seek(SeekFrom::Start(start))?;
         Ok(FrameReader {
-            file: io::BufReader::with_capacity(1 << 20, file),
+            // Small, so that many small frames cost few reads, while the payload of large ones
+            // is read straight into the caller's piece (a read larger than the buffer skips it)
+            // rather than copied through it.
+            file: io::BufReader::with_capacity(FRAME_READ_BUFFER, file),
             pos: start,
             end,
             frame_left: 0,
@@ -344,8 +350,12 @@ impl FrameReader {
         }
         let n = (self.frame_left as usize).min(max);
         buf.clear();
-        buf.resize(n, 0);
-        self.file.read_exact(buf)?;
+        buf.reserve(n);
+        // Into the spare capacity: no zeroing of the piece before it is overwritten.
+        let got = (&mut self.file).take(n as u64).read_to_end(buf)?;
+        if got < n {
+            return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
         self.crc = crc32c::crc32c_append(self.crc, buf);
         self.pos += n as u64;
         self.frame_left -= n as u64;
