@@ -22,7 +22,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use claimcheck_consumer::body::{self, Compression, Encoder, Format};
 use claimcheck_consumer::pointer::{Checksum, Pointer};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -305,7 +305,9 @@ pub async fn upload<S: ChunkStore>(
                 .map(|etag| (etag, summary))
                 .map_err(UploadError::from)
         }
-        Some(Piece::Part(first)) => multipart(store, &meta, first, &mut pieces, build).await,
+        Some(Piece::Part(first, done)) => {
+            multipart(store, &meta, (first, done), &mut pieces, build).await
+        }
         None => {
             return Err(join(build)
                 .await
@@ -368,7 +370,7 @@ async fn join(
 async fn multipart<S: ChunkStore>(
     store: &S,
     meta: &ObjectMeta,
-    first: Bytes,
+    first: (Bytes, PartDone),
     pieces: &mut mpsc::Receiver<Piece>,
     build: tokio::task::JoinHandle<Result<BodySummary, UploadError>>,
 ) -> Result<(Option<String>, BodySummary), UploadError> {
@@ -376,13 +378,15 @@ async fn multipart<S: ChunkStore>(
     let mut parts = Vec::new();
     let result = async {
         let mut next = Some(first);
-        while let Some(body) = next.take() {
+        while let Some((body, done)) = next.take() {
             let number = parts.len() as i32 + 1;
             let crc = crc32c::crc32c(&body);
             let size = body.len();
             let etag = store
                 .upload_part(meta, &upload_id, number, body, crc)
                 .await?;
+            // The compressing thread may go on to the part after next.
+            drop(done);
             debug!(key = %meta.key, part = number, bytes = size, "part uploaded");
             parts.push(UploadedPart {
                 number,
@@ -390,7 +394,8 @@ async fn multipart<S: ChunkStore>(
                 crc32c: crc,
             });
             next = match pieces.recv().await {
-                Some(Piece::Part(b) | Piece::Whole(b)) => Some(b),
+                Some(Piece::Part(b, done)) => Some((b, done)),
+                Some(Piece::Whole(b)) => Some((b, oneshot::channel().0)),
                 None => None,
             };
         }
@@ -413,17 +418,65 @@ async fn multipart<S: ChunkStore>(
 enum Piece {
     /// The whole body, within the multipart threshold.
     Whole(Bytes),
-    /// The next part of a multipart upload.
-    Part(Bytes),
+    /// The next part of a multipart upload, and the signal that it has been uploaded.
+    Part(Bytes, PartDone),
+}
+
+/// Dropped once a part has been uploaded (or the upload gave up on it).
+type PartDone = oneshot::Sender<()>;
+
+/// Compressed output on its way to S3, in an anonymous memory map rather than on the heap:
+/// its memory goes back to the system as soon as the part is uploaded. Multi-MiB heap buffers
+/// freed by the blocking threads stayed in malloc's per-thread arenas instead, and peak RSS grew
+/// with the chunk size (see docs/performance.md).
+struct Block {
+    map: memmap2::MmapMut,
+    len: usize,
+}
+
+impl Block {
+    fn new(capacity: usize) -> io::Result<Block> {
+        Ok(Block {
+            map: memmap2::MmapMut::map_anon(capacity.max(1))?,
+            len: 0,
+        })
+    }
+
+    fn room(&self) -> usize {
+        self.map.len() - self.len
+    }
+
+    /// Copies as much of `data` as fits; returns how much that was.
+    fn fill(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(self.room());
+        self.map[self.len..self.len + n].copy_from_slice(&data[..n]);
+        self.len += n;
+        n
+    }
+
+    /// Moves the contents into a block of at least `capacity` bytes.
+    fn grow(self, capacity: usize) -> io::Result<Block> {
+        let mut bigger = Block::new(capacity)?;
+        bigger.fill(&self.map[..self.len]);
+        Ok(bigger)
+    }
+
+    fn freeze(self) -> Bytes {
+        let len = self.len;
+        Bytes::from_owner(self.map).slice(..len)
+    }
 }
 
 /// Collects compressed output, checksums it, and hands it to the upload in parts.
 struct PartSink {
-    buf: Vec<u8>,
+    /// Output not yet handed over: until the body passes `threshold`, all of it.
+    block: Option<Block>,
     threshold: usize,
     part_size: usize,
     multipart: bool,
     tx: mpsc::Sender<Piece>,
+    /// Resolves when the last part sent has been uploaded.
+    uploaded: Option<oneshot::Receiver<()>>,
     len: u64,
     crc: u32,
 }
@@ -435,11 +488,44 @@ impl PartSink {
             .map_err(|_| io::Error::other("the upload stopped"))
     }
 
+    /// Waits until the last part handed over has been uploaded.
+    fn wait_uploaded(&mut self) {
+        if let Some(uploaded) = self.uploaded.take() {
+            // Err means the sender was dropped: uploaded, or the upload stopped (then the
+            // next send fails).
+            let _ = uploaded.blocking_recv();
+        }
+    }
+
+    /// Hands over the next part once the one before it is uploaded, so that an upload holds
+    /// a bounded number of parts whatever the chunk size.
+    fn send_part(&mut self, part: Bytes) -> io::Result<()> {
+        self.wait_uploaded();
+        let (done, uploaded) = oneshot::channel();
+        self.uploaded = Some(uploaded);
+        self.send(Piece::Part(part, done))
+    }
+
+    /// The body passed the threshold: what was collected goes out as parts (slices of one
+    /// block, no copy), all but the tail, which starts the next part's block.
+    fn start_multipart(&mut self, collected: Block) -> io::Result<()> {
+        self.multipart = true;
+        let mut bytes = collected.freeze();
+        while bytes.len() >= self.part_size {
+            let part = bytes.split_to(self.part_size);
+            self.send_part(part)?;
+        }
+        let mut tail = Block::new(self.part_size)?;
+        tail.fill(&bytes);
+        self.block = Some(tail);
+        Ok(())
+    }
+
     fn finish(mut self) -> io::Result<(u64, u32)> {
-        let rest = Bytes::from(std::mem::take(&mut self.buf));
+        let rest = self.block.take().map_or_else(Bytes::new, Block::freeze);
         if self.multipart {
             if !rest.is_empty() {
-                self.send(Piece::Part(rest))?;
+                self.send_part(rest)?;
             }
         } else {
             self.send(Piece::Whole(rest))?;
@@ -448,18 +534,51 @@ impl PartSink {
     }
 }
 
+/// Thresholds below this get their whole block at once (address space, not memory).
+const RESERVE_UP_TO: usize = 1 << 30;
+/// First block of a body under a larger threshold; it doubles as the body grows.
+const FIRST_BLOCK: usize = 1 << 20;
+
 impl Write for PartSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
         self.len += data.len() as u64;
         self.crc = crc32c::crc32c_append(self.crc, data);
-        if !self.multipart && self.buf.len() > self.threshold {
-            self.multipart = true;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let mut block = match self.block.take() {
+                Some(b) => b,
+                None if self.multipart => {
+                    // The next part is compressed once the last one is uploaded: an upload
+                    // holds one part at a time (the workers overlap each other instead).
+                    self.wait_uploaded();
+                    Block::new(self.part_size)?
+                }
+                // Room for the whole threshold at once: a map takes memory only where it is
+                // written, and growing by copies would hold two blocks for a while.
+                None if self.threshold < RESERVE_UP_TO => Block::new(self.threshold + 1)?,
+                None => Block::new(FIRST_BLOCK)?,
+            };
+            if block.room() == 0 {
+                if self.multipart {
+                    self.send_part(block.freeze())?;
+                    continue;
+                }
+                if block.len > self.threshold {
+                    self.start_multipart(block)?;
+                    continue;
+                }
+                // Below the threshold: double, up to just past it.
+                let capacity = (block.len * 2).min(self.threshold + 1).max(block.len + 1);
+                block = block.grow(capacity)?;
+            }
+            let n = block.fill(rest);
+            rest = &rest[n..];
+            self.block = Some(block);
         }
-        while self.multipart && self.buf.len() >= self.part_size {
-            let rest = self.buf.split_off(self.part_size);
-            let part = std::mem::replace(&mut self.buf, rest);
-            self.send(Piece::Part(Bytes::from(part)))?;
+        // A body that just passed the threshold goes multipart now, not on the next write.
+        if !self.multipart && self.block.as_ref().is_some_and(|b| b.len > self.threshold) {
+            let block = self.block.take().expect("checked above");
+            self.start_multipart(block)?;
         }
         Ok(data.len())
     }
@@ -500,11 +619,12 @@ fn write_body(
     let threshold = config.multipart_threshold.max(1) as usize;
     let part_size = config.part_size.max(crate::aws::s3::MIN_PART_SIZE) as usize;
     let sink = PartSink {
-        buf: Vec::new(),
+        block: None,
         threshold,
         part_size,
         multipart: false,
         tx,
+        uploaded: None,
         len: 0,
         crc: 0,
     };
