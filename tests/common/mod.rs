@@ -7,6 +7,7 @@
 
 pub mod load;
 pub mod proxy;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -495,6 +496,20 @@ impl Sidecar {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the sidecar runs").id()
+    }
+
+    /// A line of /proc/<pid>/status in KiB: `VmRSS` (resident now), `VmHWM` (peak).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
     /// SIGKILL: no chance to seal, flush or say goodbye.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -646,14 +661,22 @@ pub fn json_lines(stdout: &[u8]) -> Vec<Value> {
 /// Sends with Node `@fluent-org/logger` in `mode` (Message, Forward, PackedForward,
 /// CompressedPackedForward), requesting acks. Returns the indexes of acknowledged events.
 pub fn node_send(port: u16, mode: &str, events: &[TestEvent]) -> Vec<usize> {
+    node_send_with(port, mode, events, json!({}))
+}
+
+/// [`node_send`] with more of send.js's options (`security`, `tlsCaFile`, ...) in `extra`.
+pub fn node_send_with(port: u16, mode: &str, events: &[TestEvent], extra: Value) -> Vec<usize> {
     let dir = repo_root().join("tests/clients");
     tool(
         "CLAIMCHECK_NODE_MODULES",
         &dir.join("node_modules/@fluent-org/logger"),
         "npm ci in tests/clients",
     );
-    let spec = json!({"host": "127.0.0.1", "port": port, "mode": mode, "ack": true, "ackTimeoutMs": 60000,
+    let mut spec = json!({"host": "127.0.0.1", "port": port, "mode": mode, "ack": true, "ackTimeoutMs": 60000,
                       "events": events.iter().map(TestEvent::to_json).collect::<Vec<_>>()});
+    for (k, v) in extra.as_object().expect("extra options are an object") {
+        spec[k] = v.clone();
+    }
     let mut cmd = Command::new("node");
     cmd.arg(dir.join("send.js"));
     let result = run_client(cmd, spec, "node client");
