@@ -407,6 +407,12 @@ impl Connection {
         let mut blob = entries::blob_of(message.entries);
         if matches!(compressed.as_deref(), Some("gzip" | "zstd")) {
             let limit = self.config.decompression_size_limit;
+            // Each decompression may hold up to the limit: a few at once, whatever the number
+            // of connections sending compressed requests.
+            let _turn = DECOMPRESSIONS
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
             blob = tokio::task::spawn_blocking(move || {
                 entries::decompress(blob, compressed.as_deref(), limit)
             })
@@ -516,6 +522,9 @@ impl LogLimit {
         }
     }
 }
+
+/// Decompressions running at once, across connections.
+static DECOMPRESSIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// Invalid-event warnings: ten per ten seconds across connections.
 static INVALID_LOG: LogLimit = LogLimit::new(10, Duration::from_secs(10));
