@@ -13,11 +13,6 @@ use std::time::Duration;
 use common::wire::*;
 use common::*;
 
-fn sidecar(dir: &std::path::Path, args: &[&str]) -> Sidecar {
-    // No AWS: what is tested here ends at the ack.
-    Sidecar::start(&dir.join("buffer"), free_port(), "b", "s", args)
-}
-
 /// Lets this test process hold `n` more sockets.
 fn allow_open_files(n: u64) {
     use rustix::process::{getrlimit, setrlimit, Resource};
@@ -32,8 +27,7 @@ fn allow_open_files(n: u64) {
 #[test]
 fn a_thousand_idle_connections_cost_little_and_block_nobody() {
     allow_open_files(1100);
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = sidecar(dir.path(), &[]);
+    let sidecar = Sidecar::standalone(&[]);
     let base = minute_of(now_secs());
     let before = sidecar.memory_kib("VmRSS");
     let idle: Vec<TcpStream> = (0..1000).map(|_| connect(sidecar.port)).collect();
@@ -69,8 +63,7 @@ fn a_thousand_idle_connections_cost_little_and_block_nobody() {
 
 #[test]
 fn a_slow_sender_does_not_hold_up_the_others() {
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = sidecar(dir.path(), &[]);
+    let sidecar = Sidecar::standalone(&[]);
     let base = minute_of(now_secs());
     let slow_request = fluentd_request(
         "slow",
@@ -126,16 +119,12 @@ fn a_slow_sender_does_not_hold_up_the_others() {
 
 #[test]
 fn bombs_oversized_requests_and_garbage_close_only_their_connection_in_bounded_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = sidecar(
-        dir.path(),
-        &[
-            "--chunk-size-limit",
-            "1MiB",
-            "--decompression-size-limit",
-            "16MiB",
-        ],
-    );
+    let sidecar = Sidecar::standalone(&[
+        "--chunk-size-limit",
+        "1MiB",
+        "--decompression-size-limit",
+        "16MiB",
+    ]);
     let base = minute_of(now_secs());
     let mut good = connect(sidecar.port);
     // 256 MiB of zeros is a few hundred KiB of gzip: far over the decompression limit.

@@ -35,11 +35,6 @@ fn events(tag: &str, base: i64, n: usize) -> Vec<TestEvent> {
         .collect()
 }
 
-/// A sidecar without AWS (acks do not depend on it), with `args`.
-fn sidecar_without_aws(dir: &Path, args: &[&str]) -> Sidecar {
-    Sidecar::start(&dir.join("buffer"), free_port(), "b", "s", args)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_client_with_shared_key_and_user_auth_in_every_mode() {
     let env = Emulated::start("sec").await;
@@ -73,19 +68,15 @@ async fn node_client_with_shared_key_and_user_auth_in_every_mode() {
 
 #[test]
 fn handshake_refusals_say_why_and_close_the_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = sidecar_without_aws(
-        dir.path(),
-        &[
-            "--shared-key",
-            "k1",
-            "--self-hostname",
-            "sidecar-a",
-            "--user-auth",
-            "--user",
-            "alice:pw",
-        ],
-    );
+    let sidecar = Sidecar::standalone(&[
+        "--shared-key",
+        "k1",
+        "--self-hostname",
+        "sidecar-a",
+        "--user-auth",
+        "--user",
+        "alice:pw",
+    ]);
     let base = minute_of(now_secs());
     let request = fluentd_request(
         "sec.ok",
@@ -96,16 +87,11 @@ fn handshake_refusals_say_why_and_close_the_connection() {
     );
 
     // The right key and user: PONG true with the server's proof, then requests are served.
-    let mut conn = connect(sidecar.port);
-    let helo = read_helo(&mut conn);
+    let (mut conn, helo, pong) = handshake(sidecar.port, "k1", Some(("alice", "pw")));
     assert_eq!(
         (helo.nonce.len(), helo.auth.len(), helo.keepalive),
         (16, 16, true)
     );
-    conn.write_all(&ping(&helo, "fluent-bit", "k1", Some(("alice", "pw"))))
-        .unwrap();
-    let pong = read_value(&mut conn);
-    assert_eq!(pong[0].as_str(), Some("PONG"));
     assert_eq!(pong[1].as_bool(), Some(true), "{pong}");
     assert_eq!(pong[3].as_str(), Some("sidecar-a"));
     assert_eq!(
@@ -115,32 +101,28 @@ fn handshake_refusals_say_why_and_close_the_connection() {
     conn.write_all(&request).unwrap();
     expect_ack(&mut conn, b"b2sK\n");
 
-    let refused = |ping_of: &dyn Fn(&Helo) -> Vec<u8>, reason: &str| {
-        let mut conn = connect(sidecar.port);
-        let helo = read_helo(&mut conn);
-        conn.write_all(&ping_of(&helo)).unwrap();
-        let pong = read_value(&mut conn);
+    for (key, user, reason) in [
+        ("wrong", ("alice", "pw"), "shared_key mismatch"),
+        ("k1", ("alice", "nope"), "username/password mismatch"),
+        ("k1", ("mallory", "pw"), "username/password mismatch"),
+    ] {
+        let (mut conn, _, pong) = handshake(sidecar.port, key, Some(user));
         assert_eq!(
-            (pong[0].as_str(), pong[1].as_bool(), pong[2].as_str()),
-            (Some("PONG"), Some(false), Some(reason)),
-            "{pong}"
+            (pong[1].as_bool(), pong[2].as_str()),
+            (Some(false), Some(reason))
         );
         assert!(closed_silently(&mut conn), "closed after {reason}");
-    };
-    refused(
-        &|h| ping(h, "fluent-bit", "wrong", Some(("alice", "pw"))),
-        "shared_key mismatch",
-    );
-    refused(
-        &|h| ping(h, "fluent-bit", "k1", Some(("alice", "nope"))),
-        "username/password mismatch",
-    );
-    refused(
-        &|h| ping(h, "fluent-bit", "k1", Some(("mallory", "pw"))),
-        "username/password mismatch",
-    );
+    }
     // A client that skips the handshake and sends events: they are never stored.
-    refused(&|_| request.clone(), "invalid ping message");
+    let mut conn = connect(sidecar.port);
+    read_helo(&mut conn);
+    conn.write_all(&request).unwrap();
+    let pong = read_value(&mut conn);
+    assert_eq!(
+        (pong[1].as_bool(), pong[2].as_str()),
+        (Some(false), Some("invalid ping message"))
+    );
+    assert!(closed_silently(&mut conn));
 
     let log = sidecar.log_text();
     for reason in [
@@ -158,51 +140,34 @@ fn handshake_refusals_say_why_and_close_the_connection() {
 
 #[test]
 fn client_rules_pick_the_key_and_deny_anonymous_sources() {
-    let dir = tempfile::tempdir().unwrap();
-    let matching = sidecar_without_aws(
-        dir.path(),
-        &[
-            "--shared-key",
-            "default-key",
-            "--allow-anonymous-source",
-            "false",
-            "--client",
-            "10.1.2.3",
-            "--client",
-            "127.0.0.0/8,shared_key=loopback-key",
-        ],
-    );
-    let mut conn = connect(matching.port);
-    let helo = read_helo(&mut conn);
-    conn.write_all(&ping(&helo, "fd", "loopback-key", None))
-        .unwrap();
-    assert_eq!(read_value(&mut conn)[1].as_bool(), Some(true));
-    let mut conn = connect(matching.port);
-    let helo = read_helo(&mut conn);
-    conn.write_all(&ping(&helo, "fd", "default-key", None))
-        .unwrap();
+    let matching = Sidecar::standalone(&[
+        "--shared-key",
+        "default-key",
+        "--allow-anonymous-source",
+        "false",
+        "--client",
+        "10.1.2.3",
+        "--client",
+        "127.0.0.0/8,shared_key=loopback-key",
+    ]);
+    let (_, _, pong) = handshake(matching.port, "loopback-key", None);
+    assert_eq!(pong[1].as_bool(), Some(true), "{pong}");
+    let (_, _, pong) = handshake(matching.port, "default-key", None);
     assert_eq!(
-        read_value(&mut conn)[2].as_str(),
+        pong[2].as_str(),
         Some("shared_key mismatch"),
         "a matching client must use its rule's key"
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let elsewhere = sidecar_without_aws(
-        dir.path(),
-        &[
-            "--shared-key",
-            "k",
-            "--allow-anonymous-source",
-            "false",
-            "--client",
-            "192.0.2.0/24",
-        ],
-    );
-    let mut conn = connect(elsewhere.port);
-    let helo = read_helo(&mut conn);
-    conn.write_all(&ping(&helo, "fd", "k", None)).unwrap();
-    let pong = read_value(&mut conn);
+    let elsewhere = Sidecar::standalone(&[
+        "--shared-key",
+        "k",
+        "--allow-anonymous-source",
+        "false",
+        "--client",
+        "192.0.2.0/24",
+    ]);
+    let (mut conn, _, pong) = handshake(elsewhere.port, "k", None);
     assert_eq!(
         pong[2].as_str(),
         Some("anonymous source host '127.0.0.1' denied")
@@ -312,21 +277,23 @@ async fn tls_with_the_node_client_and_client_certificates() {
         pki.server_key.to_str().unwrap(),
         pki.ca.to_str().unwrap(),
     );
-    // TLS and the handshake together, as Fluentd's `transport tls` with `<security>`.
-    let sidecar = env.sidecar(&[
-        "--flush-interval",
-        "1s",
-        "--timekey-wait",
-        "0s",
+    let tls = [
         "--transport",
         "tls",
         "--tls-cert-path",
         cert,
         "--tls-private-key-path",
         key,
-        "--shared-key",
-        "over-tls",
-    ]);
+    ];
+    // TLS and the handshake together, as Fluentd's `transport tls` with `<security>`.
+    let sidecar = env.sidecar(
+        &[
+            &tls[..],
+            &["--flush-interval", "1s", "--timekey-wait", "0s"],
+            &["--shared-key", "over-tls"],
+        ]
+        .concat(),
+    );
     let base = minute_of(now_secs()) - 600;
     let options = json!({"tlsCaFile": ca,
                          "security": {"clientHostname": "node-tls", "sharedKey": "over-tls"}});
@@ -360,21 +327,8 @@ async fn tls_with_the_node_client_and_client_certificates() {
 
     // Client certificates required: the Node client with one is served; a client without one
     // is not.
-    let dir = tempfile::tempdir().unwrap();
-    let mtls = sidecar_without_aws(
-        dir.path(),
-        &[
-            "--transport",
-            "tls",
-            "--tls-cert-path",
-            cert,
-            "--tls-private-key-path",
-            key,
-            "--tls-client-cert-auth",
-            "--tls-ca-path",
-            ca,
-        ],
-    );
+    let mtls =
+        Sidecar::standalone(&[&tls[..], &["--tls-client-cert-auth", "--tls-ca-path", ca]].concat());
     let evs = events("mtls.node", base, 5);
     let with_cert = json!({"tlsCaFile": ca, "tlsClientCertFile": pki.client_cert,
                            "tlsClientKeyFile": pki.client_key});
@@ -391,8 +345,7 @@ async fn tls_with_the_node_client_and_client_certificates() {
 
 #[test]
 fn udp_heartbeats_are_answered_from_the_forward_port() {
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = sidecar_without_aws(dir.path(), &[]);
+    let sidecar = Sidecar::standalone(&[]);
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = [0u8; 16];
@@ -405,14 +358,11 @@ fn udp_heartbeats_are_answered_from_the_forward_port() {
 
 #[test]
 fn deny_keepalive_closes_after_the_first_ack() {
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = sidecar_without_aws(dir.path(), &["--deny-keepalive", "--shared-key", "k"]);
+    let sidecar = Sidecar::standalone(&["--deny-keepalive", "--shared-key", "k"]);
     let base = minute_of(now_secs());
-    let mut conn = connect(sidecar.port);
-    let helo = read_helo(&mut conn);
+    let (mut conn, helo, pong) = handshake(sidecar.port, "k", None);
     assert!(!helo.keepalive, "HELO announces keepalive false");
-    conn.write_all(&ping(&helo, "fd", "k", None)).unwrap();
-    assert_eq!(read_value(&mut conn)[1].as_bool(), Some(true));
+    assert_eq!(pong[1].as_bool(), Some(true));
     let mut two = fluentd_request("ka", &entries("a", base, 2, false), 2, "text", "MQ==");
     two.extend(fluentd_request(
         "ka",
@@ -480,14 +430,12 @@ fn metrics_request(token: &str) -> Vec<u8> {
 
 #[test]
 fn metrics_and_traces_are_skipped_or_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let skip = sidecar_without_aws(dir.path(), &[]);
+    let skip = Sidecar::standalone(&[]);
     let mut conn = connect(skip.port);
     conn.write_all(&metrics_request("bWV0")).unwrap();
     expect_ack(&mut conn, b"bWV0");
 
-    let dir = tempfile::tempdir().unwrap();
-    let reject = sidecar_without_aws(dir.path(), &["--fluent-signal-action", "reject"]);
+    let reject = Sidecar::standalone(&["--fluent-signal-action", "reject"]);
     let mut conn = connect(reject.port);
     conn.write_all(&metrics_request("bWV0")).unwrap();
     assert!(closed_silently(&mut conn));
@@ -530,8 +478,7 @@ async fn source_keys_add_the_sender_to_every_record() {
 
 #[test]
 fn a_connected_but_silent_sender_is_closed_after_idle_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = sidecar_without_aws(dir.path(), &["--idle-timeout", "1s"]);
+    let sidecar = Sidecar::standalone(&["--idle-timeout", "1s"]);
     let mut idle = connect(sidecar.port);
     assert!(closed_silently(&mut idle), "closed by the sidecar");
     assert!(TcpStream::connect(sidecar.addr()).is_ok(), "still serving");

@@ -424,6 +424,8 @@ pub struct Sidecar {
     pub buffer_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    /// The buffer's temporary directory, for sidecars that own theirs.
+    own_dir: Option<tempfile::TempDir>,
 }
 
 impl Sidecar {
@@ -443,6 +445,15 @@ impl Sidecar {
             stream,
             args,
         )
+    }
+
+    /// A sidecar with a buffer directory of its own and no AWS behind it: for what ends at the
+    /// ack (handshakes, limits, hostile peers).
+    pub fn standalone(args: &[&str]) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start(&dir.path().join("buffer"), free_port(), "b", "s", args);
+        sidecar.own_dir = Some(dir);
+        sidecar
     }
 
     /// Starts `claimcheck serve` on `port` with `env` (AWS settings) and `args`.
@@ -487,6 +498,7 @@ impl Sidecar {
             buffer_dir: buffer_dir.to_path_buf(),
             log,
             child: Some(child),
+            own_dir: None,
         };
         wait_for_port(port, "claimcheck", Duration::from_secs(30));
         sidecar

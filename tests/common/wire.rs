@@ -189,3 +189,15 @@ pub fn pong_digest(helo: &Helo, server: &str, key: &str) -> String {
     ];
     sha512_hex(&[&salt, server.as_bytes(), &helo.nonce, key.as_bytes()])
 }
+
+/// Connects to a sidecar that has a shared key and answers its HELO with a PING for `key`
+/// (and `user`); returns the connection, the HELO and the PONG.
+pub fn handshake(port: u16, key: &str, user: Option<(&str, &str)>) -> (TcpStream, Helo, Value) {
+    let mut conn = connect(port);
+    let helo = read_helo(&mut conn);
+    conn.write_all(&ping(&helo, "fluent-bit", key, user))
+        .unwrap();
+    let pong = read_value(&mut conn);
+    assert_eq!(pong[0].as_str(), Some("PONG"), "{pong}");
+    (conn, helo, pong)
+}
