@@ -347,7 +347,10 @@ impl Connection {
         let message = match frame::parse(frame) {
             Request::Nop => return Ok(()),
             Request::Broken(why) => {
-                warn!(%peer, reason = why, "skipping a request that is not a forward message");
+                if let Some(suppressed) = INVALID_LOG.allow() {
+                    warn!(%peer, reason = why, similar_lines_suppressed = suppressed,
+                          "skipping a request that is not a forward message");
+                }
                 metrics().skipped(why, 1);
                 return Ok(());
             }
