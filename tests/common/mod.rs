@@ -406,6 +406,17 @@ impl Emulated {
         )
     }
 
+    /// Fault proxies in front of this emulator.
+    pub async fn proxies(&self) -> proxy::Proxies {
+        proxy::Proxies::start(self.moto.port).await
+    }
+
+    /// Starts a sidecar on a free port that reaches S3 and Kinesis through `proxies`.
+    pub fn sidecar_behind(&self, proxies: &proxy::Proxies, args: &[&str]) -> Sidecar {
+        let (s3, kinesis) = (proxies.s3.url(), proxies.kinesis.url());
+        self.sidecar_at(free_port(), Some((&s3, &kinesis)), args)
+    }
+
     pub async fn read_events(&self, expected: usize) -> Vec<ResolvedChunk> {
         self.aws
             .read_events(&self.stream, expected, Duration::from_secs(90))
