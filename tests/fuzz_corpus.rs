@@ -71,10 +71,7 @@ fn connection_corpus_replays() {
 /// something.
 #[test]
 fn the_model_expects_what_the_protocol_says() {
-    let config = claimcheck::forward::ConnectionConfig {
-        chunk_size_limit: harness::CHUNK_SIZE_LIMIT,
-        ..Default::default()
-    };
+    let config = harness::connection_config();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/frame");
     let read = |name: &str| std::fs::read(root.join(name)).expect("seed");
 

@@ -277,7 +277,6 @@ pub struct ConnectionHarness {
     handle: Option<BufferHandle>,
     writer: Option<tokio::task::JoinHandle<anyhow::Result<DirLock>>>,
     sealed_rx: mpsc::UnboundedReceiver<SealedChunk>,
-    config: Arc<ConnectionConfig>,
     chunks_dir: PathBuf,
     // Last: removed after the buffer is closed.
     _dir: tempfile::TempDir,
@@ -332,22 +331,12 @@ impl ConnectionHarness {
                 .expect("open the buffer");
         let handle = buffer.handle.clone();
         let writer = runtime.spawn(buffer.run());
-        // Settings added to ConnectionConfig later (the handshake's) keep their defaults.
-        #[allow(clippy::needless_update)]
-        let config = Arc::new(ConnectionConfig {
-            chunk_size_limit: CHUNK_SIZE_LIMIT,
-            chunk_size_warn_limit: Some(CHUNK_SIZE_LIMIT / 2),
-            decompression_size_limit: DECOMPRESSION_LIMIT,
-            timekey_secs: TIMEKEY_SECS as i64,
-            ..ConnectionConfig::default()
-        });
         ConnectionHarness {
             runtime,
             registry,
             handle: Some(handle),
             writer: Some(writer),
             sealed_rx,
-            config,
             chunks_dir,
             _dir: dir,
         }
@@ -363,11 +352,13 @@ impl ConnectionHarness {
         let max_write = usize::from(control.first().copied().unwrap_or(0));
         let seed = control.get(1).copied().unwrap_or(0);
         self.release_sealed_chunks();
-        let expected = expected(stream, &self.config);
+        // Fresh settings for every input, so that no state kept in them (such as a cache of
+        // ack tokens seen) carries from one input to the next.
+        let config = Arc::new(connection_config());
+        let expected = expected(stream, &config);
         let before = self.stored_records();
 
         let handle = self.handle.clone().expect("buffer is open");
-        let config = self.config.clone();
         let writes = write_sizes(stream.len(), max_write, seed);
         let capacity = 1 + usize::from(seed) * 64;
         let stream = stream.to_vec();
@@ -500,6 +491,19 @@ impl ConnectionHarness {
             .map(|d| d.count())
             .unwrap_or(0);
         assert_eq!(left, 0, "chunk files left after every chunk was released");
+    }
+}
+
+/// The connection settings of the harness: small limits, defaults for the rest.
+pub fn connection_config() -> ConnectionConfig {
+    // Settings added to ConnectionConfig later (the handshake's) keep their defaults.
+    #[allow(clippy::needless_update)]
+    ConnectionConfig {
+        chunk_size_limit: CHUNK_SIZE_LIMIT,
+        chunk_size_warn_limit: Some(CHUNK_SIZE_LIMIT / 2),
+        decompression_size_limit: DECOMPRESSION_LIMIT,
+        timekey_secs: TIMEKEY_SECS as i64,
+        ..ConnectionConfig::default()
     }
 }
 
