@@ -496,13 +496,14 @@ impl ConnectionHarness {
 
 /// The connection settings of the harness: small limits, defaults for the rest.
 pub fn connection_config() -> ConnectionConfig {
-    // Settings added to ConnectionConfig later (the handshake's) keep their defaults.
-    #[allow(clippy::needless_update)]
+    // The model acks every stored request, so resent tokens are not deduplicated here (the
+    // window has its own tests); the other settings keep their defaults.
     ConnectionConfig {
         chunk_size_limit: CHUNK_SIZE_LIMIT,
         chunk_size_warn_limit: Some(CHUNK_SIZE_LIMIT / 2),
         decompression_size_limit: DECOMPRESSION_LIMIT,
         timekey_secs: TIMEKEY_SECS as i64,
+        dedup: claimcheck::forward::dedup::Dedup::new(std::time::Duration::ZERO, 1),
         ..ConnectionConfig::default()
     }
 }
