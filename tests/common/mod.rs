@@ -519,6 +519,19 @@ impl Sidecar {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// Waits (up to 30 s) until the log contains `text`: a line about a connection may be
+    /// written just after the peer saw it close.
+    pub fn wait_for_log(&self, text: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log_text().contains(text) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("the sidecar runs").id()
     }
