@@ -18,10 +18,15 @@ use std::time::Duration;
 use claimcheck_consumer::body::{Compression, Format};
 
 use crate::buffer::{BufferConfig, OverflowAction, SyncPolicy};
+use crate::forward::connection::SignalAction;
+use crate::forward::dedup::Dedup;
+use crate::forward::security::{ClientRule, Secret, Security, User};
+use crate::forward::tls::{TlsSettings, TlsVersion};
 use crate::forward::ConnectionConfig;
 use crate::key_template::KeyTemplate;
 use crate::publisher::PublisherConfig;
 use crate::retry::{Backoff, RetryPolicy};
+use crate::server::ListenerConfig;
 use crate::uploader::UploaderConfig;
 
 /// Parses a duration such as `500ms`, `60s`, `1m`.
@@ -43,6 +48,13 @@ pub enum OverflowActionArg {
     Block,
     #[value(name = "drop_oldest_chunk", alias = "drop-oldest-chunk")]
     DropOldestChunk,
+}
+
+/// The forward listener's transport, as Fluentd's `<transport>` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    Tcp,
+    Tls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -142,6 +154,97 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_DECOMPRESSION_SIZE_LIMIT", default_value = "256MiB", value_parser = parse_size)]
     pub decompression_size_limit: u64,
 
+    /// Forward transport: tcp, or tls on the same port (Fluentd's `<transport tls>`).
+    #[arg(long, env = "CLAIMCHECK_TRANSPORT", default_value = "tcp")]
+    pub transport: Transport,
+
+    /// PEM certificate chain of the TLS listener (Fluentd's `cert_path`).
+    #[arg(long, env = "CLAIMCHECK_TLS_CERT_PATH")]
+    pub tls_cert_path: Option<PathBuf>,
+
+    /// PEM private key of the TLS listener, unencrypted (Fluentd's `private_key_path`).
+    #[arg(long, env = "CLAIMCHECK_TLS_PRIVATE_KEY_PATH")]
+    pub tls_private_key_path: Option<PathBuf>,
+
+    /// PEM CA certificates that client certificates must chain to (Fluentd's `ca_path`).
+    #[arg(long, env = "CLAIMCHECK_TLS_CA_PATH")]
+    pub tls_ca_path: Option<PathBuf>,
+
+    /// Require and verify client certificates (Fluentd's `client_cert_auth`).
+    #[arg(long, env = "CLAIMCHECK_TLS_CLIENT_CERT_AUTH", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub tls_client_cert_auth: bool,
+
+    /// Oldest TLS version accepted (Fluentd's `min_version`).
+    #[arg(long, env = "CLAIMCHECK_TLS_MIN_VERSION", default_value = "TLSv1_2")]
+    pub tls_min_version: TlsVersion,
+
+    /// Shared key of the forward handshake: when set, every connection starts with HELO and
+    /// clients must prove they know the key (Fluentd's `<security> shared_key`).
+    #[arg(long, env = "CLAIMCHECK_SHARED_KEY", hide_env_values = true)]
+    pub shared_key: Option<String>,
+
+    /// Name given in the handshake's PONG (Fluentd's `self_hostname`). Fluentd refuses a
+    /// PONG that carries its own `self_hostname`; default: the host name + `-claimcheck`.
+    #[arg(long, env = "CLAIMCHECK_SELF_HOSTNAME")]
+    pub self_hostname: Option<String>,
+
+    /// Require a username and password in the handshake, checked against `user` (Fluentd's
+    /// `user_auth`).
+    #[arg(long, env = "CLAIMCHECK_USER_AUTH", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub user_auth: bool,
+
+    /// A user for `user_auth`, `NAME:PASSWORD` (Fluentd's `<user>`); repeat the flag or list
+    /// them in the file (the environment variable holds one).
+    #[arg(long, env = "CLAIMCHECK_USER", hide_env_values = true)]
+    pub user: Vec<User>,
+
+    /// Whether senders that match no `client` rule may connect (Fluentd's
+    /// `allow_anonymous_source`).
+    #[arg(long, env = "CLAIMCHECK_ALLOW_ANONYMOUS_SOURCE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_anonymous_source: bool,
+
+    /// A client rule (Fluentd's `<client>`): `ADDRESS[,shared_key=KEY][,users=NAME:NAME]`,
+    /// ADDRESS being an IP address, a network (`10.0.0.0/8`) or a host name resolved at start.
+    /// A matching sender uses the rule's key and only its users. Repeat as for `user`.
+    #[arg(long, env = "CLAIMCHECK_CLIENT")]
+    pub client: Vec<ClientRule>,
+
+    /// Close each connection after its first request and ack (Fluentd's `deny_keepalive`).
+    #[arg(long, env = "CLAIMCHECK_DENY_KEEPALIVE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub deny_keepalive: bool,
+
+    /// Close a connection that sent nothing for this long while no ack was due; `0s`: never.
+    #[arg(long, env = "CLAIMCHECK_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Forward connections served at once; more are closed at once, counted and logged.
+    #[arg(long, env = "CLAIMCHECK_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// How long a request's `chunk` token is remembered per sender: a request resent with it
+    /// (after a lost ack) is acked again without storing its events twice; `0s`: off.
+    #[arg(long, env = "CLAIMCHECK_DEDUP_WINDOW", default_value = "10m", value_parser = parse_duration)]
+    pub dedup_window: Duration,
+
+    /// Most tokens remembered for `dedup_window`; the oldest are forgotten first.
+    #[arg(long, env = "CLAIMCHECK_DEDUP_MAX_TOKENS", default_value_t = 100_000)]
+    pub dedup_max_tokens: usize,
+
+    /// Requests whose `fluent_signal` is not logs (Fluent Bit's metrics, traces): `skip` acks
+    /// and counts them, `reject` closes the connection without an ack.
+    #[arg(long, env = "CLAIMCHECK_FLUENT_SIGNAL_ACTION", default_value = "skip")]
+    pub fluent_signal_action: SignalAction,
+
+    /// Record key set to the sender's IP address (Fluentd's `source_address_key`). Makes
+    /// ingest rewrite every record's map header.
+    #[arg(long, env = "CLAIMCHECK_SOURCE_ADDRESS_KEY")]
+    pub source_address_key: Option<String>,
+
+    /// Record key set to the sender's host name by reverse DNS, or its address when it has
+    /// none (Fluentd's `source_hostname_key`).
+    #[arg(long, env = "CLAIMCHECK_SOURCE_HOSTNAME_KEY")]
+    pub source_hostname_key: Option<String>,
+
     /// S3 bucket for chunk bodies.
     #[arg(long, env = "CLAIMCHECK_S3_BUCKET")]
     pub s3_bucket: String,
@@ -237,6 +340,7 @@ pub struct ServeArgs {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub listener: ListenerConfig,
     pub metrics_listen: Option<SocketAddr>,
     pub buffer: BufferConfig,
     pub connection: Arc<ConnectionConfig>,
@@ -285,8 +389,63 @@ impl ServeArgs {
         if self.s3_part_size < crate::aws::s3::MIN_PART_SIZE {
             return Err("--s3-part-size must be at least 5MiB (S3's minimum part size)".into());
         }
+        let security = match self.shared_key {
+            None if self.user_auth || !self.user.is_empty() || !self.client.is_empty() => {
+                return Err("--user-auth, --user and --client need --shared-key (the handshake carries them)".into())
+            }
+            None => None,
+            Some(key) => {
+                if self.user_auth && self.user.is_empty() {
+                    return Err("--user-auth needs at least one --user NAME:PASSWORD".into());
+                }
+                if !self.allow_anonymous_source && self.client.is_empty() {
+                    return Err("--allow-anonymous-source false needs at least one --client rule".into());
+                }
+                let mut clients = self.client;
+                for rule in &mut clients {
+                    if let Err(e) = rule.resolve() {
+                        tracing::warn!(cause = %e, "a client rule's host name does not resolve; it matches no sender");
+                    }
+                }
+                Some(Arc::new(Security {
+                    self_hostname: self
+                        .self_hostname
+                        .unwrap_or_else(|| format!("{hostname}-claimcheck")),
+                    shared_key: Secret(key),
+                    user_auth: self.user_auth,
+                    users: self.user,
+                    allow_anonymous_source: self.allow_anonymous_source,
+                    clients,
+                }))
+            }
+        };
+        let tls = match self.transport {
+            Transport::Tcp => None,
+            Transport::Tls => {
+                let (Some(cert_path), Some(private_key_path)) =
+                    (self.tls_cert_path, self.tls_private_key_path)
+                else {
+                    return Err(
+                        "--transport tls needs --tls-cert-path and --tls-private-key-path".into(),
+                    );
+                };
+                let settings = TlsSettings {
+                    cert_path,
+                    private_key_path,
+                    ca_path: self.tls_ca_path,
+                    client_cert_auth: self.tls_client_cert_auth,
+                    min_version: self.tls_min_version,
+                };
+                Some(settings.acceptor()?)
+            }
+        };
         Ok(Config {
             listen: self.listen,
+            listener: ListenerConfig {
+                tls,
+                max_connections: self.max_connections.max(1),
+                udp_heartbeat: true,
+            },
             metrics_listen: self.metrics_listen,
             buffer: BufferConfig {
                 dir: self.buffer_dir.clone(),
@@ -308,6 +467,13 @@ impl ServeArgs {
                 chunk_size_warn_limit: self.chunk_size_warn_limit,
                 decompression_size_limit: self.decompression_size_limit,
                 timekey_secs: self.timekey.as_secs() as i64,
+                security,
+                deny_keepalive: self.deny_keepalive,
+                idle_timeout: self.idle_timeout,
+                signal_action: self.fluent_signal_action,
+                source_address_key: self.source_address_key.filter(|k| !k.is_empty()),
+                source_hostname_key: self.source_hostname_key.filter(|k| !k.is_empty()),
+                dedup: Dedup::new(self.dedup_window, self.dedup_max_tokens),
             }),
             uploader: Arc::new(UploaderConfig {
                 format: self.format,
@@ -336,6 +502,11 @@ impl ServeArgs {
 
 /// Arguments of `serve` that are not settings.
 const NOT_SETTINGS: [&str; 3] = ["config", "print_config", "help"];
+
+/// Whether a setting takes several values (repeated flags, a list in the file).
+fn is_list(arg: &clap::Arg) -> bool {
+    matches!(arg.get_action(), clap::ArgAction::Append)
+}
 
 /// The `serve` command, for checking and printing settings.
 fn serve_command() -> clap::Command {
@@ -374,41 +545,52 @@ pub fn with_config_file(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
             .get_arguments()
             .find(|a| a.get_id() == key.as_str() && !NOT_SETTINGS.contains(&key.as_str()))
             .ok_or_else(|| format!("{name}: unknown setting `{key}` (settings are `claimcheck serve --help`'s flags, with underscores)"))?;
-        let value = match value {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            other => {
-                return Err(format!(
-                    "{name}: `{key}` must be a string, a number or a boolean, not {}",
-                    other.type_str()
-                ))
+        let list = is_list(arg);
+        let values = match value {
+            toml::Value::Array(items) if list => items,
+            toml::Value::Array(_) => {
+                return Err(format!("{name}: `{key}` takes one value, not a list"));
             }
+            one => vec![one],
         };
-        // The flag's own parser, on this value alone (no environment, nothing required).
         let long = arg.get_long().expect("settings are long flags");
-        let alone = arg
-            .clone()
-            .required(false)
-            .env(clap::builder::Resettable::Reset);
-        clap::Command::new("check")
-            .no_binary_name(true)
-            .arg(alone)
-            .try_get_matches_from([OsString::from(format!("--{long}")), OsString::from(&value)])
-            .map_err(|e| {
-                format!(
-                    "{name}: `{key}` = {value:?} is invalid: {}",
-                    clap_message(&e)
-                )
-            })?;
         let set_elsewhere = matches!(
             matches.value_source(key.as_str()),
             Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
         );
-        if !set_elsewhere {
-            extra.push(format!("--{}", arg.get_long().expect("settings are long flags")).into());
-            extra.push(value.into());
+        for value in values {
+            let value = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(format!(
+                        "{name}: `{key}` must be a string, a number or a boolean{}, not {}",
+                        if list { " (or a list of them)" } else { "" },
+                        other.type_str()
+                    ))
+                }
+            };
+            // The flag's own parser, on this value alone (no environment, nothing required).
+            let alone = arg
+                .clone()
+                .required(false)
+                .env(clap::builder::Resettable::Reset);
+            clap::Command::new("check")
+                .no_binary_name(true)
+                .arg(alone)
+                .try_get_matches_from([OsString::from(format!("--{long}")), OsString::from(&value)])
+                .map_err(|e| {
+                    format!(
+                        "{name}: `{key}` = {value:?} is invalid: {}",
+                        clap_message(&e)
+                    )
+                })?;
+            if !set_elsewhere {
+                extra.push(format!("--{long}").into());
+                extra.push(value.into());
+            }
         }
     }
     let mut out = argv;
@@ -428,12 +610,14 @@ pub fn effective_toml(serve_argv: &[OsString]) -> Result<String, String> {
         if NOT_SETTINGS.contains(&id) {
             continue;
         }
-        if let Some(mut raw) = matches.get_raw(id) {
-            if let Some(value) = raw.next() {
-                table.insert(
-                    id.to_string(),
-                    toml::Value::String(value.to_string_lossy().into_owned()),
-                );
+        if let Some(raw) = matches.get_raw(id) {
+            let mut values: Vec<toml::Value> = raw
+                .map(|v| toml::Value::String(v.to_string_lossy().into_owned()))
+                .collect();
+            if is_list(arg) {
+                table.insert(id.to_string(), toml::Value::Array(values));
+            } else if let Some(value) = values.pop() {
+                table.insert(id.to_string(), value);
             }
         }
     }

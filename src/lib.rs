@@ -106,6 +106,7 @@ impl Sidecar {
             listener,
             handle,
             config.connection.clone(),
+            config.listener.clone(),
             token.clone(),
         ));
         info!(%listen, buffer_dir = %config.buffer.dir.display(), "claimcheck is serving");

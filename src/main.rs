@@ -89,6 +89,30 @@ async fn shutdown_signal() {
     }
 }
 
+/// Raises the soft limit of open files to the hard limit when `max_connections` (plus files of
+/// the buffer) would not fit under it, as servers with many connections must.
+fn raise_open_files_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let want = max_connections as u64 + 256;
+    let mut limit = getrlimit(Resource::Nofile);
+    let current = limit.current.unwrap_or(u64::MAX);
+    if current >= want {
+        return;
+    }
+    let target = limit.maximum.map_or(want, |max| max.min(want.max(current)));
+    limit.current = Some(target);
+    if let Err(e) = setrlimit(Resource::Nofile, limit) {
+        tracing::warn!(cause = %e, current, "cannot raise the open files limit");
+    }
+    if target < want {
+        tracing::warn!(
+            open_files_limit = target,
+            max_connections,
+            "the open files limit is below max_connections; raise it (ulimit -n, LimitNOFILE)"
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let argv = match claimcheck::config::with_config_file(std::env::args_os().collect()) {
@@ -132,6 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             init_tracing(args.log_format);
             let config = args.into_config().map_err(anyhow::Error::msg)?;
+            raise_open_files_limit(config.listener.max_connections);
             let sidecar = Sidecar::open(config.clone())?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await

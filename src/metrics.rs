@@ -61,6 +61,10 @@ fn duration_histogram() -> Histogram {
 pub struct Metrics {
     pub connections_accepted: Counter,
     pub connections_open: Gauge,
+    pub connections_refused: Counter,
+    pub handshake_failures: Family<Reason, Counter>,
+    pub udp_heartbeats: Counter,
+    pub duplicate_requests: Counter,
     pub requests: Counter,
     pub received_bytes: Counter,
     pub events_received: Counter,
@@ -85,6 +89,10 @@ pub struct Metrics {
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     connections_accepted: Counter::default(),
     connections_open: Gauge::default(),
+    connections_refused: Counter::default(),
+    handshake_failures: Family::default(),
+    udp_heartbeats: Counter::default(),
+    duplicate_requests: Counter::default(),
     requests: Counter::default(),
     received_bytes: Counter::default(),
     events_received: Counter::default(),
@@ -121,7 +129,20 @@ const SEAL_REASONS: [&str; 7] = [
     "write error",
     "retry",
 ];
-const REFUSAL_REASONS: [&str; 4] = ["too_large", "not_msgpack", "decompression", "buffer_error"];
+const REFUSAL_REASONS: [&str; 5] = [
+    "too_large",
+    "not_msgpack",
+    "decompression",
+    "buffer_error",
+    "not_logs",
+];
+const HANDSHAKE_FAILURES: [&str; 5] = [
+    "invalid_ping",
+    "anonymous_denied",
+    "shared_key_mismatch",
+    "user_mismatch",
+    "tls",
+];
 const STAGES: [&str; 2] = ["upload", "publish"];
 
 impl Metrics {
@@ -131,6 +152,10 @@ impl Metrics {
 
     pub fn refused(&self, why: &str) {
         self.requests_refused.get_or_create(&reason(why)).inc();
+    }
+
+    pub fn handshake_failed(&self, why: &str) {
+        self.handshake_failures.get_or_create(&reason(why)).inc();
     }
 
     pub fn sealed(&self, why: &str) {
@@ -184,6 +209,9 @@ impl Metrics {
         for r in REFUSAL_REASONS {
             drop(self.requests_refused.get_or_create(&reason(r)));
         }
+        for r in HANDSHAKE_FAILURES {
+            drop(self.handshake_failures.get_or_create(&reason(r)));
+        }
         for s in STAGES {
             drop(self.retries.get_or_create(&Stage {
                 stage: s.to_string(),
@@ -199,6 +227,26 @@ impl Metrics {
             "connections_open",
             "Forward connections open",
             self.connections_open.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Forward connections closed at once because max_connections were open",
+            self.connections_refused.clone(),
+        );
+        r.register(
+            "handshake_failures",
+            "Shared-key or TLS handshakes refused, by reason",
+            self.handshake_failures.clone(),
+        );
+        r.register(
+            "udp_heartbeats",
+            "UDP heartbeats answered",
+            self.udp_heartbeats.clone(),
+        );
+        r.register(
+            "duplicate_requests",
+            "Resent requests acked again without storing their events twice",
+            self.duplicate_requests.clone(),
         );
         r.register(
             "requests",

@@ -1,10 +1,14 @@
-//! The listener: accept connections and run one task per connection until shutdown.
+//! The listener: accept connections (TLS ones too) and run one task per connection until
+//! shutdown; answer UDP heartbeats on the same port.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -26,7 +30,46 @@ impl Drop for OpenConnection {
         metrics().connections_open.dec();
     }
 }
+use crate::forward::connection::LogLimit;
 use crate::forward::{connection, ConnectionConfig};
+
+/// Settings of the listener itself.
+#[derive(Clone)]
+pub struct ListenerConfig {
+    /// Serve TLS on the forward port (Fluentd's `<transport tls>`).
+    pub tls: Option<TlsAcceptor>,
+    /// Connections served at once; more are closed at once, with a log line.
+    pub max_connections: usize,
+    /// Answer UDP heartbeats on the forward port.
+    pub udp_heartbeat: bool,
+}
+
+impl std::fmt::Debug for ListenerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerConfig")
+            .field("tls", &self.tls.is_some())
+            .field("max_connections", &self.max_connections)
+            .field("udp_heartbeat", &self.udp_heartbeat)
+            .finish()
+    }
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            tls: None,
+            max_connections: 4096,
+            udp_heartbeat: true,
+        }
+    }
+}
+
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Refusals and TLS failures: a few lines per minute, with counts of the rest.
+static REFUSED_LOG: LogLimit = LogLimit::new(5, Duration::from_secs(60));
+static TLS_LOG: LogLimit = LogLimit::new(5, Duration::from_secs(60));
 
 /// How long shutdown waits for connections before closing them: the time a connection gets
 /// to finish a request it is receiving, and as long again to send its acks.
@@ -40,8 +83,15 @@ pub async fn run(
     listener: TcpListener,
     buffer: BufferHandle,
     config: Arc<ConnectionConfig>,
+    listener_config: ListenerConfig,
     shutdown: CancellationToken,
 ) {
+    if listener_config.udp_heartbeat {
+        if let Ok(addr) = listener.local_addr() {
+            tokio::spawn(heartbeats(addr, shutdown.clone()));
+        }
+    }
+    let slots = Arc::new(Semaphore::new(listener_config.max_connections.max(1)));
     let mut connections = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -64,23 +114,36 @@ pub async fn run(
                 continue;
             }
         };
+        metrics().connections_accepted.inc();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics().connections_refused.inc();
+            if let Some(suppressed) = REFUSED_LOG.allow() {
+                warn!(%peer, max_connections = listener_config.max_connections,
+                      similar_lines_suppressed = suppressed,
+                      "refusing a connection: max_connections are open");
+            }
+            drop(socket);
+            continue;
+        };
         // Acks are small writes that must not wait for Nagle's algorithm.
         let _ = socket.set_nodelay(true);
         debug!(%peer, "connection accepted");
-        metrics().connections_accepted.inc();
         let span = tracing::info_span!("connection", %peer);
-        let conn = connection::serve(
-            socket,
-            peer,
-            buffer.clone(),
-            config.clone(),
-            shutdown.clone(),
-        );
+        let (buffer, config, shutdown) = (buffer.clone(), config.clone(), shutdown.clone());
+        let tls = listener_config.tls.clone();
         connections.spawn(
             async move {
                 // Counted open until the task ends, however it ends (aborts included).
                 let _open = OpenConnection::new();
-                conn.await
+                let _slot = slot;
+                match tls {
+                    None => connection::serve(socket, peer, buffer, config, shutdown).await,
+                    Some(tls) => {
+                        if let Some(stream) = accept_tls(&tls, socket, peer).await {
+                            connection::serve(stream, peer, buffer, config, shutdown).await
+                        }
+                    }
+                }
             }
             .instrument(span),
         );
@@ -101,5 +164,60 @@ pub async fn run(
         );
         connections.abort_all();
         while connections.join_next().await.is_some() {}
+    }
+}
+
+/// Completes a TLS handshake; `None` (logged) if it fails.
+async fn accept_tls(
+    tls: &TlsAcceptor,
+    socket: TcpStream,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(socket)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            // A port probe or a plain TCP heartbeat: nothing was attempted.
+            debug!(%peer, "connection closed before a TLS handshake");
+            None
+        }
+        failed => {
+            metrics().handshake_failed("tls");
+            let cause = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:?}"),
+            };
+            if let Some(suppressed) = TLS_LOG.allow() {
+                warn!(%peer, %cause, similar_lines_suppressed = suppressed, "TLS handshake failed");
+            }
+            None
+        }
+    }
+}
+
+/// Answers UDP heartbeats on the forward port, as Fluentd's in_forward does: one byte back
+/// from the listening socket to whoever sent a datagram.
+async fn heartbeats(addr: SocketAddr, shutdown: CancellationToken) {
+    let socket = match UdpSocket::bind(addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%addr, cause = %e, "cannot listen for UDP heartbeats; TCP is served anyway");
+            return;
+        }
+    };
+    let mut buf = [0u8; 128];
+    loop {
+        let received = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = socket.recv_from(&mut buf) => r,
+        };
+        match received {
+            Ok((_, from)) => {
+                metrics().udp_heartbeats.inc();
+                if let Err(e) = socket.send_to(b"\0", from).await {
+                    debug!(%from, cause = %e, "cannot answer a UDP heartbeat");
+                }
+            }
+            Err(e) => debug!(cause = %e, "UDP heartbeat socket error"),
+        }
     }
 }

@@ -238,8 +238,21 @@ fn print_config_round_trips_through_the_file_format() {
             "0.0.0.0:24231",
             "--s3-object-key-format",
             "${tag[0]}/%Y/%m/${chunk_id}.%{file_extension}",
+            "--shared-key",
+            "k",
+            "--user",
+            "alice:wonder land",
+            "--user",
+            "bob:pw",
+            "--client",
+            "10.0.0.0/8,shared_key=other,users=alice",
         ],
         &[],
+    );
+    assert_eq!(
+        first["user"],
+        toml::Value::Array(vec!["alice:wonder land".into(), "bob:pw".into()]),
+        "lists print as lists"
     );
     let file = dir.path().join("printed.toml");
     std::fs::write(&file, toml::to_string(&first).unwrap()).unwrap();
@@ -269,7 +282,15 @@ fn configuration_file_mistakes_name_the_file_and_the_key() {
         ),
         (
             "flush_interval = [1]\n",
+            "`flush_interval` takes one value, not a list",
+        ),
+        (
+            "flush_interval = { a = 1 }\n",
             "`flush_interval` must be a string, a number or a boolean",
+        ),
+        (
+            "user = [\"alice:pw\", \"bob\"]\n",
+            "`user` = \"bob\" is invalid: invalid value 'bob' for '--user <USER>': a user is NAME:PASSWORD",
         ),
         ("s3_bucket = \n", "claimcheck.toml"),
     ];

@@ -7,11 +7,10 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::load::{Load, LoadResult};
-use common::proxy::{Fault, Ledger, Proxy, Service};
+use common::proxy::{Fault, Ledger, Proxies, Service};
 use common::*;
 
 /// `--retry-max-interval` of these tests.
@@ -24,19 +23,15 @@ const RESUME_SLACK: Duration = Duration::from_secs(4);
 struct Faulty {
     sidecar: Sidecar,
     env: Emulated,
-    ledger: Arc<Ledger>,
-    s3: Proxy,
-    kinesis: Proxy,
+    proxies: Proxies,
     started: Instant,
 }
 
 async fn setup(s3_fault: Fault, kinesis_fault: Fault) -> Faulty {
     let env = Emulated::start("faults").await;
-    let ledger = Arc::new(Ledger::default());
-    let s3 = Proxy::start(Service::S3, env.moto.port, ledger.clone()).await;
-    let kinesis = Proxy::start(Service::Kinesis, env.moto.port, ledger.clone()).await;
-    s3.set(s3_fault);
-    kinesis.set(kinesis_fault);
+    let proxies = env.proxies().await;
+    proxies.s3.set(s3_fault);
+    proxies.kinesis.set(kinesis_fault);
     let max = format!("{}s", MAX_INTERVAL.as_secs());
     let args = [
         "--flush-interval",
@@ -51,12 +46,10 @@ async fn setup(s3_fault: Fault, kinesis_fault: Fault) -> Faulty {
         &max,
     ];
     let started = Instant::now();
-    let sidecar = env.sidecar_at(free_port(), Some((&s3.url(), &kinesis.url())), &args);
+    let sidecar = env.sidecar_behind(&proxies, &args);
     Faulty {
         env,
-        ledger,
-        s3,
-        kinesis,
+        proxies,
         sidecar,
         started,
     }
@@ -93,7 +86,7 @@ async fn verify(f: &Faulty, load: &LoadResult) {
         "an event was delivered twice"
     );
     assert_eq!(
-        f.ledger.violations(),
+        f.proxies.ledger.violations(),
         Vec::<String>::new(),
         "pointers published before their objects"
     );
@@ -102,7 +95,7 @@ async fn verify(f: &Faulty, load: &LoadResult) {
         load.acked.len(),
         seen.len(),
         chunks.len(),
-        f.ledger.injected()
+        f.proxies.ledger.injected()
     );
 }
 
@@ -150,16 +143,17 @@ async fn s3_down_at_start_then_back() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(load.acked_count() > 0, "acks keep coming with S3 down");
     assert!(
-        f.ledger
+        f.proxies
+            .ledger
             .first_success_after(Service::Kinesis, f.started)
             .is_none(),
         "nothing published without objects"
     );
     let back = Instant::now();
-    f.s3.set(Fault::None);
+    f.proxies.s3.set(Fault::None);
     assert_quick(
         "S3 down at start",
-        resumed(&f.ledger, Service::S3, back).await,
+        resumed(&f.proxies.ledger, Service::S3, back).await,
     );
     let load = load.stop().await;
     verify(&f, &load).await;
@@ -176,10 +170,10 @@ async fn kinesis_down_at_start_then_back() {
         "uploads go on while Kinesis is down"
     );
     let back = Instant::now();
-    f.kinesis.set(Fault::None);
+    f.proxies.kinesis.set(Fault::None);
     assert_quick(
         "Kinesis down at start",
-        resumed(&f.ledger, Service::Kinesis, back).await,
+        resumed(&f.proxies.ledger, Service::Kinesis, back).await,
     );
     let load = load.stop().await;
     verify(&f, &load).await;
@@ -191,22 +185,22 @@ async fn each_backend_goes_down_mid_run_then_back() {
     let load = Load::start(f.sidecar.port, 2, 20, 3);
     wait_log(&f.sidecar, "pointer published").await;
 
-    f.s3.set(Fault::Down);
+    f.proxies.s3.set(Fault::Down);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let back = Instant::now();
-    f.s3.set(Fault::None);
+    f.proxies.s3.set(Fault::None);
     assert_quick(
         "S3 down mid-run",
-        resumed(&f.ledger, Service::S3, back).await,
+        resumed(&f.proxies.ledger, Service::S3, back).await,
     );
 
-    f.kinesis.set(Fault::Down);
+    f.proxies.kinesis.set(Fault::Down);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let back = Instant::now();
-    f.kinesis.set(Fault::None);
+    f.proxies.kinesis.set(Fault::None);
     assert_quick(
         "Kinesis down mid-run",
-        resumed(&f.ledger, Service::Kinesis, back).await,
+        resumed(&f.proxies.ledger, Service::Kinesis, back).await,
     );
 
     let load = load.stop().await;
@@ -229,12 +223,12 @@ async fn half_of_all_requests_fail_with_500_and_503() {
     let load = Load::start(f.sidecar.port, 2, 20, 3);
     tokio::time::sleep(Duration::from_secs(6)).await;
     let load = load.stop().await;
-    f.s3.set(Fault::None);
-    f.kinesis.set(Fault::None);
+    f.proxies.s3.set(Fault::None);
+    f.proxies.kinesis.set(Fault::None);
     assert!(
-        f.ledger.injected() > 10,
+        f.proxies.ledger.injected() > 10,
         "faults were injected ({})",
-        f.ledger.injected()
+        f.proxies.ledger.injected()
     );
     verify(&f, &load).await;
 }
@@ -261,7 +255,7 @@ async fn kinesis_throttling_and_partial_put_records_failures() {
         log.contains("pointer not accepted"),
         "partial failures were seen and retried alone"
     );
-    f.kinesis.set(Fault::None);
+    f.proxies.kinesis.set(Fault::None);
     verify(&f, &load).await;
 }
 
@@ -275,7 +269,8 @@ async fn slow_backends_delay_delivery_but_not_acks() {
     }
     // No S3 request can have been answered yet (each takes 3 s): acks do not wait for S3.
     assert!(
-        f.ledger
+        f.proxies
+            .ledger
             .first_success_after(Service::S3, f.started)
             .is_none(),
         "acks came before any upload finished"

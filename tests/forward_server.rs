@@ -1,110 +1,16 @@
 //! The forward protocol on a real socket, with requests built byte by byte for what the client
 //! libraries do not send: Fluentd's str32 entries and newline-ended tokens, multi-member gzip,
 //! zstd, Fluent Bit's map32 options and `[[time, metadata], record]` entries, pipelining,
-//! split writes, garbage.
+//! split writes. Hostile peers are in `abuse.rs`.
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
-use claimcheck_consumer::entry::{encode, EventTime};
+use common::wire::*;
 use common::*;
 use rmpv::Value;
-
-fn pack(v: &Value) -> Vec<u8> {
-    let mut b = Vec::new();
-    rmpv::encode::write_value(&mut b, v).unwrap();
-    b
-}
-
-fn record(source: &str, i: usize) -> Value {
-    Value::Map(vec![
-        ("source".into(), source.into()),
-        ("seq".into(), (i as u64).into()),
-    ])
-}
-
-fn expected(tag: &str, source: &str, base: i64, n: usize) -> Vec<TestEvent> {
-    (0..n)
-        .map(|i| TestEvent {
-            tag: tag.into(),
-            secs: base + i as i64,
-            nanos: Some(i as u32),
-            record: serde_json::json!({"source": source, "seq": i}),
-        })
-        .collect()
-}
-
-/// Entries `[EventTime, record]` (or Fluent Bit's `[[EventTime, {}], record]`), back to back.
-fn entries(source: &str, base: i64, n: usize, fluent_bit: bool) -> Vec<u8> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        let t = EventTime::new(base + i as i64, i as u32);
-        if fluent_bit {
-            out.push(0x92);
-            out.push(0x92);
-            encode::event_time(&mut out, t);
-            out.extend(pack(&Value::Map(vec![("pod".into(), "web-1".into())])));
-        } else {
-            // Non-minimal array32 header, as Fluent Bit writes without metadata.
-            out.extend_from_slice(&[0xdd, 0, 0, 0, 2]);
-            encode::event_time(&mut out, t);
-        }
-        out.extend(pack(&record(source, i)));
-    }
-    out
-}
-
-/// `[tag, str32(entries), {"size", "compressed", "chunk"}]`, exactly as Fluentd's out_forward.
-fn fluentd_request(tag: &str, entries: &[u8], n: usize, compressed: &str, token: &str) -> Vec<u8> {
-    let mut out = vec![0x93];
-    out.extend(pack(&tag.into()));
-    out.push(0xdb);
-    out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
-    out.extend_from_slice(entries);
-    out.extend(pack(&Value::Map(vec![
-        ("size".into(), (n as u64).into()),
-        ("compressed".into(), compressed.into()),
-        ("chunk".into(), token.into()),
-    ])));
-    out
-}
-
-fn gzip_members(data: &[u8], members: usize) -> Vec<u8> {
-    let step = data.len().div_ceil(members);
-    data.chunks(step)
-        .flat_map(|part| {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(part).unwrap();
-            e.finish().unwrap()
-        })
-        .collect()
-}
-
-fn expect_ack(conn: &mut TcpStream, token: &[u8]) {
-    let mut want = vec![0x81, 0xa3, b'a', b'c', b'k'];
-    rmp::encode::write_str_len(&mut want, token.len() as u32).unwrap();
-    want.extend_from_slice(token);
-    // One read, as Fluent Bit does it: the ack must arrive in one piece.
-    let mut buf = [0u8; 512];
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let n = conn.read(&mut buf).expect("an ack arrives");
-    assert_eq!(
-        &buf[..n],
-        &want[..],
-        "ack for token {:?}",
-        String::from_utf8_lossy(token)
-    );
-}
-
-fn connect(port: u16) -> TcpStream {
-    let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    c.set_nodelay(true).unwrap();
-    c
-}
 
 /// A test's emulator and a sidecar that seals chunks after a second.
 struct Setup {
@@ -174,7 +80,7 @@ async fn fluentd_packed_forward_text_gzip_and_zstd_with_newline_tokens() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fluent_bit_forward_mode_with_metadata_and_map32_options() {
+async fn fluent_bit_forward_mode_with_metadata_map32_options_and_ext8_times() {
     let s = setup(&[]).await;
     let base = minute_of(now_secs()) - 600;
     let n = 25;
@@ -210,12 +116,37 @@ async fn fluent_bit_forward_mode_with_metadata_and_map32_options() {
     conn.write_all(&req).unwrap();
     expect_ack(&mut conn, b"Zmx1ZW50LWJpdC1nemlwIQ==");
 
+    // Plain bin32 entries whose times are ext8 (`c7 08 00`), not fixext8, and metadata-less.
+    let mut ext8 = Vec::new();
+    for i in 0..n {
+        ext8.push(0x92);
+        ext8.extend_from_slice(&[0xc7, 0x08, 0x00]);
+        ext8.extend_from_slice(&((base + i as i64) as u32).to_be_bytes());
+        ext8.extend_from_slice(&(i as u32).to_be_bytes());
+        ext8.extend(pack(&record("ext8", i)));
+    }
+    let mut req = vec![0x93];
+    req.extend(pack(&"fb.ext8".into()));
+    req.push(0xc6);
+    req.extend_from_slice(&(ext8.len() as u32).to_be_bytes());
+    req.extend(ext8);
+    req.extend(pack(&Value::Map(vec![("chunk".into(), "ZXh0OA==".into())])));
+    conn.write_all(&req).unwrap();
+    expect_ack(&mut conn, b"ZXh0OA==");
+
     let mut want = expected("fb.app", "fb", base, n);
     want.extend(expected("fb.gz", "fbgz", base, n));
+    let plain = want.len();
+    want.extend(expected("fb.ext8", "ext8", base, n));
     let chunks = s.env.read_events(want.len()).await;
     assert_exactly_once(&chunks, &want);
     let meta = serde_json::json!({"pod": "web-1"});
-    for e in chunks.iter().flat_map(|c| &c.events) {
+    let with_meta = chunks
+        .iter()
+        .flat_map(|c| &c.events)
+        .filter(|e| e.tag() != "fb.ext8");
+    assert_eq!(with_meta.clone().count(), plain);
+    for e in with_meta {
         assert_eq!(e.metadata_json(), Some(meta.clone()), "metadata is kept");
     }
 }
@@ -312,69 +243,6 @@ async fn split_writes_pipelining_no_ack_requests_and_skipped_events() {
     let chunks = s.env.read_events(want.len()).await;
     assert_exactly_once(&chunks, &want);
     assert!(s.sidecar.log_text().contains("skipping invalid events"));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_bombs_and_oversized_requests_close_only_their_connection() {
-    let s = setup(&[
-        "--chunk-size-limit",
-        "64KiB",
-        "--decompression-size-limit",
-        "1MiB",
-    ])
-    .await;
-    let base = minute_of(now_secs()) - 600;
-    let mut good = connect(s.sidecar.port);
-
-    let closed = |mut c: TcpStream, bytes: &[u8], what: &str| {
-        let _ = c.write_all(bytes);
-        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut buf = [0u8; 64];
-        match c.read(&mut buf) {
-            Ok(0) | Err(_) => {}
-            Ok(n) => panic!(
-                "{what}: expected the connection to close without a reply, got {:?}",
-                &buf[..n]
-            ),
-        }
-    };
-    // A reserved msgpack byte can never start a request.
-    closed(connect(s.sidecar.port), &[0xc1, 0x00, 0x01], "garbage");
-    // 2 MiB of zeros compress to a few KiB: over the decompression limit.
-    let bomb = gzip_members(&vec![0u8; 2 << 20], 1);
-    closed(
-        connect(s.sidecar.port),
-        &fluentd_request("bomb", &bomb, 1, "gzip", "Ym9tYg=="),
-        "bomb",
-    );
-    // Larger than chunk_size_limit as received.
-    let big = entries("big", base, 4000, false);
-    closed(
-        connect(s.sidecar.port),
-        &fluentd_request("big", &big, 4000, "text", "YmlnCg=="),
-        "oversized",
-    );
-
-    // The other connection was not disturbed.
-    good.write_all(&fluentd_request(
-        "still.fine",
-        &entries("fine", base, 5, false),
-        5,
-        "text",
-        "ZmluZQ==",
-    ))
-    .unwrap();
-    expect_ack(&mut good, b"ZmluZQ==");
-    let chunks = s.env.read_events(5).await;
-    assert_exactly_once(&chunks, &expected("still.fine", "fine", base, 5));
-    let log = s.sidecar.log_text();
-    for what in [
-        "reserved msgpack byte",
-        "decompression_size_limit",
-        "chunk_size_limit",
-    ] {
-        assert!(log.contains(what), "log names the reason ({what}):\n{log}");
-    }
 }
 
 #[test]

@@ -5,11 +5,10 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::load::Load;
-use common::proxy::{Fault, Ledger, Proxy, Service};
+use common::proxy::Fault;
 use common::*;
 
 /// Samples of a scrape: `name{labels}` -> value.
@@ -131,9 +130,8 @@ async fn metrics_follow_a_send_and_deliver_cycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_an_s3_outage_the_sidecar_stays_ready_and_the_metrics_say_why_delivery_lags() {
     let env = Emulated::start("outage").await;
-    let ledger = Arc::new(Ledger::default());
-    let s3 = Proxy::start(Service::S3, env.moto.port, ledger.clone()).await;
-    let kinesis = Proxy::start(Service::Kinesis, env.moto.port, ledger).await;
+    let proxies = env.proxies().await;
+    let s3 = &proxies.s3;
     s3.set(Fault::Down);
     let admin = free_port();
     let listen = format!("127.0.0.1:{admin}");
@@ -149,7 +147,7 @@ async fn during_an_s3_outage_the_sidecar_stays_ready_and_the_metrics_say_why_del
         "--retry-max-interval",
         "1s",
     ];
-    let sidecar = env.sidecar_at(free_port(), Some((&s3.url(), &kinesis.url())), &args);
+    let sidecar = env.sidecar_behind(&proxies, &args);
     let load = Load::start(sidecar.port, 1, 20, 2);
     eventually("uploads fail and are retried", async || {
         let m = metrics(admin).await;
@@ -213,9 +211,8 @@ async fn during_an_s3_outage_the_sidecar_stays_ready_and_the_metrics_say_why_del
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_false_while_the_buffer_is_full_and_health_says_so() {
     let env = Emulated::start("notready").await;
-    let ledger = Arc::new(Ledger::default());
-    let s3 = Proxy::start(Service::S3, env.moto.port, ledger.clone()).await;
-    let kinesis = Proxy::start(Service::Kinesis, env.moto.port, ledger).await;
+    let proxies = env.proxies().await;
+    let s3 = &proxies.s3;
     s3.set(Fault::Down);
     let admin = free_port();
     let listen = format!("127.0.0.1:{admin}");
@@ -229,7 +226,7 @@ async fn readyz_is_false_while_the_buffer_is_full_and_health_says_so() {
         "--retry-max-interval",
         "1s",
     ];
-    let sidecar = env.sidecar_at(free_port(), Some((&s3.url(), &kinesis.url())), &args);
+    let sidecar = env.sidecar_behind(&proxies, &args);
     let health = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_claimcheck"))
             .arg("health")
@@ -309,9 +306,8 @@ async fn every_metric_the_dashboard_queries_is_exposed() {
 
     // A day in the life: traffic, S3 errors, throttled PutRecords, an invalid event, garbage.
     let env = Emulated::start("dashboard").await;
-    let ledger = Arc::new(Ledger::default());
-    let s3 = Proxy::start(Service::S3, env.moto.port, ledger.clone()).await;
-    let kinesis = Proxy::start(Service::Kinesis, env.moto.port, ledger).await;
+    let proxies = env.proxies().await;
+    let (s3, kinesis) = (&proxies.s3, &proxies.kinesis);
     s3.set(Fault::Errors {
         status: 500,
         rate: 0.5,
@@ -334,7 +330,7 @@ async fn every_metric_the_dashboard_queries_is_exposed() {
         "--retry-max-interval",
         "500ms",
     ];
-    let sidecar = env.sidecar_at(free_port(), Some((&s3.url(), &kinesis.url())), &args);
+    let sidecar = env.sidecar_behind(&proxies, &args);
     let load = Load::start(sidecar.port, 1, 20, 2);
     let bad = TestEvent {
         tag: "bad".into(),

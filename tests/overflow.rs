@@ -7,19 +7,17 @@ mod common;
 
 use std::collections::HashMap;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::load::{Load, LoadResult};
-use common::proxy::{Fault, Ledger, Proxy, Service};
+use common::proxy::{Fault, Proxies};
 use common::*;
 
 /// Fields drop in order: the sidecar first, so that its log can still be read on failure.
 struct Setup {
     sidecar: Sidecar,
     env: Emulated,
-    s3: Proxy,
-    _kinesis: Proxy,
+    proxies: Proxies,
 }
 
 const ARGS: [&str; 8] = [
@@ -36,15 +34,12 @@ const ARGS: [&str; 8] = [
 /// The sidecar with S3 down behind a proxy; with `tmpfs`, its buffer is a 4 MiB tmpfs.
 async fn setup(tmpfs: bool, args: &[&str]) -> Setup {
     let env = Emulated::start("overflow").await;
-    let ledger = Arc::new(Ledger::default());
-    let s3 = Proxy::start(Service::S3, env.moto.port, ledger.clone()).await;
-    let kinesis = Proxy::start(Service::Kinesis, env.moto.port, ledger).await;
-    s3.set(Fault::Down);
+    let proxies = env.proxies().await;
+    proxies.s3.set(Fault::Down);
     let mut all: Vec<&str> = ARGS.to_vec();
     all.extend_from_slice(args);
     let mut aws = aws_env(env.moto.port);
-    aws.push(("AWS_ENDPOINT_URL_S3", s3.url()));
-    aws.push(("AWS_ENDPOINT_URL_KINESIS", kinesis.url()));
+    aws.extend(proxies.env());
     let buffer = env.buffer_dir();
     let sidecar = if tmpfs {
         std::fs::create_dir_all(&buffer).unwrap();
@@ -70,8 +65,7 @@ async fn setup(tmpfs: bool, args: &[&str]) -> Setup {
     };
     Setup {
         env,
-        s3,
-        _kinesis: kinesis,
+        proxies,
         sidecar,
     }
 }
@@ -116,7 +110,7 @@ async fn fills_then_recovers(s: Setup, full_message: &str) {
     );
     assert!(stalled_at > 0);
 
-    s.s3.set(Fault::None);
+    s.proxies.s3.set(Fault::None);
     let deadline = Instant::now() + Duration::from_secs(60);
     while load.acked_count() < stalled_at + 1000 {
         assert!(
@@ -174,7 +168,7 @@ async fn drop_oldest_chunk_keeps_acking_and_accounts_for_every_drop() {
         "acks go on while chunks are dropped"
     );
     let load = load.stop().await;
-    s.s3.set(Fault::None);
+    s.proxies.s3.set(Fault::None);
 
     // Every drop is logged with its event count; what was acked and not dropped arrives.
     let log = s.sidecar.log_text();

@@ -7,7 +7,6 @@ mod common;
 
 use std::io::Write;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,7 +15,7 @@ use claimcheck::buffer::chunk::{
 };
 use claimcheck_consumer::entry::{encode, EventTime};
 use common::load::{record_of, Load};
-use common::proxy::{Fault, Ledger, Proxy, Service};
+use common::proxy::Fault;
 use common::*;
 
 /// Writes an open chunk with `frames` frames of `per_frame` events (ids from `first_id`).
@@ -132,9 +131,8 @@ async fn torn_tails_broken_states_and_strangers_are_kept_aside_and_every_whole_e
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_out_of_retries_wait_in_dead_letters_until_replayed() {
     let env = Emulated::start("dead").await;
-    let ledger = Arc::new(Ledger::default());
-    let s3 = Proxy::start(Service::S3, env.moto.port, ledger.clone()).await;
-    let kinesis = Proxy::start(Service::Kinesis, env.moto.port, ledger).await;
+    let proxies = env.proxies().await;
+    let s3 = &proxies.s3;
     s3.set(Fault::Down);
     let args = [
         "--flush-interval",
@@ -148,7 +146,7 @@ async fn chunks_out_of_retries_wait_in_dead_letters_until_replayed() {
         "--retry-max-times",
         "2",
     ];
-    let sidecar = env.sidecar_at(free_port(), Some((&s3.url(), &kinesis.url())), &args);
+    let sidecar = env.sidecar_behind(&proxies, &args);
     let load = Load::start(sidecar.port, 2, 20, 3);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !sidecar

@@ -5,12 +5,10 @@
 //! per-record failures (`ProvisionedThroughputExceededException`, `InternalFailure`), which the
 //! publisher retries alone.
 
-use std::time::Instant;
-
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 
-use super::{record, BackendError};
+use super::{timed, BackendError};
 use crate::publisher::{EntryResult, PointerRecord, PointerSink};
 
 #[derive(Debug, Clone)]
@@ -47,13 +45,7 @@ impl PointerSink for KinesisSink {
         } else {
             req.stream_name(&self.stream)
         };
-        let started = Instant::now();
-        let result = req
-            .send()
-            .await
-            .map_err(|e| BackendError::from_sdk("PutRecords", e));
-        record(true, "PutRecords", started, &result);
-        let out = result?;
+        let out = timed(true, "PutRecords", req.send()).await?;
         if out.records.len() != records.len() {
             return Err(BackendError::local(
                 "PutRecords",

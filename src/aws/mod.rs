@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_s3::error::SdkError;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 pub use error::BackendError;
 
 /// Loads the shared AWS configuration. Never fails: a missing region or credentials show up
@@ -34,15 +36,21 @@ pub async fn load_config() -> SdkConfig {
     config
 }
 
-/// Records a call's duration, and its error code if it failed, in the metrics.
-fn record<T>(
+/// Awaits an SDK call, recording its duration and its error code if it failed in the metrics.
+async fn timed<T, E, R>(
     kinesis: bool,
     operation: &'static str,
-    started: std::time::Instant,
-    result: &Result<T, BackendError>,
-) {
+    call: impl std::future::Future<Output = Result<T, SdkError<E, R>>>,
+) -> Result<T, BackendError>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let started = std::time::Instant::now();
+    let result = call.await.map_err(|e| BackendError::from_sdk(operation, e));
     let code = result.as_ref().err().map(|e| e.code.as_str());
     crate::metrics::metrics().aws_call(kinesis, operation, started.elapsed(), code);
+    result
 }
 
 /// True when an S3 endpoint override is configured, in the SDK config or the environment.

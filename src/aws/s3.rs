@@ -1,14 +1,12 @@
 //! Chunk bodies to S3. Every request carries the CRC32C of its bytes
 //! (`x-amz-checksum-crc32c`), so S3 itself rejects a corrupted upload.
 
-use std::time::Instant;
-
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use claimcheck_consumer::pointer::crc32c_base64;
 
-use super::{record, BackendError};
+use super::{timed, BackendError};
 use crate::uploader::{ChunkStore, ObjectMeta, UploadedPart};
 
 /// S3 requires every part but the last to be at least 5 MiB.
@@ -37,42 +35,40 @@ impl ChunkStore for S3Store {
         body: Bytes,
         crc32c: u32,
     ) -> Result<Option<String>, BackendError> {
-        let started = Instant::now();
-        let result = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&meta.key)
-            .content_length(body.len() as i64)
-            .body(ByteStream::from(body))
-            .checksum_crc32_c(crc32c_base64(crc32c))
-            .content_type(meta.content_type)
-            .set_content_encoding(meta.content_encoding.map(str::to_string))
-            .metadata("claimcheck-chunk-id", &meta.chunk_id)
-            .send()
-            .await
-            .map_err(|e| BackendError::from_sdk("PutObject", e));
-        record(false, "PutObject", started, &result);
-        let out = result?;
+        let out = timed(
+            false,
+            "PutObject",
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&meta.key)
+                .content_length(body.len() as i64)
+                .body(ByteStream::from(body))
+                .checksum_crc32_c(crc32c_base64(crc32c))
+                .content_type(meta.content_type)
+                .set_content_encoding(meta.content_encoding.map(str::to_string))
+                .metadata("claimcheck-chunk-id", &meta.chunk_id)
+                .send(),
+        )
+        .await?;
         Ok(out.e_tag)
     }
 
     async fn create_multipart(&self, meta: &ObjectMeta) -> Result<String, BackendError> {
-        let started = Instant::now();
-        let result = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&meta.key)
-            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
-            .content_type(meta.content_type)
-            .set_content_encoding(meta.content_encoding.map(str::to_string))
-            .metadata("claimcheck-chunk-id", &meta.chunk_id)
-            .send()
-            .await
-            .map_err(|e| BackendError::from_sdk("CreateMultipartUpload", e));
-        record(false, "CreateMultipartUpload", started, &result);
-        let out = result?;
+        let out = timed(
+            false,
+            "CreateMultipartUpload",
+            self.client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&meta.key)
+                .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+                .content_type(meta.content_type)
+                .set_content_encoding(meta.content_encoding.map(str::to_string))
+                .metadata("claimcheck-chunk-id", &meta.chunk_id)
+                .send(),
+        )
+        .await?;
         out.upload_id.ok_or_else(|| {
             BackendError::local("CreateMultipartUpload", "no upload id in the response")
         })
@@ -86,22 +82,21 @@ impl ChunkStore for S3Store {
         body: Bytes,
         crc32c: u32,
     ) -> Result<Option<String>, BackendError> {
-        let started = Instant::now();
-        let result = self
-            .client
-            .upload_part()
-            .bucket(&self.bucket)
-            .key(&meta.key)
-            .upload_id(upload_id)
-            .part_number(number)
-            .content_length(body.len() as i64)
-            .checksum_crc32_c(crc32c_base64(crc32c))
-            .body(ByteStream::from(body))
-            .send()
-            .await
-            .map_err(|e| BackendError::from_sdk("UploadPart", e));
-        record(false, "UploadPart", started, &result);
-        let out = result?;
+        let out = timed(
+            false,
+            "UploadPart",
+            self.client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(&meta.key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .content_length(body.len() as i64)
+                .checksum_crc32_c(crc32c_base64(crc32c))
+                .body(ByteStream::from(body))
+                .send(),
+        )
+        .await?;
         Ok(out.e_tag)
     }
 
@@ -121,23 +116,22 @@ impl ChunkStore for S3Store {
                     .build()
             })
             .collect();
-        let started = Instant::now();
-        let result = self
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&meta.key)
-            .upload_id(upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| BackendError::from_sdk("CompleteMultipartUpload", e));
-        record(false, "CompleteMultipartUpload", started, &result);
-        let out = result?;
+        let out = timed(
+            false,
+            "CompleteMultipartUpload",
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&meta.key)
+                .upload_id(upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send(),
+        )
+        .await?;
         Ok(out.e_tag)
     }
 
@@ -146,18 +140,17 @@ impl ChunkStore for S3Store {
         meta: &ObjectMeta,
         upload_id: &str,
     ) -> Result<(), BackendError> {
-        let started = Instant::now();
-        let result = self
-            .client
-            .abort_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&meta.key)
-            .upload_id(upload_id)
-            .send()
-            .await
-            .map_err(|e| BackendError::from_sdk("AbortMultipartUpload", e));
-        record(false, "AbortMultipartUpload", started, &result);
-        let _out = result?;
+        let _out = timed(
+            false,
+            "AbortMultipartUpload",
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&meta.key)
+                .upload_id(upload_id)
+                .send(),
+        )
+        .await?;
         Ok(())
     }
 }

@@ -99,6 +99,33 @@ async fn appends_are_durable_then_sealed_by_flush_interval_without_new_input() {
     task.await.unwrap().unwrap();
 }
 
+/// Found by the connection fuzz target: an event time near i64::MAX seconds (a valid uint64
+/// time) overflowed the seal deadline's arithmetic, and the panic stopped the writer.
+#[tokio::test]
+async fn an_event_time_near_the_end_of_time_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (buffer, _) = Buffer::open(config(dir.path()), registry(), tx).unwrap();
+    let handle = buffer.handle.clone();
+    let task = tokio::spawn(buffer.run());
+
+    let secs = i64::MAX - 1;
+    let mut e = vec![0x92, 0xcf];
+    e.extend_from_slice(&(secs as u64).to_be_bytes());
+    e.push(0x80);
+    let e = Bytes::from(e);
+    let timekey = secs - secs.rem_euclid(60);
+    handle
+        .append("app".into(), vec![group_of(timekey, &[e])])
+        .await
+        .await
+        .expect("stored");
+    drop(handle);
+    task.await.unwrap().unwrap();
+    let sealed = recv(&mut rx).await;
+    assert_eq!((sealed.stats.records, sealed.header.timekey), (1, timekey));
+}
+
 #[tokio::test]
 async fn chunks_split_by_tag_timekey_size_and_records_and_seal_at_shutdown() {
     let dir = tempfile::tempdir().unwrap();

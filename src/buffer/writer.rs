@@ -517,10 +517,14 @@ impl Writer {
     fn deadline(&self, now: Instant, created_ms: i64, timekey: i64) -> Instant {
         let c = &self.config;
         let flush = now + c.flush_interval;
-        let window_end_ms =
-            (timekey + c.timekey.as_secs() as i64) * 1000 + c.timekey_wait.as_millis() as i64;
-        let timekey_due =
-            now + Duration::from_millis(window_end_ms.saturating_sub(created_ms).max(0) as u64);
+        // Saturating: a sender may send any time up to i64::MAX seconds, and a timekey that
+        // far away must not overflow (a panic here would stop the writer for every connection).
+        let window_end_ms = timekey
+            .saturating_add(c.timekey.as_secs() as i64)
+            .saturating_mul(1000)
+            .saturating_add(c.timekey_wait.as_millis() as i64);
+        let wait = Duration::from_millis(window_end_ms.saturating_sub(created_ms).max(0) as u64);
+        let timekey_due = now.checked_add(wait).unwrap_or(flush);
         let min_age = now + c.flush_interval.min(Duration::from_secs(1));
         flush.min(timekey_due).max(min_age)
     }

@@ -6,11 +6,15 @@
 //! wait for durability at once; then the connection stops reading, which pushes back on the
 //! sender through TCP. A request that cannot be buffered gets no ack and the connection is
 //! closed, so the sender resends it; an ack is never sent for what is not stored.
+//!
+//! With `<security>` settings the connection starts with the shared-key handshake
+//! ([`super::security`]); a request whose token was stored recently from the same sender is
+//! acked again without storing it twice ([`super::dedup`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -22,21 +26,26 @@ use tracing::{debug, error, info, warn};
 
 use std::time::Instant;
 
+use super::dedup::{self, Dedup, Seen};
 use super::entries;
 use super::frame::{self, Request};
+use super::security::{Handshake, Security};
 use crate::buffer::{BufferError, BufferHandle};
 use crate::metrics::metrics;
 
 /// Requests whose acks may be outstanding on one connection.
 const MAX_IN_FLIGHT: usize = 64;
-/// Bytes read per `read` call at least.
+/// Bytes read per `read` call at least, once a connection carries data.
 const READ_CHUNK: usize = 64 * 1024;
+/// The first read of an idle connection (a heartbeat, a keepalive connection between
+/// flushes) is small, so that thousands of them cost little memory.
+const FIRST_READ: usize = 4 * 1024;
 /// Longest tag accepted (S3 keys are limited to 1024 bytes and usually contain the tag).
 pub const MAX_TAG_BYTES: usize = 512;
 /// How long a connection may take to finish a request it is receiving when shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Settings of the forward input that connections apply.
+/// Settings of the forward input that connections apply, and the state they share.
 #[derive(Debug, Clone)]
 pub struct ConnectionConfig {
     /// Largest request accepted, in bytes as received (Fluentd's `chunk_size_limit`).
@@ -47,6 +56,19 @@ pub struct ConnectionConfig {
     pub decompression_size_limit: u64,
     /// Timekey length in seconds, to group entries.
     pub timekey_secs: i64,
+    /// The shared-key handshake, when `shared_key` is set (Fluentd's `<security>`).
+    pub security: Option<Arc<Security>>,
+    /// Close each connection after its first request (Fluentd's `deny_keepalive`).
+    pub deny_keepalive: bool,
+    /// Close a connection that sent nothing for this long while no ack was due (zero: never).
+    pub idle_timeout: Duration,
+    /// What to do with requests whose `fluent_signal` says metrics or traces.
+    pub signal_action: SignalAction,
+    /// Record keys that receive the sender's address and host name.
+    pub source_address_key: Option<String>,
+    pub source_hostname_key: Option<String>,
+    /// Tokens stored recently, to ack resent requests without storing them twice.
+    pub dedup: Arc<Dedup>,
 }
 
 impl Default for ConnectionConfig {
@@ -57,13 +79,30 @@ impl Default for ConnectionConfig {
             chunk_size_warn_limit: None,
             decompression_size_limit: 256 << 20,
             timekey_secs: 3600,
+            security: None,
+            deny_keepalive: false,
+            idle_timeout: Duration::from_secs(600),
+            signal_action: SignalAction::Skip,
+            source_address_key: None,
+            source_hostname_key: None,
+            dedup: Dedup::new(Duration::from_secs(600), 100_000),
         }
     }
 }
 
+/// Requests of Forward protocol v1.5 whose `fluent_signal` is not 0 (logs) carry metrics or
+/// traces as binary blobs, not records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SignalAction {
+    /// Ack them and count them as skipped.
+    Skip,
+    /// Close the connection without an ack; the sender keeps them.
+    Reject,
+}
+
 /// Resolves to the request's ack token, when it was received, and whether it was stored.
 type AckFuture =
-    Pin<Box<dyn Future<Output = (Option<Bytes>, Instant, Result<(), BufferError>)> + Send>>;
+    Pin<Box<dyn Future<Output = (Option<Bytes>, Instant, Result<(), ConnectionError>)> + Send>>;
 
 /// Why a connection was closed by us.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +115,12 @@ pub enum ConnectionError {
     Decompress(#[from] entries::DecompressError),
     #[error("events not buffered: {0}")]
     Buffer(#[from] BufferError),
+    #[error("an earlier copy of a resent request was not stored")]
+    EarlierCopyFailed,
+    #[error(
+        "requests with fluent_signal {0} (not logs) are rejected (fluent_signal_action reject)"
+    )]
+    NotLogs(i64),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -94,9 +139,12 @@ pub async fn serve<S>(
         peer,
         buffer,
         config,
-        read_buf: BytesMut::with_capacity(READ_CHUNK),
+        read_buf: BytesMut::new(),
         scanner: ValueScanner::default(),
         pending: FuturesOrdered::new(),
+        handshake: None,
+        sender: None,
+        source_hostname: None,
     };
     let result = conn.run(stream, shutdown).await;
     if let Err(e) = &result {
@@ -104,7 +152,8 @@ pub async fn serve<S>(
             ConnectionError::TooLarge { .. } => Some("too_large"),
             ConnectionError::Garbage(_) => Some("not_msgpack"),
             ConnectionError::Decompress(_) => Some("decompression"),
-            ConnectionError::Buffer(_) => Some("buffer_error"),
+            ConnectionError::Buffer(_) | ConnectionError::EarlierCopyFailed => Some("buffer_error"),
+            ConnectionError::NotLogs(_) => Some("not_logs"),
             ConnectionError::Io(_) => None,
         };
         reason.into_iter().for_each(|r| metrics().refused(r));
@@ -112,7 +161,7 @@ pub async fn serve<S>(
     match result {
         Ok(()) => debug!(%peer, "connection closed"),
         Err(ConnectionError::Io(e)) => debug!(%peer, cause = %e, "connection ended"),
-        Err(e @ ConnectionError::Buffer(_)) => {
+        Err(e @ (ConnectionError::Buffer(_) | ConnectionError::EarlierCopyFailed)) => {
             error!(%peer, cause = %e, "closing connection; unacknowledged requests will be resent")
         }
         Err(e) => warn!(%peer, cause = %e, "closing connection"),
@@ -126,6 +175,12 @@ struct Connection {
     read_buf: BytesMut,
     scanner: ValueScanner,
     pending: FuturesOrdered<AckFuture>,
+    /// The HELO sent, until the PING arrives.
+    handshake: Option<Handshake>,
+    /// The hostname the sender gave in its PING.
+    sender: Option<String>,
+    /// The sender's host name for `source_hostname_key`, looked up once.
+    source_hostname: Option<String>,
 }
 
 impl Connection {
@@ -138,14 +193,31 @@ impl Connection {
         S: AsyncRead + AsyncWrite + Send + Unpin,
     {
         let (mut reader, mut writer) = tokio::io::split(stream);
+        if let Some(security) = &self.config.security {
+            let (handshake, helo) = security.helo(!self.config.deny_keepalive);
+            writer.write_all(&helo).await?;
+            self.handshake = Some(handshake);
+        }
         let mut eof = false;
         let mut stop_at: Option<tokio::time::Instant> = None;
+        // With deny_keepalive, reading stops after the first request.
+        let mut served_one = false;
+        let idle = self.config.idle_timeout;
+        let mut last_read = tokio::time::Instant::now();
+        let mut last_read_len = 0;
         loop {
-            while self.pending.len() < MAX_IN_FLIGHT {
-                match self.next_request()? {
-                    Some(frame) => self.handle(frame).await?,
-                    None => break,
+            while self.pending.len() < MAX_IN_FLIGHT && !served_one {
+                let Some(frame) = self.next_request()? else {
+                    break;
+                };
+                if let Some(handshake) = self.handshake.take() {
+                    if !self.answer_ping(&handshake, &frame, &mut writer).await? {
+                        return Ok(());
+                    }
+                    continue;
                 }
+                self.handle(frame).await?;
+                served_one = self.config.deny_keepalive;
             }
             let partial = !self.read_buf.is_empty();
             if shutdown.is_cancelled() && stop_at.is_none() {
@@ -153,6 +225,7 @@ impl Connection {
             }
             // After shutdown, read on only to finish a request already started, for a while.
             let reading = !eof
+                && !served_one
                 && self.pending.len() < MAX_IN_FLIGHT
                 && stop_at.is_none_or(|at| partial && tokio::time::Instant::now() < at);
             if !reading && self.pending.is_empty() {
@@ -161,14 +234,22 @@ impl Connection {
                 }
                 return Ok(());
             }
-            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK {
-                self.read_buf.reserve(READ_CHUNK.max(self.read_buf.len()));
+            let want = if partial || last_read_len >= FIRST_READ {
+                READ_CHUNK.max(self.read_buf.len())
+            } else {
+                FIRST_READ
+            };
+            if self.read_buf.capacity() - self.read_buf.len() < want {
+                self.read_buf.reserve(want);
             }
+            let idle_at = (!idle.is_zero() && self.pending.is_empty()).then(|| last_read + idle);
             tokio::select! {
                 read = reader.read_buf(&mut self.read_buf), if reading => {
+                    last_read = tokio::time::Instant::now();
                     match read? {
                         0 => eof = true,
                         n => {
+                            last_read_len = n;
                             metrics().received_bytes.inc_by(n as u64);
                         }
                     }
@@ -180,9 +261,53 @@ impl Connection {
                         metrics().acks_sent.inc();
                         metrics().ack_duration.observe(received.elapsed().as_secs_f64());
                     }
+                    last_read = tokio::time::Instant::now();
                 }
                 () = shutdown.cancelled(), if stop_at.is_none() => {}
                 () = sleep_until(stop_at), if reading => {}
+                () = sleep_until(idle_at), if reading => {
+                    if partial {
+                        info!(peer = %self.peer, bytes = self.read_buf.len(), timeout = ?idle,
+                              "closing a connection that stopped sending in the middle of a request (never acknowledged)");
+                    } else {
+                        debug!(peer = %self.peer, timeout = ?idle, "closing an idle connection");
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Checks the PING and answers PONG; false if the client was refused (the connection is
+    /// then closed after the PONG is written).
+    async fn answer_ping<W>(
+        &mut self,
+        handshake: &Handshake,
+        frame: &[u8],
+        writer: &mut W,
+    ) -> Result<bool, ConnectionError>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        let security = self
+            .config
+            .security
+            .clone()
+            .expect("a handshake is started only with security settings");
+        match security.check_ping(handshake, frame, self.peer.ip()) {
+            Ok(accepted) => {
+                writer.write_all(&accepted.pong).await?;
+                debug!(peer = %self.peer, hostname = %accepted.hostname, "handshake accepted");
+                self.sender = Some(accepted.hostname);
+                Ok(true)
+            }
+            Err(refused) => {
+                metrics().handshake_failed(refused.kind);
+                warn!(peer = %self.peer, hostname = %refused.hostname, username = %refused.username,
+                      reason = %refused.reason, "handshake refused; closing the connection");
+                writer.write_all(&refused.pong).await?;
+                writer.flush().await?;
+                Ok(false)
             }
         }
     }
@@ -222,7 +347,10 @@ impl Connection {
         let message = match frame::parse(frame) {
             Request::Nop => return Ok(()),
             Request::Broken(why) => {
-                warn!(%peer, reason = why, "skipping a request that is not a forward message");
+                if let Some(suppressed) = INVALID_LOG.allow() {
+                    warn!(%peer, reason = why, similar_lines_suppressed = suppressed,
+                          "skipping a request that is not a forward message");
+                }
                 metrics().skipped(why, 1);
                 return Ok(());
             }
@@ -232,6 +360,33 @@ impl Connection {
         // Events in requests skipped whole: the sender's count, when it gave one.
         let announced = message.options.size.unwrap_or(1);
         let token = message.options.chunk.clone();
+        let ticket = match &token {
+            Some(t) if self.config.dedup.enabled() => match self.config.dedup.check(peer.ip(), t) {
+                Seen::New(ticket) => Some(ticket),
+                Seen::Stored => {
+                    metrics().duplicate_requests.inc();
+                    info!(%peer, tag = %String::from_utf8_lossy(&message.tag), token = %String::from_utf8_lossy(t).trim_end(),
+                          "acknowledging a resent request again; its events were stored already");
+                    self.ack_now(token);
+                    return Ok(());
+                }
+                Seen::Pending(outcome) => {
+                    metrics().duplicate_requests.inc();
+                    info!(%peer, tag = %String::from_utf8_lossy(&message.tag), token = %String::from_utf8_lossy(t).trim_end(),
+                          "a resent request arrived while its first copy is being stored; acknowledging both once stored");
+                    let received = Instant::now();
+                    self.pending.push_back(Box::pin(async move {
+                        let result = match dedup::wait_stored(outcome).await {
+                            true => Ok(()),
+                            false => Err(ConnectionError::EarlierCopyFailed),
+                        };
+                        (token, received, result)
+                    }));
+                    return Ok(());
+                }
+            },
+            _ => None,
+        };
         let tag = match std::str::from_utf8(&message.tag) {
             Ok(t) if !t.is_empty() && t.len() <= MAX_TAG_BYTES => t,
             _ => {
@@ -242,6 +397,9 @@ impl Connection {
             }
         };
         if let Some(signal) = message.options.fluent_signal.filter(|s| *s != 0) {
+            if self.config.signal_action == SignalAction::Reject {
+                return Err(ConnectionError::NotLogs(signal));
+            }
             info!(%peer, %tag, signal, "skipping a request that carries metrics or traces, not logs");
             metrics().skipped("not logs (fluent_signal)", announced);
             self.ack_now(token);
@@ -252,19 +410,31 @@ impl Connection {
         let mut blob = entries::blob_of(message.entries);
         if matches!(compressed.as_deref(), Some("gzip" | "zstd")) {
             let limit = self.config.decompression_size_limit;
+            // Each decompression may hold up to the limit: a few at once, whatever the number
+            // of connections sending compressed requests.
+            let _turn = DECOMPRESSIONS
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
             blob = tokio::task::spawn_blocking(move || {
                 entries::decompress(blob, compressed.as_deref(), limit)
             })
             .await
             .map_err(|e| ConnectionError::Io(std::io::Error::other(e)))??;
         }
+        if self.config.source_address_key.is_some() || self.config.source_hostname_key.is_some() {
+            blob = self.add_source(&blob).await;
+        }
         let split = entries::split(&blob, self.config.timekey_secs);
         for (why, n) in &split.reasons {
             metrics().skipped(why, *n);
         }
         if split.invalid > 0 {
-            warn!(%peer, %tag, skipped = split.invalid, kept = split.events,
-                  reason = split.invalid_reason.unwrap_or_default(), "skipping invalid events");
+            if let Some(suppressed) = INVALID_LOG.allow() {
+                warn!(%peer, %tag, skipped = split.invalid, kept = split.events,
+                      reason = split.invalid_reason.unwrap_or_default(),
+                      similar_lines_suppressed = suppressed, "skipping invalid events");
+            }
         }
         if split.groups.is_empty() {
             self.ack_now(token);
@@ -274,9 +444,31 @@ impl Connection {
         let received = Instant::now();
         metrics().events_received.inc_by(split.events);
         let durable = self.buffer.append(tag, split.groups).await;
-        self.pending
-            .push_back(Box::pin(async move { (token, received, durable.await) }));
+        self.pending.push_back(Box::pin(async move {
+            let result = durable.await;
+            if let Some(ticket) = ticket {
+                ticket.finish(result.is_ok());
+            }
+            (token, received, result.map_err(ConnectionError::from))
+        }));
         Ok(())
+    }
+
+    /// The entries with the sender's address and host name set in every record.
+    async fn add_source(&mut self, blob: &[u8]) -> Bytes {
+        let ip = self.peer.ip().to_canonical();
+        let address = ip.to_string();
+        let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(2);
+        if let Some(key) = &self.config.source_address_key {
+            pairs.push((key, &address));
+        }
+        if let Some(key) = &self.config.source_hostname_key {
+            if self.source_hostname.is_none() {
+                self.source_hostname = Some(reverse_lookup(ip).await);
+            }
+            pairs.push((key, self.source_hostname.as_deref().unwrap_or(&address)));
+        }
+        entries::add_to_records(blob, &pairs)
     }
 
     /// Queues an ack that needs no buffering (nothing to store), in order with the others.
@@ -288,6 +480,57 @@ impl Connection {
         ))));
     }
 }
+
+/// The host name of `ip` by reverse DNS, or the address itself if it has none (Fluentd's
+/// `resolve_hostname`).
+async fn reverse_lookup(ip: std::net::IpAddr) -> String {
+    let lookup = tokio::task::spawn_blocking(move || dns_lookup::lookup_addr(&ip));
+    match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+        Ok(Ok(Ok(name))) => name,
+        _ => ip.to_string(),
+    }
+}
+
+/// Lets a few log lines of one kind through per period and counts the rest.
+#[derive(Debug)]
+pub struct LogLimit {
+    per_period: u32,
+    period: Duration,
+    state: Mutex<Option<(Instant, u32, u64)>>,
+}
+
+impl LogLimit {
+    pub const fn new(per_period: u32, period: Duration) -> LogLimit {
+        LogLimit {
+            per_period,
+            period,
+            state: Mutex::new(None),
+        }
+    }
+
+    /// `Some(lines suppressed since the last one let through)` if this line may be logged.
+    pub fn allow(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let (start, logged, suppressed) = state.get_or_insert((now, 0, 0));
+        if now.duration_since(*start) >= self.period {
+            (*start, *logged) = (now, 0);
+        }
+        if *logged < self.per_period {
+            *logged += 1;
+            Some(std::mem::take(suppressed))
+        } else {
+            *suppressed += 1;
+            None
+        }
+    }
+}
+
+/// Decompressions running at once, across connections.
+static DECOMPRESSIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Invalid-event warnings: ten per ten seconds across connections.
+static INVALID_LOG: LogLimit = LogLimit::new(10, Duration::from_secs(10));
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {

@@ -134,6 +134,65 @@ pub fn split(blob: &Bytes, timekey_secs: i64) -> Split {
     out
 }
 
+/// Sets `key: value` string pairs in every record, replacing keys the record already has
+/// (Fluentd's `source_address_key` and `source_hostname_key`). Only the framing is walked: the
+/// time slot and the other pairs are copied as bytes. Entries that are not `[time, map]` are
+/// kept as they are, for [`split`] to skip and count.
+pub fn add_to_records(blob: &[u8], pairs: &[(&str, &str)]) -> Bytes {
+    let extra: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 10).sum();
+    let mut out = Vec::with_capacity(blob.len() + blob.len() / 64 * extra / 4 + extra);
+    let mut pos = 0;
+    while pos < blob.len() {
+        let rest = &blob[pos..];
+        let Ok(len) = entry::value_len(rest) else {
+            out.extend_from_slice(rest);
+            break;
+        };
+        if rewrite_entry(&rest[..len], pairs, &mut out).is_none() {
+            out.extend_from_slice(&rest[..len]);
+        }
+        pos += len;
+    }
+    Bytes::from(out)
+}
+
+/// Writes `entry` with `pairs` set in its record; `None` (and nothing written) if the entry is
+/// not `[time, map]`.
+fn rewrite_entry(e: &[u8], pairs: &[(&str, &str)], out: &mut Vec<u8>) -> Option<()> {
+    let (count, h) = entry::array_header(e).ok()??;
+    if count != 2 {
+        return None;
+    }
+    let time_len = entry::value_len(&e[h..]).ok()?;
+    let record = &e[h + time_len..];
+    let (n, mh) = entry::map_header(record).ok()??;
+    let ours = |key: &[u8]| match entry::str_or_bin(key) {
+        Ok(Some((kh, kl))) => pairs.iter().any(|(k, _)| k.as_bytes() == &key[kh..kh + kl]),
+        _ => false,
+    };
+    let mut kept = Vec::with_capacity(n as usize);
+    let mut p = mh;
+    for _ in 0..n {
+        let kl = entry::value_len(&record[p..]).ok()?;
+        let vl = entry::value_len(&record[p + kl..]).ok()?;
+        if !ours(&record[p..p + kl]) {
+            kept.push(&record[p..p + kl + vl]);
+        }
+        p += kl + vl;
+    }
+    out.push(0x92);
+    out.extend_from_slice(&e[h..h + time_len]);
+    rmp::encode::write_map_len(out, (kept.len() + pairs.len()) as u32).ok()?;
+    for pair in kept {
+        out.extend_from_slice(pair);
+    }
+    for (k, v) in pairs {
+        rmp::encode::write_str(out, k).ok()?;
+        rmp::encode::write_str(out, v).ok()?;
+    }
+    Some(())
+}
+
 /// The entries blob of a request, ready for [`split`], and the count the request claimed.
 pub fn blob_of(entries: Entries) -> Bytes {
     match entries {
@@ -155,6 +214,33 @@ mod tests {
         encode::event_time(&mut b, EventTime::new(secs, 1));
         b.extend_from_slice(&[0x81, 0xa1, b'k', 0x01]);
         b
+    }
+
+    #[test]
+    fn source_keys_are_set_in_every_record() {
+        let mut blob = entry_at(600);
+        // A Fluent Bit entry whose record already has the key, and a broken entry.
+        blob.extend_from_slice(&[0x92, 0x92]);
+        encode::event_time(&mut blob, EventTime::new(601, 0));
+        blob.extend_from_slice(&[0x80, 0x82, 0xa4, b'h', b'o', b's', b't', 0xa1, b'x']);
+        blob.extend_from_slice(&[0xa1, b'k', 0x02]);
+        blob.extend_from_slice(&[0x92, 0x01, 0x02]);
+        let out = add_to_records(&blob, &[("host", "10.0.0.1")]);
+        let mut rd = &out[..];
+        let mut records = Vec::new();
+        while !rd.is_empty() {
+            records.push(rmpv::decode::read_value(&mut rd).unwrap());
+        }
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[0][1]["host"].as_str(), Some("10.0.0.1"));
+        assert_eq!(records[0][1]["k"].as_i64(), Some(1));
+        let second = records[1][1].as_map().unwrap();
+        assert_eq!(second.len(), 2, "the old value is replaced: {second:?}");
+        assert_eq!(records[1][1]["host"].as_str(), Some("10.0.0.1"));
+        assert!(records[1][0].is_array(), "metadata kept");
+        assert_eq!(records[2], rmpv::Value::Array(vec![1.into(), 2.into()]));
+        let s = split(&out, 60);
+        assert_eq!((s.events, s.invalid), (2, 1));
     }
 
     #[test]

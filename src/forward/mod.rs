@@ -1,8 +1,13 @@
 //! The forward protocol input: [`frame`] parses requests without I/O, [`entries`] validates and
-//! splits their events by timekey, [`connection`] owns a socket and its acks.
+//! splits their events by timekey, [`connection`] owns a socket and its acks, [`security`] is
+//! the shared-key handshake, [`dedup`] absorbs resent requests, [`tls`] builds the TLS
+//! listener.
 
 pub mod connection;
+pub mod dedup;
 pub mod entries;
 pub mod frame;
+pub mod security;
+pub mod tls;
 
 pub use connection::ConnectionConfig;

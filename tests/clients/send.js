@@ -4,18 +4,31 @@
 //   {"host": "127.0.0.1", "port": 24224, "mode": "PackedForward", "ack": true,
 //    "ackTimeoutMs": 30000, "events": [{"tag": "app.web", "secs": 1763740801, "nanos": 5,
 //    "record": {...}}, ...]}
-// "nanos": null sends an integer time instead of an EventTime.
+// "nanos": null sends an integer time instead of an EventTime. Optional:
+//   "security": {"clientHostname", "sharedKey", "username", "password"} (the handshake),
+//   "tlsCaFile": "ca.pem" (TLS, verifying the server's certificate for "localhost"),
+//   "tlsClientCertFile"/"tlsClientKeyFile" (a client certificate).
 // Prints {"acked": [indexes], "failed": [{"index", "error"}]} on stdout.
 "use strict";
+const fs = require("fs");
 const { FluentClient, EventTime } = require("@fluent-org/logger");
 
 async function main() {
   const chunks = [];
   for await (const chunk of process.stdin) chunks.push(chunk);
   const spec = JSON.parse(Buffer.concat(chunks).toString("utf8"));
+  let tls;
+  if (spec.tlsCaFile) {
+    tls = { ca: fs.readFileSync(spec.tlsCaFile), servername: "localhost" };
+    if (spec.tlsClientCertFile) {
+      tls.cert = fs.readFileSync(spec.tlsClientCertFile);
+      tls.key = fs.readFileSync(spec.tlsClientKeyFile);
+    }
+  }
   const client = new FluentClient(null, {
     eventMode: spec.mode || "PackedForward",
-    socket: { host: spec.host, port: spec.port, timeout: 60000, disableReconnect: false },
+    socket: { host: spec.host, port: spec.port, timeout: 60000, disableReconnect: false, tls },
+    security: spec.security,
     ack: spec.ack === false ? undefined : { ackTimeout: spec.ackTimeoutMs || 30000 },
     flushInterval: spec.flushIntervalMs || 0,
   });

@@ -7,6 +7,7 @@
 
 pub mod load;
 pub mod proxy;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -405,6 +406,17 @@ impl Emulated {
         )
     }
 
+    /// Fault proxies in front of this emulator.
+    pub async fn proxies(&self) -> proxy::Proxies {
+        proxy::Proxies::start(self.moto.port).await
+    }
+
+    /// Starts a sidecar on a free port that reaches S3 and Kinesis through `proxies`.
+    pub fn sidecar_behind(&self, proxies: &proxy::Proxies, args: &[&str]) -> Sidecar {
+        let (s3, kinesis) = (proxies.s3.url(), proxies.kinesis.url());
+        self.sidecar_at(free_port(), Some((&s3, &kinesis)), args)
+    }
+
     pub async fn read_events(&self, expected: usize) -> Vec<ResolvedChunk> {
         self.aws
             .read_events(&self.stream, expected, Duration::from_secs(90))
@@ -423,6 +435,8 @@ pub struct Sidecar {
     pub buffer_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    /// The buffer's temporary directory, for sidecars that own theirs.
+    own_dir: Option<tempfile::TempDir>,
 }
 
 impl Sidecar {
@@ -442,6 +456,15 @@ impl Sidecar {
             stream,
             args,
         )
+    }
+
+    /// A sidecar with a buffer directory of its own and no AWS behind it: for what ends at the
+    /// ack (handshakes, limits, hostile peers).
+    pub fn standalone(args: &[&str]) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start(&dir.path().join("buffer"), free_port(), "b", "s", args);
+        sidecar.own_dir = Some(dir);
+        sidecar
     }
 
     /// Starts `claimcheck serve` on `port` with `env` (AWS settings) and `args`.
@@ -486,6 +509,7 @@ impl Sidecar {
             buffer_dir: buffer_dir.to_path_buf(),
             log,
             child: Some(child),
+            own_dir: None,
         };
         wait_for_port(port, "claimcheck", Duration::from_secs(30));
         sidecar
@@ -493,6 +517,33 @@ impl Sidecar {
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Waits (up to 30 s) until the log contains `text`: a line about a connection may be
+    /// written just after the peer saw it close.
+    pub fn wait_for_log(&self, text: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log_text().contains(text) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the sidecar runs").id()
+    }
+
+    /// A line of /proc/<pid>/status in KiB: `VmRSS` (resident now), `VmHWM` (peak).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
     }
 
     /// SIGKILL: no chance to seal, flush or say goodbye.
@@ -646,14 +697,22 @@ pub fn json_lines(stdout: &[u8]) -> Vec<Value> {
 /// Sends with Node `@fluent-org/logger` in `mode` (Message, Forward, PackedForward,
 /// CompressedPackedForward), requesting acks. Returns the indexes of acknowledged events.
 pub fn node_send(port: u16, mode: &str, events: &[TestEvent]) -> Vec<usize> {
+    node_send_with(port, mode, events, json!({}))
+}
+
+/// [`node_send`] with more of send.js's options (`security`, `tlsCaFile`, ...) in `extra`.
+pub fn node_send_with(port: u16, mode: &str, events: &[TestEvent], extra: Value) -> Vec<usize> {
     let dir = repo_root().join("tests/clients");
     tool(
         "CLAIMCHECK_NODE_MODULES",
         &dir.join("node_modules/@fluent-org/logger"),
         "npm ci in tests/clients",
     );
-    let spec = json!({"host": "127.0.0.1", "port": port, "mode": mode, "ack": true, "ackTimeoutMs": 60000,
+    let mut spec = json!({"host": "127.0.0.1", "port": port, "mode": mode, "ack": true, "ackTimeoutMs": 60000,
                       "events": events.iter().map(TestEvent::to_json).collect::<Vec<_>>()});
+    for (k, v) in extra.as_object().expect("extra options are an object") {
+        spec[k] = v.clone();
+    }
     let mut cmd = Command::new("node");
     cmd.arg(dir.join("send.js"));
     let result = run_client(cmd, spec, "node client");

@@ -98,6 +98,32 @@ impl Drop for Proxy {
     }
 }
 
+/// An S3 proxy and a Kinesis proxy in front of one emulator, recording into one ledger.
+pub struct Proxies {
+    pub s3: Proxy,
+    pub kinesis: Proxy,
+    pub ledger: Arc<Ledger>,
+}
+
+impl Proxies {
+    pub async fn start(upstream_port: u16) -> Proxies {
+        let ledger = Arc::new(Ledger::default());
+        Proxies {
+            s3: Proxy::start(Service::S3, upstream_port, ledger.clone()).await,
+            kinesis: Proxy::start(Service::Kinesis, upstream_port, ledger.clone()).await,
+            ledger,
+        }
+    }
+
+    /// The endpoint overrides that send the sidecar through the proxies.
+    pub fn env(&self) -> [(&'static str, String); 2] {
+        [
+            ("AWS_ENDPOINT_URL_S3", self.s3.url()),
+            ("AWS_ENDPOINT_URL_KINESIS", self.kinesis.url()),
+        ]
+    }
+}
+
 impl Proxy {
     /// Starts a proxy for `service` in front of moto on `upstream_port`.
     pub async fn start(service: Service, upstream_port: u16, ledger: Arc<Ledger>) -> Proxy {

@@ -1,0 +1,485 @@
+//! The forward protocol's optional parts, as Fluentd's in_forward serves them: the shared-key
+//! handshake with user auth and client rules, TLS with and without client certificates, UDP
+//! heartbeats, deny_keepalive, resent requests, non-log signals and source keys. Real clients
+//! (Node `@fluent-org/logger`) where they support the feature, our own encoder elsewhere.
+
+mod common;
+
+use std::io::Write;
+use std::net::{TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::wire::*;
+use common::*;
+use rmpv::Value;
+use serde_json::json;
+
+const MODES: [&str; 4] = [
+    "Message",
+    "Forward",
+    "PackedForward",
+    "CompressedPackedForward",
+];
+
+/// Events of one tag, `n` of them, one second apart.
+fn events(tag: &str, base: i64, n: usize) -> Vec<TestEvent> {
+    (0..n)
+        .map(|i| TestEvent {
+            tag: tag.into(),
+            secs: base + i as i64,
+            nanos: Some(i as u32 * 7),
+            record: json!({"message": format!("{tag} {i}"), "seq": i}),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_client_with_shared_key_and_user_auth_in_every_mode() {
+    let env = Emulated::start("sec").await;
+    let sidecar = env.sidecar(&[
+        "--flush-interval",
+        "1s",
+        "--timekey-wait",
+        "0s",
+        "--shared-key",
+        "s3cr3t key",
+        "--user-auth",
+        "--user",
+        "alice:wonder land",
+        "--user",
+        "bob:builder",
+    ]);
+    let base = minute_of(now_secs()) - 600;
+    let security = json!({"security": {"clientHostname": "node-client", "sharedKey": "s3cr3t key",
+                                       "username": "alice", "password": "wonder land"}});
+    let mut want = Vec::new();
+    for mode in MODES {
+        let evs = events(&format!("sec.{mode}"), base, 12);
+        let acked = node_send_with(sidecar.port, mode, &evs, security.clone());
+        assert_eq!(acked.len(), evs.len(), "{mode}: every event acknowledged");
+        want.extend(evs);
+    }
+    let chunks = env.read_events(want.len()).await;
+    assert_exactly_once(&chunks, &want);
+    drop(sidecar);
+}
+
+#[test]
+fn handshake_refusals_say_why_and_close_the_connection() {
+    let sidecar = Sidecar::standalone(&[
+        "--shared-key",
+        "k1",
+        "--self-hostname",
+        "sidecar-a",
+        "--user-auth",
+        "--user",
+        "alice:pw",
+    ]);
+    let base = minute_of(now_secs());
+    let request = fluentd_request(
+        "sec.ok",
+        &entries("ok", base, 3, false),
+        3,
+        "text",
+        "b2sK\n",
+    );
+
+    // The right key and user: PONG true with the server's proof, then requests are served.
+    let (mut conn, helo, pong) = handshake(sidecar.port, "k1", Some(("alice", "pw")));
+    assert_eq!(
+        (helo.nonce.len(), helo.auth.len(), helo.keepalive),
+        (16, 16, true)
+    );
+    assert_eq!(pong[1].as_bool(), Some(true), "{pong}");
+    assert_eq!(pong[3].as_str(), Some("sidecar-a"));
+    assert_eq!(
+        pong[4].as_str(),
+        Some(pong_digest(&helo, "sidecar-a", "k1").as_str())
+    );
+    conn.write_all(&request).unwrap();
+    expect_ack(&mut conn, b"b2sK\n");
+
+    for (key, user, reason) in [
+        ("wrong", ("alice", "pw"), "shared_key mismatch"),
+        ("k1", ("alice", "nope"), "username/password mismatch"),
+        ("k1", ("mallory", "pw"), "username/password mismatch"),
+    ] {
+        let (mut conn, _, pong) = handshake(sidecar.port, key, Some(user));
+        assert_eq!(
+            (pong[1].as_bool(), pong[2].as_str()),
+            (Some(false), Some(reason))
+        );
+        assert!(closed_silently(&mut conn), "closed after {reason}");
+    }
+    // A client that skips the handshake and sends events: they are never stored.
+    let mut conn = connect(sidecar.port);
+    read_helo(&mut conn);
+    conn.write_all(&request).unwrap();
+    let pong = read_value(&mut conn);
+    assert_eq!(
+        (pong[1].as_bool(), pong[2].as_str()),
+        (Some(false), Some("invalid ping message"))
+    );
+    assert!(closed_silently(&mut conn));
+
+    let log = sidecar.log_text();
+    for reason in [
+        "shared_key mismatch",
+        "username/password mismatch",
+        "invalid ping message",
+    ] {
+        assert!(
+            log.contains(reason),
+            "the log names the peer and reason ({reason}):\n{log}"
+        );
+    }
+    assert!(log.contains("127.0.0.1"), "{log}");
+}
+
+#[test]
+fn client_rules_pick_the_key_and_deny_anonymous_sources() {
+    let matching = Sidecar::standalone(&[
+        "--shared-key",
+        "default-key",
+        "--allow-anonymous-source",
+        "false",
+        "--client",
+        "10.1.2.3",
+        "--client",
+        "127.0.0.0/8,shared_key=loopback-key",
+    ]);
+    let (_, _, pong) = handshake(matching.port, "loopback-key", None);
+    assert_eq!(pong[1].as_bool(), Some(true), "{pong}");
+    let (_, _, pong) = handshake(matching.port, "default-key", None);
+    assert_eq!(
+        pong[2].as_str(),
+        Some("shared_key mismatch"),
+        "a matching client must use its rule's key"
+    );
+
+    let elsewhere = Sidecar::standalone(&[
+        "--shared-key",
+        "k",
+        "--allow-anonymous-source",
+        "false",
+        "--client",
+        "192.0.2.0/24",
+    ]);
+    let (mut conn, _, pong) = handshake(elsewhere.port, "k", None);
+    assert_eq!(
+        pong[2].as_str(),
+        Some("anonymous source host '127.0.0.1' denied")
+    );
+    assert!(closed_silently(&mut conn));
+}
+
+/// A CA, a server certificate for localhost and a client certificate, as PEM files.
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "claimcheck test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names.clone()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].as_str());
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
+    let (client_cert, client_key) = leaf(vec!["fluent-bit.example".into()]);
+    let write = |name: &str, pem: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    Pki {
+        ca: write("ca.pem", &ca_cert.pem()),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server.key", &server_key),
+        client_cert: write("client.pem", &client_cert),
+        client_key: write("client.key", &client_key),
+    }
+}
+
+/// A TLS client of our own (tokio-rustls), with or without a client certificate; returns
+/// whether `request` got its ack.
+async fn tls_request(port: u16, pki: &Pki, with_cert: bool, request: &[u8], token: &[u8]) -> bool {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(&pki.ca).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = if with_cert {
+        builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_file(&pki.client_cert).unwrap()],
+                PrivateKeyDer::from_pem_file(&pki.client_key).unwrap(),
+            )
+            .unwrap()
+    } else {
+        builder.with_no_client_auth()
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let Ok(mut tls) = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+    else {
+        return false;
+    };
+    if tls.write_all(request).await.is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; 512];
+    let read = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf)).await;
+    match read {
+        Ok(Ok(n)) if n > 0 => {
+            assert!(buf[..n].ends_with(token), "ack echoes the token");
+            true
+        }
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_the_node_client_and_client_certificates() {
+    let env = Emulated::start("tls").await;
+    let pki = make_pki(env.dir.path());
+    let (cert, key, ca) = (
+        pki.server_cert.to_str().unwrap(),
+        pki.server_key.to_str().unwrap(),
+        pki.ca.to_str().unwrap(),
+    );
+    let tls = [
+        "--transport",
+        "tls",
+        "--tls-cert-path",
+        cert,
+        "--tls-private-key-path",
+        key,
+    ];
+    // TLS and the handshake together, as Fluentd's `transport tls` with `<security>`.
+    let sidecar = env.sidecar(
+        &[
+            &tls[..],
+            &["--flush-interval", "1s", "--timekey-wait", "0s"],
+            &["--shared-key", "over-tls"],
+        ]
+        .concat(),
+    );
+    let base = minute_of(now_secs()) - 600;
+    let options = json!({"tlsCaFile": ca,
+                         "security": {"clientHostname": "node-tls", "sharedKey": "over-tls"}});
+    let mut want = Vec::new();
+    for mode in ["PackedForward", "CompressedPackedForward"] {
+        let evs = events(&format!("tls.{mode}"), base, 15);
+        let acked = node_send_with(sidecar.port, mode, &evs, options.clone());
+        assert_eq!(acked.len(), evs.len(), "{mode} over TLS");
+        want.extend(evs);
+    }
+    // Plain TCP on a TLS port gets no ack (at most a TLS alert), and the connection closes.
+    let mut plain = connect(sidecar.port);
+    plain
+        .write_all(&fluentd_request(
+            "plain",
+            &entries("p", base, 1, false),
+            1,
+            "text",
+            "cA==",
+        ))
+        .unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut reply);
+    assert!(!reply.windows(3).any(|w| w == b"ack"), "{reply:?}");
+    let chunks = env.read_events(want.len()).await;
+    assert_exactly_once(&chunks, &want);
+    assert!(sidecar.log_text().contains("TLS handshake failed"));
+
+    // Client certificates required: the Node client with one is served; a client without one
+    // is not.
+    let mtls =
+        Sidecar::standalone(&[&tls[..], &["--tls-client-cert-auth", "--tls-ca-path", ca]].concat());
+    let evs = events("mtls.node", base, 5);
+    let with_cert = json!({"tlsCaFile": ca, "tlsClientCertFile": pki.client_cert,
+                           "tlsClientKeyFile": pki.client_key});
+    let acked = node_send_with(mtls.port, "PackedForward", &evs, with_cert);
+    assert_eq!(
+        acked.len(),
+        evs.len(),
+        "a client certificate from the CA is accepted"
+    );
+    let request = fluentd_request("mtls", &entries("m", base, 2, false), 2, "text", "bXRscw==");
+    assert!(tls_request(mtls.port, &pki, true, &request, b"bXRscw==").await);
+    assert!(!tls_request(mtls.port, &pki, false, &request, b"bXRscw==").await);
+}
+
+#[test]
+fn udp_heartbeats_are_answered_from_the_forward_port() {
+    let sidecar = Sidecar::standalone(&[]);
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 16];
+    for _ in 0..3 {
+        udp.send_to(&[0], sidecar.addr()).unwrap();
+        let (n, from) = udp.recv_from(&mut buf).expect("a heartbeat reply");
+        assert_eq!((&buf[..n], from), (&[0u8][..], sidecar.addr()));
+    }
+}
+
+#[test]
+fn deny_keepalive_closes_after_the_first_ack() {
+    let sidecar = Sidecar::standalone(&["--deny-keepalive", "--shared-key", "k"]);
+    let base = minute_of(now_secs());
+    let (mut conn, helo, pong) = handshake(sidecar.port, "k", None);
+    assert!(!helo.keepalive, "HELO announces keepalive false");
+    assert_eq!(pong[1].as_bool(), Some(true));
+    let mut two = fluentd_request("ka", &entries("a", base, 2, false), 2, "text", "MQ==");
+    two.extend(fluentd_request(
+        "ka",
+        &entries("b", base, 2, false),
+        2,
+        "text",
+        "Mg==",
+    ));
+    conn.write_all(&two).unwrap();
+    expect_ack(&mut conn, b"MQ==");
+    assert!(
+        closed_silently(&mut conn),
+        "no second request on the connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_request_is_acked_again_and_stored_once() {
+    let env = Emulated::start("dedup").await;
+    let sidecar = env.sidecar(&["--flush-interval", "1s", "--timekey-wait", "0s"]);
+    let base = minute_of(now_secs()) - 600;
+    let first = fluentd_request("dup", &entries("d", base, 20, false), 20, "text", "ZHVw\n");
+    // Sent, acked, and sent again on new connections as Fluentd does after a lost ack.
+    for _ in 0..3 {
+        let mut conn = connect(sidecar.port);
+        conn.write_all(&first).unwrap();
+        expect_ack(&mut conn, b"ZHVw\n");
+    }
+    // A different token is a different request, even with the same events' tag.
+    let mut conn = connect(sidecar.port);
+    conn.write_all(&fluentd_request(
+        "dup",
+        &entries("e", base, 5, false),
+        5,
+        "text",
+        "bmV3\n",
+    ))
+    .unwrap();
+    expect_ack(&mut conn, b"bmV3\n");
+    let mut want = expected("dup", "d", base, 20);
+    want.extend(expected("dup", "e", base, 5));
+    let chunks = env.read_events(want.len()).await;
+    assert_exactly_once(&chunks, &want);
+    let log = sidecar.log_text();
+    assert_eq!(
+        log.matches("acknowledging a resent request again").count(),
+        2,
+        "{log}"
+    );
+}
+
+/// `[tag, bin(metrics), {"fluent_signal": 1, "chunk": token}]`, as Fluent Bit sends metrics.
+fn metrics_request(token: &str) -> Vec<u8> {
+    let mut out = vec![0x93];
+    out.extend(pack(&"fb.metrics".into()));
+    out.extend(pack(&Value::Binary(vec![
+        0x81, 0xa4, b'm', b'e', b't', b'a', 0x01,
+    ])));
+    out.extend(pack(&Value::Map(vec![
+        ("fluent_signal".into(), 1.into()),
+        ("chunk".into(), token.into()),
+    ])));
+    out
+}
+
+#[test]
+fn metrics_and_traces_are_skipped_or_rejected() {
+    let skip = Sidecar::standalone(&[]);
+    let mut conn = connect(skip.port);
+    conn.write_all(&metrics_request("bWV0")).unwrap();
+    expect_ack(&mut conn, b"bWV0");
+
+    let reject = Sidecar::standalone(&["--fluent-signal-action", "reject"]);
+    let mut conn = connect(reject.port);
+    conn.write_all(&metrics_request("bWV0")).unwrap();
+    assert!(closed_silently(&mut conn));
+    assert!(reject.wait_for_log("fluent_signal 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_keys_add_the_sender_to_every_record() {
+    let env = Emulated::start("src").await;
+    let sidecar = env.sidecar(&[
+        "--flush-interval",
+        "1s",
+        "--timekey-wait",
+        "0s",
+        "--source-address-key",
+        "source_ip",
+        "--source-hostname-key",
+        "source_host",
+    ]);
+    let base = minute_of(now_secs()) - 600;
+    let evs = events("src.node", base, 10);
+    let acked = node_send(sidecar.port, "CompressedPackedForward", &evs);
+    assert_eq!(acked.len(), evs.len());
+    let chunks = env.read_events(evs.len()).await;
+    let mut seen = 0;
+    for e in chunks.iter().flat_map(|c| &c.events) {
+        let r = e.record_json();
+        assert_eq!(r["source_ip"], "127.0.0.1", "{r}");
+        assert!(
+            r["source_host"].as_str().is_some_and(|h| !h.is_empty()),
+            "{r}"
+        );
+        assert!(r["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("src.node")));
+        seen += 1;
+    }
+    assert_eq!(seen, evs.len());
+}
+
+#[test]
+fn a_connected_but_silent_sender_is_closed_after_idle_timeout() {
+    let sidecar = Sidecar::standalone(&["--idle-timeout", "1s"]);
+    let mut idle = connect(sidecar.port);
+    assert!(closed_silently(&mut idle), "closed by the sidecar");
+    assert!(TcpStream::connect(sidecar.addr()).is_ok(), "still serving");
+}
