@@ -11,13 +11,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use claimcheck_consumer::entry::{self, EventTime, ValueScanner};
+use rustls::pki_types::ServerName;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::parse_duration;
+use crate::forward::security::sha512_hex;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -112,6 +115,25 @@ pub struct BenchArgs {
     /// connection its share); unset: as fast as acks come back.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Answer the receiver's HELO with this shared key (its `<security>` section).
+    #[arg(long, env = "CLAIMCHECK_BENCH_SHARED_KEY", hide_env_values = true)]
+    pub shared_key: Option<String>,
+    /// Hostname sent in PING.
+    #[arg(long, default_value = "claimcheck-bench")]
+    pub self_hostname: String,
+    /// `user:password` for a receiver with `user_auth`.
+    #[arg(long, env = "CLAIMCHECK_BENCH_USER", hide_env_values = true)]
+    pub user: Option<String>,
+    /// Connect with TLS.
+    #[arg(long)]
+    pub tls: bool,
+    /// CA certificate (PEM) to verify the receiver with. Without it the receiver's
+    /// certificate is not verified: a load generator, not a client to trust with secrets.
+    #[arg(long)]
+    pub tls_ca_path: Option<std::path::PathBuf>,
+    /// Name to verify the receiver's certificate against (default: the target's address).
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
     /// Report CPU seconds and peak RSS of this process (e.g. the sidecar) over the run.
     #[arg(long)]
     pub pid: Option<u32>,
@@ -241,7 +263,7 @@ pub fn sample_request(
 ) -> Vec<u8> {
     let m = encode_message(mode, tag, events, event_size, 0, payload);
     let mut out = m.head.to_vec();
-    out.extend_from_slice(&self::token(0, token));
+    out.extend_from_slice(&self::token(0, 0, token));
     out
 }
 
@@ -303,9 +325,12 @@ fn encode_message(
     }
 }
 
-fn token(conn: usize, n: u64) -> [u8; TOKEN_WIDTH] {
+/// Ack token of request `n` on connection `conn` of run `run`. Tokens differ between runs:
+/// a receiver that remembers tokens (claimcheck's resend window) would otherwise take a second
+/// run's requests for resends of the first's.
+fn token(run: u32, conn: usize, n: u64) -> [u8; TOKEN_WIDTH] {
     let mut t = [b'0'; TOKEN_WIDTH];
-    let s = format!("c{conn:03}n{n:019}");
+    let s = format!("r{run:08x}c{conn:03}n{n:010}");
     t[..s.len().min(TOKEN_WIDTH)].copy_from_slice(&s.as_bytes()[..s.len().min(TOKEN_WIDTH)]);
     t
 }
@@ -322,21 +347,22 @@ struct ConnStats {
 
 async fn run_connection(
     id: usize,
+    run: u32,
+    tls: Option<tokio_rustls::TlsConnector>,
     args: Arc<BenchArgs>,
     messages: Arc<Vec<Message>>,
     stop: Arc<AtomicBool>,
 ) -> ConnStats {
     let mut stats = ConnStats::default();
-    let stream = match TcpStream::connect(args.target).await {
+    let stream = match connect(&args, tls.as_ref()).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("connection {id}: cannot connect to {}: {e}", args.target);
+            eprintln!("connection {id} to {}: {e:#}", args.target);
             stats.errors += 1;
             return stats;
         }
     };
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut in_flight: std::collections::VecDeque<(u64, Instant, usize)> = Default::default();
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut next = 0u64;
@@ -357,7 +383,7 @@ async fn run_connection(
                 }
             }
             let m = &messages[(next as usize + id) % messages.len()];
-            let t = token(id, next);
+            let t = token(run, id, next);
             if let Err(e) = async {
                 wr.write_all(&m.head).await?;
                 wr.write_all(&t).await
@@ -421,7 +447,7 @@ async fn run_connection(
         };
         let ack = buf.split_to(len);
         let (n, sent, index) = in_flight.pop_front().expect("a request is in flight");
-        let want = token(id, n);
+        let want = token(run, id, n);
         if !ack.ends_with(&want) {
             eprintln!("connection {id}: ack does not match request {n}");
             stats.errors += 1;
@@ -433,6 +459,204 @@ async fn run_connection(
         stats.requests += 1;
         stats.events += messages[index].events;
         stats.raw_bytes += messages[index].raw_bytes;
+    }
+}
+
+/// A connection to the receiver: TCP or TLS.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Connects, with TLS if asked, and answers the receiver's HELO if given a shared key.
+async fn connect(
+    args: &BenchArgs,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> anyhow::Result<Box<dyn Stream>> {
+    let tcp = TcpStream::connect(args.target)
+        .await
+        .context("cannot connect")?;
+    let _ = tcp.set_nodelay(true);
+    let mut stream: Box<dyn Stream> = match tls {
+        None => Box::new(tcp),
+        Some(connector) => {
+            let name = match &args.tls_server_name {
+                Some(name) => ServerName::try_from(name.clone())
+                    .with_context(|| format!("{name:?} is not a server name"))?,
+                None => ServerName::IpAddress(args.target.ip().into()),
+            };
+            Box::new(
+                connector
+                    .connect(name, tcp)
+                    .await
+                    .context("TLS handshake failed")?,
+            )
+        }
+    };
+    if let Some(key) = &args.shared_key {
+        handshake(&mut stream, args, key).await?;
+    }
+    Ok(stream)
+}
+
+/// The forward protocol's handshake as a client: HELO in, PING out, PONG in and checked.
+async fn handshake(
+    stream: &mut Box<dyn Stream>,
+    args: &BenchArgs,
+    key: &str,
+) -> anyhow::Result<()> {
+    use rmpv::Value;
+    let helo = read_value(stream)
+        .await
+        .context("no HELO (does the receiver have a shared key?)")?;
+    let options = match helo.as_array().map(Vec::as_slice) {
+        Some([kind, options]) if kind.as_str() == Some("HELO") => options,
+        _ => anyhow::bail!("expected HELO, got {helo}"),
+    };
+    let field = |name: &str| -> Vec<u8> {
+        let v = options
+            .as_map()
+            .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some(name)))
+            .map(|(_, v)| v);
+        match v {
+            Some(Value::Binary(b)) => b.clone(),
+            Some(Value::String(s)) => s.as_bytes().to_vec(),
+            _ => Vec::new(),
+        }
+    };
+    let (nonce, auth) = (field("nonce"), field("auth"));
+    let salt: [u8; 16] = rand::random();
+    let hostname = args.self_hostname.as_bytes();
+    let digest = sha512_hex(&[&salt, hostname, &nonce, key.as_bytes()]);
+    let (user, password_digest) = match (&args.user, auth.is_empty()) {
+        (Some(user), false) => {
+            let (name, password) = user
+                .split_once(':')
+                .context("--user must be user:password")?;
+            let digest = sha512_hex(&[&auth, name.as_bytes(), password.as_bytes()]);
+            (name.to_string(), digest)
+        }
+        (None, false) => anyhow::bail!("the receiver asks for a user (give --user)"),
+        (_, true) => (String::new(), String::new()),
+    };
+    let ping = Value::Array(vec![
+        "PING".into(),
+        args.self_hostname.clone().into(),
+        Value::Binary(salt.to_vec()),
+        digest.into(),
+        user.into(),
+        password_digest.into(),
+    ]);
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &ping).expect("writing to a Vec cannot fail");
+    stream.write_all(&out).await?;
+    let pong = read_value(stream).await.context("no PONG")?;
+    match pong.as_array().map(Vec::as_slice) {
+        Some([kind, ok, reason, server, digest]) if kind.as_str() == Some("PONG") => {
+            if ok.as_bool() != Some(true) {
+                anyhow::bail!("handshake refused: {}", reason.as_str().unwrap_or("?"));
+            }
+            let server = server.as_str().unwrap_or_default().as_bytes();
+            let want = sha512_hex(&[&salt, server, &nonce, key.as_bytes()]);
+            if digest.as_str() != Some(want.as_str()) {
+                anyhow::bail!("the receiver's PONG digest is wrong: is its shared key the same?");
+            }
+            Ok(())
+        }
+        _ => anyhow::bail!("expected PONG, got {pong}"),
+    }
+}
+
+/// Reads one msgpack value (a handshake message) from the stream.
+async fn read_value(stream: &mut Box<dyn Stream>) -> anyhow::Result<rmpv::Value> {
+    let mut buf = Vec::with_capacity(512);
+    let mut scanner = ValueScanner::default();
+    loop {
+        if let Some(len) = scanner.advance(&buf)? {
+            anyhow::ensure!(
+                len == buf.len(),
+                "unexpected bytes after a handshake message"
+            );
+            return Ok(rmpv::decode::read_value(&mut &buf[..])?);
+        }
+        anyhow::ensure!(buf.len() < 64 << 10, "handshake message too long");
+        let mut piece = [0u8; 4096];
+        let n = stream.read(&mut piece).await?;
+        anyhow::ensure!(n > 0, "closed by the receiver");
+        buf.extend_from_slice(&piece[..n]);
+    }
+}
+
+/// A TLS client for the load: verifying with `ca` if given, otherwise accepting any
+/// certificate.
+fn tls_connector(ca: Option<&std::path::Path>) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let config = match ca {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+            {
+                roots.add(cert?)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth(),
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Accepts the receiver's certificate unchecked (signatures are still verified).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -492,6 +716,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
             })
             .collect(),
     );
+    let tls = if args.tls {
+        Some(tls_connector(args.tls_ca_path.as_deref())?)
+    } else {
+        None
+    };
+    let run: u32 = rand::random();
     let target_cpu_before = args.pid.and_then(|p| cpu_seconds(&p.to_string()));
     let bench_cpu_before = cpu_seconds("self").unwrap_or(0.0);
     let stop = Arc::new(AtomicBool::new(false));
@@ -500,6 +730,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         .map(|id| {
             tokio::spawn(run_connection(
                 id,
+                run,
+                tls.clone(),
                 args.clone(),
                 messages.clone(),
                 stop.clone(),
@@ -601,12 +833,12 @@ mod tests {
         for mode in [Mode::Packed, Mode::Forward, Mode::Gzip, Mode::Zstd] {
             let m = encode_message(mode, "bench.tag0", 50, 200, 0, Payload::Hex);
             let mut bytes = m.head.to_vec();
-            bytes.extend_from_slice(&token(1, 2));
+            bytes.extend_from_slice(&token(7, 1, 2));
             assert_eq!(entry::value_len(&bytes), Ok(bytes.len()), "{mode:?}");
             let Request::Events(msg) = frame::parse(Bytes::from(bytes)) else {
                 panic!("{mode:?} is not a request")
             };
-            assert_eq!(msg.options.chunk.as_deref(), Some(&token(1, 2)[..]));
+            assert_eq!(msg.options.chunk.as_deref(), Some(&token(7, 1, 2)[..]));
             assert_eq!(msg.options.size, Some(50));
             let per_event = m.raw_bytes as f64 / 50.0;
             assert!(

@@ -212,6 +212,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("{report}");
             }
+            // A run with failures is not a figure to quote: say so in the exit status too.
+            anyhow::ensure!(
+                report.errors == 0,
+                "{} error(s) during the run (see above)",
+                report.errors
+            );
             Ok(())
         }
     }

@@ -483,3 +483,95 @@ fn a_connected_but_silent_sender_is_closed_after_idle_timeout() {
     assert!(closed_silently(&mut idle), "closed by the sidecar");
     assert!(TcpStream::connect(sidecar.addr()).is_ok(), "still serving");
 }
+
+/// Runs `claimcheck bench` with `args` and returns its JSON report.
+fn bench(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_claimcheck"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "claimcheck bench {args:?}: {stderr}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_load_generator_speaks_tls_and_the_handshake() {
+    let env = Emulated::start("bench").await;
+    let pki = make_pki(env.dir.path());
+    let sidecar = env.sidecar(&[
+        "--transport",
+        "tls",
+        "--tls-cert-path",
+        pki.server_cert.to_str().unwrap(),
+        "--tls-private-key-path",
+        pki.server_key.to_str().unwrap(),
+        "--shared-key",
+        "bench-key",
+        "--user-auth",
+        "--user",
+        "loader:s3cret",
+        "--flush-interval",
+        "1s",
+        "--timekey-wait",
+        "0s",
+    ]);
+    let target = sidecar.addr().to_string();
+    let ca = pki.ca.to_str().unwrap();
+    let secured = [
+        "--target",
+        &target,
+        "--tls",
+        "--tls-ca-path",
+        ca,
+        "--tls-server-name",
+        "localhost",
+        "--shared-key",
+        "bench-key",
+        "--user",
+        "loader:s3cret",
+        "--events-per-message",
+        "50",
+        "--rate",
+        "1000",
+        "--duration",
+        "1s",
+    ];
+    // Two runs against one sidecar: the second's tokens must not look like resends of the
+    // first's, or its events would be acked without being stored.
+    let mut acked = 0;
+    for mode in ["packed", "zstd"] {
+        let report = bench(&[&secured[..], &["--mode", mode]].concat());
+        assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
+        let events = report["events"].as_u64().unwrap();
+        assert!(
+            events >= 500,
+            "{mode}: only {events} events acked: {report}"
+        );
+        acked += events;
+    }
+    // What it reports acked is what arrives downstream, once each.
+    let chunks = env.read_events(acked as usize).await;
+    let delivered: usize = chunks.iter().map(|c| c.events.len()).sum();
+    assert_eq!(delivered as u64, acked);
+
+    // A wrong key or password is a clear failure, not a quiet zero.
+    for (flag, value, reason) in [
+        ("--shared-key", "wrong", "handshake refused: shared_key mismatch"),
+        ("--user", "loader:wrong", "handshake refused"),
+    ] {
+        let mut args = secured.to_vec();
+        let at = args.iter().position(|a| *a == flag).unwrap();
+        args[at + 1] = value;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_claimcheck"))
+            .arg("bench")
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(reason), "{flag} {value}: {stderr}");
+    }
+}
