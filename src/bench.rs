@@ -101,7 +101,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "packed")]
     pub mode: Mode,
     /// What the records' `message` field is made of.
-    #[arg(long, value_enum, default_value = "letters")]
+    #[arg(long, value_enum, default_value = "logs")]
     pub payload: Payload,
     /// Concurrent connections.
     #[arg(long, default_value_t = 1)]
