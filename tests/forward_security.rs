@@ -559,7 +559,11 @@ async fn the_load_generator_speaks_tls_and_the_handshake() {
 
     // A wrong key or password is a clear failure, not a quiet zero.
     for (flag, value, reason) in [
-        ("--shared-key", "wrong", "handshake refused: shared_key mismatch"),
+        (
+            "--shared-key",
+            "wrong",
+            "handshake refused: shared_key mismatch",
+        ),
         ("--user", "loader:wrong", "handshake refused"),
     ] {
         let mut args = secured.to_vec();

@@ -9,6 +9,7 @@ use std::io::{self, BufRead, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::body::{self, Format};
@@ -305,6 +306,7 @@ fn split_msgpack(
     let mut buf = Buffer::new(gauge);
     let mut start = 0;
     let mut scanner = ValueScanner::default();
+    let mut scanned = Vec::new();
     let invalid = |e: ScanError| Cut::Decode(Error::Decode(format!("msgpack entry: {e}")));
     loop {
         let rest = &buf.bytes[start..];
@@ -327,11 +329,25 @@ fn split_msgpack(
                 None => None,
             },
         };
-        if let Some(info) = whole {
-            let event =
-                Event::from_scanned(tag.clone(), &rest[..info.len], info).map_err(Cut::Decode)?;
-            out.event(event)?;
-            start += info.len;
+        if let Some(first) = whole {
+            // This entry and every whole one after it in the buffer share one copy: one
+            // allocation per block rather than one per event.
+            let mut infos = std::mem::take(&mut scanned);
+            infos.push(first);
+            let mut end = first.len;
+            while let Ok(info) = entry::scan_entry(&rest[end..]) {
+                end += info.len;
+                infos.push(info);
+            }
+            let block = Bytes::copy_from_slice(&rest[..end]);
+            let mut at = 0;
+            for info in infos.drain(..) {
+                let entry = block.slice(at..at + info.len);
+                at += info.len;
+                out.event(Event::from_scanned(tag.clone(), entry, info).map_err(Cut::Decode)?)?;
+            }
+            scanned = infos;
+            start += end;
             scanner = ValueScanner::default();
             continue;
         }
@@ -445,7 +461,10 @@ impl Drop for Held<'_> {
 /// # Ok::<(), Error>(())
 /// ```
 pub fn verify_and_decode(pointer: &Pointer, stored: &[u8]) -> Result<Vec<Event>, Error> {
-    let mut events = Vec::new();
+    // Room for the events the pointer announces, within what its body could hold (an entry
+    // takes 8 bytes at least), so that a wrong pointer cannot reserve much.
+    let announced = pointer.records.min(pointer.bytes / 8).min(1 << 20);
+    let mut events = Vec::with_capacity(announced as usize);
     match decode_object(pointer, stored, &Gauge::default(), &mut events)? {
         Outcome::Verified => Ok(events),
         Outcome::Stopped => unreachable!("a Vec never stops a pass"),

@@ -42,7 +42,8 @@ pub const MAX_NESTING: usize = 500;
 pub struct Event {
     tag: Arc<str>,
     time: EventTime,
-    /// The whole `[time, record]` entry.
+    /// The whole `[time, record]` entry. Events decoded from one block of a body share
+    /// its bytes (up to about 64 KiB), so an event kept keeps its block.
     entry: Bytes,
     /// Byte ranges inside `entry`.
     time_slot: (usize, usize),
@@ -103,14 +104,15 @@ impl Event {
         if info.len != entry.len() {
             return Err(Error::Decode("bytes after a msgpack entry".into()));
         }
-        Event::from_scanned(tag, entry, info)
+        Event::from_scanned(tag, Bytes::copy_from_slice(entry), info)
     }
 
     /// [`Event::from_entry`] for an entry that [`entry::scan_entry`] already scanned: `info`
-    /// must be what it returned for exactly these bytes.
+    /// must be what it returned for exactly these bytes. `entry` may be a slice of a larger
+    /// block shared with other events (one allocation for many events).
     pub(crate) fn from_scanned(
         tag: Arc<str>,
-        entry: &[u8],
+        entry: Bytes,
         info: entry::EntryInfo,
     ) -> Result<Event, Error> {
         debug_assert_eq!(info.len, entry.len());
@@ -135,7 +137,7 @@ impl Event {
         Ok(Event {
             tag,
             time: info.time,
-            entry: Bytes::copy_from_slice(entry),
+            entry,
             time_slot: info.time_slot,
             record: info.record,
             metadata,
