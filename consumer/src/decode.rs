@@ -306,7 +306,7 @@ fn split_msgpack(
     let mut buf = Buffer::new(gauge);
     let mut start = 0;
     let mut scanner = ValueScanner::default();
-    let mut scanned = Vec::new();
+    let mut infos = Vec::new();
     let invalid = |e: ScanError| Cut::Decode(Error::Decode(format!("msgpack entry: {e}")));
     loop {
         let rest = &buf.bytes[start..];
@@ -332,7 +332,7 @@ fn split_msgpack(
         if let Some(first) = whole {
             // This entry and every whole one after it in the buffer share one copy: one
             // allocation per block rather than one per event.
-            let mut infos = std::mem::take(&mut scanned);
+            infos.clear();
             infos.push(first);
             let mut end = first.len;
             while let Ok(info) = entry::scan_entry(&rest[end..]) {
@@ -341,12 +341,11 @@ fn split_msgpack(
             }
             let block = Bytes::copy_from_slice(&rest[..end]);
             let mut at = 0;
-            for info in infos.drain(..) {
+            for &info in &infos {
                 let entry = block.slice(at..at + info.len);
                 at += info.len;
                 out.event(Event::from_scanned(tag.clone(), entry, info).map_err(Cut::Decode)?)?;
             }
-            scanned = infos;
             start += end;
             scanner = ValueScanner::default();
             continue;
