@@ -16,6 +16,7 @@
 use std::fmt;
 
 use rmp::Marker;
+use smallvec::{smallvec, SmallVec};
 
 /// Why a byte slice is not (yet) a msgpack value or a valid entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,9 +255,10 @@ impl ValueScanner {
 /// Like [`value_len`] it walks the framing without recursion, and it stops as soon as the
 /// limit is passed, so a body of nothing but nested array headers costs no more than its bytes.
 pub fn check_depth(buf: &[u8], limit: usize) -> Result<(), ScanError> {
-    // Values still to read at each open level; the bottom entry is the value itself.
-    let mut remaining = Levels::default();
-    remaining.push(1);
+    // Values still to read at each open level; the bottom entry is the value itself. The
+    // first levels live inline, so that the usual record (a map nesting a few levels) costs no
+    // allocation: the consumer checks every event this way.
+    let mut remaining: SmallVec<[u64; 16]> = smallvec![1];
     let mut pos = 0usize;
     while let Some(top) = remaining.last_mut() {
         if *top == 0 {
@@ -291,46 +293,6 @@ pub fn check_depth(buf: &[u8], limit: usize) -> Result<(), ScanError> {
         return Err(ScanError::Incomplete);
     }
     Ok(())
-}
-
-/// The stack of [`check_depth`]: the first levels live inline, so that the usual record (a
-/// map nesting a few levels) costs no allocation; the consumer checks every event this way.
-#[derive(Default)]
-struct Levels {
-    inline: [u64; Levels::INLINE],
-    len: usize,
-    spilled: Vec<u64>,
-}
-
-impl Levels {
-    const INLINE: usize = 16;
-
-    fn push(&mut self, n: u64) {
-        match self.inline.get_mut(self.len) {
-            Some(slot) => *slot = n,
-            None => self.spilled.push(n),
-        }
-        self.len += 1;
-    }
-
-    fn pop(&mut self) {
-        if self.len > Levels::INLINE {
-            self.spilled.pop();
-        }
-        self.len = self.len.saturating_sub(1);
-    }
-
-    fn last_mut(&mut self) -> Option<&mut u64> {
-        match self.len {
-            0 => None,
-            n if n <= Levels::INLINE => self.inline.get_mut(n - 1),
-            _ => self.spilled.last_mut(),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
 }
 
 /// Number of elements if `buf` starts with an array header, and the header's length.
