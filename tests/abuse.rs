@@ -195,7 +195,7 @@ fn bombs_oversized_requests_and_garbage_close_only_their_connection_in_bounded_m
         "not msgpack",
     ] {
         assert!(
-            sidecar.wait_for_log(what),
+            sidecar.wait_for_log(what, Duration::from_secs(30)),
             "the log names the reason ({what})"
         );
     }

@@ -127,19 +127,11 @@ fn assert_quick(what: &str, took: Duration) {
     );
 }
 
-async fn wait_log(sidecar: &Sidecar, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !sidecar.log_text().contains(text) {
-        assert!(Instant::now() < deadline, "the log never said {text:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_down_at_start_then_back() {
     let f = setup(Fault::Down, Fault::None).await;
     let load = Load::start(f.sidecar.port, 2, 20, 3);
-    wait_log(&f.sidecar, "upload failed").await;
+    f.sidecar.expect_log("upload failed").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(load.acked_count() > 0, "acks keep coming with S3 down");
     assert!(
@@ -163,7 +155,7 @@ async fn s3_down_at_start_then_back() {
 async fn kinesis_down_at_start_then_back() {
     let f = setup(Fault::None, Fault::Down).await;
     let load = Load::start(f.sidecar.port, 2, 20, 3);
-    wait_log(&f.sidecar, "PutRecords failed").await;
+    f.sidecar.expect_log("PutRecords failed").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         f.sidecar.log_text().contains("object stored"),
@@ -183,7 +175,7 @@ async fn kinesis_down_at_start_then_back() {
 async fn each_backend_goes_down_mid_run_then_back() {
     let f = setup(Fault::None, Fault::None).await;
     let load = Load::start(f.sidecar.port, 2, 20, 3);
-    wait_log(&f.sidecar, "pointer published").await;
+    f.sidecar.expect_log("pointer published").await;
 
     f.proxies.s3.set(Fault::Down);
     tokio::time::sleep(Duration::from_secs(3)).await;

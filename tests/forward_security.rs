@@ -439,7 +439,7 @@ fn metrics_and_traces_are_skipped_or_rejected() {
     let mut conn = connect(reject.port);
     conn.write_all(&metrics_request("bWV0")).unwrap();
     assert!(closed_silently(&mut conn));
-    assert!(reject.wait_for_log("fluent_signal 1"));
+    assert!(reject.wait_for_log("fluent_signal 1", Duration::from_secs(30)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -70,18 +70,6 @@ async fn setup(tmpfs: bool, args: &[&str]) -> Setup {
     }
 }
 
-async fn wait_log(sidecar: &Sidecar, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !sidecar.log_text().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "the log never said {text:?}:\n{}",
-            sidecar.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Event id -> times delivered, once the stream holds at least `expected` events.
 async fn delivered(s: &Setup, expected: usize) -> HashMap<u64, usize> {
     let chunks = s.env.read_events(expected).await;
@@ -98,7 +86,7 @@ async fn delivered(s: &Setup, expected: usize) -> HashMap<u64, usize> {
 /// back and checks that everything acked arrives once.
 async fn fills_then_recovers(s: Setup, full_message: &str) {
     let load = Load::start(s.sidecar.port, 2, 20, 3);
-    wait_log(&s.sidecar, full_message).await;
+    s.sidecar.expect_log(full_message).await;
     // Requests in flight when the buffer filled may still complete; then nothing moves.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stalled_at = load.acked_count();
@@ -160,7 +148,7 @@ async fn drop_oldest_chunk_keeps_acking_and_accounts_for_every_drop() {
     )
     .await;
     let load = Load::start(s.sidecar.port, 2, 20, 3);
-    wait_log(&s.sidecar, "dropped the oldest chunk").await;
+    s.sidecar.expect_log("dropped the oldest chunk").await;
     let at_first_drop = load.acked_count();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(

@@ -519,10 +519,10 @@ impl Sidecar {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    /// Waits (up to 30 s) until the log contains `text`: a line about a connection may be
-    /// written just after the peer saw it close.
-    pub fn wait_for_log(&self, text: &str) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    /// Waits (up to `timeout`) until the log contains `text`: a line about a connection may
+    /// be written just after the peer saw it close, a retry some time after a fault.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
         while !self.log_text().contains(text) {
             if Instant::now() > deadline {
                 return false;
@@ -530,6 +530,13 @@ impl Sidecar {
             std::thread::sleep(Duration::from_millis(50));
         }
         true
+    }
+
+    /// [`Sidecar::wait_for_log`] for an async test (multi-threaded runtime) that cannot go on
+    /// without the line: up to a minute, then the test fails with the log.
+    pub async fn expect_log(&self, text: &str) {
+        let said = tokio::task::block_in_place(|| self.wait_for_log(text, Duration::from_secs(60)));
+        assert!(said, "the log never said {text:?}:\n{}", self.log_text());
     }
 
     pub fn pid(&self) -> u32 {
