@@ -170,7 +170,8 @@ pub struct Report {
 
 const TOKEN_WIDTH: usize = 24;
 
-/// A request split around its token: `head` (shared), then `token_prefix ++ token`.
+/// A request without its token: `head` (shared) ends with the token's str header, and each
+/// request is `head` followed by its own token.
 struct Message {
     head: Bytes,
     events: u64,
