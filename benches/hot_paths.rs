@@ -177,6 +177,7 @@ fn stored(body: &[u8], compression: Compression) -> (Pointer, Vec<u8>) {
         },
         producer: "bench".into(),
         created_at: "2026-11-21T00:00:00.000Z".into(),
+        inline: None,
     };
     (pointer, stored)
 }

@@ -29,6 +29,10 @@ use crate::retry::{Backoff, RetryPolicy};
 use crate::server::ListenerConfig;
 use crate::uploader::UploaderConfig;
 
+/// Largest `inline_max_bytes`: a Kinesis record is at most 1 MiB, partition key (up to 256
+/// characters) included.
+pub const MAX_INLINE_BYTES: u64 = 1000 * 1024;
+
 /// Parses a duration such as `500ms`, `60s`, `1m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 60s, 1m)"))
@@ -271,6 +275,15 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_S3_PART_SIZE", default_value = "8MiB", value_parser = parse_size)]
     pub s3_part_size: u64,
 
+    /// A chunk whose Kinesis record, with the stored (compressed) body inside, is at most this
+    /// long goes inline: the body rides in the record and no S3 object is written. The
+    /// default, 24 KiB, keeps such a record plus a partition key of up to 424 bytes within one
+    /// 25 KB PUT payload unit of a provisioned stream; on-demand streams bill each record by
+    /// the KiB, so a small body costs little more than its pointer would. 0 sends every body
+    /// to S3. At most 1000 KiB (a Kinesis record, partition key included, is at most 1 MiB).
+    #[arg(long, env = "CLAIMCHECK_INLINE_MAX_BYTES", default_value = "24KiB", value_parser = parse_size)]
+    pub inline_max_bytes: u64,
+
     /// Body format: msgpack (Fluentd's buffer format, bytes as received) or json (lines).
     #[arg(long, env = "CLAIMCHECK_FORMAT", default_value = "msgpack")]
     pub format: Format,
@@ -389,6 +402,11 @@ impl ServeArgs {
         if self.s3_part_size < crate::aws::s3::MIN_PART_SIZE {
             return Err("--s3-part-size must be at least 5MiB (S3's minimum part size)".into());
         }
+        if self.inline_max_bytes > MAX_INLINE_BYTES {
+            return Err(format!(
+                "--inline-max-bytes must be at most {MAX_INLINE_BYTES} (1000KiB: a Kinesis record, partition key included, is at most 1 MiB)"
+            ));
+        }
         let security = match self.shared_key {
             None if self.user_auth || !self.user.is_empty() || !self.client.is_empty() => {
                 return Err("--user-auth, --user and --client need --shared-key (the handshake carries them)".into())
@@ -486,6 +504,7 @@ impl ServeArgs {
                 retry,
                 multipart_threshold: self.s3_multipart_threshold,
                 part_size: self.s3_part_size,
+                inline_max_bytes: self.inline_max_bytes,
                 buffer_dir: self.buffer_dir.clone(),
             }),
             publisher: Arc::new(PublisherConfig {

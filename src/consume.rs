@@ -58,7 +58,9 @@ pub struct TailArgs {
 /// `claimcheck resolve`: print the events of pointers given as an argument or on stdin.
 #[derive(Debug, clap::Args)]
 pub struct ResolveArgs {
-    /// A pointer record (JSON); `-` or nothing reads pointers from stdin, one per line.
+    /// A pointer record: JSON, or any record (inline ones too) as base64, as
+    /// `aws kinesis get-records` prints its `Data`; `-` or nothing reads them from stdin, one
+    /// per line.
     pub pointer: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value = "json")]
@@ -210,7 +212,7 @@ pub async fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let mut failed = 0;
     for text in pointers {
-        let pointer = match Pointer::from_json(text.as_bytes()) {
+        let pointer = match parse_pointer_line(&text) {
             Ok(p) => p,
             Err(e) => {
                 error!(cause = %e, "cannot resolve pointer");
@@ -224,7 +226,7 @@ pub async fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
             match batch {
                 Ok(events) => write_events(&mut stdout, &events, args.format)?,
                 Err(e) => {
-                    error!(cause = %e, key = %stream.pointer().key, "cannot resolve pointer");
+                    error!(cause = %e, body = %stream.pointer().location(), "cannot resolve pointer");
                     failed += 1;
                 }
             }
@@ -234,9 +236,44 @@ pub async fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A pointer given on the command line: JSON (a pointer to an S3 object), or any record as
+/// base64, as `aws kinesis get-records` prints its `Data` (inline records hold binary bytes).
+fn parse_pointer_line(text: &str) -> Result<Pointer, claimcheck_consumer::Error> {
+    use base64::Engine;
+    let text = text.trim();
+    if text.starts_with('{') {
+        return Pointer::from_record(text.as_bytes());
+    }
+    match base64::engine::general_purpose::STANDARD.decode(text) {
+        Ok(record) => Pointer::from_record(&record),
+        // Neither: report it as the JSON it was probably meant to be.
+        Err(_) => Pointer::from_record(text.as_bytes()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pointers_are_taken_as_json_or_as_base64_records() {
+        use base64::Engine;
+        let json = r#"{"v":1,"chunk_id":"0193a1c2e4f87d3e9a5b6c7d8e9f0a1b","bucket":"b","key":"k","tag":"t","timekey":1,"first_time":1.5,"last_time":1.5,"records":1,"bytes":1,"stored_bytes":1,"format":"msgpack","compression":"none","checksum":{"crc32c":"00000000"},"producer":"p","created_at":"c"}"#;
+        let p = parse_pointer_line(json).unwrap();
+        assert_eq!(p.key, "k");
+        let inline = Pointer {
+            v: Pointer::INLINE_VERSION,
+            bucket: String::new(),
+            key: String::new(),
+            inline: Some(bytes::Bytes::from_static(b"\xc0")),
+            ..p.clone()
+        };
+        let b64 = base64::engine::general_purpose::STANDARD.encode(inline.to_record());
+        assert_eq!(parse_pointer_line(&b64).unwrap(), inline);
+        let b64_v1 = base64::engine::general_purpose::STANDARD.encode(json);
+        assert_eq!(parse_pointer_line(&b64_v1).unwrap(), p);
+        assert!(parse_pointer_line("not a pointer").is_err());
+    }
 
     #[test]
     fn start_positions_parse() {

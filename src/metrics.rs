@@ -40,6 +40,12 @@ pub struct Code {
     pub code: String,
 }
 
+/// How a chunk's body reached the consumer: `inline` in its Kinesis record, or `s3`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Via {
+    pub via: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Stage {
     pub stage: String,
@@ -83,6 +89,9 @@ pub struct Metrics {
     pub stored_bytes: Counter,
     pub chunks_published: Counter,
     pub events_published: Counter,
+    pub delivered_chunks: Family<Via, Counter>,
+    pub delivered_bytes: Family<Via, Counter>,
+    pub kinesis_record_bytes: Counter,
     pub files_quarantined: Counter,
 }
 
@@ -111,6 +120,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     stored_bytes: Counter::default(),
     chunks_published: Counter::default(),
     events_published: Counter::default(),
+    delivered_chunks: Family::default(),
+    delivered_bytes: Family::default(),
+    kinesis_record_bytes: Counter::default(),
     files_quarantined: Counter::default(),
 });
 
@@ -162,6 +174,19 @@ impl Metrics {
         self.chunks_sealed.get_or_create(&reason(why)).inc();
     }
 
+    /// A chunk whose pointer Kinesis accepted: its stored bytes, inline or in S3, and the
+    /// record's size.
+    pub fn delivered(&self, inline: bool, stored_bytes: u64, record_bytes: u64) {
+        let via = Via {
+            via: if inline { "inline" } else { "s3" },
+        };
+        self.delivered_chunks.get_or_create(&via).inc();
+        self.delivered_bytes
+            .get_or_create(&via)
+            .inc_by(stored_bytes);
+        self.kinesis_record_bytes.inc_by(record_bytes);
+    }
+
     pub fn retry(&self, stage: &str) {
         self.retries
             .get_or_create(&Stage {
@@ -211,6 +236,10 @@ impl Metrics {
         }
         for r in HANDSHAKE_FAILURES {
             drop(self.handshake_failures.get_or_create(&reason(r)));
+        }
+        for via in ["inline", "s3"] {
+            drop(self.delivered_chunks.get_or_create(&Via { via }));
+            drop(self.delivered_bytes.get_or_create(&Via { via }));
         }
         for s in STAGES {
             drop(self.retries.get_or_create(&Stage {
@@ -338,6 +367,23 @@ impl Metrics {
             "events_published",
             "Events in chunks whose pointer Kinesis accepted",
             self.events_published.clone(),
+        );
+        r.register(
+            "delivered_chunks",
+            "Chunks whose pointer Kinesis accepted, by where the body went (inline, s3)",
+            self.delivered_chunks.clone(),
+        );
+        r.register_with_unit(
+            "delivered",
+            "Stored (compressed) body bytes of chunks whose pointer Kinesis accepted, by where the body went (inline, s3)",
+            Unit::Bytes,
+            self.delivered_bytes.clone(),
+        );
+        r.register_with_unit(
+            "kinesis_records",
+            "Bytes of the records Kinesis accepted (data and partition key), what it bills",
+            Unit::Bytes,
+            self.kinesis_record_bytes.clone(),
         );
         r.register(
             "files_quarantined",

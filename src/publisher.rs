@@ -1,5 +1,9 @@
 //! Uploaded chunk → pointer record on Kinesis → chunk deleted.
 //!
+//! A record is the pointer's JSON, or for an inline chunk the JSON and the body. Inline bodies
+//! are held in memory only for an attempt: a chunk waiting for a retry (or recovered at start)
+//! has its body read back from its state file when its next batch is made.
+//!
 //! Pointers are batched into PutRecords requests (at most 500 records and 5 MiB including
 //! partition keys, Kinesis' limits). A request can succeed while some of its records fail
 //! (throttling); only those records are retried, with backoff, until the retry budget is spent
@@ -11,13 +15,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use claimcheck_consumer::Pointer;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::aws::BackendError;
-use crate::buffer::dead_letter;
 use crate::buffer::registry::{Phase, Registry};
-use crate::buffer::UploadedChunk;
+use crate::buffer::{chunk, dead_letter, UploadedChunk};
 use crate::key_template::{KeyTemplate, KeyValues};
 use crate::metrics::{metrics, Code};
 use crate::retry::{Attempts, RetryPolicy};
@@ -92,8 +96,48 @@ impl PublisherConfig {
 
 struct Job {
     chunk: UploadedChunk,
-    record: PointerRecord,
+    partition_key: String,
+    /// The record; `None` for an inline record whose body is on disk only.
+    data: Option<Bytes>,
     attempts: Attempts,
+}
+
+impl Job {
+    fn new(config: &PublisherConfig, chunk: UploadedChunk) -> Job {
+        let data = (!chunk.body_on_disk()).then(|| Bytes::from(chunk.pointer.to_record()));
+        Job {
+            partition_key: config.partition_key(&chunk),
+            chunk,
+            data,
+            attempts: Attempts::default(),
+        }
+    }
+
+    fn size(&self) -> usize {
+        self.data.as_ref().map_or(0, Bytes::len) + self.partition_key.len()
+    }
+
+    /// Reads an inline body back from the chunk's state file (blocking).
+    fn load(&mut self) -> Result<(), String> {
+        let state = chunk::read_state(&self.chunk.paths.state)
+            .map_err(|e| format!("cannot read the inline body from the state file: {e}"))?;
+        match state.into_pointer() {
+            Some(pointer) if pointer.is_inline() => {
+                self.data = Some(Bytes::from(pointer.to_record()));
+                Ok(())
+            }
+            _ => Err("the state file holds no inline body".into()),
+        }
+    }
+
+    /// Lets go of an inline body while the job waits: it is read again for the next attempt,
+    /// so that chunks waiting for Kinesis hold no bodies in memory.
+    fn unload(&mut self) {
+        if self.chunk.pointer.v == Pointer::INLINE_VERSION {
+            self.data = None;
+            self.chunk.pointer.inline = None;
+        }
+    }
 }
 
 /// Publishes pointers for as long as it runs, deleting each chunk once its pointer is accepted.
@@ -104,49 +148,85 @@ pub async fn run<P: PointerSink>(
     mut uploaded: mpsc::UnboundedReceiver<UploadedChunk>,
 ) {
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Job>();
-    let new_job = |chunk: UploadedChunk| {
-        let record = PointerRecord {
-            partition_key: config.partition_key(&chunk),
-            data: Bytes::from(chunk.pointer.to_json()),
-        };
-        Job {
-            chunk,
-            record,
-            attempts: Attempts::default(),
-        }
-    };
     loop {
         let first = tokio::select! {
-            Some(chunk) = uploaded.recv() => new_job(chunk),
+            Some(chunk) = uploaded.recv() => Job::new(&config, chunk),
             Some(job) = retry_rx.recv() => job,
         };
+        // Take whatever else is ready, without waiting: batches grow with load by themselves.
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH_RECORDS {
+            let next = retry_rx
+                .try_recv()
+                .ok()
+                .or_else(|| uploaded.try_recv().ok().map(|c| Job::new(&config, c)));
+            match next {
+                Some(job) => jobs.push(job),
+                None => break,
+            }
+        }
+        jobs.retain(|job| {
+            let id = &job.chunk.pointer.chunk_id;
+            let present = registry.set_phase(id, Phase::Publishing);
+            if !present {
+                debug!(chunk_id = %id, "chunk is no longer in the buffer (dropped); not publishing it");
+            }
+            present
+        });
+        let jobs = load_bodies(jobs, &config, &registry, &retry_tx).await;
         let mut bytes = 0;
         let mut batch = Vec::new();
-        let mut next = Some(first);
-        // Take whatever else is ready, without waiting: batches grow with load by themselves.
-        while let Some(job) = next.take() {
-            let size = job.record.data.len() + job.record.partition_key.len();
+        for job in jobs {
+            let size = job.size();
             if !batch.is_empty() && bytes + size > MAX_BATCH_BYTES {
+                registry.set_phase(&job.chunk.pointer.chunk_id, Phase::Uploaded);
                 let _ = retry_tx.send(job);
-                break;
+                continue;
             }
-            if registry.set_phase(&job.chunk.pointer.chunk_id, Phase::Publishing) {
-                bytes += size;
-                batch.push(job);
-            } else {
-                debug!(chunk_id = %job.chunk.pointer.chunk_id, "chunk is no longer in the buffer (dropped); not publishing it");
-            }
-            if batch.len() < MAX_BATCH_RECORDS {
-                next = retry_rx
-                    .try_recv()
-                    .ok()
-                    .or_else(|| uploaded.try_recv().ok().map(new_job));
-            }
+            bytes += size;
+            batch.push(job);
         }
         if !batch.is_empty() {
             publish(&*sink, &config, &registry, batch, &retry_tx).await;
         }
     }
+}
+
+/// Reads the inline bodies that are on disk only; a job whose body cannot be read is retried
+/// later (and dead-lettered when its budget is spent).
+async fn load_bodies(
+    jobs: Vec<Job>,
+    config: &PublisherConfig,
+    registry: &Registry,
+    retry_tx: &mpsc::UnboundedSender<Job>,
+) -> Vec<Job> {
+    if jobs.iter().all(|j| j.data.is_some()) {
+        return jobs;
+    }
+    let loaded = tokio::task::spawn_blocking(move || {
+        jobs.into_iter()
+            .map(|mut job| match job.data {
+                Some(_) => (job, Ok(())),
+                None => {
+                    let result = job.load();
+                    (job, result)
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("reading state files does not panic");
+    let mut ready = Vec::with_capacity(loaded.len());
+    for (job, result) in loaded {
+        match result {
+            Ok(()) => ready.push(job),
+            Err(e) => {
+                error!(chunk_id = %job.chunk.pointer.chunk_id, cause = %e, "cannot publish an inline chunk");
+                retry_later(job, &e, config, registry, retry_tx);
+            }
+        }
+    }
+    ready
 }
 
 async fn publish<P: PointerSink>(
@@ -156,7 +236,16 @@ async fn publish<P: PointerSink>(
     batch: Vec<Job>,
     retry_tx: &mpsc::UnboundedSender<Job>,
 ) {
-    let records: Vec<PointerRecord> = batch.iter().map(|j| j.record.clone()).collect();
+    let records: Vec<PointerRecord> = batch
+        .iter()
+        .map(|j| PointerRecord {
+            partition_key: j.partition_key.clone(),
+            data: j
+                .data
+                .clone()
+                .expect("bodies are loaded before a batch is sent"),
+        })
+        .collect();
     debug!(records = records.len(), "sending PutRecords");
     let started = std::time::Instant::now();
     let results = match sink.put_records(&records).await {
@@ -182,9 +271,15 @@ async fn publish<P: PointerSink>(
                 shard_id,
                 sequence_number,
             } => {
-                info!(chunk_id = %job.chunk.pointer.chunk_id, key = %job.chunk.pointer.key, %shard_id, %sequence_number, elapsed_ms, "pointer published");
+                let p = &job.chunk.pointer;
+                info!(chunk_id = %p.chunk_id, body = %p.location(), %shard_id, %sequence_number, elapsed_ms, "pointer published");
                 metrics().chunks_published.inc();
-                metrics().events_published.inc_by(job.chunk.pointer.records);
+                metrics().events_published.inc_by(p.records);
+                metrics().delivered(
+                    p.v == Pointer::INLINE_VERSION,
+                    p.stored_bytes,
+                    job.size() as u64,
+                );
                 published.push(job.chunk);
             }
             EntryResult::Failed { code, message } => {
@@ -240,6 +335,7 @@ fn retry_later(
     let id = job.chunk.pointer.chunk_id.clone();
     registry.failed(&id, Phase::Uploaded, error.to_string());
     job.attempts.failed();
+    job.unload();
     if job.attempts.exhausted(&config.retry) {
         match dead_letter::move_to_dead(&config.buffer_dir, &job.chunk.paths) {
             Ok(()) => {

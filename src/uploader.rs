@@ -9,6 +9,11 @@
 //! after a crash, writes the same bytes to the same key (derived from the chunk id). Only after
 //! S3 confirmed the object is the `uploaded` state (with the pointer) written.
 //!
+//! A body whose whole Kinesis record (pointer JSON, newline, body) fits in `inline_max_bytes`
+//! is not stored in S3 at all: it rides in the record (an inline pointer, version 2), and the
+//! `uploaded` state keeps the body until Kinesis accepted it. The bytes and the checksum are
+//! the ones the object would have held.
+//!
 //! A failed upload is retried with backoff until the retry budget is spent; the chunk then
 //! moves to `dead/` for `claimcheck replay`. A chunk whose data turns out to be damaged is
 //! moved to `quarantine/` at once: no retry can repair it.
@@ -108,6 +113,9 @@ pub struct UploaderConfig {
     pub multipart_threshold: u64,
     /// Part size of multipart uploads (at least S3's minimum of 5 MiB).
     pub part_size: u64,
+    /// Records (pointer JSON, newline, body) up to this size carry their body inline, and no
+    /// object is stored; 0: every body goes to S3.
+    pub inline_max_bytes: u64,
     /// The buffer directory, for `dead/` and `quarantine/`.
     pub buffer_dir: PathBuf,
 }
@@ -296,28 +304,8 @@ pub async fn upload<S: ChunkStore>(
     let (tx, mut pieces) = mpsc::channel::<Piece>(1);
     let (c, cfg) = (chunk.clone(), config.clone());
     let build = tokio::task::spawn_blocking(move || write_body(&c, &cfg, tx));
-    let etag = match pieces.recv().await {
-        Some(Piece::Whole(body)) => {
-            let summary = join(build).await?;
-            store
-                .put_object(&meta, body, summary.crc32c)
-                .await
-                .map(|etag| (etag, summary))
-                .map_err(UploadError::from)
-        }
-        Some(Piece::Part(first, done)) => {
-            multipart(store, &meta, (first, done), &mut pieces, build).await
-        }
-        None => {
-            return Err(join(build)
-                .await
-                .err()
-                .unwrap_or_else(|| UploadError::Body(io::Error::other("no body"))))
-        }
-    };
-    let (etag, summary) = etag?;
-    let pointer = Pointer {
-        v: Pointer::VERSION,
+    let pointer = |summary: BodySummary| Pointer {
+        v: Pointer::OBJECT_VERSION,
         chunk_id: header.chunk_id.clone(),
         bucket: store.bucket().to_string(),
         key: meta.key.clone(),
@@ -335,24 +323,75 @@ pub async fn upload<S: ChunkStore>(
         },
         producer: config.producer.clone(),
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        inline: None,
     };
+    let etag = match pieces.recv().await {
+        Some(Piece::Whole(body)) => {
+            let summary = join(build).await?;
+            if let Some(inline) = inline_pointer(config, pointer(summary), &body) {
+                debug!(
+                    bytes = summary.body_bytes,
+                    stored_bytes = summary.stored_bytes,
+                    "body goes inline"
+                );
+                return record_uploaded(chunk, inline, None).await;
+            }
+            store
+                .put_object(&meta, body, summary.crc32c)
+                .await
+                .map(|etag| (etag, summary))
+                .map_err(UploadError::from)
+        }
+        Some(Piece::Part(first, done)) => {
+            multipart(store, &meta, (first, done), &mut pieces, build).await
+        }
+        None => {
+            return Err(join(build)
+                .await
+                .err()
+                .unwrap_or_else(|| UploadError::Body(io::Error::other("no body"))))
+        }
+    };
+    let (etag, summary) = etag?;
+    let pointer = pointer(summary);
     info!(key = %pointer.key, bytes = summary.body_bytes, stored_bytes = summary.stored_bytes,
           elapsed_ms = started.elapsed().as_millis() as u64, "object stored");
     metrics().chunks_uploaded.inc();
     metrics().stored_bytes.inc_by(summary.stored_bytes);
-    let state = ChunkState::Uploaded {
-        header: header.clone(),
-        stats: chunk.stats,
-        pointer: Box::new(pointer.clone()),
-        etag,
+    record_uploaded(chunk, pointer, etag).await
+}
+
+/// The inline form of `pointer`, if its record (JSON, newline, body) fits in
+/// `inline_max_bytes`.
+fn inline_pointer(config: &UploaderConfig, pointer: Pointer, body: &Bytes) -> Option<Pointer> {
+    if body.len() as u64 >= config.inline_max_bytes {
+        return None;
+    }
+    let inline = Pointer {
+        v: Pointer::INLINE_VERSION,
+        bucket: String::new(),
+        key: String::new(),
+        inline: Some(body.clone()),
+        ..pointer
     };
+    let record_len = inline.to_json().len() as u64 + 1 + body.len() as u64;
+    (record_len <= config.inline_max_bytes).then_some(inline)
+}
+
+/// Writes the `uploaded` state (atomically), after which the pointer can be published.
+async fn record_uploaded(
+    chunk: &SealedChunk,
+    pointer: Pointer,
+    etag: Option<String>,
+) -> Result<UploadedChunk, UploadError> {
+    let state = ChunkState::uploaded(chunk.header.clone(), chunk.stats, pointer.clone(), etag);
     let path = chunk.paths.state.clone();
     tokio::task::spawn_blocking(move || chunk::write_state(&path, &state))
         .await
         .map_err(|e| UploadError::State(io::Error::other(e)))?
         .map_err(UploadError::State)?;
     Ok(UploadedChunk {
-        header: header.clone(),
+        header: chunk.header.clone(),
         paths: chunk.paths.clone(),
         pointer,
     })

@@ -679,6 +679,7 @@ fn large_chunk(bucket: &str, records: u64) -> (Pointer, Vec<u8>) {
         },
         producer: "tests".into(),
         created_at: "2026-11-21T16:01:02.345Z".into(),
+        inline: None,
     };
     (pointer, stored)
 }

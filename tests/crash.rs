@@ -110,7 +110,7 @@ async fn raw_pointers(env: &Emulated) -> Vec<Pointer> {
             out.extend(
                 page.records
                     .iter()
-                    .map(|r| Pointer::from_json(r.data.as_ref()).expect("a pointer")),
+                    .map(|r| Pointer::from_record(r.data.as_ref()).expect("a pointer")),
             );
             it = page.next_shard_iterator;
         }

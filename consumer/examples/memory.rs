@@ -119,6 +119,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         checksum: Checksum { crc32c: stored.1 },
         producer: "memory".into(),
         created_at: "2026-11-21T16:01:02.345Z".into(),
+        inline: None,
     };
     s3.put_object()
         .bucket(bucket)

@@ -536,6 +536,7 @@ pub(crate) mod tests {
             },
             producer: "h".into(),
             created_at: "2026-01-01T00:00:00.000Z".into(),
+            inline: None,
         };
         (p, stored)
     }

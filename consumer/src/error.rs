@@ -19,7 +19,7 @@ pub enum Error {
     #[error("malformed pointer: {0}")]
     MalformedPointer(#[source] serde_json::Error),
     /// The pointer was written by a newer producer than this crate understands.
-    #[error("pointer version {version} is newer than this reader understands (1)")]
+    #[error("pointer version {version} is newer than this reader understands (2)")]
     UnsupportedVersion { version: u64 },
     /// The object the pointer names does not exist (deleted by someone else, or wrong bucket).
     #[error("object s3://{bucket}/{key} is missing")]
@@ -34,7 +34,8 @@ pub enum Error {
     /// A size recorded in the pointer does not match what was read.
     #[error("{what} is {actual}, the pointer says {expected}")]
     SizeMismatch {
-        /// `"stored object bytes"`, `"decompressed body bytes"` or `"event count"`.
+        /// `"stored object bytes"`, `"inline body bytes"`, `"decompressed body bytes"` or
+        /// `"event count"`.
         what: &'static str,
         expected: u64,
         actual: u64,

@@ -67,7 +67,7 @@ pub fn pointers(event: &KinesisEvent) -> Vec<(Position, Result<Pointer, Error>)>
                 shard_id,
                 sequence_number: r.kinesis.sequence_number.clone(),
             };
-            (position, Pointer::from_json(&r.kinesis.data.0))
+            (position, Pointer::from_record(&r.kinesis.data.0))
         })
         .collect()
 }
@@ -305,7 +305,7 @@ mod tests {
     async fn chunks_in_order_duplicates_dropped_within_and_across_invocations() {
         let bucket = Arc::new(Bucket::default());
         let ps: Vec<Pointer> = (0..5).map(|n| chunk(&bucket, n)).collect();
-        let mut records: Vec<Vec<u8>> = ps.iter().map(Pointer::to_json).collect();
+        let mut records: Vec<Vec<u8>> = ps.iter().map(Pointer::to_record).collect();
         records.insert(2, ps[0].to_json());
         let consumer = Consumer::new(Resolver::from_source(bucket.clone())).concurrency(3);
         let ev = event(&records);
@@ -326,7 +326,7 @@ mod tests {
         let bucket = Arc::new(Bucket::default());
         let ps: Vec<Pointer> = (0..4).map(|n| chunk(&bucket, n)).collect();
         bucket.delete(&ps[2].key);
-        let records: Vec<Vec<u8>> = ps.iter().map(Pointer::to_json).collect();
+        let records: Vec<Vec<u8>> = ps.iter().map(Pointer::to_record).collect();
         let ev = event(&records);
 
         let consumer = Consumer::new(Resolver::from_source(bucket.clone()));

@@ -1,17 +1,19 @@
 //! Turns claimcheck pointer records back into Fluentd events.
 //!
 //! The claimcheck sidecar stores each chunk of events as one S3 object and publishes a small
-//! JSON [`Pointer`] to a Kinesis stream. This crate owns those formats (the sidecar imports
+//! JSON [`Pointer`] to a Kinesis stream; a chunk small enough rides inside its record instead
+//! (an inline pointer), and no object is written. This crate owns those formats (the sidecar imports
 //! them from here, so the two cannot disagree) and makes the pointer disappear: callers see
 //! events, verified, each chunk once.
 //!
 //! # Layout
 //!
-//! * [`pointer`] — the pointer record (versioned JSON).
+//! * [`pointer`] — the pointer record (versioned JSON; version 2 carries the body inline).
 //! * [`body`] — chunk body formats (`msgpack`, `json`) and compressions; [`entry`] — the msgpack
 //!   `[time, record]` entry scanner shared with the sidecar.
 //! * [`Event`] — one event, with its record as borrowed msgpack, JSON or your own type.
-//! * [`Resolver`] — pointer → S3 GetObject → decompress → events, streamed in bounded memory,
+//! * [`Resolver`] — pointer → S3 GetObject (or the inline body) → decompress → events,
+//!   streamed in bounded memory,
 //!   with sizes and CRC32C checked before any event is handed out ([`Verification`]).
 //! * [`StreamReader`] ([`reader`]) — every shard of a stream, following resharding, from
 //!   TRIM_HORIZON, LATEST, a timestamp or a [`checkpoint`]; several pointers resolved at once,

@@ -1,8 +1,21 @@
 //! The pointer record: what the sidecar publishes to Kinesis for each chunk.
 //!
-//! One JSON object, well under 1 KiB for ordinary tags. Readers ignore fields they do not know;
-//! a `v` higher than [`Pointer::VERSION`] is [`Error::UnsupportedVersion`]. Times are exact
-//! decimal numbers of seconds (`1763740801.123456789`), never rounded through a float.
+//! Two versions, told apart by `v`:
+//!
+//! * **1, in S3**: one JSON object, well under 1 KiB for ordinary tags, naming the `bucket` and
+//!   `key` of the stored object.
+//! * **2, inline**: a small body rides in the record itself. The record is the same JSON
+//!   object without `bucket` and `key`, then one newline (`0x0a`), then exactly
+//!   `stored_bytes` bytes: the stored (compressed) body, byte for byte what the object would
+//!   have held, with the same checksum. The body is raw, not base64 in the JSON, so that it
+//!   costs no more than its size: Kinesis bills records by the KiB (on demand) or by 25 KB
+//!   (provisioned). A reader that knows only version 1 fails on such a record (a newer
+//!   version, or JSON followed by other bytes) instead of fetching an object that does not
+//!   exist.
+//!
+//! Readers ignore fields they do not know; a `v` higher than [`Pointer::VERSION`] is
+//! [`Error::UnsupportedVersion`]. Times are exact decimal numbers of seconds
+//! (`1763740801.123456789`), never rounded through a float.
 //!
 //! ```json
 //! {"v":1,"chunk_id":"0193a1c2e4f87d3e9a5b6c7d8e9f0a1b","bucket":"logs",
@@ -12,6 +25,7 @@
 //!  "checksum":{"crc32c":"b5c3a1f2"},"producer":"ip-10-0-1-7","created_at":"2026-11-21T16:01:02.345Z"}
 //! ```
 
+use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
@@ -19,18 +33,25 @@ use crate::body::{Compression, Format};
 use crate::entry::EventTime;
 use crate::Error;
 
-/// A pointer to one chunk body stored in S3.
+/// A pointer to one chunk body: stored in S3 (version 1), or carried inline (version 2).
 ///
-/// Parse it with [`Pointer::from_json`] (or `serde_json` directly): the exact times are read as
-/// raw JSON numbers, which serde cannot do through buffered forms such as `serde_json::Value`
-/// or internally tagged enums.
+/// Parse a Kinesis record with [`Pointer::from_record`] and make one with
+/// [`Pointer::to_record`]. The serde implementations cover the JSON part only (for an inline
+/// pointer, the part before the body); the exact times are read as raw JSON numbers, which
+/// serde cannot do through buffered forms such as `serde_json::Value` or internally tagged
+/// enums.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pointer {
-    /// Format version of this record.
+    /// Format version of this record: [`Pointer::OBJECT_VERSION`] or
+    /// [`Pointer::INLINE_VERSION`].
     pub v: u32,
     /// The chunk's unique id: 32 lowercase hex characters (a UUIDv7, so ids sort by time).
     pub chunk_id: String,
+    /// Bucket of the stored object; empty for an inline pointer.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub bucket: String,
+    /// Key of the stored object; empty for an inline pointer.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key: String,
     /// The Fluentd tag of every event in the chunk.
     pub tag: String,
@@ -55,6 +76,10 @@ pub struct Pointer {
     pub producer: String,
     /// When the pointer was made, RFC 3339 UTC with milliseconds.
     pub created_at: String,
+    /// The stored body itself, for an inline pointer: exactly `stored_bytes` bytes, what the
+    /// object would have held. `None` for a pointer to an S3 object.
+    #[serde(skip)]
+    pub inline: Option<Bytes>,
 }
 
 /// Checksums of the stored object. CRC32C is rendered as 8 lowercase hex digits.
@@ -70,24 +95,87 @@ struct VersionOnly {
 }
 
 impl Pointer {
-    /// The version this crate writes and the highest it reads.
-    pub const VERSION: u32 = 1;
+    /// The highest version this crate reads.
+    pub const VERSION: u32 = 2;
+    /// The version of a pointer to an S3 object.
+    pub const OBJECT_VERSION: u32 = 1;
+    /// The version of a record that carries its body inline.
+    pub const INLINE_VERSION: u32 = 2;
 
-    /// Parses a pointer record, checking its version first so that a newer producer gives a
-    /// clear [`Error::UnsupportedVersion`] rather than a confusing missing-field error.
-    pub fn from_json(data: &[u8]) -> Result<Pointer, Error> {
-        let version: VersionOnly = serde_json::from_slice(data).map_err(Error::MalformedPointer)?;
+    /// Parses a pointer record of either version, checking the version first so that a newer
+    /// producer gives a clear [`Error::UnsupportedVersion`] rather than a confusing
+    /// missing-field error.
+    pub fn from_record(data: &[u8]) -> Result<Pointer, Error> {
+        let mut values = serde_json::Deserializer::from_slice(data).into_iter::<VersionOnly>();
+        let version = match values.next() {
+            Some(v) => v.map_err(Error::MalformedPointer)?,
+            None => return Err(malformed("the record is empty")),
+        };
         match version.v {
             Some(v) if v > u64::from(Self::VERSION) => {
                 Err(Error::UnsupportedVersion { version: v })
             }
-            _ => serde_json::from_slice(data).map_err(Error::MalformedPointer),
+            Some(v) if v == u64::from(Self::INLINE_VERSION) => {
+                let end = values.byte_offset();
+                let body = match data[end..].split_first() {
+                    Some((b'\n', body)) => body,
+                    _ => return Err(malformed("an inline record needs a newline after its JSON")),
+                };
+                let mut p: Pointer =
+                    serde_json::from_slice(&data[..end]).map_err(Error::MalformedPointer)?;
+                if body.len() as u64 != p.stored_bytes {
+                    return Err(Error::SizeMismatch {
+                        what: "inline body bytes",
+                        expected: p.stored_bytes,
+                        actual: body.len() as u64,
+                    });
+                }
+                p.inline = Some(Bytes::copy_from_slice(body));
+                Ok(p)
+            }
+            _ => {
+                let p: Pointer = serde_json::from_slice(data).map_err(Error::MalformedPointer)?;
+                if p.bucket.is_empty() || p.key.is_empty() {
+                    return Err(malformed("missing field `bucket` or `key`"));
+                }
+                Ok(p)
+            }
         }
     }
 
-    /// The record as compact JSON.
+    /// Same as [`Pointer::from_record`] (the name from when every record was JSON).
+    pub fn from_json(data: &[u8]) -> Result<Pointer, Error> {
+        Pointer::from_record(data)
+    }
+
+    /// The Kinesis record: compact JSON, followed for an inline pointer by a newline and the
+    /// body.
+    pub fn to_record(&self) -> Vec<u8> {
+        let mut out = self.to_json();
+        if let Some(body) = &self.inline {
+            out.reserve(1 + body.len());
+            out.push(b'\n');
+            out.extend_from_slice(body);
+        }
+        out
+    }
+
+    /// The JSON part of the record: the whole record for a pointer to an S3 object.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a pointer always serializes")
+    }
+
+    /// Whether the body rides in the record rather than in S3.
+    pub fn is_inline(&self) -> bool {
+        self.inline.is_some()
+    }
+
+    /// Where the body is, for messages: `s3://bucket/key` or `inline`.
+    pub fn location(&self) -> String {
+        match self.inline {
+            Some(_) => "inline".to_string(),
+            None => format!("s3://{}/{}", self.bucket, self.key),
+        }
     }
 
     /// The S3 checksum header value for the stored object (`x-amz-checksum-crc32c`):
@@ -101,6 +189,10 @@ impl Pointer {
 pub fn crc32c_base64(crc: u32) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
+}
+
+fn malformed(why: &str) -> Error {
+    Error::MalformedPointer(<serde_json::Error as serde::de::Error>::custom(why))
 }
 
 mod decimal_time {
@@ -168,7 +260,82 @@ mod tests {
             checksum: Checksum { crc32c: 0xb5c3a1f2 },
             producer: "ip-10-0-1-7".into(),
             created_at: "2026-11-21T16:01:02.345Z".into(),
+            inline: None,
         }
+    }
+
+    fn inline_sample() -> Pointer {
+        let body = Bytes::from_static(b"\x28\xb5\x2f\xfd\nbody with a newline\n");
+        Pointer {
+            v: Pointer::INLINE_VERSION,
+            bucket: String::new(),
+            key: String::new(),
+            stored_bytes: body.len() as u64,
+            checksum: Checksum {
+                crc32c: crc32c::crc32c(&body),
+            },
+            inline: Some(body),
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn inline_record_is_json_newline_raw_body() {
+        let p = inline_sample();
+        let record = p.to_record();
+        let json_end = record.iter().position(|&b| b == b'\n').unwrap();
+        let json = std::str::from_utf8(&record[..json_end]).unwrap();
+        assert!(json.starts_with(r#"{"v":2,"chunk_id":"#), "{json}");
+        assert!(
+            !json.contains("bucket") && !json.contains(r#""key""#),
+            "{json}"
+        );
+        assert_eq!(&record[json_end + 1..], &p.inline.as_ref().unwrap()[..]);
+        assert_eq!(Pointer::from_record(&record).unwrap(), p);
+        assert!(p.is_inline());
+        assert_eq!(p.location(), "inline");
+    }
+
+    #[test]
+    fn inline_records_with_a_wrong_length_or_no_newline_are_refused() {
+        let p = inline_sample();
+        let mut record = p.to_record();
+        record.push(0);
+        assert!(matches!(
+            Pointer::from_record(&record),
+            Err(Error::SizeMismatch {
+                what: "inline body bytes",
+                ..
+            })
+        ));
+        record.truncate(record.len() - 3);
+        assert!(matches!(
+            Pointer::from_record(&record),
+            Err(Error::SizeMismatch { .. })
+        ));
+        let json_only = p.to_json();
+        let err = Pointer::from_record(&json_only).unwrap_err();
+        assert!(matches!(err, Error::MalformedPointer(_)), "{err}");
+    }
+
+    #[test]
+    fn a_version_1_reader_fails_on_an_inline_record() {
+        // What a reader that knows only version 1 does: parse the record as one JSON object.
+        let record = inline_sample().to_record();
+        let as_v1: Result<serde_json::Value, _> = serde_json::from_slice(&record);
+        assert!(as_v1.is_err());
+        // And one that checks the version first sees 2.
+        let mut values = serde_json::Deserializer::from_slice(&record).into_iter::<VersionOnly>();
+        assert_eq!(values.next().unwrap().unwrap().v, Some(2));
+    }
+
+    #[test]
+    fn an_s3_pointer_needs_bucket_and_key() {
+        let json = String::from_utf8(sample().to_json()).unwrap();
+        let no_bucket = json.replace(r#""bucket":"logs","#, "");
+        let err = Pointer::from_record(no_bucket.as_bytes()).unwrap_err();
+        assert!(matches!(err, Error::MalformedPointer(_)), "{err}");
+        assert_eq!(sample().to_record(), sample().to_json());
     }
 
     #[test]
@@ -206,10 +373,10 @@ mod tests {
 
     #[test]
     fn newer_version_and_missing_fields_are_typed_errors() {
-        let newer = br#"{"v":2,"chunk_id":"x"}"#;
+        let newer = br#"{"v":3,"chunk_id":"x"}"#;
         assert!(matches!(
             Pointer::from_json(newer),
-            Err(Error::UnsupportedVersion { version: 2 })
+            Err(Error::UnsupportedVersion { version: 3 })
         ));
         let missing = br#"{"v":1,"chunk_id":"x"}"#;
         let err = Pointer::from_json(missing).unwrap_err();

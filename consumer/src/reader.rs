@@ -540,7 +540,7 @@ impl StreamReader {
                 done: false,
                 chunk: None,
             };
-            match Pointer::from_json(&q.data) {
+            match Pointer::from_record(&q.data) {
                 Err(e) => self.in_flight.push_back(Delivery {
                     position,
                     chunk: Err(Some(e)),

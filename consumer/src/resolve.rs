@@ -206,6 +206,22 @@ async fn run(
             limit: options.max_body_bytes,
         });
     }
+    if let Some(body) = p.inline.clone() {
+        // The body came with the record: nothing to fetch, and it is already in memory.
+        return blocking(p, gauge, tx, move |p, gauge, sink| {
+            match options.verification {
+                Verification::BeforeEvents => {
+                    match decode::decode_object(p, &body[..], gauge, &mut Unless(&*sink))? {
+                        Outcome::Verified => decode::decode_object(p, &body[..], gauge, sink),
+                        Outcome::Stopped => Ok(Outcome::Stopped),
+                    }
+                }
+                Verification::AtEnd => decode::decode_object(p, &body[..], gauge, sink),
+            }
+        })
+        .await
+        .map(drop);
+    }
     let object = get(source, &p, None, &gauge).await?;
     match options.verification {
         Verification::BeforeEvents if p.stored_bytes <= options.in_memory_object_bytes => {
@@ -532,6 +548,56 @@ mod tests {
         assert_eq!(reads.len(), 3);
         assert_eq!(reads[1], (p.key.clone(), None));
         assert_eq!(reads[2], (p.key.clone(), Some("\"1\"".to_string())));
+    }
+
+    /// The same chunk as an inline pointer: its stored bytes in the record, no object.
+    fn inlined(p: &Pointer, bytes: Vec<u8>) -> Pointer {
+        Pointer {
+            v: Pointer::INLINE_VERSION,
+            bucket: String::new(),
+            key: String::new(),
+            inline: Some(bytes.into()),
+            ..p.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_inline_pointer_is_resolved_without_reading_s3() {
+        let (msgpack, events) = body();
+        for compression in [Compression::Zstd, Compression::Gzip, Compression::None] {
+            let (p, bytes) = stored(Format::Msgpack, compression, &msgpack, 5);
+            let p = Pointer::from_record(&inlined(&p, bytes).to_record()).unwrap();
+            let bucket = Arc::new(Bucket::default());
+            let resolver = Resolver::from_source(bucket.clone());
+            for verification in [Verification::BeforeEvents, Verification::AtEnd] {
+                let resolver = resolver.clone().verification(verification);
+                let mut stream = resolver.stream(p.clone());
+                let mut got = Vec::new();
+                while let Some(e) = stream.next().await {
+                    got.push(e.unwrap());
+                }
+                assert_eq!(got, events);
+                assert_eq!(stream.stats().object_reads, 0);
+            }
+            assert!(bucket.reads.lock().unwrap().is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_inline_body_yields_no_event() {
+        let (msgpack, _) = body();
+        let (p, mut bytes) = stored(Format::Msgpack, Compression::Zstd, &msgpack, 5);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        let p = inlined(&p, bytes);
+        let resolver = Resolver::from_source(Arc::new(Bucket::default()));
+        let mut stream = resolver.stream(p);
+        let first = stream.next().await.expect("an error, not the end");
+        assert!(
+            matches!(first, Err(Error::ChecksumMismatch { .. })),
+            "{first:?}"
+        );
+        assert!(stream.next().await.is_none());
     }
 
     #[tokio::test]

@@ -152,6 +152,7 @@ fn pointer(
         },
         producer: "ip-10-0-1-7".into(),
         created_at: "2026-11-21T16:01:02.345Z".into(),
+        inline: None,
     }
 }
 
@@ -339,7 +340,7 @@ fn committed_vectors_give_their_expected_events_or_errors() {
     for v in &manifest {
         let read = |ext: &str| std::fs::read(dir.join(format!("{}.{ext}", v.name))).unwrap();
         let (pointer, object) = (read("pointer.json"), read("object"));
-        let result = Pointer::from_json(&pointer).and_then(|p| verify_and_decode(&p, &object));
+        let result = Pointer::from_record(&pointer).and_then(|p| verify_and_decode(&p, &object));
         match (v.expect.as_str(), result) {
             ("events", Ok(events)) => {
                 let got: String = events

@@ -87,13 +87,68 @@ pub enum ChunkState {
         header: ChunkHeader,
         stats: ChunkStats,
     },
-    /// S3 confirmed the object; the pointer is ready to publish.
+    /// S3 confirmed the object, or the body is small enough to ride in the record; the
+    /// pointer is ready to publish.
     Uploaded {
         header: ChunkHeader,
         stats: ChunkStats,
+        /// The pointer's JSON part (its `inline` body is not in it: see `inline`).
         pointer: Box<Pointer>,
         etag: Option<String>,
+        /// The body of an inline pointer, base64 (absent for a pointer to an S3 object).
+        #[serde(default, skip_serializing_if = "Option::is_none", with = "base64_body")]
+        inline: Option<Bytes>,
     },
+}
+
+impl ChunkState {
+    /// The state of a chunk whose pointer is ready, inline body included.
+    pub fn uploaded(
+        header: ChunkHeader,
+        stats: ChunkStats,
+        pointer: Pointer,
+        etag: Option<String>,
+    ) -> ChunkState {
+        ChunkState::Uploaded {
+            header,
+            stats,
+            inline: pointer.inline.clone(),
+            pointer: Box::new(pointer),
+            etag,
+        }
+    }
+
+    /// The pointer of an uploaded chunk, with its inline body put back.
+    pub fn into_pointer(self) -> Option<Pointer> {
+        match self {
+            ChunkState::Uploaded {
+                pointer, inline, ..
+            } => Some(Pointer { inline, ..*pointer }),
+            ChunkState::Sealed { .. } => None,
+        }
+    }
+}
+
+mod base64_body {
+    use base64::Engine;
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+    pub fn serialize<S: Serializer>(body: &Option<Bytes>, s: S) -> Result<S::Ok, S::Error> {
+        match body {
+            Some(b) => s.serialize_some(&B64.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bytes>, D::Error> {
+        let text: Option<String> = Deserialize::deserialize(d)?;
+        text.map(|t| B64.decode(t).map(Bytes::from))
+            .transpose()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Paths of one chunk's files.
@@ -555,14 +610,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.state");
         let pointer = Pointer::from_json(br#"{"v":1,"chunk_id":"0193a1c2e4f87d3e9a5b6c7d8e9f0a1b","bucket":"logs","key":"k","tag":"t","timekey":1,"first_time":1763740801.123456789,"last_time":1763740859.5,"records":1,"bytes":1,"stored_bytes":1,"format":"msgpack","compression":"zstd","checksum":{"crc32c":"b5c3a1f2"},"producer":"p","created_at":"c"}"#).unwrap();
-        let state = ChunkState::Uploaded {
-            header: header(),
-            stats: ChunkStats::default(),
-            pointer: Box::new(pointer),
-            etag: Some("e".into()),
-        };
+        let state = ChunkState::uploaded(
+            header(),
+            ChunkStats::default(),
+            pointer.clone(),
+            Some("e".into()),
+        );
         write_state(&path, &state).unwrap();
         assert_eq!(read_state(&path).unwrap(), state);
+        assert_eq!(
+            read_state(&path).unwrap().into_pointer(),
+            Some(pointer.clone())
+        );
+
+        // An inline pointer keeps its body, byte for byte, in the state file.
+        let inline = Pointer {
+            v: Pointer::INLINE_VERSION,
+            bucket: String::new(),
+            key: String::new(),
+            inline: Some(Bytes::from_static(b"\x00\n\xffbody")),
+            ..pointer
+        };
+        let state = ChunkState::uploaded(header(), ChunkStats::default(), inline.clone(), None);
+        write_state(&path, &state).unwrap();
+        assert_eq!(read_state(&path).unwrap().into_pointer(), Some(inline));
     }
 
     #[test]

@@ -219,12 +219,23 @@ pub enum BufferError {
     Closed,
 }
 
-/// A chunk whose object S3 confirmed; its pointer is ready to publish.
+/// A chunk whose object S3 confirmed, or whose body goes inline; its pointer is ready to
+/// publish. An inline pointer may come without its body (`pointer.inline` is `None`, as after
+/// recovery or a failed attempt): the publisher then reads it from the state file, so that
+/// chunks waiting for Kinesis do not hold their bodies in memory.
 #[derive(Debug, Clone)]
 pub struct UploadedChunk {
     pub header: ChunkHeader,
     pub paths: ChunkPaths,
     pub pointer: claimcheck_consumer::Pointer,
+}
+
+impl UploadedChunk {
+    /// An inline pointer whose body is on disk only.
+    pub fn body_on_disk(&self) -> bool {
+        self.pointer.v == claimcheck_consumer::Pointer::INLINE_VERSION
+            && self.pointer.inline.is_none()
+    }
 }
 
 /// A chunk that will receive no more events, ready for upload.

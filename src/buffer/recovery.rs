@@ -63,6 +63,8 @@ impl Recovered {
                 stats,
                 paths,
             }),
+            // An inline body stays on disk until the publisher needs it (a buffer can hold
+            // many thousands of them).
             ChunkState::Uploaded {
                 header, pointer, ..
             } => self.uploaded.push(UploadedChunk {

@@ -271,12 +271,7 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
         br#"{"v":1,"chunk_id":"55555555555555555555555555555555","bucket":"b","key":"k","tag":"t","timekey":0,"first_time":6.000000007,"last_time":6.000000007,"records":1,"bytes":1,"stored_bytes":1,"format":"msgpack","compression":"zstd","checksum":{"crc32c":"00000000"},"producer":"p","created_at":"c"}"#,
     )
     .unwrap();
-    let state = ChunkState::Uploaded {
-        header: header(&"5".repeat(32)),
-        stats,
-        pointer: Box::new(pointer.clone()),
-        etag: None,
-    };
+    let state = ChunkState::uploaded(header(&"5".repeat(32)), stats, pointer.clone(), None);
     chunk::write_state(&uploaded_paths.state, &state).unwrap();
 
     // Leftovers of a published chunk, an interrupted state write, and garbage.

@@ -17,6 +17,8 @@ use crate::retry::Backoff;
 struct FakeSink {
     script: Mutex<VecDeque<Outcome>>,
     calls: Mutex<Vec<Vec<(String, String)>>>,
+    /// Every record sent, as sent.
+    records: Mutex<Vec<Bytes>>,
 }
 
 enum Outcome {
@@ -36,11 +38,15 @@ impl PointerSink for FakeSink {
             .map(|r| {
                 (
                     r.partition_key.clone(),
-                    Pointer::from_json(&r.data).unwrap().chunk_id,
+                    Pointer::from_record(&r.data).unwrap().chunk_id,
                 )
             })
             .collect();
         self.calls.lock().unwrap().push(ids);
+        self.records
+            .lock()
+            .unwrap()
+            .extend(records.iter().map(|r| r.data.clone()));
         let throttled = match self.script.lock().unwrap().pop_front() {
             Some(Outcome::Down) => {
                 return Err(BackendError {
@@ -98,6 +104,7 @@ fn uploaded(dir: &std::path::Path, registry: &Registry, n: usize) -> UploadedChu
         checksum: Checksum { crc32c: 0 },
         producer: "h".into(),
         created_at: "2026-01-01T00:00:00.000Z".into(),
+        inline: None,
     };
     registry.insert(ChunkInfo {
         chunk_id: id,
@@ -232,6 +239,86 @@ async fn a_failed_request_keeps_every_chunk_until_it_succeeds() {
     wait_until("the chunk is deleted", || !chunk.paths.data.exists()).await;
     task.abort();
     assert_eq!(sink.calls.lock().unwrap().len(), 3);
+}
+
+/// An uploaded chunk whose body goes inline, with its `uploaded` state on disk.
+fn uploaded_inline(dir: &std::path::Path, registry: &Registry, n: usize) -> UploadedChunk {
+    let mut chunk = uploaded(dir, registry, n);
+    let body = Bytes::from(format!("body {n}\nwith a newline").into_bytes());
+    chunk.pointer = Pointer {
+        v: Pointer::INLINE_VERSION,
+        bucket: String::new(),
+        key: String::new(),
+        stored_bytes: body.len() as u64,
+        checksum: Checksum {
+            crc32c: crc32c::crc32c(&body),
+        },
+        inline: Some(body),
+        ..chunk.pointer
+    };
+    let state = chunk::ChunkState::uploaded(
+        chunk.header.clone(),
+        Default::default(),
+        chunk.pointer.clone(),
+        None,
+    );
+    chunk::write_state(&chunk.paths.state, &state).unwrap();
+    chunk
+}
+
+#[tokio::test]
+async fn inline_records_carry_their_body_on_every_attempt_and_go_only_once_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let sink = Arc::new(FakeSink::default());
+    sink.script
+        .lock()
+        .unwrap()
+        .extend([Outcome::Down, Outcome::Throttle(vec![0])]);
+    let in_memory = uploaded_inline(dir.path(), &registry, 1);
+    // As after a restart: the body is in the state file only.
+    let mut on_disk = uploaded_inline(dir.path(), &registry, 2);
+    let expected = [in_memory.pointer.to_record(), on_disk.pointer.to_record()];
+    on_disk.pointer.inline = None;
+    assert!(on_disk.body_on_disk());
+    let object = uploaded(dir.path(), &registry, 3);
+    let chunks = [in_memory, on_disk, object];
+    let task = start(&sink, config(dir.path()), &registry, &chunks);
+    wait_until("the first call failed", || {
+        !sink.calls.lock().unwrap().is_empty()
+    })
+    .await;
+    wait_until("every chunk is deleted", || {
+        chunks.iter().all(|c| !c.paths.data.exists())
+    })
+    .await;
+    wait_until("the registry is empty", || registry.snapshot().is_empty()).await;
+    task.abort();
+
+    let records = sink.records.lock().unwrap();
+    let calls = sink.calls.lock().unwrap();
+    // Down for all three; then one of them is throttled once (retries have their own
+    // jitter, so they go together or apart).
+    assert_eq!(calls[0].len(), 3);
+    let attempts = |c: &UploadedChunk| {
+        calls
+            .iter()
+            .flatten()
+            .filter(|(_, id)| *id == c.pointer.chunk_id)
+            .count()
+    };
+    let mut counts: Vec<usize> = chunks.iter().map(attempts).collect();
+    counts.sort();
+    assert_eq!(counts, [2, 2, 3], "{calls:?}");
+    for record in records.iter() {
+        let p = Pointer::from_record(record).unwrap();
+        match chunks.iter().position(|c| c.pointer.chunk_id == p.chunk_id) {
+            Some(i @ 0..=1) => assert_eq!(record[..], expected[i][..], "attempts resend the body"),
+            Some(_) => assert!(!p.is_inline()),
+            None => panic!("unknown chunk {}", p.chunk_id),
+        }
+    }
+    assert_eq!(registry.usage(), 0);
 }
 
 #[tokio::test]

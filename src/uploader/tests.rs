@@ -150,6 +150,8 @@ fn config(dir: &std::path::Path, format: Format, compression: Compression) -> Up
         },
         multipart_threshold: 16 << 20,
         part_size: 5 << 20,
+        // Most tests here are about S3: every body goes there unless a test says otherwise.
+        inline_max_bytes: 0,
         buffer_dir: dir.to_path_buf(),
     }
 }
@@ -317,6 +319,74 @@ async fn uploads_a_verifiable_object_then_records_the_pointer() {
         "the data stays until the pointer is published"
     );
     assert_eq!(registry.snapshot()[0].phase, Phase::Uploaded);
+}
+
+#[tokio::test]
+async fn a_small_body_goes_inline_with_the_bytes_and_checksum_the_object_would_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let (chunk, body) = sealed_chunk(dir.path(), &registry, 9, 20);
+    // What the object would have been, from an upload to S3 of the same chunk.
+    let s3 = Arc::new(FakeStore::default());
+    let cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
+    let as_object = run_one(s3.clone(), cfg.clone(), registry.clone(), chunk.clone())
+        .await
+        .expect("uploaded");
+    let object = s3.stored.lock().unwrap()[0].1.clone();
+
+    let store = Arc::new(FakeStore::default());
+    let cfg = UploaderConfig {
+        inline_max_bytes: 24 << 10,
+        ..cfg
+    };
+    let uploaded = run_one(store.clone(), cfg, registry.clone(), chunk.clone())
+        .await
+        .expect("uploaded");
+    assert!(store.stored.lock().unwrap().is_empty(), "no object stored");
+    let p = &uploaded.pointer;
+    assert_eq!(p.v, Pointer::INLINE_VERSION);
+    assert_eq!((p.bucket.as_str(), p.key.as_str()), ("", ""));
+    assert_eq!(p.inline.as_deref(), Some(&object[..]));
+    assert_eq!(
+        (p.checksum, p.stored_bytes, p.bytes, p.records),
+        (
+            as_object.pointer.checksum,
+            as_object.pointer.stored_bytes,
+            body.len() as u64,
+            9
+        )
+    );
+    assert_eq!(verify_and_decode(p, &object).unwrap().len(), 9);
+    // The state file keeps the body until Kinesis accepted the record.
+    let state = chunk::read_state(&chunk.paths.state).unwrap();
+    assert_eq!(state.into_pointer().as_ref(), Some(p));
+    assert!(chunk.paths.data.exists());
+}
+
+#[tokio::test]
+async fn a_record_over_inline_max_bytes_goes_to_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    // Uncompressed, about 2 KiB of body.
+    let (chunk, body) = sealed_chunk(dir.path(), &registry, 20, 100);
+    let cfg = config(dir.path(), Format::Msgpack, Compression::None);
+    // The body alone fits, but not with the pointer's JSON in front of it.
+    let limit = body.len() as u64 + 100;
+    for (inline_max_bytes, inline) in [(limit, false), (limit + 1024, true)] {
+        let store = Arc::new(FakeStore::default());
+        let cfg = UploaderConfig {
+            inline_max_bytes,
+            ..cfg.clone()
+        };
+        let uploaded = run_one(store.clone(), cfg, registry.clone(), chunk.clone())
+            .await
+            .expect("uploaded");
+        assert_eq!(uploaded.pointer.is_inline(), inline, "{inline_max_bytes}");
+        assert_eq!(store.stored.lock().unwrap().len(), usize::from(!inline));
+        if inline {
+            assert!(uploaded.pointer.to_record().len() as u64 <= inline_max_bytes);
+        }
+    }
 }
 
 #[tokio::test]

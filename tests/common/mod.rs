@@ -281,6 +281,7 @@ pub fn make_chunk(
         },
         producer: "tests".into(),
         created_at: "2026-11-21T16:01:02.345Z".into(),
+        inline: None,
     };
     (pointer, stored)
 }
@@ -325,7 +326,7 @@ impl Aws {
             .put_record()
             .stream_name(stream)
             .partition_key(&pointer.tag)
-            .data(aws_sdk_kinesis::primitives::Blob::new(pointer.to_json()))
+            .data(aws_sdk_kinesis::primitives::Blob::new(pointer.to_record()))
             .send()
             .await
             .expect("put record");
