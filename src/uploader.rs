@@ -329,12 +329,14 @@ pub async fn upload<S: ChunkStore>(
         Some(Piece::Whole(body)) => {
             let summary = join(build).await?;
             if let Some(inline) = inline_pointer(config, pointer(summary), &body) {
-                debug!(
+                let uploaded = record_uploaded(chunk, inline, None).await?;
+                info!(
                     bytes = summary.body_bytes,
                     stored_bytes = summary.stored_bytes,
-                    "body goes inline"
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "body stored inline"
                 );
-                return record_uploaded(chunk, inline, None).await;
+                return Ok(uploaded);
             }
             store
                 .put_object(&meta, body, summary.crc32c)

@@ -20,11 +20,12 @@ use common::load::{Load, LoadResult};
 use common::*;
 
 /// When a cycle kills the sidecar: after a random time (mostly while receiving and
-/// fsyncing), or right after it logs a marker of a delivery phase.
+/// fsyncing), or right after it logs a marker of a delivery phase. With inline bodies, the
+/// "upload" writes the uploaded state holding the body, and logs "body stored inline".
 const TARGETS: [(&str, Option<&str>, u64); 5] = [
     ("receiving and fsyncing", None, 0),
     ("mid-upload", Some("chunk sealed"), 8),
-    ("between upload and publish", Some("object stored"), 2),
+    ("between upload and publish", Some(" stored"), 2),
     ("mid-PutRecords", Some("sending PutRecords"), 4),
     (
         "between PutRecords and delete",
@@ -174,10 +175,14 @@ async fn drain_and_read(env: &Emulated, load: &LoadResult) -> (HashMap<u64, Vec<
     (seen, reader.stats().duplicates_dropped)
 }
 
-async fn crash_cycles(sync: &str, cycles: usize) {
+/// `inline_max_bytes`: `0` sends every body to S3; the default sends these (small) chunks
+/// inline.
+async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
     let env = Emulated::start("crash").await;
     let port = free_port();
     let args = [
+        "--inline-max-bytes",
+        inline_max_bytes,
         "--flush-interval",
         "200ms",
         "--timekey-wait",
@@ -260,7 +265,7 @@ async fn crash_cycles(sync: &str, cycles: usize) {
     let unacked_delivered = seen.keys().filter(|id| !load.acked.contains(id)).count();
     let ids: HashSet<&str> = raw.iter().map(|p| p.chunk_id.as_str()).collect();
     println!(
-        "crash harness (sync {sync}): {cycles} kills in {:.0} s; {} events acked ({} before the last restart), {} sent; \
+        "crash harness (sync {sync}, inline_max_bytes {inline_max_bytes}): {cycles} kills in {:.0} s; {} events acked ({} before the last restart), {} sent; \
          {} delivered, 0 lost, 0 duplicated for the consumer; {} unacked events delivered once; {} chunks, {} republished \
          (whole chunks, {} pointers dropped by the consumer); restart to listening: median {:.0} ms, max {:.0} ms; \
          kills by phase: {:?}",
@@ -286,13 +291,13 @@ async fn crash_cycles(sync: &str, cycles: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acked_event_survives_random_kill_9_sync_always() {
-    crash_cycles("always", cycles()).await;
+    crash_cycles("always", "24KiB", cycles()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acked_event_survives_random_kill_9_sync_none() {
     // Without fsync the page cache still holds every write when only the process dies.
-    crash_cycles("none", cycles().div_ceil(2)).await;
+    crash_cycles("none", "0", cycles().div_ceil(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

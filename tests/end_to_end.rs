@@ -23,7 +23,8 @@ fn events(source: &str, tags: &[&str], count: usize, base: i64, int_time: bool) 
         .collect()
 }
 
-async fn round_trip(format: &str, compression: &str, modes: &[&str]) {
+/// `inline_max_bytes`: the sidecar's `--inline-max-bytes` (`0`: every body to S3).
+async fn round_trip(format: &str, compression: &str, inline_max_bytes: &str, modes: &[&str]) {
     let env = Emulated::start("e2e").await;
     let sidecar = env.sidecar(&[
         "--format",
@@ -34,6 +35,8 @@ async fn round_trip(format: &str, compression: &str, modes: &[&str]) {
         "1s",
         "--timekey-wait",
         "0s",
+        "--inline-max-bytes",
+        inline_max_bytes,
     ]);
     // Two timekeys well in the past, so they are sealed as soon as they are a second old.
     let base = minute_of(now_secs()) - 600;
@@ -62,6 +65,12 @@ async fn round_trip(format: &str, compression: &str, modes: &[&str]) {
     let n = assert_exactly_once(&chunks, &expected);
     // Four tags × two timekeys at least; more if a flush split a timekey.
     assert!(n >= 8, "expected at least 8 chunks, got {n}");
+    // These chunks are a few KiB: all inline, or all in S3 with inlining off.
+    let inline = inline_max_bytes != "0";
+    assert!(
+        chunks.iter().all(|c| c.pointer.is_inline() == inline),
+        "every chunk inline: {inline}"
+    );
     for chunk in &chunks {
         let p = &chunk.pointer;
         assert_eq!(
@@ -79,6 +88,12 @@ async fn round_trip(format: &str, compression: &str, modes: &[&str]) {
                 p.timekey,
                 "events are chunked by their own time"
             );
+        }
+        // Small chunks ride inline (the default): no object, the body is the record's.
+        if let Some(body) = &p.inline {
+            assert_eq!(body.len() as u64, p.stored_bytes);
+            assert!(p.key.is_empty() && p.bucket.is_empty());
+            continue;
         }
         // The object exists under the pointer's key, with the pointer's size.
         let head = env
@@ -100,6 +115,7 @@ async fn every_mode_from_node_and_python_arrives_exactly_once_msgpack_zstd() {
     round_trip(
         "msgpack",
         "zstd",
+        "24KiB",
         &[
             "Message",
             "Forward",
@@ -115,6 +131,7 @@ async fn json_bodies_with_gzip_arrive_exactly_once() {
     round_trip(
         "json",
         "gzip",
+        "0",
         &["PackedForward", "CompressedPackedForward"],
     )
     .await;
@@ -220,9 +237,10 @@ async fn starts_and_acks_with_backends_down_then_delivers_when_they_come_up() {
         sent.len(),
         "acks do not wait for S3 or Kinesis"
     );
-    // Let uploads fail against the closed port for a while.
+    // Let deliveries fail against the closed port for a while (small chunks go inline, so
+    // it is Kinesis that is tried).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !sidecar.log_text().contains("upload failed") {
+    while !sidecar.log_text().contains("PutRecords failed") {
         assert!(
             std::time::Instant::now() < deadline,
             "uploads were attempted and failed"
@@ -299,7 +317,7 @@ async fn tail_and_resolve_print_events_and_drop_a_republished_pointer() {
         .put_record()
         .stream_name(&env.stream)
         .partition_key(&again.tag)
-        .data(aws_sdk_kinesis::primitives::Blob::new(again.to_json()))
+        .data(aws_sdk_kinesis::primitives::Blob::new(again.to_record()))
         .send()
         .await
         .unwrap();
@@ -322,7 +340,13 @@ async fn tail_and_resolve_print_events_and_drop_a_republished_pointer() {
     assert_eq!(got, want, "tail prints every event once");
     assert!(log.contains("duplicates_dropped=1"), "{log}");
 
-    let (lines, _) = run_cli(&env, &["resolve"], Some(&again.to_json()));
+    // As `aws kinesis get-records` shows a record: base64 (this one is inline, binary).
+    assert!(again.is_inline());
+    let record = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        again.to_record(),
+    );
+    let (lines, _) = run_cli(&env, &["resolve"], Some(record.as_bytes()));
     let mut got: Vec<_> = lines.iter().map(line_key).collect();
     let mut want: Vec<_> = chunks[0].events.iter().map(event_key).collect();
     got.sort();

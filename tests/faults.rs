@@ -2,8 +2,10 @@
 //! failing, throttling or slow, at start or mid-run, under steady load.
 //!
 //! Pass: every acknowledged event is delivered exactly once, no pointer is published before
-//! its object is stored (checked by the proxies on every PutRecords), and delivery resumes
-//! within one retry interval (plus the SDK's own quick retries) of the fault clearing.
+//! its object is stored (checked by the proxies on every PutRecords; an inline record must
+//! carry a body that passes every check), and delivery resumes within one retry interval
+//! (plus the SDK's own quick retries) of the fault clearing. The S3 faults run with every
+//! body sent to S3; Kinesis throttling and one Kinesis outage run with inline bodies.
 
 mod common;
 
@@ -27,7 +29,14 @@ struct Faulty {
     started: Instant,
 }
 
-async fn setup(s3_fault: Fault, kinesis_fault: Fault) -> Faulty {
+/// Where small bodies go: the default (inline in their Kinesis record), or all to S3.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bodies {
+    Inline,
+    S3,
+}
+
+async fn setup(s3_fault: Fault, kinesis_fault: Fault, bodies: Bodies) -> Faulty {
     let env = Emulated::start("faults").await;
     let proxies = env.proxies().await;
     proxies.s3.set(s3_fault);
@@ -44,6 +53,8 @@ async fn setup(s3_fault: Fault, kinesis_fault: Fault) -> Faulty {
         "200ms",
         "--retry-max-interval",
         &max,
+        "--inline-max-bytes",
+        if bodies == Bodies::S3 { "0" } else { "24KiB" },
     ];
     let started = Instant::now();
     let sidecar = env.sidecar_behind(&proxies, &args);
@@ -129,7 +140,7 @@ fn assert_quick(what: &str, took: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_down_at_start_then_back() {
-    let f = setup(Fault::Down, Fault::None).await;
+    let f = setup(Fault::Down, Fault::None, Bodies::S3).await;
     let load = Load::start(f.sidecar.port, 2, 20, 3);
     f.sidecar.expect_log("upload failed").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -153,7 +164,7 @@ async fn s3_down_at_start_then_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kinesis_down_at_start_then_back() {
-    let f = setup(Fault::None, Fault::Down).await;
+    let f = setup(Fault::None, Fault::Down, Bodies::S3).await;
     let load = Load::start(f.sidecar.port, 2, 20, 3);
     f.sidecar.expect_log("PutRecords failed").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -171,9 +182,33 @@ async fn kinesis_down_at_start_then_back() {
     verify(&f, &load).await;
 }
 
+/// Inline chunks wait for Kinesis with their bodies in their state files, and are sent whole
+/// once it is back; S3 is never called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_down_at_start_then_back_with_inline_bodies() {
+    let f = setup(Fault::None, Fault::Down, Bodies::Inline).await;
+    let load = Load::start(f.sidecar.port, 2, 20, 3);
+    f.sidecar.expect_log("PutRecords failed").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(load.acked_count() > 0, "acks keep coming with Kinesis down");
+    let back = Instant::now();
+    f.proxies.kinesis.set(Fault::None);
+    assert_quick(
+        "Kinesis down at start (inline)",
+        resumed(&f.proxies.ledger, Service::Kinesis, back).await,
+    );
+    let load = load.stop().await;
+    verify(&f, &load).await;
+    assert_eq!(
+        f.proxies.ledger.first_success_after(Service::S3, f.started),
+        None,
+        "inline chunks write no object"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_backend_goes_down_mid_run_then_back() {
-    let f = setup(Fault::None, Fault::None).await;
+    let f = setup(Fault::None, Fault::None, Bodies::S3).await;
     let load = Load::start(f.sidecar.port, 2, 20, 3);
     f.sidecar.expect_log("pointer published").await;
 
@@ -210,6 +245,7 @@ async fn half_of_all_requests_fail_with_500_and_503() {
             status: 503,
             rate: 0.5,
         },
+        Bodies::S3,
     )
     .await;
     let load = Load::start(f.sidecar.port, 2, 20, 3);
@@ -233,6 +269,7 @@ async fn kinesis_throttling_and_partial_put_records_failures() {
             request_rate: 0.3,
             record_rate: 0.5,
         },
+        Bodies::Inline,
     )
     .await;
     let load = Load::start(f.sidecar.port, 2, 20, 3);
@@ -254,7 +291,7 @@ async fn kinesis_throttling_and_partial_put_records_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_backends_delay_delivery_but_not_acks() {
     let slow = Duration::from_secs(3);
-    let f = setup(Fault::Slow(slow), Fault::Slow(slow)).await;
+    let f = setup(Fault::Slow(slow), Fault::Slow(slow), Bodies::S3).await;
     let load = Load::start(f.sidecar.port, 2, 20, 3);
     while load.acked_count() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;

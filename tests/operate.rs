@@ -100,15 +100,29 @@ async fn metrics_follow_a_send_and_deliver_cycle() {
         value(&after, "claimcheck_chunks_published_total") >= 2.0,
         "two tags, two chunks at least"
     );
+    // Chunks this small ride inline: no S3 object, and the metrics say where they went.
+    let published = value(&after, "claimcheck_chunks_published_total");
     assert_eq!(
-        value(&after, "claimcheck_chunks_uploaded_total"),
-        value(&after, "claimcheck_chunks_published_total")
+        value(&after, r#"claimcheck_delivered_chunks_total{via="inline"}"#),
+        published
     );
+    assert_eq!(
+        value(&after, r#"claimcheck_delivered_chunks_total{via="s3"}"#),
+        0.0
+    );
+    assert_eq!(value(&after, "claimcheck_chunks_uploaded_total"), 0.0);
+    assert!(value(&after, r#"claimcheck_delivered_bytes_total{via="inline"}"#) > 0.0);
     assert!(
+        value(&after, "claimcheck_kinesis_records_bytes_total")
+            > value(&after, r#"claimcheck_delivered_bytes_total{via="inline"}"#),
+        "a record holds its pointer's JSON and the body"
+    );
+    assert_eq!(
         value(
             &after,
             r#"claimcheck_s3_request_duration_seconds_count{operation="PutObject"}"#
-        ) >= 2.0
+        ),
+        0.0
     );
     assert!(
         value(
@@ -146,6 +160,8 @@ async fn during_an_s3_outage_the_sidecar_stays_ready_and_the_metrics_say_why_del
         "200ms",
         "--retry-max-interval",
         "1s",
+        "--inline-max-bytes",
+        "0",
     ];
     let sidecar = env.sidecar_behind(&proxies, &args);
     let load = Load::start(sidecar.port, 1, 20, 2);
@@ -225,6 +241,8 @@ async fn readyz_is_false_while_the_buffer_is_full_and_health_says_so() {
         "300ms",
         "--retry-max-interval",
         "1s",
+        "--inline-max-bytes",
+        "0",
     ];
     let sidecar = env.sidecar_behind(&proxies, &args);
     let health = |extra: &[&str]| {
@@ -329,6 +347,8 @@ async fn every_metric_the_dashboard_queries_is_exposed() {
         "100ms",
         "--retry-max-interval",
         "500ms",
+        "--inline-max-bytes",
+        "0",
     ];
     let sidecar = env.sidecar_behind(&proxies, &args);
     let load = Load::start(sidecar.port, 1, 20, 2);

@@ -1,5 +1,6 @@
-//! Overflow: the buffer reaches `total_limit_size`, or the disk is really full (a 4 MiB tmpfs
-//! mounted in a private mount namespace), while S3 is down. The sidecar must stop acking
+//! Overflow: the buffer reaches `total_limit_size` (while Kinesis is down and small chunks wait
+//! inline), or the disk is really full (a 4 MiB tmpfs mounted in a private mount namespace,
+//! while S3 is down). The sidecar must stop acking
 //! (senders wait, TCP pushes back), never crash, never corrupt a chunk, and carry on by itself
 //! when space returns; with `drop_oldest_chunk` it keeps acking and logs every chunk it drops.
 
@@ -31,12 +32,27 @@ const ARGS: [&str; 8] = [
     "1s",
 ];
 
-/// The sidecar with S3 down behind a proxy; with `tmpfs`, its buffer is a 4 MiB tmpfs.
-async fn setup(tmpfs: bool, args: &[&str]) -> Setup {
+/// Which backend is down while the buffer fills.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Down {
+    /// S3, with every body sent there (`--inline-max-bytes 0`).
+    S3,
+    /// Kinesis, with small bodies inline (the default): they wait in their state files.
+    Kinesis,
+}
+
+/// The sidecar with a backend down behind a proxy; with `tmpfs`, its buffer is a 4 MiB tmpfs.
+async fn setup(tmpfs: bool, down: Down, args: &[&str]) -> Setup {
     let env = Emulated::start("overflow").await;
     let proxies = env.proxies().await;
-    proxies.s3.set(Fault::Down);
     let mut all: Vec<&str> = ARGS.to_vec();
+    match down {
+        Down::S3 => {
+            proxies.s3.set(Fault::Down);
+            all.extend(["--inline-max-bytes", "0"]);
+        }
+        Down::Kinesis => proxies.kinesis.set(Fault::Down),
+    }
     all.extend_from_slice(args);
     let mut aws = aws_env(env.moto.port);
     aws.extend(proxies.env());
@@ -82,8 +98,8 @@ async fn delivered(s: &Setup, expected: usize) -> HashMap<u64, usize> {
     seen
 }
 
-/// Fills the buffer with S3 down, checks that acks stop and the process stays up, brings S3
-/// back and checks that everything acked arrives once.
+/// Fills the buffer with a backend down, checks that acks stop and the process stays up,
+/// brings it back and checks that everything acked arrives once.
 async fn fills_then_recovers(s: Setup, full_message: &str) {
     let load = Load::start(s.sidecar.port, 2, 20, 3);
     s.sidecar.expect_log(full_message).await;
@@ -99,6 +115,7 @@ async fn fills_then_recovers(s: Setup, full_message: &str) {
     assert!(stalled_at > 0);
 
     s.proxies.s3.set(Fault::None);
+    s.proxies.kinesis.set(Fault::None);
     let deadline = Instant::now() + Duration::from_secs(60);
     while load.acked_count() < stalled_at + 1000 {
         assert!(
@@ -125,13 +142,14 @@ async fn fills_then_recovers(s: Setup, full_message: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_holds_acks_until_delivery_frees_space() {
-    let s = setup(true, &[]).await;
+    let s = setup(true, Down::S3, &[]).await;
     fills_then_recovers(s, "the disk is full").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn total_limit_size_blocks_senders_until_delivery_frees_space() {
-    let s = setup(false, &["--total-limit-size", "512KiB"]).await;
+    // Inline chunks waiting for Kinesis count against the limit like any other.
+    let s = setup(false, Down::Kinesis, &["--total-limit-size", "512KiB"]).await;
     fills_then_recovers(s, "buffer full (total_limit_size)").await;
 }
 
@@ -139,6 +157,7 @@ async fn total_limit_size_blocks_senders_until_delivery_frees_space() {
 async fn drop_oldest_chunk_keeps_acking_and_accounts_for_every_drop() {
     let s = setup(
         false,
+        Down::S3,
         &[
             "--total-limit-size",
             "256KiB",

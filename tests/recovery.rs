@@ -145,6 +145,8 @@ async fn chunks_out_of_retries_wait_in_dead_letters_until_replayed() {
         "200ms",
         "--retry-max-times",
         "2",
+        "--inline-max-bytes",
+        "0",
     ];
     let sidecar = env.sidecar_behind(&proxies, &args);
     let load = Load::start(sidecar.port, 2, 20, 3);

@@ -1,5 +1,7 @@
-//! The test vectors of `docs/pointer-format.md`, in `tests/vectors/`: a pointer record, the
-//! stored object it names, and the events a reader must produce (or the error it must report).
+//! The test vectors of `docs/pointer-format.md`, in `tests/vectors/`: a pointer record and the
+//! stored object it names (`NAME.pointer.json`, `NAME.object`), or an inline record that
+//! carries its body (`NAME.record`), and the events a reader must produce (or the error it must
+//! report).
 //!
 //! The committed files are the contract; this test checks that the crate reads them as
 //! `manifest.json` says. `CLAIMCHECK_WRITE_VECTORS=1 cargo test -p claimcheck-consumer --test
@@ -279,10 +281,10 @@ fn write_vectors() {
     );
     let newer = String::from_utf8(p.to_json())
         .unwrap()
-        .replace(r#"{"v":1,"#, r#"{"v":2,"#);
+        .replace(r#"{"v":1,"#, r#"{"v":3,"#);
     put(
         "newer-version",
-        "a pointer of version 2",
+        "a pointer of version 3",
         "unsupported_version",
         newer.as_bytes(),
         &stored,
@@ -298,6 +300,57 @@ fn write_vectors() {
         keyless.as_bytes(),
         &stored,
         None,
+    );
+
+    // Inline records (version 2): the pointer's JSON, a newline, the stored body. No object.
+    let mut inline = |name: &str, about: &str, expect: &str, record: &[u8]| {
+        std::fs::write(dir.join(format!("{name}.record")), record).unwrap();
+        if expect == "events" {
+            std::fs::write(dir.join(format!("{name}.events.jsonl")), &expected).unwrap();
+        }
+        manifest.push(Vector {
+            name: name.into(),
+            about: about.into(),
+            expect: expect.into(),
+        });
+    };
+    let inlined = |p: &Pointer, stored: &[u8]| Pointer {
+        v: Pointer::INLINE_VERSION,
+        bucket: String::new(),
+        key: String::new(),
+        inline: Some(stored.to_vec().into()),
+        ..p.clone()
+    };
+    let msgpack_zstd = inlined(&p, &stored);
+    inline(
+        "inline-msgpack-zstd",
+        "msgpack body, zstd compression, inline in the record",
+        "events",
+        &msgpack_zstd.to_record(),
+    );
+    let json_none = compress(Compression::None, &[&json]);
+    let json_pointer = pointer(20, Format::Json, Compression::None, &json, &json_none);
+    inline(
+        "inline-json-none",
+        "json body (whose lines end in newlines), no compression, inline in the record",
+        "events",
+        &inlined(&json_pointer, &json_none).to_record(),
+    );
+    let mut record = msgpack_zstd.to_record();
+    let last = record.len() - 1;
+    record[last] ^= 0x01;
+    inline(
+        "inline-bad-checksum",
+        "inline msgpack-zstd with one bit of the body flipped",
+        "checksum_mismatch",
+        &record,
+    );
+    let record = msgpack_zstd.to_record();
+    inline(
+        "inline-truncated",
+        "inline msgpack-zstd without the last 4 bytes of its body",
+        "inline_size_mismatch",
+        &record[..record.len() - 4],
     );
 
     let mut text = serde_json::to_string_pretty(&manifest).unwrap();
@@ -319,6 +372,10 @@ fn kind(e: &Error) -> &'static str {
             ..
         } => "body_size_mismatch",
         Error::SizeMismatch {
+            what: "inline body bytes",
+            ..
+        } => "inline_size_mismatch",
+        Error::SizeMismatch {
             what: "event count",
             ..
         } => "event_count_mismatch",
@@ -336,11 +393,20 @@ fn committed_vectors_give_their_expected_events_or_errors() {
     let dir = dir();
     let manifest: Vec<Vector> =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(manifest.len(), 11, "{manifest:?}");
+    assert_eq!(manifest.len(), 15, "{manifest:?}");
     for v in &manifest {
         let read = |ext: &str| std::fs::read(dir.join(format!("{}.{ext}", v.name))).unwrap();
-        let (pointer, object) = (read("pointer.json"), read("object"));
-        let result = Pointer::from_record(&pointer).and_then(|p| verify_and_decode(&p, &object));
+        let result = if dir.join(format!("{}.record", v.name)).exists() {
+            // An inline record carries its body; there is no object.
+            Pointer::from_record(&read("record")).and_then(|p| {
+                assert!(p.is_inline(), "{}", v.name);
+                let body = p.inline.clone().unwrap();
+                verify_and_decode(&p, &body)
+            })
+        } else {
+            let (pointer, object) = (read("pointer.json"), read("object"));
+            Pointer::from_record(&pointer).and_then(|p| verify_and_decode(&p, &object))
+        };
         match (v.expect.as_str(), result) {
             ("events", Ok(events)) => {
                 let got: String = events

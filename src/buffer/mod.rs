@@ -21,7 +21,8 @@
 //!   LOCK                  held (flock) while a sidecar uses the directory
 //!   RESERVE               1 MiB released when the disk fills, so chunks can still be sealed
 //!   chunks/<id>.chunk     data file (the chunk id is 32 lowercase hex digits, a UUIDv7)
-//!   chunks/<id>.state     JSON state once sealed; replaced atomically (tmp, fsync, rename)
+//!   chunks/<id>.state     JSON state once sealed; replaced atomically (tmp, fsync, rename);
+//!                         once uploaded: the pointer and, for an inline record, its body
 //!   dead/                 chunks whose delivery exhausted the retry budget (`claimcheck replay`)
 //!   quarantine/           files recovery could not read, and torn tails cut off; never deleted
 //!
@@ -42,7 +43,8 @@
 //! ```text
 //! open ──seal──▶ sealed ──S3 PUT ok──▶ uploaded ──PutRecords ok──▶ deleted
 //!  (data file)   (state: sealed,     (state: uploaded,            (data file removed first,
-//!                 data_len fixed)     pointer + etag)              then the state)
+//!                 data_len fixed)     pointer + etag, or           then the state)
+//!                                     the inline body)
 //!                    │                     │
 //!                    └── retry budget exhausted ──▶ dead/ ──claimcheck replay──▶ chunks/
 //! ```

@@ -264,8 +264,8 @@ async fn handle(
     Ok(response)
 }
 
-/// Forwards PutRecords, checking each pointer's object and failing `record_rate` of the
-/// records inside a 200 response.
+/// Forwards PutRecords, checking each pointer's object (or inline body) and failing
+/// `record_rate` of the records inside a 200 response.
 async fn put_records(
     state: &State,
     parts: hyper::http::request::Parts,
@@ -278,9 +278,18 @@ async fn put_records(
         let data = base64::engine::general_purpose::STANDARD
             .decode(r["Data"].as_str().unwrap_or_default())
             .unwrap_or_default();
-        let key = serde_json::from_slice::<Value>(&data)
-            .ok()
-            .and_then(|p| p["key"].as_str().map(str::to_string));
+        // An inline record carries its body (checked whole here); any other names an object.
+        let key = match claimcheck_consumer::Pointer::from_record(&data) {
+            Ok(p) if p.is_inline() => {
+                let body = p.inline.clone().unwrap_or_default();
+                match claimcheck_consumer::verify_and_decode(&p, &body) {
+                    Ok(_) => continue,
+                    Err(e) => Some(format!("inline record {}: {e}", p.chunk_id)),
+                }
+            }
+            Ok(p) => Some(p.key),
+            Err(_) => None,
+        };
         match key {
             Some(key) if state.ledger.stored.lock().unwrap().contains(&key) => {}
             other => state
