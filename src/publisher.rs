@@ -256,6 +256,7 @@ fn retry_later(
     }
     let delay = job.attempts.delay(&config.retry);
     metrics().retry("publish");
+    registry.retry_in(&id, delay);
     debug!(chunk_id = %id, attempt = job.attempts.count(), retry_in = ?delay, "pointer retry scheduled");
     let tx = retry_tx.clone();
     tokio::spawn(async move {

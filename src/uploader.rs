@@ -227,6 +227,7 @@ pub async fn run<S: ChunkStore>(
                         }
                         let delay = job.attempts.delay(&config.retry);
                         metrics().retry("upload");
+                        registry.retry_in(&id, delay);
                         if e.is_retryable() {
                             warn!(attempt = job.attempts.count(), retry_in = ?delay, cause = %e, "upload failed; will retry");
                         } else {

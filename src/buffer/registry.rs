@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -47,6 +47,9 @@ pub struct ChunkInfo {
     /// Failed upload or publish attempts since the chunk was (re)loaded.
     pub attempts: u32,
     pub last_error: Option<String>,
+    /// When the chunk is tried again after a failure, Unix milliseconds; `None` unless it waits
+    /// for a retry.
+    pub next_retry_ms: Option<i64>,
 }
 
 /// The index, shared by the buffer's stages.
@@ -65,6 +68,12 @@ pub struct Registry {
     disk_full: AtomicBool,
     /// The last write round failed for another reason (an I/O error).
     write_failing: AtomicBool,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Registry {
@@ -106,6 +115,7 @@ impl Registry {
         match self.lock().get_mut(chunk_id) {
             Some(c) if c.phase != Phase::Dropped => {
                 c.phase = phase;
+                c.next_retry_ms = None;
                 true
             }
             _ => false,
@@ -118,6 +128,13 @@ impl Registry {
             c.attempts += 1;
             c.last_error = Some(error);
             c.phase = phase;
+        }
+    }
+
+    /// Records when a chunk that failed (see [`Registry::failed`]) is tried again.
+    pub fn retry_in(&self, chunk_id: &str, delay: Duration) {
+        if let Some(c) = self.lock().get_mut(chunk_id) {
+            c.next_retry_ms = Some(now_ms().saturating_add(delay.as_millis() as i64));
         }
     }
 
@@ -227,6 +244,7 @@ mod tests {
             bytes,
             attempts: 0,
             last_error: None,
+            next_retry_ms: None,
         }
     }
 
@@ -274,5 +292,17 @@ mod tests {
             (one.attempts, one.phase, one.last_error.as_deref()),
             (1, Phase::Sealed, Some("boom"))
         );
+    }
+
+    #[test]
+    fn a_failed_chunk_has_a_next_retry_until_it_is_picked_up() {
+        let r = Registry::new();
+        r.insert(info("1", Phase::Uploading, 1));
+        r.failed("1", Phase::Sealed, "boom".into());
+        r.retry_in("1", Duration::from_secs(5));
+        let at = r.snapshot()[0].next_retry_ms.expect("a retry is scheduled");
+        assert!((at - now_ms() - 5_000).abs() < 1_000, "{at}");
+        r.set_phase("1", Phase::Uploading);
+        assert_eq!(r.snapshot()[0].next_retry_ms, None);
     }
 }
