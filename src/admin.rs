@@ -5,7 +5,7 @@
 //! | `/metrics`       | every `claimcheck_*` metric, Prometheus/OpenMetrics text              |
 //! | `/healthz`       | 200 while the process runs                                            |
 //! | `/readyz`        | 200 while it can accept and buffer events (S3 and Kinesis need not be up); 503 when the buffer is full, the disk is full or failing |
-//! | `/api/v1/buffer` | JSON: every chunk in the buffer with its phase, age, size, attempts and last error |
+//! | `/api/v1/buffer` | JSON: every chunk in the buffer with its phase, age, size, attempts, last error and next retry |
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -117,6 +117,8 @@ struct ChunkView {
     #[serde(flatten)]
     info: ChunkInfo,
     age_seconds: f64,
+    /// Until the next retry of a chunk that failed (negative once overdue, waiting for a worker).
+    next_retry_in_seconds: Option<f64>,
 }
 
 async fn answer(
@@ -155,6 +157,7 @@ async fn answer(
                 .into_iter()
                 .map(|info| ChunkView {
                     age_seconds: (now_ms - info.created_ms).max(0) as f64 / 1000.0,
+                    next_retry_in_seconds: info.next_retry_ms.map(|t| (t - now_ms) as f64 / 1000.0),
                     info,
                 })
                 .collect();

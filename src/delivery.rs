@@ -1,5 +1,6 @@
 //! Wires the uploader and the publisher to S3 and Kinesis, picks up chunks put back in the
-//! buffer (by `claimcheck replay`), and drains delivery at shutdown.
+//! buffer (by `claimcheck replay`), summarises outages in the log, and drains delivery at
+//! shutdown.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use crate::aws::{self, kinesis::KinesisSink, s3::S3Store};
 use crate::buffer::registry::Registry;
 use crate::buffer::{self, chunk, Recovered, SealedChunk, UploadedChunk};
 use crate::config::Config;
+use crate::outage;
 use crate::publisher::{self, PointerSink};
 use crate::uploader::{self, ChunkStore};
 
@@ -77,7 +79,8 @@ impl Delivery {
     }
 }
 
-/// Runs the uploader, the publisher and the rescan with any store and sink.
+/// Runs the uploader, the publisher, the rescan and the outage summaries with any store and
+/// sink.
 pub async fn run<S: ChunkStore, P: PointerSink>(
     store: Arc<S>,
     sink: Arc<P>,
@@ -107,7 +110,8 @@ pub async fn run<S: ChunkStore, P: PointerSink>(
             registry.clone(),
             uploaded_rx
         ),
-        rescan(chunks_dir, registry, sealed_tx, uploaded_tx),
+        rescan(chunks_dir, registry.clone(), sealed_tx, uploaded_tx),
+        outage::run(registry),
     );
 }
 

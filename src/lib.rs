@@ -15,6 +15,9 @@
 //!    PutRecords through [`aws::kinesis`], retries only failed entries, and deletes the chunk
 //!    once its pointer is accepted.
 //! 6. The `claimcheck-consumer` crate turns pointers back into events.
+//!
+//! While S3 or Kinesis fails, [`outage`] turns the retries of thousands of chunks into a few log
+//! lines with counts.
 
 pub mod admin;
 pub mod aws;
@@ -26,6 +29,7 @@ pub mod delivery;
 pub mod forward;
 pub mod key_template;
 pub mod metrics;
+pub mod outage;
 pub mod publisher;
 pub mod retry;
 pub mod server;

@@ -17,13 +17,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use claimcheck_consumer::Pointer;
 use tokio::sync::mpsc;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 
 use crate::aws::BackendError;
 use crate::buffer::registry::{Phase, Registry};
 use crate::buffer::{chunk, dead_letter, UploadedChunk};
 use crate::key_template::{KeyTemplate, KeyValues};
 use crate::metrics::{metrics, Code};
+use crate::outage::{Failure, Stage};
 use crate::retry::{Attempts, RetryPolicy};
 
 /// Kinesis PutRecords limits.
@@ -222,7 +223,12 @@ async fn load_bodies(
             Ok(()) => ready.push(job),
             Err(e) => {
                 error!(chunk_id = %job.chunk.pointer.chunk_id, cause = %e, "cannot publish an inline chunk");
-                retry_later(job, &e, config, registry, retry_tx);
+                let failure = Failure {
+                    code: "state".into(),
+                    cause: e,
+                    retryable: true,
+                };
+                retry_later(job, &failure, config, registry, retry_tx);
             }
         }
     }
@@ -251,14 +257,11 @@ async fn publish<P: PointerSink>(
     let results = match sink.put_records(&records).await {
         Ok(results) => results,
         Err(e) => {
-            if e.retryable {
-                warn!(records = batch.len(), cause = %e, "PutRecords failed; will retry");
-            } else {
-                error!(records = batch.len(), cause = %e, "PutRecords failed and needs attention; will retry");
-            }
-            let message = e.to_string();
+            // Per request at debug: the outage reporter says it once for all of them.
+            debug!(records = batch.len(), cause = %e, retryable = e.retryable, "PutRecords failed; will retry");
+            let failure = Failure::from(&e);
             for job in batch {
-                retry_later(job, &message, config, registry, retry_tx);
+                retry_later(job, &failure, config, registry, retry_tx);
             }
             return;
         }
@@ -283,24 +286,22 @@ async fn publish<P: PointerSink>(
                 published.push(job.chunk);
             }
             EntryResult::Failed { code, message } => {
-                warn!(chunk_id = %job.chunk.pointer.chunk_id, %code, %message, "pointer not accepted; will retry");
+                debug!(chunk_id = %job.chunk.pointer.chunk_id, %code, %message, "pointer not accepted; will retry");
                 metrics()
                     .put_records_failed_entries
                     .get_or_create(&Code { code: code.clone() })
                     .inc();
-                retry_later(
-                    job,
-                    &format!("{code}: {message}"),
-                    config,
-                    registry,
-                    retry_tx,
-                );
+                let failure = Failure::record(&code, &message);
+                retry_later(job, &failure, config, registry, retry_tx);
             }
         }
     }
     if published.is_empty() {
         return;
     }
+    registry
+        .outage(Stage::Publish)
+        .succeeded(published.len() as u64);
     let removed = tokio::task::spawn_blocking(move || {
         published
             .into_iter()
@@ -327,13 +328,13 @@ async fn publish<P: PointerSink>(
 /// spent.
 fn retry_later(
     mut job: Job,
-    error: &str,
+    failure: &Failure,
     config: &PublisherConfig,
     registry: &Registry,
     retry_tx: &mpsc::UnboundedSender<Job>,
 ) {
     let id = job.chunk.pointer.chunk_id.clone();
-    registry.failed(&id, Phase::Uploaded, error.to_string());
+    registry.failed(&id, Phase::Uploaded, failure.cause.clone());
     job.attempts.failed();
     job.unload();
     if job.attempts.exhausted(&config.retry) {
@@ -341,7 +342,7 @@ fn retry_later(
             Ok(()) => {
                 registry.remove(&id);
                 registry.count_dead_letter();
-                error!(chunk_id = %id, attempts = job.attempts.count(), cause = %error,
+                error!(chunk_id = %id, attempts = job.attempts.count(), cause = %failure.cause,
                        "retry budget exhausted; chunk moved to the dead-letter folder (claimcheck replay re-queues it)");
             }
             Err(e) => {
@@ -352,6 +353,10 @@ fn retry_later(
     }
     let delay = job.attempts.delay(&config.retry);
     metrics().retry("publish");
+    registry.retry_in(&id, delay);
+    registry
+        .outage(Stage::Publish)
+        .failed(failure.clone(), job.attempts.count());
     debug!(chunk_id = %id, attempt = job.attempts.count(), retry_in = ?delay, "pointer retry scheduled");
     let tx = retry_tx.clone();
     tokio::spawn(async move {

@@ -29,7 +29,7 @@ use claimcheck_consumer::body::{self, Compression, Encoder, Format};
 use claimcheck_consumer::pointer::{Checksum, Pointer};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
-use tracing::{debug, error, info, warn, Instrument};
+use tracing::{debug, error, info, Instrument};
 
 use crate::aws::BackendError;
 use crate::buffer::chunk::{self, ChunkState, ReadError};
@@ -38,6 +38,7 @@ use crate::buffer::registry::{Phase, Registry};
 use crate::buffer::{SealedChunk, UploadedChunk};
 use crate::key_template::{KeyTemplate, KeyValues};
 use crate::metrics::metrics;
+use crate::outage::{Failure, Stage};
 use crate::retry::{Attempts, RetryPolicy};
 
 /// What is stored, besides the bytes.
@@ -223,6 +224,7 @@ pub async fn run<S: ChunkStore>(
                 match result {
                     Ok(uploaded) => {
                         registry.set_phase(&id, Phase::Uploaded);
+                        registry.outage(Stage::Upload).succeeded(1);
                         let _ = publish.send(uploaded);
                     }
                     Err(e) if e.is_damaged() => quarantine(&config, &registry, &job.chunk, &e),
@@ -235,11 +237,10 @@ pub async fn run<S: ChunkStore>(
                         }
                         let delay = job.attempts.delay(&config.retry);
                         metrics().retry("upload");
-                        if e.is_retryable() {
-                            warn!(attempt = job.attempts.count(), retry_in = ?delay, cause = %e, "upload failed; will retry");
-                        } else {
-                            error!(attempt = job.attempts.count(), retry_in = ?delay, cause = %e, "upload failed and needs attention; will retry");
-                        }
+                        // Per chunk at debug: the outage reporter says it once for all of them.
+                        registry.retry_in(&id, delay);
+                        registry.outage(Stage::Upload).failed(Failure::from(&e), job.attempts.count());
+                        debug!(attempt = job.attempts.count(), retry_in = ?delay, cause = %e, retryable = e.is_retryable(), "upload failed; will retry");
                         tokio::spawn(async move {
                             tokio::time::sleep(delay).await;
                             let _ = retry_tx.send(job);
@@ -447,9 +448,10 @@ async fn multipart<S: ChunkStore>(
     .await;
     if result.is_err() {
         // Best effort; a bucket lifecycle rule (AbortIncompleteMultipartUpload) cleans up
-        // after crashes, when this cannot run.
+        // after crashes, when this cannot run. At debug: with S3 down it fails on every retry,
+        // and the outage reporter already says that S3 fails.
         if let Err(e) = store.abort_multipart(meta, &upload_id).await {
-            warn!(key = %meta.key, cause = %e, "cannot abort a multipart upload");
+            debug!(key = %meta.key, cause = %e, "cannot abort a multipart upload");
         }
     }
     result

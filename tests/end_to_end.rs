@@ -240,7 +240,7 @@ async fn starts_and_acks_with_backends_down_then_delivers_when_they_come_up() {
     // Let deliveries fail against the closed port for a while (small chunks go inline, so
     // it is Kinesis that is tried).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !sidecar.log_text().contains("PutRecords failed") {
+    while !sidecar.log_text().contains("Kinesis publishes failing") {
         assert!(
             std::time::Instant::now() < deadline,
             "uploads were attempted and failed"

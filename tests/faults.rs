@@ -2,10 +2,12 @@
 //! failing, throttling or slow, at start or mid-run, under steady load.
 //!
 //! Pass: every acknowledged event is delivered exactly once, no pointer is published before
+//! Pass: every acknowledged event is delivered exactly once, no pointer is published before
 //! its object is stored (checked by the proxies on every PutRecords; an inline record must
-//! carry a body that passes every check), and delivery resumes within one retry interval
-//! (plus the SDK's own quick retries) of the fault clearing. The S3 faults run with every
-//! body sent to S3; Kinesis throttling and one Kinesis outage run with inline bodies.
+//! carry a body that passes every check), delivery resumes within one retry interval (plus
+//! the SDK's own quick retries) of the fault clearing, and an outage with hundreds of chunks
+//! retried takes a few lines of the log, not one per retry. The S3 faults run with every body
+//! sent to S3; Kinesis throttling and one Kinesis outage run with inline bodies.
 
 mod common;
 
@@ -37,12 +39,22 @@ enum Bodies {
 }
 
 async fn setup(s3_fault: Fault, kinesis_fault: Fault, bodies: Bodies) -> Faulty {
+    setup_with(s3_fault, kinesis_fault, bodies, &[]).await
+}
+
+/// [`setup`] with `extra` arguments for the sidecar.
+async fn setup_with(
+    s3_fault: Fault,
+    kinesis_fault: Fault,
+    bodies: Bodies,
+    extra: &[&str],
+) -> Faulty {
     let env = Emulated::start("faults").await;
     let proxies = env.proxies().await;
     proxies.s3.set(s3_fault);
     proxies.kinesis.set(kinesis_fault);
     let max = format!("{}s", MAX_INTERVAL.as_secs());
-    let args = [
+    let mut args = vec![
         "--flush-interval",
         "300ms",
         "--timekey-wait",
@@ -56,6 +68,7 @@ async fn setup(s3_fault: Fault, kinesis_fault: Fault, bodies: Bodies) -> Faulty 
         "--inline-max-bytes",
         if bodies == Bodies::S3 { "0" } else { "24KiB" },
     ];
+    args.extend_from_slice(extra);
     let started = Instant::now();
     let sidecar = env.sidecar_behind(&proxies, &args);
     Faulty {
@@ -138,13 +151,71 @@ fn assert_quick(what: &str, took: Duration) {
     );
 }
 
+/// Sidecar arguments of the outage-log check: a chunk per request of the load (20 events), so
+/// that hundreds of chunks wait for S3 within seconds (every one of them goes to S3: the
+/// check runs with `Bodies::S3`).
+const MANY_CHUNKS_FOR_S3: &[&str] = &["--chunk-limit-records", "20"];
+
+/// Chunks waiting for S3 in the outage-log check.
+const OUTAGE_CHUNKS: usize = 200;
+
+/// Lines of the sidecar's log at WARN or ERROR (the human format: time, then the level).
+fn warnings(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| matches!(l.split_whitespace().nth(1), Some("WARN" | "ERROR")))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_down_at_start_then_back() {
-    let f = setup(Fault::Down, Fault::None, Bodies::S3).await;
+    let f = setup_with(Fault::Down, Fault::None, Bodies::S3, MANY_CHUNKS_FOR_S3).await;
     let load = Load::start(f.sidecar.port, 2, 20, 3);
-    f.sidecar.expect_log("upload failed").await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(load.acked_count() > 0, "acks keep coming with S3 down");
+    f.sidecar.expect_log("S3 uploads failing").await;
+    let chunks_dir = f.env.buffer_dir().join("chunks");
+    let chunk_files = || {
+        std::fs::read_dir(&chunks_dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "chunk"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while chunk_files() < OUTAGE_CHUNKS {
+        assert!(
+            Instant::now() < deadline,
+            "the buffer never held {OUTAGE_CHUNKS} chunks"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A bounded backlog: the same chunks are retried from here on.
+    let load = load.stop().await;
+    assert!(!load.acked.is_empty(), "acks keep coming with S3 down");
+
+    // The log volume of the outage: each chunk fails again and again, and that is said at
+    // debug per retry, but only a few lines (the start, a summary every 30 s) above it.
+    let retries = |log: &str| log.matches("upload failed; will retry").count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while retries(&f.sidecar.log_text()) < 2 * OUTAGE_CHUNKS {
+        assert!(Instant::now() < deadline, "uploads were not retried");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = f.sidecar.log_text();
+    let warned = warnings(&log);
+    println!(
+        "{} chunks, {} retries logged at debug, {} lines at WARN or above:\n{}",
+        chunk_files(),
+        retries(&log),
+        warned.len(),
+        warned.join("\n")
+    );
+    assert!(
+        warned.len() < 20,
+        "{} WARN or ERROR lines for one outage",
+        warned.len()
+    );
+
     assert!(
         f.proxies
             .ledger
@@ -158,7 +229,7 @@ async fn s3_down_at_start_then_back() {
         "S3 down at start",
         resumed(&f.proxies.ledger, Service::S3, back).await,
     );
-    let load = load.stop().await;
+    f.sidecar.expect_log("S3 uploads recovered").await;
     verify(&f, &load).await;
 }
 
@@ -166,7 +237,7 @@ async fn s3_down_at_start_then_back() {
 async fn kinesis_down_at_start_then_back() {
     let f = setup(Fault::None, Fault::Down, Bodies::S3).await;
     let load = Load::start(f.sidecar.port, 2, 20, 3);
-    f.sidecar.expect_log("PutRecords failed").await;
+    f.sidecar.expect_log("Kinesis publishes failing").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         f.sidecar.log_text().contains("object stored"),
@@ -188,7 +259,7 @@ async fn kinesis_down_at_start_then_back() {
 async fn kinesis_down_at_start_then_back_with_inline_bodies() {
     let f = setup(Fault::None, Fault::Down, Bodies::Inline).await;
     let load = Load::start(f.sidecar.port, 2, 20, 3);
-    f.sidecar.expect_log("PutRecords failed").await;
+    f.sidecar.expect_log("Kinesis publishes failing").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(load.acked_count() > 0, "acks keep coming with Kinesis down");
     let back = Instant::now();

@@ -190,16 +190,29 @@ async fn during_an_s3_outage_the_sidecar_stays_ready_and_the_metrics_say_why_del
     );
     assert_eq!(scrape(admin, "/readyz").await, (200, "ready\n".to_string()));
 
-    // The buffer API shows the failing chunks and why.
-    let (_, body) = scrape(admin, "/api/v1/buffer").await;
-    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert!(view["accepting"].as_bool().unwrap());
-    let failing = view["chunks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["attempts"].as_u64().unwrap_or(0) > 0)
-        .expect("a chunk with failed attempts");
+    // The buffer API shows the failing chunks, why, and when they are tried again (a chunk
+    // being tried right now has no next retry: wait for one between its attempts).
+    let mut failing = serde_json::Value::Null;
+    eventually(
+        "the buffer API shows a chunk waiting for its retry",
+        async || {
+            let (_, body) = scrape(admin, "/api/v1/buffer").await;
+            let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(view["accepting"].as_bool().unwrap());
+            let waiting =
+                view["chunks"].as_array().unwrap().iter().find(|c| {
+                    c["attempts"].as_u64().unwrap_or(0) > 0 && c["next_retry_ms"].is_i64()
+                });
+            failing = waiting.cloned().unwrap_or_default();
+            waiting.is_some()
+        },
+    )
+    .await;
+    // At most --retry-max-interval (plus jitter) ahead; behind when it waits for a worker.
+    assert!(
+        failing["next_retry_in_seconds"].as_f64().unwrap() <= 1.2,
+        "{failing}"
+    );
     assert!(
         failing["last_error"]
             .as_str()

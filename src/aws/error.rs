@@ -32,6 +32,12 @@ const NEEDS_OPERATOR: &[&str] = &[
     "KMSNotFoundException",
 ];
 
+/// Whether an error code is one that retrying alone will not fix. Also for the per-record
+/// codes of PutRecords (`KMSAccessDeniedException`…), which arrive inside a successful call.
+pub fn needs_operator(code: &str) -> bool {
+    NEEDS_OPERATOR.contains(&code)
+}
+
 impl BackendError {
     pub fn from_sdk<E, R>(operation: &'static str, err: SdkError<E, R>) -> Self
     where
@@ -41,7 +47,7 @@ impl BackendError {
         let (code, retryable) = match &err {
             SdkError::ServiceError(e) => {
                 let code = e.err().code().unwrap_or("unknown").to_string();
-                let retryable = !NEEDS_OPERATOR.contains(&code.as_str());
+                let retryable = !needs_operator(&code);
                 (code, retryable)
             }
             SdkError::TimeoutError(_) => ("timeout".into(), true),

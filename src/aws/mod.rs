@@ -16,7 +16,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_s3::error::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
-pub use error::BackendError;
+pub use error::{needs_operator, BackendError};
 
 /// Loads the shared AWS configuration. Never fails: a missing region or credentials show up
 /// as errors of the first calls, which are retried, so the sidecar starts without AWS.

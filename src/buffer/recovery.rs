@@ -56,6 +56,7 @@ impl Recovered {
             bytes,
             attempts: 0,
             last_error: None,
+            next_retry_ms: None,
         });
         match state {
             ChunkState::Sealed { header, stats } => self.sealed.push(SealedChunk {

@@ -4,15 +4,18 @@
 //! The writer, the uploader and the publisher each update it as a chunk moves on; it is what
 //! `total_limit_size` is checked against, what `drop_oldest_chunk` chooses from, and what an
 //! operator sees of the buffer. The files on disk stay the source of truth after a restart:
-//! recovery rebuilds the index from them.
+//! recovery rebuilds the index from them. It also carries each delivery stage's outage
+//! [`Reporter`], which the uploader and the publisher share through it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::Notify;
+
+use crate::outage::{Backlog, Reporter, Reporters, Stage};
 
 /// Where a chunk is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -47,6 +50,9 @@ pub struct ChunkInfo {
     /// Failed upload or publish attempts since the chunk was (re)loaded.
     pub attempts: u32,
     pub last_error: Option<String>,
+    /// When the chunk is tried again after a failure, Unix milliseconds; `None` unless it waits
+    /// for a retry.
+    pub next_retry_ms: Option<i64>,
 }
 
 /// The index, shared by the buffer's stages.
@@ -65,6 +71,13 @@ pub struct Registry {
     disk_full: AtomicBool,
     /// The last write round failed for another reason (an I/O error).
     write_failing: AtomicBool,
+    outages: Reporters,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Registry {
@@ -106,6 +119,7 @@ impl Registry {
         match self.lock().get_mut(chunk_id) {
             Some(c) if c.phase != Phase::Dropped => {
                 c.phase = phase;
+                c.next_retry_ms = None;
                 true
             }
             _ => false,
@@ -119,6 +133,24 @@ impl Registry {
             c.last_error = Some(error);
             c.phase = phase;
         }
+    }
+
+    /// Records when a chunk that failed (see [`Registry::failed`]) is tried again.
+    pub fn retry_in(&self, chunk_id: &str, delay: Duration) {
+        if let Some(c) = self.lock().get_mut(chunk_id) {
+            c.next_retry_ms = Some(now_ms().saturating_add(delay.as_millis() as i64));
+        }
+    }
+
+    /// The outage reporter of a delivery stage.
+    pub fn outage(&self, stage: Stage) -> &Reporter {
+        self.outages.get(stage)
+    }
+
+    /// What waits for `stage`, for its outage summary; `with_last_error` counts the chunks
+    /// waiting for a retry whose last error is `last_error`.
+    pub fn backlog(&self, stage: Stage, last_error: Option<&str>) -> Backlog {
+        backlog(self.lock().values(), stage, last_error, now_ms())
     }
 
     /// Removes a chunk whose files are gone (published, dead-lettered, dropped, quarantined).
@@ -212,6 +244,31 @@ impl Registry {
     }
 }
 
+fn backlog<'a>(
+    chunks: impl Iterator<Item = &'a ChunkInfo>,
+    stage: Stage,
+    last_error: Option<&str>,
+    now_ms: i64,
+) -> Backlog {
+    let ms = |ms: i64| Duration::from_millis(ms.max(0) as u64);
+    let mut b = Backlog::default();
+    let (mut oldest, mut next_retry) = (None::<i64>, None::<i64>);
+    for c in chunks.filter(|c| stage.phases().contains(&c.phase)) {
+        b.waiting += 1;
+        oldest = Some(oldest.map_or(c.created_ms, |o| o.min(c.created_ms)));
+        if let Some(at) = c.next_retry_ms {
+            b.retrying += 1;
+            next_retry = Some(next_retry.map_or(at, |n| n.min(at)));
+            if last_error.is_some() && c.last_error.as_deref() == last_error {
+                b.with_last_error += 1;
+            }
+        }
+    }
+    b.oldest = oldest.map(|o| ms(now_ms - o));
+    b.next_retry_in = next_retry.map(|n| ms(n - now_ms));
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +284,7 @@ mod tests {
             bytes,
             attempts: 0,
             last_error: None,
+            next_retry_ms: None,
         }
     }
 
@@ -273,6 +331,68 @@ mod tests {
         assert_eq!(
             (one.attempts, one.phase, one.last_error.as_deref()),
             (1, Phase::Sealed, Some("boom"))
+        );
+    }
+
+    #[test]
+    fn a_failed_chunk_has_a_next_retry_until_it_is_picked_up() {
+        let r = Registry::new();
+        r.insert(info("1", Phase::Uploading, 1));
+        r.failed("1", Phase::Sealed, "boom".into());
+        r.retry_in("1", Duration::from_secs(5));
+        let at = r.snapshot()[0].next_retry_ms.expect("a retry is scheduled");
+        assert!((at - now_ms() - 5_000).abs() < 1_000, "{at}");
+        r.set_phase("1", Phase::Uploading);
+        assert_eq!(r.snapshot()[0].next_retry_ms, None);
+    }
+
+    #[test]
+    fn the_backlog_of_a_stage_counts_its_waiting_and_retrying_chunks() {
+        let r = Registry::new();
+        let chunk = |id: &str, phase, created_ms, retry: Option<(i64, &str)>| {
+            let mut c = info(id, phase, 1);
+            c.created_ms = created_ms;
+            if let Some((at, error)) = retry {
+                c.next_retry_ms = Some(at);
+                c.last_error = Some(error.into());
+                c.attempts = 1;
+            }
+            r.insert(c);
+        };
+        chunk("1", Phase::Open, 1_000, None);
+        chunk("2", Phase::Sealed, 2_000, Some((10_500, "refused")));
+        chunk("3", Phase::Sealed, 3_000, Some((10_200, "refused")));
+        chunk("4", Phase::Sealed, 4_000, Some((9_000, "denied")));
+        chunk("5", Phase::Uploading, 5_000, None);
+        chunk("6", Phase::Sealed, 6_000, None);
+        chunk("7", Phase::Uploaded, 7_000, Some((12_000, "throttled")));
+        let chunks = r.snapshot();
+        let upload = backlog(chunks.iter(), Stage::Upload, Some("refused"), 10_000);
+        assert_eq!(
+            upload,
+            Backlog {
+                waiting: 5,
+                retrying: 3,
+                with_last_error: 2,
+                oldest: Some(Duration::from_secs(8)),
+                next_retry_in: Some(Duration::ZERO),
+            },
+            "an overdue retry is due now"
+        );
+        let publish = backlog(chunks.iter(), Stage::Publish, Some("refused"), 10_000);
+        assert_eq!(
+            publish,
+            Backlog {
+                waiting: 1,
+                retrying: 1,
+                with_last_error: 0,
+                oldest: Some(Duration::from_secs(3)),
+                next_retry_in: Some(Duration::from_secs(2)),
+            }
+        );
+        assert_eq!(
+            backlog(std::iter::empty(), Stage::Upload, None, 0),
+            Backlog::default()
         );
     }
 }

@@ -495,6 +495,7 @@ impl Writer {
             bytes: writer.valid_len(),
             attempts: 0,
             last_error: None,
+            next_retry_ms: None,
         });
         debug!(chunk_id = %header.chunk_id, tag = %header.tag, timekey = header.timekey, "chunk created");
         Ok(OpenChunk {

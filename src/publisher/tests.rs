@@ -116,6 +116,7 @@ fn uploaded(dir: &std::path::Path, registry: &Registry, n: usize) -> UploadedChu
         bytes: 4,
         attempts: 0,
         last_error: None,
+        next_retry_ms: None,
     });
     UploadedChunk {
         header,

@@ -212,6 +212,7 @@ fn sealed_chunk(
         bytes: stats.data_len,
         attempts: 0,
         last_error: None,
+        next_retry_ms: None,
     });
     (
         SealedChunk {
