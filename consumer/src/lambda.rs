@@ -357,4 +357,35 @@ mod tests {
         assert_eq!(err.position.sequence_number, "2");
         assert!(err.to_string().contains("the database is down"), "{err}");
     }
+
+    #[tokio::test]
+    async fn inline_records_and_pointers_to_objects_mix_in_one_batch() {
+        let bucket = Arc::new(Bucket::default());
+        let ps: Vec<Pointer> = (0..4).map(|n| chunk(&bucket, n)).collect();
+        // Chunks 1 and 3 carry their bodies inline; their objects are gone.
+        let records: Vec<Vec<u8>> = ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match i % 2 {
+                0 => p.to_record(),
+                _ => {
+                    let body = bucket.take(&p.key).expect("stored");
+                    Pointer {
+                        v: Pointer::INLINE_VERSION,
+                        bucket: String::new(),
+                        key: String::new(),
+                        inline: Some(body.into()),
+                        ..p.clone()
+                    }
+                    .to_record()
+                }
+            })
+            .collect();
+        let consumer = Consumer::new(Resolver::from_source(bucket.clone()));
+        let (seen, response) = run(&consumer, &event(&records)).await;
+        assert_eq!(seen, [0, 1, 2, 3]);
+        assert!(response.unwrap().batch_item_failures.is_empty());
+        let reads = bucket.reads.lock().unwrap().len();
+        assert_eq!(reads, 2, "only the pointers to objects read S3");
+    }
 }

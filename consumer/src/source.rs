@@ -108,6 +108,12 @@ pub(crate) mod fake {
         pub(crate) fn delete(&self, key: &str) {
             self.objects.lock().unwrap().remove(key);
         }
+
+        /// Removes an object and returns its bytes.
+        #[cfg(feature = "lambda")]
+        pub(crate) fn take(&self, key: &str) -> Option<Vec<u8>> {
+            self.objects.lock().unwrap().remove(key).map(|(_, b)| b)
+        }
     }
 
     impl ObjectSource for Bucket {

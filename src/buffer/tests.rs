@@ -271,6 +271,14 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
         br#"{"v":1,"chunk_id":"55555555555555555555555555555555","bucket":"b","key":"k","tag":"t","timekey":0,"first_time":6.000000007,"last_time":6.000000007,"records":1,"bytes":1,"stored_bytes":1,"format":"msgpack","compression":"zstd","checksum":{"crc32c":"00000000"},"producer":"p","created_at":"c"}"#,
     )
     .unwrap();
+    // An inline one: its body stays in the state file until the publisher reads it.
+    let pointer = claimcheck_consumer::Pointer {
+        v: claimcheck_consumer::Pointer::INLINE_VERSION,
+        bucket: String::new(),
+        key: String::new(),
+        inline: Some(Bytes::from_static(b"\x01")),
+        ..pointer
+    };
     let state = ChunkState::uploaded(header(&"5".repeat(32)), stats, pointer.clone(), None);
     chunk::write_state(&uploaded_paths.state, &state).unwrap();
 
@@ -292,7 +300,17 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
         .collect();
     assert_eq!(ids, vec!["1".repeat(32), "2".repeat(32)]);
     assert_eq!(recovered.uploaded.len(), 1);
-    assert_eq!(recovered.uploaded[0].pointer, pointer);
+    let uploaded = &recovered.uploaded[0];
+    assert!(uploaded.body_on_disk());
+    assert_eq!(
+        uploaded.pointer,
+        claimcheck_consumer::Pointer {
+            inline: None,
+            ..pointer.clone()
+        }
+    );
+    let state = chunk::read_state(&uploaded.paths.state).unwrap();
+    assert_eq!(state.into_pointer(), Some(pointer));
     let opened = &recovered.sealed[0];
     assert_eq!((opened.stats.records, opened.stats.data_len), (3, good));
     assert_eq!(std::fs::metadata(&open_paths.data).unwrap().len(), good);
