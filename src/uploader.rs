@@ -224,6 +224,10 @@ pub async fn run<S: ChunkStore>(
                 match result {
                     Ok(uploaded) => {
                         registry.set_phase(&id, Phase::Uploaded);
+                        if let Some(body) = &uploaded.pointer.inline {
+                            // The state file now holds the body too (base64), until published.
+                            registry.grow(&id, (body.len().div_ceil(3) * 4) as i64, 0);
+                        }
                         registry.outage(Stage::Upload).succeeded(1);
                         let _ = publish.send(uploaded);
                     }
