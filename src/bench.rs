@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::parse_duration;
+use crate::config::{parse_duration, parse_size};
 use crate::forward::security::sha512_hex;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -98,6 +98,12 @@ pub struct BenchArgs {
     /// Distinct tags, used round-robin.
     #[arg(long, default_value_t = 1)]
     pub tags: usize,
+    /// Bytes of distinct requests to pre-encode, shared among the tags (default: 16 MiB in at
+    /// most 256 requests). A tag's chunk holds its share only: with many tags, give it more
+    /// than the tags' chunks hold together, or bodies repeat themselves and compress better
+    /// than the records would.
+    #[arg(long, value_parser = parse_size)]
+    pub distinct_bytes: Option<u64>,
     #[arg(long, value_enum, default_value = "packed")]
     pub mode: Mode,
     /// What the records' `message` field is made of.
@@ -661,19 +667,22 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     }
 }
 
-/// Distinct bytes the pre-encoded messages cover at least (up to `MAX_MESSAGES` of them):
-/// more than a compressor's window, so that bodies made of repeated messages do not compress
-/// better than the records themselves would.
+/// Distinct bytes the pre-encoded messages cover at least (up to `MAX_MESSAGES` of them)
+/// unless `--distinct-bytes` says otherwise: more than a compressor's window, so that bodies
+/// made of repeated messages do not compress better than the records themselves would.
 const DISTINCT_BYTES: usize = 16 << 20;
 const MAX_MESSAGES: usize = 256;
 
-/// How many different messages to pre-encode: two per tag at least.
+/// How many different messages to pre-encode: two per tag at least, and as many for each tag
+/// (so that request n, message n modulo the count, goes to tag n modulo the tags).
 fn distinct_messages(args: &BenchArgs) -> usize {
     let message = (args.events_per_message.max(1) * args.event_size.max(1)).max(1);
-    DISTINCT_BYTES
-        .div_ceil(message)
-        .clamp(1, MAX_MESSAGES)
-        .max(args.tags.max(1) * 2)
+    let tags = args.tags.max(1);
+    let n = match args.distinct_bytes {
+        Some(bytes) => (bytes as usize).div_ceil(message).max(1),
+        None => DISTINCT_BYTES.div_ceil(message).clamp(1, MAX_MESSAGES),
+    };
+    n.max(tags * 2).next_multiple_of(tags)
 }
 
 /// CPU seconds (user + system) of a process, from /proc.
@@ -828,6 +837,32 @@ mod tests {
 
     use super::*;
     use crate::forward::frame::{self, Request};
+
+    fn args(tags: usize, events_per_message: usize, distinct_bytes: Option<u64>) -> BenchArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let mut a = Cli::parse_from(["bench"]).bench;
+        (a.tags, a.events_per_message, a.distinct_bytes) =
+            (tags, events_per_message, distinct_bytes);
+        a
+    }
+
+    #[test]
+    fn every_tag_gets_as_many_distinct_messages() {
+        // Default: 16 MiB of 200 KB requests.
+        assert_eq!(distinct_messages(&args(1, 1000, None)), 84);
+        // Small requests: at most 256, and two per tag at least.
+        assert_eq!(distinct_messages(&args(1, 25, None)), 256);
+        assert_eq!(distinct_messages(&args(3000, 1, None)), 6000);
+        assert_eq!(distinct_messages(&args(200, 25, None)) % 200, 0);
+        // Asked for: 80 MiB of 5 KB requests, 420 KB per tag.
+        let n = distinct_messages(&args(200, 25, Some(80 << 20)));
+        assert_eq!((n, n % 200), (16800, 0));
+    }
 
     #[test]
     fn encoded_messages_parse_as_forward_requests_of_the_right_size() {
