@@ -11,9 +11,11 @@
 //! refused, the descriptors must stay within the bound, the probe's acks must stay quick, and
 //! once S3 answers promptly every event must arrive exactly once.
 //!
-//! `CLAIMCHECK_MANY_TAGS` (default 1,500) and `CLAIMCHECK_MANY_TAGS_NOFILE` (default 512) size
-//! the run. Each chunk is one S3 PUT to the emulator, which bounds what CI can afford;
-//! `docs/reliability.md` has a run with 100,000 tags under a limit of 4,096.
+//! `CLAIMCHECK_MANY_TAGS` (default 1,500), `CLAIMCHECK_MANY_TAGS_NOFILE` (default 512) and
+//! `CLAIMCHECK_MANY_TAGS_WINDOW` (seconds until the window closes, default 5) size the run, and
+//! `CLAIMCHECK_BIN` names another sidecar binary (a release build) to run. Each chunk is one S3
+//! PUT to the emulator, which bounds what CI can afford; `docs/reliability.md` has a run with
+//! 100,000 tags under a limit of 4,096.
 
 mod common;
 
@@ -98,7 +100,8 @@ fn watch_fds(pid: u32, chunks: &Path, stop: Arc<AtomicBool>) -> std::thread::Joi
             }
             peak.all = peak.all.max(all);
             peak.chunk_files = peak.chunk_files.max(chunk_files);
-            std::thread::sleep(Duration::from_millis(5));
+            // Often, but not so often that reading thousands of links takes the CPU away.
+            std::thread::sleep(Duration::from_micros(5_000 + 20 * all as u64));
         }
         peak
     })
@@ -159,6 +162,7 @@ async fn probe(port: u16, stop: Arc<AtomicBool>) -> (Vec<TestEvent>, Vec<Duratio
 async fn many_tags_under_a_low_open_files_limit_are_acked_and_delivered_without_stalls() {
     let tags = env_usize("CLAIMCHECK_MANY_TAGS", 1_500);
     let nofile = env_usize("CLAIMCHECK_MANY_TAGS_NOFILE", 512);
+    let window = env_usize("CLAIMCHECK_MANY_TAGS_WINDOW", 5) as i64;
     let env = Emulated::start("many-tags").await;
     let proxies = env.proxies().await;
     proxies.s3.set(Fault::Slow(Duration::from_secs(5)));
@@ -186,7 +190,7 @@ async fn many_tags_under_a_low_open_files_limit_are_acked_and_delivered_without_
     let mut cmd = Command::new("prlimit");
     cmd.arg(format!("--nofile={nofile}:{nofile}"))
         .arg("--")
-        .arg(env!("CARGO_BIN_EXE_claimcheck"))
+        .arg(std::env::var_os("CLAIMCHECK_BIN").unwrap_or(env!("CARGO_BIN_EXE_claimcheck").into()))
         .arg("serve");
     let buffer = env.buffer_dir();
     let sidecar = Sidecar::spawn(
@@ -210,10 +214,11 @@ async fn many_tags_under_a_low_open_files_limit_are_acked_and_delivered_without_
     let stop_probe = Arc::new(AtomicBool::new(false));
     let prober = tokio::spawn(probe(sidecar.port, stop_probe.clone()));
 
-    // Every tag's event is in the window that closes 5 s from now: the chunks written by then
-    // fall due together, and are sealed while the rest are still being sent (if any are left).
+    // Every tag's event is in the window that closes `window` seconds from now: the chunks
+    // written by then fall due together, and are sealed while the rest are still being sent
+    // (if any are left).
     let started = Instant::now();
-    let secs = now_secs() + 4;
+    let secs = now_secs() + window - 1;
     let senders: Vec<_> = (0..SENDERS)
         .map(|s| {
             let share = (0..tags).filter(|t| t % SENDERS == s).collect();
@@ -229,7 +234,7 @@ async fn many_tags_under_a_low_open_files_limit_are_acked_and_delivered_without_
 
     // Let the seals finish, the probe still sending: then only the probe's chunks of the last
     // seconds are open.
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(window as u64 + 120 + tags as u64 / 100);
     while now_secs() <= secs + 1
         || metric(admin, r#"claimcheck_buffer_chunks{phase="open"}"#).await > 3.0
     {
@@ -258,8 +263,12 @@ async fn many_tags_under_a_low_open_files_limit_are_acked_and_delivered_without_
     );
     assert_eq!(refused, 0.0, "no request or connection refused");
     assert!(evictions > 0.0, "the bound was reached");
+    // A sample reads the descriptors one by one while the writer closes files and opens
+    // others: a file closed and another opened meanwhile under a lower number can both be
+    // counted (one was, once, in a run of 100,000 tags). The writer checks the exact bound
+    // itself after every round in debug builds, which this test runs by default.
     assert!(
-        peak.chunk_files <= bound,
+        peak.chunk_files <= bound + SENDERS,
         "{} chunk files open, bound {bound}",
         peak.chunk_files
     );
@@ -281,7 +290,11 @@ async fn many_tags_under_a_low_open_files_limit_are_acked_and_delivered_without_
     let restored = Instant::now();
     let chunks = env
         .aws
-        .read_events(&env.stream, expected.len(), Duration::from_secs(300))
+        .read_events(
+            &env.stream,
+            expected.len(),
+            Duration::from_secs(300.max(tags as u64 / 10)),
+        )
         .await;
     assert_exactly_once(&chunks, &expected);
     let log = sidecar.log_text();

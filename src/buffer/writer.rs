@@ -575,8 +575,25 @@ impl Writer {
         }
     }
 
-    /// Publishes the number of open chunk files.
+    /// Publishes the number of open chunk files. In debug builds (the tests), first checks
+    /// that `files` is exactly the open chunks with an open file, within the bound, and that
+    /// chunks out of `open` hold none (they open one only once room is made for it).
     fn count_files(&self) {
+        #[cfg(debug_assertions)]
+        {
+            let open = self.open.values().filter(|c| c.writer.is_open());
+            assert_eq!(
+                open.count(),
+                self.files.len(),
+                "files indexes the open files"
+            );
+            for (tick, key) in &self.files {
+                assert_eq!(self.open[key].file_tick, Some(*tick));
+            }
+            assert!(self.files.len() <= self.max_open_files);
+            let aside = self.to_seal.iter().map(|(c, _)| c).chain(&self.unsealed);
+            assert!(aside.into_iter().all(|c| !c.writer.is_open()));
+        }
         crate::metrics::metrics()
             .chunk_files_open
             .set(self.files.len() as i64);
