@@ -144,6 +144,17 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_SYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub sync_interval: Duration,
 
+    /// Most data files of open chunks held open at once. Each tag (and timekey) being written
+    /// has an open chunk; beyond this many, the file of the least recently written one is
+    /// closed (fsynced first if it holds writes not yet synced) and reopened on its next
+    /// write, so that many tags cost a few system calls rather than requests refused for lack
+    /// of file descriptors. Default: half the open files soft limit (`ulimit -n`, as raised at
+    /// start to fit `max_connections` and these files), which leaves the other half to forward
+    /// connections, chunks read for upload, connections to S3 and Kinesis, the metrics
+    /// listener and seals.
+    #[arg(long, env = "CLAIMCHECK_MAX_OPEN_CHUNK_FILES")]
+    pub max_open_chunk_files: Option<usize>,
+
     /// Largest forward request accepted, as received; a larger one closes the connection
     /// without an ack (Fluentd's `chunk_size_limit`).
     #[arg(long, env = "CLAIMCHECK_CHUNK_SIZE_LIMIT", default_value = "256MiB", value_parser = parse_size)]
@@ -373,6 +384,9 @@ impl ServeArgs {
         if self.s3_bucket.is_empty() {
             return Err("--s3-bucket is required".into());
         }
+        if self.max_open_chunk_files == Some(0) {
+            return Err("--max-open-chunk-files must be at least 1".into());
+        }
         if self.kinesis_stream.is_empty() {
             return Err("--kinesis-stream is required".into());
         }
@@ -479,6 +493,7 @@ impl ServeArgs {
                 },
                 sync: self.sync,
                 sync_interval: self.sync_interval,
+                max_open_files: self.max_open_chunk_files,
             },
             connection: Arc::new(ConnectionConfig {
                 chunk_size_limit: self.chunk_size_limit,
@@ -760,6 +775,14 @@ mod tests {
             (c.uploader.format, c.uploader.compression),
             (Format::Msgpack, Compression::Zstd)
         );
+        assert_eq!(
+            c.buffer.max_open_files, None,
+            "derived from the open files limit when the buffer opens"
+        );
+        let c = parse(&["--max-open-chunk-files", "64"]).unwrap();
+        assert_eq!(c.buffer.max_open_files, Some(64));
+        let err = parse(&["--max-open-chunk-files", "0"]).unwrap_err();
+        assert!(err.contains("at least 1"), "{err}");
     }
 
     #[test]

@@ -102,6 +102,7 @@ impl Sidecar {
         }
         let delivery = delivery::Delivery::start(&config, registry.clone(), queues, recovered);
         let handle = buffer.handle.clone();
+        let max_open_chunk_files = buffer.max_open_files();
         let writer = tokio::spawn(buffer.run());
         let listen = listener
             .local_addr()
@@ -113,7 +114,8 @@ impl Sidecar {
             config.listener.clone(),
             token.clone(),
         ));
-        info!(%listen, buffer_dir = %config.buffer.dir.display(), "claimcheck is serving");
+        info!(%listen, buffer_dir = %config.buffer.dir.display(), max_open_chunk_files,
+              "claimcheck is serving");
 
         shutdown.await;
         info!("shutting down: no new connections; finishing requests in flight");

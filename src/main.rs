@@ -89,11 +89,14 @@ async fn shutdown_signal() {
     }
 }
 
-/// Raises the soft limit of open files to the hard limit when `max_connections` (plus files of
-/// the buffer) would not fit under it, as servers with many connections must.
-fn raise_open_files_limit(max_connections: usize) {
+/// Raises the soft limit of open files (up to the hard limit) so that `max_connections`, the
+/// chunk files the buffer holds open and about 256 other files fit under it, as servers with
+/// many connections must. The buffer holds `max_open_chunk_files`, or by default half the
+/// limit, hence as much again as the rest.
+fn raise_open_files_limit(max_connections: usize, max_open_chunk_files: Option<usize>) {
     use rustix::process::{getrlimit, setrlimit, Resource};
-    let want = max_connections as u64 + 256;
+    let others = max_connections as u64 + 256;
+    let want = others + max_open_chunk_files.map_or(others, |n| n as u64);
     let mut limit = getrlimit(Resource::Nofile);
     let current = limit.current.unwrap_or(u64::MAX);
     if current >= want {
@@ -108,7 +111,8 @@ fn raise_open_files_limit(max_connections: usize) {
         tracing::warn!(
             open_files_limit = target,
             max_connections,
-            "the open files limit is below max_connections; raise it (ulimit -n, LimitNOFILE)"
+            max_open_chunk_files,
+            "the open files limit is below what max_connections and max_open_chunk_files need; raise it (ulimit -n, LimitNOFILE)"
         );
     }
 }
@@ -156,7 +160,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             init_tracing(args.log_format);
             let config = args.into_config().map_err(anyhow::Error::msg)?;
-            raise_open_files_limit(config.listener.max_connections);
+            raise_open_files_limit(
+                config.listener.max_connections,
+                config.buffer.max_open_files,
+            );
             let sidecar = Sidecar::open(config.clone())?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await

@@ -79,6 +79,9 @@ pub struct Metrics {
     pub acks_sent: Counter,
     pub ack_duration: Histogram,
     pub chunks_sealed: Family<Reason, Counter>,
+    pub chunk_files_open: Gauge,
+    pub chunk_files_open_limit: Gauge,
+    pub chunk_file_evictions: Counter,
     pub s3_request_duration: Family<Operation, Histogram>,
     pub s3_errors: Family<OperationCode, Counter>,
     pub kinesis_request_duration: Family<Operation, Histogram>,
@@ -110,6 +113,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     acks_sent: Counter::default(),
     ack_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
     chunks_sealed: Family::default(),
+    chunk_files_open: Gauge::default(),
+    chunk_files_open_limit: Gauge::default(),
+    chunk_file_evictions: Counter::default(),
     s3_request_duration: Family::new_with_constructor(duration_histogram),
     s3_errors: Family::default(),
     kinesis_request_duration: Family::new_with_constructor(duration_histogram),
@@ -315,6 +321,21 @@ impl Metrics {
             "Chunks sealed, by reason",
             self.chunks_sealed.clone(),
         );
+        r.register(
+            "chunk_files_open",
+            "Data files of open chunks held open",
+            self.chunk_files_open.clone(),
+        );
+        r.register(
+            "chunk_files_open_limit",
+            "max_open_chunk_files: most data files of open chunks held open",
+            self.chunk_files_open_limit.clone(),
+        );
+        r.register(
+            "chunk_file_evictions",
+            "Data files of open chunks closed to stay within max_open_chunk_files (reopened on the chunk's next write)",
+            self.chunk_file_evictions.clone(),
+        );
         r.register_with_unit(
             "s3_request_duration",
             "S3 request durations, by operation",
@@ -427,7 +448,16 @@ fn encode_counter(
 
 impl Collector for BufferCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let chunks = self.buffer.snapshot();
+        // Every phase is written, empty ones included, so that dashboards see zeros.
+        let phases = [
+            Phase::Open,
+            Phase::Sealed,
+            Phase::Uploading,
+            Phase::Uploaded,
+            Phase::Publishing,
+            Phase::Dropped,
+        ];
+        let (counts, oldest_ms) = self.buffer.count_by_phase(phases);
         encode_gauge(
             &mut encoder,
             "buffer",
@@ -444,34 +474,20 @@ impl Collector for BufferCollector {
                 limit as f64,
             )?;
         }
-        // Every phase is written, empty ones included, so that dashboards see zeros.
-        let phases = [
-            Phase::Open,
-            Phase::Sealed,
-            Phase::Uploading,
-            Phase::Uploaded,
-            Phase::Publishing,
-            Phase::Dropped,
-        ];
         let mut family = encoder.encode_descriptor(
             "buffer_chunks",
             "Chunks in the buffer, by phase",
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
-        for phase in phases {
-            let n = chunks.iter().filter(|c| c.phase == phase).count();
+        for (phase, n) in phases.into_iter().zip(counts) {
             let labels = vec![("phase".to_string(), phase_name(phase).to_string())];
             ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
         }
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let oldest = chunks
-            .iter()
-            .map(|c| c.created_ms)
-            .min()
-            .map_or(0.0, |ms| (now_ms - ms).max(0) as f64 / 1000.0);
+        let oldest = oldest_ms.map_or(0.0, |ms| (now_ms - ms).max(0) as f64 / 1000.0);
         encode_gauge(
             &mut encoder,
             "oldest_unpublished_chunk_age",

@@ -322,6 +322,8 @@ impl ConnectionHarness {
             overflow_action: OverflowAction::Block,
             sync: SyncPolicy::Always,
             sync_interval: Duration::from_secs(1),
+            // Few files, so that chunk files are closed and reopened between writes.
+            max_open_files: Some(4),
         };
         let chunks_dir = claimcheck::buffer::chunks_dir(dir.path());
         let registry = Arc::new(Registry::new());

@@ -186,6 +186,14 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Writes `state` to `path` atomically: temporary file, fsync, rename, directory fsync.
 pub fn write_state(path: &Path, state: &ChunkState) -> io::Result<()> {
+    put_state(path, state)?;
+    sync_dir(path.parent().expect("state files live in a directory"))
+}
+
+/// [`write_state`] without its last step: the rename is not durable until the caller fsyncs
+/// the directory, which it does once for many state files (the writer seals in batches).
+/// Nothing may rely on the new state before that.
+pub fn put_state(path: &Path, state: &ChunkState) -> io::Result<()> {
     let tmp = path.with_extension("state.tmp");
     let json = serde_json::to_vec(state).map_err(io::Error::other)?;
     {
@@ -193,8 +201,7 @@ pub fn write_state(path: &Path, state: &ChunkState) -> io::Result<()> {
         f.write_all(&json)?;
         f.sync_all()?;
     }
-    fs::rename(&tmp, path)?;
-    sync_dir(path.parent().expect("state files live in a directory"))
+    fs::rename(&tmp, path)
 }
 
 pub fn read_state(path: &Path) -> io::Result<ChunkState> {
@@ -213,28 +220,80 @@ fn encode_header(header: &ChunkHeader) -> Vec<u8> {
 }
 
 /// An open chunk's data file, appended to by the buffer writer.
+///
+/// The file need not stay open between writes: [`ChunkWriter::open`] creates it (with its
+/// header) the first time and reopens it for appending after [`ChunkWriter::close`], so that a
+/// buffer with many open chunks holds only a bounded number of open files. A file is never
+/// closed holding writes that are not synced (unless the sync fails, which the caller hears
+/// of): what the sync policy promised for them stays covered.
 #[derive(Debug)]
 pub struct ChunkWriter {
-    file: File,
-    /// Length of the valid part; a failed append is cut back to it.
+    path: PathBuf,
+    /// The encoded header, until the file is created.
+    header: Option<Vec<u8>>,
+    file: Option<File>,
+    /// Length of the valid part (0 before the file exists); a failed append is cut back to it.
     len: u64,
+    /// Bytes were written since the last successful sync.
+    unsynced: bool,
 }
 
 impl ChunkWriter {
+    /// A writer for a data file that does not exist yet; no I/O until [`ChunkWriter::open`].
+    pub fn new(path: &Path, header: &ChunkHeader) -> Self {
+        ChunkWriter {
+            path: path.to_path_buf(),
+            header: Some(encode_header(header)),
+            file: None,
+            len: 0,
+            unsynced: false,
+        }
+    }
+
     /// Creates the data file and writes its header. The caller syncs the file and the
     /// directory before acknowledging anything stored in it.
     pub fn create(path: &Path, header: &ChunkHeader) -> io::Result<Self> {
-        let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
-        let bytes = encode_header(header);
-        if let Err(e) = file.write_all(&bytes) {
-            drop(file);
-            let _ = fs::remove_file(path);
-            return Err(e);
+        let mut writer = ChunkWriter::new(path, header);
+        writer.open()?;
+        Ok(writer)
+    }
+
+    /// Opens the data file if it is not open: creates it and writes its header the first time
+    /// (an error leaves no file behind), reopens it in append mode after a close.
+    pub fn open(&mut self) -> io::Result<()> {
+        if self.file.is_some() {
+            return Ok(());
         }
-        Ok(ChunkWriter {
-            file,
-            len: bytes.len() as u64,
-        })
+        let file = match &self.header {
+            Some(bytes) => {
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&self.path)?;
+                if let Err(e) = file.write_all(bytes) {
+                    drop(file);
+                    let _ = fs::remove_file(&self.path);
+                    return Err(e);
+                }
+                self.len = bytes.len() as u64;
+                self.header = None;
+                self.unsynced = true;
+                file
+            }
+            None => OpenOptions::new().append(true).open(&self.path)?,
+        };
+        self.file = Some(file);
+        Ok(())
+    }
+
+    /// Whether the data file is open.
+    pub fn is_open(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Whether writes are waiting for a sync.
+    pub fn is_unsynced(&self) -> bool {
+        self.unsynced
     }
 
     pub fn valid_len(&self) -> u64 {
@@ -243,7 +302,11 @@ impl ChunkWriter {
 
     /// Appends one frame holding `payload` (the concatenation of the slices). On error the
     /// file is cut back to its previous length so that later frames do not follow garbage.
+    /// The file must be open.
     pub fn append(&mut self, payload: &[Bytes]) -> io::Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(io::Error::other("chunk file is not open"));
+        };
         let total: usize = payload.iter().map(Bytes::len).sum();
         let len = u32::try_from(total).map_err(|_| io::Error::other("frame larger than 4 GiB"))?;
         let crc = payload
@@ -252,7 +315,8 @@ impl ChunkWriter {
         let mut head = [0u8; FRAME_HEADER];
         head[..4].copy_from_slice(&len.to_le_bytes());
         head[4..].copy_from_slice(&crc.to_le_bytes());
-        let result = write_all_vectored(&mut self.file, &head, payload);
+        self.unsynced = true;
+        let result = write_all_vectored(file, &head, payload);
         match result {
             Ok(()) => {
                 self.len += (FRAME_HEADER + total) as u64;
@@ -260,17 +324,41 @@ impl ChunkWriter {
             }
             Err(e) => {
                 // Best effort: the length recorded at seal time excludes the failed frame anyway.
-                let _ = self
-                    .file
+                let _ = file
                     .set_len(self.len)
-                    .and_then(|()| self.file.seek(SeekFrom::End(0)).map(|_| ()));
+                    .and_then(|()| file.seek(SeekFrom::End(0)).map(|_| ()));
                 Err(e)
             }
         }
     }
 
-    pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+    /// Makes every write so far durable (fdatasync); nothing to do if they already are. A
+    /// closed file whose close could not sync is opened for the time of the sync.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        match &self.file {
+            Some(file) => file.sync_data()?,
+            None => OpenOptions::new()
+                .append(true)
+                .open(&self.path)?
+                .sync_data()?,
+        }
+        self.unsynced = false;
+        Ok(())
+    }
+
+    /// Syncs what is not yet synced, then closes the file; [`ChunkWriter::open`] reopens it.
+    /// The file is closed even when the sync fails: the writes then stay unsynced, and a later
+    /// [`ChunkWriter::sync`] tries again.
+    pub fn close(&mut self) -> io::Result<()> {
+        if self.file.is_none() {
+            return Ok(());
+        }
+        let synced = self.sync();
+        self.file = None;
+        synced
     }
 }
 
@@ -576,6 +664,40 @@ mod tests {
             .write_all(&bad)
             .unwrap();
         assert_eq!(scan(&path).unwrap().stats.data_len, good_len);
+    }
+
+    #[test]
+    fn a_closed_file_is_synced_and_reopened_for_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.chunk");
+        let mut w = ChunkWriter::new(&path, &header());
+        assert!(!path.exists() && !w.is_open() && !w.is_unsynced());
+        // Nothing is created before the first open; syncing nothing is no error.
+        w.sync().unwrap();
+        w.close().unwrap();
+        assert!(!path.exists());
+        assert!(
+            w.append(&[entry_bytes(1)]).is_err(),
+            "append needs an open file"
+        );
+
+        w.open().unwrap();
+        w.append(&[entry_bytes(1)]).unwrap();
+        assert!(w.is_unsynced());
+        w.close().unwrap();
+        assert!(!w.is_open() && !w.is_unsynced(), "closing syncs first");
+        w.open().unwrap();
+        w.append(&[entry_bytes(2), entry_bytes(3)]).unwrap();
+        w.sync().unwrap();
+        w.close().unwrap();
+
+        let s = scan(&path).unwrap();
+        assert_eq!(s.header, header());
+        assert_eq!((s.stats.records, s.stats.data_len), (3, w.valid_len()));
+        assert_eq!(s.torn_bytes, 0);
+        let (_, start) = read_header(&mut File::open(&path).unwrap()).unwrap();
+        let all = [entry_bytes(1), entry_bytes(2), entry_bytes(3)].concat();
+        assert_eq!(body(&path, start, w.valid_len()), all);
     }
 
     #[test]

@@ -14,6 +14,10 @@
 //! | `interval` | write (fsync every `sync_interval`) | yes              | all but the last interval |
 //! | `none`     | write (fsync only at seal)  | yes                      | sealed chunks only       |
 //!
+//! Whatever the policy, a chunk's data file is fsynced before it is closed early to stay
+//! within `max_open_chunk_files` (see the lifecycle below), so that closing files never
+//! weakens these promises: it can only make writes durable sooner.
+//!
 //! # Layout
 //!
 //! ```text
@@ -49,10 +53,19 @@
 //!                    └── retry budget exhausted ──▶ dead/ ──claimcheck replay──▶ chunks/
 //! ```
 //!
+//! * **open**: a chunk's data file is created by its first write. At most
+//!   `max_open_chunk_files` data files are open at once: at the bound, the file of the least
+//!   recently written open chunk is closed (fsynced first if it holds unsynced writes) and
+//!   reopened in append mode on that chunk's next write. Under `sync always`, a round fsyncs
+//!   the chunks it wrote together, then the directory if a file is new, then acks.
 //! * **seal** when the chunk reaches `chunk_limit_size` or `chunk_limit_records`, when its
 //!   timekey plus `timekey_wait` has passed, `flush_interval` after it was created, when the
 //!   buffer or the disk is full, or at shutdown. Sealing syncs the data file and writes the
-//!   state atomically.
+//!   state atomically (temporary file, fsync, rename, directory fsync; chunks sealed together
+//!   share the directory fsync, and none goes to the uploader before it). When many chunks
+//!   fall due at once, each writer round seals a bounded batch of them (about 10 ms of work)
+//!   after serving its requests, and the next round follows at once: appends are not held up
+//!   behind thousands of seals.
 //! * **full**: when the chunks reach `total_limit_size`, or a write finds no space, the writer
 //!   takes no new requests (connections stop reading; TCP pushes back on the senders) and
 //!   seals its open chunks so that delivery frees space; with `overflow_action
@@ -98,6 +111,8 @@ pub struct BufferConfig {
     pub overflow_action: OverflowAction,
     pub sync: SyncPolicy,
     pub sync_interval: Duration,
+    /// Most chunk data files open at once; `None`: half the open files limit at open time.
+    pub max_open_files: Option<usize>,
 }
 
 /// When appended events are fsynced (see the table in the module documentation).
@@ -337,6 +352,11 @@ impl Buffer {
         Ok((buffer, recovered))
     }
 
+    /// Most chunk data files the writer holds open (`max_open_chunk_files`, resolved).
+    pub fn max_open_files(&self) -> usize {
+        self.writer.max_open_files()
+    }
+
     /// Runs the writer until every [`BufferHandle`] is dropped, then seals all open chunks.
     /// Returns the directory lock, for the caller to hold until delivery has stopped too, or
     /// an error if the writer itself failed (a panic in its blocking work).
@@ -386,8 +406,10 @@ impl Buffer {
                 () = sleep_until(deadline) => None,
                 () = registry.wait_for_space(Duration::from_secs(1)), if !accepting => None,
             };
+            // Whatever woke the writer (a request, or seals left over from the last round),
+            // the round takes the requests that are waiting.
             let mut batch: Vec<Append> = first.into_iter().collect();
-            while batch.len() < MAX_BATCH && !batch.is_empty() {
+            while accepting && batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(m) => batch.push(m),
                     Err(_) => break,

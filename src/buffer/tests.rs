@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +20,7 @@ fn config(dir: &Path) -> BufferConfig {
         overflow_action: OverflowAction::Block,
         sync: SyncPolicy::Always,
         sync_interval: Duration::from_secs(1),
+        max_open_files: None,
     }
 }
 
@@ -469,4 +471,139 @@ async fn sync_interval_and_none_ack_after_the_write_and_keep_every_event() {
         let sealed = recv(&mut sealed_rx).await;
         assert_eq!(body_of(&sealed), entries.concat(), "{sync:?}");
     }
+}
+
+/// Data files of chunks under `dir` that this process holds open.
+fn open_chunk_files(dir: &Path) -> usize {
+    let chunks = chunks_dir(dir).canonicalize().unwrap();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| {
+            target.starts_with(&chunks) && target.extension().is_some_and(|x| x == chunk::DATA_EXT)
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn many_tags_hold_at_most_max_open_chunk_files_and_keep_every_event() {
+    for sync in [SyncPolicy::Always, SyncPolicy::Interval, SyncPolicy::None] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.sync = sync;
+        cfg.max_open_files = Some(4);
+        let (registry, handle, mut sealed_rx, task) = start(cfg);
+        let tags: Vec<String> = (0..50).map(|t| format!("tag.{t}")).collect();
+        // Events of 2100: no chunk is due before the end of the test.
+        let (t0, timekey) = (4_102_444_800, 4_102_444_800);
+        let mut sent: HashMap<&str, Vec<Bytes>> = HashMap::new();
+
+        // All tags at once: most of them land in the same rounds.
+        let mut acks = Vec::new();
+        for (t, tag) in tags.iter().enumerate() {
+            let e = entry_at(t0 + t as i64, 10);
+            sent.entry(tag).or_default().push(e.clone());
+            acks.push(
+                handle
+                    .append(tag.as_str().into(), vec![group_of(timekey, &[e])])
+                    .await,
+            );
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+        assert!(open_chunk_files(dir.path()) <= 4, "{sync:?}");
+
+        // Then one tag at a time, round after round: every write after the first four of a
+        // pass reopens a file that was closed for another tag's.
+        for pass in 0..2 {
+            for (t, tag) in tags.iter().enumerate() {
+                let e = entry_at(t0 + 1 + t as i64, 20 + pass);
+                sent.entry(tag).or_default().push(e.clone());
+                handle
+                    .append(tag.as_str().into(), vec![group_of(timekey, &[e])])
+                    .await
+                    .await
+                    .unwrap();
+                assert!(open_chunk_files(dir.path()) <= 4, "{sync:?}");
+            }
+        }
+        assert_eq!(registry.snapshot().len(), 50, "one open chunk per tag");
+
+        drop(handle);
+        task.await.unwrap().unwrap();
+        assert_eq!(open_chunk_files(dir.path()), 0);
+        let mut sealed = Vec::new();
+        while let Ok(s) = sealed_rx.try_recv() {
+            sealed.push(s);
+        }
+        assert_eq!(sealed.len(), 50, "{sync:?}");
+        for s in &sealed {
+            let events = &sent[s.header.tag.as_str()];
+            assert_eq!(s.stats.records, 3);
+            assert_eq!(body_of(s), events.concat(), "{sync:?} {}", s.header.tag);
+        }
+    }
+}
+
+#[tokio::test]
+async fn seals_due_at_once_are_spread_over_rounds_and_appends_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = chunks_dir(dir.path());
+    std::fs::create_dir_all(&chunks).unwrap();
+    let (tx, mut sealed_rx) = mpsc::unbounded_channel();
+    let mut cfg = config(dir.path());
+    cfg.max_open_files = Some(8);
+    cfg.flush_interval = Duration::ZERO;
+    let mut writer = Writer::new(Arc::new(cfg), chunks, registry(), tx);
+    writer.set_seal_budget(Duration::ZERO);
+    let append = |tag: &str, secs: i64| {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let groups = vec![group_of(60, &[entry_at(secs, 10)])];
+        (
+            Append {
+                tag: tag.into(),
+                groups,
+                done,
+            },
+            rx,
+        )
+    };
+
+    // With no flush interval, all forty are due as soon as they are written.
+    let now = tokio::time::Instant::now;
+    let (batch, mut acks): (Vec<_>, Vec<_>) = (0..40).map(|t| append(&format!("t{t}"), 60)).unzip();
+    writer.round(batch, now());
+    for ack in &mut acks {
+        ack.try_recv().unwrap().unwrap();
+    }
+
+    // Each round seals what its budget allows (here, one batch), after answering the
+    // requests of the round, and says that more is due at once.
+    let mut sealed_tags = Vec::new();
+    for round in 0..5 {
+        let (a, mut ack) = append("other", 70 + round);
+        writer.round(vec![a], now());
+        ack.try_recv()
+            .expect("answered within its round")
+            .expect("stored");
+        writer.tick(now());
+        let mut sealed = Vec::new();
+        while let Ok(s) = sealed_rx.try_recv() {
+            sealed.push(s.header.tag);
+        }
+        assert_eq!(sealed.len(), writer::SYNC_THREADS, "round {round}");
+        sealed_tags.extend(sealed);
+        if sealed_tags.len() < 40 {
+            assert!(writer.next_deadline().expect("more is due") <= now());
+        }
+    }
+    sealed_tags.sort();
+    let mut first: Vec<String> = (0..40).map(|t| format!("t{t}")).collect();
+    first.sort();
+    assert_eq!(sealed_tags, first, "the forty were due first");
+    // "other" came after the others were due: it is sealed last.
+    writer.tick(now());
+    let last = sealed_rx.try_recv().unwrap();
+    assert_eq!((last.header.tag.as_str(), last.stats.records), ("other", 5));
 }

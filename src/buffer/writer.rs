@@ -20,8 +20,25 @@
 //! delivered, which is what frees the space. Held pieces are tried again only once deliveries
 //! have freed space or the file system reports room beyond the reserve, so data never eats
 //! the room kept for state files.
+//!
+//! # Open files
+//!
+//! An open chunk does not hold its data file open for its whole life: at most
+//! `max_open_chunk_files` are open at once. A chunk's file is created by its first write; when
+//! another file must be opened at the bound, the file of the least recently written open chunk
+//! is closed (after an fsync if it holds writes not yet synced, which only happens under `sync
+//! interval` or `none`), and reopened in append mode on that chunk's next write. Chunks taken
+//! out of the open set (full, failed, being sealed) keep no file open between steps. So
+//! thousands of tags cost syscalls, never "too many open files".
+//!
+//! # Seals
+//!
+//! Chunks whose time is up, and those set aside full or failed, are sealed after the round's
+//! acks, for at most [`SEAL_BUDGET`] per round (at least one chunk): when thousands fall due
+//! at once, the rest wait for the next rounds, which come at once, so that appends keep being
+//! served in between. The chunks sealed in one round share one directory fsync.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,13 +80,15 @@ type ChunkKey = (Arc<str>, i64);
 struct OpenChunk {
     header: ChunkHeader,
     paths: ChunkPaths,
+    /// The data file: created by the chunk's first write, open or closed since (see "Open
+    /// files" in the module documentation).
     writer: ChunkWriter,
     stats: ChunkStats,
     deadline: Instant,
     /// The directory entry has not been synced yet.
     new_file: bool,
-    /// Written since the last fsync.
-    dirty: bool,
+    /// The chunk's place in [`Writer::files`] while it is open there with its file open.
+    file_tick: Option<u64>,
     /// Pieces placed in this round, written as one frame.
     pending: Vec<Piece>,
     pending_stats: ChunkStats,
@@ -77,7 +96,7 @@ struct OpenChunk {
     failed: Option<String>,
 }
 
-/// What writing one chunk's pending pieces gave.
+/// What writing chunks' pending pieces gave.
 #[derive(Default)]
 struct Flushed {
     /// Waiters of pieces now durable (or written, when the sync policy does not wait).
@@ -85,10 +104,27 @@ struct Flushed {
     /// Like `ok`, but in a new chunk file whose directory entry must be synced first.
     ok_new_file: Vec<u64>,
     failed: Vec<(u64, String)>,
+    /// A chunk file was created.
+    created: bool,
 }
 
 /// Bytes kept in reserve for state files when the disk fills up.
 const RESERVE_BYTES: usize = 1 << 20;
+
+/// Longest time a round spends sealing chunks (it always seals at least one that is due):
+/// the acks of the next round wait at most about this long, plus one directory fsync, for
+/// seals. A seal costs an fsync or two, so this is tens of seals per round on local disks.
+pub(super) const SEAL_BUDGET: Duration = Duration::from_millis(10);
+
+/// `max_open_chunk_files` when it is not set: half the soft limit of open files, as it is when
+/// the buffer opens (after `claimcheck serve` raised it). The other half is left to forward
+/// connections, files read for upload, connections to S3 and Kinesis and the metrics listener.
+pub fn default_max_open_files() -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    (limit.min(1 << 20) / 2).max(1) as usize
+}
 
 /// True for errors that mean "no space": the write can succeed later.
 pub fn is_disk_full(e: &io::Error) -> bool {
@@ -112,6 +148,22 @@ pub struct Writer {
     registry: Arc<Registry>,
     sealed_tx: mpsc::UnboundedSender<SealedChunk>,
     open: HashMap<ChunkKey, OpenChunk>,
+    /// Seal deadlines of the chunks in `open`, earliest first.
+    deadlines: BTreeSet<(Instant, ChunkKey)>,
+    /// Chunks in `open` whose data file is open, least recently written first.
+    files: BTreeMap<u64, ChunkKey>,
+    /// Last tick given out in `files`.
+    file_clock: u64,
+    /// Most entries in `files` (`max_open_chunk_files`).
+    max_open_files: usize,
+    /// Most time one round spends sealing ([`SEAL_BUDGET`]; tests lower it).
+    seal_budget: Duration,
+    /// Chunks in `open` that received pieces in this round.
+    touched: Vec<ChunkKey>,
+    /// Chunks in `open` that failed outside a round's writes (an fsync), to be set aside.
+    failing: Vec<ChunkKey>,
+    /// Chunks taken out of `open` (full, failed), to be sealed first, with the reason.
+    to_seal: VecDeque<(OpenChunk, &'static str)>,
     /// Chunks taken out of `open` whose seal failed; retried every round.
     unsealed: Vec<OpenChunk>,
     waiters: HashMap<u64, Waiter>,
@@ -120,6 +172,8 @@ pub struct Writer {
     held: Vec<Piece>,
     /// Something was written and not yet synced (sync policies `interval` and `none`).
     dirty: bool,
+    /// A chunk file was created and the directory has not been fsynced since.
+    dir_unsynced: bool,
     last_sync: Instant,
     /// Buffer usage when the disk was found full; held pieces wait until it goes down.
     full_at_usage: Option<u64>,
@@ -133,6 +187,13 @@ impl Writer {
         sealed_tx: mpsc::UnboundedSender<SealedChunk>,
     ) -> Self {
         let reserve = config.dir.join("RESERVE");
+        let max_open_files = config
+            .max_open_files
+            .unwrap_or_else(default_max_open_files)
+            .max(1);
+        crate::metrics::metrics()
+            .chunk_files_open_limit
+            .set(max_open_files as i64);
         let writer = Writer {
             config,
             chunks_dir,
@@ -140,11 +201,20 @@ impl Writer {
             registry,
             sealed_tx,
             open: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            files: BTreeMap::new(),
+            file_clock: 0,
+            max_open_files,
+            seal_budget: SEAL_BUDGET,
+            touched: Vec::new(),
+            failing: Vec::new(),
+            to_seal: VecDeque::new(),
             unsealed: Vec::new(),
             waiters: HashMap::new(),
             next_waiter: 0,
             held: Vec::new(),
             dirty: false,
+            dir_unsynced: false,
             last_sync: Instant::now(),
             full_at_usage: None,
         };
@@ -152,23 +222,32 @@ impl Writer {
         writer
     }
 
+    /// Most chunk files this writer holds open.
+    pub(super) fn max_open_files(&self) -> usize {
+        self.max_open_files
+    }
+
+    /// Sets the time one round may spend sealing.
+    #[cfg(test)]
+    pub(super) fn set_seal_budget(&mut self, budget: Duration) {
+        self.seal_budget = budget;
+    }
+
     /// True while pieces wait for disk space: take no new requests.
     pub(super) fn stalled(&self) -> bool {
         !self.held.is_empty()
     }
 
-    /// The next moment something is due: a chunk's seal, a failed seal's retry, a sync.
+    /// The next moment something is due: a chunk's seal (now, for chunks set aside or left
+    /// over by the seal budget), a failed seal's retry, a sync.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
+        let now = (!self.to_seal.is_empty() || !self.failing.is_empty()).then(Instant::now);
         let retry = (!self.unsealed.is_empty() || self.stalled())
             .then(|| Instant::now() + Duration::from_secs(1));
         let sync = (self.dirty && self.config.sync == SyncPolicy::Interval)
             .then(|| self.last_sync + self.config.sync_interval);
-        self.open
-            .values()
-            .map(|c| c.deadline)
-            .chain(retry)
-            .chain(sync)
-            .min()
+        let seal = self.deadlines.first().map(|(deadline, _)| *deadline);
+        [now, seal, retry, sync].into_iter().flatten().min()
     }
 
     fn max_records(&self) -> u64 {
@@ -178,6 +257,7 @@ impl Writer {
     /// One round: place, write, sync, answer (see the module documentation).
     pub(super) fn round(&mut self, batch: Vec<Append>, now: Instant) {
         let was_stalled = self.stalled();
+        self.set_aside_failing();
         let mut pieces = if self.room_for_held() {
             std::mem::take(&mut self.held)
         } else {
@@ -205,26 +285,39 @@ impl Writer {
         for piece in pieces {
             self.place(piece, now, &mut full);
         }
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_unstable();
+        touched.dedup();
         let mut flushed = Flushed::default();
-        for chunk in self.open.values_mut().chain(full.iter_mut()) {
-            flush(
-                chunk,
-                self.config.sync,
-                &self.registry,
-                &mut self.held,
-                &mut flushed,
-            );
+        self.flush_open(&mut touched, &mut flushed);
+        let always = self.config.sync == SyncPolicy::Always;
+        for chunk in &mut full {
+            if needs_file(chunk) {
+                self.make_room();
+            }
+            let written = write_pending(chunk, &self.registry, &mut self.held, &mut flushed);
+            if !written.is_empty() {
+                let synced = if always { chunk.writer.sync() } else { Ok(()) };
+                answer_written(chunk, written, synced, always, &mut flushed);
+            }
+            // Out of `open`, it keeps no file (see "Open files"). A failed sync here is tried
+            // again by the seal, which reopens the file for it.
+            let _ = chunk.writer.close();
         }
+        self.dir_unsynced |= flushed.created;
         self.dirty |= self.config.sync != SyncPolicy::Always
             && !(flushed.ok.is_empty() && flushed.ok_new_file.is_empty());
         if !flushed.ok_new_file.is_empty() {
             // New chunk files: their directory entries must be durable before the acks.
             match chunk::sync_dir(&self.chunks_dir) {
                 Ok(()) => {
-                    self.open
-                        .values_mut()
-                        .chain(full.iter_mut())
-                        .for_each(|c| c.new_file = false);
+                    self.dir_unsynced = false;
+                    for key in &touched {
+                        if let Some(c) = self.open.get_mut(key) {
+                            c.new_file = false;
+                        }
+                    }
+                    full.iter_mut().for_each(|c| c.new_file = false);
                     flushed.ok.append(&mut flushed.ok_new_file);
                 }
                 Err(e) => {
@@ -258,31 +351,107 @@ impl Writer {
             self.full_at_usage = None;
             self.keep_reserve();
         }
-        // Chunks that filled up, and chunks that failed, are sealed with what they hold.
-        for chunk in full {
-            self.seal_chunk(chunk, "size");
-        }
+        // Chunks that filled up, and chunks that failed, are sealed with what they hold: set
+        // aside now, sealed by `tick`. Only chunks written in this round can have changed.
+        self.to_seal.extend(full.into_iter().map(|c| (c, "size")));
         let (limit, max_records) = (self.config.chunk_limit_size, self.max_records());
-        let done: Vec<_> = self
-            .open
-            .iter()
-            .filter(|(_, c)| {
-                c.failed.is_some() || c.stats.body_bytes >= limit || c.stats.records >= max_records
-            })
-            .map(|(k, c)| {
-                (
-                    k.clone(),
-                    if c.failed.is_some() {
-                        "write error"
-                    } else {
-                        "size"
-                    },
-                )
+        for key in touched {
+            let reason = match self.open.get(&key) {
+                Some(c) if c.failed.is_some() => "write error",
+                Some(c) if c.stats.body_bytes >= limit || c.stats.records >= max_records => "size",
+                _ => continue,
+            };
+            self.set_aside(&key, reason);
+        }
+        self.set_aside_failing();
+        self.count_files();
+    }
+
+    /// Writes the pending pieces of the chunks in `touched` (chunks in `open`, each once),
+    /// opening their files within `max_open_chunk_files`. Under `sync always` the chunks
+    /// written are then synced together (see [`in_parallel`]), up to `max_open_chunk_files` at
+    /// a time so that none of them is closed, hence synced alone, before.
+    fn flush_open(&mut self, touched: &mut [ChunkKey], flushed: &mut Flushed) {
+        // Chunks whose file is open first: they need no room, and the others then close the
+        // files of chunks not written in this round before those of chunks just written.
+        touched.sort_by_key(|k| !self.open.get(k).is_some_and(|c| c.writer.is_open()));
+        let always = self.config.sync == SyncPolicy::Always;
+        let mut unsynced: Vec<(ChunkKey, Vec<u64>)> = Vec::new();
+        for key in touched.iter() {
+            let Some(chunk) = self.open.get(key) else {
+                continue;
+            };
+            if needs_file(chunk) {
+                if unsynced.len() >= self.max_open_files {
+                    self.sync_written(&mut unsynced, flushed);
+                }
+                self.make_room();
+            }
+            let chunk = self
+                .open
+                .get_mut(key)
+                .expect("making room keeps chunks open");
+            let written = write_pending(chunk, &self.registry, &mut self.held, flushed);
+            self.track_file(key);
+            if written.is_empty() {
+                continue;
+            }
+            if always {
+                unsynced.push((key.clone(), written));
+            } else {
+                answer_written(
+                    chunk_mut(&mut self.open, key),
+                    written,
+                    Ok(()),
+                    false,
+                    flushed,
+                );
+            }
+        }
+        self.sync_written(&mut unsynced, flushed);
+        debug_assert!(self.files.len() <= self.max_open_files);
+    }
+
+    /// Syncs the chunks written in this round (`sync always`), together, and sorts their
+    /// waiters into `flushed`.
+    fn sync_written(&mut self, unsynced: &mut Vec<(ChunkKey, Vec<u64>)>, flushed: &mut Flushed) {
+        let keys = unsynced.iter().map(|(key, _)| key.clone()).collect();
+        let results = self.sync_chunks(keys);
+        for ((key, written), synced) in unsynced.drain(..).zip(results) {
+            answer_written(
+                chunk_mut(&mut self.open, &key),
+                written,
+                synced,
+                true,
+                flushed,
+            );
+        }
+    }
+
+    /// Syncs the open chunks of `keys` (each once) together; returns the results in order.
+    fn sync_chunks(&mut self, keys: Vec<ChunkKey>) -> Vec<io::Result<()>> {
+        // Out of the map for the time of the syncs, so that each thread has its own chunks.
+        let mut chunks: Vec<(ChunkKey, Option<OpenChunk>, io::Result<()>)> = keys
+            .into_iter()
+            .map(|key| {
+                let chunk = self.open.remove(&key);
+                (key, chunk, Ok(()))
             })
             .collect();
-        for (key, reason) in done {
-            self.seal_key(&key, reason);
-        }
+        in_parallel(&mut chunks, |(_, chunk, result)| {
+            if let Some(chunk) = chunk {
+                *result = chunk.writer.sync();
+            }
+        });
+        chunks
+            .into_iter()
+            .map(|(key, chunk, result)| {
+                if let Some(chunk) = chunk {
+                    self.open.insert(key, chunk);
+                }
+                result
+            })
+            .collect()
     }
 
     /// Places a piece in the open chunk of its tag and timekey, splitting it where chunks fill.
@@ -290,21 +459,15 @@ impl Writer {
         let (limit_bytes, limit_records) = (self.config.chunk_limit_size, self.max_records());
         loop {
             let key = (piece.tag.clone(), piece.group.timekey);
-            let chunk = match self.open_chunk(&key, now) {
-                Ok(c) => c,
-                Err(e) if is_disk_full(&e) => {
-                    self.held.push(piece);
-                    return;
-                }
-                Err(e) => {
-                    error!(tag = %key.0, timekey = key.1, cause = %e, "cannot create a chunk file; the request is not acknowledged");
-                    if let Some(w) = self.waiters.get_mut(&piece.waiter) {
-                        w.failed.get_or_insert(e.to_string());
-                    }
-                    self.piece_done(piece.waiter);
-                    return;
-                }
-            };
+            if !self.open.contains_key(&key) {
+                let chunk = self.new_chunk(&key, now);
+                self.deadlines.insert((chunk.deadline, key.clone()));
+                self.open.insert(key.clone(), chunk);
+            }
+            let chunk = self.open.get_mut(&key).expect("just inserted");
+            if chunk.pending.is_empty() {
+                self.touched.push(key.clone());
+            }
             let held_bytes = chunk.stats.body_bytes + chunk.pending_stats.body_bytes;
             let held_records = chunk.stats.records + chunk.pending_stats.records;
             let room_bytes = limit_bytes.saturating_sub(held_bytes);
@@ -318,8 +481,13 @@ impl Writer {
             if held_records > 0
                 && (room_bytes == 0 || room_records == 0 || !fits_first_entry(g, room_bytes))
             {
-                // Full: set it aside for sealing and go round again with a fresh chunk.
-                full.push(self.open.remove(&key).expect("the chunk is open"));
+                // Full: set it aside for sealing and go round again with a fresh chunk. It
+                // leaves `open`, so it gives up its file; a write of this round reopens it.
+                let mut chunk = self.take_open(&key).expect("the chunk is open");
+                if let Err(e) = chunk.writer.close() {
+                    chunk.failed.get_or_insert_with(|| format!("fsync: {e}"));
+                }
+                full.push(chunk);
                 continue;
             }
             let front = piece
@@ -337,6 +505,98 @@ impl Writer {
                 w.outstanding += 1;
             }
         }
+    }
+
+    /// Takes a chunk out of `open` (and of the deadlines and open files that index it). Its
+    /// file may still be open: the caller seals it or closes it at once.
+    fn take_open(&mut self, key: &ChunkKey) -> Option<OpenChunk> {
+        let mut chunk = self.open.remove(key)?;
+        self.deadlines.remove(&(chunk.deadline, key.clone()));
+        if let Some(tick) = chunk.file_tick.take() {
+            self.files.remove(&tick);
+        }
+        Some(chunk)
+    }
+
+    /// Takes a chunk out of `open`, closes its file and queues it for sealing.
+    fn set_aside(&mut self, key: &ChunkKey, reason: &'static str) {
+        if let Some(mut chunk) = self.take_open(key) {
+            // A failed sync is tried again by the seal.
+            let _ = chunk.writer.close();
+            self.to_seal.push_back((chunk, reason));
+        }
+    }
+
+    /// Sets aside the chunks that failed outside a round's writes.
+    fn set_aside_failing(&mut self) {
+        for key in std::mem::take(&mut self.failing) {
+            if self.open.get(&key).is_some_and(|c| c.failed.is_some()) {
+                self.set_aside(&key, "write error");
+            }
+        }
+    }
+
+    /// Records that the chunk of `key` was just written: its file, if open, becomes the most
+    /// recently written.
+    fn track_file(&mut self, key: &ChunkKey) {
+        let Some(chunk) = self.open.get_mut(key) else {
+            return;
+        };
+        if let Some(tick) = chunk.file_tick.take() {
+            self.files.remove(&tick);
+        }
+        if chunk.writer.is_open() {
+            self.file_clock += 1;
+            chunk.file_tick = Some(self.file_clock);
+            self.files.insert(self.file_clock, key.clone());
+        }
+    }
+
+    /// Closes the files of the least recently written open chunks until one more file may be
+    /// opened within `max_open_chunk_files`. The chunks stay open: their next write reopens
+    /// their file. A file holding writes not yet synced is synced first; if that fails, the
+    /// chunk takes no more events and is sealed as it stands, as after any failed sync.
+    fn make_room(&mut self) {
+        while self.files.len() >= self.max_open_files {
+            let Some((_, key)) = self.files.pop_first() else {
+                return;
+            };
+            let Some(chunk) = self.open.get_mut(&key) else {
+                continue;
+            };
+            chunk.file_tick = None;
+            crate::metrics::metrics().chunk_file_evictions.inc();
+            if let Err(e) = chunk.writer.close() {
+                error!(chunk_id = %chunk.header.chunk_id, cause = %e,
+                       "cannot sync a chunk file before closing it; the chunk is sealed as it stands");
+                chunk.failed.get_or_insert_with(|| format!("fsync: {e}"));
+                self.failing.push(key);
+            }
+        }
+    }
+
+    /// Publishes the number of open chunk files. In debug builds (the tests), first checks
+    /// that `files` is exactly the open chunks with an open file, within the bound, and that
+    /// chunks out of `open` hold none (they open one only once room is made for it).
+    fn count_files(&self) {
+        #[cfg(debug_assertions)]
+        {
+            let open = self.open.values().filter(|c| c.writer.is_open());
+            assert_eq!(
+                open.count(),
+                self.files.len(),
+                "files indexes the open files"
+            );
+            for (tick, key) in &self.files {
+                assert_eq!(self.open[key].file_tick, Some(*tick));
+            }
+            assert!(self.files.len() <= self.max_open_files);
+            let aside = self.to_seal.iter().map(|(c, _)| c).chain(&self.unsealed);
+            assert!(aside.into_iter().all(|c| !c.writer.is_open()));
+        }
+        crate::metrics::metrics()
+            .chunk_files_open
+            .set(self.files.len() as i64);
     }
 
     fn piece_done(&mut self, waiter: u64) {
@@ -364,50 +624,76 @@ impl Writer {
         }
     }
 
-    /// Seals chunks whose time is up, retries failed seals, and syncs on the interval.
+    /// Seals chunks set aside and chunks whose time is up, within the seal budget, retries
+    /// failed seals, and syncs on the interval.
     pub(super) fn tick(&mut self, now: Instant) {
-        let due: Vec<_> = self
-            .open
-            .iter()
-            .filter(|(_, c)| c.deadline <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in due {
-            self.seal_key(&key, "time");
-        }
-        self.retry_unsealed();
+        self.set_aside_failing();
+        let mut retries = std::mem::take(&mut self.unsealed).into_iter();
+        self.seal_some(Some(self.seal_budget), |w| {
+            w.to_seal
+                .pop_front()
+                .or_else(|| w.next_due(now))
+                .or_else(|| retries.next().map(|c| (c, "retry")))
+        });
+        self.unsealed.extend(retries);
         if self.dirty
             && self.config.sync == SyncPolicy::Interval
             && now >= self.last_sync + self.config.sync_interval
         {
             self.sync_all(now);
         }
+        self.count_files();
     }
 
-    /// Fsyncs every open chunk written since the last sync, and the directory.
-    fn sync_all(&mut self, now: Instant) {
-        let mut new_files = false;
-        for chunk in self.open.values_mut().filter(|c| c.dirty) {
-            match chunk.writer.sync() {
-                Ok(()) => chunk.dirty = false,
-                Err(e) => chunk.failed = Some(format!("fsync: {e}")),
+    /// Takes out the open chunk with the earliest deadline if its time is up at `now`.
+    fn next_due(&mut self, now: Instant) -> Option<(OpenChunk, &'static str)> {
+        while self.deadlines.first()?.0 <= now {
+            let (_, key) = self.deadlines.pop_first()?;
+            if let Some(chunk) = self.take_open(&key) {
+                return Some((chunk, "time"));
             }
-            new_files |= chunk.new_file;
         }
-        if new_files && chunk::sync_dir(&self.chunks_dir).is_ok() {
-            self.open.values_mut().for_each(|c| c.new_file = false);
+        None
+    }
+
+    /// Fsyncs every open chunk written since the last sync, and the directory. Only chunks
+    /// with an open file can hold unsynced writes: a file is synced before it is closed.
+    fn sync_all(&mut self, now: Instant) {
+        let keys: Vec<ChunkKey> = self
+            .files
+            .values()
+            .filter(|key| self.open.get(*key).is_some_and(|c| c.writer.is_unsynced()))
+            .cloned()
+            .collect();
+        let results = self.sync_chunks(keys.clone());
+        for (key, synced) in keys.into_iter().zip(results) {
+            if let Err(e) = synced {
+                error!(tag = %key.0, cause = %e, "chunk fsync failed; the chunk is sealed as it stands");
+                chunk_mut(&mut self.open, &key).failed = Some(format!("fsync: {e}"));
+                self.failing.push(key);
+            }
+        }
+        if self.dir_unsynced && chunk::sync_dir(&self.chunks_dir).is_ok() {
+            self.dir_unsynced = false;
         }
         self.dirty = false;
         self.last_sync = now;
     }
 
-    /// Seals every open chunk (shutdown, or to let delivery free space).
+    /// Seals every open chunk, and every chunk set aside (shutdown, or to let delivery free
+    /// space), whatever the time it takes.
     pub(super) fn seal_all(&mut self, reason: &'static str) {
-        let keys: Vec<_> = self.open.keys().cloned().collect();
-        for key in keys {
-            self.seal_key(&key, reason);
-        }
+        let mut keys = self.open.keys().cloned().collect::<Vec<_>>().into_iter();
+        self.seal_some(None, |w| {
+            if let Some(c) = w.to_seal.pop_front() {
+                return Some(c);
+            }
+            keys.by_ref()
+                .find_map(|k| w.take_open(&k))
+                .map(|c| (c, reason))
+        });
         self.retry_unsealed();
+        self.count_files();
     }
 
     /// Stops for good: seals everything; requests still held for space get no ack.
@@ -461,20 +747,12 @@ impl Writer {
     }
 
     fn retry_unsealed(&mut self) {
-        for chunk in std::mem::take(&mut self.unsealed) {
-            self.seal_chunk(chunk, "retry");
-        }
+        let mut retries = std::mem::take(&mut self.unsealed).into_iter();
+        self.seal_some(None, |_| retries.next().map(|c| (c, "retry")));
     }
 
-    fn open_chunk(&mut self, key: &ChunkKey, now: Instant) -> io::Result<&mut OpenChunk> {
-        if !self.open.contains_key(key) {
-            let chunk = self.create_chunk(key, now)?;
-            self.open.insert(key.clone(), chunk);
-        }
-        Ok(self.open.get_mut(key).expect("just inserted"))
-    }
-
-    fn create_chunk(&self, key: &ChunkKey, now: Instant) -> io::Result<OpenChunk> {
+    /// A new open chunk for `key`. Its data file is created by its first write.
+    fn new_chunk(&self, key: &ChunkKey, now: Instant) -> OpenChunk {
         let chunk_id = uuid::Uuid::now_v7().simple().to_string();
         let created_ms = unix_ms();
         let header = ChunkHeader {
@@ -484,7 +762,7 @@ impl Writer {
             created_ms,
         };
         let paths = ChunkPaths::new(&self.chunks_dir, &header.chunk_id);
-        let writer = ChunkWriter::create(&paths.data, &header)?;
+        let writer = ChunkWriter::new(&paths.data, &header);
         self.registry.insert(ChunkInfo {
             chunk_id: header.chunk_id.clone(),
             tag: header.tag.clone(),
@@ -492,24 +770,24 @@ impl Writer {
             phase: Phase::Open,
             created_ms,
             records: 0,
-            bytes: writer.valid_len(),
+            bytes: 0,
             attempts: 0,
             last_error: None,
             next_retry_ms: None,
         });
         debug!(chunk_id = %header.chunk_id, tag = %header.tag, timekey = header.timekey, "chunk created");
-        Ok(OpenChunk {
+        OpenChunk {
             deadline: self.deadline(now, created_ms, key.1),
             header,
             paths,
             writer,
             stats: ChunkStats::default(),
             new_file: true,
-            dirty: false,
+            file_tick: None,
             pending: Vec::new(),
             pending_stats: ChunkStats::default(),
             failed: None,
-        })
+        }
     }
 
     /// When a chunk created now must be sealed: `flush_interval` after creation, or once its
@@ -530,122 +808,224 @@ impl Writer {
         flush.min(timekey_due).max(min_age)
     }
 
-    fn seal_key(&mut self, key: &ChunkKey, reason: &'static str) {
-        if let Some(chunk) = self.open.remove(key) {
-            self.seal_chunk(chunk, reason);
-        }
-    }
-
-    /// Makes a chunk immutable: sync its data, write the sealed state, hand it to the
-    /// uploader. An empty chunk is just removed.
-    fn seal_chunk(&mut self, chunk: OpenChunk, reason: &'static str) {
-        let OpenChunk {
-            header,
-            paths,
-            writer,
-            stats,
-            ..
-        } = &chunk;
-        if stats.records == 0 {
-            if let Err(e) = paths.remove() {
-                warn!(chunk_id = %header.chunk_id, cause = %e, "cannot remove an empty chunk");
-            }
-            self.registry.remove(&header.chunk_id);
-            return;
-        }
-        let stats = ChunkStats {
-            data_len: writer.valid_len(),
-            ..*stats
-        };
-        let state = ChunkState::Sealed {
-            header: header.clone(),
-            stats,
-        };
-        match writer
-            .sync()
-            .and_then(|()| chunk::write_state(&paths.state, &state))
-        {
-            Ok(()) => {
-                info!(chunk_id = %header.chunk_id, tag = %header.tag, timekey = header.timekey,
-                      events = stats.records, bytes = stats.body_bytes, reason, "chunk sealed");
-                crate::metrics::metrics().sealed(reason);
-                self.registry.set_phase(&header.chunk_id, Phase::Sealed);
-                let sealed = SealedChunk {
-                    header: header.clone(),
-                    stats,
-                    paths: paths.clone(),
+    /// Seals the chunks `next` gives (taken out of `open` or set aside) until it gives no
+    /// more or, with a `budget`, that much time has passed (at least one chunk is sealed).
+    /// Sealing makes a chunk immutable: its data synced, the sealed state written, and once
+    /// the directory is fsynced (once for all of them) the chunk goes to the uploader. An
+    /// empty chunk is just removed. A chunk whose seal fails is retried in later rounds.
+    fn seal_some(
+        &mut self,
+        budget: Option<Duration>,
+        mut next: impl FnMut(&mut Self) -> Option<(OpenChunk, &'static str)>,
+    ) {
+        let started = std::time::Instant::now();
+        let mut staged: Vec<(OpenChunk, &'static str, ChunkStats)> = Vec::new();
+        let mut tried = false;
+        while !(tried && budget.is_some_and(|b| started.elapsed() >= b)) {
+            // A batch at a time, its syncs together.
+            let mut batch = Vec::with_capacity(SYNC_THREADS);
+            while batch.len() < SYNC_THREADS {
+                let Some((chunk, reason)) = next(self) else {
+                    break;
                 };
-                if self.sealed_tx.send(sealed).is_err() {
-                    debug!(chunk_id = %header.chunk_id, "the uploader is gone; the chunk stays for the next start");
+                if chunk.stats.records == 0 {
+                    if let Err(e) = chunk.paths.remove() {
+                        warn!(chunk_id = %chunk.header.chunk_id, cause = %e, "cannot remove an empty chunk");
+                    }
+                    self.registry.remove(&chunk.header.chunk_id);
+                    continue;
+                }
+                let stats = ChunkStats {
+                    data_len: chunk.writer.valid_len(),
+                    ..chunk.stats
+                };
+                batch.push((chunk, reason, stats, Ok(())));
+            }
+            if batch.is_empty() {
+                break;
+            }
+            tried = true;
+            in_parallel(&mut batch, |(chunk, _, stats, result)| {
+                let state = ChunkState::Sealed {
+                    header: chunk.header.clone(),
+                    stats: *stats,
+                };
+                *result = chunk
+                    .writer
+                    .sync()
+                    .and_then(|()| chunk::put_state(&chunk.paths.state, &state));
+                // Synced (or failed): nothing is lost by closing it; a retry reopens it.
+                let _ = chunk.writer.close();
+            });
+            for (chunk, reason, stats, result) in batch {
+                match result {
+                    Ok(()) => staged.push((chunk, reason, stats)),
+                    Err(e) => {
+                        error!(chunk_id = %chunk.header.chunk_id, cause = %e, "cannot seal a chunk; will retry");
+                        self.unsealed.push(chunk);
+                    }
                 }
             }
-            Err(e) => {
-                error!(chunk_id = %header.chunk_id, cause = %e, "cannot seal a chunk; will retry");
-                self.unsealed.push(chunk);
+        }
+        if staged.is_empty() {
+            return;
+        }
+        if let Err(e) = chunk::sync_dir(&self.chunks_dir) {
+            error!(chunks = staged.len(), cause = %e, "cannot seal chunks (directory fsync); will retry");
+            self.unsealed
+                .extend(staged.into_iter().map(|(chunk, _, _)| chunk));
+            return;
+        }
+        self.dir_unsynced = false;
+        for (chunk, reason, stats) in staged {
+            let OpenChunk { header, paths, .. } = chunk;
+            info!(chunk_id = %header.chunk_id, tag = %header.tag, timekey = header.timekey,
+                  events = stats.records, bytes = stats.body_bytes, reason, "chunk sealed");
+            crate::metrics::metrics().sealed(reason);
+            self.registry.set_phase(&header.chunk_id, Phase::Sealed);
+            let chunk_id = header.chunk_id.clone();
+            let sealed = SealedChunk {
+                header,
+                stats,
+                paths,
+            };
+            if self.sealed_tx.send(sealed).is_err() {
+                debug!(%chunk_id, "the uploader is gone; the chunk stays for the next start");
             }
         }
     }
 }
 
-/// Writes a chunk's pending pieces as one frame and, under `sync always`, fsyncs it.
-fn flush(
+/// Whether writing a chunk's pending pieces needs its file opened.
+fn needs_file(chunk: &OpenChunk) -> bool {
+    !chunk.pending.is_empty() && chunk.failed.is_none() && !chunk.writer.is_open()
+}
+
+/// The open chunk of `key`, which the caller knows is there.
+fn chunk_mut<'a>(open: &'a mut HashMap<ChunkKey, OpenChunk>, key: &ChunkKey) -> &'a mut OpenChunk {
+    open.get_mut(key).expect("the chunk is open")
+}
+
+/// Most threads that sync files at once, and most chunks sealed in one batch.
+pub(super) const SYNC_THREADS: usize = 8;
+
+/// Runs `f` on every item, on up to [`SYNC_THREADS`] threads (the calling one among them).
+/// The items are files to fsync: fsyncs of different files proceed together, and the file
+/// system commits them together (one journal commit for many, on ext4 and XFS), so a round
+/// that wrote many chunks, or a batch of seals, costs little more than one fsync. Each thread
+/// takes the next item until none is left; if no thread can be started, the calling thread
+/// does it all.
+fn in_parallel<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
+    if items.len() < 2 {
+        items.iter_mut().for_each(f);
+        return;
+    }
+    let helpers = items.len().min(SYNC_THREADS) - 1;
+    let items: Vec<std::sync::Mutex<&mut T>> =
+        items.iter_mut().map(std::sync::Mutex::new).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        while let Some(item) = items.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+            f(&mut item.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..helpers {
+            if let Err(e) = std::thread::Builder::new().spawn_scoped(scope, work) {
+                warn!(cause = %e, "cannot start a sync thread; syncing on fewer");
+                break;
+            }
+        }
+        work();
+    });
+}
+
+/// Writes a chunk's pending pieces as one frame, creating or reopening its file first.
+/// Returns the waiters of the pieces written: they are answered with the sync that follows
+/// (under `sync always`) or at once. Pieces that could not be written fail their waiters, or
+/// are held when the disk is full.
+fn write_pending(
     chunk: &mut OpenChunk,
-    sync: SyncPolicy,
     registry: &Registry,
     held: &mut Vec<Piece>,
     out: &mut Flushed,
-) {
+) -> Vec<u64> {
     if chunk.pending.is_empty() {
-        return;
+        return Vec::new();
     }
     let pieces = std::mem::take(&mut chunk.pending);
     let stats = std::mem::take(&mut chunk.pending_stats);
     if let Some(reason) = &chunk.failed {
         out.failed
             .extend(pieces.iter().map(|p| (p.waiter, reason.clone())));
-        return;
+        return Vec::new();
     }
     let slices: Vec<Bytes> = pieces
         .iter()
         .flat_map(|p| p.group.slices.iter().cloned())
         .collect();
     let before = chunk.writer.valid_len();
-    let written = chunk.writer.append(&slices).and_then(|()| match sync {
-        SyncPolicy::Always => chunk.writer.sync(),
-        _ => Ok(()),
-    });
+    let opened = chunk.writer.open();
+    // Where this frame starts: after the header when the file was just created.
+    let frame_at = chunk.writer.valid_len();
+    out.created |= before == 0 && frame_at > 0;
+    let written = opened.and_then(|()| chunk.writer.append(&slices));
+    let grown = (chunk.writer.valid_len() - before) as i64;
     match written {
         Ok(()) => {
+            // In the file, so in the chunk, whether or not a sync then fails.
             chunk.stats.add(
                 stats.records,
                 stats.body_bytes,
                 stats.first_time,
                 stats.last_time,
             );
-            chunk.dirty = sync != SyncPolicy::Always;
-            registry.grow(
-                &chunk.header.chunk_id,
-                (chunk.writer.valid_len() - before) as i64,
-                stats.records,
-            );
-            let ok = if chunk.new_file && sync == SyncPolicy::Always {
-                &mut out.ok_new_file
-            } else {
-                &mut out.ok
-            };
-            ok.extend(pieces.iter().map(|p| p.waiter));
+            registry.grow(&chunk.header.chunk_id, grown, stats.records);
+            pieces.iter().map(|p| p.waiter).collect()
         }
-        Err(e) if is_disk_full(&e) && chunk.writer.valid_len() == before => {
+        Err(e) if is_disk_full(&e) && chunk.writer.valid_len() == frame_at => {
             // Cut back to its last whole frame: hold the pieces and try again later.
+            if grown != 0 {
+                registry.grow(&chunk.header.chunk_id, grown, 0);
+            }
             held.extend(pieces);
+            Vec::new()
         }
         Err(e) => {
+            if grown != 0 {
+                registry.grow(&chunk.header.chunk_id, grown, 0);
+            }
             let reason = format!("{e}");
             error!(chunk_id = %chunk.header.chunk_id, tag = %chunk.header.tag, %reason,
                    "chunk write failed; its requests are not acknowledged");
             chunk.failed = Some(reason.clone());
             out.failed
                 .extend(pieces.iter().map(|p| (p.waiter, reason.clone())));
+            Vec::new()
+        }
+    }
+}
+
+/// Sorts the waiters of pieces written to `chunk` by how the sync after the write went (`Ok`
+/// when the policy did not sync). Under `sync always`, a new file's waiters also wait for the
+/// directory fsync.
+fn answer_written(
+    chunk: &mut OpenChunk,
+    waiters: Vec<u64>,
+    synced: io::Result<()>,
+    always: bool,
+    out: &mut Flushed,
+) {
+    match synced {
+        Ok(()) if always && chunk.new_file => out.ok_new_file.extend(waiters),
+        Ok(()) => out.ok.extend(waiters),
+        Err(e) => {
+            let reason = format!("fsync: {e}");
+            error!(chunk_id = %chunk.header.chunk_id, tag = %chunk.header.tag, %reason,
+                   "chunk fsync failed; its requests are not acknowledged");
+            chunk.failed = Some(reason.clone());
+            out.failed
+                .extend(waiters.into_iter().map(|w| (w, reason.clone())));
         }
     }
 }

@@ -137,7 +137,13 @@ async fn send(stream: &mut TcpStream, tag: &str, ids: &[u64], token: &str) -> st
         ("chunk".into(), token.into()),
     ]);
     rmpv::encode::write_value(&mut req, &option).unwrap();
-    stream.write_all(&req).await?;
+    request(stream, &req, token).await
+}
+
+/// Sends one forward request whose `chunk` option is `token`, then waits for its ack (within
+/// 60 s).
+pub async fn request(stream: &mut TcpStream, req: &[u8], token: &str) -> std::io::Result<()> {
+    stream.write_all(req).await?;
     let mut buf = Vec::new();
     let mut scanner = ValueScanner::default();
     let read = async {
