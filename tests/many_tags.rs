@@ -3,18 +3,18 @@
 //! half the open files limit) and must not stall senders when thousands of chunks fall due at
 //! once (seals are spread over the writer's rounds).
 //!
-//! The sidecar runs under a low open files limit (`prlimit`), S3 answering only after 5 s, so
-//! that chunks stay in the buffer. Senders send one event to each of thousands of tags, all in
+//! The sidecar runs under a low open files limit (`prlimit`), Kinesis answering only after 5 s,
+//! so that chunks stay in the buffer (these one-event chunks go inline: S3 is not called). Senders send one event to each of thousands of tags, all in
 //! one timekey window that closes 5 s after they start: every chunk created by then (far more
 //! than the bound) falls due at the same moment, the rest being sealed as they come; a probe
 //! sender keeps sending to one tag throughout. Every event must be acked with no request
 //! refused, the descriptors must stay within the bound, the probe's acks must stay quick, and
-//! once S3 answers promptly every event must arrive exactly once.
+//! once Kinesis answers promptly every event must arrive exactly once.
 //!
 //! `CLAIMCHECK_MANY_TAGS` (default 1,500), `CLAIMCHECK_MANY_TAGS_NOFILE` (default 512) and
 //! `CLAIMCHECK_MANY_TAGS_WINDOW` (seconds until the window closes, default 5) size the run, and
-//! `CLAIMCHECK_BIN` names another sidecar binary (a release build) to run. Each chunk is one S3
-//! PUT to the emulator, which bounds what CI can afford; `docs/reliability.md` has a run with
+//! `CLAIMCHECK_BIN` names another sidecar binary (a release build) to run. Each chunk is one
+//! Kinesis record and two state files, which bounds what CI can afford; `docs/reliability.md` has a run with
 //! 100,000 tags under a limit of 4,096.
 
 mod common;
@@ -165,7 +165,7 @@ async fn many_tags_under_a_low_open_files_limit_are_acked_and_delivered_without_
     let window = env_usize("CLAIMCHECK_MANY_TAGS_WINDOW", 5) as i64;
     let env = Emulated::start("many-tags").await;
     let proxies = env.proxies().await;
-    proxies.s3.set(Fault::Slow(Duration::from_secs(5)));
+    proxies.kinesis.set(Fault::Slow(Duration::from_secs(5)));
     let admin = free_port();
     let metrics_listen = format!("127.0.0.1:{admin}");
     let args = [
@@ -285,7 +285,7 @@ async fn many_tags_under_a_low_open_files_limit_are_acked_and_delivered_without_
     );
 
     // Delivery: every event exactly once.
-    proxies.s3.set(Fault::None);
+    proxies.kinesis.set(Fault::None);
     expected.extend(probed);
     let restored = Instant::now();
     let chunks = env
@@ -300,7 +300,7 @@ async fn many_tags_under_a_low_open_files_limit_are_acked_and_delivered_without_
     let log = sidecar.log_text();
     assert!(!log.contains("panicked"), "{log}");
     println!(
-        "{} events delivered in {} chunks, read back {:?} after S3 answered promptly again",
+        "{} events delivered in {} chunks, read back {:?} after Kinesis answered promptly again",
         expected.len(),
         chunks.len(),
         restored.elapsed()
