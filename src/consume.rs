@@ -261,13 +261,7 @@ mod tests {
         let json = r#"{"v":1,"chunk_id":"0193a1c2e4f87d3e9a5b6c7d8e9f0a1b","bucket":"b","key":"k","tag":"t","timekey":1,"first_time":1.5,"last_time":1.5,"records":1,"bytes":1,"stored_bytes":1,"format":"msgpack","compression":"none","checksum":{"crc32c":"00000000"},"producer":"p","created_at":"c"}"#;
         let p = parse_pointer_line(json).unwrap();
         assert_eq!(p.key, "k");
-        let inline = Pointer {
-            v: Pointer::INLINE_VERSION,
-            bucket: String::new(),
-            key: String::new(),
-            inline: Some(bytes::Bytes::from_static(b"\xc0")),
-            ..p.clone()
-        };
+        let inline = p.clone().into_inline(bytes::Bytes::from_static(b"\xc0"));
         let b64 = base64::engine::general_purpose::STANDARD.encode(inline.to_record());
         assert_eq!(parse_pointer_line(&b64).unwrap(), inline);
         let b64_v1 = base64::engine::general_purpose::STANDARD.encode(json);

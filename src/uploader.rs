@@ -374,13 +374,7 @@ fn inline_pointer(config: &UploaderConfig, pointer: Pointer, body: &Bytes) -> Op
     if body.len() as u64 >= config.inline_max_bytes {
         return None;
     }
-    let inline = Pointer {
-        v: Pointer::INLINE_VERSION,
-        bucket: String::new(),
-        key: String::new(),
-        inline: Some(body.clone()),
-        ..pointer
-    };
+    let inline = pointer.into_inline(body.clone());
     let record_len = inline.to_json().len() as u64 + 1 + body.len() as u64;
     (record_len <= config.inline_max_bytes).then_some(inline)
 }

@@ -370,14 +370,7 @@ mod tests {
                 0 => p.to_record(),
                 _ => {
                     let body = bucket.take(&p.key).expect("stored");
-                    Pointer {
-                        v: Pointer::INLINE_VERSION,
-                        bucket: String::new(),
-                        key: String::new(),
-                        inline: Some(body.into()),
-                        ..p.clone()
-                    }
-                    .to_record()
+                    p.clone().into_inline(body.into()).to_record()
                 }
             })
             .collect();

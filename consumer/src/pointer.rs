@@ -165,6 +165,18 @@ impl Pointer {
         serde_json::to_vec(self).expect("a pointer always serializes")
     }
 
+    /// This pointer with `body` carried inline (version 2, without bucket and key). The
+    /// checksum and sizes are kept: they describe the stored body, in S3 or inline alike.
+    pub fn into_inline(self, body: Bytes) -> Pointer {
+        Pointer {
+            v: Self::INLINE_VERSION,
+            bucket: String::new(),
+            key: String::new(),
+            inline: Some(body),
+            ..self
+        }
+    }
+
     /// Whether the body rides in the record rather than in S3.
     pub fn is_inline(&self) -> bool {
         self.inline.is_some()
@@ -267,16 +279,13 @@ mod tests {
     fn inline_sample() -> Pointer {
         let body = Bytes::from_static(b"\x28\xb5\x2f\xfd\nbody with a newline\n");
         Pointer {
-            v: Pointer::INLINE_VERSION,
-            bucket: String::new(),
-            key: String::new(),
             stored_bytes: body.len() as u64,
             checksum: Checksum {
                 crc32c: crc32c::crc32c(&body),
             },
-            inline: Some(body),
             ..sample()
         }
+        .into_inline(body)
     }
 
     #[test]

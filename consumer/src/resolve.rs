@@ -552,13 +552,7 @@ mod tests {
 
     /// The same chunk as an inline pointer: its stored bytes in the record, no object.
     fn inlined(p: &Pointer, bytes: Vec<u8>) -> Pointer {
-        Pointer {
-            v: Pointer::INLINE_VERSION,
-            bucket: String::new(),
-            key: String::new(),
-            inline: Some(bytes.into()),
-            ..p.clone()
-        }
+        p.clone().into_inline(bytes.into())
     }
 
     #[tokio::test]

@@ -314,13 +314,7 @@ fn write_vectors() {
             expect: expect.into(),
         });
     };
-    let inlined = |p: &Pointer, stored: &[u8]| Pointer {
-        v: Pointer::INLINE_VERSION,
-        bucket: String::new(),
-        key: String::new(),
-        inline: Some(stored.to_vec().into()),
-        ..p.clone()
-    };
+    let inlined = |p: &Pointer, stored: &[u8]| p.clone().into_inline(stored.to_vec().into());
     let msgpack_zstd = inlined(&p, &stored);
     inline(
         "inline-msgpack-zstd",

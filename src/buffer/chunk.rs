@@ -746,13 +746,7 @@ mod tests {
         );
 
         // An inline pointer keeps its body, byte for byte, in the state file.
-        let inline = Pointer {
-            v: Pointer::INLINE_VERSION,
-            bucket: String::new(),
-            key: String::new(),
-            inline: Some(Bytes::from_static(b"\x00\n\xffbody")),
-            ..pointer
-        };
+        let inline = pointer.into_inline(Bytes::from_static(b"\x00\n\xffbody"));
         let state = ChunkState::uploaded(header(), ChunkStats::default(), inline.clone(), None);
         write_state(&path, &state).unwrap();
         assert_eq!(read_state(&path).unwrap().into_pointer(), Some(inline));

@@ -274,13 +274,7 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
     )
     .unwrap();
     // An inline one: its body stays in the state file until the publisher reads it.
-    let pointer = claimcheck_consumer::Pointer {
-        v: claimcheck_consumer::Pointer::INLINE_VERSION,
-        bucket: String::new(),
-        key: String::new(),
-        inline: Some(Bytes::from_static(b"\x01")),
-        ..pointer
-    };
+    let pointer = pointer.into_inline(Bytes::from_static(b"\x01"));
     let state = ChunkState::uploaded(header(&"5".repeat(32)), stats, pointer.clone(), None);
     chunk::write_state(&uploaded_paths.state, &state).unwrap();
 

@@ -247,16 +247,13 @@ fn uploaded_inline(dir: &std::path::Path, registry: &Registry, n: usize) -> Uplo
     let mut chunk = uploaded(dir, registry, n);
     let body = Bytes::from(format!("body {n}\nwith a newline").into_bytes());
     chunk.pointer = Pointer {
-        v: Pointer::INLINE_VERSION,
-        bucket: String::new(),
-        key: String::new(),
         stored_bytes: body.len() as u64,
         checksum: Checksum {
             crc32c: crc32c::crc32c(&body),
         },
-        inline: Some(body),
         ..chunk.pointer
-    };
+    }
+    .into_inline(body);
     let state = chunk::ChunkState::uploaded(
         chunk.header.clone(),
         Default::default(),
