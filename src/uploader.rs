@@ -222,10 +222,12 @@ pub async fn run<S: ChunkStore>(
                 let result = upload(&*store, &config, &job.chunk).await;
                 drop(permit);
                 match result {
-                    Ok(uploaded) => {
+                    Ok(mut uploaded) => {
                         registry.set_phase(&id, Phase::Uploaded);
-                        if let Some(body) = &uploaded.pointer.inline {
+                        if let Some(body) = uploaded.pointer.inline.take() {
                             // The state file now holds the body too (base64), until published.
+                            // The publisher reads it from there when it sends the record, so
+                            // that chunks queued behind a slow Kinesis hold no bodies in memory.
                             registry.grow(&id, (body.len().div_ceil(3) * 4) as i64, 0);
                         }
                         registry.outage(Stage::Upload).succeeded(1);

@@ -7,8 +7,9 @@
 //!    Pieces held back by a full disk in an earlier round go first.
 //! 2. Pieces are placed in the open chunk of their (tag, timekey), split where a chunk fills up
 //!    (`chunk_limit_size`, `chunk_limit_records`); a full chunk is set aside for sealing.
-//! 3. Each chunk's pieces of the round are written as one frame. Under `sync always` each
-//!    written chunk is then fsynced, and the directory too when a chunk file is new.
+//! 3. Each chunk's pieces of the round are written as one frame. Under `sync always` the
+//!    written chunks are then fsynced, together (see [`in_parallel`]), and the directory too
+//!    when a chunk file is new.
 //! 4. A waiter whose pieces are all written (and synced, under `always`) is answered Ok, and
 //!    its connection sends the ack. A piece whose write or sync failed fails its waiter (no
 //!    ack; the sender resends), except that a write refused for lack of space is *held* and
@@ -34,9 +35,10 @@
 //! # Seals
 //!
 //! Chunks whose time is up, and those set aside full or failed, are sealed after the round's
-//! acks, for at most [`SEAL_BUDGET`] per round (at least one chunk): when thousands fall due
-//! at once, the rest wait for the next rounds, which come at once, so that appends keep being
-//! served in between. The chunks sealed in one round share one directory fsync.
+//! acks, a batch at a time with their syncs together, for at most [`SEAL_BUDGET`] per round
+//! (at least one batch): when thousands fall due at once, the rest wait for the next rounds,
+//! which come at once, so that appends keep being served in between. The chunks sealed in one
+//! round share one directory fsync, after which they go to the uploader.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;

@@ -344,7 +344,18 @@ async fn a_small_body_goes_inline_with_the_bytes_and_checksum_the_object_would_h
         .await
         .expect("uploaded");
     assert!(store.stored.lock().unwrap().is_empty(), "no object stored");
-    let p = &uploaded.pointer;
+    // The body is in the state file, which keeps it until Kinesis accepted the record; the
+    // chunk handed to the publisher does not hold it (the publisher reads it from there).
+    assert!(uploaded.body_on_disk());
+    let state = chunk::read_state(&chunk.paths.state).unwrap();
+    let p = &state.into_pointer().expect("an uploaded state");
+    assert_eq!(
+        Pointer {
+            inline: None,
+            ..p.clone()
+        },
+        uploaded.pointer
+    );
     assert_eq!(p.v, Pointer::INLINE_VERSION);
     assert_eq!((p.bucket.as_str(), p.key.as_str()), ("", ""));
     assert_eq!(p.inline.as_deref(), Some(&object[..]));
@@ -358,9 +369,6 @@ async fn a_small_body_goes_inline_with_the_bytes_and_checksum_the_object_would_h
         )
     );
     assert_eq!(verify_and_decode(p, &object).unwrap().len(), 9);
-    // The state file keeps the body until Kinesis accepted the record.
-    let state = chunk::read_state(&chunk.paths.state).unwrap();
-    assert_eq!(state.into_pointer().as_ref(), Some(p));
     assert!(chunk.paths.data.exists());
 }
 
@@ -382,10 +390,13 @@ async fn a_record_over_inline_max_bytes_goes_to_s3() {
         let uploaded = run_one(store.clone(), cfg, registry.clone(), chunk.clone())
             .await
             .expect("uploaded");
-        assert_eq!(uploaded.pointer.is_inline(), inline, "{inline_max_bytes}");
+        assert_eq!(uploaded.body_on_disk(), inline, "{inline_max_bytes}");
         assert_eq!(store.stored.lock().unwrap().len(), usize::from(!inline));
+        let state = chunk::read_state(&chunk.paths.state).unwrap();
+        let recorded = state.into_pointer().expect("an uploaded state");
+        assert_eq!(recorded.is_inline(), inline);
         if inline {
-            assert!(uploaded.pointer.to_record().len() as u64 <= inline_max_bytes);
+            assert!(recorded.to_record().len() as u64 <= inline_max_bytes);
         }
     }
 }
