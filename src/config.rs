@@ -342,6 +342,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_RETRY_MAX_TIMES")]
     pub retry_max_times: Option<u32>,
 
+    /// Move each retry's wait by a random ±12.5 %, so that chunks that failed together do not
+    /// retry together (Fluentd's `retry_randomize`).
+    #[arg(long, env = "CLAIMCHECK_RETRY_RANDOMIZE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub retry_randomize: bool,
+
     /// Retry forever; never dead-letter (Fluentd's `retry_forever`).
     #[arg(long, env = "CLAIMCHECK_RETRY_FOREVER", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub retry_forever: bool,
@@ -406,6 +411,7 @@ impl ServeArgs {
         let backoff = Backoff {
             wait: self.retry_wait,
             max_interval: self.retry_max_interval.max(self.retry_wait),
+            randomize: self.retry_randomize,
         };
         let retry = RetryPolicy {
             backoff,

@@ -21,11 +21,11 @@ use tracing::{debug, error, info};
 
 use crate::aws::BackendError;
 use crate::buffer::registry::{Phase, Registry};
-use crate::buffer::{chunk, dead_letter, UploadedChunk};
+use crate::buffer::{chunk, UploadedChunk};
 use crate::key_template::{KeyTemplate, KeyValues};
 use crate::metrics::{metrics, Code};
 use crate::outage::{Failure, Stage};
-use crate::retry::{Attempts, RetryPolicy};
+use crate::retry::{Attempts, Retried, RetryPolicy, RetryStep};
 
 /// Kinesis PutRecords limits.
 pub const MAX_BATCH_RECORDS: usize = 500;
@@ -130,15 +130,6 @@ impl Job {
             _ => Err("the state file holds no inline body".into()),
         }
     }
-
-    /// Lets go of an inline body while the job waits: it is read again for the next attempt,
-    /// so that chunks waiting for Kinesis hold no bodies in memory.
-    fn unload(&mut self) {
-        if self.chunk.pointer.v == Pointer::INLINE_VERSION {
-            self.data = None;
-            self.chunk.pointer.inline = None;
-        }
-    }
 }
 
 /// Publishes pointers for as long as it runs, deleting each chunk once its pointer is accepted.
@@ -149,6 +140,13 @@ pub async fn run<P: PointerSink>(
     mut uploaded: mpsc::UnboundedReceiver<UploadedChunk>,
 ) {
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Job>();
+    let retry = RetryStep::new(
+        Stage::Publish,
+        config.retry,
+        config.buffer_dir.clone(),
+        registry.clone(),
+        retry_tx.clone(),
+    );
     loop {
         let first = tokio::select! {
             Some(chunk) = uploaded.recv() => Job::new(&config, chunk),
@@ -174,7 +172,7 @@ pub async fn run<P: PointerSink>(
             }
             present
         });
-        let jobs = load_bodies(jobs, &config, &registry, &retry_tx).await;
+        let jobs = load_bodies(jobs, &retry).await;
         let mut bytes = 0;
         let mut batch = Vec::new();
         for job in jobs {
@@ -188,19 +186,41 @@ pub async fn run<P: PointerSink>(
             batch.push(job);
         }
         if !batch.is_empty() {
-            publish(&*sink, &config, &registry, batch, &retry_tx).await;
+            publish(&*sink, &registry, batch, &retry).await;
+        }
+    }
+}
+
+impl Retried for Job {
+    fn chunk_id(&self) -> &str {
+        &self.chunk.pointer.chunk_id
+    }
+
+    fn paths(&self) -> &chunk::ChunkPaths {
+        &self.chunk.paths
+    }
+
+    fn events(&self) -> u64 {
+        self.chunk.pointer.records
+    }
+
+    fn attempts(&mut self) -> &mut Attempts {
+        &mut self.attempts
+    }
+
+    /// Lets go of an inline body while the job waits: it is read again for the next attempt,
+    /// so that chunks waiting for Kinesis hold no bodies in memory.
+    fn unload(&mut self) {
+        if self.chunk.pointer.v == Pointer::INLINE_VERSION {
+            self.data = None;
+            self.chunk.pointer.inline = None;
         }
     }
 }
 
 /// Reads the inline bodies that are on disk only; a job whose body cannot be read is retried
 /// later (and dead-lettered when its budget is spent).
-async fn load_bodies(
-    jobs: Vec<Job>,
-    config: &PublisherConfig,
-    registry: &Registry,
-    retry_tx: &mpsc::UnboundedSender<Job>,
-) -> Vec<Job> {
+async fn load_bodies(jobs: Vec<Job>, retry: &RetryStep<Job>) -> Vec<Job> {
     if jobs.iter().all(|j| j.data.is_some()) {
         return jobs;
     }
@@ -228,7 +248,7 @@ async fn load_bodies(
                     cause: e,
                     retryable: true,
                 };
-                retry_later(job, &failure, config, registry, retry_tx);
+                retry.failed(job, &failure);
             }
         }
     }
@@ -237,10 +257,9 @@ async fn load_bodies(
 
 async fn publish<P: PointerSink>(
     sink: &P,
-    config: &PublisherConfig,
     registry: &Registry,
     batch: Vec<Job>,
-    retry_tx: &mpsc::UnboundedSender<Job>,
+    retry: &RetryStep<Job>,
 ) {
     let records: Vec<PointerRecord> = batch
         .iter()
@@ -261,7 +280,7 @@ async fn publish<P: PointerSink>(
             debug!(records = batch.len(), cause = %e, retryable = e.retryable, "PutRecords failed; will retry");
             let failure = Failure::from(&e);
             for job in batch {
-                retry_later(job, &failure, config, registry, retry_tx);
+                retry.failed(job, &failure);
             }
             return;
         }
@@ -292,7 +311,7 @@ async fn publish<P: PointerSink>(
                     .get_or_create(&Code { code: code.clone() })
                     .inc();
                 let failure = Failure::record(&code, &message);
-                retry_later(job, &failure, config, registry, retry_tx);
+                retry.failed(job, &failure);
             }
         }
     }
@@ -322,47 +341,6 @@ async fn publish<P: PointerSink>(
         }),
         Err(e) => error!(cause = %e, "deleting published chunks failed"),
     }
-}
-
-/// Records a failure and retries the job after backoff, or dead-letters it when its budget is
-/// spent.
-fn retry_later(
-    mut job: Job,
-    failure: &Failure,
-    config: &PublisherConfig,
-    registry: &Registry,
-    retry_tx: &mpsc::UnboundedSender<Job>,
-) {
-    let id = job.chunk.pointer.chunk_id.clone();
-    registry.failed(&id, Phase::Uploaded, failure.cause.clone());
-    job.attempts.failed();
-    job.unload();
-    if job.attempts.exhausted(&config.retry) {
-        match dead_letter::move_to_dead(&config.buffer_dir, &job.chunk.paths) {
-            Ok(()) => {
-                registry.remove(&id);
-                registry.count_dead_letter();
-                error!(chunk_id = %id, attempts = job.attempts.count(), cause = %failure.cause,
-                       "retry budget exhausted; chunk moved to the dead-letter folder (claimcheck replay re-queues it)");
-            }
-            Err(e) => {
-                error!(chunk_id = %id, cause = %e, "retry budget exhausted but the chunk cannot be moved to the dead-letter folder; it stays in the buffer")
-            }
-        }
-        return;
-    }
-    let delay = job.attempts.delay(&config.retry);
-    metrics().retry("publish");
-    registry.retry_in(&id, delay);
-    registry
-        .outage(Stage::Publish)
-        .failed(failure.clone(), job.attempts.count());
-    debug!(chunk_id = %id, attempt = job.attempts.count(), retry_in = ?delay, "pointer retry scheduled");
-    let tx = retry_tx.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
-        let _ = tx.send(job);
-    });
 }
 
 #[cfg(test)]

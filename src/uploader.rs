@@ -39,7 +39,7 @@ use crate::buffer::{SealedChunk, UploadedChunk};
 use crate::key_template::{KeyTemplate, KeyValues};
 use crate::metrics::metrics;
 use crate::outage::{Failure, Stage};
-use crate::retry::{Attempts, RetryPolicy};
+use crate::retry::{Attempts, Retried, RetryPolicy, RetryStep};
 
 /// What is stored, besides the bytes.
 #[derive(Debug, Clone)]
@@ -185,6 +185,24 @@ struct Job {
     attempts: Attempts,
 }
 
+impl Retried for Job {
+    fn chunk_id(&self) -> &str {
+        &self.chunk.header.chunk_id
+    }
+
+    fn paths(&self) -> &chunk::ChunkPaths {
+        &self.chunk.paths
+    }
+
+    fn events(&self) -> u64 {
+        self.chunk.stats.records
+    }
+
+    fn attempts(&mut self) -> &mut Attempts {
+        &mut self.attempts
+    }
+}
+
 /// Uploads sealed chunks, `config.workers` at a time, for as long as it runs; failed chunks
 /// are retried with backoff until the retry budget is spent. Uploaded chunks go to `publish`.
 pub async fn run<S: ChunkStore>(
@@ -195,6 +213,13 @@ pub async fn run<S: ChunkStore>(
     publish: mpsc::UnboundedSender<UploadedChunk>,
 ) {
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Job>();
+    let retry = Arc::new(RetryStep::new(
+        Stage::Upload,
+        config.retry,
+        config.buffer_dir.clone(),
+        registry.clone(),
+        retry_tx,
+    ));
     let permits = Arc::new(Semaphore::new(config.workers.max(1)));
     let mut tasks = JoinSet::new();
     loop {
@@ -209,11 +234,10 @@ pub async fn run<S: ChunkStore>(
             .await
             .expect("the semaphore is never closed");
         let (store, config, registry) = (store.clone(), config.clone(), registry.clone());
-        let (retry_tx, publish) = (retry_tx.clone(), publish.clone());
+        let (retry, publish) = (retry.clone(), publish.clone());
         let span = tracing::info_span!("chunk", chunk_id = %job.chunk.header.chunk_id);
         tasks.spawn(
             async move {
-                let mut job = job;
                 let id = job.chunk.header.chunk_id.clone();
                 if !registry.set_phase(&id, Phase::Uploading) {
                     debug!("chunk is no longer in the buffer (dropped); not uploading it");
@@ -235,22 +259,7 @@ pub async fn run<S: ChunkStore>(
                     }
                     Err(e) if e.is_damaged() => quarantine(&config, &registry, &job.chunk, &e),
                     Err(e) => {
-                        registry.failed(&id, Phase::Sealed, e.to_string());
-                        job.attempts.failed();
-                        if job.attempts.exhausted(&config.retry) {
-                            dead_letter(&config, &registry, &job.chunk, &e, job.attempts.count());
-                            return;
-                        }
-                        let delay = job.attempts.delay(&config.retry);
-                        metrics().retry("upload");
-                        // Per chunk at debug: the outage reporter says it once for all of them.
-                        registry.retry_in(&id, delay);
-                        registry.outage(Stage::Upload).failed(Failure::from(&e), job.attempts.count());
-                        debug!(attempt = job.attempts.count(), retry_in = ?delay, cause = %e, retryable = e.is_retryable(), "upload failed; will retry");
-                        tokio::spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            let _ = retry_tx.send(job);
-                        });
+                        retry.failed(job, &Failure::from(&e));
                     }
                 }
             }
@@ -272,26 +281,6 @@ fn quarantine(config: &UploaderConfig, registry: &Registry, chunk: &SealedChunk,
         }
     }
     registry.remove(&chunk.header.chunk_id);
-}
-
-fn dead_letter(
-    config: &UploaderConfig,
-    registry: &Registry,
-    chunk: &SealedChunk,
-    e: &UploadError,
-    attempts: u32,
-) {
-    match dead_letter::move_to_dead(&config.buffer_dir, &chunk.paths) {
-        Ok(()) => {
-            registry.remove(&chunk.header.chunk_id);
-            registry.count_dead_letter();
-            error!(attempts, cause = %e, events = chunk.stats.records,
-                   "retry budget exhausted; chunk moved to the dead-letter folder (claimcheck replay re-queues it)");
-        }
-        Err(m) => {
-            error!(attempts, cause = %e, move_error = %m, "retry budget exhausted but the chunk cannot be moved to the dead-letter folder; it stays in the buffer")
-        }
-    }
 }
 
 /// Builds the body, stores it, records the pointer.

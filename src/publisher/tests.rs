@@ -19,6 +19,8 @@ struct FakeSink {
     calls: Mutex<Vec<Vec<(String, String)>>>,
     /// Every record sent, as sent.
     records: Mutex<Vec<Bytes>>,
+    /// When each call came (tokio's clock).
+    at: Mutex<Vec<tokio::time::Instant>>,
 }
 
 enum Outcome {
@@ -43,6 +45,7 @@ impl PointerSink for FakeSink {
             })
             .collect();
         self.calls.lock().unwrap().push(ids);
+        self.at.lock().unwrap().push(tokio::time::Instant::now());
         self.records
             .lock()
             .unwrap()
@@ -132,6 +135,7 @@ fn config(dir: &std::path::Path) -> PublisherConfig {
             backoff: Backoff {
                 wait: Duration::from_millis(10),
                 max_interval: Duration::from_millis(50),
+                randomize: true,
             },
             timeout: Duration::from_secs(3600),
             max_times: None,
@@ -213,33 +217,51 @@ async fn only_failed_entries_are_retried_and_chunks_go_only_once_accepted() {
     assert_eq!(registry.usage(), 0);
 }
 
-#[tokio::test]
-async fn a_failed_request_keeps_every_chunk_until_it_succeeds() {
+#[tokio::test(start_paused = true)]
+async fn a_failed_request_is_retried_on_its_backoff_and_keeps_the_chunk_until_it_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(Registry::new());
     let sink = Arc::new(FakeSink::default());
     sink.script
         .lock()
         .unwrap()
-        .extend([Outcome::Down, Outcome::Down]);
+        .extend([Outcome::Down, Outcome::Down, Outcome::Down]);
     let chunk = uploaded(dir.path(), &registry, 7);
-    let task = start(
-        &sink,
-        config(dir.path()),
-        &registry,
-        std::slice::from_ref(&chunk),
-    );
-    wait_until("two calls failed", || sink.calls.lock().unwrap().len() >= 2).await;
+    let mut config = config(dir.path());
+    config.retry.backoff = Backoff {
+        wait: Duration::from_secs(1),
+        max_interval: Duration::from_secs(30),
+        randomize: false,
+    };
+    let started = tokio::time::Instant::now();
+    let task = start(&sink, config, &registry, std::slice::from_ref(&chunk));
+    wait_until("three calls failed", || {
+        sink.calls.lock().unwrap().len() == 3
+    })
+    .await;
+    // Between the failed attempts, the chunk is kept and the registry says why and when next.
+    assert!(chunk.paths.data.exists() && chunk.paths.state.exists());
     let info = registry.snapshot();
-    assert!(chunk.paths.data.exists() || sink.calls.lock().unwrap().len() >= 3);
-    assert!(
-        info.first()
-            .is_none_or(|c| c.last_error.as_deref().is_some_and(|e| e.contains("down"))),
-        "{info:?}"
-    );
+    assert_eq!(info.len(), 1);
+    assert_eq!(info[0].attempts, 3, "{info:?}");
+    assert!(info[0]
+        .last_error
+        .as_deref()
+        .is_some_and(|e| e.contains("down")));
+    assert!(info[0].next_retry_ms.is_some());
     wait_until("the chunk is deleted", || !chunk.paths.data.exists()).await;
+    wait_until("the registry is empty", || registry.snapshot().is_empty()).await;
     task.abort();
-    assert_eq!(sink.calls.lock().unwrap().len(), 3);
+    let at: Vec<u64> = sink
+        .at
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| (*t - started).as_millis() as u64)
+        .collect();
+    // The first attempt at once, then retries after 1, 2 and 4 s.
+    assert_eq!(at, vec![0, 1_000, 3_000, 7_000]);
+    assert!(!chunk.paths.state.exists());
 }
 
 /// An uploaded chunk whose body goes inline, with its `uploaded` state on disk.

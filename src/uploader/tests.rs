@@ -143,6 +143,7 @@ fn config(dir: &std::path::Path, format: Format, compression: Compression) -> Up
             backoff: Backoff {
                 wait: Duration::from_millis(10),
                 max_interval: Duration::from_millis(50),
+                randomize: true,
             },
             timeout: Duration::from_secs(3600),
             max_times: None,
