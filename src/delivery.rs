@@ -2,6 +2,7 @@
 //! buffer (by `claimcheck replay`), summarises outages in the log, and drains delivery at
 //! shutdown.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,20 +44,28 @@ impl Delivery {
         recovered: Recovered,
     ) -> Delivery {
         let c = config.clone();
-        let task = tokio::spawn(async move {
+        let backends = async move {
             let sdk = aws::load_config().await;
             let store = S3Store::new(aws::s3_client(&sdk), c.s3_bucket.clone());
             let sink = KinesisSink::new(aws::kinesis_client(&sdk), c.kinesis_stream.clone());
             info!(bucket = %c.s3_bucket, stream = %c.kinesis_stream, "delivery started");
-            run(
-                Arc::new(store),
-                Arc::new(sink),
-                &c,
-                registry,
-                queues,
-                recovered,
-            )
-            .await;
+            (Arc::new(store), Arc::new(sink))
+        };
+        Delivery::start_with(config, registry, queues, recovered, backends)
+    }
+
+    /// Starts delivery to the store and sink that `backends` gives, once it gives them.
+    pub fn start_with<S: ChunkStore, P: PointerSink>(
+        config: &Config,
+        registry: Arc<Registry>,
+        queues: Queues,
+        recovered: Recovered,
+        backends: impl Future<Output = (Arc<S>, Arc<P>)> + Send + 'static,
+    ) -> Delivery {
+        let c = config.clone();
+        let task = tokio::spawn(async move {
+            let (store, sink) = backends.await;
+            run(store, sink, &c, registry, queues, recovered).await;
         });
         Delivery {
             task,

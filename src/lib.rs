@@ -34,6 +34,8 @@ pub mod publisher;
 pub mod retry;
 pub mod server;
 pub mod uploader;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -46,6 +48,8 @@ use tracing::{info, warn};
 use buffer::registry::Registry;
 use buffer::{Buffer, Recovered};
 use config::Config;
+use publisher::PointerSink;
+use uploader::ChunkStore;
 
 /// A sidecar whose buffer is open and recovered, ready to serve.
 pub struct Sidecar {
@@ -77,19 +81,46 @@ impl Sidecar {
     }
 
     /// Serves `listener` until `shutdown` resolves, then stops accepting, lets connections
-    /// finish, seals every open chunk and delivers until `shutdown_timeout`.
+    /// finish, seals every open chunk and delivers until `shutdown_timeout`. Delivers to the
+    /// configured S3 bucket and Kinesis stream.
     pub async fn run(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let Sidecar {
+        let (config, registry) = (&self.config, self.registry.clone());
+        let delivery = delivery::Delivery::start(config, registry, self.queues, self.recovered);
+        Self::serve(self.config, self.buffer, self.registry, delivery, listener, shutdown).await
+    }
+
+    /// [`Sidecar::run`] with any store and sink in place of S3 and Kinesis, such as the
+    /// in-memory ones of [`testing`] (feature `testing`).
+    pub async fn run_with<S: ChunkStore, P: PointerSink>(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+        store: Arc<S>,
+        sink: Arc<P>,
+    ) -> anyhow::Result<()> {
+        let (config, registry) = (&self.config, self.registry.clone());
+        let delivery = delivery::Delivery::start_with(
             config,
-            buffer,
-            recovered,
             registry,
-            queues,
-        } = self;
+            self.queues,
+            self.recovered,
+            async move { (store, sink) },
+        );
+        Self::serve(self.config, self.buffer, self.registry, delivery, listener, shutdown).await
+    }
+
+    async fn serve(
+        config: Config,
+        buffer: Buffer,
+        registry: Arc<Registry>,
+        delivery: delivery::Delivery,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let token = CancellationToken::new();
         if let Some(addr) = config.metrics_listen {
             let admin = admin::bind(addr).await?;
@@ -100,7 +131,6 @@ impl Sidecar {
                 token.clone(),
             ));
         }
-        let delivery = delivery::Delivery::start(&config, registry.clone(), queues, recovered);
         let handle = buffer.handle.clone();
         let max_open_chunk_files = buffer.max_open_files();
         let writer = tokio::spawn(buffer.run());

@@ -1,0 +1,194 @@
+//! The whole sidecar in-process (`Sidecar::run_with`) on 127.0.0.1:0, with the in-memory S3
+//! and Kinesis of `claimcheck::testing`: forward requests in, every acknowledged event out
+//! exactly once, through objects or inline records, across an outage of either backend. What
+//! needs a real process (SIGKILL, the CLI, real clients, the AWS APIs) stays in the process
+//! tests against the emulator.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use claimcheck::testing::{self, MemorySink, MemoryStore};
+use claimcheck::Sidecar;
+use claimcheck_consumer::entry::{encode, EventTime};
+use claimcheck_consumer::Pointer;
+use common::load::request;
+use common::wire::{fluentd_request, pack};
+use common::{event_key, now_secs, TestEvent};
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A sidecar running in this process.
+struct InProcess {
+    addr: std::net::SocketAddr,
+    store: Arc<MemoryStore>,
+    sink: Arc<MemorySink>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    async fn start(args: &[&str]) -> InProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let config = testing::config(&dir.path().join("buffer"), args).unwrap();
+        let sidecar = Sidecar::open(config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (store, sink) = (
+            Arc::new(MemoryStore::new("in-memory")),
+            Arc::new(MemorySink::new()),
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(sidecar.run_with(
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+            store.clone(),
+            sink.clone(),
+        ));
+        InProcess {
+            addr,
+            store,
+            sink,
+            stop,
+            task,
+            _dir: dir,
+        }
+    }
+
+    /// Sends `requests` requests of `events` events each, to tags `app.0` … `app.{tags-1}` in
+    /// turn, over one connection, each waiting for its ack; returns the events sent.
+    async fn send(&self, requests: usize, events: usize, tags: usize) -> Vec<TestEvent> {
+        let mut stream = TcpStream::connect(self.addr).await.unwrap();
+        let secs = now_secs();
+        let mut sent = Vec::new();
+        for r in 0..requests {
+            let tag = format!("app.{}", r % tags);
+            let mut entries = Vec::new();
+            for e in 0..events {
+                let n = (r * events + e) as u32;
+                entries.push(0x92);
+                encode::event_time(&mut entries, EventTime::new(secs, n));
+                entries.extend(pack(&rmpv::Value::Map(vec![("n".into(), n.into())])));
+                sent.push(TestEvent {
+                    tag: tag.clone(),
+                    secs,
+                    nanos: Some(n),
+                    record: json!({"n": n}),
+                });
+            }
+            let token = format!("r{r}");
+            let req = fluentd_request(&tag, &entries, events, "text", &token);
+            request(&mut stream, &req, &token)
+                .await
+                .unwrap_or_else(|e| panic!("request {r}: no ack ({e})"));
+        }
+        sent
+    }
+
+    /// Stops accepting, lets the sidecar seal and deliver everything, and waits for it to end.
+    async fn shut_down(self) -> (Arc<MemoryStore>, Arc<MemorySink>) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the sidecar stops")
+            .unwrap()
+            .expect("the sidecar ran without error");
+        (self.store, self.sink)
+    }
+}
+
+/// Every event of every record: each sent event exactly once, and no other.
+fn assert_exactly_once(store: &MemoryStore, pointers: &[Pointer], sent: &[TestEvent]) {
+    let mut want: HashMap<_, usize> = HashMap::new();
+    for e in sent {
+        *want.entry(e.key()).or_default() += 1;
+    }
+    let mut got: HashMap<_, usize> = HashMap::new();
+    for p in pointers {
+        let events = testing::events(store, p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+        assert_eq!(events.len() as u64, p.records);
+        for e in &events {
+            *got.entry(event_key(e)).or_default() += 1;
+        }
+    }
+    assert_eq!(got.len(), want.len(), "distinct events delivered");
+    assert_eq!(got, want, "each event once");
+}
+
+#[tokio::test]
+async fn small_chunks_ride_inline_and_large_ones_go_through_objects() {
+    // The default inline limit: chunks of a few events go inline, no object stored.
+    let sidecar = InProcess::start(&[]).await;
+    let sent = sidecar.send(30, 10, 3).await;
+    let (store, sink) = sidecar.shut_down().await;
+    let pointers = sink.pointers();
+    assert_eq!(pointers.len(), 3, "one chunk per tag");
+    assert!(pointers.iter().all(Pointer::is_inline));
+    assert!(store.keys().is_empty());
+    assert_exactly_once(&store, &pointers, &sent);
+
+    // Inline off: every chunk is an object, named by its pointer.
+    let sidecar = InProcess::start(&["--inline-max-bytes", "0"]).await;
+    let sent = sidecar.send(30, 10, 3).await;
+    let (store, sink) = sidecar.shut_down().await;
+    let pointers = sink.pointers();
+    assert_eq!(pointers.len(), 3);
+    assert!(pointers.iter().all(|p| !p.is_inline()));
+    let mut keys: Vec<_> = pointers.iter().map(|p| p.key.clone()).collect();
+    keys.sort();
+    assert_eq!(keys, store.keys());
+    assert_exactly_once(&store, &pointers, &sent);
+}
+
+#[tokio::test]
+async fn acked_events_wait_out_an_outage_of_either_backend_and_arrive_once() {
+    for (s3_down, inline_max_bytes) in [(true, "0"), (false, "24KiB")] {
+        let sidecar = InProcess::start(&[
+            "--inline-max-bytes",
+            inline_max_bytes,
+            "--flush-interval",
+            "1s",
+            "--retry-wait",
+            "100ms",
+            "--retry-max-interval",
+            "200ms",
+        ])
+        .await;
+        if s3_down {
+            sidecar.store.set_down(true);
+        } else {
+            sidecar.sink.set_down(true);
+        }
+        let sent = sidecar.send(20, 5, 2).await;
+        // Acked while the backend is down; the chunks are sealed (flush interval) and their
+        // attempts fail until it is back.
+        let calls = || match s3_down {
+            true => sidecar.store.calls(),
+            false => sidecar.sink.failed_calls(),
+        };
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while calls() < 3 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("attempts were made and failed");
+        assert!(sidecar.sink.records().is_empty(), "nothing published yet");
+        sidecar.store.set_down(false);
+        sidecar.sink.set_down(false);
+        tokio::time::timeout(Duration::from_secs(30), sidecar.sink.wait_for(2))
+            .await
+            .expect("both chunks published once the backend is back");
+        let (store, sink) = sidecar.shut_down().await;
+        let pointers = sink.pointers();
+        assert_eq!(pointers.len(), 2, "s3 down: {s3_down}");
+        assert_exactly_once(&store, &pointers, &sent);
+    }
+}
