@@ -88,6 +88,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Once listening, write the addresses bound to this file, as JSON (`{"forward":
+    /// "127.0.0.1:24224", "metrics": …}`): with port 0 in `--listen` or `--metrics-listen` the
+    /// system picks a free port, and this says which.
+    #[arg(long, env = "CLAIMCHECK_ADDRESS_FILE")]
+    pub address_file: Option<PathBuf>,
+
     /// Directory of the durable buffer. One sidecar per directory (it is locked).
     #[arg(
         long,
@@ -371,6 +377,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub listener: ListenerConfig,
     pub metrics_listen: Option<SocketAddr>,
+    pub address_file: Option<PathBuf>,
     pub buffer: BufferConfig,
     pub connection: Arc<ConnectionConfig>,
     pub uploader: Arc<UploaderConfig>,
@@ -485,6 +492,7 @@ impl ServeArgs {
                 udp_heartbeat: true,
             },
             metrics_listen: self.metrics_listen,
+            address_file: self.address_file.clone(),
             buffer: BufferConfig {
                 dir: self.buffer_dir.clone(),
                 timekey: self.timekey,

@@ -33,11 +33,12 @@ pub mod outage;
 pub mod publisher;
 pub mod retry;
 pub mod server;
-pub mod uploader;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod uploader;
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -90,7 +91,15 @@ impl Sidecar {
     ) -> anyhow::Result<()> {
         let (config, registry) = (&self.config, self.registry.clone());
         let delivery = delivery::Delivery::start(config, registry, self.queues, self.recovered);
-        Self::serve(self.config, self.buffer, self.registry, delivery, listener, shutdown).await
+        Self::serve(
+            self.config,
+            self.buffer,
+            self.registry,
+            delivery,
+            listener,
+            shutdown,
+        )
+        .await
     }
 
     /// [`Sidecar::run`] with any store and sink in place of S3 and Kinesis, such as the
@@ -110,7 +119,15 @@ impl Sidecar {
             self.recovered,
             async move { (store, sink) },
         );
-        Self::serve(self.config, self.buffer, self.registry, delivery, listener, shutdown).await
+        Self::serve(
+            self.config,
+            self.buffer,
+            self.registry,
+            delivery,
+            listener,
+            shutdown,
+        )
+        .await
     }
 
     async fn serve(
@@ -122,8 +139,10 @@ impl Sidecar {
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let token = CancellationToken::new();
+        let mut metrics = None;
         if let Some(addr) = config.metrics_listen {
             let admin = admin::bind(addr).await?;
+            metrics = Some(admin.local_addr()?);
             tokio::spawn(admin::run(
                 admin,
                 registry.clone(),
@@ -144,7 +163,13 @@ impl Sidecar {
             config.listener.clone(),
             token.clone(),
         ));
-        info!(%listen, buffer_dir = %config.buffer.dir.display(), max_open_chunk_files,
+        let metrics_listen = metrics.map(|a| a.to_string());
+        if let Some(path) = &config.address_file {
+            write_address_file(path, &listen, metrics_listen.as_deref()).map_err(|e| {
+                anyhow::anyhow!("cannot write {} (--address-file): {e}", path.display())
+            })?;
+        }
+        info!(%listen, metrics_listen, buffer_dir = %config.buffer.dir.display(), max_open_chunk_files,
               "claimcheck is serving");
 
         shutdown.await;
@@ -175,4 +200,13 @@ impl Sidecar {
         }
         Ok(())
     }
+}
+
+/// Writes the bound addresses to `path` atomically (a temporary file renamed), so that a reader
+/// never sees half of it.
+fn write_address_file(path: &Path, forward: &str, metrics: Option<&str>) -> std::io::Result<()> {
+    let json = serde_json::json!({"forward": forward, "metrics": metrics});
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{json}\n"))?;
+    std::fs::rename(&tmp, path)
 }

@@ -26,7 +26,9 @@ pub fn config(buffer_dir: &Path, args: &[&str]) -> Result<Config, String> {
         #[command(flatten)]
         serve: ServeArgs,
     }
-    let dir = buffer_dir.to_str().ok_or("the buffer directory is not UTF-8")?;
+    let dir = buffer_dir
+        .to_str()
+        .ok_or("the buffer directory is not UTF-8")?;
     let mut all = vec![
         "serve",
         "--buffer-dir",
@@ -144,7 +146,10 @@ impl ChunkStore for MemoryStore {
     async fn create_multipart(&self, _: &ObjectMeta) -> Result<String, BackendError> {
         self.call("CreateMultipartUpload")?;
         let id = self.next_upload.fetch_add(1, Ordering::SeqCst).to_string();
-        self.uploads.lock().unwrap().insert(id.clone(), BTreeMap::new());
+        self.uploads
+            .lock()
+            .unwrap()
+            .insert(id.clone(), BTreeMap::new());
         Ok(id)
     }
 
@@ -283,10 +288,12 @@ impl PointerSink for MemorySink {
 pub fn events(store: &MemoryStore, pointer: &Pointer) -> Result<Vec<Event>, Error> {
     let body = match &pointer.inline {
         Some(body) => body.clone(),
-        None => store.object(&pointer.key).ok_or_else(|| Error::ObjectMissing {
-            bucket: pointer.bucket.clone(),
-            key: pointer.key.clone(),
-        })?,
+        None => store
+            .object(&pointer.key)
+            .ok_or_else(|| Error::ObjectMissing {
+                bucket: pointer.bucket.clone(),
+                key: pointer.key.clone(),
+            })?,
     };
     verify_and_decode(pointer, &body)
 }

@@ -196,7 +196,9 @@ impl Aws {
     }
 
     /// Reads the stream from its start until `expected` events arrived (or `timeout`),
-    /// resolving every pointer through the consumer crate.
+    /// resolving every pointer through the consumer crate. A failed read of the stream is
+    /// tried again, up to ten times in a row: after minutes of reading a long stream, the
+    /// emulator answers GetRecords with a 500 now and then.
     pub async fn read_events(
         &self,
         stream: &str,
@@ -214,16 +216,23 @@ impl Aws {
         .expect("open stream reader");
         let deadline = Instant::now() + timeout;
         let mut chunks = Vec::new();
-        let mut count = 0;
+        let (mut count, mut failures) = (0, 0);
         while count < expected && Instant::now() < deadline {
-            match reader.next().await.expect("read stream") {
-                Some(mut delivery) => {
+            match reader.next().await {
+                Ok(Some(mut delivery)) => {
                     let chunk = delivery.resolve().await.expect("every pointer resolves");
                     count += chunk.events.len();
                     chunks.push(chunk);
                     reader.commit(delivery.position());
+                    failures = 0;
                 }
-                None => tokio::time::sleep(Duration::from_millis(200)).await,
+                Ok(None) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => {
+                    failures += 1;
+                    assert!(failures < 10, "reading the stream keeps failing: {e}");
+                    eprintln!("reading the stream failed, trying again: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
         // Give stragglers (duplicates would show here) a moment.
@@ -415,7 +424,7 @@ impl Emulated {
     /// Starts a sidecar on a free port that reaches S3 and Kinesis through `proxies`.
     pub fn sidecar_behind(&self, proxies: &proxy::Proxies, args: &[&str]) -> Sidecar {
         let (s3, kinesis) = (proxies.s3.url(), proxies.kinesis.url());
-        self.sidecar_at(free_port(), Some((&s3, &kinesis)), args)
+        self.sidecar_at(0, Some((&s3, &kinesis)), args)
     }
 
     pub async fn read_events(&self, expected: usize) -> Vec<ResolvedChunk> {
@@ -441,7 +450,8 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Starts `claimcheck serve` on a free port with `args` added, and waits until it listens.
+    /// Starts `claimcheck serve` on a free port (port 0: the sidecar picks it) with `args`
+    /// added, and waits until it listens.
     pub fn start(
         buffer_dir: &Path,
         aws_port: u16,
@@ -449,14 +459,7 @@ impl Sidecar {
         stream: &str,
         args: &[&str],
     ) -> Sidecar {
-        Sidecar::start_with(
-            free_port(),
-            buffer_dir,
-            &aws_env(aws_port),
-            bucket,
-            stream,
-            args,
-        )
+        Sidecar::start_with(0, buffer_dir, &aws_env(aws_port), bucket, stream, args)
     }
 
     /// A sidecar with a buffer directory of its own and no AWS behind it: for what ends at the
@@ -468,7 +471,8 @@ impl Sidecar {
         sidecar
     }
 
-    /// Starts `claimcheck serve` on `port` with `env` (AWS settings) and `args`.
+    /// Starts `claimcheck serve` on `port` (0: any free port) with `env` (AWS settings) and
+    /// `args`.
     pub fn start_with(
         port: u16,
         buffer_dir: &Path,
@@ -495,7 +499,12 @@ impl Sidecar {
         let log =
             buffer_dir.with_extension(format!("{port}.{}.log", uuid::Uuid::new_v4().simple()));
         let log_file = std::fs::File::create(&log).unwrap();
+        // Port 0: the sidecar takes a free port and says which in its address file, so that no
+        // other process can take the port between a test's choice and the sidecar's bind.
+        let address_file = log.with_extension("addr");
         cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--address-file")
+            .arg(&address_file)
             .arg("--buffer-dir")
             .arg(buffer_dir)
             .args(["--s3-bucket", bucket, "--kinesis-stream", stream])
@@ -505,15 +514,43 @@ impl Sidecar {
             .stdout(Stdio::null())
             .stderr(log_file);
         let child = cmd.spawn().expect("cannot start claimcheck");
-        let sidecar = Sidecar {
+        let mut sidecar = Sidecar {
             port,
             buffer_dir: buffer_dir.to_path_buf(),
             log,
             child: Some(child),
             own_dir: None,
         };
-        wait_for_port(port, "claimcheck", Duration::from_secs(30));
+        sidecar.port = sidecar.wait_for_address(&address_file, Duration::from_secs(30));
+        assert!(port == 0 || sidecar.port == port);
         sidecar
+    }
+
+    /// Waits until the sidecar wrote its address file (it is listening then); its forward port.
+    fn wait_for_address(&mut self, path: &Path, timeout: Duration) -> u16 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                let addresses: Value = serde_json::from_str(&text).expect("address file is JSON");
+                let forward: SocketAddr = addresses["forward"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .expect("the forward address");
+                return forward.port();
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!(
+                    "claimcheck exited ({status}) before listening:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "claimcheck did not listen within {timeout:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
