@@ -5,6 +5,7 @@
 //! decompressor streams, and the splitter keeps at most one entry (or line) plus one read block.
 //! Memory that the crate holds on the caller's behalf is reported to a [`Gauge`].
 
+use std::collections::VecDeque;
 use std::io::{self, BufRead, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,13 +24,24 @@ pub(crate) const READ_BLOCK: usize = 64 * 1024;
 /// events decoded but not yet handed to the caller. Shared between the decoding thread and the
 /// caller's side of the stream.
 #[derive(Debug, Default)]
+// Without the resolver (feature `aws`) nobody reads the peak or counts object reads.
+#[cfg_attr(not(feature = "aws"), allow(dead_code))]
 pub(crate) struct Gauge {
     current: AtomicU64,
     peak: AtomicU64,
     object_reads: AtomicU64,
 }
 
+#[cfg_attr(not(feature = "aws"), allow(dead_code))]
 impl Gauge {
+    const fn new() -> Self {
+        Gauge {
+            current: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            object_reads: AtomicU64::new(0),
+        }
+    }
+
     pub(crate) fn add(&self, n: usize) {
         let now = self.current.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
         self.peak.fetch_max(now, Ordering::Relaxed);
@@ -60,6 +72,22 @@ pub(crate) trait Sink {
 impl Sink for Vec<Event> {
     fn event(&mut self, event: Event) -> bool {
         self.push(event);
+        true
+    }
+}
+
+impl Sink for VecDeque<Event> {
+    fn event(&mut self, event: Event) -> bool {
+        self.push_back(event);
+        true
+    }
+}
+
+/// Drops every event: a verification pass.
+struct Discard;
+
+impl Sink for Discard {
+    fn event(&mut self, _: Event) -> bool {
         true
     }
 }
@@ -114,80 +142,167 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-/// Why a pass stopped early: decompression failed, the body is not valid in its format, or the
-/// sink stopped it.
+/// Why a step stopped early: decompression failed, the body is not valid in its format, or
+/// the sink stopped it.
 enum Cut {
     Read(io::Error),
     Decode(Error),
     Stopped,
 }
 
+/// The decompressor over the stored bytes, keeping them reachable for the final checks.
+enum Decompress<R: Read> {
+    Zstd(zstd::stream::read::Decoder<'static, io::BufReader<R>>),
+    Gzip(flate2::read::MultiGzDecoder<R>),
+    None(R),
+}
+
+impl<R: Read> Decompress<R> {
+    fn new(compression: body::Compression, inner: R) -> io::Result<Self> {
+        Ok(match compression {
+            body::Compression::Zstd => Decompress::Zstd(zstd::stream::read::Decoder::new(inner)?),
+            body::Compression::Gzip => Decompress::Gzip(flate2::read::MultiGzDecoder::new(inner)),
+            body::Compression::None => Decompress::None(inner),
+        })
+    }
+
+    fn get_mut(&mut self) -> &mut R {
+        match self {
+            Decompress::Zstd(d) => d.get_mut().get_mut(),
+            Decompress::Gzip(d) => d.get_mut(),
+            Decompress::None(r) => r,
+        }
+    }
+}
+
+impl<R: Read> Read for Decompress<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Decompress::Zstd(d) => d.read(buf),
+            Decompress::Gzip(d) => d.read(buf),
+            Decompress::None(r) => r.read(buf),
+        }
+    }
+}
+
+/// What a step of a [`Pass`] came to when nothing was wrong.
+enum Step {
+    /// Some events went to the sink; there may be more.
+    More,
+    /// The body ended and every check passed.
+    Verified,
+    /// The sink stopped the pass; nothing was checked.
+    Stopped,
+}
+
+/// One pass over a stored object, a step at a time: the decompressed body behind a read
+/// buffer, and the state of the splitter between steps.
+struct Pass<'g, R: Read> {
+    body: io::BufReader<Counted<Decompress<Stored<R>>>>,
+    split: Split<'g>,
+    events: u64,
+}
+
+impl<'g, R: Read> Pass<'g, R> {
+    fn new(pointer: &Pointer, stored: R, gauge: &'g Gauge) -> Result<Self, Error> {
+        let stored = Stored {
+            inner: stored,
+            bytes: 0,
+            crc: 0,
+            failed: None,
+        };
+        let decoder = Decompress::new(pointer.compression, stored).map_err(Error::Decompress)?;
+        let body = io::BufReader::with_capacity(
+            READ_BLOCK,
+            Counted {
+                inner: decoder,
+                bytes: 0,
+            },
+        );
+        let split = match pointer.format {
+            Format::Msgpack => Split::Msgpack {
+                buf: Buffer::new(gauge),
+                start: 0,
+                scanner: ValueScanner::default(),
+                infos: Vec::new(),
+                tag: pointer.tag.as_str().into(),
+            },
+            Format::Json => Split::Json {
+                line: Buffer::new(gauge),
+                tag: None,
+                _reader_memory: Held::new(gauge, READ_BLOCK),
+            },
+        };
+        Ok(Pass {
+            body,
+            split,
+            events: 0,
+        })
+    }
+
+    /// Decodes the next events into `sink`; at the end of the body, checks the pointer's
+    /// stored size, CRC32C, body size and event count.
+    ///
+    /// When decompression or decoding fails, the rest of the object is still read so that a
+    /// damaged object is reported as the checksum or size mismatch it is, rather than as the
+    /// decoding error it causes. A read error of the stored bytes is an [`Error::S3`].
+    fn step(&mut self, pointer: &Pointer, sink: &mut dyn Sink) -> Result<Step, Error> {
+        let mut counting = Counting { sink, events: 0 };
+        let cut = self.split.step(&mut self.body, &mut counting);
+        self.events += counting.events;
+        let body_bytes = self.body.get_ref().bytes;
+        let stored = self.body.get_mut().inner.get_mut();
+        if let Some(e) = stored.failed.take() {
+            return Err(transport(e));
+        }
+        match cut {
+            Ok(true) => return Ok(Step::More),
+            Ok(false) => {}
+            Err(Cut::Stopped) => return Ok(Step::Stopped),
+            Err(Cut::Read(e)) => {
+                check_stored(pointer, stored)?;
+                return Err(Error::Decompress(e));
+            }
+            Err(Cut::Decode(e)) => {
+                check_stored(pointer, stored)?;
+                return Err(e);
+            }
+        }
+        check_stored(pointer, stored)?;
+        if body_bytes != pointer.bytes {
+            return Err(Error::SizeMismatch {
+                what: "decompressed body bytes",
+                expected: pointer.bytes,
+                actual: body_bytes,
+            });
+        }
+        if self.events != pointer.records {
+            return Err(Error::SizeMismatch {
+                what: "event count",
+                expected: pointer.records,
+                actual: self.events,
+            });
+        }
+        Ok(Step::Verified)
+    }
+}
+
 /// Reads `stored` (the object's bytes) to its end, sends the events to `sink`, and checks the
-/// pointer's stored size, CRC32C, body size and event count.
-///
-/// When decompression or decoding fails, the rest of the object is still read so that a
-/// damaged object is reported as the checksum or size mismatch it is, rather than as the
-/// decoding error it causes. A read error of `stored` itself is an [`Error::S3`].
+/// pointer's stored size, CRC32C, body size and event count (see [`Pass::step`]).
 pub(crate) fn decode_object<R: Read>(
     pointer: &Pointer,
     stored: R,
     gauge: &Gauge,
     sink: &mut dyn Sink,
 ) -> Result<Outcome, Error> {
-    let mut stored = Stored {
-        inner: stored,
-        bytes: 0,
-        crc: 0,
-        failed: None,
-    };
-    let (cut, body_bytes, events) = {
-        let decoder = match body::decoder(pointer.compression, &mut stored) {
-            Ok(d) => d,
-            Err(e) => return Err(Error::Decompress(e)),
-        };
-        let mut body = Counted {
-            inner: decoder,
-            bytes: 0,
-        };
-        let tag: Arc<str> = pointer.tag.as_str().into();
-        let mut counting = Counting { sink, events: 0 };
-        let cut = match pointer.format {
-            Format::Msgpack => split_msgpack(&mut body, &tag, gauge, &mut counting),
-            Format::Json => split_json_lines(&mut body, gauge, &mut counting),
-        };
-        (cut, body.bytes, counting.events)
-    };
-    if let Some(e) = stored.failed.take() {
-        return Err(transport(e));
-    }
-    match cut {
-        Ok(()) => {}
-        Err(Cut::Stopped) => return Ok(Outcome::Stopped),
-        Err(Cut::Read(e)) => {
-            check_stored(pointer, &mut stored)?;
-            return Err(Error::Decompress(e));
-        }
-        Err(Cut::Decode(e)) => {
-            check_stored(pointer, &mut stored)?;
-            return Err(e);
+    let mut pass = Pass::new(pointer, stored, gauge)?;
+    loop {
+        match pass.step(pointer, sink)? {
+            Step::More => {}
+            Step::Verified => return Ok(Outcome::Verified),
+            Step::Stopped => return Ok(Outcome::Stopped),
         }
     }
-    check_stored(pointer, &mut stored)?;
-    if body_bytes != pointer.bytes {
-        return Err(Error::SizeMismatch {
-            what: "decompressed body bytes",
-            expected: pointer.bytes,
-            actual: body_bytes,
-        });
-    }
-    if events != pointer.records {
-        return Err(Error::SizeMismatch {
-            what: "event count",
-            expected: pointer.records,
-            actual: events,
-        });
-    }
-    Ok(Outcome::Verified)
 }
 
 fn transport(e: io::Error) -> Error {
@@ -296,20 +411,65 @@ impl Drop for Buffer<'_> {
     }
 }
 
-/// Cuts a msgpack body into entries as it streams by.
+/// Cuts a body into events as it streams by, a step at a time: the msgpack entries that are
+/// whole in the buffer, or one JSON line.
+enum Split<'g> {
+    Msgpack {
+        buf: Buffer<'g>,
+        /// Where the next entry starts in `buf`.
+        start: usize,
+        /// Follows an entry cut by the end of the buffer.
+        scanner: ValueScanner,
+        infos: Vec<entry::EntryInfo>,
+        tag: Arc<str>,
+    },
+    Json {
+        line: Buffer<'g>,
+        /// Every line of a chunk has the same tag: one allocation shared.
+        tag: Option<Arc<str>>,
+        _reader_memory: Held<'g>,
+    },
+}
+
+/// One line of a `json` body.
+#[derive(Deserialize)]
+struct Line {
+    time: String,
+    tag: String,
+    record: serde_json::Value,
+    metadata: Option<serde_json::Value>,
+}
+
+impl Split<'_> {
+    /// Sends the next events to `out`: `Ok(true)` when some were sent, `Ok(false)` at the end
+    /// of the body.
+    fn step(&mut self, body: &mut impl BufRead, out: &mut Counting<'_>) -> Result<bool, Cut> {
+        match self {
+            Split::Msgpack {
+                buf,
+                start,
+                scanner,
+                infos,
+                tag,
+            } => split_msgpack(body, buf, start, scanner, infos, tag, out),
+            Split::Json { line, tag, .. } => split_json_line(body, line, tag, out),
+        }
+    }
+}
+
+/// Sends the msgpack entries that are whole in the buffer, reading blocks until there is one.
 fn split_msgpack(
     body: &mut impl Read,
+    buf: &mut Buffer<'_>,
+    start: &mut usize,
+    scanner: &mut ValueScanner,
+    infos: &mut Vec<entry::EntryInfo>,
     tag: &Arc<str>,
-    gauge: &Gauge,
     out: &mut Counting<'_>,
-) -> Result<(), Cut> {
-    let mut buf = Buffer::new(gauge);
-    let mut start = 0;
-    let mut scanner = ValueScanner::default();
-    let mut infos = Vec::new();
+) -> Result<bool, Cut> {
     let invalid = |e: ScanError| Cut::Decode(Error::Decode(format!("msgpack entry: {e}")));
     loop {
-        let rest = &buf.bytes[start..];
+        let rest = &buf.bytes[*start..];
         // The usual case: the next entry is all in the buffer, and one walk both checks it
         // and finds its end. An entry cut by the end of the buffer is followed by the
         // resumable scanner instead, so that a large one is not walked again after each block.
@@ -340,22 +500,22 @@ fn split_msgpack(
                 infos.push(info);
             }
             let block = Bytes::copy_from_slice(&rest[..end]);
+            *start += end;
+            *scanner = ValueScanner::default();
             let mut at = 0;
-            for &info in &infos {
+            for &info in infos.iter() {
                 let entry = block.slice(at..at + info.len);
                 at += info.len;
                 out.event(Event::from_scanned(tag.clone(), entry, info).map_err(Cut::Decode)?)?;
             }
-            start += end;
-            scanner = ValueScanner::default();
-            continue;
+            return Ok(true);
         }
         // The scanner's position is relative to the entry's start, which `consume` moves to 0.
-        buf.consume(start);
-        start = 0;
+        buf.consume(*start);
+        *start = 0;
         if buf.fill(body).map_err(Cut::Read)? == 0 {
             return if buf.bytes.is_empty() {
-                Ok(())
+                Ok(false)
             } else {
                 Err(Cut::Decode(Error::Decode(format!(
                     "body ends inside a msgpack entry ({} bytes left)",
@@ -366,33 +526,19 @@ fn split_msgpack(
     }
 }
 
-/// One line of a `json` body.
-#[derive(Deserialize)]
-struct Line {
-    time: String,
-    tag: String,
-    record: serde_json::Value,
-    metadata: Option<serde_json::Value>,
-}
-
-/// Reads a `json` body line by line.
-fn split_json_lines(
-    body: &mut impl Read,
-    gauge: &Gauge,
+/// Sends the event of the next non-empty line of a `json` body.
+fn split_json_line(
+    body: &mut impl BufRead,
+    line: &mut Buffer<'_>,
+    tag: &mut Option<Arc<str>>,
     out: &mut Counting<'_>,
-) -> Result<(), Cut> {
-    let mut reader = io::BufReader::with_capacity(READ_BLOCK, body);
-    let _reader_memory = Held::new(gauge, READ_BLOCK);
-    let mut line = Buffer::new(gauge);
-    let mut tag: Option<Arc<str>> = None;
+) -> Result<bool, Cut> {
     loop {
         line.bytes.clear();
-        let n = reader
-            .read_until(b'\n', &mut line.bytes)
-            .map_err(Cut::Read)?;
+        let n = body.read_until(b'\n', &mut line.bytes).map_err(Cut::Read)?;
         line.report();
         if n == 0 {
-            return Ok(());
+            return Ok(false);
         }
         let text = line.bytes.strip_suffix(b"\n").unwrap_or(&line.bytes);
         if text.is_empty() {
@@ -406,8 +552,7 @@ fn split_json_lines(
                 parsed.time
             )))
         })?;
-        // Every line of a chunk has the same tag: share one allocation.
-        let line_tag = match &tag {
+        let line_tag = match &*tag {
             Some(t) if **t == *parsed.tag => t.clone(),
             _ => tag.insert(parsed.tag.as_str().into()).clone(),
         };
@@ -417,6 +562,7 @@ fn split_json_lines(
             Event::from_parts(line_tag, time, &record, metadata.as_ref()).map_err(Cut::Decode)?;
         out.event(event)?;
         line.relax();
+        return Ok(true);
     }
 }
 
@@ -467,6 +613,129 @@ pub fn verify_and_decode(pointer: &Pointer, stored: &[u8]) -> Result<Vec<Event>,
     match decode_object(pointer, stored, &Gauge::default(), &mut events)? {
         Outcome::Verified => Ok(events),
         Outcome::Stopped => unreachable!("a Vec never stops a pass"),
+    }
+}
+
+/// The gauge of passes that nobody reads: [`Decoder`] and [`verify`] report to it.
+static UNWATCHED: Gauge = Gauge::new();
+
+/// Verifies and decodes one stored body read from any [`Read`], pulled one event at a time,
+/// without an async runtime: what [`Resolver`](crate::Resolver) does after its GetObject, for
+/// callers that fetch the bytes themselves (another S3 client, a file, another language).
+///
+/// Memory stays bounded whatever the body's size: the stored bytes are read in blocks of 64
+/// KiB, and at most one block of entries (or one JSON line) is decoded ahead. Events are
+/// handed out as they are decoded; the pointer's checks (stored size, CRC32C, decompressed
+/// size, event count) are made when the body ends, and a failure is the last item. To hand
+/// out no event of a damaged body, run [`verify`] over the bytes first and a `Decoder` over
+/// them again (the resolver reads twice, or keeps a small object in memory).
+///
+/// The pointer's [`Pointer::bytes`] is not compared with any limit here: check it first when
+/// the pointer comes from someone you do not trust with your memory or time.
+///
+/// ```
+/// use claimcheck_consumer::{Decoder, Error, Pointer};
+///
+/// let pointer = Pointer::from_record(br#"{"v":1,"chunk_id":"0193a1c2e4f87d3e9a5b6c7d8e9f0a1b",
+///   "bucket":"logs","key":"app/0193a1c2e4f87d3e9a5b6c7d8e9f0a1b.msgpack","tag":"app",
+///   "timekey":1763740800,"first_time":1763740801.5,"last_time":1763740801.5,"records":1,
+///   "bytes":22,"stored_bytes":22,"format":"msgpack","compression":"none",
+///   "checksum":{"crc32c":"a7b5de6f"},"producer":"h","created_at":"2026-11-21T16:01:02.345Z"}"#)?;
+/// let stored: &[u8] = b"\x92\xd7\x00\x69\x20\x8c\x81\x1d\xcd\x65\x00\x81\xa3msg\xa5hello";
+///
+/// // Any `Read`: a file, a socket, an HTTP body.
+/// for event in Decoder::new(&pointer, stored)? {
+///     println!("{}", event?.record_json());
+/// }
+/// # Ok::<(), Error>(())
+/// ```
+pub struct Decoder<R: Read> {
+    pointer: Pointer,
+    pass: Option<Pass<'static, R>>,
+    ready: VecDeque<Event>,
+}
+
+impl<R: Read> Decoder<R> {
+    /// Starts a pass over `stored`, the bytes of the object (or inline body) `pointer`
+    /// describes. Nothing is read yet.
+    pub fn new(pointer: &Pointer, stored: R) -> Result<Self, Error> {
+        let mut pointer = pointer.clone();
+        // The decoder reads `stored`, not the body the pointer may carry.
+        pointer.inline = None;
+        let pass = Pass::new(&pointer, stored, &UNWATCHED)?;
+        Ok(Decoder {
+            pointer,
+            pass: Some(pass),
+            ready: VecDeque::new(),
+        })
+    }
+
+    /// The next events, as many as were decoded from one block of the body (at least one),
+    /// moved into `out`; `Ok(false)` once the body ended and every check passed. After an
+    /// error, or `Ok(false)`, there is nothing more.
+    pub fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<bool, Error> {
+        if !self.ready.is_empty() {
+            out.extend(self.ready.drain(..));
+            return Ok(true);
+        }
+        loop {
+            let Some(pass) = self.pass.as_mut() else {
+                return Ok(false);
+            };
+            let before = out.len();
+            match pass.step(&self.pointer, out) {
+                Ok(Step::More) if out.len() == before => continue,
+                Ok(Step::More) => return Ok(true),
+                Ok(Step::Verified | Step::Stopped) => {
+                    self.pass = None;
+                    return Ok(false);
+                }
+                Err(e) => {
+                    self.pass = None;
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+impl<R: Read> Iterator for Decoder<R> {
+    type Item = Result<Event, Error>;
+
+    fn next(&mut self) -> Option<Result<Event, Error>> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some(Ok(event));
+            }
+            let pass = self.pass.as_mut()?;
+            match pass.step(&self.pointer, &mut self.ready) {
+                Ok(Step::More) => {}
+                Ok(Step::Verified | Step::Stopped) => self.pass = None,
+                Err(e) => {
+                    self.pass = None;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+impl<R: Read> std::fmt::Debug for Decoder<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("chunk_id", &self.pointer.chunk_id)
+            .field("events_decoded", &self.pass.as_ref().map(|p| p.events))
+            .field("ready", &self.ready.len())
+            .finish()
+    }
+}
+
+/// Reads a stored body to its end and makes every check of [`Decoder`], keeping no event:
+/// `Ok` means a [`Decoder`] over the same bytes will hand out every event and no error.
+pub fn verify<R: Read>(pointer: &Pointer, stored: R) -> Result<(), Error> {
+    match decode_object(pointer, stored, &UNWATCHED, &mut Discard)? {
+        Outcome::Verified => Ok(()),
+        Outcome::Stopped => unreachable!("Discard never stops a pass"),
     }
 }
 
@@ -663,6 +932,42 @@ pub(crate) mod tests {
             verify_and_decode(&p, &bytes),
             Err(Error::Decompress(_))
         ));
+    }
+
+    #[test]
+    fn the_pulling_decoder_gives_the_same_events_and_the_failure_last() {
+        let (msgpack, events) = body();
+        let mut json = Vec::new();
+        body::write_json_lines("app.web", &msgpack, &mut json).unwrap();
+        for c in [Compression::Zstd, Compression::Gzip, Compression::None] {
+            let (p, bytes) = stored(Format::Msgpack, c, &msgpack, 5);
+            let pulled: Vec<Event> = Decoder::new(&p, &bytes[..])
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(pulled, events, "{c:?}");
+            verify(&p, &bytes[..]).unwrap();
+
+            let (p, bytes) = stored(Format::Json, c, &json, 5);
+            let mut batches = Decoder::new(&p, &bytes[..]).unwrap();
+            let mut all = Vec::new();
+            while batches.next_batch(&mut all).unwrap() {}
+            assert_eq!(all.len(), 5, "{c:?}");
+
+            let mut damaged = bytes.clone();
+            let last = damaged.len() - 1;
+            damaged[last] ^= 1;
+            let items: Vec<_> = Decoder::new(&p, &damaged[..]).unwrap().collect();
+            let (last, _) = items.split_last().unwrap();
+            assert!(
+                matches!(
+                    last,
+                    Err(Error::ChecksumMismatch { .. } | Error::Decompress(_))
+                ),
+                "{c:?}: {last:?}"
+            );
+            assert!(verify(&p, &damaged[..]).is_err());
+        }
     }
 
     #[test]

@@ -2,7 +2,25 @@
 
 use std::error::Error as StdError;
 
+#[cfg(feature = "aws")]
 use aws_smithy_types::error::display::DisplayErrorContext;
+
+/// An error and its sources, for messages: the SDK's own rendering when it is there.
+#[cfg(not(feature = "aws"))]
+struct DisplayErrorContext<'a, E: ?Sized>(&'a E);
+
+#[cfg(not(feature = "aws"))]
+impl<E: StdError + ?Sized> std::fmt::Display for DisplayErrorContext<'_, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
 
 /// A boxed error source, as kept by the AWS and checkpoint variants.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -107,6 +125,7 @@ impl Error {
         )
     }
 
+    #[cfg(feature = "aws")]
     pub(crate) fn checkpoint(reason: impl Into<String>, source: impl Into<BoxError>) -> Error {
         Error::Checkpoint {
             reason: reason.into(),

@@ -12,6 +12,8 @@
 //! * [`body`] — chunk body formats (`msgpack`, `json`) and compressions; [`entry`] — the msgpack
 //!   `[time, record]` entry scanner shared with the sidecar.
 //! * [`Event`] — one event, with its record as borrowed msgpack, JSON or your own type.
+//! * [`Decoder`] — a stored body from any [`std::io::Read`] → verified events, pulled one at
+//!   a time with no async runtime; [`verify`] checks a body without keeping its events.
 //! * [`Resolver`] — pointer → S3 GetObject (or the inline body) → decompress → events,
 //!   streamed in bounded memory,
 //!   with sizes and CRC32C checked before any event is handed out ([`Verification`]).
@@ -20,6 +22,8 @@
 //!   per-shard order kept, duplicate chunk ids dropped.
 //! * `lambda` (feature `lambda`) — Lambda's `KinesisEvent` into pointers and events, with
 //!   batch item failures and duplicates dropped across warm invocations.
+//! * Feature `aws` (on by default) — [`Resolver`], [`StreamReader`] and checkpoints: the parts
+//!   that read from AWS. Without it the crate has no AWS SDK and no async runtime.
 //! * [`Error`] — the one error type; [`Error::is_chunk_error`] tells a pointer that can be
 //!   skipped from a call that may be retried.
 //!
@@ -47,28 +51,37 @@
 //! ```
 
 pub mod body;
+#[cfg(feature = "aws")]
 pub mod checkpoint;
 mod decode;
+#[cfg(feature = "aws")]
 mod dedup;
 pub mod entry;
 mod error;
 mod event;
+#[cfg(feature = "aws")]
 mod kinesis;
 #[cfg(feature = "lambda")]
 pub mod lambda;
 pub mod pointer;
+#[cfg(feature = "aws")]
 pub mod reader;
+#[cfg(feature = "aws")]
 mod resolve;
+#[cfg(feature = "aws")]
 mod source;
 
 pub use body::{Compression, Format};
+#[cfg(feature = "aws")]
 pub use checkpoint::{Checkpoint, CheckpointStore, FileCheckpointStore};
-pub use decode::verify_and_decode;
+pub use decode::{verify, verify_and_decode, Decoder};
 pub use entry::EventTime;
 pub use error::{BoxError, Error};
 pub use event::{Event, MAX_NESTING};
 pub use pointer::Pointer;
+#[cfg(feature = "aws")]
 pub use reader::{Delivery, Position, StartPosition, StreamReader};
+#[cfg(feature = "aws")]
 pub use resolve::{EventStream, ResolveStats, ResolvedChunk, Resolver, Verification};
 
 /// The README's examples, compiled as doctests so that they stay true (its Lambda example

@@ -1,0 +1,225 @@
+"""Read claimcheck pointer records: the events of each chunk, verified and decompressed.
+
+The sidecar stores each chunk of events as one S3 object (or, when small, inline in the
+Kinesis record) and publishes a pointer record to Kinesis. This package turns a pointer record
+back into events. The checks and the decoding are the Rust crate ``claimcheck-consumer``'s;
+boto3 does the fetching, so credentials, regions, retries and test doubles work as usual.
+
+::
+
+    import claimcheck
+
+    pointer = claimcheck.Pointer.parse(record_data)
+    for event in claimcheck.resolve(pointer):
+        print(event.tag, event.datetime, event.record)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from . import errors
+from ._native import Event, Pointer
+from ._native import decode as _decode
+from ._native import verify as _verify
+from ._native import verify_then_decode as _verify_then_decode
+from .errors import *  # noqa: F401,F403
+
+__all__ = [
+    "Pointer",
+    "Event",
+    "Events",
+    "resolve",
+    "decode",
+    "verify",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_IN_MEMORY_OBJECT_BYTES",
+] + errors.__all__
+
+#: Bodies larger than this (decompressed) are refused unless ``max_body_bytes`` is raised.
+DEFAULT_MAX_BODY_BYTES = 4 << 30
+#: Objects up to this size are read once and held (compressed) while they are verified;
+#: larger ones are read twice, the second time pinned to the first read's ETag.
+DEFAULT_IN_MEMORY_OBJECT_BYTES = 16 << 20
+
+PointerLike = Union[Pointer, bytes, bytearray, memoryview, str]
+
+
+class Events:
+    """The events of one chunk, as a lazy iterator of :class:`Event`.
+
+    ``pointer`` is the chunk's pointer. Iterate once; ``close()`` stops reading early (the
+    rest of an S3 object is then not read). Also a context manager that closes it.
+    """
+
+    __slots__ = ("pointer", "_events", "_response")
+
+    def __init__(self, pointer: Pointer, events: Any, response: Any = None):
+        self.pointer = pointer
+        self._events = events
+        self._response = response
+
+    def __iter__(self) -> "Events":
+        return self
+
+    def __next__(self) -> Event:
+        try:
+            return next(self._events)
+        except StopIteration:
+            self._release()
+            raise
+
+    def close(self) -> None:
+        self._events.close()
+        self._release()
+
+    def _release(self) -> None:
+        body = self._response
+        self._response = None
+        if body is not None:
+            try:
+                body.close()
+            except Exception:  # noqa: BLE001 - closing a finished or broken stream
+                pass
+
+    def __enter__(self) -> "Events":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Events({self.pointer!r})"
+
+
+def _pointer(pointer: PointerLike) -> Pointer:
+    if isinstance(pointer, Pointer):
+        return pointer
+    if isinstance(pointer, memoryview):
+        pointer = pointer.tobytes()
+    return Pointer.parse(pointer)
+
+
+def _body_arg(body: Any) -> Any:
+    return body.tobytes() if isinstance(body, memoryview) else body
+
+
+def decode(pointer: PointerLike, body: Any = None) -> Events:
+    """The events of a stored body you fetched yourself, as they are decoded.
+
+    ``body`` is ``bytes``, a file object (read in 64 KiB blocks) or ``None`` for an inline
+    pointer's own body. The checks (sizes, CRC32C, event count) are made when the body ends,
+    and a failure is raised then: call :func:`verify` on the same bytes first to see no event
+    of a damaged body.
+    """
+    p = _pointer(pointer)
+    return Events(p, _decode(p, _body_arg(body)))
+
+
+def verify(pointer: PointerLike, body: Any = None) -> None:
+    """Reads a stored body to its end and makes every check, keeping no event; raises a
+    :class:`ChunkError` (or :class:`S3Error` when ``body.read`` fails) if one fails."""
+    p = _pointer(pointer)
+    _verify(p, _body_arg(body))
+
+
+_default_client = None
+
+
+def _s3(client: Any) -> Any:
+    global _default_client
+    if client is not None:
+        return client
+    if _default_client is None:
+        import boto3
+
+        _default_client = boto3.client("s3")
+    return _default_client
+
+
+def _get(s3: Any, p: Pointer, if_match: Optional[str] = None) -> Any:
+    import botocore.exceptions
+
+    args = {"Bucket": p.bucket, "Key": p.key}
+    if if_match is not None:
+        args["IfMatch"] = if_match
+    try:
+        response = s3.get_object(**args)
+    except botocore.exceptions.ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchKey", "NotFound", "404"):
+            raise errors.ObjectMissing(
+                f"object s3://{p.bucket}/{p.key} is missing", bucket=p.bucket, key=p.key
+            ) from e
+        if code == "PreconditionFailed" or status == 412:
+            raise errors.ObjectChanged(
+                f"object s3://{p.bucket}/{p.key} changed while it was being read",
+                bucket=p.bucket,
+                key=p.key,
+            ) from e
+        raise errors.S3Error(f"s3 GetObject failed: {e}", operation="GetObject") from e
+    except botocore.exceptions.BotoCoreError as e:
+        raise errors.S3Error(f"s3 GetObject failed: {e}", operation="GetObject") from e
+    length = response.get("ContentLength")
+    if length is not None and length != p.stored_bytes:
+        response["Body"].close()
+        raise errors.SizeMismatch(
+            f"stored object bytes is {length}, the pointer says {p.stored_bytes}",
+            what="stored object bytes",
+            expected=p.stored_bytes,
+            actual=length,
+        )
+    return response
+
+
+def resolve(
+    pointer: PointerLike,
+    s3_client: Any = None,
+    *,
+    verify_first: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    in_memory_object_bytes: int = DEFAULT_IN_MEMORY_OBJECT_BYTES,
+) -> Events:
+    """The events of a pointer's chunk: fetched (from S3 with ``s3_client``, a boto3 S3
+    client, by default ``boto3.client("s3")``; or from the record itself for an inline
+    pointer), verified, decompressed and decoded, as a lazy iterator.
+
+    With ``verify_first`` (the default) every check is made before this returns, so an error
+    about the object is raised here and no event of a damaged object is ever handed out:
+    objects up to ``in_memory_object_bytes`` are read once and held (compressed) while
+    checked; larger ones are read twice, the second time only if their ETag is unchanged.
+    With ``verify_first=False`` the object is read once, events come as they are decoded, and
+    a failed check is raised by the iterator at the end: discard what you got before it.
+
+    The object is read in 64 KiB blocks from boto3's ``StreamingBody``; memory stays bounded
+    whatever its size. Raises :class:`ChunkError` subclasses for bad pointers and objects and
+    :class:`S3Error` for failed calls.
+    """
+    p = _pointer(pointer)
+    if p.bytes > max_body_bytes:
+        raise errors.BodyTooLarge(
+            f"body of {p.bytes} bytes is over this reader's limit of {max_body_bytes}",
+            bytes=p.bytes,
+            limit=max_body_bytes,
+        )
+    if p.is_inline:
+        if verify_first:
+            _verify(p, None)
+        return Events(p, _decode(p, None))
+    s3 = _s3(s3_client)
+    response = _get(s3, p)
+    body = response["Body"]
+    if not verify_first:
+        return Events(p, _decode(p, body), body)
+    if p.stored_bytes <= in_memory_object_bytes:
+        try:
+            return Events(p, _verify_then_decode(p, body))
+        finally:
+            body.close()
+    try:
+        _verify(p, body)
+    finally:
+        body.close()
+    second = _get(s3, p, if_match=response.get("ETag"))
+    return Events(p, _decode(p, second["Body"]), second["Body"])

@@ -1,0 +1,127 @@
+"""Bad input raises the crate's errors as typed exceptions; a failing read is retryable."""
+
+import io
+import json
+
+import pytest
+
+import claimcheck
+from conftest import VECTORS
+
+
+def good():
+    pointer = claimcheck.Pointer.parse((VECTORS / "msgpack-zstd.pointer.json").read_bytes())
+    return pointer, (VECTORS / "msgpack-zstd.object").read_bytes()
+
+
+def test_pointer_fields():
+    pointer, body = good()
+    assert pointer.v == 1
+    assert pointer.bucket and pointer.key
+    assert (pointer.format, pointer.compression) == ("msgpack", "zstd")
+    assert pointer.stored_bytes == len(body)
+    assert not pointer.is_inline
+    assert pointer.location == f"s3://{pointer.bucket}/{pointer.key}"
+    assert claimcheck.Pointer.parse(pointer.to_record()) == pointer
+    assert claimcheck.Pointer.parse(pointer.to_json()) == pointer
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"not json", b"{}", b'{"v":1}', b"[1,2]", "{\"v\": \"one\"}"]
+)
+def test_garbage_is_a_malformed_pointer(data):
+    with pytest.raises(claimcheck.MalformedPointer) as raised:
+        claimcheck.Pointer.parse(data)
+    assert raised.value.is_chunk_error
+    assert isinstance(raised.value, ValueError)
+
+
+def test_unknown_version():
+    pointer, _ = good()
+    doc = json.loads(pointer.to_json())
+    doc["v"] = 99
+    with pytest.raises(claimcheck.UnsupportedVersion) as raised:
+        claimcheck.Pointer.parse(json.dumps(doc).encode())
+    assert raised.value.version == 99
+
+
+def test_truncated_object():
+    pointer, body = good()
+    with pytest.raises(claimcheck.SizeMismatch) as raised:
+        claimcheck.verify(pointer, body[:-1])
+    assert (raised.value.expected, raised.value.actual) == (len(body), len(body) - 1)
+
+
+def test_wrong_checksum_is_raised_after_the_events_when_not_verified_first():
+    pointer, body = good()
+    damaged = bytearray(body)
+    damaged[len(body) // 2] ^= 0x10
+    with pytest.raises(claimcheck.ChecksumMismatch) as raised:
+        claimcheck.verify(pointer, bytes(damaged))
+    assert raised.value.expected == pointer.crc32c
+    assert raised.value.actual != pointer.crc32c
+    with pytest.raises((claimcheck.ChecksumMismatch,)):
+        for _ in claimcheck.decode(pointer, bytes(damaged)):
+            pass
+
+
+def test_a_pointer_to_s3_needs_a_body():
+    pointer, _ = good()
+    with pytest.raises(ValueError):
+        claimcheck.verify(pointer)
+
+
+class Failing(io.RawIOBase):
+    """Hands out half of the body, then fails as a dropped connection does."""
+
+    def __init__(self, data):
+        self.data = data[: len(data) // 2]
+
+    def read(self, n=-1):
+        if not self.data:
+            raise ConnectionResetError("connection reset by peer")
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
+def test_a_failing_read_is_a_retryable_s3_error_with_its_cause():
+    pointer, body = good()
+    with pytest.raises(claimcheck.S3Error) as raised:
+        claimcheck.verify(pointer, Failing(body))
+    assert not raised.value.is_chunk_error
+    assert isinstance(raised.value, claimcheck.RetryableError)
+    assert isinstance(raised.value.__cause__, ConnectionResetError)
+
+
+class Recording(io.RawIOBase):
+    def __init__(self, data):
+        self.file = io.BytesIO(data)
+        self.asked = []
+
+    def read(self, n=-1):
+        self.asked.append(n)
+        return self.file.read(n)
+
+
+def test_file_objects_are_read_in_blocks():
+    """A 4 MiB body is read 64 KiB at a time, never whole."""
+    pointer, body = good()
+    big = (VECTORS / "msgpack-none.object").read_bytes()
+    p = claimcheck.Pointer.parse((VECTORS / "msgpack-none.pointer.json").read_bytes())
+    # Many copies of the same body under one pointer: the checks fail at the end, but the
+    # reads show how the body is pulled.
+    data = big * (4 * 1024 * 1024 // len(big))
+    source = Recording(data)
+    with pytest.raises(claimcheck.ClaimcheckError):
+        claimcheck.verify(p, source)
+    assert len(source.asked) > 60
+    assert all(0 < n <= 64 * 1024 for n in source.asked), set(source.asked)
+
+
+def test_events_can_be_stopped_early():
+    pointer, body = good()
+    events = claimcheck.decode(pointer, body)
+    first = next(events)
+    assert first.record["msg"] == "hello"
+    events.close()
+    assert list(events) == []
