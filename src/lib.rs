@@ -19,6 +19,8 @@
 //! While S3 or Kinesis fails, [`outage`] turns the retries of thousands of chunks into a few log
 //! lines with counts.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod aws;
 pub mod bench;

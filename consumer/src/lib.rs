@@ -50,6 +50,8 @@
 //! # }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod body;
 #[cfg(feature = "aws")]
 pub mod checkpoint;
