@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::buffer::gauges::BufferCollector;
 use crate::buffer::registry::{ChunkInfo, Registry};
 
 struct State {
@@ -37,7 +38,11 @@ pub async fn run(
     limit: Option<u64>,
     shutdown: CancellationToken,
 ) {
-    let metrics = crate::metrics::metrics().registry(buffer.clone(), limit);
+    let mut metrics = crate::metrics::metrics().registry();
+    metrics.register_collector(Box::new(BufferCollector {
+        buffer: buffer.clone(),
+        limit,
+    }));
     let state = Arc::new(State {
         buffer,
         limit,

@@ -426,7 +426,7 @@ impl ServeArgs {
             max_times: self.retry_max_times,
             forever: self.retry_forever,
         };
-        if self.s3_part_size < crate::aws::s3::MIN_PART_SIZE {
+        if self.s3_part_size < crate::backends::MIN_PART_SIZE {
             return Err("--s3-part-size must be at least 5MiB (S3's minimum part size)".into());
         }
         if self.inline_max_bytes > MAX_INLINE_BYTES {

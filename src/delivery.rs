@@ -12,12 +12,12 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::aws::{self, kinesis::KinesisSink, s3::S3Store};
+use crate::backends::{ChunkStore, PointerSink};
 use crate::buffer::registry::Registry;
 use crate::buffer::{self, chunk, Recovered, SealedChunk, UploadedChunk};
 use crate::config::Config;
-use crate::outage;
-use crate::publisher::{self, PointerSink};
-use crate::uploader::{self, ChunkStore};
+use crate::outage::{self, Stage};
+use crate::{publisher, uploader};
 
 /// How often the buffer is checked for chunks put back by `claimcheck replay`.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
@@ -120,7 +120,7 @@ pub async fn run<S: ChunkStore, P: PointerSink>(
             uploaded_rx
         ),
         rescan(chunks_dir, registry.clone(), sealed_tx, uploaded_tx),
-        outage::run(registry),
+        outage_summaries(registry),
     );
 }
 
@@ -134,6 +134,20 @@ fn enqueue(
     }
     for chunk in found.uploaded {
         let _ = uploaded.send(chunk);
+    }
+}
+
+/// Logs the summaries of failing stages, for as long as delivery runs.
+async fn outage_summaries(registry: Arc<Registry>) {
+    let mut tick = tokio::time::interval(outage::TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for stage in Stage::ALL {
+            registry
+                .outage(stage)
+                .summarize(|last_error| registry.backlog(stage, last_error));
+        }
     }
 }
 

@@ -23,6 +23,7 @@
 
 pub mod admin;
 pub mod aws;
+pub mod backends;
 pub mod bench;
 pub mod buffer;
 pub mod config;
@@ -48,11 +49,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use backends::{ChunkStore, PointerSink};
 use buffer::registry::Registry;
 use buffer::{Buffer, Recovered};
 use config::Config;
-use publisher::PointerSink;
-use uploader::ChunkStore;
 
 /// A sidecar whose buffer is open and recovered, ready to serve.
 pub struct Sidecar {

@@ -2,22 +2,19 @@
 //!
 //! Counters and histograms live in one process-wide [`Metrics`] that the stages record into.
 //! What describes the buffer (bytes, chunks by phase, the age of the oldest chunk not yet
-//! published, drops and dead letters) is read from the buffer's [`Registry`] at each scrape, so
-//! it cannot drift from the buffer itself. Label values come from small fixed sets (reasons,
+//! published, drops and dead letters) is read from the buffer's registry at each scrape
+//! ([`crate::buffer::gauges`]), so it cannot drift from the buffer itself. Label values come from small fixed sets (reasons,
 //! phases, operations, AWS error codes): tags are never labels.
 
-use std::sync::{Arc, LazyLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::LazyLock;
+use std::time::Duration;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Unit;
-
-use crate::buffer::registry::{Phase, Registry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
@@ -228,12 +225,9 @@ impl Metrics {
         }
     }
 
-    /// A Prometheus registry with every metric, plus the buffer's state read from `buffer`.
-    pub fn registry(
-        &'static self,
-        buffer: Arc<Registry>,
-        limit: Option<u64>,
-    ) -> prometheus_client::registry::Registry {
+    /// A Prometheus registry with every metric (the buffer's own gauges are added by the admin
+    /// endpoint, from [`crate::buffer::gauges`]).
+    pub fn registry(&'static self) -> prometheus_client::registry::Registry {
         for r in SEAL_REASONS {
             drop(self.chunks_sealed.get_or_create(&reason(r)));
         }
@@ -411,132 +405,7 @@ impl Metrics {
             "Chunk files moved to quarantine (damaged, unknown)",
             self.files_quarantined.clone(),
         );
-        r.register_collector(Box::new(BufferCollector { buffer, limit }));
         r
-    }
-}
-
-/// The buffer's state, read at each scrape.
-#[derive(Debug)]
-struct BufferCollector {
-    buffer: Arc<Registry>,
-    limit: Option<u64>,
-}
-
-fn encode_gauge(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    value: f64,
-) -> std::fmt::Result {
-    let gauge = ConstGauge::new(value);
-    let metric = encoder.encode_descriptor(name, help, unit, gauge.metric_type())?;
-    gauge.encode(metric)
-}
-
-fn encode_counter(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    value: u64,
-) -> std::fmt::Result {
-    let counter = ConstCounter::new(value);
-    let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
-    counter.encode(metric)
-}
-
-impl Collector for BufferCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        // Every phase is written, empty ones included, so that dashboards see zeros.
-        let phases = [
-            Phase::Open,
-            Phase::Sealed,
-            Phase::Uploading,
-            Phase::Uploaded,
-            Phase::Publishing,
-            Phase::Dropped,
-        ];
-        let (counts, oldest_ms) = self.buffer.count_by_phase(phases);
-        encode_gauge(
-            &mut encoder,
-            "buffer",
-            "Bytes of the chunks in the buffer",
-            Some(&Unit::Bytes),
-            self.buffer.usage() as f64,
-        )?;
-        if let Some(limit) = self.limit {
-            encode_gauge(
-                &mut encoder,
-                "buffer_limit",
-                "total_limit_size",
-                Some(&Unit::Bytes),
-                limit as f64,
-            )?;
-        }
-        let mut family = encoder.encode_descriptor(
-            "buffer_chunks",
-            "Chunks in the buffer, by phase",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for (phase, n) in phases.into_iter().zip(counts) {
-            let labels = vec![("phase".to_string(), phase_name(phase).to_string())];
-            ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
-        }
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let oldest = oldest_ms.map_or(0.0, |ms| (now_ms - ms).max(0) as f64 / 1000.0);
-        encode_gauge(
-            &mut encoder,
-            "oldest_unpublished_chunk_age",
-            "Age of the oldest chunk not yet published (0 when the buffer is empty)",
-            Some(&Unit::Seconds),
-            oldest,
-        )?;
-        let (dropped, dropped_events, dead) = self.buffer.losses();
-        encode_counter(
-            &mut encoder,
-            "chunks_dropped",
-            "Chunks deleted by overflow_action drop_oldest_chunk",
-            dropped,
-        )?;
-        encode_counter(
-            &mut encoder,
-            "events_dropped",
-            "Events in chunks deleted by overflow_action drop_oldest_chunk",
-            dropped_events,
-        )?;
-        encode_counter(
-            &mut encoder,
-            "chunks_dead_lettered",
-            "Chunks moved to the dead-letter folder",
-            dead,
-        )?;
-        encode_gauge(
-            &mut encoder,
-            "ready",
-            "1 while the sidecar can accept and buffer events",
-            None,
-            if self.buffer.not_ready_because().is_none() {
-                1.0
-            } else {
-                0.0
-            },
-        )?;
-        Ok(())
-    }
-}
-
-fn phase_name(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Open => "open",
-        Phase::Sealed => "sealed",
-        Phase::Uploading => "uploading",
-        Phase::Uploaded => "uploaded",
-        Phase::Publishing => "publishing",
-        Phase::Dropped => "dropped",
     }
 }
 

@@ -18,21 +18,19 @@
 //! chunk's attempts, last error and next retry stay in the registry (`/api/v1/buffer`); a chunk
 //! moved to `dead/` or `quarantine/` keeps its own ERROR line, as data that needs an operator.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::{error, info, warn, Level};
 
 use crate::aws::BackendError;
-use crate::buffer::registry::{Phase, Registry};
-use crate::uploader::UploadError;
 
 /// How often a failing stage is summarised in the log.
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(30);
 
-/// How often [`run`] checks whether a summary is due.
-const TICK: Duration = Duration::from_secs(1);
+/// How often delivery checks whether a summary is due.
+pub const TICK: Duration = Duration::from_secs(1);
 
 /// A delivery stage, failing or not as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,14 +43,6 @@ pub enum Stage {
 
 impl Stage {
     pub const ALL: [Stage; 2] = [Stage::Upload, Stage::Publish];
-
-    /// The phases of a chunk that waits for this stage or is being worked on by it.
-    pub fn phases(self) -> [Phase; 2] {
-        match self {
-            Stage::Upload => [Phase::Sealed, Phase::Uploading],
-            Stage::Publish => [Phase::Uploaded, Phase::Publishing],
-        }
-    }
 
     /// The `stage` field of its lines, as in `claimcheck_retries_total{stage}`.
     pub fn name(self) -> &'static str {
@@ -81,22 +71,6 @@ impl From<&BackendError> for Failure {
             code: e.code.clone(),
             cause: e.to_string(),
             retryable: e.retryable,
-        }
-    }
-}
-
-impl From<&UploadError> for Failure {
-    fn from(e: &UploadError) -> Failure {
-        let code = match e {
-            UploadError::Store(b) => return Failure::from(b),
-            UploadError::Read(_) => "read",
-            UploadError::Body(_) => "body",
-            UploadError::State(_) => "state",
-        };
-        Failure {
-            code: code.into(),
-            cause: e.to_string(),
-            retryable: e.is_retryable(),
         }
     }
 }
@@ -453,8 +427,9 @@ impl Reporter {
         }
     }
 
-    /// Logs the summary if one is due, with the backlog read from `registry`.
-    fn summarize(&self, registry: &Registry) {
+    /// Logs the summary if one is due, with the backlog that `backlog` reads (from the
+    /// registry) for the last error.
+    pub fn summarize(&self, backlog: impl FnOnce(Option<&str>) -> Backlog) {
         let now = Instant::now();
         let cause = {
             let outage = self.lock();
@@ -463,7 +438,7 @@ impl Reporter {
             }
             outage.last_cause().map(str::to_string)
         };
-        let backlog = registry.backlog(self.stage, cause.as_deref());
+        let backlog = backlog(cause.as_deref());
         let report = self.lock().summarize(now, backlog);
         if let Some(r) = report {
             r.log(self.stage);
@@ -496,21 +471,10 @@ impl Reporters {
     }
 }
 
-/// Logs the summaries of failing stages, for as long as delivery runs.
-pub async fn run(registry: Arc<Registry>) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        for stage in Stage::ALL {
-            registry.outage(stage).summarize(&registry);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::uploader::UploadError;
 
     const INTERVAL: Duration = Duration::from_secs(30);
 

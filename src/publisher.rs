@@ -10,7 +10,6 @@
 //! and the chunk moves to `dead/`. A chunk's files are deleted only after Kinesis accepted its
 //! pointer; a crash before that publishes it again (the same chunk id, which consumers drop).
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -19,7 +18,6 @@ use claimcheck_consumer::Pointer;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info};
 
-use crate::aws::BackendError;
 use crate::buffer::registry::{Phase, Registry};
 use crate::buffer::{chunk, UploadedChunk};
 use crate::key_template::{KeyTemplate, KeyValues};
@@ -27,40 +25,13 @@ use crate::metrics::{metrics, Code};
 use crate::outage::{Failure, Stage};
 use crate::retry::{Attempts, Retried, RetryPolicy, RetryStep};
 
+pub use crate::backends::{EntryResult, PointerRecord, PointerSink};
+
 /// Kinesis PutRecords limits.
 pub const MAX_BATCH_RECORDS: usize = 500;
 pub const MAX_BATCH_BYTES: usize = 5 << 20;
 /// Kinesis partition keys are at most 256 Unicode characters.
 pub const MAX_PARTITION_KEY_CHARS: usize = 256;
-
-/// One record to put.
-#[derive(Debug, Clone)]
-pub struct PointerRecord {
-    pub partition_key: String,
-    pub data: Bytes,
-}
-
-/// What happened to one record of a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EntryResult {
-    Accepted {
-        shard_id: String,
-        sequence_number: String,
-    },
-    Failed {
-        code: String,
-        message: String,
-    },
-}
-
-/// Where pointer records go (Kinesis in production, a fake in tests).
-pub trait PointerSink: Send + Sync + 'static {
-    /// Puts a batch; on success, one result per record, in order.
-    fn put_records(
-        &self,
-        records: &[PointerRecord],
-    ) -> impl Future<Output = Result<Vec<EntryResult>, BackendError>> + Send;
-}
 
 /// Settings of the publisher.
 #[derive(Debug, Clone)]

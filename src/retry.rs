@@ -22,7 +22,7 @@ use tracing::{debug, error};
 
 use crate::buffer::chunk::ChunkPaths;
 use crate::buffer::dead_letter;
-use crate::buffer::registry::Registry;
+use crate::buffer::registry::{self, Registry};
 use crate::metrics::metrics;
 use crate::outage::{Failure, Stage};
 
@@ -152,7 +152,7 @@ impl<J: Retried> RetryStep<J> {
     /// backoff. Per chunk at debug: the outage reporter says it once for all of them.
     pub fn failed(&self, mut job: J, failure: &Failure) -> Next {
         let id = job.chunk_id().to_owned();
-        let [waiting, _] = self.stage.phases();
+        let [waiting, _] = registry::phases_of(self.stage);
         self.registry.failed(&id, waiting, failure.cause.clone());
         job.attempts().failed();
         job.unload();

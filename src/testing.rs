@@ -13,9 +13,10 @@ use claimcheck_consumer::{verify_and_decode, Error, Event, Pointer};
 use tokio::sync::Notify;
 
 use crate::aws::BackendError;
+use crate::backends::{
+    ChunkStore, EntryResult, ObjectMeta, PointerRecord, PointerSink, UploadedPart,
+};
 use crate::config::{Config, ServeArgs};
-use crate::publisher::{EntryResult, PointerRecord, PointerSink};
-use crate::uploader::{ChunkStore, ObjectMeta, UploadedPart};
 
 /// The sidecar's configuration as `claimcheck serve` would build it from `args`, with its
 /// buffer in `buffer_dir` and placeholder bucket and stream names (the in-memory backends

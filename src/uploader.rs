@@ -19,7 +19,6 @@
 //! moved to `quarantine/` at once: no retry can repair it.
 
 use std::fs::File;
-use std::future::Future;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,59 +40,23 @@ use crate::metrics::metrics;
 use crate::outage::{Failure, Stage};
 use crate::retry::{Attempts, Retried, RetryPolicy, RetryStep};
 
-/// What is stored, besides the bytes.
-#[derive(Debug, Clone)]
-pub struct ObjectMeta {
-    pub key: String,
-    pub content_type: &'static str,
-    pub content_encoding: Option<&'static str>,
-    pub chunk_id: String,
-}
+pub use crate::backends::{ChunkStore, ObjectMeta, UploadedPart, MIN_PART_SIZE};
 
-/// A part of a multipart upload, as S3 confirmed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UploadedPart {
-    pub number: i32,
-    pub etag: Option<String>,
-    pub crc32c: u32,
-}
-
-/// Where chunk bodies are stored (S3 in production, a fake in tests). Every call carries the
-/// CRC32C of its bytes, for the store to verify. Writing an existing key replaces the object.
-pub trait ChunkStore: Send + Sync + 'static {
-    fn bucket(&self) -> &str;
-    /// Stores a whole object; returns its ETag.
-    fn put_object(
-        &self,
-        meta: &ObjectMeta,
-        body: Bytes,
-        crc32c: u32,
-    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
-    /// Starts a multipart upload; returns its upload id.
-    fn create_multipart(
-        &self,
-        meta: &ObjectMeta,
-    ) -> impl Future<Output = Result<String, BackendError>> + Send;
-    /// Stores part `number` (from 1); returns its ETag.
-    fn upload_part(
-        &self,
-        meta: &ObjectMeta,
-        upload_id: &str,
-        number: i32,
-        body: Bytes,
-        crc32c: u32,
-    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
-    fn complete_multipart(
-        &self,
-        meta: &ObjectMeta,
-        upload_id: &str,
-        parts: &[UploadedPart],
-    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
-    fn abort_multipart(
-        &self,
-        meta: &ObjectMeta,
-        upload_id: &str,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+/// What the outage reporter hears of a failed upload.
+impl From<&UploadError> for Failure {
+    fn from(e: &UploadError) -> Failure {
+        let code = match e {
+            UploadError::Store(b) => return Failure::from(b),
+            UploadError::Read(_) => "read",
+            UploadError::Body(_) => "body",
+            UploadError::State(_) => "state",
+        };
+        Failure {
+            code: code.into(),
+            cause: e.to_string(),
+            retryable: e.is_retryable(),
+        }
+    }
 }
 
 /// Settings of the uploader.
@@ -649,7 +612,7 @@ fn write_body(
     tx: mpsc::Sender<Piece>,
 ) -> Result<BodySummary, UploadError> {
     let threshold = config.multipart_threshold.max(1) as usize;
-    let part_size = config.part_size.max(crate::aws::s3::MIN_PART_SIZE) as usize;
+    let part_size = config.part_size.max(MIN_PART_SIZE) as usize;
     let sink = PartSink {
         block: None,
         threshold,

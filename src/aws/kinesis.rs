@@ -9,7 +9,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 
 use super::{timed, BackendError};
-use crate::publisher::{EntryResult, PointerRecord, PointerSink};
+use crate::backends::{EntryResult, PointerRecord, PointerSink};
 
 #[derive(Debug, Clone)]
 pub struct KinesisSink {

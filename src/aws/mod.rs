@@ -1,5 +1,5 @@
 //! The only users of the AWS SDK: client set-up, and the S3 and Kinesis implementations of
-//! [`ChunkStore`](crate::uploader::ChunkStore) and [`PointerSink`](crate::publisher::PointerSink).
+//! [`ChunkStore`](crate::backends::ChunkStore) and [`PointerSink`](crate::backends::PointerSink).
 //!
 //! Settings come from the standard chain: environment, profile, web identity (IRSA), ECS and
 //! IMDS credentials, `AWS_REGION`, `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` /

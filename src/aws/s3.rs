@@ -7,10 +7,7 @@ use bytes::Bytes;
 use claimcheck_consumer::pointer::crc32c_base64;
 
 use super::{timed, BackendError};
-use crate::uploader::{ChunkStore, ObjectMeta, UploadedPart};
-
-/// S3 requires every part but the last to be at least 5 MiB.
-pub const MIN_PART_SIZE: u64 = 5 << 20;
+use crate::backends::{ChunkStore, ObjectMeta, UploadedPart};
 
 #[derive(Debug, Clone)]
 pub struct S3Store {

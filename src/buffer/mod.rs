@@ -78,6 +78,7 @@
 
 pub mod chunk;
 pub mod dead_letter;
+pub mod gauges;
 mod recovery;
 pub mod registry;
 mod writer;

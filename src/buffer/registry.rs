@@ -270,7 +270,7 @@ fn backlog<'a>(
     let ms = |ms: i64| Duration::from_millis(ms.max(0) as u64);
     let mut b = Backlog::default();
     let (mut oldest, mut next_retry) = (None::<i64>, None::<i64>);
-    for c in chunks.filter(|c| stage.phases().contains(&c.phase)) {
+    for c in chunks.filter(|c| phases_of(stage).contains(&c.phase)) {
         b.waiting += 1;
         oldest = Some(oldest.map_or(c.created_ms, |o| o.min(c.created_ms)));
         if let Some(at) = c.next_retry_ms {
@@ -284,6 +284,14 @@ fn backlog<'a>(
     b.oldest = oldest.map(|o| ms(now_ms - o));
     b.next_retry_in = next_retry.map(|n| ms(n - now_ms));
     b
+}
+
+/// The phases of a chunk that waits for `stage` or is being worked on by it.
+pub fn phases_of(stage: Stage) -> [Phase; 2] {
+    match stage {
+        Stage::Upload => [Phase::Sealed, Phase::Uploading],
+        Stage::Publish => [Phase::Uploaded, Phase::Publishing],
+    }
 }
 
 #[cfg(test)]

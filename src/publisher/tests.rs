@@ -7,6 +7,7 @@ use claimcheck_consumer::pointer::{Checksum, Pointer};
 use claimcheck_consumer::EventTime;
 
 use super::*;
+use crate::aws::BackendError;
 use crate::buffer::chunk::{ChunkHeader, ChunkPaths};
 use crate::buffer::registry::ChunkInfo;
 use crate::retry::Backoff;

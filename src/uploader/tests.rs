@@ -115,7 +115,7 @@ impl ChunkStore for FakeStore {
         assert!(
             sizes[..sizes.len() - 1]
                 .iter()
-                .all(|s| *s as u64 >= crate::aws::s3::MIN_PART_SIZE),
+                .all(|s| *s as u64 >= MIN_PART_SIZE),
             "parts but the last are at least 5 MiB: {sizes:?}"
         );
         let body = uploaded.into_iter().flat_map(|p| p.1).collect();

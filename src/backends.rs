@@ -1,0 +1,97 @@
+//! What delivery needs from S3 and Kinesis, as two traits: [`ChunkStore`] (bodies) and
+//! [`PointerSink`] (pointer records), with the types they speak. The uploader and the publisher
+//! are written against these; `aws::s3` and `aws::kinesis` implement them for AWS, and
+//! `testing` in memory.
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+use crate::aws::BackendError;
+
+/// S3 requires every part but the last to be at least 5 MiB.
+pub const MIN_PART_SIZE: u64 = 5 << 20;
+
+/// What is stored, besides the bytes.
+#[derive(Debug, Clone)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub content_type: &'static str,
+    pub content_encoding: Option<&'static str>,
+    pub chunk_id: String,
+}
+
+/// A part of a multipart upload, as S3 confirmed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadedPart {
+    pub number: i32,
+    pub etag: Option<String>,
+    pub crc32c: u32,
+}
+
+/// Where chunk bodies are stored (S3 in production, a fake in tests). Every call carries the
+/// CRC32C of its bytes, for the store to verify. Writing an existing key replaces the object.
+pub trait ChunkStore: Send + Sync + 'static {
+    fn bucket(&self) -> &str;
+    /// Stores a whole object; returns its ETag.
+    fn put_object(
+        &self,
+        meta: &ObjectMeta,
+        body: Bytes,
+        crc32c: u32,
+    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
+    /// Starts a multipart upload; returns its upload id.
+    fn create_multipart(
+        &self,
+        meta: &ObjectMeta,
+    ) -> impl Future<Output = Result<String, BackendError>> + Send;
+    /// Stores part `number` (from 1); returns its ETag.
+    fn upload_part(
+        &self,
+        meta: &ObjectMeta,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+        crc32c: u32,
+    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
+    fn complete_multipart(
+        &self,
+        meta: &ObjectMeta,
+        upload_id: &str,
+        parts: &[UploadedPart],
+    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
+    fn abort_multipart(
+        &self,
+        meta: &ObjectMeta,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+/// One record to put.
+#[derive(Debug, Clone)]
+pub struct PointerRecord {
+    pub partition_key: String,
+    pub data: Bytes,
+}
+
+/// What happened to one record of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryResult {
+    Accepted {
+        shard_id: String,
+        sequence_number: String,
+    },
+    Failed {
+        code: String,
+        message: String,
+    },
+}
+
+/// Where pointer records go (Kinesis in production, a fake in tests).
+pub trait PointerSink: Send + Sync + 'static {
+    /// Puts a batch; on success, one result per record, in order.
+    fn put_records(
+        &self,
+        records: &[PointerRecord],
+    ) -> impl Future<Output = Result<Vec<EntryResult>, BackendError>> + Send;
+}
