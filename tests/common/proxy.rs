@@ -7,7 +7,6 @@
 //! that matters: every pointer that reaches Kinesis names an object S3 has already stored.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -204,10 +203,16 @@ fn throttled() -> Response<Full<Bytes>> {
         .unwrap()
 }
 
+/// Answers one request; an error closes the connection without an answer, as a backend that
+/// went down does to a connection it had accepted.
 async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    if *state.fault.lock().unwrap() == Fault::Down {
+        *state.ledger.injected.lock().unwrap() += 1;
+        return Err(std::io::Error::other("the backend is down"));
+    }
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
