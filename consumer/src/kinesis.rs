@@ -1,6 +1,7 @@
-//! Kinesis behind a narrow trait: the three calls the stream reader makes, so its shard logic
-//! (resharding, positions, checkpoints) is tested against an in-process fake that behaves like
-//! Kinesis, and against the emulator through the SDK.
+//! Kinesis behind a narrow trait, [`ShardSource`]: the three calls the stream reader makes, so
+//! that its shard logic (resharding, positions, checkpoints) runs against [`InMemoryStream`],
+//! which behaves like Kinesis (`StreamReader::builder_with`), as well as against Kinesis or an
+//! emulator through the SDK.
 
 use std::fmt::Debug;
 use std::time::SystemTime;
@@ -13,7 +14,7 @@ use crate::Error;
 
 /// A shard as ListShards describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ShardInfo {
+pub struct ShardInfo {
     pub id: String,
     /// The parent and, after a merge, the adjacent parent.
     pub parents: Vec<String>,
@@ -23,7 +24,7 @@ pub(crate) struct ShardInfo {
 
 /// Where a shard iterator starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum IteratorStart {
+pub enum IteratorStart {
     TrimHorizon,
     Latest,
     AtTimestamp(SystemTime),
@@ -31,14 +32,14 @@ pub(crate) enum IteratorStart {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Record {
+pub struct Record {
     pub sequence_number: String,
     pub data: Vec<u8>,
 }
 
 /// What one GetRecords call gave.
 #[derive(Debug)]
-pub(crate) enum Read {
+pub enum Read {
     Page {
         records: Vec<Record>,
         /// `None`: the shard is closed and was read to its end.
@@ -52,7 +53,7 @@ pub(crate) enum Read {
     Throttled,
 }
 
-pub(crate) trait ShardSource: Debug + Send + Sync {
+pub trait ShardSource: Debug + Send + Sync {
     fn list_shards<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Vec<ShardInfo>, Error>>;
 
     /// `None` when the shard has nothing more to give from there (closed and read).
@@ -198,11 +199,7 @@ impl ShardSource for Aws {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod fake {
-    //! A stream that behaves like Kinesis where the emulator does not: writes go to the open
-    //! shard owning the hash key, a closed shard keeps its records and ends with a null
-    //! `NextShardIterator`, children start empty.
+mod in_memory {
 
     use std::sync::Mutex;
 
@@ -215,17 +212,21 @@ pub(crate) mod fake {
         records: Vec<Record>,
     }
 
+    /// A stream in memory that behaves like Kinesis where the emulator does not: writes go to
+    /// the open shard owning the hash key, a closed shard keeps its records and ends with a null
+    /// `NextShardIterator`, children start empty. For testing consumers offline.
     #[derive(Debug, Default)]
-    pub(crate) struct Stream {
+    pub struct InMemoryStream {
         shards: Mutex<Vec<Shard>>,
         next_sequence: Mutex<u64>,
         /// GetRecords calls made, per shard id.
         pub(crate) reads: Mutex<Vec<String>>,
     }
 
-    impl Stream {
-        pub(crate) fn with_shards(n: u128) -> Self {
-            let stream = Stream::default();
+    impl InMemoryStream {
+        /// A stream of `n` open shards splitting the hash key space evenly.
+        pub fn with_shards(n: u128) -> Self {
+            let stream = InMemoryStream::default();
             let step = u128::MAX / n;
             for i in 0..n {
                 let end = if i == n - 1 {
@@ -254,7 +255,7 @@ pub(crate) mod fake {
         }
 
         /// Appends to the open shard owning `hash`; returns its id and the sequence number.
-        pub(crate) fn put(&self, hash: u128, data: &[u8]) -> (String, String) {
+        pub fn put(&self, hash: u128, data: &[u8]) -> (String, String) {
             let mut seq = self.next_sequence.lock().unwrap();
             *seq += 1;
             let mut shards = self.shards.lock().unwrap();
@@ -278,7 +279,8 @@ pub(crate) mod fake {
             shard.range
         }
 
-        pub(crate) fn split(&self, id: &str) -> (String, String) {
+        /// Closes shard `id` and opens two children, each with half its hash range.
+        pub fn split(&self, id: &str) -> (String, String) {
             let (lo, hi) = self.close(id);
             let mid = lo + (hi - lo) / 2;
             (
@@ -287,7 +289,8 @@ pub(crate) mod fake {
             )
         }
 
-        pub(crate) fn merge(&self, a: &str, b: &str) -> String {
+        /// Closes the adjacent shards `a` and `b` and opens their merged child.
+        pub fn merge(&self, a: &str, b: &str) -> String {
             let (lo, _) = self.close(a);
             let (_, hi) = self.close(b);
             self.add(vec![a.into(), b.into()], (lo, hi))
@@ -302,7 +305,7 @@ pub(crate) mod fake {
         s.parse().unwrap()
     }
 
-    impl ShardSource for Stream {
+    impl ShardSource for InMemoryStream {
         fn list_shards<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<ShardInfo>, Error>> {
             let listed = self
                 .shards
@@ -372,3 +375,5 @@ pub(crate) mod fake {
         }
     }
 }
+
+pub use in_memory::InMemoryStream;

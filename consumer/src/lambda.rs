@@ -239,7 +239,7 @@ mod tests {
     use super::*;
     use crate::body::{Compression, Format};
     use crate::decode::tests::stored;
-    use crate::source::fake::Bucket;
+    use crate::source::InMemoryBucket as Bucket;
     use crate::{Event, EventTime};
 
     fn chunk(bucket: &Bucket, n: u32) -> Pointer {

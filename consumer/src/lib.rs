@@ -62,7 +62,7 @@ pub mod entry;
 mod error;
 mod event;
 #[cfg(feature = "aws")]
-mod kinesis;
+pub mod kinesis;
 #[cfg(feature = "lambda")]
 pub mod lambda;
 pub mod pointer;
@@ -71,7 +71,7 @@ pub mod reader;
 #[cfg(feature = "aws")]
 mod resolve;
 #[cfg(feature = "aws")]
-mod source;
+pub mod source;
 
 pub use body::{Compression, Format};
 #[cfg(feature = "aws")]

@@ -390,7 +390,9 @@ impl StreamReader {
         Self::builder_with(Arc::new(kinesis::Aws(kinesis)), resolver, stream.into())
     }
 
-    pub(crate) fn builder_with(
+    /// [`StreamReader::builder`] reading shards from `kinesis` instead of Kinesis: an
+    /// [`InMemoryStream`](crate::kinesis::InMemoryStream) to test a consumer offline.
+    pub fn builder_with(
         kinesis: Arc<dyn ShardSource>,
         resolver: Resolver,
         stream: String,

@@ -115,7 +115,11 @@ impl Resolver {
         Resolver::from_source(Arc::new(S3(s3)))
     }
 
-    pub(crate) fn from_source(source: Arc<dyn ObjectSource>) -> Self {
+    /// A resolver that reads objects from `source` instead of S3: an [`InMemoryBucket`] to test
+    /// a consumer offline, or another store.
+    ///
+    /// [`InMemoryBucket`]: crate::source::InMemoryBucket
+    pub fn from_source(source: Arc<dyn ObjectSource>) -> Self {
         Resolver {
             source,
             options: Options {
@@ -518,7 +522,7 @@ mod tests {
     use super::*;
     use crate::body::{Compression, Format};
     use crate::decode::tests::{body, stored};
-    use crate::source::fake::Bucket;
+    use crate::source::InMemoryBucket as Bucket;
 
     fn setup(compression: Compression) -> (Arc<Bucket>, Pointer, Vec<Event>) {
         let (msgpack, events) = body();

@@ -1,5 +1,8 @@
-//! Where objects come from: S3 behind a narrow trait, so that the resolver's logic is tested
-//! against an in-process fake and the SDK types stay in this file.
+//! Where objects come from: S3 behind a narrow trait, [`ObjectSource`], so that a [`Resolver`]
+//! can read from anything (another store, a cache) and be tested offline against
+//! [`InMemoryBucket`] (`Resolver::from_source`). The SDK types stay in this file.
+//!
+//! [`Resolver`]: crate::Resolver
 
 use std::fmt::Debug;
 use std::pin::Pin;
@@ -11,7 +14,7 @@ use tokio::io::AsyncRead;
 use crate::Error;
 
 /// An object being read.
-pub(crate) struct Object {
+pub struct Object {
     /// Identifies this version of the object, for a second read of the same bytes.
     pub etag: Option<String>,
     /// The object's size, when the response says.
@@ -19,8 +22,8 @@ pub(crate) struct Object {
     pub body: Pin<Box<dyn AsyncRead + Send>>,
 }
 
-/// Reads objects.
-pub(crate) trait ObjectSource: Debug + Send + Sync {
+/// Reads objects: S3 through the SDK (`Resolver::new`), [`InMemoryBucket`], or your own.
+pub trait ObjectSource: Debug + Send + Sync {
     /// Starts reading `bucket/key`; with `if_match`, only if its ETag is still that one
     /// ([`Error::ObjectChanged`] otherwise).
     fn get<'a>(
@@ -80,43 +83,45 @@ impl ObjectSource for S3 {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod fake {
-    //! An in-memory bucket for unit tests.
-
+mod in_memory {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
     use super::*;
 
-    /// Objects by key; every object's ETag is a counter bumped on each write.
+    /// A bucket in memory, to resolve pointers offline (tests, examples): objects by key; every
+    /// object's ETag is a counter bumped on each write, so `if_match` behaves as S3's does.
     #[derive(Debug, Default)]
-    pub(crate) struct Bucket {
+    pub struct InMemoryBucket {
         objects: Mutex<HashMap<String, (u64, Vec<u8>)>>,
         pub(crate) reads: Mutex<Vec<(String, Option<String>)>>,
         /// Replaces an object right after its first read (to test `ObjectChanged`).
         pub(crate) replace_after_read: Mutex<Option<(String, Vec<u8>)>>,
     }
 
-    impl Bucket {
-        pub(crate) fn put(&self, key: &str, bytes: Vec<u8>) {
+    impl InMemoryBucket {
+        pub fn new() -> InMemoryBucket {
+            InMemoryBucket::default()
+        }
+
+        /// Stores (or replaces) the object under `key`; the bucket name is not checked.
+        pub fn put(&self, key: &str, bytes: Vec<u8>) {
             let mut objects = self.objects.lock().unwrap();
             let version = objects.get(key).map_or(1, |(v, _)| v + 1);
             objects.insert(key.into(), (version, bytes));
         }
 
-        pub(crate) fn delete(&self, key: &str) {
+        pub fn delete(&self, key: &str) {
             self.objects.lock().unwrap().remove(key);
         }
 
         /// Removes an object and returns its bytes.
-        #[cfg(feature = "lambda")]
-        pub(crate) fn take(&self, key: &str) -> Option<Vec<u8>> {
+        pub fn take(&self, key: &str) -> Option<Vec<u8>> {
             self.objects.lock().unwrap().remove(key).map(|(_, b)| b)
         }
     }
 
-    impl ObjectSource for Bucket {
+    impl ObjectSource for InMemoryBucket {
         fn get<'a>(
             &'a self,
             bucket: &'a str,
@@ -152,3 +157,5 @@ pub(crate) mod fake {
         }
     }
 }
+
+pub use in_memory::InMemoryBucket;

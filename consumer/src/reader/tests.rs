@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use super::*;
 use crate::body::{Compression, Format};
 use crate::decode::tests::stored;
-use crate::kinesis::fake;
-use crate::source::fake::Bucket;
+use crate::kinesis::InMemoryStream;
+use crate::source::InMemoryBucket as Bucket;
 
 const LOW: u128 = 0;
 const HIGH: u128 = u128::MAX;
@@ -28,7 +28,7 @@ impl CheckpointStore for MemoryStore {
 
 /// A stream, a bucket, and chunks numbered from 0 (one event each, `{"n": n}`).
 struct World {
-    stream: Arc<fake::Stream>,
+    stream: Arc<InMemoryStream>,
     bucket: Arc<Bucket>,
     next: u32,
     published: Vec<Pointer>,
@@ -37,7 +37,7 @@ struct World {
 impl World {
     fn new(shards: u128) -> Self {
         World {
-            stream: Arc::new(fake::Stream::with_shards(shards)),
+            stream: Arc::new(InMemoryStream::with_shards(shards)),
             bucket: Arc::new(Bucket::default()),
             next: 0,
             published: Vec::new(),
