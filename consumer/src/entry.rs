@@ -12,6 +12,10 @@
 //! EventTime ::= ext type 0, 8 bytes: seconds u32 BE, nanoseconds u32 BE (fixext8 or ext8)
 //! record ::= map
 //! ```
+//!
+//! Of this module, [`EventTime`] is the consumer's API. The scanner and the encoder are shared
+//! with the sidecar, which needs them on ingest; they are hidden from the documentation and not
+//! part of the crate's stable API.
 
 use std::fmt;
 
@@ -19,6 +23,7 @@ use rmp::Marker;
 use smallvec::{smallvec, SmallVec};
 
 /// Why a byte slice is not (yet) a msgpack value or a valid entry.
+#[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScanError {
     /// The slice ends inside the value: read more bytes.
@@ -96,6 +101,7 @@ impl fmt::Display for EventTime {
 }
 
 /// What [`scan_entry`] learned about one entry.
+#[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EntryInfo {
     /// Bytes taken by the whole entry.
@@ -198,6 +204,7 @@ fn header(buf: &[u8]) -> Result<(Marker, Header), ScanError> {
 ///
 /// Runs in time linear in the bytes it looks at and without recursion, so hostile nesting or
 /// huge declared lengths cost nothing but `Incomplete`.
+#[doc(hidden)]
 pub fn value_len(buf: &[u8]) -> Result<usize, ScanError> {
     match ValueScanner::default().advance(buf)? {
         Some(len) => Ok(len),
@@ -207,6 +214,7 @@ pub fn value_len(buf: &[u8]) -> Result<usize, ScanError> {
 
 /// A resumable [`value_len`]: feed it the same growing buffer after every read and it goes on
 /// from where it stopped, so a large request arriving in many reads is scanned once.
+#[doc(hidden)]
 #[derive(Debug, Clone)]
 pub struct ValueScanner {
     pos: usize,
@@ -254,6 +262,7 @@ impl ValueScanner {
 ///
 /// Like [`value_len`] it walks the framing without recursion, and it stops as soon as the
 /// limit is passed, so a body of nothing but nested array headers costs no more than its bytes.
+#[doc(hidden)]
 pub fn check_depth(buf: &[u8], limit: usize) -> Result<(), ScanError> {
     // Values still to read at each open level; the bottom entry is the value itself. The
     // first levels live inline, so that the usual record (a map nesting a few levels) costs no
@@ -296,6 +305,7 @@ pub fn check_depth(buf: &[u8], limit: usize) -> Result<(), ScanError> {
 }
 
 /// Number of elements if `buf` starts with an array header, and the header's length.
+#[doc(hidden)]
 pub fn array_header(buf: &[u8]) -> Result<Option<(u64, usize)>, ScanError> {
     let (marker, h) = header(buf)?;
     Ok(match marker {
@@ -305,6 +315,7 @@ pub fn array_header(buf: &[u8]) -> Result<Option<(u64, usize)>, ScanError> {
 }
 
 /// Number of pairs if `buf` starts with a map header, and the header's length.
+#[doc(hidden)]
 pub fn map_header(buf: &[u8]) -> Result<Option<(u64, usize)>, ScanError> {
     let (marker, h) = header(buf)?;
     Ok(match marker {
@@ -314,6 +325,7 @@ pub fn map_header(buf: &[u8]) -> Result<Option<(u64, usize)>, ScanError> {
 }
 
 /// The payload of a msgpack str or bin at the start of `buf`: `(header_len, payload_len)`.
+#[doc(hidden)]
 pub fn str_or_bin(buf: &[u8]) -> Result<Option<(usize, usize)>, ScanError> {
     let (marker, h) = header(buf)?;
     Ok(match marker {
@@ -379,6 +391,7 @@ fn plain_time(buf: &[u8]) -> Result<Option<(EventTime, usize)>, ScanError> {
 /// `Invalid` names what is wrong with the entry (for Fluentd-style `skip_invalid_event`
 /// logging); the entry's length is then still found by [`value_len`] when the caller wants
 /// to skip it.
+#[doc(hidden)]
 pub fn scan_entry(buf: &[u8]) -> Result<EntryInfo, ScanError> {
     let (n, mut pos) = array_header(buf)?.ok_or(ScanError::Invalid("entry is not an array"))?;
     if n != 2 {
@@ -431,6 +444,7 @@ pub fn scan_entry(buf: &[u8]) -> Result<EntryInfo, ScanError> {
 ///
 /// Stops with an error at the first invalid or truncated entry; bodies written by the sidecar
 /// only ever contain entries that passed [`scan_entry`].
+#[doc(hidden)]
 pub fn entries(body: &[u8]) -> impl Iterator<Item = Result<(&[u8], EntryInfo), ScanError>> {
     let mut rest = body;
     let mut failed = false;
@@ -453,6 +467,7 @@ pub fn entries(body: &[u8]) -> impl Iterator<Item = Result<(&[u8], EntryInfo), S
 }
 
 /// Encoders used by tests and tools to build entries by hand.
+#[doc(hidden)]
 pub mod encode {
     use super::EventTime;
 
