@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 
-use claimcheck_consumer::body::{self, Encoder, Format};
+use claimcheck_consumer::body::{self, Counting, Encoder, Format};
 use tokio::sync::mpsc;
 
 use super::config::UploaderConfig;
@@ -31,24 +31,6 @@ pub(super) async fn join(
         .map_err(|e| UploadError::Body(io::Error::other(e)))?
 }
 
-/// Counts what passes through it.
-struct Counting<W> {
-    inner: W,
-    len: u64,
-}
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.len += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Piece size for reading a chunk back.
 const READ_PIECE: usize = 1 << 20;
 
@@ -64,10 +46,7 @@ pub(super) fn write_body(
     let sink = PartSink::new(threshold, part_size, tx);
     let encoder = Encoder::new(config.compression, config.compression_level, sink)
         .map_err(UploadError::Body)?;
-    let mut body = Counting {
-        inner: encoder,
-        len: 0,
-    };
+    let mut body = Counting::new(encoder);
     let mut data = File::open(&chunk.paths.data).map_err(ReadError::Io)?;
     let (_, start) = chunk::read_header(&mut data)?;
     let mut frames =
@@ -88,8 +67,8 @@ pub(super) fn write_body(
             }
         }
     }
-    let body_bytes = body.len;
-    let sink = body.inner.finish().map_err(UploadError::Body)?;
+    let body_bytes = body.bytes();
+    let sink = body.into_inner().finish().map_err(UploadError::Body)?;
     let (stored_bytes, crc32c) = sink.finish().map_err(UploadError::Body)?;
     Ok(BodySummary {
         stored_bytes,
