@@ -38,6 +38,7 @@ pub mod retry;
 pub mod server;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod time;
 pub mod uploader;
 
 use std::future::Future;

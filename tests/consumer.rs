@@ -7,7 +7,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 
-use claimcheck_consumer::body::{Compression, Encoder, Format};
+use claimcheck_consumer::body::{Compression, Counting, Encoder, Format};
 use claimcheck_consumer::checkpoint::DynamoDbCheckpointStore;
 use claimcheck_consumer::lambda::Consumer;
 use claimcheck_consumer::pointer::Checksum;
@@ -623,24 +623,7 @@ async fn resharding_mid_read_loses_nothing_and_reads_parents_first() {
 /// Writes a body of `records` events of about 1 KiB each straight into a zstd encoder, so that
 /// neither the test nor the reader ever holds it whole. Returns the pointer and stored bytes.
 fn large_chunk(bucket: &str, records: u64) -> (Pointer, Vec<u8>) {
-    struct Counting<W> {
-        inner: W,
-        bytes: u64,
-    }
-    impl<W: Write> Write for Counting<W> {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let n = self.inner.write(buf)?;
-            self.bytes += n as u64;
-            Ok(n)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            self.inner.flush()
-        }
-    }
-    let mut body = Counting {
-        inner: Encoder::new(Compression::Zstd, Some(1), Vec::new()).unwrap(),
-        bytes: 0,
-    };
+    let mut body = Counting::new(Encoder::new(Compression::Zstd, Some(1), Vec::new()).unwrap());
     let filler = "lorem ipsum dolor sit amet ".repeat(37);
     let mut entry = Vec::with_capacity(1200);
     for i in 0..records {
@@ -657,8 +640,8 @@ fn large_chunk(bucket: &str, records: u64) -> (Pointer, Vec<u8>) {
         rmpv::encode::write_value(&mut entry, &record).unwrap();
         body.write_all(&entry).unwrap();
     }
-    let bytes = body.bytes;
-    let stored = body.inner.finish().unwrap();
+    let bytes = body.bytes();
+    let stored = body.into_inner().finish().unwrap();
     let chunk_id = "0193a1c2e4f87d3e9a5b6c7d8e9f0a1b".to_string();
     let pointer = Pointer {
         v: 1,

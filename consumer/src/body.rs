@@ -165,6 +165,56 @@ impl<W: Write> Write for Encoder<W> {
     }
 }
 
+/// Counts the bytes that pass through it, read or written: a body's size before compression
+/// or after decompression.
+pub struct Counting<T> {
+    inner: T,
+    bytes: u64,
+}
+
+impl<T> Counting<T> {
+    pub fn new(inner: T) -> Self {
+        Counting { inner, bytes: 0 }
+    }
+
+    /// Bytes read or written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// A streaming decompressor: every zstd frame and every gzip member, back to back.
 pub fn decoder<'a, R: Read + 'a>(
     compression: Compression,

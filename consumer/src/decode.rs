@@ -128,20 +128,6 @@ impl<R: Read> Read for Stored<R> {
     }
 }
 
-/// Counts decompressed bytes.
-struct Counted<R> {
-    inner: R,
-    bytes: u64,
-}
-
-impl<R: Read> Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-}
-
 /// Why a step stopped early: decompression failed, the body is not valid in its format, or
 /// the sink stopped it.
 enum Cut {
@@ -198,7 +184,7 @@ enum Step {
 /// One pass over a stored object, a step at a time: the decompressed body behind a read
 /// buffer, and the state of the splitter between steps.
 struct Pass<'g, R: Read> {
-    body: io::BufReader<Counted<Decompress<Stored<R>>>>,
+    body: io::BufReader<body::Counting<Decompress<Stored<R>>>>,
     split: Split<'g>,
     events: u64,
 }
@@ -212,13 +198,7 @@ impl<'g, R: Read> Pass<'g, R> {
             failed: None,
         };
         let decoder = Decompress::new(pointer.compression, stored).map_err(Error::Decompress)?;
-        let body = io::BufReader::with_capacity(
-            READ_BLOCK,
-            Counted {
-                inner: decoder,
-                bytes: 0,
-            },
-        );
+        let body = io::BufReader::with_capacity(READ_BLOCK, body::Counting::new(decoder));
         let split = match pointer.format {
             Format::Msgpack => Split::Msgpack {
                 buf: Buffer::new(gauge),
@@ -250,8 +230,8 @@ impl<'g, R: Read> Pass<'g, R> {
         let mut counting = Counting { sink, events: 0 };
         let cut = self.split.step(&mut self.body, &mut counting);
         self.events += counting.events;
-        let body_bytes = self.body.get_ref().bytes;
-        let stored = self.body.get_mut().inner.get_mut();
+        let body_bytes = self.body.get_ref().bytes();
+        let stored = self.body.get_mut().get_mut().get_mut();
         if let Some(e) = stored.failed.take() {
             return Err(transport(e));
         }

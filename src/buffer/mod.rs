@@ -94,6 +94,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::time::sleep_until;
 use chunk::{ChunkHeader, ChunkPaths, ChunkStats};
 pub use recovery::{rescan, Recovered};
 use registry::Registry;
@@ -447,13 +448,6 @@ fn drop_oldest(config: &BufferConfig, registry: &Registry) {
         registry.count_dropped(info.records);
         error!(chunk_id = %info.chunk_id, tag = %info.tag, events = info.records, bytes = info.bytes,
                "buffer full: dropped the oldest chunk (overflow_action drop_oldest_chunk)");
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -3,17 +3,19 @@
 //!
 //! # A round
 //!
-//! 1. Each request waiting for the writer becomes a *waiter*; each of its groups a *piece*.
-//!    Pieces held back by a full disk in an earlier round go first.
-//! 2. Pieces are placed in the open chunk of their (tag, timekey), split where a chunk fills up
-//!    (`chunk_limit_size`, `chunk_limit_records`); a full chunk is set aside for sealing.
-//! 3. Each chunk's pieces of the round are written as one frame. Under `sync always` the
-//!    written chunks are then fsynced, together (see [`in_parallel`]), and the directory too
-//!    when a chunk file is new.
-//! 4. A waiter whose pieces are all written (and synced, under `always`) is answered Ok, and
-//!    its connection sends the ack. A piece whose write or sync failed fails its waiter (no
-//!    ack; the sender resends), except that a write refused for lack of space is *held* and
-//!    retried in later rounds: its waiter simply waits.
+//! 1. Take waiters ([`Writer::take_waiters`]): each request waiting for the writer becomes a
+//!    *waiter*; each of its groups a *piece*. Pieces held back by a full disk in an earlier
+//!    round go first.
+//! 2. Place pieces ([`Writer::place_pieces`]): pieces are placed in the open chunk of their
+//!    (tag, timekey), split where a chunk fills up (`chunk_limit_size`,
+//!    `chunk_limit_records`); a full chunk is set aside for sealing.
+//! 3. Write and sync ([`Writer::write_and_sync`]): each chunk's pieces of the round are
+//!    written as one frame. Under `sync always` the written chunks are then fsynced, together
+//!    (see [`in_parallel`]), and the directory too when a chunk file is new.
+//! 4. Answer ([`Writer::answer_waiters`]): a waiter whose pieces are all written (and synced,
+//!    under `always`) is answered Ok, and its connection sends the ack. A piece whose write or
+//!    sync failed fails its waiter (no ack; the sender resends), except that a write refused
+//!    for lack of space is *held* and retried in later rounds: its waiter simply waits.
 //!
 //! While pieces are held, the writer takes no new requests, so connections stop reading and
 //! TCP pushes back on the senders. A small reserve file is released at that moment, so that
@@ -256,10 +258,24 @@ impl Writer {
         self.config.chunk_limit_records.unwrap_or(u64::MAX)
     }
 
-    /// One round: place, write, sync, answer (see the module documentation).
+    /// One round: the four steps of the module documentation, then the chunks that filled up
+    /// or failed are set aside for sealing.
     pub(super) fn round(&mut self, batch: Vec<Append>, now: Instant) {
         let was_stalled = self.stalled();
         self.set_aside_failing();
+        let pieces = self.take_waiters(batch);
+        let (mut touched, mut full) = self.place_pieces(pieces, now);
+        let flushed = self.write_and_sync(&mut touched, &mut full);
+        self.answer_waiters(flushed);
+        self.track_disk_full(was_stalled);
+        self.set_aside_filled(full, touched);
+        self.set_aside_failing();
+        self.count_files();
+    }
+
+    /// Step 1: each request of `batch` becomes a waiter, each of its groups a piece; pieces
+    /// held back by a full disk go first, once there is room for them.
+    fn take_waiters(&mut self, batch: Vec<Append>) -> Vec<Piece> {
         let mut pieces = if self.room_for_held() {
             std::mem::take(&mut self.held)
         } else {
@@ -283,6 +299,16 @@ impl Writer {
                 self.answer(id);
             }
         }
+        pieces
+    }
+
+    /// Step 2: places the pieces in the open chunks of their (tag, timekey); returns the open
+    /// chunks that received pieces (each once) and the chunks that filled up, out of `open`.
+    fn place_pieces(
+        &mut self,
+        pieces: Vec<Piece>,
+        now: Instant,
+    ) -> (Vec<ChunkKey>, Vec<OpenChunk>) {
         let mut full = Vec::new();
         for piece in pieces {
             self.place(piece, now, &mut full);
@@ -290,10 +316,16 @@ impl Writer {
         let mut touched = std::mem::take(&mut self.touched);
         touched.sort_unstable();
         touched.dedup();
+        (touched, full)
+    }
+
+    /// Step 3: writes each chunk's pieces as one frame, syncs as the policy says (and the
+    /// directory for new chunk files); returns which waiters' pieces are done and which failed.
+    fn write_and_sync(&mut self, touched: &mut [ChunkKey], full: &mut [OpenChunk]) -> Flushed {
         let mut flushed = Flushed::default();
-        self.flush_open(&mut touched, &mut flushed);
+        self.flush_open(touched, &mut flushed);
         let always = self.config.sync == SyncPolicy::Always;
-        for chunk in &mut full {
+        for chunk in full.iter_mut() {
             if needs_file(chunk) {
                 self.make_room();
             }
@@ -314,7 +346,7 @@ impl Writer {
             match chunk::sync_dir(&self.chunks_dir) {
                 Ok(()) => {
                     self.dir_unsynced = false;
-                    for key in &touched {
+                    for key in touched.iter() {
                         if let Some(c) = self.open.get_mut(key) {
                             c.new_file = false;
                         }
@@ -330,6 +362,12 @@ impl Writer {
                 }
             }
         }
+        flushed
+    }
+
+    /// Step 4: counts the written and failed pieces off their waiters, answering those with
+    /// none left (held pieces stay outstanding: their waiters wait).
+    fn answer_waiters(&mut self, flushed: Flushed) {
         if !flushed.failed.is_empty() || !flushed.ok.is_empty() {
             self.registry
                 .set_write_failing(!flushed.failed.is_empty() && flushed.ok.is_empty());
@@ -343,6 +381,11 @@ impl Writer {
         for waiter in flushed.ok {
             self.piece_done(waiter);
         }
+    }
+
+    /// Notes the disk filling up (pieces newly held: the reserve is released) or having room
+    /// again (nothing held any more: the reserve is kept again).
+    fn track_disk_full(&mut self, was_stalled: bool) {
         if self.stalled() {
             if !was_stalled {
                 self.on_disk_full();
@@ -353,8 +396,12 @@ impl Writer {
             self.full_at_usage = None;
             self.keep_reserve();
         }
-        // Chunks that filled up, and chunks that failed, are sealed with what they hold: set
-        // aside now, sealed by `tick`. Only chunks written in this round can have changed.
+    }
+
+    /// Chunks that filled up, and chunks that failed, are sealed with what they hold: set
+    /// aside now, sealed by `tick`. Only chunks written in this round (`touched`) can have
+    /// changed.
+    fn set_aside_filled(&mut self, full: Vec<OpenChunk>, touched: Vec<ChunkKey>) {
         self.to_seal.extend(full.into_iter().map(|c| (c, "size")));
         let (limit, max_records) = (self.config.chunk_limit_size, self.max_records());
         for key in touched {
@@ -365,8 +412,6 @@ impl Writer {
             };
             self.set_aside(&key, reason);
         }
-        self.set_aside_failing();
-        self.count_files();
     }
 
     /// Writes the pending pieces of the chunks in `touched` (chunks in `open`, each once),

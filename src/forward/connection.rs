@@ -32,6 +32,7 @@ use super::frame::{self, Request};
 use super::security::{Handshake, Security};
 use crate::buffer::{BufferError, BufferHandle};
 use crate::metrics::metrics;
+use crate::time::sleep_until;
 
 /// Requests whose acks may be outstanding on one connection.
 const MAX_IN_FLIGHT: usize = 64;
@@ -531,10 +532,3 @@ static DECOMPRESSIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_ne
 
 /// Invalid-event warnings: ten per ten seconds across connections.
 static INVALID_LOG: LogLimit = LogLimit::new(10, Duration::from_secs(10));
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}

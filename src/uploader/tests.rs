@@ -8,9 +8,11 @@ use claimcheck_consumer::entry::{self, EventTime};
 use claimcheck_consumer::verify_and_decode;
 
 use super::*;
+use crate::aws::BackendError;
 use crate::buffer::chunk::{ChunkHeader, ChunkPaths, ChunkStats, ChunkWriter};
 use crate::buffer::registry::ChunkInfo;
-use crate::retry::Backoff;
+use crate::key_template::KeyTemplate;
+use crate::retry::{Backoff, RetryPolicy};
 
 /// Parts received per multipart upload id: (part number, bytes).
 type Uploads = HashMap<String, Vec<(i32, Vec<u8>)>>;
