@@ -7,7 +7,18 @@ use std::future::Future;
 
 use bytes::Bytes;
 
-use crate::aws::BackendError;
+/// A call to a backend (S3, Kinesis) failed. (`aws` classifies the SDK's errors into it.)
+#[derive(Debug, thiserror::Error)]
+#[error("{operation} failed ({code}): {message}")]
+pub struct BackendError {
+    pub operation: &'static str,
+    /// The service's error code, or a transport class (`dispatch`, `timeout`, `response`).
+    pub code: String,
+    pub message: String,
+    /// False for errors that retrying alone will not fix (access denied, missing bucket or
+    /// stream, bad request): the sidecar still retries, but logs them at ERROR.
+    pub retryable: bool,
+}
 
 /// S3 requires every part but the last to be at least 5 MiB.
 pub const MIN_PART_SIZE: u64 = 5 << 20;

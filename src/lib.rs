@@ -106,7 +106,7 @@ impl Sidecar {
     }
 
     /// [`Sidecar::run`] with any store and sink in place of S3 and Kinesis, such as the
-    /// in-memory ones of [`testing`] (feature `testing`).
+    /// in-memory ones of `claimcheck::testing` (feature `testing`).
     pub async fn run_with<S: ChunkStore, P: PointerSink>(
         self,
         listener: TcpListener,

@@ -391,7 +391,7 @@ impl Outage {
 }
 
 /// One stage's [`Outage`] on the real clock, logging what it decides. Shared by the stage's
-/// workers through the [`Registry`].
+/// workers through the buffer's registry.
 #[derive(Debug)]
 pub struct Reporter {
     stage: Stage,

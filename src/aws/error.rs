@@ -2,18 +2,7 @@
 
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 
-/// A call to a backend (S3, Kinesis) failed.
-#[derive(Debug, thiserror::Error)]
-#[error("{operation} failed ({code}): {message}")]
-pub struct BackendError {
-    pub operation: &'static str,
-    /// The service's error code, or a transport class (`dispatch`, `timeout`, `response`).
-    pub code: String,
-    pub message: String,
-    /// False for errors that retrying alone will not fix (access denied, missing bucket or
-    /// stream, bad request): the sidecar still retries, but logs them at ERROR.
-    pub retryable: bool,
-}
+pub use crate::backends::BackendError;
 
 /// Service error codes that need an operator (credentials, permissions, missing resources).
 const NEEDS_OPERATOR: &[&str] = &[
