@@ -1,8 +1,9 @@
 //! Uploaded chunk → pointer record on Kinesis → chunk deleted.
 //!
 //! A record is the pointer's JSON, or for an inline chunk the JSON and the body. Inline bodies
-//! are held in memory only for an attempt: a chunk waiting for a retry (or recovered at start)
-//! has its body read back from its state file when its next batch is made.
+//! are held in memory only for an attempt: a chunk arrives from the uploader (or from recovery)
+//! without its body, and has it read from its state file when its batch is made, again for each
+//! retry.
 //!
 //! Pointers are batched into PutRecords requests (at most 500 records and 5 MiB including
 //! partition keys, Kinesis' limits). A request can succeed while some of its records fail
