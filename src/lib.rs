@@ -92,17 +92,8 @@ impl Sidecar {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let (config, registry) = (&self.config, self.registry.clone());
-        let delivery = delivery::Delivery::start(config, registry, self.queues, self.recovered);
-        Self::serve(
-            self.config,
-            self.buffer,
-            self.registry,
-            delivery,
-            listener,
-            shutdown,
-        )
-        .await
+        self.serve(listener, shutdown, delivery::Delivery::start)
+            .await
     }
 
     /// [`Sidecar::run`] with any store and sink in place of S3 and Kinesis, such as the
@@ -114,33 +105,35 @@ impl Sidecar {
         store: Arc<S>,
         sink: Arc<P>,
     ) -> anyhow::Result<()> {
-        let (config, registry) = (&self.config, self.registry.clone());
-        let delivery = delivery::Delivery::start_with(
-            config,
-            registry,
-            self.queues,
-            self.recovered,
-            async move { (store, sink) },
-        );
-        Self::serve(
-            self.config,
-            self.buffer,
-            self.registry,
-            delivery,
-            listener,
-            shutdown,
-        )
+        self.serve(listener, shutdown, |config, registry, queues, recovered| {
+            delivery::Delivery::start_with(config, registry, queues, recovered, async move {
+                (store, sink)
+            })
+        })
         .await
     }
 
+    /// What [`Sidecar::run`] and [`Sidecar::run_with`] share: everything but how delivery
+    /// starts.
     async fn serve(
-        config: Config,
-        buffer: Buffer,
-        registry: Arc<Registry>,
-        delivery: delivery::Delivery,
+        self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
+        start_delivery: impl FnOnce(
+            &Config,
+            Arc<Registry>,
+            delivery::Queues,
+            Recovered,
+        ) -> delivery::Delivery,
     ) -> anyhow::Result<()> {
+        let Sidecar {
+            config,
+            buffer,
+            recovered,
+            registry,
+            queues,
+        } = self;
+        let delivery = start_delivery(&config, registry.clone(), queues, recovered);
         let token = CancellationToken::new();
         let mut metrics = None;
         if let Some(addr) = config.metrics_listen {
