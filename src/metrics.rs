@@ -92,7 +92,6 @@ pub struct Metrics {
     pub delivered_chunks: Family<Via, Counter>,
     pub delivered_bytes: Family<Via, Counter>,
     pub kinesis_record_bytes: Counter,
-    pub files_quarantined: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -126,7 +125,6 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     delivered_chunks: Family::default(),
     delivered_bytes: Family::default(),
     kinesis_record_bytes: Counter::default(),
-    files_quarantined: Counter::default(),
 });
 
 /// The process-wide metrics.
@@ -399,11 +397,6 @@ impl Metrics {
             "Bytes of the records Kinesis accepted (data and partition key), what it bills",
             Unit::Bytes,
             self.kinesis_record_bytes.clone(),
-        );
-        r.register(
-            "files_quarantined",
-            "Chunk files moved to quarantine (damaged, unknown)",
-            self.files_quarantined.clone(),
         );
         r
     }

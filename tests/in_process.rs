@@ -7,101 +7,46 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use claimcheck::testing::{self, MemorySink, MemoryStore};
-use claimcheck::Sidecar;
+use claimcheck::testing::{self, MemoryStore};
 use claimcheck_consumer::entry::{encode, EventTime};
 use claimcheck_consumer::Pointer;
+use common::in_process::InProcess;
 use common::load::request;
 use common::wire::{fluentd_request, pack};
 use common::{event_key, now_secs, TestEvent};
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 
-/// A sidecar running in this process.
-struct InProcess {
-    addr: std::net::SocketAddr,
-    store: Arc<MemoryStore>,
-    sink: Arc<MemorySink>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl InProcess {
-    async fn start(args: &[&str]) -> InProcess {
-        let dir = tempfile::tempdir().unwrap();
-        let config = testing::config(&dir.path().join("buffer"), args).unwrap();
-        let sidecar = Sidecar::open(config).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (store, sink) = (
-            Arc::new(MemoryStore::new("in-memory")),
-            Arc::new(MemorySink::new()),
-        );
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(sidecar.run_with(
-            listener,
-            async move {
-                let _ = stopped.await;
-            },
-            store.clone(),
-            sink.clone(),
-        ));
-        InProcess {
-            addr,
-            store,
-            sink,
-            stop,
-            task,
-            _dir: dir,
+/// Sends `requests` requests of `events` events each, to tags `app.0` … `app.{tags-1}` in
+/// turn, over one connection, each waiting for its ack; returns the events sent.
+async fn send(sidecar: &InProcess, requests: usize, events: usize, tags: usize) -> Vec<TestEvent> {
+    let mut stream = TcpStream::connect(sidecar.addr).await.unwrap();
+    let secs = now_secs();
+    let mut sent = Vec::new();
+    for r in 0..requests {
+        let tag = format!("app.{}", r % tags);
+        let mut entries = Vec::new();
+        for e in 0..events {
+            let n = (r * events + e) as u32;
+            entries.push(0x92);
+            encode::event_time(&mut entries, EventTime::new(secs, n));
+            entries.extend(pack(&rmpv::Value::Map(vec![("n".into(), n.into())])));
+            sent.push(TestEvent {
+                tag: tag.clone(),
+                secs,
+                nanos: Some(n),
+                record: json!({"n": n}),
+            });
         }
-    }
-
-    /// Sends `requests` requests of `events` events each, to tags `app.0` … `app.{tags-1}` in
-    /// turn, over one connection, each waiting for its ack; returns the events sent.
-    async fn send(&self, requests: usize, events: usize, tags: usize) -> Vec<TestEvent> {
-        let mut stream = TcpStream::connect(self.addr).await.unwrap();
-        let secs = now_secs();
-        let mut sent = Vec::new();
-        for r in 0..requests {
-            let tag = format!("app.{}", r % tags);
-            let mut entries = Vec::new();
-            for e in 0..events {
-                let n = (r * events + e) as u32;
-                entries.push(0x92);
-                encode::event_time(&mut entries, EventTime::new(secs, n));
-                entries.extend(pack(&rmpv::Value::Map(vec![("n".into(), n.into())])));
-                sent.push(TestEvent {
-                    tag: tag.clone(),
-                    secs,
-                    nanos: Some(n),
-                    record: json!({"n": n}),
-                });
-            }
-            let token = format!("r{r}");
-            let req = fluentd_request(&tag, &entries, events, "text", &token);
-            request(&mut stream, &req, &token)
-                .await
-                .unwrap_or_else(|e| panic!("request {r}: no ack ({e})"));
-        }
-        sent
-    }
-
-    /// Stops accepting, lets the sidecar seal and deliver everything, and waits for it to end.
-    async fn shut_down(self) -> (Arc<MemoryStore>, Arc<MemorySink>) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(60), self.task)
+        let token = format!("r{r}");
+        let req = fluentd_request(&tag, &entries, events, "text", &token);
+        request(&mut stream, &req, &token)
             .await
-            .expect("the sidecar stops")
-            .unwrap()
-            .expect("the sidecar ran without error");
-        (self.store, self.sink)
+            .unwrap_or_else(|e| panic!("request {r}: no ack ({e})"));
     }
+    sent
 }
 
 /// Every event of every record: each sent event exactly once, and no other.
@@ -124,9 +69,10 @@ fn assert_exactly_once(store: &MemoryStore, pointers: &[Pointer], sent: &[TestEv
 
 #[tokio::test]
 async fn small_chunks_ride_inline_and_large_ones_go_through_objects() {
+    let dir = tempfile::tempdir().unwrap();
     // The default inline limit: chunks of a few events go inline, no object stored.
-    let sidecar = InProcess::start(&[]).await;
-    let sent = sidecar.send(30, 10, 3).await;
+    let sidecar = InProcess::start(&dir, &[]).await;
+    let sent = send(&sidecar, 30, 10, 3).await;
     let (store, sink) = sidecar.shut_down().await;
     let pointers = sink.pointers();
     assert_eq!(pointers.len(), 3, "one chunk per tag");
@@ -135,8 +81,9 @@ async fn small_chunks_ride_inline_and_large_ones_go_through_objects() {
     assert_exactly_once(&store, &pointers, &sent);
 
     // Inline off: every chunk is an object, named by its pointer.
-    let sidecar = InProcess::start(&["--inline-max-bytes", "0"]).await;
-    let sent = sidecar.send(30, 10, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = InProcess::start(&dir, &["--inline-max-bytes", "0"]).await;
+    let sent = send(&sidecar, 30, 10, 3).await;
     let (store, sink) = sidecar.shut_down().await;
     let pointers = sink.pointers();
     assert_eq!(pointers.len(), 3);
@@ -150,23 +97,27 @@ async fn small_chunks_ride_inline_and_large_ones_go_through_objects() {
 #[tokio::test]
 async fn acked_events_wait_out_an_outage_of_either_backend_and_arrive_once() {
     for (s3_down, inline_max_bytes) in [(true, "0"), (false, "24KiB")] {
-        let sidecar = InProcess::start(&[
-            "--inline-max-bytes",
-            inline_max_bytes,
-            "--flush-interval",
-            "1s",
-            "--retry-wait",
-            "100ms",
-            "--retry-max-interval",
-            "200ms",
-        ])
+        let dir = tempfile::tempdir().unwrap();
+        let sidecar = InProcess::start(
+            &dir,
+            &[
+                "--inline-max-bytes",
+                inline_max_bytes,
+                "--flush-interval",
+                "1s",
+                "--retry-wait",
+                "100ms",
+                "--retry-max-interval",
+                "200ms",
+            ],
+        )
         .await;
         if s3_down {
             sidecar.store.set_down(true);
         } else {
             sidecar.sink.set_down(true);
         }
-        let sent = sidecar.send(20, 5, 2).await;
+        let sent = send(&sidecar, 20, 5, 2).await;
         // Acked while the backend is down; the chunks are sealed (flush interval) and their
         // attempts fail until it is back.
         let calls = || match s3_down {

@@ -111,17 +111,7 @@ fn watch_fds(pid: u32, chunks: &Path, stop: Arc<AtomicBool>) -> std::thread::Joi
 /// Sum of the samples of `metric` (a name, for all its label sets, or one series) in a scrape
 /// of `admin`.
 async fn metric(admin: u16, metric: &str) -> f64 {
-    let (status, text) = claimcheck::admin::get(&format!("http://127.0.0.1:{admin}/metrics"))
-        .await
-        .expect("the metrics endpoint answers");
-    assert!(status.is_success());
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(metric)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+    metric_sum(&samples(&scrape(admin, "/metrics").await.1), metric)
 }
 
 /// Sends one event to each tag of `tags` over one connection, waiting for each ack.
@@ -167,11 +157,7 @@ async fn many_tags_under_a_low_open_files_limit_are_acked_and_delivered_without_
     let env = Emulated::start("many-tags").await;
     let proxies = env.proxies().await;
     proxies.kinesis.set(Fault::Slow(Duration::from_secs(5)));
-    let admin = free_port();
-    let metrics_listen = format!("127.0.0.1:{admin}");
     let args = [
-        "--metrics-listen",
-        &metrics_listen,
         // Chunks fall due when their one-second timekey window has passed.
         "--timekey",
         "1s",
@@ -194,15 +180,8 @@ async fn many_tags_under_a_low_open_files_limit_are_acked_and_delivered_without_
         .arg(std::env::var_os("CLAIMCHECK_BIN").unwrap_or(env!("CARGO_BIN_EXE_claimcheck").into()))
         .arg("serve");
     let buffer = env.buffer_dir();
-    let sidecar = Sidecar::spawn(
-        cmd,
-        free_port(),
-        &buffer,
-        &aws,
-        &env.bucket,
-        &env.stream,
-        &args,
-    );
+    let sidecar = Sidecar::spawn(cmd, 0, &buffer, &aws, &env.bucket, &env.stream, &args);
+    let admin = sidecar.admin;
     let bound = nofile / 2;
     assert_eq!(
         metric(admin, "claimcheck_chunk_files_open_limit").await,

@@ -11,24 +11,6 @@ use common::load::Load;
 use common::proxy::Fault;
 use common::*;
 
-/// Samples of a scrape: `name{labels}` -> value.
-fn samples(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-async fn scrape(port: u16, path: &str) -> (u16, String) {
-    let (status, body) = claimcheck::admin::get(&format!("http://127.0.0.1:{port}{path}"))
-        .await
-        .expect("the admin endpoint answers");
-    (status.as_u16(), body)
-}
-
 async fn metrics(port: u16) -> HashMap<String, f64> {
     samples(&scrape(port, "/metrics").await.1)
 }
@@ -48,16 +30,8 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_a_send_and_deliver_cycle() {
     let env = Emulated::start("metrics").await;
-    let admin = free_port();
-    let listen = format!("127.0.0.1:{admin}");
-    let sidecar = env.sidecar(&[
-        "--metrics-listen",
-        &listen,
-        "--flush-interval",
-        "1s",
-        "--timekey-wait",
-        "0s",
-    ]);
+    let sidecar = env.sidecar(&["--flush-interval", "1s", "--timekey-wait", "0s"]);
+    let admin = sidecar.admin;
     let before = metrics(admin).await;
     assert_eq!(value(&before, "claimcheck_events_received_total"), 0.0);
     assert_eq!(value(&before, "claimcheck_ready"), 1.0);
@@ -147,11 +121,7 @@ async fn during_an_s3_outage_the_sidecar_stays_ready_and_the_metrics_say_why_del
     let proxies = env.proxies().await;
     let s3 = &proxies.s3;
     s3.set(Fault::Down);
-    let admin = free_port();
-    let listen = format!("127.0.0.1:{admin}");
     let args = [
-        "--metrics-listen",
-        &listen,
         "--flush-interval",
         "300ms",
         "--timekey-wait",
@@ -164,6 +134,7 @@ async fn during_an_s3_outage_the_sidecar_stays_ready_and_the_metrics_say_why_del
         "0",
     ];
     let sidecar = env.sidecar_behind(&proxies, &args);
+    let admin = sidecar.admin;
     let load = Load::start(sidecar.port, 1, 20, 2);
     eventually("uploads fail and are retried", async || {
         let m = metrics(admin).await;
@@ -243,11 +214,7 @@ async fn readyz_is_false_while_the_buffer_is_full_and_health_says_so() {
     let proxies = env.proxies().await;
     let s3 = &proxies.s3;
     s3.set(Fault::Down);
-    let admin = free_port();
-    let listen = format!("127.0.0.1:{admin}");
     let args = [
-        "--metrics-listen",
-        &listen,
         "--total-limit-size",
         "128KiB",
         "--flush-interval",
@@ -258,11 +225,12 @@ async fn readyz_is_false_while_the_buffer_is_full_and_health_says_so() {
         "0",
     ];
     let sidecar = env.sidecar_behind(&proxies, &args);
+    let admin = sidecar.admin;
     let health = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_claimcheck"))
             .arg("health")
             .args(extra)
-            .env("CLAIMCHECK_METRICS_LISTEN", &listen)
+            .env("CLAIMCHECK_METRICS_LISTEN", format!("127.0.0.1:{admin}"))
             .output()
             .unwrap()
     };
@@ -347,11 +315,7 @@ async fn every_metric_the_dashboard_queries_is_exposed() {
         request_rate: 0.5,
         record_rate: 0.5,
     });
-    let admin = free_port();
-    let listen = format!("127.0.0.1:{admin}");
     let args = [
-        "--metrics-listen",
-        &listen,
         "--flush-interval",
         "300ms",
         "--timekey-wait",
@@ -364,6 +328,7 @@ async fn every_metric_the_dashboard_queries_is_exposed() {
         "0",
     ];
     let sidecar = env.sidecar_behind(&proxies, &args);
+    let admin = sidecar.admin;
     let load = Load::start(sidecar.port, 1, 20, 2);
     let bad = TestEvent {
         tag: "bad".into(),

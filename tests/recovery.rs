@@ -1,21 +1,24 @@
-//! Torn and broken buffers, and dead letters, at the process level: whatever a crash or a bad
-//! disk leaves in the buffer directory, the sidecar starts, delivers every whole entry, and
-//! keeps what it cannot read in `quarantine/` with an ERROR line. Chunks that exhaust their
-//! retry budget wait in `dead/` until `claimcheck replay` puts them back.
+//! Torn and broken buffers, and dead letters: whatever a crash or a bad disk leaves in the
+//! buffer directory, the sidecar starts, delivers every whole entry, and keeps what it cannot
+//! read in `quarantine/` (counted, with an ERROR line). Chunks that exhaust their retry budget
+//! wait in `dead/` until `claimcheck replay` (the real binary) puts them back. The sidecar runs
+//! in-process on the in-memory backends.
 
 mod common;
 
 use std::io::Write;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use claimcheck::buffer::chunk::{
     self, ChunkHeader, ChunkPaths, ChunkState, ChunkStats, ChunkWriter,
 };
+use claimcheck::testing::{MemorySink, MemoryStore};
 use claimcheck_consumer::entry::{encode, EventTime};
+use common::in_process::{delivered, id_counts, InProcess};
 use common::load::{record_of, Load};
-use common::proxy::Fault;
 use common::*;
 
 /// Writes an open chunk with `frames` frames of `per_frame` events (ids from `first_id`).
@@ -55,20 +58,11 @@ fn open_chunk(
     (paths, header, stats)
 }
 
-fn ids_of(chunks: &[claimcheck_consumer::ResolvedChunk]) -> Vec<u64> {
-    let mut ids: Vec<u64> = chunks
-        .iter()
-        .flat_map(|c| &c.events)
-        .map(|e| e.record_json()["id"].as_u64().unwrap())
-        .collect();
-    ids.sort();
-    ids
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_tails_broken_states_and_strangers_are_kept_aside_and_every_whole_entry_delivered() {
-    let env = Emulated::start("torn").await;
-    let chunks = env.buffer_dir().join("chunks");
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = dir.path().join("buffer");
+    let chunks = buffer.join("chunks");
     std::fs::create_dir_all(&chunks).unwrap();
 
     // 1. An open chunk whose last frame was torn by a crash (never acknowledged).
@@ -90,16 +84,33 @@ async fn torn_tails_broken_states_and_strangers_are_kept_aside_and_every_whole_e
     let garbage = chunks.join(format!("{}.chunk", "f".repeat(32)));
     std::fs::write(&garbage, b"this is not a chunk file at all").unwrap();
 
-    let sidecar = env.sidecar(&["--flush-interval", "1s"]);
-    let delivered = ids_of(&env.read_events(50).await);
+    let sidecar = InProcess::start_on(
+        &buffer,
+        &["--flush-interval", "1s"],
+        Arc::new(MemoryStore::new("in-memory")),
+        Arc::new(MemorySink::new()),
+    )
+    .await;
+    // The stranger, the garbage, the damaged state file and a copy of the torn tail.
+    assert_eq!(
+        sidecar.metric("claimcheck_files_quarantined_total").await,
+        4.0
+    );
+    tokio::time::timeout(Duration::from_secs(60), sidecar.sink.wait_for(3))
+        .await
+        .expect("the three chunks with whole entries are published");
+    let (store, sink) = sidecar.shut_down().await;
+    let delivered = delivered(&store, &sink);
+    assert_eq!(delivered.len(), 3);
+    let mut ids: Vec<u64> = id_counts(&delivered).into_keys().collect();
+    ids.sort();
     let want: Vec<u64> = (0..30).chain(100..120).chain(200..210).collect();
     assert_eq!(
-        delivered, want,
+        ids, want,
         "every whole entry is delivered once, nothing else"
     );
 
-    let quarantine = env.buffer_dir().join("quarantine");
-    let kept: Vec<String> = std::fs::read_dir(&quarantine)
+    let kept: Vec<String> = std::fs::read_dir(buffer.join("quarantine"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -114,26 +125,32 @@ async fn torn_tails_broken_states_and_strangers_are_kept_aside_and_every_whole_e
         kept.iter().any(|n| n.contains(".tail-")),
         "the torn tail is kept too: {kept:?}"
     );
-    let log = sidecar.log_text();
-    for what in [
-        "unknown file in the buffer",
-        "chunk data file is unreadable",
-        "chunk state file is unreadable",
-    ] {
-        assert!(
-            log.lines().any(|l| l.contains("ERROR") && l.contains(what)),
-            "ERROR line for {what}:\n{log}"
-        );
-    }
-    assert!(log.contains("cut a torn tail"));
+    assert_eq!(kept.len(), 4, "{kept:?}");
+}
+
+/// Runs `claimcheck ARGS --buffer-dir BUFFER`; its stdout lines.
+fn claimcheck(buffer: &std::path::Path, args: &[&str]) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_claimcheck"))
+        .args(args)
+        .arg("--buffer-dir")
+        .arg(buffer)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_out_of_retries_wait_in_dead_letters_until_replayed() {
-    let env = Emulated::start("dead").await;
-    let proxies = env.proxies().await;
-    let s3 = &proxies.s3;
-    s3.set(Fault::Down);
+    let dir = tempfile::tempdir().unwrap();
     let args = [
         "--flush-interval",
         "300ms",
@@ -148,65 +165,48 @@ async fn chunks_out_of_retries_wait_in_dead_letters_until_replayed() {
         "--inline-max-bytes",
         "0",
     ];
-    let sidecar = env.sidecar_behind(&proxies, &args);
-    let load = Load::start(sidecar.port, 2, 20, 3);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !sidecar
-        .log_text()
-        .contains("moved to the dead-letter folder")
-    {
-        assert!(Instant::now() < deadline, "nothing was dead-lettered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sidecar = InProcess::start(&dir, &args).await;
+    sidecar.store.set_down(true);
+    let load = Load::start(sidecar.port(), 2, 20, 3);
+    sidecar
+        .await_metrics("a chunk is dead-lettered", |m| {
+            m["claimcheck_chunks_dead_lettered_total"] > 0.0
+        })
+        .await;
     let load = load.stop().await;
-    // Let the last chunks exhaust their retries too.
-    let chunks_dir = env.buffer_dir().join("chunks");
-    while std::fs::read_dir(&chunks_dir).unwrap().count() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "chunks were neither delivered nor dead-lettered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let claimcheck = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_claimcheck"))
-            .args(args)
-            .arg("--buffer-dir")
-            .arg(env.buffer_dir())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
-    let dead = claimcheck(&["replay", "--list"]);
-    assert!(!dead.is_empty());
-    assert!(sidecar
-        .log_text()
-        .lines()
-        .any(|l| l.contains("ERROR") && l.contains("retry budget exhausted")));
+    // The last chunks are sealed and exhaust their retries too.
+    sidecar
+        .await_metrics("every chunk is dead-lettered", |m| {
+            metric_sum(m, "claimcheck_buffer_chunks") == 0.0
+        })
+        .await;
+    let buffer = &sidecar.buffer_dir;
+    let dead = claimcheck(buffer, &["replay", "--list"]);
+    assert_eq!(
+        dead.len() as f64,
+        sidecar
+            .metric("claimcheck_chunks_dead_lettered_total")
+            .await
+    );
+    assert!(sidecar.sink.records().is_empty());
 
     // S3 is back; replaying one chunk, then the rest, while the sidecar runs.
-    s3.set(Fault::None);
-    assert_eq!(claimcheck(&["replay", &dead[0]]), vec![dead[0].clone()]);
-    assert_eq!(claimcheck(&["replay"]), dead[1..].to_vec());
-    assert!(claimcheck(&["replay", "--list"]).is_empty());
-    let delivered = env.read_events(load.acked.len()).await;
-    let ids = ids_of(&delivered);
+    sidecar.store.set_down(false);
+    assert_eq!(
+        claimcheck(buffer, &["replay", &dead[0]]),
+        vec![dead[0].clone()]
+    );
+    assert_eq!(claimcheck(buffer, &["replay"]), dead[1..].to_vec());
+    assert!(claimcheck(buffer, &["replay", "--list"]).is_empty());
+    tokio::time::timeout(Duration::from_secs(60), sidecar.sink.wait_for(dead.len()))
+        .await
+        .expect("every replayed chunk is published");
+    let (store, sink) = sidecar.shut_down().await;
+    let seen = id_counts(&delivered(&store, &sink));
     assert!(
-        load.acked.iter().all(|id| ids.binary_search(id).is_ok()),
+        load.acked.iter().all(|id| seen.contains_key(id)),
         "every acknowledged event arrives after the replay"
     );
-    assert!(ids.windows(2).all(|w| w[0] != w[1]), "once each");
-    assert!(sidecar
-        .log_text()
-        .contains("picked up a chunk put back in the buffer"));
+    assert!(seen.values().all(|n| *n == 1), "once each");
+    assert_eq!(sink.records().len(), dead.len());
 }

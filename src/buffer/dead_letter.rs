@@ -8,6 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::chunk::{self, ChunkPaths, DATA_EXT, STATE_EXT};
+use super::registry::Registry;
 
 pub fn dead_dir(buffer_dir: &Path) -> PathBuf {
     buffer_dir.join("dead")
@@ -38,14 +39,16 @@ pub fn move_to_dead(buffer_dir: &Path, paths: &ChunkPaths) -> io::Result<()> {
     )
 }
 
-/// Moves files into `quarantine/`, keeping their names; returns where the first one went.
-pub fn quarantine(buffer_dir: &Path, files: &[&Path]) -> io::Result<PathBuf> {
+/// Moves files into `quarantine/`, keeping their names, and counts them in `registry`; returns
+/// where the first one went.
+pub fn quarantine(buffer_dir: &Path, files: &[&Path], registry: &Registry) -> io::Result<PathBuf> {
     let target = quarantine_dir(buffer_dir);
     fs::create_dir_all(&target)?;
     let mut first = None;
     for path in files.iter().filter(|p| p.exists()) {
         let to = target.join(path.file_name().expect("files have names"));
         fs::rename(path, &to)?;
+        registry.count_quarantined(1);
         first.get_or_insert(to);
         if let Some(dir) = path.parent() {
             chunk::sync_dir(dir)?;

@@ -111,6 +111,12 @@ impl Collector for BufferCollector {
             "Chunks moved to the dead-letter folder",
             dead,
         )?;
+        encode_counter(
+            &mut encoder,
+            "files_quarantined",
+            "Chunk files moved to quarantine (damaged, unknown) or, for a torn tail, copied there",
+            self.buffer.quarantined(),
+        )?;
         encode_gauge(
             &mut encoder,
             "ready",

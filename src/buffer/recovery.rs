@@ -85,7 +85,11 @@ struct Found {
 }
 
 /// Files of `dir` by chunk id; removes `*.tmp` and quarantines files that are no chunk's.
-fn list(dir: &Path, out: &mut Recovered) -> io::Result<BTreeMap<String, Found>> {
+fn list(
+    dir: &Path,
+    out: &mut Recovered,
+    registry: &Registry,
+) -> io::Result<BTreeMap<String, Found>> {
     let buffer_dir = dir.parent().unwrap_or(dir);
     let mut ids: BTreeMap<String, Found> = BTreeMap::new();
     for entry in fs::read_dir(dir)? {
@@ -107,7 +111,7 @@ fn list(dir: &Path, out: &mut Recovered) -> io::Result<BTreeMap<String, Found>> 
             _ => {
                 error!(path = %path.display(), "unknown file in the buffer; moving it to quarantine");
                 out.quarantined
-                    .push(quarantine_counted(buffer_dir, &[&path])?);
+                    .push(quarantine(buffer_dir, &[&path], registry)?);
             }
         }
     }
@@ -117,7 +121,7 @@ fn list(dir: &Path, out: &mut Recovered) -> io::Result<BTreeMap<String, Found>> 
 pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> {
     let buffer_dir = dir.parent().unwrap_or(dir).to_path_buf();
     let mut out = Recovered::default();
-    for (id, found) in list(dir, &mut out)? {
+    for (id, found) in list(dir, &mut out, registry)? {
         let paths = ChunkPaths::new(dir, &id);
         if !found.data {
             // Published and deleted, but the crash came before the state file went too.
@@ -130,7 +134,7 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
                 Err(e) => {
                     error!(chunk_id = %id, cause = %e, "chunk state file is unreadable; keeping it in quarantine and rebuilding it from the data file");
                     out.quarantined
-                        .push(quarantine(&buffer_dir, &[&paths.state])?);
+                        .push(quarantine(&buffer_dir, &[&paths.state], registry)?);
                     None
                 }
             }
@@ -142,8 +146,11 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
                 let len = fs::metadata(&paths.data)?.len();
                 if len < stats.data_len {
                     error!(chunk_id = %id, expected = stats.data_len, found = len, "sealed chunk is shorter than recorded; moving it to quarantine");
-                    out.quarantined
-                        .push(quarantine(&buffer_dir, &[&paths.data, &paths.state])?);
+                    out.quarantined.push(quarantine(
+                        &buffer_dir,
+                        &[&paths.data, &paths.state],
+                        registry,
+                    )?);
                     continue;
                 }
                 out.add(registry, ChunkState::Sealed { header, stats }, paths)?;
@@ -153,6 +160,7 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
                 Ok(scan) => {
                     if scan.torn_bytes > 0 {
                         let kept = keep_tail(&buffer_dir, &paths.data, scan.stats.data_len)?;
+                        registry.count_quarantined(1);
                         warn!(chunk_id = %id, bytes = scan.torn_bytes, kept = %kept.display(),
                               "cut a torn tail off an open chunk (never acknowledged under sync always)");
                         chunk::truncate(&paths.data, scan.stats.data_len)?;
@@ -174,8 +182,11 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
                 }
                 Err(e) => {
                     error!(chunk_id = %id, cause = %e, "chunk data file is unreadable; moving it to quarantine");
-                    out.quarantined
-                        .push(quarantine(&buffer_dir, &[&paths.data, &paths.state])?);
+                    out.quarantined.push(quarantine(
+                        &buffer_dir,
+                        &[&paths.data, &paths.state],
+                        registry,
+                    )?);
                 }
             },
         }
@@ -215,14 +226,6 @@ pub fn rescan(dir: &Path, registry: &Registry) -> io::Result<Recovered> {
         }
     }
     Ok(out)
-}
-
-/// Moves files into `quarantine/` and counts them.
-fn quarantine_counted(buffer_dir: &Path, files: &[&Path]) -> io::Result<PathBuf> {
-    crate::metrics::metrics()
-        .files_quarantined
-        .inc_by(files.iter().filter(|f| f.exists()).count() as u64);
-    quarantine(buffer_dir, files)
 }
 
 fn seal_recovered(paths: &ChunkPaths, header: ChunkHeader, stats: ChunkStats) -> io::Result<()> {

@@ -65,6 +65,7 @@ pub struct Registry {
     dropped_chunks: AtomicU64,
     dropped_events: AtomicU64,
     dead_lettered: AtomicU64,
+    quarantined: AtomicU64,
     /// The buffer is at `total_limit_size` (and blocking).
     full: AtomicBool,
     /// Writes are held for lack of disk space.
@@ -215,6 +216,16 @@ impl Registry {
     /// Counts a chunk moved to the dead-letter folder.
     pub fn count_dead_letter(&self) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts files moved (or, for a torn tail, copied) into `quarantine/`.
+    pub fn count_quarantined(&self, files: u64) {
+        self.quarantined.fetch_add(files, Ordering::Relaxed);
+    }
+
+    /// Files put in `quarantine/` so far.
+    pub fn quarantined(&self) -> u64 {
+        self.quarantined.load(Ordering::Relaxed)
     }
 
     /// Chunks and events dropped by `drop_oldest_chunk`, and chunks dead-lettered, so far.

@@ -142,9 +142,8 @@ pub async fn run<S: ChunkStore>(
 
 fn quarantine(config: &UploaderConfig, registry: &Registry, chunk: &SealedChunk, e: &UploadError) {
     let paths = &chunk.paths;
-    match dead_letter::quarantine(&config.buffer_dir, &[&paths.data, &paths.state]) {
+    match dead_letter::quarantine(&config.buffer_dir, &[&paths.data, &paths.state], registry) {
         Ok(to) => {
-            metrics().files_quarantined.inc_by(2);
             error!(cause = %e, to = %to.display(), events = chunk.stats.records,
                    "chunk data is damaged and cannot be delivered; moved to quarantine");
         }

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod in_process;
 pub mod load;
 pub mod proxy;
 pub mod wire;
@@ -442,6 +443,8 @@ pub fn unique(prefix: &str) -> String {
 /// The sidecar as a real process.
 pub struct Sidecar {
     pub port: u16,
+    /// The admin endpoint's port (`/metrics`, `/readyz`, `/api/v1/buffer`).
+    pub admin: u16,
     pub buffer_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
@@ -502,6 +505,9 @@ impl Sidecar {
         // Port 0: the sidecar takes a free port and says which in its address file, so that no
         // other process can take the port between a test's choice and the sidecar's bind.
         let address_file = log.with_extension("addr");
+        if !args.contains(&"--metrics-listen") {
+            cmd.args(["--metrics-listen", "127.0.0.1:0"]);
+        }
         cmd.args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--address-file")
             .arg(&address_file)
@@ -516,27 +522,35 @@ impl Sidecar {
         let child = cmd.spawn().expect("cannot start claimcheck");
         let mut sidecar = Sidecar {
             port,
+            admin: 0,
             buffer_dir: buffer_dir.to_path_buf(),
             log,
             child: Some(child),
             own_dir: None,
         };
-        sidecar.port = sidecar.wait_for_address(&address_file, Duration::from_secs(30));
+        (sidecar.port, sidecar.admin) =
+            sidecar.wait_for_address(&address_file, Duration::from_secs(30));
         assert!(port == 0 || sidecar.port == port);
         sidecar
     }
 
-    /// Waits until the sidecar wrote its address file (it is listening then); its forward port.
-    fn wait_for_address(&mut self, path: &Path, timeout: Duration) -> u16 {
+    /// Waits until the sidecar wrote its address file (it is listening then); its forward and
+    /// admin ports.
+    fn wait_for_address(&mut self, path: &Path, timeout: Duration) -> (u16, u16) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(text) = std::fs::read_to_string(path) {
                 let addresses: Value = serde_json::from_str(&text).expect("address file is JSON");
-                let forward: SocketAddr = addresses["forward"]
-                    .as_str()
-                    .and_then(|a| a.parse().ok())
-                    .expect("the forward address");
-                return forward.port();
+                let port = |name: &str| {
+                    addresses[name]
+                        .as_str()
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
+                        .map(|a| a.port())
+                };
+                return (
+                    port("forward").expect("the forward address"),
+                    port("metrics").unwrap_or(0),
+                );
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!(
@@ -575,6 +589,37 @@ impl Sidecar {
     pub async fn expect_log(&self, text: &str) {
         let said = tokio::task::block_in_place(|| self.wait_for_log(text, Duration::from_secs(60)));
         assert!(said, "the log never said {text:?}:\n{}", self.log_text());
+    }
+
+    /// Every sample of a scrape of `/metrics`: `name{labels}` -> value.
+    pub async fn metrics(&self) -> HashMap<String, f64> {
+        samples(&scrape(self.admin, "/metrics").await.1)
+    }
+
+    /// Sum of the samples of `metric`: a name (all its label sets) or one series.
+    pub async fn metric(&self, metric: &str) -> f64 {
+        metric_sum(&self.metrics().await, metric)
+    }
+
+    /// Waits up to a minute until `check` holds for the sidecar's metrics; fails the test
+    /// with `what` and the log otherwise.
+    pub async fn await_metrics(&self, what: &str, check: impl Fn(&HashMap<String, f64>) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !check(&self.metrics().await) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting until {what}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     pub fn pid(&self) -> u32 {
@@ -641,6 +686,38 @@ impl Drop for Sidecar {
             );
         }
     }
+}
+
+/// GET `path` of the admin endpoint on `port`: status and body.
+pub async fn scrape(port: u16, path: &str) -> (u16, String) {
+    let (status, body) = claimcheck::admin::get(&format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .expect("the admin endpoint answers");
+    (status.as_u16(), body)
+}
+
+/// Samples of a scrape: `name{labels}` -> value.
+pub fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sum of the samples of `metric` (a name, for all its label sets, or one series).
+pub fn metric_sum(samples: &HashMap<String, f64>, metric: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(series, _)| {
+            series
+                .strip_prefix(metric)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('{'))
+        })
+        .map(|(_, v)| v)
+        .sum()
 }
 
 /// One event to send: tag, time (seconds, and nanoseconds or `None` for an integer time),
