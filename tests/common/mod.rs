@@ -615,6 +615,19 @@ impl Sidecar {
         }
     }
 
+    /// [`Sidecar::await_metrics`] for a test without a runtime of its own.
+    pub fn await_metrics_blocking(
+        &self,
+        what: &str,
+        check: impl Fn(&HashMap<String, f64>) -> bool,
+    ) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(self.await_metrics(what, check));
+    }
+
     /// True while the process runs.
     pub fn running(&mut self) -> bool {
         self.child
