@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use crate::aws::BackendError;
 use crate::backends::{
-    ChunkStore, EntryResult, ObjectMeta, PointerRecord, PointerSink, UploadedPart,
+    ChunkStore, EntryResult, ObjectMeta, PointerRecord, PointerSink, UploadedPart, MIN_PART_SIZE,
 };
 use crate::config::{Config, ServeArgs};
 
@@ -66,6 +66,9 @@ pub struct MemoryStore {
     next_upload: AtomicU64,
     down: AtomicBool,
     calls: AtomicU64,
+    /// Calls still to fail, by operation.
+    fail_next: Mutex<HashMap<&'static str, u32>>,
+    aborted: AtomicU64,
 }
 
 impl MemoryStore {
@@ -79,6 +82,26 @@ impl MemoryStore {
     /// While down, every call fails with a retryable error.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Fails the next `n` calls of `operation` (`PutObject`, `UploadPart`, …) with a retryable
+    /// error.
+    pub fn fail_next(&self, operation: &'static str, n: u32) {
+        self.fail_next.lock().unwrap().insert(operation, n);
+    }
+
+    /// Multipart uploads aborted.
+    pub fn aborted_uploads(&self) -> u64 {
+        self.aborted.load(Ordering::SeqCst)
+    }
+
+    /// Every stored object, by key.
+    pub fn objects(&self) -> Vec<(String, Bytes)> {
+        let objects = self.objects.lock().unwrap();
+        objects
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Calls made, failed or not.
@@ -103,6 +126,17 @@ impl MemoryStore {
 
     fn call(&self, operation: &'static str) -> Result<(), BackendError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(n) = self.fail_next.lock().unwrap().get_mut(operation) {
+            if *n > 0 {
+                *n -= 1;
+                return Err(BackendError {
+                    operation,
+                    code: "InternalError".into(),
+                    message: "failure injected by fail_next".into(),
+                    retryable: true,
+                });
+            }
+        }
         match self.down.load(Ordering::SeqCst) {
             true => Err(unavailable(operation)),
             false => Ok(()),
@@ -189,14 +223,32 @@ impl ChunkStore for MemoryStore {
             .unwrap()
             .remove(upload_id)
             .unwrap_or_default();
+        // As S3: parts listed in ascending order, each uploaded, all but the last at least
+        // 5 MiB.
+        let refuse = |code: &str, message: String| BackendError {
+            operation: "CompleteMultipartUpload",
+            code: code.into(),
+            message,
+            retryable: false,
+        };
+        if !parts.windows(2).all(|w| w[0].number < w[1].number) {
+            return Err(refuse("InvalidPartOrder", "parts out of order".into()));
+        }
         let mut body = BytesMut::new();
-        for part in parts {
-            body.extend_from_slice(stored.get(&part.number).ok_or_else(|| BackendError {
-                operation: "CompleteMultipartUpload",
-                code: "InvalidPart".into(),
-                message: format!("part {} was not uploaded", part.number),
-                retryable: false,
-            })?);
+        for (i, part) in parts.iter().enumerate() {
+            let bytes = stored.get(&part.number).ok_or_else(|| {
+                refuse(
+                    "InvalidPart",
+                    format!("part {} was not uploaded", part.number),
+                )
+            })?;
+            if i + 1 < parts.len() && (bytes.len() as u64) < MIN_PART_SIZE {
+                return Err(refuse(
+                    "EntityTooSmall",
+                    format!("part {} is {} bytes", part.number, bytes.len()),
+                ));
+            }
+            body.extend_from_slice(bytes);
         }
         let body = body.freeze();
         let tag = etag(&body);
@@ -207,6 +259,7 @@ impl ChunkStore for MemoryStore {
     async fn abort_multipart(&self, _: &ObjectMeta, upload_id: &str) -> Result<(), BackendError> {
         self.call("AbortMultipartUpload")?;
         self.uploads.lock().unwrap().remove(upload_id);
+        self.aborted.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }

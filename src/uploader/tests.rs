@@ -1,5 +1,3 @@
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,128 +6,11 @@ use claimcheck_consumer::entry::{self, EventTime};
 use claimcheck_consumer::verify_and_decode;
 
 use super::*;
-use crate::aws::BackendError;
 use crate::buffer::chunk::{ChunkHeader, ChunkPaths, ChunkStats, ChunkWriter};
 use crate::buffer::registry::ChunkInfo;
 use crate::key_template::KeyTemplate;
 use crate::retry::{Backoff, RetryPolicy};
-
-/// Parts received per multipart upload id: (part number, bytes).
-type Uploads = HashMap<String, Vec<(i32, Vec<u8>)>>;
-
-/// Keeps objects in memory; checks every checksum it is given; fails on request.
-#[derive(Default)]
-struct FakeStore {
-    /// Every whole object stored, in order: (key, bytes).
-    stored: Mutex<Vec<(String, Vec<u8>)>>,
-    uploads: Mutex<Uploads>,
-    aborted: Mutex<Vec<String>>,
-    fail_puts: Mutex<u32>,
-    fail_parts: Mutex<u32>,
-}
-
-fn injected(op: &'static str) -> BackendError {
-    BackendError {
-        operation: op,
-        code: "InternalError".into(),
-        message: "injected".into(),
-        retryable: true,
-    }
-}
-
-fn take_failure(counter: &Mutex<u32>) -> bool {
-    let mut n = counter.lock().unwrap();
-    let fail = *n > 0;
-    *n = n.saturating_sub(1);
-    fail
-}
-
-impl ChunkStore for FakeStore {
-    fn bucket(&self) -> &str {
-        "fake-bucket"
-    }
-
-    async fn put_object(
-        &self,
-        meta: &ObjectMeta,
-        body: Bytes,
-        crc32c: u32,
-    ) -> Result<Option<String>, BackendError> {
-        assert_eq!(
-            crc32c,
-            crc32c::crc32c(&body),
-            "the checksum sent matches the body"
-        );
-        if take_failure(&self.fail_puts) {
-            return Err(injected("PutObject"));
-        }
-        self.stored
-            .lock()
-            .unwrap()
-            .push((meta.key.clone(), body.to_vec()));
-        Ok(Some("\"etag\"".into()))
-    }
-
-    async fn create_multipart(&self, meta: &ObjectMeta) -> Result<String, BackendError> {
-        let id = format!("upload-{}", self.uploads.lock().unwrap().len());
-        self.uploads.lock().unwrap().insert(id.clone(), Vec::new());
-        let _ = meta;
-        Ok(id)
-    }
-
-    async fn upload_part(
-        &self,
-        _: &ObjectMeta,
-        upload_id: &str,
-        number: i32,
-        body: Bytes,
-        crc32c: u32,
-    ) -> Result<Option<String>, BackendError> {
-        assert_eq!(
-            crc32c,
-            crc32c::crc32c(&body),
-            "the part checksum matches the part"
-        );
-        if take_failure(&self.fail_parts) {
-            return Err(injected("UploadPart"));
-        }
-        self.uploads
-            .lock()
-            .unwrap()
-            .get_mut(upload_id)
-            .unwrap()
-            .push((number, body.to_vec()));
-        Ok(Some(format!("\"part{number}\"")))
-    }
-
-    async fn complete_multipart(
-        &self,
-        meta: &ObjectMeta,
-        upload_id: &str,
-        parts: &[UploadedPart],
-    ) -> Result<Option<String>, BackendError> {
-        let uploaded = self.uploads.lock().unwrap().remove(upload_id).unwrap();
-        assert_eq!(
-            parts.iter().map(|p| p.number).collect::<Vec<_>>(),
-            uploaded.iter().map(|p| p.0).collect::<Vec<_>>()
-        );
-        let sizes: Vec<usize> = uploaded.iter().map(|p| p.1.len()).collect();
-        assert!(
-            sizes[..sizes.len() - 1]
-                .iter()
-                .all(|s| *s as u64 >= MIN_PART_SIZE),
-            "parts but the last are at least 5 MiB: {sizes:?}"
-        );
-        let body = uploaded.into_iter().flat_map(|p| p.1).collect();
-        self.stored.lock().unwrap().push((meta.key.clone(), body));
-        Ok(Some("\"multi-2\"".into()))
-    }
-
-    async fn abort_multipart(&self, _: &ObjectMeta, upload_id: &str) -> Result<(), BackendError> {
-        self.aborted.lock().unwrap().push(upload_id.to_string());
-        Ok(())
-    }
-}
+use crate::testing::MemoryStore;
 
 fn config(dir: &std::path::Path, format: Format, compression: Compression) -> UploaderConfig {
     UploaderConfig {
@@ -230,7 +111,7 @@ fn sealed_chunk(
 /// Runs the uploader on one chunk until it is uploaded, or until `gone` is true (the chunk
 /// left for quarantine or dead letters), or for at most 20 s.
 async fn run_until(
-    store: Arc<FakeStore>,
+    store: Arc<MemoryStore>,
     config: UploaderConfig,
     registry: Arc<Registry>,
     chunk: SealedChunk,
@@ -263,7 +144,7 @@ async fn run_until(
 }
 
 async fn run_one(
-    store: Arc<FakeStore>,
+    store: Arc<MemoryStore>,
     config: UploaderConfig,
     registry: Arc<Registry>,
     chunk: SealedChunk,
@@ -276,7 +157,7 @@ async fn uploads_a_verifiable_object_then_records_the_pointer() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(Registry::new());
     let (chunk, body) = sealed_chunk(dir.path(), &registry, 9, 20);
-    let store = Arc::new(FakeStore::default());
+    let store = Arc::new(MemoryStore::new("fake-bucket"));
     let cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
     let uploaded = run_one(store.clone(), cfg, registry.clone(), chunk.clone())
         .await
@@ -301,7 +182,7 @@ async fn uploads_a_verifiable_object_then_records_the_pointer() {
             EventTime::new(1_763_740_808, 8)
         )
     );
-    let stored = store.stored.lock().unwrap();
+    let stored = store.objects();
     let (_, bytes) = &stored[0];
     assert_eq!(
         (p.checksum.crc32c, p.stored_bytes),
@@ -314,7 +195,12 @@ async fn uploads_a_verifiable_object_then_records_the_pointer() {
     );
     match chunk::read_state(&chunk.paths.state).unwrap() {
         ChunkState::Uploaded { pointer, etag, .. } => {
-            assert_eq!((&*pointer, etag.as_deref()), (p, Some("\"etag\"")))
+            let stored_etag = format!("\"{:08x}\"", crc32c::crc32c(bytes));
+            assert_eq!(
+                (&*pointer, etag),
+                (p, Some(stored_etag)),
+                "the store's ETag"
+            )
         }
         other => panic!("state not recorded: {other:?}"),
     }
@@ -331,14 +217,14 @@ async fn a_small_body_goes_inline_with_the_bytes_and_checksum_the_object_would_h
     let registry = Arc::new(Registry::new());
     let (chunk, body) = sealed_chunk(dir.path(), &registry, 9, 20);
     // What the object would have been, from an upload to S3 of the same chunk.
-    let s3 = Arc::new(FakeStore::default());
+    let s3 = Arc::new(MemoryStore::new("fake-bucket"));
     let cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
     let as_object = run_one(s3.clone(), cfg.clone(), registry.clone(), chunk.clone())
         .await
         .expect("uploaded");
-    let object = s3.stored.lock().unwrap()[0].1.clone();
+    let object = s3.objects()[0].1.clone();
 
-    let store = Arc::new(FakeStore::default());
+    let store = Arc::new(MemoryStore::new("fake-bucket"));
     let cfg = UploaderConfig {
         inline_max_bytes: 24 << 10,
         ..cfg
@@ -346,7 +232,7 @@ async fn a_small_body_goes_inline_with_the_bytes_and_checksum_the_object_would_h
     let uploaded = run_one(store.clone(), cfg, registry.clone(), chunk.clone())
         .await
         .expect("uploaded");
-    assert!(store.stored.lock().unwrap().is_empty(), "no object stored");
+    assert!(store.objects().is_empty(), "no object stored");
     // The body is in the state file, which keeps it until Kinesis accepted the record; the
     // chunk handed to the publisher does not hold it (the publisher reads it from there).
     assert!(uploaded.body_on_disk());
@@ -385,7 +271,7 @@ async fn a_record_over_inline_max_bytes_goes_to_s3() {
     // The body alone fits, but not with the pointer's JSON in front of it.
     let limit = body.len() as u64 + 100;
     for (inline_max_bytes, inline) in [(limit, false), (limit + 1024, true)] {
-        let store = Arc::new(FakeStore::default());
+        let store = Arc::new(MemoryStore::new("fake-bucket"));
         let cfg = UploaderConfig {
             inline_max_bytes,
             ..cfg.clone()
@@ -394,7 +280,7 @@ async fn a_record_over_inline_max_bytes_goes_to_s3() {
             .await
             .expect("uploaded");
         assert_eq!(uploaded.body_on_disk(), inline, "{inline_max_bytes}");
-        assert_eq!(store.stored.lock().unwrap().len(), usize::from(!inline));
+        assert_eq!(store.objects().len(), usize::from(!inline));
         let state = chunk::read_state(&chunk.paths.state).unwrap();
         let recorded = state.into_pointer().expect("an uploaded state");
         assert_eq!(recorded.is_inline(), inline);
@@ -410,13 +296,13 @@ async fn large_bodies_stream_by_multipart_in_parts_of_the_set_size() {
     let registry = Arc::new(Registry::new());
     // About 12 MiB uncompressed, stored as is: above a 6 MiB threshold, parts of 5 MiB.
     let (chunk, body) = sealed_chunk(dir.path(), &registry, 24, 512 * 1024);
-    let store = Arc::new(FakeStore::default());
+    let store = Arc::new(MemoryStore::new("fake-bucket"));
     let mut cfg = config(dir.path(), Format::Msgpack, Compression::None);
     cfg.multipart_threshold = 6 << 20;
     let uploaded = run_one(store.clone(), cfg, registry, chunk)
         .await
         .expect("uploaded");
-    let stored = store.stored.lock().unwrap();
+    let stored = store.objects();
     assert_eq!(stored[0].1, body, "the parts add up to the body");
     assert_eq!(
         uploaded.pointer.checksum.crc32c,
@@ -436,15 +322,13 @@ async fn failed_uploads_are_retried_at_the_same_key_with_the_same_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(Registry::new());
     let (chunk, _) = sealed_chunk(dir.path(), &registry, 4, 10);
-    let store = Arc::new(FakeStore {
-        fail_puts: Mutex::new(2),
-        ..FakeStore::default()
-    });
+    let store = Arc::new(MemoryStore::new("fake-bucket"));
+    store.fail_next("PutObject", 2);
     let cfg = config(dir.path(), Format::Msgpack, Compression::Gzip);
     let uploaded = run_one(store.clone(), cfg, registry.clone(), chunk)
         .await
         .expect("uploaded after retries");
-    let first = store.stored.lock().unwrap().clone();
+    let first = store.objects().clone();
     assert_eq!(first.len(), 1);
     assert_eq!(uploaded.pointer.key, first[0].0);
     let info = &registry.snapshot()[0];
@@ -457,7 +341,7 @@ async fn failed_uploads_are_retried_at_the_same_key_with_the_same_bytes() {
     );
     // Deterministic compression: building the upload again (as after a crash) gives the same
     // key and bytes.
-    let store2 = Arc::new(FakeStore::default());
+    let store2 = Arc::new(MemoryStore::new("fake-bucket"));
     let again = run_one(
         store2.clone(),
         config(dir.path(), Format::Msgpack, Compression::Gzip),
@@ -467,7 +351,7 @@ async fn failed_uploads_are_retried_at_the_same_key_with_the_same_bytes() {
     .await
     .unwrap();
     assert_eq!(again.pointer.key, uploaded.pointer.key);
-    assert_eq!(store2.stored.lock().unwrap()[0], first[0]);
+    assert_eq!(store2.objects()[0], first[0]);
 }
 
 /// The sealed chunk behind an uploaded one (as a restart that lost the uploaded state sees it).
@@ -488,17 +372,15 @@ async fn a_failed_part_aborts_the_multipart_upload_and_retries_it_whole() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(Registry::new());
     let (chunk, body) = sealed_chunk(dir.path(), &registry, 24, 512 * 1024);
-    let store = Arc::new(FakeStore {
-        fail_parts: Mutex::new(1),
-        ..FakeStore::default()
-    });
+    let store = Arc::new(MemoryStore::new("fake-bucket"));
+    store.fail_next("UploadPart", 1);
     let mut cfg = config(dir.path(), Format::Msgpack, Compression::None);
     cfg.multipart_threshold = 6 << 20;
     run_one(store.clone(), cfg, registry.clone(), chunk)
         .await
         .expect("uploaded on the retry");
-    assert_eq!(store.aborted.lock().unwrap().len(), 1);
-    assert_eq!(store.stored.lock().unwrap()[0].1, body);
+    assert_eq!(store.aborted_uploads(), 1);
+    assert_eq!(store.objects()[0].1, body);
     assert_eq!(registry.snapshot()[0].attempts, 1);
 }
 
@@ -507,7 +389,7 @@ async fn json_bodies_carry_tag_time_and_record() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(Registry::new());
     let (chunk, _) = sealed_chunk(dir.path(), &registry, 3, 1);
-    let store = Arc::new(FakeStore::default());
+    let store = Arc::new(MemoryStore::new("fake-bucket"));
     let uploaded = run_one(
         store.clone(),
         config(dir.path(), Format::Json, Compression::None),
@@ -516,8 +398,8 @@ async fn json_bodies_carry_tag_time_and_record() {
     )
     .await
     .unwrap();
-    let stored = store.stored.lock().unwrap();
-    let text = String::from_utf8(stored[0].1.clone()).unwrap();
+    let stored = store.objects();
+    let text = String::from_utf8(stored[0].1.to_vec()).unwrap();
     assert_eq!(
         text.lines().next().unwrap(),
         r#"{"time":"2025-11-21T16:00:00.000000000Z","tag":"app.web","record":{"i":0,"pad":"0000000"}}"#
@@ -541,7 +423,7 @@ async fn a_damaged_chunk_goes_to_quarantine_without_retries() {
     let last = bytes.len() - 2;
     bytes[last] ^= 0x55;
     std::fs::write(&chunk.paths.data, bytes).unwrap();
-    let store = Arc::new(FakeStore::default());
+    let store = Arc::new(MemoryStore::new("fake-bucket"));
     let id = chunk.header.chunk_id.clone();
     let cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
     let moved = dir.path().join("quarantine").join(format!("{id}.chunk"));
@@ -552,7 +434,7 @@ async fn a_damaged_chunk_goes_to_quarantine_without_retries() {
         .await
         .is_none()
     );
-    assert!(store.stored.lock().unwrap().is_empty());
+    assert!(store.objects().is_empty());
     assert!(dir
         .path()
         .join("quarantine")
@@ -568,10 +450,8 @@ async fn a_chunk_that_exhausts_its_budget_moves_to_dead_letters_and_replays() {
     let registry = Arc::new(Registry::new());
     let (chunk, _) = sealed_chunk(dir.path(), &registry, 4, 10);
     let id = chunk.header.chunk_id.clone();
-    let store = Arc::new(FakeStore {
-        fail_puts: Mutex::new(100),
-        ..FakeStore::default()
-    });
+    let store = Arc::new(MemoryStore::new("fake-bucket"));
+    store.fail_next("PutObject", 100);
     let mut cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
     cfg.retry.max_times = Some(2);
     let moved = dir.path().join("dead").join(format!("{id}.state"));
@@ -601,7 +481,7 @@ async fn a_chunk_that_exhausts_its_budget_moves_to_dead_letters_and_replays() {
             .collect::<Vec<_>>(),
         vec![id.clone()]
     );
-    let store = Arc::new(FakeStore::default());
+    let store = Arc::new(MemoryStore::new("fake-bucket"));
     let uploaded = run_one(
         store,
         config(dir.path(), Format::Msgpack, Compression::Zstd),
@@ -618,7 +498,7 @@ async fn a_dropped_chunk_is_not_uploaded() {
     let registry = Arc::new(Registry::new());
     let (chunk, _) = sealed_chunk(dir.path(), &registry, 2, 10);
     assert!(registry.take_oldest_waiting().is_some());
-    let store = Arc::new(FakeStore::default());
+    let store = Arc::new(MemoryStore::new("fake-bucket"));
     let cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
     // Give it a second: an upload would take a few milliseconds.
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
@@ -631,5 +511,5 @@ async fn a_dropped_chunk_is_not_uploaded() {
     )
     .await
     .is_none());
-    assert!(store.stored.lock().unwrap().is_empty());
+    assert!(store.objects().is_empty());
 }
