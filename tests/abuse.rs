@@ -93,7 +93,9 @@ fn a_slow_sender_does_not_hold_up_the_others() {
         })
     };
     // Several connections, each a few requests, all acked while the slow one is still sending.
-    std::thread::sleep(Duration::from_millis(100));
+    sidecar.await_metrics_blocking("the slow sender is connected", |m| {
+        m["claimcheck_connections_open"] >= 1.0
+    });
     for c in 0..5 {
         let mut fast = connect(sidecar.port);
         for i in 0..4 {

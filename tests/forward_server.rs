@@ -267,7 +267,9 @@ fn shutdown_waits_for_a_request_in_progress_only_so_long() {
     let mut slow = connect(sidecar.port);
     slow.write_all(&req[..req.len() / 2]).unwrap();
     let idle = connect(sidecar.port);
-    std::thread::sleep(Duration::from_millis(200));
+    sidecar.await_metrics_blocking("both connections are open", |m| {
+        m["claimcheck_connections_open"] == 2.0
+    });
     let started = std::time::Instant::now();
     let status = sidecar.terminate(Duration::from_secs(60));
     assert!(status.success(), "exit status {status}");
