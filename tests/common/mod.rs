@@ -69,18 +69,47 @@ pub struct Moto {
     child: Child,
 }
 
+fn moto_server() -> Command {
+    Command::new(tool(
+        "CLAIMCHECK_MOTO_SERVER",
+        &repo_root().join(".venv/bin/moto_server"),
+        "moto[server]==5.2.5 in .venv",
+    ))
+}
+
 impl Moto {
+    /// A moto server on a port of its own choosing (port 0), read from the line it prints.
     pub fn start() -> Moto {
-        Moto::start_on(free_port())
+        use std::io::BufRead;
+        let mut child = moto_server()
+            .args(["-H", "127.0.0.1", "-p", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start moto_server");
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut said = Vec::new();
+        let port = loop {
+            let Some(Ok(line)) = lines.next() else {
+                panic!("moto_server exited without listening:\n{}", said.join("\n"));
+            };
+            // " * Running on http://127.0.0.1:PORT"
+            if let Some(port) = line
+                .split_once("Running on http://127.0.0.1:")
+                .and_then(|(_, p)| p.trim().parse().ok())
+            {
+                break port;
+            }
+            said.push(line);
+        };
+        // It logs every request on stderr: keep reading so that it never blocks on the pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Moto { port, child }
     }
 
+    /// A moto server on `port`, for a test that points the sidecar at the port first.
     pub fn start_on(port: u16) -> Moto {
-        let bin = tool(
-            "CLAIMCHECK_MOTO_SERVER",
-            &repo_root().join(".venv/bin/moto_server"),
-            "moto[server]==5.2.5 in .venv",
-        );
-        let child = Command::new(bin)
+        let child = moto_server()
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
