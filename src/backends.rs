@@ -30,6 +30,10 @@ pub struct ObjectMeta {
     pub content_type: &'static str,
     pub content_encoding: Option<&'static str>,
     pub chunk_id: String,
+    /// `x-amz-tagging`: URL-encoded `key=value&…`.
+    pub tagging: Option<String>,
+    /// User metadata (`x-amz-meta-*`) besides the chunk id.
+    pub metadata: Vec<(String, String)>,
 }
 
 /// A part of a multipart upload, as S3 confirmed it.

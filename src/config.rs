@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use claimcheck_consumer::body::{Compression, Format};
 
+use crate::aws::settings::{pairs, AccessArgs, AwsSettings, ObjectArgs};
 use crate::buffer::{BufferConfig, OverflowAction, SyncPolicy};
 use crate::forward::connection::SignalAction;
 use crate::forward::dedup::Dedup;
@@ -326,6 +327,12 @@ pub struct ServeArgs {
     )]
     pub kinesis_partition_key: String,
 
+    #[command(flatten)]
+    pub access: AccessArgs,
+
+    #[command(flatten)]
+    pub objects: ObjectArgs,
+
     /// Chunks uploaded at once (Fluentd's `flush_thread_count`).
     #[arg(long, env = "CLAIMCHECK_FLUSH_THREAD_COUNT", default_value_t = 2)]
     pub flush_thread_count: usize,
@@ -384,6 +391,7 @@ pub struct Config {
     pub publisher: Arc<PublisherConfig>,
     pub s3_bucket: String,
     pub kinesis_stream: String,
+    pub aws: AwsSettings,
     pub shutdown_timeout: Duration,
 }
 
@@ -415,6 +423,30 @@ impl ServeArgs {
         }
         let partition_key = KeyTemplate::parse(&self.kinesis_partition_key, &hostname)
             .map_err(|e| format!("--kinesis-partition-key: {e}"))?;
+        let (s3_access, kinesis_access) = self.access.destinations()?;
+        let objects = self.objects.objects()?;
+        let templates =
+            |flag: &str, items: &[String]| -> Result<Vec<(String, KeyTemplate)>, String> {
+                pairs(flag, items)?
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let t = KeyTemplate::parse(&v, &hostname)
+                            .map_err(|e| format!("{flag} {k}: {e}"))?;
+                        Ok((k, t))
+                    })
+                    .collect()
+            };
+        let object_tags = templates("--s3-object-tags", &self.objects.s3_object_tags)?;
+        if object_tags.len() > 10 {
+            return Err("--s3-object-tags: S3 takes at most 10 tags per object".into());
+        }
+        let object_metadata = templates("--s3-metadata", &self.objects.s3_metadata)?;
+        if let Some((k, _)) = object_metadata.iter().find(|(k, _)| {
+            !k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        }) {
+            return Err(format!("--s3-metadata: the key {k:?} must be letters, digits, '-', '_' or '.' (it becomes the header x-amz-meta-{k})"));
+        }
         let backoff = Backoff {
             wait: self.retry_wait,
             max_interval: self.retry_max_interval.max(self.retry_wait),
@@ -535,6 +567,8 @@ impl ServeArgs {
                 part_size: self.s3_part_size,
                 inline_max_bytes: self.inline_max_bytes,
                 buffer_dir: self.buffer_dir.clone(),
+                object_tags,
+                object_metadata,
             }),
             publisher: Arc::new(PublisherConfig {
                 partition_key,
@@ -543,10 +577,19 @@ impl ServeArgs {
             }),
             s3_bucket: self.s3_bucket,
             kinesis_stream: self.kinesis_stream,
+            aws: AwsSettings {
+                s3: s3_access,
+                kinesis: kinesis_access,
+                objects,
+                check_on_start: self.objects.check_on_start,
+            },
             shutdown_timeout: self.shutdown_timeout,
         })
     }
 }
+
+/// Settings of `KEY=VALUE` items, a table in the file.
+const KEY_VALUE_SETTINGS: [&str; 2] = ["s3_object_tags", "s3_metadata"];
 
 /// Arguments of `serve` that are not settings.
 const NOT_SETTINGS: [&str; 3] = ["config", "print_config", "help"];
@@ -596,6 +639,19 @@ pub fn with_config_file(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
         let list = is_list(arg);
         let values = match value {
             toml::Value::Array(items) if list => items,
+            // `s3_object_tags = { team = "sre" }`: a table of KEY=VALUE settings.
+            toml::Value::Table(pairs) if list && KEY_VALUE_SETTINGS.contains(&key.as_str()) => {
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| match v {
+                        toml::Value::String(v) => Ok(toml::Value::String(format!("{k}={v}"))),
+                        other => Err(format!(
+                            "{name}: `{key}.{k}` must be a string, not {}",
+                            other.type_str()
+                        )),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
             toml::Value::Array(_) => {
                 return Err(format!("{name}: `{key}` takes one value, not a list"));
             }
@@ -662,7 +718,16 @@ pub fn effective_toml(serve_argv: &[OsString]) -> Result<String, String> {
             let mut values: Vec<toml::Value> = raw
                 .map(|v| toml::Value::String(v.to_string_lossy().into_owned()))
                 .collect();
-            if is_list(arg) {
+            if KEY_VALUE_SETTINGS.contains(&id) {
+                let pairs = values
+                    .into_iter()
+                    .filter_map(|v| {
+                        let (k, v) = v.as_str()?.split_once('=')?;
+                        Some((k.to_string(), toml::Value::String(v.to_string())))
+                    })
+                    .collect();
+                table.insert(id.to_string(), toml::Value::Table(pairs));
+            } else if is_list(arg) {
                 table.insert(id.to_string(), toml::Value::Array(values));
             } else if let Some(value) = values.pop() {
                 table.insert(id.to_string(), value);

@@ -15,7 +15,7 @@ use claimcheck_consumer::{
 };
 use tracing::{error, info};
 
-use crate::aws;
+use crate::aws::{self, settings::AccessArgs};
 use crate::config::parse_duration;
 
 /// How events are printed.
@@ -53,6 +53,8 @@ pub struct TailArgs {
     /// How long to wait between reads when the stream has nothing new.
     #[arg(long, value_parser = parse_duration, default_value = "500ms")]
     pub poll_interval: Duration,
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
 /// `claimcheck resolve`: print the events of pointers given as an argument or on stdin.
@@ -65,6 +67,8 @@ pub struct ResolveArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "json")]
     pub format: OutputFormat,
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
 fn parse_start(s: &str) -> Result<StartPosition, String> {
@@ -117,11 +121,16 @@ async fn stop_signal() {
 }
 
 pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
-    let sdk = aws::load_config().await;
-    let resolver = Resolver::new(aws::s3_client(&sdk));
-    let mut builder =
-        StreamReader::builder(aws::kinesis_client(&sdk), resolver, &args.kinesis_stream)
-            .start(args.from);
+    let (s3_access, kinesis_access) = args.access.destinations().map_err(anyhow::Error::msg)?;
+    let s3 = aws::load_config(&s3_access).await;
+    let kinesis = aws::load_config(&kinesis_access).await;
+    let resolver = Resolver::new(aws::s3_client(&s3));
+    let mut builder = StreamReader::builder(
+        aws::kinesis_client(&kinesis),
+        resolver,
+        &args.kinesis_stream,
+    )
+    .start(args.from);
     if let Some(path) = &args.checkpoint {
         builder = builder.checkpoints(FileCheckpointStore::new(path));
     }
@@ -207,7 +216,8 @@ pub async fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
             .filter(|l| !l.trim().is_empty())
             .collect(),
     };
-    let sdk = aws::load_config().await;
+    let (s3_access, _) = args.access.destinations().map_err(anyhow::Error::msg)?;
+    let sdk = aws::load_config(&s3_access).await;
     let resolver = Resolver::new(aws::s3_client(&sdk));
     let mut stdout = std::io::stdout().lock();
     let mut failed = 0;

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::aws::{self, kinesis::KinesisSink, s3::S3Store};
-use crate::backends::{ChunkStore, PointerSink};
+use crate::backends::{ChunkStore, ObjectMeta, PointerSink};
 use crate::buffer::registry::Registry;
 use crate::buffer::{self, chunk, Recovered, SealedChunk, UploadedChunk};
 use crate::config::Config;
@@ -45,13 +45,51 @@ impl Delivery {
     ) -> Delivery {
         let c = config.clone();
         let backends = async move {
-            let sdk = aws::load_config().await;
-            let store = S3Store::new(aws::s3_client(&sdk), c.s3_bucket.clone());
-            let sink = KinesisSink::new(aws::kinesis_client(&sdk), c.kinesis_stream.clone());
+            let (s3, kinesis) = (
+                aws::load_config(&c.aws.s3).await,
+                aws::load_config(&c.aws.kinesis).await,
+            );
+            let store = S3Store::new(
+                aws::s3_client(&s3),
+                c.s3_bucket.clone(),
+                c.aws.objects.clone(),
+            );
+            let sink = KinesisSink::new(aws::kinesis_client(&kinesis), c.kinesis_stream.clone());
             info!(bucket = %c.s3_bucket, stream = %c.kinesis_stream, "delivery started");
             (Arc::new(store), Arc::new(sink))
         };
         Delivery::start_with(config, registry, queues, recovered, backends)
+    }
+
+    /// `--check-on-start`: whether the configured bucket and stream take what delivery will
+    /// send (see [`aws::check`]); one line per problem.
+    pub async fn check_on_start(config: &Config) -> Vec<String> {
+        let (s3, kinesis) = (
+            aws::load_config(&config.aws.s3).await,
+            aws::load_config(&config.aws.kinesis).await,
+        );
+        let store = S3Store::new(
+            aws::s3_client(&s3),
+            config.s3_bucket.clone(),
+            config.aws.objects.clone(),
+        );
+        let sink = KinesisSink::new(aws::kinesis_client(&kinesis), config.kinesis_stream.clone());
+        // An object as delivery would write it, under the same prefix and key format.
+        let (tag, id) = (
+            "claimcheck.start-check",
+            uuid::Uuid::now_v7().simple().to_string(),
+        );
+        let now = chrono::Utc::now().timestamp();
+        let u = &config.uploader;
+        let meta = ObjectMeta {
+            key: u.key(tag, &id, now),
+            content_type: u.format.content_type(),
+            content_encoding: u.compression.content_encoding(),
+            chunk_id: id.clone(),
+            tagging: u.tagging(tag, &id, now),
+            metadata: u.metadata(tag, &id, now),
+        };
+        aws::check::check(&store, &meta, &sink).await.0
     }
 
     /// Starts delivery to the store and sink that `backends` gives, once it gives them.

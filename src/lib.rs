@@ -48,8 +48,9 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use aws::settings::CheckOnStart;
 use backends::{ChunkStore, PointerSink};
 use buffer::registry::Registry;
 use buffer::{Buffer, Recovered};
@@ -92,6 +93,35 @@ impl Sidecar {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        match self.config.aws.check_on_start {
+            CheckOnStart::Off => {}
+            CheckOnStart::Fail => {
+                let problems = delivery::Delivery::check_on_start(&self.config).await;
+                for p in &problems {
+                    error!("start-up check: {p}");
+                }
+                if !problems.is_empty() {
+                    anyhow::bail!(
+                        "the start-up check failed (--check-on-start fail): {}",
+                        problems.join("; ")
+                    );
+                }
+                info!("start-up check passed: the bucket and the stream take what delivery sends");
+            }
+            // In the background: serving does not wait for AWS.
+            CheckOnStart::Warn => {
+                let config = self.config.clone();
+                tokio::spawn(async move {
+                    let problems = delivery::Delivery::check_on_start(&config).await;
+                    for p in &problems {
+                        warn!("start-up check: {p}");
+                    }
+                    if problems.is_empty() {
+                        info!("start-up check passed: the bucket and the stream take what delivery sends");
+                    }
+                });
+            }
+        }
         self.serve(listener, shutdown, delivery::Delivery::start)
             .await
     }

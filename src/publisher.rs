@@ -278,6 +278,7 @@ async fn publish<P: PointerSink>(
             }
             EntryResult::Failed { code, message } => {
                 debug!(chunk_id = %job.chunk.pointer.chunk_id, %code, %message, "pointer not accepted; will retry");
+                crate::aws::explain(true, "PutRecords", &code, &message);
                 metrics()
                     .put_records_failed_entries
                     .get_or_create(&Code { code: code.clone() })

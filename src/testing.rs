@@ -62,6 +62,10 @@ fn unavailable(operation: &'static str) -> BackendError {
 pub struct MemoryStore {
     bucket: String,
     objects: Mutex<BTreeMap<String, Bytes>>,
+    /// What each object was written with (tags, metadata, content type).
+    metas: Mutex<BTreeMap<String, ObjectMeta>>,
+    /// What each multipart upload was started with.
+    upload_metas: Mutex<HashMap<String, ObjectMeta>>,
     uploads: Mutex<HashMap<String, BTreeMap<i32, Bytes>>>,
     next_upload: AtomicU64,
     down: AtomicBool,
@@ -93,6 +97,11 @@ impl MemoryStore {
     /// Multipart uploads aborted.
     pub fn aborted_uploads(&self) -> u64 {
         self.aborted.load(Ordering::SeqCst)
+    }
+
+    /// What the object under `key` was written with: tags, metadata, content type.
+    pub fn meta(&self, key: &str) -> Option<ObjectMeta> {
+        self.metas.lock().unwrap().get(key).cloned()
     }
 
     /// Every stored object, by key.
@@ -175,12 +184,20 @@ impl ChunkStore for MemoryStore {
         check(&body, crc32c, "PutObject")?;
         let tag = etag(&body);
         self.objects.lock().unwrap().insert(meta.key.clone(), body);
+        self.metas
+            .lock()
+            .unwrap()
+            .insert(meta.key.clone(), meta.clone());
         Ok(tag)
     }
 
-    async fn create_multipart(&self, _: &ObjectMeta) -> Result<String, BackendError> {
+    async fn create_multipart(&self, meta: &ObjectMeta) -> Result<String, BackendError> {
         self.call("CreateMultipartUpload")?;
         let id = self.next_upload.fetch_add(1, Ordering::SeqCst).to_string();
+        self.upload_metas
+            .lock()
+            .unwrap()
+            .insert(id.clone(), meta.clone());
         self.uploads
             .lock()
             .unwrap()
@@ -253,6 +270,10 @@ impl ChunkStore for MemoryStore {
         let body = body.freeze();
         let tag = etag(&body);
         self.objects.lock().unwrap().insert(meta.key.clone(), body);
+        // As S3: the object has what the upload was started with.
+        if let Some(started) = self.upload_metas.lock().unwrap().remove(upload_id) {
+            self.metas.lock().unwrap().insert(meta.key.clone(), started);
+        }
         Ok(tag)
     }
 

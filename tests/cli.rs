@@ -246,6 +246,12 @@ fn print_config_round_trips_through_the_file_format() {
             "bob:pw",
             "--client",
             "10.0.0.0/8,shared_key=other,users=alice",
+            "--s3-object-tags",
+            "team=sre",
+            "--s3-object-tags",
+            "source=${tag}",
+            "--s3-metadata",
+            "env=prod=eu",
         ],
         &[],
     );
@@ -254,6 +260,20 @@ fn print_config_round_trips_through_the_file_format() {
         toml::Value::Array(vec!["alice:wonder land".into(), "bob:pw".into()]),
         "lists print as lists"
     );
+    let table = |pairs: &[(&str, &str)]| {
+        toml::Value::Table(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), toml::Value::from(*v)))
+                .collect(),
+        )
+    };
+    assert_eq!(
+        first["s3_object_tags"],
+        table(&[("source", "${tag}"), ("team", "sre")]),
+        "KEY=VALUE settings print as tables"
+    );
+    assert_eq!(first["s3_metadata"], table(&[("env", "prod=eu")]));
     let file = dir.path().join("printed.toml");
     std::fs::write(&file, toml::to_string(&first).unwrap()).unwrap();
     let second = effective(&["--config", file.to_str().unwrap()], &[]);

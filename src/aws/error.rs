@@ -1,5 +1,8 @@
 //! Classifying SDK errors: can a retry help, or must an operator act?
 
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 
 pub use crate::backends::BackendError;
@@ -20,6 +23,98 @@ const NEEDS_OPERATOR: &[&str] = &[
     "KMSDisabledException",
     "KMSNotFoundException",
 ];
+
+/// What an operator should change for an error that retrying alone will not fix: the setting
+/// to look at first, and why. `None` for errors that heal by themselves (throttling, 5xx,
+/// timeouts) or that we cannot tell apart.
+pub fn remedy(kinesis: bool, code: &str, message: &str) -> Option<&'static str> {
+    let kms = message.contains("KMS") || message.contains("kms");
+    let credentials = message.contains("credentials") || message.contains("AssumeRole");
+    Some(match (kinesis, code) {
+        (_, "ExpiredToken" | "ExpiredTokenException" | "TokenRefreshRequired" | "RequestExpired") => {
+            "the credentials expired: with --role-arn they are renewed before expiry; otherwise renew what the standard chain reads (AWS_SESSION_TOKEN, the profile, the web identity token)"
+        }
+        (_, "InvalidAccessKeyId" | "UnrecognizedClientException" | "InvalidClientTokenId" | "SignatureDoesNotMatch") => {
+            "the credentials are not valid in this account or partition: check the standard chain's credentials and --role-arn"
+        }
+        (false, "AccessDenied") if kms => {
+            "--s3-sse-kms-key-id: the key's policy must let this role use it (kms:GenerateDataKey, kms:Decrypt), and the key must be in the bucket's region"
+        }
+        (false, "AccessDenied") => {
+            "--s3-role-arn / --role-arn: the role needs s3:PutObject on the bucket (and s3:PutObjectTagging with --s3-object-tags, s3:PutObjectAcl with --s3-acl, s3:AbortMultipartUpload); a bucket policy may also require --s3-sse, --s3-sse-kms-key-id or --s3-acl bucket-owner-full-control"
+        }
+        (false, "KMS.DisabledException" | "KMS.KMSInvalidStateException" | "KMSDisabledException" | "KMSInvalidStateException") => {
+            "--s3-sse-kms-key-id: the KMS key is disabled or pending deletion; enable it or name another key"
+        }
+        (false, "KMS.NotFoundException" | "KMSNotFoundException" | "KMS.InvalidKeyUsageException") => {
+            "--s3-sse-kms-key-id: no such symmetric KMS key in the bucket's region"
+        }
+        (false, "InvalidStorageClass") => {
+            "--s3-storage-class: this bucket does not take that storage class (directory buckets take EXPRESS_ONEZONE only)"
+        }
+        (false, "PermanentRedirect" | "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException" | "301") => {
+            "--s3-region: the bucket is in another region; set --s3-region to the bucket's region"
+        }
+        (false, "NoSuchBucket") => "--s3-bucket: no such bucket (in this account and --s3-region)",
+        (false, "InvalidArgument") => {
+            "--s3-sse / --s3-sse-kms-key-id / --s3-acl / --s3-object-tags / --s3-metadata: S3 refused one of the object settings"
+        }
+        (false, "AccessControlListNotSupported") => {
+            "--s3-acl: the bucket has ACLs disabled (BucketOwnerEnforced); remove --s3-acl"
+        }
+        (true, "ResourceNotFoundException") => {
+            "--kinesis-stream / --kinesis-region: no such stream in this account and region"
+        }
+        (true, "AccessDeniedException") => {
+            "--kinesis-role-arn / --role-arn: the role needs kinesis:PutRecords on the stream (and kms:GenerateDataKey on its key if the stream is encrypted)"
+        }
+        (true, "KMSAccessDeniedException" | "KMSDisabledException" | "KMSNotFoundException" | "KMSInvalidStateException" | "KMSOptInRequired") => {
+            "the stream's KMS key is not usable by this role (kms:GenerateDataKey), or is disabled or gone"
+        }
+        (_, "construction" | "dispatch") if credentials => {
+            "--role-arn / --external-id / --role-session-name: no credentials (the role cannot be assumed, or the standard chain has none)"
+        }
+        (_, "construction") if message.contains("region") => {
+            "no region: set AWS_REGION, --s3-region or --kinesis-region"
+        }
+        _ => return None,
+    })
+}
+
+/// Causes already explained in the log, by service (S3 false, Kinesis true) and code.
+static EXPLAINED: Mutex<BTreeSet<(bool, String)>> = Mutex::new(BTreeSet::new());
+
+/// Logs, once per cause, an error that needs an operator with the setting that fixes it (the
+/// chunk is retried all the same). A cause is explained again if it comes back after a call
+/// to the same service succeeded.
+pub fn explain(kinesis: bool, operation: &str, code: &str, message: &str) {
+    let Some(fix) = remedy(kinesis, code, message) else {
+        return;
+    };
+    let first = EXPLAINED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert((kinesis, code.to_string()));
+    if first {
+        let service = if kinesis { "Kinesis" } else { "S3" };
+        tracing::error!(
+            service,
+            operation,
+            code,
+            cause = message,
+            fix,
+            "{service} refuses {operation}; retrying until this is fixed: {fix}"
+        );
+    }
+}
+
+/// A call to `kinesis` (or S3) succeeded: causes explained for it may be explained again.
+pub fn succeeded(kinesis: bool) {
+    let mut explained = EXPLAINED.lock().unwrap_or_else(|e| e.into_inner());
+    if !explained.is_empty() {
+        explained.retain(|(k, _)| *k != kinesis);
+    }
+}
 
 /// Whether an error code is one that retrying alone will not fix. Also for the per-record
 /// codes of PutRecords (`KMSAccessDeniedException`…), which arrive inside a successful call.

@@ -6,7 +6,7 @@
 //! publisher retries alone.
 
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
 
 use super::{timed, BackendError};
 use crate::backends::{EntryResult, PointerRecord, PointerSink};
@@ -21,6 +21,27 @@ pub struct KinesisSink {
 impl KinesisSink {
     pub fn new(client: aws_sdk_kinesis::Client, stream: String) -> Self {
         KinesisSink { client, stream }
+    }
+
+    /// The stream's name or ARN.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The stream's status (DescribeStreamSummary), for the start-up check.
+    pub async fn status(&self) -> Result<StreamStatus, BackendError> {
+        let req = self.client.describe_stream_summary();
+        let req = if self.stream.starts_with("arn:") {
+            req.stream_arn(&self.stream)
+        } else {
+            req.stream_name(&self.stream)
+        };
+        let out = timed(true, "DescribeStreamSummary", req.send()).await?;
+        out.stream_description_summary
+            .map(|s| s.stream_status)
+            .ok_or_else(|| {
+                BackendError::local("DescribeStreamSummary", "no stream in the response")
+            })
     }
 }
 

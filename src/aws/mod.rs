@@ -6,34 +6,55 @@
 //! `AWS_ENDPOINT_URL_KINESIS`. When an endpoint is overridden (LocalStack, moto, MinIO) S3 uses
 //! path-style addressing, since emulators rarely resolve virtual-host bucket names.
 
+pub mod check;
 mod error;
 pub mod kinesis;
 pub mod s3;
+pub mod settings;
 
 use std::time::Duration;
 
+use aws_config::sts::AssumeRoleProvider;
 use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, SdkConfig};
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_s3::error::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
-pub use error::{needs_operator, BackendError};
+pub use error::{explain, needs_operator, remedy, BackendError};
+use settings::Access;
 
-/// Loads the shared AWS configuration. Never fails: a missing region or credentials show up
-/// as errors of the first calls, which are retried, so the sidecar starts without AWS.
-pub async fn load_config() -> SdkConfig {
+/// Loads the AWS configuration of one destination: the standard chain, with `access`'s
+/// region and a role assumed on top of the chain's credentials (refreshed before they
+/// expire). Never fails: a missing region or credentials, or a role that cannot be assumed,
+/// show up as errors of the first calls, which are retried, so the sidecar starts without AWS.
+pub async fn load_config(access: &Access) -> SdkConfig {
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(5))
         .read_timeout(Duration::from_secs(60))
         .operation_attempt_timeout(Duration::from_secs(120))
         .build();
-    let config = aws_config::defaults(BehaviorVersion::latest())
-        .timeout_config(timeouts)
-        .load()
-        .await;
-    if config.region().is_none() {
-        tracing::warn!("no AWS region is configured (set AWS_REGION); S3 and Kinesis calls will fail until one is");
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(timeouts);
+    if let Some(region) = &access.region {
+        loader = loader.region(Region::new(region.clone()));
     }
+    let config = loader.load().await;
+    if config.region().is_none() {
+        tracing::warn!("no AWS region is configured (set AWS_REGION, --s3-region or --kinesis-region); S3 and Kinesis calls will fail until one is");
+    }
+    let Some(role) = &access.role else {
+        return config;
+    };
+    let mut provider = AssumeRoleProvider::builder(&role.arn)
+        .configure(&config)
+        .session_name(&role.session_name);
+    if let Some(id) = &role.external_id {
+        provider = provider.external_id(id);
+    }
+    let provider = provider.build().await;
     config
+        .into_builder()
+        .credentials_provider(SharedCredentialsProvider::new(provider))
+        .build()
 }
 
 /// Awaits an SDK call, recording its duration and its error code if it failed in the metrics.
@@ -48,6 +69,10 @@ where
 {
     let started = std::time::Instant::now();
     let result = call.await.map_err(|e| BackendError::from_sdk(operation, e));
+    match &result {
+        Ok(_) => error::succeeded(kinesis),
+        Err(e) => error::explain(kinesis, operation, &e.code, &e.message),
+    }
     let code = result.as_ref().err().map(|e| e.code.as_str());
     crate::metrics::metrics().aws_call(kinesis, operation, started.elapsed(), code);
     result

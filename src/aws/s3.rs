@@ -6,6 +6,7 @@ use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPa
 use bytes::Bytes;
 use claimcheck_consumer::pointer::crc32c_base64;
 
+use super::settings::ObjectSettings;
 use super::{timed, BackendError};
 use crate::backends::{ChunkStore, ObjectMeta, UploadedPart};
 
@@ -13,12 +14,43 @@ use crate::backends::{ChunkStore, ObjectMeta, UploadedPart};
 pub struct S3Store {
     client: aws_sdk_s3::Client,
     bucket: String,
+    objects: ObjectSettings,
 }
 
 impl S3Store {
-    pub fn new(client: aws_sdk_s3::Client, bucket: String) -> Self {
-        S3Store { client, bucket }
+    /// Stores objects in `bucket`, each written with `objects`' settings.
+    pub fn new(client: aws_sdk_s3::Client, bucket: String, objects: ObjectSettings) -> Self {
+        S3Store {
+            client,
+            bucket,
+            objects,
+        }
     }
+}
+
+/// The settings of every object, on PutObject and CreateMultipartUpload alike (the builders
+/// are of different types with the same setters).
+macro_rules! with_object_settings {
+    ($request:expr, $objects:expr, $meta:expr) => {{
+        let o: &ObjectSettings = $objects;
+        let meta: &ObjectMeta = $meta;
+        let mut request = $request
+            .content_type(meta.content_type)
+            .set_content_encoding(meta.content_encoding.map(str::to_string))
+            .metadata("claimcheck-chunk-id", &meta.chunk_id)
+            .set_server_side_encryption(o.sse.clone())
+            .set_ssekms_key_id(o.kms_key_id.clone())
+            .set_storage_class(o.storage_class.clone())
+            .set_acl(o.acl.clone())
+            .set_tagging(meta.tagging.clone());
+        if o.bucket_key {
+            request = request.bucket_key_enabled(true);
+        }
+        for (k, v) in &meta.metadata {
+            request = request.metadata(k, v);
+        }
+        request
+    }};
 }
 
 impl ChunkStore for S3Store {
@@ -39,19 +71,20 @@ impl ChunkStore for S3Store {
         let out = timed(
             false,
             "PutObject",
-            self.client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(&meta.key)
-                .content_length(body.len() as i64)
-                .body(ByteStream::from(body))
-                .checksum_crc32_c(crc32c_base64(crc32c))
-                .content_type(meta.content_type)
-                .set_content_encoding(meta.content_encoding.map(str::to_string))
-                .metadata("claimcheck-chunk-id", &meta.chunk_id)
-                .customize()
-                .disable_payload_signing()
-                .send(),
+            with_object_settings!(
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(&meta.key)
+                    .content_length(body.len() as i64)
+                    .body(ByteStream::from(body))
+                    .checksum_crc32_c(crc32c_base64(crc32c)),
+                &self.objects,
+                meta
+            )
+            .customize()
+            .disable_payload_signing()
+            .send(),
         )
         .await?;
         Ok(out.e_tag)
@@ -61,15 +94,16 @@ impl ChunkStore for S3Store {
         let out = timed(
             false,
             "CreateMultipartUpload",
-            self.client
-                .create_multipart_upload()
-                .bucket(&self.bucket)
-                .key(&meta.key)
-                .checksum_algorithm(ChecksumAlgorithm::Crc32C)
-                .content_type(meta.content_type)
-                .set_content_encoding(meta.content_encoding.map(str::to_string))
-                .metadata("claimcheck-chunk-id", &meta.chunk_id)
-                .send(),
+            with_object_settings!(
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&meta.key)
+                    .checksum_algorithm(ChecksumAlgorithm::Crc32C),
+                &self.objects,
+                meta
+            )
+            .send(),
         )
         .await?;
         out.upload_id.ok_or_else(|| {

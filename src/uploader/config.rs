@@ -30,6 +30,10 @@ pub struct UploaderConfig {
     pub inline_max_bytes: u64,
     /// The buffer directory, for `dead/` and `quarantine/`.
     pub buffer_dir: PathBuf,
+    /// Tags of every object, their values with the key's placeholders.
+    pub object_tags: Vec<(String, KeyTemplate)>,
+    /// User metadata of every object, the same way.
+    pub object_metadata: Vec<(String, KeyTemplate)>,
 }
 
 impl UploaderConfig {
@@ -47,5 +51,42 @@ impl UploaderConfig {
             p if p.ends_with('/') => format!("{p}{key}"),
             p => format!("{p}/{key}"),
         }
+    }
+
+    /// The `x-amz-tagging` value of a chunk's object (URL-encoded `k=v&…`), if it has tags.
+    pub fn tagging(&self, tag: &str, chunk_id: &str, timekey: i64) -> Option<String> {
+        if self.object_tags.is_empty() {
+            return None;
+        }
+        let mut out = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in self.render(&self.object_tags, tag, chunk_id, timekey) {
+            out.append_pair(&k, &v);
+        }
+        Some(out.finish())
+    }
+
+    /// The user metadata of a chunk's object.
+    pub fn metadata(&self, tag: &str, chunk_id: &str, timekey: i64) -> Vec<(String, String)> {
+        self.render(&self.object_metadata, tag, chunk_id, timekey)
+    }
+
+    fn render(
+        &self,
+        pairs: &[(String, KeyTemplate)],
+        tag: &str,
+        chunk_id: &str,
+        timekey: i64,
+    ) -> Vec<(String, String)> {
+        let ext = body::file_extension(self.format, self.compression);
+        let values = KeyValues {
+            tag,
+            chunk_id,
+            timekey,
+            file_extension: &ext,
+        };
+        pairs
+            .iter()
+            .map(|(k, t)| (k.clone(), t.render(values)))
+            .collect()
     }
 }

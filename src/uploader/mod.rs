@@ -166,6 +166,8 @@ pub async fn upload<S: ChunkStore>(
         content_type: config.format.content_type(),
         content_encoding: config.compression.content_encoding(),
         chunk_id: header.chunk_id.clone(),
+        tagging: config.tagging(&header.tag, &header.chunk_id, header.timekey),
+        metadata: config.metadata(&header.tag, &header.chunk_id, header.timekey),
     };
     let started = std::time::Instant::now();
     let (tx, mut pieces) = mpsc::channel::<Piece>(1);

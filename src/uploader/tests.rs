@@ -37,6 +37,8 @@ fn config(dir: &std::path::Path, format: Format, compression: Compression) -> Up
         // Most tests here are about S3: every body goes there unless a test says otherwise.
         inline_max_bytes: 0,
         buffer_dir: dir.to_path_buf(),
+        object_tags: Vec::new(),
+        object_metadata: Vec::new(),
     }
 }
 
@@ -315,6 +317,37 @@ async fn large_bodies_stream_by_multipart_in_parts_of_the_set_size() {
             .len(),
         24
     );
+}
+
+#[tokio::test]
+async fn objects_carry_their_tags_and_metadata_by_put_and_by_multipart() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let template = |t: &str| KeyTemplate::parse(t, "host-1").unwrap();
+    for (events, event_bytes) in [(3, 64), (24, 512 * 1024)] {
+        let (chunk, _) = sealed_chunk(dir.path(), &registry, events, event_bytes);
+        let store = Arc::new(MemoryStore::new("fake-bucket"));
+        let mut cfg = config(dir.path(), Format::Msgpack, Compression::None);
+        cfg.multipart_threshold = 6 << 20;
+        cfg.object_tags = vec![
+            ("team".into(), template("sre & ops")),
+            ("source".into(), template("${tag[1]}/%Y")),
+        ];
+        cfg.object_metadata = vec![("host".into(), template("%{hostname}"))];
+        let uploaded = run_one(store.clone(), cfg, registry.clone(), chunk)
+            .await
+            .expect("uploaded");
+        let meta = store.meta(&uploaded.pointer.key).expect("stored");
+        let year = chrono::DateTime::from_timestamp(uploaded.pointer.timekey, 0)
+            .unwrap()
+            .format("%Y");
+        assert_eq!(
+            meta.tagging.as_deref(),
+            Some(format!("team=sre+%26+ops&source=web%2F{year}").as_str()),
+            "{events} events"
+        );
+        assert_eq!(meta.metadata, vec![("host".into(), "host-1".into())]);
+    }
 }
 
 #[tokio::test]

@@ -154,18 +154,23 @@ pub struct Aws {
 
 impl Aws {
     pub fn new(port: u16) -> Aws {
+        Aws::in_region(port, "us-east-1")
+    }
+
+    /// Clients of `region`.
+    pub fn in_region(port: u16, region: &'static str) -> Aws {
         let creds = Credentials::new("test", "test", None, None, "tests");
         let endpoint = format!("http://127.0.0.1:{port}");
         let s3 = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
+            .region(Region::new(region))
             .credentials_provider(creds.clone())
             .endpoint_url(&endpoint)
             .force_path_style(true)
             .build();
         let kinesis = aws_sdk_kinesis::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
-            .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+            .region(aws_sdk_kinesis::config::Region::new(region))
             .credentials_provider(creds)
             .endpoint_url(&endpoint)
             .build();

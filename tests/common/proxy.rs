@@ -29,6 +29,13 @@ pub enum Fault {
     Down,
     /// Answer `status` to this fraction of requests, with the service's error body.
     Errors { status: u16, rate: f64 },
+    /// Answer every request with `status` and the service's error body of `code` (S3's XML,
+    /// Kinesis's JSON), as an account's settings would: AccessDenied, a disabled KMS key...
+    Refuse {
+        status: u16,
+        code: &'static str,
+        message: &'static str,
+    },
     /// Hold every request this long before forwarding it.
     Slow(Duration),
     /// Kinesis only: refuse this fraction of PutRecords with
@@ -54,6 +61,9 @@ pub struct Ledger {
     successes: Mutex<Vec<(Service, Instant)>>,
     /// Requests refused or failed on purpose.
     pub injected: Mutex<u64>,
+    /// The `x-amz-*` headers of every object write (PutObject, CreateMultipartUpload), in
+    /// order: what an object was asked to be stored with.
+    pub object_writes: Mutex<Vec<Vec<(String, String)>>>,
 }
 
 impl Ledger {
@@ -176,14 +186,24 @@ fn chance(rate: f64) -> bool {
 }
 
 fn error_response(service: Service, status: u16) -> Response<Full<Bytes>> {
+    let code = match (service, status) {
+        (Service::S3, 503) => "SlowDown",
+        (Service::S3, _) => "InternalError",
+        (Service::Kinesis, 503) => "ServiceUnavailable",
+        (Service::Kinesis, _) => "InternalFailure",
+    };
+    coded_error(service, status, code, "injected by the test proxy")
+}
+
+/// The service's error response of `code`.
+fn coded_error(service: Service, status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
     let (body, content_type) = match service {
         Service::S3 => (
-            format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{}</Code><Message>injected by the test proxy</Message></Error>",
-                    if status == 503 { "SlowDown" } else { "InternalError" }),
+            format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message></Error>"),
             "application/xml",
         ),
         Service::Kinesis => (
-            json!({"__type": if status == 503 { "ServiceUnavailable" } else { "InternalFailure" }, "message": "injected by the test proxy"}).to_string(),
+            json!({"__type": code, "message": message}).to_string(),
             "application/x-amz-json-1.1",
         ),
     };
@@ -219,6 +239,26 @@ async fn handle(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    if state.service == Service::S3 {
+        let query = parts.uri.query().unwrap_or_default();
+        let writes = (parts.method == hyper::Method::PUT && !query.contains("partNumber"))
+            || (parts.method == hyper::Method::POST
+                && query.split('&').any(|q| q == "uploads" || q == "uploads="));
+        if writes {
+            let headers = parts
+                .headers
+                .iter()
+                .filter(|(k, _)| k.as_str().starts_with("x-amz-"))
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            state.ledger.object_writes.lock().unwrap().push(headers);
+        }
+    }
     let fault = state.fault.lock().unwrap().clone();
     let is_put_records = parts
         .headers
@@ -230,6 +270,14 @@ async fn handle(
         Fault::Errors { status, rate } if chance(*rate) => {
             inject();
             return Ok(error_response(state.service, *status));
+        }
+        Fault::Refuse {
+            status,
+            code,
+            message,
+        } => {
+            inject();
+            return Ok(coded_error(state.service, *status, code, message));
         }
         Fault::Throttle { request_rate, .. } if is_put_records && chance(*request_rate) => {
             inject();
