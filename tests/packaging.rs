@@ -245,3 +245,53 @@ fn the_example_fluentd_configuration_asks_for_acks() {
             && conf.contains("port 24224")
     );
 }
+
+/// Fluentd verifies a TLS certificate against `<server> name` when `host` is an IP address;
+/// without a name, Fluentd 1.19.3 (Ruby 3.1) fails with `IPAddr::AddressFamilyError` and
+/// discards the chunks. Every example that verifies certificates names the server.
+#[test]
+fn the_fluentd_tls_examples_name_the_server_they_verify() {
+    let readme = read("README.md");
+    // The README's fenced blocks, and fluent.conf.example as a whole.
+    let mut examples: Vec<(String, String)> = readme
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .map(|block| ("README.md".to_string(), block.to_string()))
+        .collect();
+    examples.push(("fluent.conf.example".into(), read("fluent.conf.example")));
+    let mut checked = 0;
+    for (origin, text) in examples
+        .iter()
+        .filter(|(_, text)| text.contains("tls_verify_hostname true"))
+    {
+        checked += 1;
+        let servers: Vec<&str> = text
+            .split("<server>")
+            .skip(1)
+            .map(|s| s.split("</server>").next().unwrap())
+            .collect();
+        assert!(
+            !servers.is_empty(),
+            "{origin}: a TLS example without <server>"
+        );
+        for server in servers {
+            let key = |k: &str| {
+                server
+                    .lines()
+                    .map(str::trim)
+                    .find_map(|l| l.strip_prefix(&format!("{k} ")))
+                    .map(|v| v.split_whitespace().next().unwrap_or_default())
+            };
+            let name = key("name").unwrap_or_else(|| panic!("{origin}: <server> without name"));
+            assert!(
+                name.parse::<std::net::IpAddr>().is_err(),
+                "{origin}: <server> name {name} must be a DNS name"
+            );
+        }
+    }
+    assert_eq!(
+        checked, 2,
+        "the README's TLS example and fluent.conf.example"
+    );
+}
