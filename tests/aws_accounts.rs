@@ -245,19 +245,48 @@ async fn each_destination_has_its_role_and_its_region() {
         .read_events(&stream, sent.len(), Duration::from_secs(60))
         .await;
     assert_exactly_once(&chunks, &sent);
+    // `tail` takes the same flags: a reader's role, and the stream's region.
+    let (stdout, _) = tokio::task::block_in_place(|| {
+        run_claimcheck(
+            moto.port,
+            &[
+                "tail",
+                "--kinesis-stream",
+                &stream,
+                "--until-idle",
+                "2s",
+                "--kinesis-region",
+                "eu-central-1",
+                "--s3-region",
+                "eu-west-1",
+                "--role-arn",
+                "arn:aws:iam::123456789012:role/reader",
+                "--role-session-name",
+                "tail-it",
+            ],
+            None,
+        )
+    });
+    assert_eq!(json_lines(&stdout).len(), sent.len());
     let roles = assumed_roles(moto.port).await;
-    for (arn, external_id) in [
-        ("arn:aws:iam::123456789012:role/s3-writer", "ext-s3"),
+    for (arn, external_id, session) in [
+        (
+            "arn:aws:iam::123456789012:role/s3-writer",
+            "ext-s3",
+            "claimcheck-it",
+        ),
         (
             "arn:aws:iam::123456789012:role/stream-writer",
             "ext-kinesis",
+            "claimcheck-it",
         ),
+        ("arn:aws:iam::123456789012:role/reader", "", "tail-it"),
     ] {
         assert!(
             roles
                 .iter()
-                .any(|r| r == &(arn.into(), external_id.into(), "claimcheck-it".into())),
-            "{arn} assumed with {external_id}: {roles:?}"
+                .any(|r| r == &(arn.into(), external_id.into(), session.into())),
+            "{arn} assumed with {external_id:?} as {session}: {roles:?}"
         );
     }
 }
