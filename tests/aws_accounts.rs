@@ -432,7 +432,9 @@ async fn errors_that_need_an_operator_are_explained_once_and_retried() {
         let log = sidecar.log_text();
         let lines: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("refuses") && l.contains(&format!("code=\"{code}\"")))
+            .filter(|l| {
+                l.contains("retried until this is fixed") && l.contains(&format!("code=\"{code}\""))
+            })
             .collect();
         assert_eq!(lines.len(), 1, "{code} explained once:\n{log}");
         assert!(

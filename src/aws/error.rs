@@ -103,7 +103,7 @@ pub fn explain(kinesis: bool, operation: &str, code: &str, message: &str) {
             code,
             cause = message,
             fix,
-            "{service} refuses {operation}; retrying until this is fixed: {fix}"
+            "{service} {operation} failed (retried until this is fixed): {fix}"
         );
     }
 }
