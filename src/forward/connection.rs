@@ -444,7 +444,12 @@ impl Connection {
         debug!(%peer, %tag, events = split.events, "request");
         let received = Instant::now();
         metrics().events_received.inc_by(split.events);
-        let durable = self.buffer.append(tag, split.groups).await;
+        // The token goes to disk with the events only if a resend will be looked up.
+        let recorded = ticket.as_ref().and(token.clone()).map(|t| (peer.ip(), t));
+        let durable = self
+            .buffer
+            .append_with_token(tag, split.groups, recorded)
+            .await;
         self.pending.push_back(Box::pin(async move {
             let result = durable.await;
             if let Some(ticket) = ticket {
