@@ -629,7 +629,10 @@ async fn tokens_are_durable_with_their_events_and_rebuild_the_window_after_a_cra
     // A request over two timekeys: two chunks, each with a record of it (parts = 2).
     let (a, b) = (entry_at(60, 10), entry_at(120, 10));
     let token = Some((sender, Bytes::from_static(b"two-chunks")));
-    let split = vec![group_of(60, std::slice::from_ref(&a)), group_of(120, std::slice::from_ref(&b))];
+    let split = vec![
+        group_of(60, std::slice::from_ref(&a)),
+        group_of(120, std::slice::from_ref(&b)),
+    ];
     handle
         .append_with_token("t".into(), split, token)
         .await
@@ -637,7 +640,11 @@ async fn tokens_are_durable_with_their_events_and_rebuild_the_window_after_a_cra
         .unwrap();
     let one = Some((sender, Bytes::from_static(b"one-chunk")));
     handle
-        .append_with_token("t".into(), vec![group_of(60, std::slice::from_ref(&a))], one)
+        .append_with_token(
+            "t".into(),
+            vec![group_of(60, std::slice::from_ref(&a))],
+            one,
+        )
         .await
         .await
         .unwrap();
