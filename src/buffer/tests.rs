@@ -780,3 +780,31 @@ fn version_1_data_files_are_still_recovered() {
     assert_eq!(recovered.sealed[0].stats.records, 2);
     assert_eq!(body_of(&recovered.sealed[0]), e);
 }
+
+#[tokio::test]
+async fn a_request_that_fits_in_a_chunk_is_not_split_across_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut cfg = config(dir.path());
+    let one = entry_at(60, 100).len() as u64;
+    cfg.chunk_limit_size = one * 3;
+    let (buffer, _) = Buffer::open(cfg, registry(), tx).unwrap();
+    let handle = buffer.handle.clone();
+    let task = tokio::spawn(buffer.run());
+    let first: Vec<Bytes> = (0..2).map(|i| entry_at(60 + i, 100)).collect();
+    let second: Vec<Bytes> = (2..4).map(|i| entry_at(60 + i, 100)).collect();
+    for request in [&first, &second] {
+        handle
+            .append("a".into(), vec![group_of(60, request)])
+            .await
+            .await
+            .unwrap();
+    }
+    // The second request does not fit in what is left of the first chunk: it goes whole to
+    // a new one, rather than one entry here and one there.
+    let full = recv(&mut rx).await;
+    assert_eq!(body_of(&full), first.concat());
+    drop(handle);
+    task.await.unwrap().unwrap();
+    assert_eq!(body_of(&recv(&mut rx).await), second.concat());
+}

@@ -7,8 +7,10 @@
 //!    *waiter*; each of its groups a *piece*. Pieces held back by a full disk in an earlier
 //!    round go first.
 //! 2. Place pieces ([`Writer::place_pieces`]): pieces are placed in the open chunk of their
-//!    (tag, timekey), split where a chunk fills up (`chunk_limit_size`,
-//!    `chunk_limit_records`); a full chunk is set aside for sealing.
+//!    (tag, timekey); a piece that does not fit in what is left of it (`chunk_limit_size`,
+//!    `chunk_limit_records`) goes whole to a fresh chunk, and is split only if it is larger
+//!    than a whole chunk; a full chunk is set aside for sealing. So a request is written in
+//!    one piece per timekey it spans, unless it is larger than a chunk.
 //! 3. Write and sync ([`Writer::write_and_sync`]): each chunk's pieces of the round are
 //!    written as one frame. Under `sync always` the written chunks are then fsynced, together
 //!    (see [`in_parallel`]), and the directory too when a chunk file is new.
@@ -634,8 +636,15 @@ impl Writer {
                 chunk.pending.push(piece);
                 return;
             }
+            // A piece that fits in a chunk of its own is not split: it goes whole to a fresh
+            // chunk, so that its events (and its token) are made durable by one write, and a
+            // crash never leaves part of an unacknowledged request behind.
+            let fits_a_chunk = g.bytes <= limit_bytes && g.records <= limit_records;
             if held_records > 0
-                && (room_bytes == 0 || room_records == 0 || !fits_first_entry(g, room_bytes))
+                && (room_bytes == 0
+                    || room_records == 0
+                    || fits_a_chunk
+                    || !fits_first_entry(g, room_bytes))
             {
                 // Full: set it aside for sealing and go round again with a fresh chunk. It
                 // leaves `open`, so it gives up its file; a write of this round reopens it.
