@@ -89,6 +89,9 @@ async fn kill_at(sidecar: &mut Sidecar, target: Target) -> bool {
 /// The signal of `std::process::abort`.
 const SIGABRT: i32 = 6;
 
+/// What the sidecar logs when it acks a resent request without storing it.
+const RESEND_RECOGNISED: &str = "acknowledging a resent request again";
+
 fn median_ms(d: &mut [Duration]) -> f64 {
     d.sort();
     d.get(d.len() / 2).map_or(0.0, |m| m.as_secs_f64() * 1000.0)
@@ -227,6 +230,9 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
     let mut phases: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let started = Instant::now();
     let mut restarts: Vec<Duration> = Vec::new();
+    // Resends acked without storing them again, for the figures (the sidecar's counter dies
+    // with each process).
+    let mut recognised = 0;
     for cycle in 0..cycles {
         let (phase, target) = TARGETS[cycle % TARGETS.len()];
         let fault = format!("abort-after-sync:{}", rand::random_range(1..=40));
@@ -242,6 +248,7 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
             tokio::time::sleep(Duration::from_millis(rand::random_range(50..300))).await;
         }
         let hit = kill_at(&mut sidecar, target).await;
+        recognised += sidecar.log_text().matches(RESEND_RECOGNISED).count();
         let counts = phases.entry(phase).or_default();
         counts.0 += 1;
         counts.1 += usize::from(hit);
@@ -250,6 +257,7 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
     let final_sidecar = env.sidecar_at(port, None, &args);
     let load = load.stop().await;
     let (seen, duplicates_dropped) = drain_and_read(&env, &load).await;
+    recognised += final_sidecar.log_text().matches(RESEND_RECOGNISED).count();
     drop(final_sidecar);
 
     let missing: Vec<_> = load
@@ -302,7 +310,7 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
     let ids: HashSet<&str> = raw.iter().map(|p| p.chunk_id.as_str()).collect();
     println!(
         "crash harness (sync {sync}, inline_max_bytes {inline_max_bytes}): {cycles} kills in {:.0} s; {} events acked ({} before the last restart), {} sent; \
-         {} delivered, 0 lost, 0 duplicated for the consumer; {} requests resent after a lost ack; {} unacked events delivered once; {} chunks, {} republished \
+         {} delivered, 0 lost, 0 duplicated for the consumer; {} requests resent after a lost ack, {} of them acked without storing them again; {} unacked events delivered once; {} chunks, {} republished \
          (whole chunks, {} pointers dropped by the consumer); restart to listening: median {:.0} ms, max {:.0} ms; \
          kills by phase: {:?}",
         started.elapsed().as_secs_f64(),
@@ -311,6 +319,7 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
         load.sent,
         seen.len(),
         resent,
+        recognised,
         unacked_delivered,
         ids.len(),
         republished,
