@@ -6,7 +6,9 @@
 //! and, under the default `sync always`, that file has been fsynced (plus its directory when
 //! the file is new). One fsync covers every request that arrived while the previous one ran
 //! (group commit). Nothing is deleted before Kinesis accepted the chunk's pointer, or before
-//! an operator's `drop_oldest_chunk` asks for it.
+//! an operator's `drop_oldest_chunk` asks for it. The ack token of each request is written with its events,
+//! in the same write, so the resend window ([`tokens`]) is exactly as durable as the events
+//! under each policy below.
 //!
 //! | `sync`     | acknowledged after          | survives a process crash | survives power loss      |
 //! |------------|-----------------------------|--------------------------|--------------------------|

@@ -14,6 +14,10 @@
 //!
 //! Every whole frame of a data file was acknowledged or could have been, so recovery keeps all
 //! of them; what it cannot read it keeps aside, never deletes.
+//!
+//! The token records of every chunk kept (from the scan of an open chunk, from the token frames
+//! of a sealed or uploaded one) go back in [`Recovered::tokens`], from which, with the token
+//! journal, the buffer rebuilds the resend window ([`super::tokens`]).
 
 use std::collections::BTreeMap;
 use std::fs;

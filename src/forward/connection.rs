@@ -9,7 +9,9 @@
 //!
 //! With `<security>` settings the connection starts with the shared-key handshake
 //! ([`super::security`]); a request whose token was stored recently from the same sender is
-//! acked again without storing it twice ([`super::dedup`]).
+//! acked again without storing it twice ([`super::dedup`]), also after a restart: the token is
+//! handed to the buffer with the events, which writes it with them
+//! ([`crate::buffer::tokens`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
