@@ -119,8 +119,10 @@ fn now_ms() -> i64 {
 struct Journal {
     path: PathBuf,
     file: Option<File>,
-    /// Unexpired records with their expiry (Unix ms), oldest first.
+    /// Unexpired records with their expiry (Unix ms), oldest first; at most `max_live` (the
+    /// window holds no more tokens than that anyway).
     live: Vec<(i64, TokenRecord)>,
+    max_live: usize,
     /// Bytes in the file.
     len: u64,
 }
@@ -128,7 +130,7 @@ struct Journal {
 impl Journal {
     /// Reads the journal (a torn or damaged tail ends it), keeping the records unexpired at
     /// `now_ms`, and rewrites it with only those.
-    fn open(buffer_dir: &Path, now_ms: i64) -> io::Result<Journal> {
+    fn open(buffer_dir: &Path, now_ms: i64, max_live: usize) -> io::Result<Journal> {
         let path = buffer_dir.join(JOURNAL_FILE);
         let mut live = Vec::new();
         match fs::read(&path) {
@@ -155,10 +157,13 @@ impl Journal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
+        let excess = live.len().saturating_sub(max_live);
+        live.drain(..excess);
         let mut journal = Journal {
             path,
             file: None,
             live,
+            max_live,
             len: 0,
         };
         journal.rewrite()?;
@@ -220,6 +225,8 @@ impl Journal {
         self.len += frame.len() as u64;
         self.live
             .extend(records.iter().cloned().map(|r| (expires, r)));
+        let excess = self.live.len().saturating_sub(self.max_live);
+        self.live.drain(..excess);
         // Rewrite once the file is mostly expired records.
         let live_bytes: u64 = self
             .live
@@ -271,7 +278,7 @@ impl Tokens {
         in_chunks: Vec<TokenRecord>,
     ) -> io::Result<Tokens> {
         let now = now_ms();
-        let journal = Journal::open(buffer_dir, now)?;
+        let journal = Journal::open(buffer_dir, now, dedup.capacity().saturating_mul(2))?;
         let window = dedup.window();
         // By request: its record, the parts found, and when its window ends (`None`: a part is
         // still in the buffer, so the window starts now).
@@ -436,7 +443,7 @@ mod tests {
         assert!(stored(&dedup, "split"));
 
         // Expired records are pruned from the file on start.
-        let mut j = Journal::open(dir.path(), now_ms()).unwrap();
+        let mut j = Journal::open(dir.path(), now_ms(), 100).unwrap();
         j.append(now_ms() - 1, &[record("old", 9, 1)], 0).unwrap();
         assert_eq!(read_journal(dir.path()).len(), 3);
         drop(j);

@@ -85,6 +85,11 @@ impl Dedup {
         !self.window.is_zero()
     }
 
+    /// Most tokens remembered.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// How long a stored token is remembered.
     pub fn window(&self) -> Duration {
         self.window
