@@ -328,11 +328,18 @@ impl Tokens {
 
     /// Before delivered chunks are deleted: journals their token records (fsynced), with an
     /// expiry `dedup_window` from now, and restarts their window in memory. The chunks may be
-    /// deleted only if this succeeds.
+    /// deleted only if this succeeds (it fails only if the journal cannot be written; a chunk
+    /// whose token frames cannot be read is logged and its tokens left out).
     pub fn retire(&self, chunks: &[&ChunkPaths]) -> io::Result<()> {
         let mut records = Vec::new();
         for paths in chunks {
-            records.extend(chunk::read_tokens(&paths.data).map_err(io::Error::other)?);
+            match chunk::read_tokens(&paths.data) {
+                Ok(r) => records.extend(r),
+                // Its tokens are lost, not its delivery: a resend of its requests is stored
+                // again. Refusing to delete it would publish it again on every start.
+                Err(e) => warn!(path = %paths.data.display(), cause = %e,
+                                "cannot read the tokens of a delivered chunk; a resend of its requests will be stored again"),
+            }
         }
         if records.is_empty() {
             return Ok(());
