@@ -108,7 +108,7 @@ fn chunk_append(c: &mut Criterion) {
                 },
                 |(mut writer, path)| {
                     for _ in 0..per_chunk {
-                        writer.append(&round).expect("append");
+                        writer.append(&round, &[]).expect("append");
                         if sync {
                             writer.sync().expect("fsync");
                         }

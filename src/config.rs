@@ -243,8 +243,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
-    /// How long a request's `chunk` token is remembered per sender: a request resent with it
-    /// (after a lost ack) is acked again without storing its events twice; `0s`: off.
+    /// How long a request's `chunk` token is remembered per sender, from when it is stored and
+    /// again from when its chunk is delivered: a request resent with it (after a lost ack) is
+    /// acked again without storing its events twice, across restarts too (tokens are kept
+    /// on disk with the events); `0s`: off.
     #[arg(long, env = "CLAIMCHECK_DEDUP_WINDOW", default_value = "10m", value_parser = parse_duration)]
     pub dedup_window: Duration,
 

@@ -70,8 +70,12 @@ impl Sidecar {
     pub fn open(config: Config) -> anyhow::Result<Sidecar> {
         let (sealed_tx, sealed_rx) = mpsc::unbounded_channel();
         let registry = Arc::new(Registry::new());
-        let (buffer, recovered) =
-            Buffer::open(config.buffer.clone(), registry.clone(), sealed_tx.clone())?;
+        let (buffer, recovered) = Buffer::open_with(
+            config.buffer.clone(),
+            registry.clone(),
+            sealed_tx.clone(),
+            Some(config.connection.dedup.clone()),
+        )?;
         let queues = delivery::Queues {
             sealed_tx,
             sealed_rx,

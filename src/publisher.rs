@@ -294,7 +294,18 @@ async fn publish<P: PointerSink>(
     registry
         .outage(Stage::Publish)
         .succeeded(published.len() as u64);
+    let tokens = registry.tokens().cloned();
     let removed = tokio::task::spawn_blocking(move || {
+        // Their tokens go to the journal first: once the files are gone, it is what recognises
+        // a resend of their requests for the rest of the window.
+        if let Some(tokens) = tokens {
+            let paths: Vec<_> = published.iter().map(|c| &c.paths).collect();
+            if let Err(e) = tokens.retire(&paths) {
+                error!(chunks = paths.len(), cause = %e,
+                       "cannot journal the tokens of published chunks; keeping them until the next start");
+                return Vec::new();
+            }
+        }
         published
             .into_iter()
             .filter_map(|chunk| match chunk.paths.remove() {

@@ -95,11 +95,12 @@ pub async fn run(
     let mut connections = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
     loop {
-        // Reap finished connections (Fluentd opens one per second for heartbeats).
-        while connections.try_join_next().is_some() {}
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
+            // Reap connections as they finish (Fluentd opens one per second for heartbeats), so
+            // that the set holds only open ones, and the count at shutdown is right.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let (socket, peer) = match accepted {
             Ok(a) => {
@@ -149,6 +150,7 @@ pub async fn run(
         );
     }
     drop(listener);
+    while connections.try_join_next().is_some() {}
     info!(
         connections = connections.len(),
         "stopped accepting; waiting for open connections to finish"

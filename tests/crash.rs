@@ -1,10 +1,15 @@
-//! Crash anywhere: kill the sidecar with SIGKILL at random moments under steady load, restart
-//! it on the same buffer, repeat, then drain and read everything back through the consumer.
+//! Crash anywhere: kill the sidecar at random moments and at chosen phases under steady load,
+//! restart it on the same buffer, repeat, then drain and read everything back through the
+//! consumer.
 //!
-//! Pass: every acknowledged event is delivered; the consumer (which drops repeated chunk ids)
-//! sees each event exactly once; below it, duplicates only ever come as whole chunks published
-//! again. Unacknowledged events may be delivered too (stored, but the ack was lost with the
-//! process), at most once, since the load never resends.
+//! The load resends each request whose ack it did not get, with the same token, once the
+//! sidecar is back (as Fluentd does). Pass: every acknowledged event is delivered; each event
+//! id is delivered in exactly one chunk (the consumer drops repeated chunk ids), so no resend
+//! of a request stored before the crash was stored again; below the consumer, duplicates only
+//! ever come as whole chunks published again. Each phase a kill aims at must have been hit:
+//! the kill between the fsync and the ack is the fault point (`CLAIMCHECK_FAULT`), confirmed
+//! by the process dying of SIGABRT; the delivery phases are confirmed by the log line that
+//! starts them.
 //!
 //! `CLAIMCHECK_CRASH_CYCLES` sets the number of kills (default 20), e.g.
 //! `CLAIMCHECK_CRASH_CYCLES=200 cargo test --release --test crash -- --nocapture`.
@@ -12,6 +17,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::types::ShardIteratorType;
@@ -19,33 +25,50 @@ use claimcheck_consumer::{Pointer, Resolver, StartPosition, StreamReader};
 use common::load::{Load, LoadResult};
 use common::*;
 
-/// When a cycle kills the sidecar: after a random time (mostly while receiving and
-/// fsyncing), or right after it logs a marker of a delivery phase. With inline bodies, the
-/// "upload" writes the uploaded state holding the body, and logs "body stored inline".
-const TARGETS: [(&str, Option<&str>, u64); 5] = [
-    ("receiving and fsyncing", None, 0),
-    ("mid-upload", Some("chunk sealed"), 8),
-    ("between upload and publish", Some(" stored"), 2),
-    ("mid-PutRecords", Some("sending PutRecords"), 4),
+/// Where a cycle kills the sidecar.
+#[derive(Clone, Copy)]
+enum Target {
+    /// SIGKILL after a random time: mostly while receiving, writing and fsyncing.
+    Random,
+    /// The process aborts itself after the fsync of a write round and before its acks (the
+    /// fault point, after a random number of rounds).
+    AfterSyncBeforeAck,
+    /// SIGKILL right after the log shows `marker`, within `max_delay_ms`. With inline bodies,
+    /// the "upload" writes the uploaded state holding the body and logs "body stored inline".
+    Marker(&'static str, u64),
+}
+
+const TARGETS: [(&str, Target); 6] = [
+    ("a random moment", Target::Random),
+    ("between fsync and ack", Target::AfterSyncBeforeAck),
+    ("mid-upload", Target::Marker("chunk sealed", 8)),
+    ("between upload and publish", Target::Marker(" stored", 2)),
+    ("mid-PutRecords", Target::Marker("sending PutRecords", 4)),
     (
         "between PutRecords and delete",
-        Some("pointer published"),
-        1,
+        Target::Marker("pointer published", 1),
     ),
 ];
 
-/// Kills the sidecar at `target`; returns false if the marker never showed (killed anyway).
-async fn kill_at(sidecar: &mut Sidecar, target: (&str, Option<&str>, u64)) -> bool {
-    let (_, marker, max_delay_ms) = target;
-    let hit = match marker {
-        None => {
+/// The most a cycle waits for its phase.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Kills the sidecar at `target`; returns whether the target was hit (false: killed anyway,
+/// after waiting [`PHASE_TIMEOUT`] for it).
+async fn kill_at(sidecar: &mut Sidecar, target: Target) -> bool {
+    let hit = match target {
+        Target::Random => {
             tokio::time::sleep(Duration::from_millis(rand::random_range(100..1200))).await;
             true
         }
-        Some(marker) => {
+        Target::AfterSyncBeforeAck => {
+            let status = tokio::task::block_in_place(|| sidecar.wait_exit(PHASE_TIMEOUT));
+            status.is_some_and(|s| s.signal() == Some(SIGABRT))
+        }
+        Target::Marker(marker, max_delay_ms) => {
             // Only occurrences logged after this point count.
             let seen = sidecar.log_text().matches(marker).count();
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let deadline = Instant::now() + PHASE_TIMEOUT;
             loop {
                 if sidecar.log_text().matches(marker).count() > seen {
                     tokio::time::sleep(Duration::from_millis(rand::random_range(0..=max_delay_ms)))
@@ -62,6 +85,12 @@ async fn kill_at(sidecar: &mut Sidecar, target: (&str, Option<&str>, u64)) -> bo
     sidecar.kill9();
     hit
 }
+
+/// The signal of `std::process::abort`.
+const SIGABRT: i32 = 6;
+
+/// What the sidecar logs when it acks a resent request without storing it.
+const RESEND_RECOGNISED: &str = "acknowledging a resent request again";
 
 fn median_ms(d: &mut [Duration]) -> f64 {
     d.sort();
@@ -196,30 +225,39 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
         "--sync",
         sync,
     ];
-    let load = Load::start(port, 3, 25, 4);
-    let mut phases: BTreeMap<&str, usize> = BTreeMap::new();
+    let load = Load::start_resending(port, 3, 25, 4);
+    // Phase -> (kills aimed at it, kills that hit it).
+    let mut phases: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let started = Instant::now();
     let mut restarts: Vec<Duration> = Vec::new();
+    // Resends acked without storing them again, for the figures (the sidecar's counter dies
+    // with each process).
+    let mut recognised = 0;
     for cycle in 0..cycles {
+        let (phase, target) = TARGETS[cycle % TARGETS.len()];
+        let fault = format!("abort-after-sync:{}", rand::random_range(1..=40));
+        let extra: &[(&str, &str)] = match target {
+            Target::AfterSyncBeforeAck => &[("CLAIMCHECK_FAULT", &fault)],
+            _ => &[],
+        };
         let restart = Instant::now();
-        let mut sidecar = env.sidecar_at(port, None, &args);
+        let mut sidecar = env.sidecar_env(port, extra, &args);
         restarts.push(restart.elapsed());
-        // Let the load reach the new process before aiming at a phase.
-        tokio::time::sleep(Duration::from_millis(rand::random_range(50..300))).await;
-        let target = TARGETS[cycle % TARGETS.len()];
+        if !matches!(target, Target::AfterSyncBeforeAck) {
+            // Let the load reach the new process before aiming at a phase.
+            tokio::time::sleep(Duration::from_millis(rand::random_range(50..300))).await;
+        }
         let hit = kill_at(&mut sidecar, target).await;
-        *phases
-            .entry(if hit {
-                target.0
-            } else {
-                "marker not seen in 5 s"
-            })
-            .or_default() += 1;
+        recognised += sidecar.log_text().matches(RESEND_RECOGNISED).count();
+        let counts = phases.entry(phase).or_default();
+        counts.0 += 1;
+        counts.1 += usize::from(hit);
     }
     let acked_before_last = load.acked_count();
     let final_sidecar = env.sidecar_at(port, None, &args);
     let load = load.stop().await;
     let (seen, duplicates_dropped) = drain_and_read(&env, &load).await;
+    recognised += final_sidecar.log_text().matches(RESEND_RECOGNISED).count();
     drop(final_sidecar);
 
     let missing: Vec<_> = load
@@ -237,10 +275,15 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
         .filter(|(_, chunks)| chunks.len() > 1)
         .take(5)
         .collect();
-    assert!(
-        twice.is_empty(),
-        "events delivered in more than one chunk: {twice:?}"
-    );
+    if let Some((id, _)) = twice.first() {
+        // The whole request of the first one: which of its events went where.
+        let request = **id & !0xfff;
+        let mut parts: Vec<_> = (request..request + 0x1000)
+            .filter_map(|i| Some((i & 0xfff, seen.get(&i)?)))
+            .collect();
+        parts.sort();
+        panic!("events delivered in more than one chunk: {twice:?}; their request: {parts:?}");
+    }
     // Below the consumer: a chunk id published more than once must name the same object.
     let raw = raw_pointers(&env).await;
     let mut by_id: HashMap<&str, Vec<&Pointer>> = HashMap::new();
@@ -263,10 +306,11 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
         }
     }
     let unacked_delivered = seen.keys().filter(|id| !load.acked.contains(id)).count();
+    let resent = load.unacked_requests;
     let ids: HashSet<&str> = raw.iter().map(|p| p.chunk_id.as_str()).collect();
     println!(
         "crash harness (sync {sync}, inline_max_bytes {inline_max_bytes}): {cycles} kills in {:.0} s; {} events acked ({} before the last restart), {} sent; \
-         {} delivered, 0 lost, 0 duplicated for the consumer; {} unacked events delivered once; {} chunks, {} republished \
+         {} delivered, 0 lost, 0 duplicated for the consumer; {} requests resent after a lost ack, {} of them acked without storing them again; {} unacked events delivered once; {} chunks, {} republished \
          (whole chunks, {} pointers dropped by the consumer); restart to listening: median {:.0} ms, max {:.0} ms; \
          kills by phase: {:?}",
         started.elapsed().as_secs_f64(),
@@ -274,14 +318,22 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
         acked_before_last,
         load.sent,
         seen.len(),
+        resent,
+        recognised,
         unacked_delivered,
         ids.len(),
         republished,
         duplicates_dropped,
         median_ms(&mut restarts),
         restarts.iter().max().unwrap_or(&Duration::ZERO).as_secs_f64() * 1000.0,
-        phases
+        phases.iter().map(|(p, (_, hit))| (*p, *hit)).collect::<BTreeMap<_, _>>()
     );
+    for (phase, (aimed, hit)) in &phases {
+        assert_eq!(
+            hit, aimed,
+            "{phase}: {aimed} kills aimed at it, {hit} hit it"
+        );
+    }
     assert!(
         load.acked.len() > 1000,
         "the load made progress ({} acked)",

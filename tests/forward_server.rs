@@ -284,3 +284,36 @@ fn shutdown_waits_for_a_request_in_progress_only_so_long() {
     assert!(reply.is_empty(), "{reply:?}");
     drop(idle);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_counts_only_connections_still_open() {
+    let mut sidecar = Sidecar::standalone(&["--metrics-listen", "127.0.0.1:0"]);
+    let base = minute_of(now_secs());
+    let req = fluentd_request(
+        "gone",
+        &entries("gone", base, 3, false),
+        3,
+        "text",
+        "Z29uZQ==",
+    );
+    let mut conn = connect(sidecar.port);
+    conn.write_all(&req).unwrap();
+    expect_ack(&mut conn, b"Z29uZQ==");
+    drop(conn);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while sidecar.metric("claimcheck_connections_open").await > 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = tokio::task::block_in_place(|| sidecar.terminate(Duration::from_secs(60)));
+    assert!(status.success(), "exit status {status}");
+    let log = sidecar.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("stopped accepting"))
+        .expect("the shutdown line");
+    assert!(line.contains("connections=0"), "{line}");
+}

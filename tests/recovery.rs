@@ -51,7 +51,7 @@ fn open_chunk(
             stats.add(1, 0, t, t);
         }
         stats.body_bytes += frame.len() as u64;
-        w.append(&[Bytes::from(frame)]).unwrap();
+        w.append(&[Bytes::from(frame)], &[]).unwrap();
     }
     w.sync().unwrap();
     stats.data_len = w.valid_len();

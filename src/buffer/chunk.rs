@@ -12,8 +12,16 @@ use claimcheck_consumer::entry::{self, EventTime};
 use claimcheck_consumer::Pointer;
 use serde::{Deserialize, Serialize};
 
-/// First bytes of every data file; the digit is the data file version.
-pub const MAGIC: &[u8; 8] = b"CCHUNK01";
+use super::tokens::TokenRecord;
+
+/// First bytes of every data file written now; the digits are the data file version. Version 2
+/// adds token frames.
+pub const MAGIC: &[u8; 8] = b"CCHUNK02";
+/// First bytes of a version 1 data file (entries frames only), still read at recovery.
+pub const MAGIC_V1: &[u8; 8] = b"CCHUNK01";
+/// In a version 2 data file, a frame whose length has this bit set is a token frame: the token
+/// records of the requests whose events are in the frame before it (see [`super::tokens`]).
+pub const TOKEN_FRAME: u32 = 1 << 31;
 /// Bytes before a frame's payload: payload length (u32 LE) and payload CRC32C (u32 LE).
 pub const FRAME_HEADER: usize = 8;
 /// Data file suffix.
@@ -300,26 +308,41 @@ impl ChunkWriter {
         self.len
     }
 
-    /// Appends one frame holding `payload` (the concatenation of the slices). On error the
+    /// Appends one frame holding `payload` (the concatenation of the slices), followed, when
+    /// `tokens` is not empty, by a token frame holding those encoded token records, in one
+    /// write: the token frame is valid only if the entries frame before it is. On error the
     /// file is cut back to its previous length so that later frames do not follow garbage.
     /// The file must be open.
-    pub fn append(&mut self, payload: &[Bytes]) -> io::Result<()> {
+    pub fn append(&mut self, payload: &[Bytes], tokens: &[u8]) -> io::Result<()> {
         let Some(file) = self.file.as_mut() else {
             return Err(io::Error::other("chunk file is not open"));
         };
         let total: usize = payload.iter().map(Bytes::len).sum();
-        let len = u32::try_from(total).map_err(|_| io::Error::other("frame larger than 4 GiB"))?;
+        let len = u32::try_from(total)
+            .ok()
+            .filter(|l| l & TOKEN_FRAME == 0)
+            .ok_or_else(|| io::Error::other("frame larger than 2 GiB"))?;
         let crc = payload
             .iter()
             .fold(0, |crc, s| crc32c::crc32c_append(crc, s));
         let mut head = [0u8; FRAME_HEADER];
         head[..4].copy_from_slice(&len.to_le_bytes());
         head[4..].copy_from_slice(&crc.to_le_bytes());
+        let mut tail = Vec::new();
+        if !tokens.is_empty() {
+            let tlen = u32::try_from(tokens.len())
+                .ok()
+                .filter(|l| l & TOKEN_FRAME == 0)
+                .ok_or_else(|| io::Error::other("token frame larger than 2 GiB"))?;
+            tail.extend_from_slice(&(tlen | TOKEN_FRAME).to_le_bytes());
+            tail.extend_from_slice(&crc32c::crc32c(tokens).to_le_bytes());
+            tail.extend_from_slice(tokens);
+        }
         self.unsynced = true;
-        let result = write_all_vectored(file, &head, payload);
+        let result = write_all_vectored(file, &head, payload, &tail);
         match result {
             Ok(()) => {
-                self.len += (FRAME_HEADER + total) as u64;
+                self.len += (FRAME_HEADER + total + tail.len()) as u64;
                 Ok(())
             }
             Err(e) => {
@@ -362,10 +385,18 @@ impl ChunkWriter {
     }
 }
 
-fn write_all_vectored(file: &mut File, head: &[u8], payload: &[Bytes]) -> io::Result<()> {
-    let mut slices: Vec<&[u8]> = Vec::with_capacity(payload.len() + 1);
+fn write_all_vectored(
+    file: &mut File,
+    head: &[u8],
+    payload: &[Bytes],
+    tail: &[u8],
+) -> io::Result<()> {
+    let mut slices: Vec<&[u8]> = Vec::with_capacity(payload.len() + 2);
     slices.push(head);
     slices.extend(payload.iter().map(|b| b.as_ref()));
+    if !tail.is_empty() {
+        slices.push(tail);
+    }
     let mut first = 0;
     let mut offset = 0;
     while first < slices.len() {
@@ -412,7 +443,7 @@ pub fn read_header(file: &mut File) -> Result<(ChunkHeader, u64), ReadError> {
         io::ErrorKind::UnexpectedEof => ReadError::BadHeader("file shorter than its header".into()),
         _ => ReadError::Io(e),
     })?;
-    if &fixed[..8] != MAGIC {
+    if &fixed[..8] != MAGIC && &fixed[..8] != MAGIC_V1 {
         return Err(ReadError::BadMagic);
     }
     let len = u32::from_le_bytes(fixed[8..12].try_into().expect("4 bytes")) as usize;
@@ -432,6 +463,14 @@ pub fn read_header(file: &mut File) -> Result<(ChunkHeader, u64), ReadError> {
     Ok((header, 16 + len as u64))
 }
 
+/// Whether the data file is of a version with token frames (read from its first bytes).
+fn has_token_frames(file: &mut File) -> io::Result<bool> {
+    let mut magic = [0u8; 8];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut magic)?;
+    Ok(&magic == MAGIC)
+}
+
 /// Read buffer of [`FrameReader`].
 const FRAME_READ_BUFFER: usize = 64 << 10;
 
@@ -445,11 +484,14 @@ pub struct FrameReader {
     frame_crc: u32,
     crc: u32,
     frame_start: u64,
+    /// Token frames may occur (version 2); they are skipped: they are not body.
+    tokens: bool,
 }
 
 impl FrameReader {
     /// Reads frames from `start` to `end` (the sealed `data_len`).
     pub fn new(mut file: File, start: u64, end: u64) -> io::Result<Self> {
+        let tokens = has_token_frames(&mut file)?;
         file.seek(SeekFrom::Start(start))?;
         Ok(FrameReader {
             // Small, so that many small frames cost few reads, while the payload of large ones
@@ -462,6 +504,7 @@ impl FrameReader {
             frame_crc: 0,
             crc: 0,
             frame_start: start,
+            tokens,
         })
     }
 
@@ -481,7 +524,9 @@ impl FrameReader {
             self.file.read_exact(&mut head)?;
             self.frame_start = self.pos;
             self.pos += FRAME_HEADER as u64;
-            self.frame_left = u64::from(u32::from_le_bytes(head[..4].try_into().expect("4")));
+            let raw = u32::from_le_bytes(head[..4].try_into().expect("4"));
+            let is_tokens = self.tokens && raw & TOKEN_FRAME != 0;
+            self.frame_left = u64::from(if is_tokens { raw & !TOKEN_FRAME } else { raw });
             self.frame_crc = u32::from_le_bytes(head[4..].try_into().expect("4"));
             self.crc = 0;
             if self.frame_left > self.end - self.pos {
@@ -489,6 +534,11 @@ impl FrameReader {
                     offset: self.frame_start,
                     why: "frame runs past the end",
                 });
+            }
+            if is_tokens {
+                self.file.seek_relative(self.frame_left as i64)?;
+                self.pos += self.frame_left;
+                self.frame_left = 0;
             }
         }
         let n = (self.frame_left as usize).min(max);
@@ -519,6 +569,8 @@ pub struct Scan {
     pub stats: ChunkStats,
     /// Bytes past the last whole, valid frame (a torn tail).
     pub torn_bytes: u64,
+    /// The token records of the valid part.
+    pub tokens: Vec<TokenRecord>,
 }
 
 /// Scans an unsealed data file frame by frame: the valid part ends before the first frame that
@@ -527,6 +579,8 @@ pub struct Scan {
 pub fn scan(path: &Path) -> Result<Scan, ReadError> {
     let mut file = File::open(path)?;
     let (header, start) = read_header(&mut file)?;
+    let token_frames = has_token_frames(&mut file)?;
+    let mut tokens = Vec::new();
     let file_len = file.metadata()?.len();
     let mut reader = io::BufReader::with_capacity(1 << 20, file);
     reader.seek(SeekFrom::Start(start))?;
@@ -542,7 +596,9 @@ pub fn scan(path: &Path) -> Result<Scan, ReadError> {
             break;
         }
         reader.read_exact(&mut head)?;
-        let len = u64::from(u32::from_le_bytes(head[..4].try_into().expect("4")));
+        let raw = u32::from_le_bytes(head[..4].try_into().expect("4"));
+        let is_tokens = token_frames && raw & TOKEN_FRAME != 0;
+        let len = u64::from(if is_tokens { raw & !TOKEN_FRAME } else { raw });
         let crc = u32::from_le_bytes(head[4..].try_into().expect("4"));
         if len == 0 || file_len - pos - (FRAME_HEADER as u64) < len {
             break;
@@ -552,6 +608,15 @@ pub fn scan(path: &Path) -> Result<Scan, ReadError> {
         reader.read_exact(&mut payload)?;
         if crc32c::crc32c(&payload) != crc {
             break;
+        }
+        if is_tokens {
+            let Some(records) = TokenRecord::decode_all(&payload) else {
+                break;
+            };
+            tokens.extend(records);
+            pos += FRAME_HEADER as u64 + len;
+            stats.data_len = pos;
+            continue;
         }
         let mut frame = ChunkStats::default();
         let mut whole = true;
@@ -575,7 +640,61 @@ pub fn scan(path: &Path) -> Result<Scan, ReadError> {
         header,
         stats,
         torn_bytes: file_len - stats.data_len,
+        tokens,
     })
+}
+
+/// The token records of a data file's token frames up to `end` (the sealed `data_len`, or the
+/// file's length), reading only frame headers and token frames. A damaged token frame is an
+/// error.
+pub fn read_tokens_to(path: &Path, end: Option<u64>) -> Result<Vec<TokenRecord>, ReadError> {
+    let mut file = File::open(path)?;
+    let (_, start) = read_header(&mut file)?;
+    if !has_token_frames(&mut file)? {
+        return Ok(Vec::new());
+    }
+    let end = match end {
+        Some(end) => end,
+        None => file.metadata()?.len(),
+    };
+    let mut reader = io::BufReader::with_capacity(FRAME_READ_BUFFER, file);
+    reader.seek(SeekFrom::Start(start))?;
+    let mut pos = start;
+    let mut out = Vec::new();
+    while end.saturating_sub(pos) >= FRAME_HEADER as u64 {
+        let mut head = [0u8; FRAME_HEADER];
+        reader.read_exact(&mut head)?;
+        let raw = u32::from_le_bytes(head[..4].try_into().expect("4"));
+        let len = u64::from(raw & !TOKEN_FRAME);
+        if len > end - pos - FRAME_HEADER as u64 {
+            return Err(ReadError::BadFrame {
+                offset: pos,
+                why: "frame runs past the end",
+            });
+        }
+        if raw & TOKEN_FRAME != 0 {
+            let mut payload = vec![0u8; len as usize];
+            reader.read_exact(&mut payload)?;
+            let crc = u32::from_le_bytes(head[4..].try_into().expect("4"));
+            let records = (crc32c::crc32c(&payload) == crc)
+                .then(|| TokenRecord::decode_all(&payload))
+                .flatten()
+                .ok_or(ReadError::BadFrame {
+                    offset: pos,
+                    why: "damaged token frame",
+                })?;
+            out.extend(records);
+        } else {
+            reader.seek_relative(len as i64)?;
+        }
+        pos += FRAME_HEADER as u64 + len;
+    }
+    Ok(out)
+}
+
+/// The token records of a data file (see [`read_tokens_to`]).
+pub fn read_tokens(path: &Path) -> Result<Vec<TokenRecord>, ReadError> {
+    read_tokens_to(path, None)
 }
 
 /// Cuts a data file back to `len` bytes and syncs it.
@@ -620,8 +739,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.chunk");
         let mut w = ChunkWriter::create(&path, &header()).unwrap();
-        w.append(&[entry_bytes(100), entry_bytes(90)]).unwrap();
-        w.append(&[entry_bytes(120)]).unwrap();
+        w.append(&[entry_bytes(100), entry_bytes(90)], &[]).unwrap();
+        w.append(&[entry_bytes(120)], &[]).unwrap();
         w.sync().unwrap();
         let good_len = w.valid_len();
         drop(w);
@@ -677,17 +796,17 @@ mod tests {
         w.close().unwrap();
         assert!(!path.exists());
         assert!(
-            w.append(&[entry_bytes(1)]).is_err(),
+            w.append(&[entry_bytes(1)], &[]).is_err(),
             "append needs an open file"
         );
 
         w.open().unwrap();
-        w.append(&[entry_bytes(1)]).unwrap();
+        w.append(&[entry_bytes(1)], &[]).unwrap();
         assert!(w.is_unsynced());
         w.close().unwrap();
         assert!(!w.is_open() && !w.is_unsynced(), "closing syncs first");
         w.open().unwrap();
-        w.append(&[entry_bytes(2), entry_bytes(3)]).unwrap();
+        w.append(&[entry_bytes(2), entry_bytes(3)], &[]).unwrap();
         w.sync().unwrap();
         w.close().unwrap();
 
@@ -710,7 +829,7 @@ mod tests {
         assert!(matches!(scan(&path), Err(ReadError::BadMagic)));
 
         let mut w = ChunkWriter::create(&dir.path().join("d.chunk"), &header()).unwrap();
-        w.append(&[entry_bytes(5)]).unwrap();
+        w.append(&[entry_bytes(5)], &[]).unwrap();
         let len = w.valid_len();
         drop(w);
         let mut bytes = fs::read(dir.path().join("d.chunk")).unwrap();

@@ -6,7 +6,9 @@
 //! and, under the default `sync always`, that file has been fsynced (plus its directory when
 //! the file is new). One fsync covers every request that arrived while the previous one ran
 //! (group commit). Nothing is deleted before Kinesis accepted the chunk's pointer, or before
-//! an operator's `drop_oldest_chunk` asks for it.
+//! an operator's `drop_oldest_chunk` asks for it. The ack token of each request is written with its events,
+//! in the same write, so the resend window ([`tokens`]) is exactly as durable as the events
+//! under each policy below.
 //!
 //! | `sync`     | acknowledged after          | survives a process crash | survives power loss      |
 //! |------------|-----------------------------|--------------------------|--------------------------|
@@ -29,18 +31,27 @@
 //!                         once uploaded: the pointer and, for an inline record, its body
 //!   dead/                 chunks whose delivery exhausted the retry budget (`claimcheck replay`)
 //!   quarantine/           files recovery could not read, and torn tails cut off; never deleted
+//!   tokens.journal        ack tokens of delivered chunks, until `dedup_window` after delivery
 //!
-//! data file  = "CCHUNK01" | header_len u32 LE | header_crc32c u32 LE | header JSON | frame*
+//! data file  = "CCHUNK02" | header_len u32 LE | header_crc32c u32 LE | header JSON | frame*
 //! header     = {"chunk_id","tag","timekey","created_ms"}
-//! frame      = payload_len u32 LE | payload_crc32c u32 LE | payload
+//! frame      = entries | tokens
+//! entries    = payload_len u32 LE (top bit 0) | payload_crc32c u32 LE | payload
 //! payload    = whole msgpack [time, record] entries, bytes as received
+//! tokens     = (records_len | 1 << 31) u32 LE | records_crc32c u32 LE | record*
+//! record     = the sender and ack token of a request whose events are in the entries frame
+//!              just before (format in `tokens.rs`)
 //! ```
 //!
-//! The chunk body (what S3 stores before compression) is the concatenation of the payloads.
-//! Each write round of a chunk is one frame, written with one vectored write; a crash in the
-//! middle leaves a torn frame, which recovery detects (short or CRC mismatch) and cuts off.
-//! None of a torn frame's events were acknowledged, because acks wait for the write (and the
-//! fsync, under `sync always`).
+//! The chunk body (what S3 stores before compression) is the concatenation of the entries
+//! payloads; token frames are not part of it. Each write round of a chunk is one entries frame,
+//! followed by one token frame when requests of the round carry an ack token, written with
+//! one vectored write; a crash in the middle leaves a torn frame, which recovery detects
+//! (short or CRC mismatch) and cuts off, with everything after it. None of a torn frame's
+//! events were acknowledged, because acks wait for the write (and the fsync, under `sync
+//! always`). A token frame is trusted only when every frame before it is whole, so a token
+//! found at recovery means its events are there. Version 1 data files (`"CCHUNK01"`, entries
+//! frames only, no top bit) are still read.
 //!
 //! # Lifecycle
 //!
@@ -81,6 +92,7 @@ pub mod dead_letter;
 pub mod gauges;
 mod recovery;
 pub mod registry;
+pub mod tokens;
 mod writer;
 
 use std::fs::File;
@@ -290,9 +302,26 @@ impl BufferHandle {
     /// Queues events for appending. Waits while the writer is busy (backpressure on the
     /// connection), then returns a future that resolves once the events are durable.
     pub async fn append(&self, tag: Arc<str>, groups: Vec<Group>) -> Durable {
+        self.append_with_token(tag, groups, None).await
+    }
+
+    /// [`BufferHandle::append`] for a request whose sender and ack token are recorded with its
+    /// events, so that a resend is recognised after a restart ([`tokens`]).
+    pub async fn append_with_token(
+        &self,
+        tag: Arc<str>,
+        groups: Vec<Group>,
+        token: Option<(std::net::IpAddr, Bytes)>,
+    ) -> Durable {
         let (done, rx) = oneshot::channel();
         // If the writer is gone the sender is dropped with the message and `Durable` says Closed.
-        let _ = self.tx.send(Append { tag, groups, done }).await;
+        let append = Append {
+            tag,
+            groups,
+            token,
+            done,
+        };
+        let _ = self.tx.send(append).await;
         Durable(rx)
     }
 }
@@ -325,6 +354,19 @@ impl Buffer {
         registry: Arc<Registry>,
         sealed_tx: mpsc::UnboundedSender<SealedChunk>,
     ) -> anyhow::Result<(Buffer, Recovered)> {
+        Buffer::open_with(config, registry, sealed_tx, None)
+    }
+
+    /// [`Buffer::open`] that also rebuilds the resend window `dedup` from the token records of
+    /// the recovered chunks and the token journal, and keeps the journal (in `registry`) for
+    /// the chunks delivered from now on. Without it, or with deduplication off, no tokens are
+    /// kept on disk.
+    pub fn open_with(
+        config: BufferConfig,
+        registry: Arc<Registry>,
+        sealed_tx: mpsc::UnboundedSender<SealedChunk>,
+        dedup: Option<Arc<crate::forward::dedup::Dedup>>,
+    ) -> anyhow::Result<(Buffer, Recovered)> {
         let chunks_dir = chunks_dir(&config.dir);
         std::fs::create_dir_all(&chunks_dir).map_err(|e| {
             anyhow::anyhow!(
@@ -339,7 +381,17 @@ impl Buffer {
                 config.dir.display()
             );
         }
-        let recovered = recovery::recover(&chunks_dir, &registry)?;
+        let mut recovered = recovery::recover(&chunks_dir, &registry)?;
+        if let Some(dedup) = dedup.filter(|d| d.enabled()) {
+            let in_chunks = std::mem::take(&mut recovered.tokens);
+            let tokens = tokens::Tokens::open(&config.dir, dedup, in_chunks).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the token journal in {}: {e}",
+                    config.dir.display()
+                )
+            })?;
+            registry.set_tokens(Arc::new(tokens));
+        }
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let config = Arc::new(config);
         let writer = Writer::new(config.clone(), chunks_dir, registry.clone(), sealed_tx);

@@ -14,6 +14,10 @@
 //!
 //! Every whole frame of a data file was acknowledged or could have been, so recovery keeps all
 //! of them; what it cannot read it keeps aside, never deletes.
+//!
+//! The token records of every chunk kept (from the scan of an open chunk, from the token frames
+//! of a sealed or uploaded one) go back in [`Recovered::tokens`], from which, with the token
+//! journal, the buffer rebuilds the resend window ([`super::tokens`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -25,6 +29,7 @@ use tracing::{error, info, warn};
 use super::chunk::{self, ChunkHeader, ChunkPaths, ChunkState, ChunkStats, DATA_EXT, STATE_EXT};
 use super::dead_letter::quarantine;
 use super::registry::{ChunkInfo, Phase, Registry};
+use super::tokens::TokenRecord;
 use super::{SealedChunk, UploadedChunk};
 
 /// Chunks found in the buffer, oldest first.
@@ -34,6 +39,8 @@ pub struct Recovered {
     pub uploaded: Vec<UploadedChunk>,
     /// Files moved to the quarantine folder.
     pub quarantined: Vec<PathBuf>,
+    /// The token records of the chunks recovered, to rebuild the resend window.
+    pub tokens: Vec<TokenRecord>,
 }
 
 impl Recovered {
@@ -75,6 +82,19 @@ impl Recovered {
             }),
         }
         Ok(())
+    }
+}
+
+impl Recovered {
+    /// Adds the token records of a sealed chunk. Damaged token frames cost only the window of
+    /// their requests (a resend is stored again), never the chunk: they are not body.
+    fn read_tokens(&mut self, paths: &ChunkPaths, data_len: u64) {
+        match chunk::read_tokens_to(&paths.data, Some(data_len)) {
+            Ok(records) => self.tokens.extend(records),
+            Err(e) => {
+                warn!(path = %paths.data.display(), cause = %e, "cannot read the tokens of a chunk; a resend of its requests will be stored again")
+            }
+        }
     }
 }
 
@@ -153,9 +173,15 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
                     )?);
                     continue;
                 }
+                out.read_tokens(&paths, stats.data_len);
                 out.add(registry, ChunkState::Sealed { header, stats }, paths)?;
             }
-            Some(uploaded @ ChunkState::Uploaded { .. }) => out.add(registry, uploaded, paths)?,
+            Some(uploaded @ ChunkState::Uploaded { .. }) => {
+                if let ChunkState::Uploaded { stats, .. } = &uploaded {
+                    out.read_tokens(&paths, stats.data_len);
+                }
+                out.add(registry, uploaded, paths)?
+            }
             None => match chunk::scan(&paths.data) {
                 Ok(scan) => {
                     if scan.torn_bytes > 0 {
@@ -170,6 +196,7 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
                         continue;
                     }
                     seal_recovered(&paths, scan.header.clone(), scan.stats)?;
+                    out.tokens.extend(scan.tokens);
                     info!(chunk_id = %id, tag = %scan.header.tag, events = scan.stats.records, "recovered open chunk and sealed it");
                     out.add(
                         registry,

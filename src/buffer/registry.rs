@@ -9,12 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use super::tokens::Tokens;
 use crate::outage::{Backlog, Reporter, Reporters, Stage};
 
 /// Where a chunk is in its lifecycle.
@@ -73,6 +74,9 @@ pub struct Registry {
     /// The last write round failed for another reason (an I/O error).
     write_failing: AtomicBool,
     outages: Reporters,
+    /// The token journal, when the resend window is kept on disk: delivered chunks' tokens go
+    /// there before their files are deleted.
+    tokens: std::sync::OnceLock<Arc<Tokens>>,
 }
 
 fn now_ms() -> i64 {
@@ -84,6 +88,16 @@ fn now_ms() -> i64 {
 impl Registry {
     pub fn new() -> Self {
         Registry::default()
+    }
+
+    /// Sets the token journal (once, when the buffer opens).
+    pub fn set_tokens(&self, tokens: Arc<Tokens>) {
+        let _ = self.tokens.set(tokens);
+    }
+
+    /// The token journal, if the resend window is kept on disk.
+    pub fn tokens(&self) -> Option<&Arc<Tokens>> {
+        self.tokens.get()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ChunkInfo>> {

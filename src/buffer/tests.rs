@@ -237,8 +237,8 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
     // An open chunk with two whole frames and a torn third.
     let open_paths = ChunkPaths::new(&chunks, &"1".repeat(32));
     let mut w = ChunkWriter::create(&open_paths.data, &header(&"1".repeat(32))).unwrap();
-    w.append(&[entry_at(1, 5)]).unwrap();
-    w.append(&[entry_at(2, 5), entry_at(3, 5)]).unwrap();
+    w.append(&[entry_at(1, 5)], &[]).unwrap();
+    w.append(&[entry_at(2, 5), entry_at(3, 5)], &[]).unwrap();
     let good = w.valid_len();
     drop(w);
     let mut f = std::fs::OpenOptions::new()
@@ -251,7 +251,7 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
     // A sealed chunk and an uploaded one.
     let sealed_paths = ChunkPaths::new(&chunks, &"2".repeat(32));
     let mut w = ChunkWriter::create(&sealed_paths.data, &header(&"2".repeat(32))).unwrap();
-    w.append(&[entry_at(4, 5)]).unwrap();
+    w.append(&[entry_at(4, 5)], &[]).unwrap();
     let stats = ChunkStats {
         records: 1,
         data_len: w.valid_len(),
@@ -268,7 +268,7 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
 
     let uploaded_paths = ChunkPaths::new(&chunks, &"5".repeat(32));
     let mut w = ChunkWriter::create(&uploaded_paths.data, &header(&"5".repeat(32))).unwrap();
-    w.append(&[entry_at(6, 5)]).unwrap();
+    w.append(&[entry_at(6, 5)], &[]).unwrap();
     let pointer = claimcheck_consumer::Pointer::from_json(
         br#"{"v":1,"chunk_id":"55555555555555555555555555555555","bucket":"b","key":"k","tag":"t","timekey":0,"first_time":6.000000007,"last_time":6.000000007,"records":1,"bytes":1,"stored_bytes":1,"format":"msgpack","compression":"zstd","checksum":{"crc32c":"00000000"},"producer":"p","created_at":"c"}"#,
     )
@@ -558,6 +558,7 @@ async fn seals_due_at_once_are_spread_over_rounds_and_appends_go_on() {
             Append {
                 tag: tag.into(),
                 groups,
+                token: None,
                 done,
             },
             rx,
@@ -600,4 +601,210 @@ async fn seals_due_at_once_are_spread_over_rounds_and_appends_go_on() {
     writer.tick(now());
     let last = sealed_rx.try_recv().unwrap();
     assert_eq!((last.header.tag.as_str(), last.stats.records), ("other", 5));
+}
+
+fn is_stored(dedup: &Arc<crate::forward::dedup::Dedup>, token: &'static [u8]) -> bool {
+    matches!(
+        dedup.check("10.0.0.9".parse().unwrap(), &Bytes::from_static(token)),
+        crate::forward::dedup::Seen::Stored
+    )
+}
+
+#[tokio::test]
+async fn tokens_are_durable_with_their_events_and_rebuild_the_window_after_a_crash() {
+    use crate::forward::dedup::Dedup;
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let window = Duration::from_secs(600);
+    let (buffer, _) = Buffer::open_with(
+        config(dir.path()),
+        registry(),
+        tx,
+        Some(Dedup::new(window, 100)),
+    )
+    .unwrap();
+    let handle = buffer.handle.clone();
+    let task = tokio::spawn(buffer.run());
+    let sender: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+    // A request over two timekeys: two chunks, each with a record of it (parts = 2).
+    let (a, b) = (entry_at(60, 10), entry_at(120, 10));
+    let token = Some((sender, Bytes::from_static(b"two-chunks")));
+    let split = vec![
+        group_of(60, std::slice::from_ref(&a)),
+        group_of(120, std::slice::from_ref(&b)),
+    ];
+    handle
+        .append_with_token("t".into(), split, token)
+        .await
+        .await
+        .unwrap();
+    let one = Some((sender, Bytes::from_static(b"one-chunk")));
+    handle
+        .append_with_token(
+            "t".into(),
+            vec![group_of(60, std::slice::from_ref(&a))],
+            one,
+        )
+        .await
+        .await
+        .unwrap();
+    handle
+        .append("t".into(), vec![group_of(60, std::slice::from_ref(&a))])
+        .await
+        .await
+        .unwrap();
+    // A crash: no seal, no shutdown.
+    task.abort();
+    let _ = task.await;
+    drop(handle);
+
+    let dedup = Dedup::new(window, 100);
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let registry = registry();
+    let (_buffer, recovered) = Buffer::open_with(
+        config(dir.path()),
+        registry.clone(),
+        tx,
+        Some(dedup.clone()),
+    )
+    .unwrap();
+    assert!(is_stored(&dedup, b"two-chunks"));
+    assert!(is_stored(&dedup, b"one-chunk"));
+    assert!(!is_stored(&dedup, b"unknown"));
+    // Token frames are not body: the bodies are exactly the entries.
+    let mut bodies: Vec<Vec<u8>> = recovered.sealed.iter().map(body_of).collect();
+    bodies.sort();
+    let mut expected = vec![[a.clone(), a.clone(), a.clone()].concat(), b.to_vec()];
+    expected.sort();
+    assert_eq!(bodies, expected);
+    assert_eq!(
+        recovered
+            .sealed
+            .iter()
+            .map(|c| c.stats.records)
+            .sum::<u64>(),
+        4
+    );
+
+    // Delivered: the tokens go to the journal before the files go, and outlive them.
+    let tokens = registry.tokens().expect("the journal is open").clone();
+    let paths: Vec<_> = recovered.sealed.iter().map(|c| &c.paths).collect();
+    tokens.retire(&paths).unwrap();
+    recovered
+        .sealed
+        .iter()
+        .for_each(|c| c.paths.remove().unwrap());
+    assert_eq!(tokens.journaled(), 3);
+    drop(_buffer);
+    let dedup = Dedup::new(window, 100);
+    let (tx, _rx) = mpsc::unbounded_channel();
+    Buffer::open_with(
+        config(dir.path()),
+        super::Arc::new(Registry::new()),
+        tx,
+        Some(dedup.clone()),
+    )
+    .unwrap();
+    assert!(is_stored(&dedup, b"two-chunks"));
+    assert!(is_stored(&dedup, b"one-chunk"));
+}
+
+#[test]
+fn half_of_a_request_found_at_recovery_is_not_taken_as_stored() {
+    use crate::forward::dedup::Dedup;
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = chunks_dir(dir.path());
+    std::fs::create_dir_all(&chunks).unwrap();
+    // The first of two parts was written, the crash came before the second: not acknowledged.
+    let mut w = ChunkWriter::create(
+        &chunks.join(format!("{}.chunk", "a".repeat(32))),
+        &ChunkHeader {
+            chunk_id: "a".repeat(32),
+            tag: "t".into(),
+            timekey: 0,
+            created_ms: 0,
+        },
+    )
+    .unwrap();
+    let mut records = Vec::new();
+    tokens::TokenRecord {
+        sender: "10.0.0.9".parse().unwrap(),
+        token: Bytes::from_static(b"half"),
+        request: 7,
+        parts: 2,
+    }
+    .encode(&mut records);
+    w.append(&[entry_at(1, 5)], &records).unwrap();
+    w.sync().unwrap();
+    drop(w);
+    let dedup = Dedup::new(Duration::from_secs(600), 100);
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let (_b, recovered) =
+        Buffer::open_with(config(dir.path()), registry(), tx, Some(dedup.clone())).unwrap();
+    assert_eq!(recovered.sealed.len(), 1);
+    assert!(
+        !is_stored(&dedup, b"half"),
+        "its resend must be stored again"
+    );
+}
+
+#[test]
+fn version_1_data_files_are_still_recovered() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = chunks_dir(dir.path());
+    std::fs::create_dir_all(&chunks).unwrap();
+    let id = "b".repeat(32);
+    let header = serde_json::to_vec(&ChunkHeader {
+        chunk_id: id.clone(),
+        tag: "t".into(),
+        timekey: 0,
+        created_ms: 0,
+    })
+    .unwrap();
+    let mut file = chunk::MAGIC_V1.to_vec();
+    file.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    file.extend_from_slice(&crc32c::crc32c(&header).to_le_bytes());
+    file.extend_from_slice(&header);
+    let e = [entry_at(1, 5), entry_at(2, 5)].concat();
+    file.extend_from_slice(&(e.len() as u32).to_le_bytes());
+    file.extend_from_slice(&crc32c::crc32c(&e).to_le_bytes());
+    file.extend_from_slice(&e);
+    std::fs::File::create(chunks.join(format!("{id}.chunk")))
+        .unwrap()
+        .write_all(&file)
+        .unwrap();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let (_b, recovered) = Buffer::open(config(dir.path()), registry(), tx).unwrap();
+    assert_eq!(recovered.sealed.len(), 1);
+    assert_eq!(recovered.sealed[0].stats.records, 2);
+    assert_eq!(body_of(&recovered.sealed[0]), e);
+}
+
+#[tokio::test]
+async fn a_request_that_fits_in_a_chunk_is_not_split_across_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut cfg = config(dir.path());
+    let one = entry_at(60, 100).len() as u64;
+    cfg.chunk_limit_size = one * 3;
+    let (buffer, _) = Buffer::open(cfg, registry(), tx).unwrap();
+    let handle = buffer.handle.clone();
+    let task = tokio::spawn(buffer.run());
+    let first: Vec<Bytes> = (0..2).map(|i| entry_at(60 + i, 100)).collect();
+    let second: Vec<Bytes> = (2..4).map(|i| entry_at(60 + i, 100)).collect();
+    for request in [&first, &second] {
+        handle
+            .append("a".into(), vec![group_of(60, request)])
+            .await
+            .await
+            .unwrap();
+    }
+    // The second request does not fit in what is left of the first chunk: it goes whole to
+    // a new one, rather than one entry here and one there.
+    let full = recv(&mut rx).await;
+    assert_eq!(body_of(&full), first.concat());
+    drop(handle);
+    task.await.unwrap().unwrap();
+    assert_eq!(body_of(&recv(&mut rx).await), second.concat());
 }

@@ -7,8 +7,10 @@
 //!    *waiter*; each of its groups a *piece*. Pieces held back by a full disk in an earlier
 //!    round go first.
 //! 2. Place pieces ([`Writer::place_pieces`]): pieces are placed in the open chunk of their
-//!    (tag, timekey), split where a chunk fills up (`chunk_limit_size`,
-//!    `chunk_limit_records`); a full chunk is set aside for sealing.
+//!    (tag, timekey); a piece that does not fit in what is left of it (`chunk_limit_size`,
+//!    `chunk_limit_records`) goes whole to a fresh chunk, and is split only if it is larger
+//!    than a whole chunk; a full chunk is set aside for sealing. So a request is written in
+//!    one piece per timekey it spans, unless it is larger than a chunk.
 //! 3. Write and sync ([`Writer::write_and_sync`]): each chunk's pieces of the round are
 //!    written as one frame. Under `sync always` the written chunks are then fsynced, together
 //!    (see [`in_parallel`]), and the directory too when a chunk file is new.
@@ -44,6 +46,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -56,17 +59,26 @@ use tracing::{debug, error, info, warn};
 
 use super::chunk::{self, ChunkHeader, ChunkPaths, ChunkState, ChunkStats, ChunkWriter};
 use super::registry::{ChunkInfo, Phase, Registry};
+use super::tokens::{TokenRecord, MAX_TOKEN_BYTES};
 use super::{BufferConfig, BufferError, Group, SealedChunk, SyncPolicy};
+
+/// Encoded token records of this round's requests, by waiter.
+type RoundTokens = HashMap<u64, Vec<u8>>;
 
 /// A request waiting for the writer.
 pub(super) struct Append {
     pub tag: Arc<str>,
     pub groups: Vec<Group>,
+    /// The request's sender and ack token, recorded with its events (the resend window).
+    pub token: Option<(IpAddr, Bytes)>,
     pub done: oneshot::Sender<Result<(), BufferError>>,
 }
 
 struct Waiter {
     done: Option<oneshot::Sender<Result<(), BufferError>>>,
+    /// The token to record with the request's events, until its records are placed (then
+    /// `None`: pieces written in later rounds, after a full disk held them, carry none).
+    token: Option<(IpAddr, Bytes)>,
     /// Pieces of this request not yet durable (or failed).
     outstanding: usize,
     failed: Option<String>,
@@ -181,6 +193,51 @@ pub struct Writer {
     last_sync: Instant,
     /// Buffer usage when the disk was found full; held pieces wait until it goes down.
     full_at_usage: Option<u64>,
+    /// A crash on purpose, for tests ([`Fault`]).
+    fault: Option<Fault>,
+}
+
+/// A crash on purpose at the moment that matters for acks, for tests: with
+/// `CLAIMCHECK_FAULT=abort-after-sync:N` (read once, when the writer starts), the process
+/// aborts in the `N`th round that made requests durable, after their fsync (their write,
+/// under `sync interval` and `none`) and before any of them is acknowledged. Unset, it costs
+/// one branch per round.
+#[derive(Debug)]
+struct Fault {
+    rounds_left: u64,
+}
+
+impl Fault {
+    const VAR: &'static str = "CLAIMCHECK_FAULT";
+
+    fn from_env() -> Option<Fault> {
+        let value = std::env::var(Self::VAR).ok()?;
+        let n = value
+            .strip_prefix("abort-after-sync:")
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|n| *n > 0);
+        match n {
+            Some(rounds_left) => {
+                warn!(%value, "fault injection is on: the process will abort on purpose");
+                Some(Fault { rounds_left })
+            }
+            None => {
+                error!(%value, "{} not understood (abort-after-sync:N); ignoring it", Self::VAR);
+                None
+            }
+        }
+    }
+
+    fn after_sync(&mut self, flushed: &Flushed) {
+        if flushed.ok.is_empty() {
+            return;
+        }
+        self.rounds_left -= 1;
+        if self.rounds_left == 0 {
+            eprintln!("{}: aborting after a sync, before its acks", Self::VAR);
+            std::process::abort();
+        }
+    }
 }
 
 impl Writer {
@@ -221,6 +278,7 @@ impl Writer {
             dir_unsynced: false,
             last_sync: Instant::now(),
             full_at_usage: None,
+            fault: Fault::from_env(),
         };
         writer.keep_reserve();
         writer
@@ -265,7 +323,11 @@ impl Writer {
         self.set_aside_failing();
         let pieces = self.take_waiters(batch);
         let (mut touched, mut full) = self.place_pieces(pieces, now);
-        let flushed = self.write_and_sync(&mut touched, &mut full);
+        let tokens = self.token_records(&touched, &full);
+        let flushed = self.write_and_sync(&mut touched, &mut full, &tokens);
+        if let Some(fault) = &mut self.fault {
+            fault.after_sync(&flushed);
+        }
         self.answer_waiters(flushed);
         self.track_disk_full(was_stalled);
         self.set_aside_filled(full, touched);
@@ -286,6 +348,7 @@ impl Writer {
             self.next_waiter += 1;
             let waiter = Waiter {
                 done: Some(append.done),
+                token: append.token.filter(|(_, t)| t.len() <= MAX_TOKEN_BYTES),
                 outstanding: append.groups.len(),
                 failed: None,
             };
@@ -319,17 +382,60 @@ impl Writer {
         (touched, full)
     }
 
+    /// The token records of this round's requests that carry a token: one per chunk their
+    /// pieces went to, each saying how many there are (`parts`), so that recovery counts the
+    /// request as stored only if it finds them all.
+    fn token_records(&mut self, touched: &[ChunkKey], full: &[OpenChunk]) -> RoundTokens {
+        let mut parts: HashMap<u64, u16> = HashMap::new();
+        let chunks = touched
+            .iter()
+            .filter_map(|k| self.open.get(k))
+            .chain(full.iter());
+        for chunk in chunks {
+            let mut waiters: Vec<u64> = chunk.pending.iter().map(|p| p.waiter).collect();
+            waiters.sort_unstable();
+            waiters.dedup();
+            for w in waiters {
+                if self.waiters.get(&w).is_some_and(|w| w.token.is_some()) {
+                    let n = parts.entry(w).or_default();
+                    *n = n.saturating_add(1);
+                }
+            }
+        }
+        parts
+            .into_iter()
+            .filter_map(|(w, parts)| {
+                let (sender, token) = self.waiters.get_mut(&w)?.token.take()?;
+                let record = TokenRecord {
+                    sender,
+                    token,
+                    request: uuid::Uuid::now_v7().as_u128(),
+                    parts,
+                };
+                let mut bytes = Vec::new();
+                record.encode(&mut bytes);
+                Some((w, bytes))
+            })
+            .collect()
+    }
+
     /// Step 3: writes each chunk's pieces as one frame, syncs as the policy says (and the
     /// directory for new chunk files); returns which waiters' pieces are done and which failed.
-    fn write_and_sync(&mut self, touched: &mut [ChunkKey], full: &mut [OpenChunk]) -> Flushed {
+    fn write_and_sync(
+        &mut self,
+        touched: &mut [ChunkKey],
+        full: &mut [OpenChunk],
+        tokens: &RoundTokens,
+    ) -> Flushed {
         let mut flushed = Flushed::default();
-        self.flush_open(touched, &mut flushed);
+        self.flush_open(touched, &mut flushed, tokens);
         let always = self.config.sync == SyncPolicy::Always;
         for chunk in full.iter_mut() {
             if needs_file(chunk) {
                 self.make_room();
             }
-            let written = write_pending(chunk, &self.registry, &mut self.held, &mut flushed);
+            let written =
+                write_pending(chunk, &self.registry, &mut self.held, &mut flushed, tokens);
             if !written.is_empty() {
                 let synced = if always { chunk.writer.sync() } else { Ok(()) };
                 answer_written(chunk, written, synced, always, &mut flushed);
@@ -418,7 +524,12 @@ impl Writer {
     /// opening their files within `max_open_chunk_files`. Under `sync always` the chunks
     /// written are then synced together (see [`in_parallel`]), up to `max_open_chunk_files` at
     /// a time so that none of them is closed, hence synced alone, before.
-    fn flush_open(&mut self, touched: &mut [ChunkKey], flushed: &mut Flushed) {
+    fn flush_open(
+        &mut self,
+        touched: &mut [ChunkKey],
+        flushed: &mut Flushed,
+        tokens: &RoundTokens,
+    ) {
         // Chunks whose file is open first: they need no room, and the others then close the
         // files of chunks not written in this round before those of chunks just written.
         touched.sort_by_key(|k| !self.open.get(k).is_some_and(|c| c.writer.is_open()));
@@ -438,7 +549,7 @@ impl Writer {
                 .open
                 .get_mut(key)
                 .expect("making room keeps chunks open");
-            let written = write_pending(chunk, &self.registry, &mut self.held, flushed);
+            let written = write_pending(chunk, &self.registry, &mut self.held, flushed, tokens);
             self.track_file(key);
             if written.is_empty() {
                 continue;
@@ -525,8 +636,15 @@ impl Writer {
                 chunk.pending.push(piece);
                 return;
             }
+            // A piece that fits in a chunk of its own is not split: it goes whole to a fresh
+            // chunk, so that its events (and its token) are made durable by one write, and a
+            // crash never leaves part of an unacknowledged request behind.
+            let fits_a_chunk = g.bytes <= limit_bytes && g.records <= limit_records;
             if held_records > 0
-                && (room_bytes == 0 || room_records == 0 || !fits_first_entry(g, room_bytes))
+                && (room_bytes == 0
+                    || room_records == 0
+                    || fits_a_chunk
+                    || !fits_first_entry(g, room_bytes))
             {
                 // Full: set it aside for sealing and go round again with a fresh chunk. It
                 // leaves `open`, so it gives up its file; a write of this round reopens it.
@@ -996,6 +1114,7 @@ fn write_pending(
     registry: &Registry,
     held: &mut Vec<Piece>,
     out: &mut Flushed,
+    tokens: &RoundTokens,
 ) -> Vec<u64> {
     if chunk.pending.is_empty() {
         return Vec::new();
@@ -1011,12 +1130,21 @@ fn write_pending(
         .iter()
         .flat_map(|p| p.group.slices.iter().cloned())
         .collect();
+    let mut waiters: Vec<u64> = pieces.iter().map(|p| p.waiter).collect();
+    waiters.sort_unstable();
+    waiters.dedup();
+    let records: Vec<u8> = waiters
+        .iter()
+        .filter_map(|w| tokens.get(w))
+        .flatten()
+        .copied()
+        .collect();
     let before = chunk.writer.valid_len();
     let opened = chunk.writer.open();
     // Where this frame starts: after the header when the file was just created.
     let frame_at = chunk.writer.valid_len();
     out.created |= before == 0 && frame_at > 0;
-    let written = opened.and_then(|()| chunk.writer.append(&slices));
+    let written = opened.and_then(|()| chunk.writer.append(&slices, &records));
     let grown = (chunk.writer.valid_len() - before) as i64;
     match written {
         Ok(()) => {

@@ -9,7 +9,9 @@
 //!
 //! With `<security>` settings the connection starts with the shared-key handshake
 //! ([`super::security`]); a request whose token was stored recently from the same sender is
-//! acked again without storing it twice ([`super::dedup`]).
+//! acked again without storing it twice ([`super::dedup`]), also after a restart: the token is
+//! handed to the buffer with the events, which writes it with them
+//! ([`crate::buffer::tokens`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -444,7 +446,12 @@ impl Connection {
         debug!(%peer, %tag, events = split.events, "request");
         let received = Instant::now();
         metrics().events_received.inc_by(split.events);
-        let durable = self.buffer.append(tag, split.groups).await;
+        // The token goes to disk with the events only if a resend will be looked up.
+        let recorded = ticket.as_ref().and(token.clone()).map(|t| (peer.ip(), t));
+        let durable = self
+            .buffer
+            .append_with_token(tag, split.groups, recorded)
+            .await;
         self.pending.push_back(Box::pin(async move {
             let result = durable.await;
             if let Some(ticket) = ticket {

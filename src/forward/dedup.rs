@@ -3,9 +3,12 @@
 //! token is a hash of the payload. A token already stored from the same sender within the
 //! window is acked again without storing its events twice.
 //!
-//! The window is bounded in time and in tokens, and lives in memory: a resend that arrives
-//! after a restart of the sidecar, or after the window, is stored again (and the consumer sees
-//! those events twice, in a different chunk).
+//! The window is bounded in time and in tokens. It lives in memory and is rebuilt on start from
+//! the token records that the buffer keeps durable with the events ([`crate::buffer::tokens`]):
+//! a resend that arrives after a restart is acknowledged without storing it again. A token is
+//! remembered for the window from when it was stored, and again from when its chunk was
+//! delivered and deleted; after that, a resend is stored again (and the consumer sees those
+//! events twice, in a different chunk).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -42,6 +45,8 @@ enum Slot {
     },
     Stored {
         id: u64,
+        /// When its window started (stored, or its chunk delivered).
+        since: Instant,
     },
 }
 
@@ -78,6 +83,49 @@ impl Dedup {
 
     pub fn enabled(&self) -> bool {
         !self.window.is_zero()
+    }
+
+    /// Most tokens remembered.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// How long a stored token is remembered.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// Remembers `token` from `sender` as stored `age` ago (rebuilding the window on start).
+    pub fn remember(&self, sender: IpAddr, token: Bytes, age: Duration) {
+        if !self.enabled() || age >= self.window {
+            return;
+        }
+        let now = Instant::now();
+        let since = now.checked_sub(age).unwrap_or(now);
+        let key = (sender, token);
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.slots.insert(key.clone(), Slot::Stored { id, since });
+        inner.order.push_back((since, key, id));
+        self.expire(&mut inner, now);
+    }
+
+    /// Restarts the window of stored tokens (their chunk was delivered now).
+    pub fn touch(&self, keys: impl IntoIterator<Item = (IpAddr, Bytes)>) {
+        if !self.enabled() {
+            return;
+        }
+        let now = Instant::now();
+        let mut inner = self.lock();
+        for key in keys {
+            if let Some(Slot::Stored { id, since }) = inner.slots.get_mut(&key) {
+                *since = now;
+                let id = *id;
+                inner.order.push_back((now, key, id));
+            }
+        }
+        self.expire(&mut inner, now);
     }
 
     /// Tokens remembered now.
@@ -135,7 +183,15 @@ impl Dedup {
                 break;
             }
             let (_, key, id) = inner.order.pop_front().expect("front exists");
-            if matches!(inner.slots.get(&key), Some(Slot::Stored { id: s }) if *s == id) {
+            // A token touched since has a later entry in `order`: only the capacity evicts it
+            // now.
+            let evict = match inner.slots.get(&key) {
+                Some(Slot::Stored { id: s, since }) if *s == id => {
+                    inner.slots.len() > self.capacity || now.duration_since(*since) > self.window
+                }
+                _ => false,
+            };
+            if evict {
                 inner.slots.remove(&key);
             }
         }
@@ -158,10 +214,11 @@ impl Ticket {
             return;
         }
         if stored {
+            let since = Instant::now();
             inner
                 .slots
-                .insert(key.clone(), Slot::Stored { id: self.id });
-            inner.order.push_back((Instant::now(), key, self.id));
+                .insert(key.clone(), Slot::Stored { id: self.id, since });
+            inner.order.push_back((since, key, self.id));
         } else {
             inner.slots.remove(&key);
         }

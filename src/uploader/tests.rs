@@ -75,10 +75,10 @@ fn sealed_chunk(
         body.extend_from_slice(&e);
         frame.push(Bytes::from(e));
         if i == n / 2 {
-            writer.append(&std::mem::take(&mut frame)).unwrap();
+            writer.append(&std::mem::take(&mut frame), &[]).unwrap();
         }
     }
-    writer.append(&frame).unwrap();
+    writer.append(&frame, &[]).unwrap();
     stats.data_len = writer.valid_len();
     chunk::write_state(
         &paths.state,

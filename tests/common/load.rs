@@ -2,9 +2,10 @@
 //!
 //! Each connection sends PackedForward requests (Fluentd's shape: str32 entries, `chunk` token)
 //! one at a time, each event carrying a unique `id`, and waits for the ack. When the sidecar
-//! goes away (killed) the connection reconnects and goes on with new events: an unacknowledged
-//! request is never resent, so every event id is stored at most once by a correct sidecar and
-//! the acked ids are exactly the ones it promised to keep.
+//! goes away (killed) the connection reconnects and, as Fluentd does, resends the request whose
+//! ack it did not get, byte for byte with the same token, before going on with new events
+//! ([`Load::start_resending`]); or it goes on with new events only ([`Load::start`]), so that
+//! an unacknowledged request is never resent.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +39,27 @@ impl Load {
     /// Starts `connections` senders to 127.0.0.1:`port`, each sending requests of
     /// `events_per_request` events spread over `tags` tags.
     pub fn start(port: u16, connections: usize, events_per_request: usize, tags: usize) -> Load {
+        Load::start_with(port, connections, events_per_request, tags, false)
+    }
+
+    /// [`Load::start`], resending each unacknowledged request with its token after reconnecting
+    /// until it is acknowledged.
+    pub fn start_resending(
+        port: u16,
+        connections: usize,
+        events_per_request: usize,
+        tags: usize,
+    ) -> Load {
+        Load::start_with(port, connections, events_per_request, tags, true)
+    }
+
+    fn start_with(
+        port: u16,
+        connections: usize,
+        events_per_request: usize,
+        tags: usize,
+        resend: bool,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(HashSet::new()));
         let (sent, lost) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -47,6 +69,8 @@ impl Load {
                     (stop.clone(), acked.clone(), sent.clone(), lost.clone());
                 tokio::spawn(async move {
                     let mut seq = 0u64;
+                    // The request whose ack did not come: its ids, token and bytes.
+                    let mut unacked: Option<(Vec<u64>, String, Vec<u8>)> = None;
                     while !stop.load(Ordering::Relaxed) {
                         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
                             tokio::time::sleep(Duration::from_millis(30)).await;
@@ -54,17 +78,27 @@ impl Load {
                         };
                         let _ = stream.set_nodelay(true);
                         while !stop.load(Ordering::Relaxed) {
-                            let ids: Vec<u64> = (0..events_per_request as u64)
-                                .map(|i| (conn << 48) | (seq << 12) | i)
-                                .collect();
-                            seq += 1;
-                            let tag = format!("load.t{}", seq % tags.max(1) as u64);
-                            let token = format!("c{conn}s{seq}");
-                            sent.fetch_add(ids.len() as u64, Ordering::Relaxed);
-                            match send(&mut stream, &tag, &ids, &token).await {
+                            let (ids, token, req) = match unacked.take() {
+                                Some(resent) => resent,
+                                None => {
+                                    let ids: Vec<u64> = (0..events_per_request as u64)
+                                        .map(|i| (conn << 48) | (seq << 12) | i)
+                                        .collect();
+                                    seq += 1;
+                                    let tag = format!("load.t{}", seq % tags.max(1) as u64);
+                                    let token = format!("c{conn}s{seq}");
+                                    sent.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                                    let req = encode(&tag, &ids, &token);
+                                    (ids, token, req)
+                                }
+                            };
+                            match request(&mut stream, &req, &token).await {
                                 Ok(()) => acked.lock().unwrap().extend(ids),
                                 Err(_) => {
                                     lost.fetch_add(1, Ordering::Relaxed);
+                                    if resend {
+                                        unacked = Some((ids, token, req));
+                                    }
                                     break;
                                 }
                             }
@@ -112,8 +146,8 @@ pub fn record_of(id: u64) -> rmpv::Value {
     ])
 }
 
-/// One request, then its ack (within 60 s).
-async fn send(stream: &mut TcpStream, tag: &str, ids: &[u64], token: &str) -> std::io::Result<()> {
+/// One request of the events `ids`.
+fn encode(tag: &str, ids: &[u64], token: &str) -> Vec<u8> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
@@ -137,7 +171,7 @@ async fn send(stream: &mut TcpStream, tag: &str, ids: &[u64], token: &str) -> st
         ("chunk".into(), token.into()),
     ]);
     rmpv::encode::write_value(&mut req, &option).unwrap();
-    request(stream, &req, token).await
+    req
 }
 
 /// Sends one forward request whose `chunk` option is `token`, then waits for its ack (within

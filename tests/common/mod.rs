@@ -451,6 +451,21 @@ impl Emulated {
         )
     }
 
+    /// [`Emulated::sidecar_at`] (no proxies) with `extra` environment variables, such as
+    /// `CLAIMCHECK_FAULT`.
+    pub fn sidecar_env(&self, port: u16, extra: &[(&str, &str)], args: &[&str]) -> Sidecar {
+        let mut env: Vec<(&str, String)> = aws_env(self.moto.port);
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        Sidecar::start_with(
+            port,
+            &self.buffer_dir(),
+            &env,
+            &self.bucket,
+            &self.stream,
+            args,
+        )
+    }
+
     /// Fault proxies in front of this emulator.
     pub async fn proxies(&self) -> proxy::Proxies {
         proxy::Proxies::start(self.moto.port).await
@@ -681,6 +696,46 @@ impl Sidecar {
             .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
             .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
+    /// The metrics address the sidecar wrote to its address file (with `--metrics-listen`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        let text = std::fs::read_to_string(self.log.with_extension("addr")).ok()?;
+        let addresses: Value = serde_json::from_str(&text).ok()?;
+        addresses["metrics"].as_str()?.parse().ok()
+    }
+
+    /// Sum of the samples of `metric` (all its label sets) in a scrape of `/metrics`.
+    pub async fn metric(&self, metric: &str) -> f64 {
+        let addr = self.metrics_addr().expect("started with --metrics-listen");
+        let (status, text) = claimcheck::admin::get(&format!("http://{addr}/metrics"))
+            .await
+            .expect("the metrics endpoint answers");
+        assert!(status.is_success());
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(metric)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits (up to `timeout`) for the process to exit by itself; its status, or `None` if it
+    /// still runs (it is then left running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// SIGKILL: no chance to seal, flush or say goodbye.

@@ -1,0 +1,491 @@
+//! The resend window on disk: the ack tokens of stored requests, durable with their events, so
+//! that a request resent after a restart of the sidecar is acknowledged without being stored
+//! again.
+//!
+//! A request's token is written as a *token record* in the data file of every chunk that holds
+//! its events, in a token frame that follows the entries frame of the same write (see the format
+//! in [`crate::buffer`]): the fsync that makes the events durable makes the token durable, and
+//! recovery trusts a token frame only if every frame before it is whole. A request whose events
+//! went to several chunks (two timekeys, a chunk that filled up) counts as stored only when
+//! all its records are found (`parts`), so that a crash between the writes of its chunks makes
+//! its resend stored again (at least once) rather than acknowledged with events missing.
+//!
+//! When a chunk is delivered, its token records are appended to the token journal (fsynced)
+//! before its files are deleted, each with an expiry `dedup_window` later; on start, the
+//! unexpired records of the journal and the records of the chunks still in the buffer rebuild
+//! the in-memory window ([`Dedup`]). The journal is rewritten without its expired records when
+//! they make up most of it.
+//!
+//! ```text
+//! <buffer_dir>/tokens.journal = "CCTOKS01" | frame*
+//! frame   = payload_len u32 LE | payload_crc32c u32 LE | payload
+//! payload = expires_ms i64 LE | record*
+//! record  = ip_len u8 (4 or 16) | ip | token_len u16 LE | token | request u128 LE | parts u16 LE
+//! ```
+//!
+//! A token frame in a chunk data file holds `record*` only.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tracing::{error, info, warn};
+
+use super::chunk::{self, ChunkPaths};
+use crate::forward::dedup::Dedup;
+
+/// First bytes of the token journal.
+const JOURNAL_MAGIC: &[u8; 8] = b"CCTOKS01";
+/// The token journal's name in the buffer directory.
+pub const JOURNAL_FILE: &str = "tokens.journal";
+/// Longest token recorded (Fluentd's are 25 bytes, Fluent Bit's 24 or 32); a longer one is
+/// remembered in memory only.
+pub const MAX_TOKEN_BYTES: usize = 1024;
+
+/// The token of one stored request, as recorded with each part of its events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub sender: IpAddr,
+    pub token: Bytes,
+    /// Unique per request stored: tells two requests with the same token apart.
+    pub request: u128,
+    /// Number of chunks (records) the request's events went to.
+    pub parts: u16,
+}
+
+impl TokenRecord {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self.sender {
+            IpAddr::V4(ip) => {
+                out.push(4);
+                out.extend_from_slice(&ip.octets());
+            }
+            IpAddr::V6(ip) => {
+                out.push(16);
+                out.extend_from_slice(&ip.octets());
+            }
+        }
+        out.extend_from_slice(&(self.token.len() as u16).to_le_bytes());
+        out.extend_from_slice(&self.token);
+        out.extend_from_slice(&self.request.to_le_bytes());
+        out.extend_from_slice(&self.parts.to_le_bytes());
+    }
+
+    /// Decodes back-to-back records; `None` if they are not exactly that.
+    pub fn decode_all(mut bytes: &[u8]) -> Option<Vec<TokenRecord>> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            if b.len() < n {
+                return None;
+            }
+            let (head, rest) = b.split_at(n);
+            *b = rest;
+            Some(head)
+        }
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let sender = match take(&mut bytes, 1)?[0] {
+                4 => IpAddr::from(<[u8; 4]>::try_from(take(&mut bytes, 4)?).ok()?),
+                16 => IpAddr::from(<[u8; 16]>::try_from(take(&mut bytes, 16)?).ok()?),
+                _ => return None,
+            };
+            let len = u16::from_le_bytes(take(&mut bytes, 2)?.try_into().ok()?) as usize;
+            let token = Bytes::copy_from_slice(take(&mut bytes, len)?);
+            let request = u128::from_le_bytes(take(&mut bytes, 16)?.try_into().ok()?);
+            let parts = u16::from_le_bytes(take(&mut bytes, 2)?.try_into().ok()?);
+            out.push(TokenRecord {
+                sender,
+                token,
+                request,
+                parts,
+            });
+        }
+        Some(out)
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The token journal: records of delivered chunks, until they expire.
+#[derive(Debug)]
+struct Journal {
+    path: PathBuf,
+    file: Option<File>,
+    /// Unexpired records with their expiry (Unix ms), oldest first; at most `max_live` (the
+    /// window holds no more tokens than that anyway).
+    live: Vec<(i64, TokenRecord)>,
+    max_live: usize,
+    /// Bytes in the file.
+    len: u64,
+}
+
+impl Journal {
+    /// Reads the journal (a torn or damaged tail ends it), keeping the records unexpired at
+    /// `now_ms`, and rewrites it with only those.
+    fn open(buffer_dir: &Path, now_ms: i64, max_live: usize) -> io::Result<Journal> {
+        let path = buffer_dir.join(JOURNAL_FILE);
+        let mut live = Vec::new();
+        match fs::read(&path) {
+            Ok(bytes) => {
+                if bytes.len() >= 8 && &bytes[..8] == JOURNAL_MAGIC {
+                    let mut pos = 8;
+                    while let Some((payload, next)) = next_frame(&bytes, pos) {
+                        let Some((expires, records)) = decode_payload(payload) else {
+                            break;
+                        };
+                        pos = next;
+                        if expires > now_ms {
+                            live.extend(records.into_iter().map(|r| (expires, r)));
+                        }
+                    }
+                    if pos < bytes.len() {
+                        warn!(path = %path.display(), bytes = bytes.len() - pos,
+                              "the token journal ends in a torn or damaged record; ignoring it");
+                    }
+                } else if !bytes.is_empty() {
+                    error!(path = %path.display(), "the token journal is not one; starting a new one");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let excess = live.len().saturating_sub(max_live);
+        live.drain(..excess);
+        let mut journal = Journal {
+            path,
+            file: None,
+            live,
+            max_live,
+            len: 0,
+        };
+        journal.rewrite()?;
+        Ok(journal)
+    }
+
+    /// Replaces the file with the unexpired records: temporary file, fsync, rename, directory
+    /// fsync.
+    fn rewrite(&mut self) -> io::Result<()> {
+        let mut bytes = JOURNAL_MAGIC.to_vec();
+        let mut i = 0;
+        while i < self.live.len() {
+            let expires = self.live[i].0;
+            let mut payload = expires.to_le_bytes().to_vec();
+            while i < self.live.len() && self.live[i].0 == expires {
+                self.live[i].1.encode(&mut payload);
+                i += 1;
+            }
+            push_frame(&mut bytes, &payload);
+        }
+        let tmp = self.path.with_extension("journal.tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &self.path)?;
+        chunk::sync_dir(
+            self.path
+                .parent()
+                .expect("the journal lives in a directory"),
+        )?;
+        self.file = Some(OpenOptions::new().append(true).open(&self.path)?);
+        self.len = bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends `records`, expiring at `expires`, and fsyncs them.
+    fn append(&mut self, expires: i64, records: &[TokenRecord], now_ms: i64) -> io::Result<()> {
+        let expired = self.live.partition_point(|(e, _)| *e <= now_ms);
+        self.live.drain(..expired);
+        let mut payload = expires.to_le_bytes().to_vec();
+        records.iter().for_each(|r| r.encode(&mut payload));
+        let mut frame = Vec::with_capacity(payload.len() + 8);
+        push_frame(&mut frame, &payload);
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self
+                .file
+                .insert(OpenOptions::new().append(true).open(&self.path)?),
+        };
+        let written = file.write_all(&frame).and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            // Whatever part of the frame made it is a torn tail that ends the journal on the
+            // next start; a rewrite now puts a good file back.
+            self.file = None;
+            return Err(e);
+        }
+        self.len += frame.len() as u64;
+        self.live
+            .extend(records.iter().cloned().map(|r| (expires, r)));
+        let excess = self.live.len().saturating_sub(self.max_live);
+        self.live.drain(..excess);
+        // Rewrite once the file is mostly expired records.
+        let live_bytes: u64 = self
+            .live
+            .iter()
+            .map(|(_, r)| 30 + r.token.len() as u64)
+            .sum();
+        if self.len > (1 << 20) && self.len > 4 * live_bytes {
+            self.rewrite()?;
+        }
+        Ok(())
+    }
+}
+
+fn push_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The payload of the whole, valid frame at `pos`, and where the next one starts.
+fn next_frame(bytes: &[u8], pos: usize) -> Option<(&[u8], usize)> {
+    let head = bytes.get(pos..pos + 8)?;
+    let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(head[4..].try_into().ok()?);
+    let payload = bytes.get(pos + 8..pos + 8 + len)?;
+    (crc32c::crc32c(payload) == crc).then_some((payload, pos + 8 + len))
+}
+
+fn decode_payload(payload: &[u8]) -> Option<(i64, Vec<TokenRecord>)> {
+    let expires = i64::from_le_bytes(payload.get(..8)?.try_into().ok()?);
+    Some((expires, TokenRecord::decode_all(&payload[8..])?))
+}
+
+/// The durable side of the resend window: the journal, and the in-memory window it feeds.
+#[derive(Debug)]
+pub struct Tokens {
+    dedup: Arc<Dedup>,
+    window: Duration,
+    journal: Mutex<Journal>,
+}
+
+impl Tokens {
+    /// Opens the journal and rebuilds the in-memory window from it and from `in_chunks`, the
+    /// token records of the chunks still in the buffer. A request counts as stored when all its
+    /// parts are found.
+    pub fn open(
+        buffer_dir: &Path,
+        dedup: Arc<Dedup>,
+        in_chunks: Vec<TokenRecord>,
+    ) -> io::Result<Tokens> {
+        let now = now_ms();
+        let journal = Journal::open(buffer_dir, now, dedup.capacity().saturating_mul(2))?;
+        let window = dedup.window();
+        // By request: its record, the parts found, and when its window ends (`None`: a part is
+        // still in the buffer, so the window starts now).
+        let mut requests: HashMap<u128, (&TokenRecord, u32, Option<i64>)> = HashMap::new();
+        let all = journal
+            .live
+            .iter()
+            .map(|(e, r)| (Some(*e), r))
+            .chain(in_chunks.iter().map(|r| (None, r)));
+        for (expires, record) in all {
+            let entry = requests
+                .entry(record.request)
+                .or_insert((record, 0, expires));
+            entry.1 += 1;
+            entry.2 = match (entry.2, expires) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+        }
+        let mut stored: Vec<(Duration, &TokenRecord)> = requests
+            .into_values()
+            .filter(|(r, found, _)| *found >= u32::from(r.parts))
+            .map(|(r, _, expires)| {
+                let left = expires.map_or(window, |e| {
+                    Duration::from_millis(e.saturating_sub(now).max(0) as u64)
+                });
+                (window.saturating_sub(left), r)
+            })
+            .collect();
+        // Oldest first, so that the window expires them in order.
+        stored.sort_by_key(|s| std::cmp::Reverse(s.0));
+        for (age, r) in &stored {
+            dedup.remember(r.sender, r.token.clone(), *age);
+        }
+        if !stored.is_empty() {
+            info!(
+                tokens = stored.len(),
+                "rebuilt the resend window from the buffer and the token journal"
+            );
+        }
+        Ok(Tokens {
+            dedup,
+            window,
+            journal: Mutex::new(journal),
+        })
+    }
+
+    /// Before delivered chunks are deleted: journals their token records (fsynced), with an
+    /// expiry `dedup_window` from now, and restarts their window in memory. The chunks may be
+    /// deleted only if this succeeds (it fails only if the journal cannot be written; a chunk
+    /// whose token frames cannot be read is logged and its tokens left out).
+    pub fn retire(&self, chunks: &[&ChunkPaths]) -> io::Result<()> {
+        let mut records = Vec::new();
+        for paths in chunks {
+            match chunk::read_tokens(&paths.data) {
+                Ok(r) => records.extend(r),
+                // Its tokens are lost, not its delivery: a resend of its requests is stored
+                // again. Refusing to delete it would publish it again on every start.
+                Err(e) => warn!(path = %paths.data.display(), cause = %e,
+                                "cannot read the tokens of a delivered chunk; a resend of its requests will be stored again"),
+            }
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let expires = now.saturating_add(self.window.as_millis() as i64);
+        self.journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .append(expires, &records, now)?;
+        self.dedup
+            .touch(records.iter().map(|r| (r.sender, r.token.clone())));
+        Ok(())
+    }
+
+    /// Records in the journal now (expired ones are dropped on each append).
+    pub fn journaled(&self) -> usize {
+        self.journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live
+            .len()
+    }
+}
+
+/// Reads the whole journal file, for tests.
+#[cfg(test)]
+pub(super) fn read_journal(buffer_dir: &Path) -> Vec<(i64, TokenRecord)> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    File::open(buffer_dir.join(JOURNAL_FILE))
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .unwrap();
+    let mut out = Vec::new();
+    let mut pos = 8;
+    while let Some((payload, next)) = next_frame(&bytes, pos) {
+        let (e, records) = decode_payload(payload).unwrap();
+        out.extend(records.into_iter().map(|r| (e, r)));
+        pos = next;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forward::dedup::Seen;
+
+    fn record(token: &str, request: u128, parts: u16) -> TokenRecord {
+        TokenRecord {
+            sender: "10.0.0.1".parse().unwrap(),
+            token: Bytes::copy_from_slice(token.as_bytes()),
+            request,
+            parts,
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let mut v6 = record("p8n9gmxTQVC8/nh2wlKKeQ==\n", u128::MAX - 7, 2);
+        v6.sender = "::1".parse().unwrap();
+        let records = vec![record("a", 1, 1), v6, record("", 3, 1)];
+        let mut bytes = Vec::new();
+        records.iter().for_each(|r| r.encode(&mut bytes));
+        assert_eq!(TokenRecord::decode_all(&bytes), Some(records));
+        assert_eq!(TokenRecord::decode_all(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(TokenRecord::decode_all(&[7]), None);
+    }
+
+    fn stored(dedup: &Arc<Dedup>, token: &str) -> bool {
+        matches!(
+            dedup.check(
+                "10.0.0.1".parse().unwrap(),
+                &Bytes::copy_from_slice(token.as_bytes())
+            ),
+            Seen::Stored
+        )
+    }
+
+    #[test]
+    fn the_window_is_rebuilt_from_chunks_and_journal_and_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = dir.path().join("chunks");
+        fs::create_dir_all(&chunks).unwrap();
+        let window = Duration::from_secs(600);
+        let dedup = Dedup::new(window, 1000);
+        let tokens = Tokens::open(dir.path(), dedup, Vec::new()).unwrap();
+        // Two delivered chunks: one whose token is complete, one holding half of a request.
+        let paths = ChunkPaths::new(&chunks, "a");
+        let mut w = chunk::ChunkWriter::create(&paths.data, &test_header()).unwrap();
+        let mut recs = Vec::new();
+        record("whole", 1, 1).encode(&mut recs);
+        record("split", 2, 2).encode(&mut recs);
+        w.append(&[test_entry()], &recs).unwrap();
+        w.sync().unwrap();
+        tokens.retire(&[&paths]).unwrap();
+        assert_eq!(tokens.journaled(), 2);
+        assert_eq!(read_journal(dir.path()).len(), 2);
+
+        // Restart: "split" counts only with its other part, still in a chunk.
+        let dedup = Dedup::new(window, 1000);
+        Tokens::open(dir.path(), dedup.clone(), Vec::new()).unwrap();
+        assert!(stored(&dedup, "whole"));
+        assert!(!stored(&dedup, "split"), "half a request is not stored");
+        let dedup = Dedup::new(window, 1000);
+        Tokens::open(dir.path(), dedup.clone(), vec![record("split", 2, 2)]).unwrap();
+        assert!(stored(&dedup, "split"));
+
+        // Expired records are pruned from the file on start.
+        let mut j = Journal::open(dir.path(), now_ms(), 100).unwrap();
+        j.append(now_ms() - 1, &[record("old", 9, 1)], 0).unwrap();
+        assert_eq!(read_journal(dir.path()).len(), 3);
+        drop(j);
+        let dedup = Dedup::new(window, 1000);
+        Tokens::open(dir.path(), dedup.clone(), Vec::new()).unwrap();
+        assert!(!stored(&dedup, "old"));
+        assert_eq!(read_journal(dir.path()).len(), 2);
+
+        // A torn tail ends the journal without losing what comes before it.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(JOURNAL_FILE))
+            .unwrap();
+        f.write_all(&[40, 0, 0, 0, 1, 2]).unwrap();
+        let dedup = Dedup::new(window, 1000);
+        Tokens::open(dir.path(), dedup.clone(), Vec::new()).unwrap();
+        assert!(stored(&dedup, "whole"));
+    }
+
+    fn test_header() -> chunk::ChunkHeader {
+        chunk::ChunkHeader {
+            chunk_id: "0".repeat(32),
+            tag: "t".into(),
+            timekey: 0,
+            created_ms: 0,
+        }
+    }
+
+    fn test_entry() -> Bytes {
+        let mut b = vec![0x92];
+        claimcheck_consumer::entry::encode::event_time(
+            &mut b,
+            claimcheck_consumer::EventTime::new(1, 0),
+        );
+        b.extend_from_slice(&[0x81, 0xa1, b'k', 0x01]);
+        Bytes::from(b)
+    }
+}
