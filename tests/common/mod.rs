@@ -698,29 +698,6 @@ impl Sidecar {
             .unwrap_or_else(|| panic!("no {field} in /proc status"))
     }
 
-    /// The metrics address the sidecar wrote to its address file (with `--metrics-listen`).
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        let text = std::fs::read_to_string(self.log.with_extension("addr")).ok()?;
-        let addresses: Value = serde_json::from_str(&text).ok()?;
-        addresses["metrics"].as_str()?.parse().ok()
-    }
-
-    /// Sum of the samples of `metric` (all its label sets) in a scrape of `/metrics`.
-    pub async fn metric(&self, metric: &str) -> f64 {
-        let addr = self.metrics_addr().expect("started with --metrics-listen");
-        let (status, text) = claimcheck::admin::get(&format!("http://{addr}/metrics"))
-            .await
-            .expect("the metrics endpoint answers");
-        assert!(status.is_success());
-        text.lines()
-            .filter(|l| {
-                l.strip_prefix(metric)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum()
-    }
-
     /// Waits (up to `timeout`) for the process to exit by itself; its status, or `None` if it
     /// still runs (it is then left running).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
