@@ -208,7 +208,6 @@ async fn drain_and_read(env: &Emulated, load: &LoadResult) -> (HashMap<u64, Vec<
 /// inline.
 async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
     let env = Emulated::start("crash").await;
-    let port = free_port();
     let args = [
         "--inline-max-bytes",
         inline_max_bytes,
@@ -225,7 +224,8 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
         "--sync",
         sync,
     ];
-    let load = Load::start_resending(port, 3, 25, 4);
+    // Each restart listens on a port of its own choosing; the load follows it.
+    let load = Load::start_resending(0, 3, 25, 4);
     // Phase -> (kills aimed at it, kills that hit it).
     let mut phases: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let started = Instant::now();
@@ -241,8 +241,9 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
             _ => &[],
         };
         let restart = Instant::now();
-        let mut sidecar = env.sidecar_env(port, extra, &args);
+        let mut sidecar = env.sidecar_env(0, extra, &args);
         restarts.push(restart.elapsed());
+        load.follow(sidecar.port);
         if !matches!(target, Target::AfterSyncBeforeAck) {
             // Let the load reach the new process before aiming at a phase.
             tokio::time::sleep(Duration::from_millis(rand::random_range(50..300))).await;
@@ -254,7 +255,8 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
         counts.1 += usize::from(hit);
     }
     let acked_before_last = load.acked_count();
-    let final_sidecar = env.sidecar_at(port, None, &args);
+    let final_sidecar = env.sidecar_at(0, None, &args);
+    load.follow(final_sidecar.port);
     let load = load.stop().await;
     let (seen, duplicates_dropped) = drain_and_read(&env, &load).await;
     recognised += final_sidecar.log_text().matches(RESEND_RECOGNISED).count();
@@ -355,23 +357,29 @@ async fn every_acked_event_survives_random_kill_9_sync_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_stores_or_refuses_each_request_and_exits_zero() {
     let env = Emulated::start("term-load").await;
-    let port = free_port();
     let args = ["--flush-interval", "1h", "--shutdown-timeout", "20s"];
-    let mut sidecar = env.sidecar_at(port, None, &args);
-    let load = Load::start(port, 3, 25, 4);
+    let mut sidecar = env.sidecar_at(0, None, &args);
+    let load = Load::start(sidecar.port, 3, 25, 4);
     while load.acked_count() < 3000 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let status = sidecar.terminate(Duration::from_secs(60));
     assert!(status.success(), "exit status {status}");
-    let log = sidecar.log_text();
-    assert!(
-        log.contains("reason=\"shutdown\""),
-        "open chunks were sealed at shutdown"
-    );
+    // Every chunk left behind was sealed at shutdown: each data file has its state file.
+    let chunks = env.buffer_dir().join("chunks");
+    for entry in std::fs::read_dir(&chunks).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "chunk") {
+            assert!(
+                path.with_extension("state").exists(),
+                "{} left open",
+                path.display()
+            );
+        }
+    }
     let load = load.stop().await;
     // Whatever was not delivered before the deadline is delivered by the next start.
-    let _restarted = env.sidecar_at(port, None, &args);
+    let _restarted = env.sidecar_at(0, None, &args);
     let (seen, _) = drain_and_read(&env, &load).await;
     let missing = load
         .acked

@@ -8,7 +8,7 @@
 //! an unacknowledged request is never resent.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,9 @@ pub struct LoadResult {
 }
 
 pub struct Load {
+    /// Where the senders connect: a restarted sidecar listens on a port of its own choosing,
+    /// which [`Load::follow`] gives them.
+    port: Arc<AtomicU16>,
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<HashSet<u64>>>,
     sent: Arc<AtomicU64>,
@@ -60,19 +63,26 @@ impl Load {
         tags: usize,
         resend: bool,
     ) -> Load {
+        let port = Arc::new(AtomicU16::new(port));
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(HashSet::new()));
         let (sent, lost) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let tasks = (0..connections as u64)
             .map(|conn| {
-                let (stop, acked, sent, lost) =
-                    (stop.clone(), acked.clone(), sent.clone(), lost.clone());
+                let (port, stop, acked, sent, lost) = (
+                    port.clone(),
+                    stop.clone(),
+                    acked.clone(),
+                    sent.clone(),
+                    lost.clone(),
+                );
                 tokio::spawn(async move {
                     let mut seq = 0u64;
                     // The request whose ack did not come: its ids, token and bytes.
                     let mut unacked: Option<(Vec<u64>, String, Vec<u8>)> = None;
                     while !stop.load(Ordering::Relaxed) {
-                        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
+                        let to = ("127.0.0.1", port.load(Ordering::Relaxed));
+                        let Ok(mut stream) = TcpStream::connect(to).await else {
                             tokio::time::sleep(Duration::from_millis(30)).await;
                             continue;
                         };
@@ -108,6 +118,7 @@ impl Load {
             })
             .collect();
         Load {
+            port,
             stop,
             acked,
             sent,
@@ -117,6 +128,11 @@ impl Load {
     }
 
     /// Events acknowledged so far.
+    /// Sends to `port` from the next connection on (a restarted sidecar's).
+    pub fn follow(&self, port: u16) {
+        self.port.store(port, Ordering::Relaxed);
+    }
+
     pub fn acked_count(&self) -> usize {
         self.acked.lock().unwrap().len()
     }
