@@ -33,10 +33,11 @@ fn fails(cmd: &mut Command) -> String {
 #[test]
 fn serve_takes_every_setting_from_the_environment() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let address_file = dir.path().join("addresses.json");
     let child = claimcheck()
         .arg("serve")
-        .env("CLAIMCHECK_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CLAIMCHECK_LISTEN", "127.0.0.1:0")
+        .env("CLAIMCHECK_ADDRESS_FILE", &address_file)
         .env("CLAIMCHECK_BUFFER_DIR", dir.path().join("from-env"))
         .env("CLAIMCHECK_S3_BUCKET", "bucket-from-env")
         .env("CLAIMCHECK_KINESIS_STREAM", "stream-from-env")
@@ -46,7 +47,12 @@ fn serve_takes_every_setting_from_the_environment() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_port(port, "claimcheck", Duration::from_secs(30));
+    // Listening once it says where.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !address_file.exists() {
+        assert!(std::time::Instant::now() < deadline, "claimcheck did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         dir.path().join("from-env/chunks").is_dir(),
         "the buffer directory comes from the environment"
