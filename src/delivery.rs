@@ -19,6 +19,21 @@ use crate::config::Config;
 use crate::outage::{self, Stage};
 use crate::{publisher, uploader};
 
+/// The configured bucket and stream, each reached with its own region and role.
+async fn aws_backends(config: &Config) -> (S3Store, KinesisSink) {
+    let (s3, kinesis) = (
+        aws::load_config(&config.aws.s3).await,
+        aws::load_config(&config.aws.kinesis).await,
+    );
+    let store = S3Store::new(
+        aws::s3_client(&s3),
+        config.s3_bucket.clone(),
+        config.aws.objects.clone(),
+    );
+    let sink = KinesisSink::new(aws::kinesis_client(&kinesis), config.kinesis_stream.clone());
+    (store, sink)
+}
+
 /// How often the buffer is checked for chunks put back by `claimcheck replay`.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -45,16 +60,7 @@ impl Delivery {
     ) -> Delivery {
         let c = config.clone();
         let backends = async move {
-            let (s3, kinesis) = (
-                aws::load_config(&c.aws.s3).await,
-                aws::load_config(&c.aws.kinesis).await,
-            );
-            let store = S3Store::new(
-                aws::s3_client(&s3),
-                c.s3_bucket.clone(),
-                c.aws.objects.clone(),
-            );
-            let sink = KinesisSink::new(aws::kinesis_client(&kinesis), c.kinesis_stream.clone());
+            let (store, sink) = aws_backends(&c).await;
             info!(bucket = %c.s3_bucket, stream = %c.kinesis_stream, "delivery started");
             (Arc::new(store), Arc::new(sink))
         };
@@ -64,16 +70,7 @@ impl Delivery {
     /// `--check-on-start`: whether the configured bucket and stream take what delivery will
     /// send (see [`aws::check`]); one line per problem.
     pub async fn check_on_start(config: &Config) -> Vec<String> {
-        let (s3, kinesis) = (
-            aws::load_config(&config.aws.s3).await,
-            aws::load_config(&config.aws.kinesis).await,
-        );
-        let store = S3Store::new(
-            aws::s3_client(&s3),
-            config.s3_bucket.clone(),
-            config.aws.objects.clone(),
-        );
-        let sink = KinesisSink::new(aws::kinesis_client(&kinesis), config.kinesis_stream.clone());
+        let (store, sink) = aws_backends(config).await;
         // An object as delivery would write it, under the same prefix and key format.
         let (tag, id) = (
             "claimcheck.start-check",

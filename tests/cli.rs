@@ -50,7 +50,10 @@ fn serve_takes_every_setting_from_the_environment() {
     // Listening once it says where.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !address_file.exists() {
-        assert!(std::time::Instant::now() < deadline, "claimcheck did not listen");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "claimcheck did not listen"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::{metric_sum, samples, scrape};
+use super::{await_metrics_at, metric_sum, samples, scrape};
 
 /// A sidecar running in this process.
 pub struct InProcess {
@@ -112,11 +112,7 @@ impl InProcess {
 
     /// Waits up to a minute until `check` holds for the sidecar's metrics.
     pub async fn await_metrics(&self, what: &str, check: impl Fn(&HashMap<String, f64>) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !check(&self.metrics().await) {
-            assert!(Instant::now() < deadline, "timed out waiting until {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        await_metrics_at(self.admin, what, check, String::new).await
     }
 
     /// The events of every published pointer, in publish order.

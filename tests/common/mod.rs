@@ -653,15 +653,7 @@ impl Sidecar {
     /// Waits up to a minute until `check` holds for the sidecar's metrics; fails the test
     /// with `what` and the log otherwise.
     pub async fn await_metrics(&self, what: &str, check: impl Fn(&HashMap<String, f64>) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !check(&self.metrics().await) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting until {what}:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        await_metrics_at(self.admin, what, check, || self.log_text()).await
     }
 
     /// [`Sidecar::await_metrics`] for a test without a runtime of its own.
@@ -784,6 +776,25 @@ pub fn samples(text: &str) -> HashMap<String, f64> {
             Some((series.to_string(), value.parse().ok()?))
         })
         .collect()
+}
+
+/// Waits up to a minute until `check` holds for the metrics of the admin endpoint on `port`;
+/// fails the test with `what` and `context()` otherwise.
+pub async fn await_metrics_at(
+    port: u16,
+    what: &str,
+    check: impl Fn(&HashMap<String, f64>) -> bool,
+    context: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check(&samples(&scrape(port, "/metrics").await.1)) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}\n{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Sum of the samples of `metric` (a name, for all its label sets, or one series).
