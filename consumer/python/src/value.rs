@@ -22,7 +22,7 @@ const MAX_CACHED_KEY_BYTES: usize = 64;
 const MAX_CACHED_KEYS: usize = 4096;
 
 /// Map keys as stored, and as Python strings.
-type Keys = HashMap<Box<[u8]>, Py<PyString>>;
+type Keys = HashMap<Box<[u8]>, Py<PyString>, foldhash::fast::RandomState>;
 
 /// The map keys seen so far.
 static KEYS: Mutex<Option<Keys>> = Mutex::new(None);
@@ -68,7 +68,7 @@ pub(crate) fn to_py<'py>(py: Python<'py>, msgpack: &[u8]) -> PyResult<Bound<'py,
     let mut guard = KEYS.try_lock().ok();
     let keys = guard
         .as_deref_mut()
-        .map(|k| k.get_or_insert_with(HashMap::new));
+        .map(|k| k.get_or_insert_with(Keys::default));
     let mut c = Converter { py, keys };
     let mut rest = msgpack;
     let value = c.value(&mut rest)?;
