@@ -181,7 +181,12 @@ impl Event {
 
     /// Fluent Bit's per-event metadata (`[[time, metadata], record]`), when present.
     pub fn metadata(&self) -> Option<rmpv::ValueRef<'_>> {
-        self.metadata.map(|(a, b)| borrow(&self.entry[a..b]))
+        self.metadata_msgpack().map(borrow)
+    }
+
+    /// The metadata's msgpack bytes, exactly as stored, when present.
+    pub fn metadata_msgpack(&self) -> Option<&[u8]> {
+        self.metadata.map(|(a, b)| &self.entry[a..b])
     }
 
     /// The metadata as JSON, when present.
@@ -251,6 +256,7 @@ mod tests {
         assert_eq!(event.record().to_owned(), record());
         assert_eq!(event.record_msgpack(), &pack(&record())[..]);
         assert_eq!(event.metadata(), None);
+        assert_eq!(event.metadata_msgpack(), None);
         assert_eq!(
             event.to_json(),
             serde_json::json!({"time": "2025-11-21T16:00:01.000000000Z", "tag": "app",
@@ -264,6 +270,7 @@ mod tests {
         let t = EventTime::new(1_763_740_801, 42);
         let event = Event::new("fb", t, &record(), Some(&meta)).unwrap();
         assert_eq!(event.metadata().map(|m| m.to_owned()), Some(meta.clone()));
+        assert_eq!(event.metadata_msgpack(), Some(&pack(&meta)[..]));
         assert_eq!(
             event.metadata_json(),
             Some(serde_json::json!({"pod": "web-1"}))

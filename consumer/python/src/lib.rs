@@ -10,8 +10,11 @@ use claimcheck_consumer::{Decoder, Error, Event, EventTime, Pointer};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
+
+mod value;
+
+use value::{to_datetime, to_py};
 
 /// Bytes asked of a Python file object at a time.
 const READ_BLOCK: usize = 64 * 1024;
@@ -83,119 +86,8 @@ fn exception(py: Python<'_>, e: &Error) -> PyResult<PyErr> {
     Ok(PyErr::from_value(value))
 }
 
-// --- values -------------------------------------------------------------------------------
-
-struct Cached {
-    epoch: Py<PyAny>,
-    timedelta: Py<PyAny>,
-}
-
-static CACHED: PyOnceLock<Cached> = PyOnceLock::new();
-
-fn cached(py: Python<'_>) -> PyResult<&Cached> {
-    CACHED.get_or_try_init(py, || {
-        let datetime = py.import("datetime")?;
-        let utc = datetime.getattr("timezone")?.getattr("utc")?;
-        let epoch = datetime
-            .getattr("datetime")?
-            .call((1970, 1, 1, 0, 0, 0, 0, utc), None)?;
-        Ok(Cached {
-            epoch: epoch.unbind(),
-            timedelta: datetime.getattr("timedelta")?.unbind(),
-        })
-    })
-}
-
-/// A timezone-aware UTC `datetime` (microseconds: the nanoseconds are cut).
-fn to_datetime<'py>(py: Python<'py>, t: EventTime) -> PyResult<Bound<'py, PyAny>> {
-    let c = cached(py)?;
-    let delta = c.timedelta.bind(py).call1((0, t.secs, t.nanos / 1000))?;
-    c.epoch.bind(py).call_method1("__add__", (delta,))
-}
-
 fn seconds(t: EventTime) -> f64 {
     t.secs as f64 + f64::from(t.nanos) / 1e9
-}
-
-/// A msgpack value as Python: nil → None, bool, int, float, str (invalid UTF-8 replaced),
-/// bin → bytes, array → list, map → dict (keys that cannot be dict keys → their `repr`),
-/// EventTime and timestamp extensions → UTC `datetime`, other extensions →
-/// `{"ext": type, "data": bytes}`.
-fn to_py<'py>(py: Python<'py>, v: &rmpv::ValueRef<'_>) -> PyResult<Bound<'py, PyAny>> {
-    use rmpv::ValueRef as V;
-    Ok(match v {
-        V::Nil => py.None().into_bound(py),
-        V::Boolean(b) => b.into_pyobject(py)?.to_owned().into_any(),
-        V::Integer(i) => match (i.as_i64(), i.as_u64()) {
-            (Some(n), _) => n.into_pyobject(py)?.into_any(),
-            (None, Some(n)) => n.into_pyobject(py)?.into_any(),
-            _ => py.None().into_bound(py),
-        },
-        V::F32(f) => PyFloat::new(py, f64::from(*f)).into_any(),
-        V::F64(f) => PyFloat::new(py, *f).into_any(),
-        V::String(s) => match s.as_str() {
-            Some(s) => PyString::new(py, s).into_any(),
-            None => PyString::new(py, &String::from_utf8_lossy(s.as_bytes())).into_any(),
-        },
-        V::Binary(b) => PyBytes::new(py, b).into_any(),
-        V::Array(items) => {
-            let list = PyList::empty(py);
-            for item in items {
-                list.append(to_py(py, item)?)?;
-            }
-            list.into_any()
-        }
-        V::Map(pairs) => {
-            let dict = PyDict::new(py);
-            for (k, v) in pairs {
-                let key = match k {
-                    V::Array(_) => {
-                        PyTuple::new(py, to_py(py, k)?.cast::<PyList>()?.iter())?.into_any()
-                    }
-                    _ => to_py(py, k)?,
-                };
-                let value = to_py(py, v)?;
-                if key.hash().is_ok() {
-                    dict.set_item(key, value)?;
-                } else {
-                    dict.set_item(key.repr()?, value)?;
-                }
-            }
-            dict.into_any()
-        }
-        V::Ext(ty, data) => match ext_time(*ty, data) {
-            Some(t) => to_datetime(py, t)?,
-            None => {
-                let dict = PyDict::new(py);
-                dict.set_item("ext", ty)?;
-                dict.set_item("data", PyBytes::new(py, data))?;
-                dict.into_any()
-            }
-        },
-    })
-}
-
-/// Fluentd's EventTime (ext 0, 8 bytes) or the msgpack timestamp (ext -1, 4, 8 or 12 bytes).
-fn ext_time(ty: i8, data: &[u8]) -> Option<EventTime> {
-    match (ty, data.len()) {
-        (0, 8) => Some(EventTime::new(
-            i64::from(u32::from_be_bytes(data[..4].try_into().ok()?)),
-            u32::from_be_bytes(data[4..].try_into().ok()?),
-        )),
-        (-1, 4) => Some(EventTime::new(
-            i64::from(u32::from_be_bytes(data.try_into().ok()?)),
-            0,
-        )),
-        (-1, 8) => {
-            let v = u64::from_be_bytes(data.try_into().ok()?);
-            Some(EventTime::new((v & 0x3_ffff_ffff) as i64, (v >> 34) as u32))
-        }
-        (-1, 12) => Some(EventTime::new(
-            i64::from_be_bytes(data[4..].try_into().ok()?),
-            u32::from_be_bytes(data[..4].try_into().ok()?),
-        )),
-        _ => None,
-    }
 }
 
 // --- Pointer ------------------------------------------------------------------------------
@@ -349,13 +241,15 @@ impl PyPointer {
 #[pyclass(name = "Event", module = "claimcheck", frozen)]
 struct PyEvent {
     inner: Event,
+    /// The tag as Python: one string shared by the events of a chunk.
+    tag: Py<PyString>,
 }
 
 #[pymethods]
 impl PyEvent {
     #[getter]
-    fn tag(&self) -> &str {
-        self.inner.tag()
+    fn tag(&self, py: Python<'_>) -> Py<PyString> {
+        self.tag.clone_ref(py)
     }
     /// Seconds since the Unix epoch, as a float (microsecond precision for today's dates).
     #[getter]
@@ -376,12 +270,15 @@ impl PyEvent {
     /// The record, converted on each access (normally a dict).
     #[getter]
     fn record<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        to_py(py, &self.inner.record())
+        to_py(py, self.inner.record_msgpack())
     }
     /// Fluent Bit's per-event metadata, or `None`.
     #[getter]
     fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        self.inner.metadata().map(|m| to_py(py, &m)).transpose()
+        self.inner
+            .metadata_msgpack()
+            .map(|m| to_py(py, m))
+            .transpose()
     }
     /// The record's msgpack bytes, as stored.
     #[getter]
@@ -551,17 +448,19 @@ fn verify(py: Python<'_>, pointer: &PyPointer, body: Option<&Bound<'_, PyAny>>) 
 }
 
 /// Events of a stored body as they are decoded; the checks are made when the body ends and a
-/// failure is raised then, after the events before it.
+/// failure is raised then, after the events before it. `release`: an object whose `close()`
+/// is called once the events end or are closed (the S3 response body).
 #[pyfunction]
-#[pyo3(signature = (pointer, body=None))]
+#[pyo3(signature = (pointer, body=None, *, release=None))]
 fn decode(
     py: Python<'_>,
-    pointer: &PyPointer,
+    pointer: Bound<'_, PyPointer>,
     body: Option<&Bound<'_, PyAny>>,
+    release: Option<Py<PyAny>>,
 ) -> PyResult<Events> {
     let failed = Arc::new(Mutex::new(None));
-    let src = source(&pointer.inner, body, &failed)?;
-    Events::new(py, &pointer.inner, src, failed)
+    let src = source(&pointer.get().inner, body, &failed)?;
+    Events::new(py, pointer, src, failed, release)
 }
 
 /// Verifies a stored body read once from `body`, keeping a copy of it, and returns its
@@ -570,12 +469,12 @@ fn decode(
 #[pyfunction]
 fn verify_then_decode(
     py: Python<'_>,
-    pointer: &PyPointer,
+    pointer: Bound<'_, PyPointer>,
     body: &Bound<'_, PyAny>,
 ) -> PyResult<Events> {
     let failed = Arc::new(Mutex::new(None));
-    let src = source(&pointer.inner, Some(body), &failed)?;
-    let p = &pointer.inner;
+    let p = &pointer.get().inner;
+    let src = source(p, Some(body), &failed)?;
     let limit = usize::try_from(p.stored_bytes).unwrap_or(usize::MAX);
     let copy = py
         .detach(|| {
@@ -588,12 +487,16 @@ fn verify_then_decode(
         })
         .map_err(|e| failure(py, e, &failed))?;
     let body = Body::Rust(copy.into());
-    Events::new(py, p, Source::Memory(Cursor::new(body)), failed)
+    Events::new(py, pointer, Source::Memory(Cursor::new(body)), failed, None)
 }
 
-/// A lazy iterator of `Event`s; see `decode`.
-#[pyclass(module = "claimcheck._native")]
+/// The events of one chunk, as a lazy iterator of `Event`.
+///
+/// `pointer` is the chunk's pointer. Iterate once; `close()` stops reading early (the rest
+/// of an S3 object is then not read). Also a context manager that closes it.
+#[pyclass(name = "Events", module = "claimcheck")]
 struct Events {
+    pointer: Py<PyPointer>,
     state: Mutex<State>,
     failed: Arc<Mutex<Option<PyErr>>>,
 }
@@ -602,21 +505,58 @@ struct State {
     decoder: Option<Decoder<Source>>,
     batch: std::vec::IntoIter<Event>,
     spare: Vec<Event>,
+    /// The last tag made into a Python string (the events of a chunk share one tag).
+    tag: Option<(Box<str>, Py<PyString>)>,
+    /// Closed once the events end (`close()` on a boto3 `StreamingBody`).
+    release: Option<Py<PyAny>>,
+}
+
+impl State {
+    fn event(&mut self, py: Python<'_>, inner: Event) -> PyEvent {
+        let tag = match &self.tag {
+            Some((name, tag)) if **name == *inner.tag() => tag.clone_ref(py),
+            _ => {
+                let tag = PyString::new(py, inner.tag()).unbind();
+                self.tag = Some((inner.tag().into(), tag.clone_ref(py)));
+                tag
+            }
+        };
+        PyEvent { inner, tag }
+    }
+
+    /// Ends the iteration; what to close, once the lock is let go.
+    fn end(&mut self) -> Option<Py<PyAny>> {
+        self.decoder = None;
+        self.batch = Vec::new().into_iter();
+        self.release.take()
+    }
+}
+
+/// Closes a finished or broken stream; its errors do not matter any more.
+fn release(py: Python<'_>, body: Option<Py<PyAny>>) {
+    if let Some(body) = body {
+        let _ = body.bind(py).call_method0("close");
+    }
 }
 
 impl Events {
     fn new(
         py: Python<'_>,
-        pointer: &Pointer,
+        pointer: Bound<'_, PyPointer>,
         src: Source,
         failed: Arc<Mutex<Option<PyErr>>>,
+        release: Option<Py<PyAny>>,
     ) -> PyResult<Events> {
-        let decoder = Decoder::new(pointer, src).map_err(|e| failure(py, e, &failed))?;
+        let decoder =
+            Decoder::new(&pointer.get().inner, src).map_err(|e| failure(py, e, &failed))?;
         Ok(Events {
+            pointer: pointer.unbind(),
             state: Mutex::new(State {
                 decoder: Some(decoder),
                 batch: Vec::new().into_iter(),
                 spare: Vec::new(),
+                tag: None,
+                release,
             }),
             failed,
         })
@@ -625,6 +565,11 @@ impl Events {
 
 #[pymethods]
 impl Events {
+    #[getter]
+    fn pointer(&self, py: Python<'_>) -> Py<PyPointer> {
+        self.pointer.clone_ref(py)
+    }
+
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
         slf
     }
@@ -635,13 +580,13 @@ impl Events {
         let Ok(mut state) = self.state.try_lock() else {
             return Err(PyValueError::new_err("events iterator already executing"));
         };
-        loop {
+        let ended = loop {
             if let Some(event) = state.batch.next() {
-                return Ok(Some(PyEvent { inner: event }));
+                return Ok(Some(state.event(py, event)));
             }
             let State { decoder, spare, .. } = &mut *state;
             let Some(d) = decoder.as_mut() else {
-                return Ok(None);
+                break Ok(None);
             };
             spare.clear();
             match py.detach(|| d.next_batch(spare)) {
@@ -649,26 +594,38 @@ impl Events {
                     let batch = std::mem::take(spare);
                     state.batch = batch.into_iter();
                 }
-                Ok(false) => {
-                    state.decoder = None;
-                    return Ok(None);
-                }
-                Err(e) => {
-                    state.decoder = None;
-                    return Err(failure(py, e, &self.failed));
-                }
+                Ok(false) => break Ok(None),
+                Err(e) => break Err(failure(py, e, &self.failed)),
             }
-        }
+        };
+        let body = state.end();
+        drop(state);
+        release(py, body);
+        ended
     }
 
     /// Stops reading: the rest of the body is not read and nothing more is checked.
-    fn close(&self) -> PyResult<()> {
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
         let Ok(mut state) = self.state.try_lock() else {
             return Err(PyValueError::new_err("events iterator already executing"));
         };
-        state.decoder = None;
-        state.batch = Vec::new().into_iter();
+        let body = state.end();
+        drop(state);
+        release(py, body);
         Ok(())
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<()> {
+        self.close(py)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!("Events({})", self.pointer.bind(py).repr()?))
     }
 }
 

@@ -125,3 +125,68 @@ def test_events_can_be_stopped_early():
     assert first.record["msg"] == "hello"
     events.close()
     assert list(events) == []
+
+
+class Body(io.BytesIO):
+    """A boto3 StreamingBody stand-in that counts its closes."""
+
+    closes = 0
+
+    def close(self):
+        self.closes += 1
+        super().close()
+
+
+class FakeS3:
+    """get_object of one object, whose bodies it keeps."""
+
+    def __init__(self, data):
+        self.data = data
+        self.bodies = []
+
+    def get_object(self, Bucket, Key, IfMatch=None):  # noqa: N803 - boto3's names
+        self.bodies.append(Body(self.data))
+        return {"Body": self.bodies[-1], "ContentLength": len(self.data), "ETag": '"e"'}
+
+
+@pytest.mark.parametrize("how", ["end", "close", "with", "error"])
+def test_the_s3_body_is_closed_when_the_events_end(how):
+    pointer, body = good()
+    if how == "error":
+        body = body[:-1] + bytes([body[-1] ^ 1])
+    s3 = FakeS3(body)
+    events = claimcheck.resolve(pointer, s3, verify_first=False)
+    assert isinstance(events, claimcheck.Events)
+    assert events.pointer == pointer
+    assert repr(events) == f"Events({pointer!r})"
+    (streamed,) = s3.bodies
+    assert streamed.closes == 0
+    if how == "end":
+        assert len(list(events)) == pointer.records
+    elif how == "close":
+        next(events)
+        events.close()
+        events.close()
+    elif how == "with":
+        with events as same:
+            assert same is events
+            next(events)
+    else:
+        with pytest.raises(claimcheck.ChecksumMismatch):
+            list(events)
+    assert streamed.closes == 1
+    assert list(events) == []
+
+
+def test_objects_verified_first_are_read_once_and_closed():
+    pointer, body = good()
+    s3 = FakeS3(body)
+    events = claimcheck.resolve(pointer, s3)
+    assert [b.closes for b in s3.bodies] == [1]
+    assert len(list(events)) == pointer.records
+    # Above in_memory_object_bytes: read twice, the second time streamed.
+    s3 = FakeS3(body)
+    events = claimcheck.resolve(pointer, s3, in_memory_object_bytes=0)
+    assert [b.closes for b in s3.bodies] == [1, 0]
+    assert len(list(events)) == pointer.records
+    assert [b.closes for b in s3.bodies] == [1, 1]

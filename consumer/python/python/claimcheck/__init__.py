@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 from . import errors
-from ._native import Event, Pointer
+from ._native import Event, Events, Pointer
 from ._native import decode as _decode
 from ._native import verify as _verify
 from ._native import verify_then_decode as _verify_then_decode
@@ -45,53 +45,6 @@ DEFAULT_IN_MEMORY_OBJECT_BYTES = 16 << 20
 PointerLike = Union[Pointer, bytes, bytearray, memoryview, str]
 
 
-class Events:
-    """The events of one chunk, as a lazy iterator of :class:`Event`.
-
-    ``pointer`` is the chunk's pointer. Iterate once; ``close()`` stops reading early (the
-    rest of an S3 object is then not read). Also a context manager that closes it.
-    """
-
-    __slots__ = ("pointer", "_events", "_response")
-
-    def __init__(self, pointer: Pointer, events: Any, response: Any = None):
-        self.pointer = pointer
-        self._events = events
-        self._response = response
-
-    def __iter__(self) -> "Events":
-        return self
-
-    def __next__(self) -> Event:
-        try:
-            return next(self._events)
-        except StopIteration:
-            self._release()
-            raise
-
-    def close(self) -> None:
-        self._events.close()
-        self._release()
-
-    def _release(self) -> None:
-        body = self._response
-        self._response = None
-        if body is not None:
-            try:
-                body.close()
-            except Exception:  # noqa: BLE001 - closing a finished or broken stream
-                pass
-
-    def __enter__(self) -> "Events":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"Events({self.pointer!r})"
-
-
 def _pointer(pointer: PointerLike) -> Pointer:
     if isinstance(pointer, Pointer):
         return pointer
@@ -113,7 +66,7 @@ def decode(pointer: PointerLike, body: Any = None) -> Events:
     of a damaged body.
     """
     p = _pointer(pointer)
-    return Events(p, _decode(p, _body_arg(body)))
+    return _decode(p, _body_arg(body))
 
 
 def verify(pointer: PointerLike, body: Any = None) -> None:
@@ -206,15 +159,15 @@ def resolve(
     if p.is_inline:
         if verify_first:
             _verify(p, None)
-        return Events(p, _decode(p, None))
+        return _decode(p, None)
     s3 = _s3(s3_client)
     response = _get(s3, p)
     body = response["Body"]
     if not verify_first:
-        return Events(p, _decode(p, body), body)
+        return _decode(p, body, release=body)
     if p.stored_bytes <= in_memory_object_bytes:
         try:
-            return Events(p, _verify_then_decode(p, body))
+            return _verify_then_decode(p, body)
         finally:
             body.close()
     try:
@@ -222,4 +175,4 @@ def resolve(
     finally:
         body.close()
     second = _get(s3, p, if_match=response.get("ETag"))
-    return Events(p, _decode(p, second["Body"]), second["Body"])
+    return _decode(p, second["Body"], release=second["Body"])
