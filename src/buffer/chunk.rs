@@ -192,6 +192,29 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// `create_dir_all` whose result survives a power loss: each directory it creates is fsynced
+/// into its parent. Without that, the first files of a fresh buffer, fsynced themselves, could
+/// vanish with a directory entry that was never written.
+pub fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d.to_path_buf());
+        at = d.parent();
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)?;
+    // Outermost first: each new directory into its parent.
+    for d in missing.iter().rev() {
+        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    sync_dir(dir)
+}
+
 /// Writes `state` to `path` atomically: temporary file, fsync, rename, directory fsync.
 pub fn write_state(path: &Path, state: &ChunkState) -> io::Result<()> {
     put_state(path, state)?;

@@ -22,7 +22,7 @@ pub fn quarantine_dir(buffer_dir: &Path) -> PathBuf {
 /// with it, so a replay resumes exactly where delivery stopped.
 pub fn move_to_dead(buffer_dir: &Path, paths: &ChunkPaths) -> io::Result<()> {
     let dead = dead_dir(buffer_dir);
-    fs::create_dir_all(&dead)?;
+    chunk::create_dir_durably(&dead)?;
     // The data file first: a chunk without data is taken for a published one.
     for path in [&paths.data, &paths.state] {
         fs::rename(
@@ -43,7 +43,7 @@ pub fn move_to_dead(buffer_dir: &Path, paths: &ChunkPaths) -> io::Result<()> {
 /// where the first one went.
 pub fn quarantine(buffer_dir: &Path, files: &[&Path], registry: &Registry) -> io::Result<PathBuf> {
     let target = quarantine_dir(buffer_dir);
-    fs::create_dir_all(&target)?;
+    chunk::create_dir_durably(&target)?;
     let mut first = None;
     for path in files.iter().filter(|p| p.exists()) {
         let to = target.join(path.file_name().expect("files have names"));
@@ -82,7 +82,7 @@ pub fn list_dead(buffer_dir: &Path) -> io::Result<Vec<String>> {
 pub fn replay(buffer_dir: &Path, ids: &[String]) -> io::Result<Vec<String>> {
     let dead = dead_dir(buffer_dir);
     let chunks = super::chunks_dir(buffer_dir);
-    fs::create_dir_all(&chunks)?;
+    chunk::create_dir_durably(&chunks)?;
     let available = list_dead(buffer_dir)?;
     let wanted: Vec<String> = if ids.is_empty() {
         available

@@ -368,7 +368,7 @@ impl Buffer {
         dedup: Option<Arc<crate::forward::dedup::Dedup>>,
     ) -> anyhow::Result<(Buffer, Recovered)> {
         let chunks_dir = chunks_dir(&config.dir);
-        std::fs::create_dir_all(&chunks_dir).map_err(|e| {
+        chunk::create_dir_durably(&chunks_dir).map_err(|e| {
             anyhow::anyhow!(
                 "cannot create buffer directory {}: {e}",
                 chunks_dir.display()

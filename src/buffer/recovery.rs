@@ -262,7 +262,7 @@ fn seal_recovered(paths: &ChunkPaths, header: ChunkHeader, stats: ChunkStats) ->
 /// Copies the bytes of `data` from `from` to its end into `quarantine/<name>.tail-<from>`.
 fn keep_tail(buffer_dir: &Path, data: &Path, from: u64) -> io::Result<PathBuf> {
     let dir = super::dead_letter::quarantine_dir(buffer_dir);
-    fs::create_dir_all(&dir)?;
+    chunk::create_dir_durably(&dir)?;
     let name = format!(
         "{}.tail-{from}",
         data.file_name()
