@@ -133,6 +133,11 @@ impl Load {
         self.port.store(port, Ordering::Relaxed);
     }
 
+    /// Ids of the events acknowledged so far.
+    pub fn acked_ids(&self) -> HashSet<u64> {
+        self.acked.lock().unwrap().clone()
+    }
+
     pub fn acked_count(&self) -> usize {
         self.acked.lock().unwrap().len()
     }
