@@ -9,9 +9,11 @@
 //! `GROUP` is `gzip` (compression at levels 1 and 6 and decompression), `decode` (raw zstd and
 //! gzip decompression against the crate's `verify_and_decode`, `Decoder` and `verify` on the
 //! same objects, and the uncompressed body) or `all` (the default); `ROUNDS` defaults to 7.
-//! Each round runs every variant once, in turn; the line printed per variant gives the median
-//! round in MB/s of body (10^6 bytes) and in CPU-seconds per GB of body (the thread's own CPU
-//! time, from `/proc/thread-self/schedstat` where there is one, else wall time).
+//! Each round runs every variant in turn (each for at least 250 ms); the line printed per
+//! variant gives the median round in MB of body (10^6 bytes) per CPU-second and in
+//! CPU-seconds per GB of body: the thread's own CPU time, from `/proc/thread-self/schedstat`
+//! where there is one (else wall time), so that time spent waiting for a busy machine's
+//! cores is not counted.
 //!
 //! The body is 8 MiB of 200-byte access-log-like events, the lines of
 //! `claimcheck bench --payload logs` (words from a small vocabulary, a random number after
@@ -226,6 +228,13 @@ fn main() {
                     raw_decompress(c, s)
                 }));
             }
+            if c == Compression::Zstd {
+                variants.push(variant(format!("{name} decompress bulk"), move || {
+                    zstd::bulk::decompress(s, p.bytes as usize)
+                        .expect("decompress")
+                        .len() as u64
+                }));
+            }
             variants.push(variant(format!("{name} verify_and_decode"), move || {
                 verify_and_decode(p, s).expect("valid").len() as u64
             }));
@@ -243,19 +252,27 @@ fn main() {
             }));
         }
     }
-    // A warm-up round, then the measured ones.
+    // A warm-up round, which also sets how many times a variant runs per sample: the thread's
+    // CPU clock may advance by whole scheduler ticks (4 ms here), so a sample lasts 250 ms
+    // or more.
+    let mut reps = vec![1u32; variants.len()];
     for round in 0..=rounds {
-        for v in variants.iter_mut() {
+        for (v, reps) in variants.iter_mut().zip(reps.iter_mut()) {
             let cpu = thread_cpu_ns();
             let started = Instant::now();
-            std::hint::black_box((v.run)());
+            for _ in 0..*reps {
+                std::hint::black_box((v.run)());
+            }
             let wall = started.elapsed().as_secs_f64();
             let cpu = match (cpu, thread_cpu_ns()) {
                 (Some(a), Some(b)) => (b - a) as f64 / 1e9,
                 _ => wall,
             };
-            if round > 0 {
-                v.rounds.push((wall, cpu));
+            if round == 0 {
+                *reps = (0.25 / wall.max(1e-6)).ceil().max(1.0) as u32;
+            } else {
+                let n = f64::from(*reps);
+                v.rounds.push((wall / n, cpu / n));
             }
         }
     }
@@ -263,12 +280,27 @@ fn main() {
         let wall = median(v.rounds.iter().map(|r| r.0).collect());
         let cpu = median(v.rounds.iter().map(|r| r.1).collect());
         println!(
-            "{:<24} {:>8.1} MB/s  {:>6.2} CPU-s/GB  (wall {:.2} ms, CPU {:.2} ms)",
+            "{:<24} {:>8.1} MB/s  {:>6.2} CPU-s/GB  (per pass: wall {:.2} ms, CPU {:.2} ms)",
             v.name,
             mb / cpu,
             cpu / mb * 1e3,
             wall * 1e3,
             cpu * 1e3,
         );
+    }
+    // Each decoding variant against its codec's own decompression, round by round: the
+    // share of the codec's speed left once the crate has done its part.
+    for v in variants.iter().filter(|v| !v.name.contains("compress")) {
+        let codec = v.name.split(' ').next().unwrap_or_default();
+        let raw = format!("{codec} decompress");
+        for base in variants.iter().filter(|b| b.name.starts_with(&raw)) {
+            let ratios = v.rounds.iter().zip(&base.rounds).map(|(v, b)| b.1 / v.1);
+            println!(
+                "{:<24} {:>6.1} % of {}'s speed",
+                v.name,
+                median(ratios.collect()) * 100.0,
+                base.name
+            );
+        }
     }
 }
