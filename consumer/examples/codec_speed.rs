@@ -17,7 +17,7 @@
 //!
 //! The body is 8 MiB of 200-byte access-log-like events, the lines of
 //! `claimcheck bench --payload logs` (words from a small vocabulary, a random number after
-//! about every other word; zstd about 3.7:1).
+//! about every other word; zstd level 3 about 3.6:1).
 
 use std::io::{Read, Write};
 use std::time::Instant;
@@ -253,8 +253,8 @@ fn main() {
         }
     }
     // A warm-up round, which also sets how many times a variant runs per sample: the thread's
-    // CPU clock may advance by whole scheduler ticks (4 ms here), so a sample lasts 250 ms
-    // or more.
+    // CPU clock may advance by whole scheduler ticks (4 ms on some systems), so a sample
+    // lasts 250 ms or more.
     let mut reps = vec![1u32; variants.len()];
     for round in 0..=rounds {
         for (v, reps) in variants.iter_mut().zip(reps.iter_mut()) {
