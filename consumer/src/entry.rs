@@ -264,6 +264,12 @@ impl ValueScanner {
 /// limit is passed, so a body of nothing but nested array headers costs no more than its bytes.
 #[doc(hidden)]
 pub fn check_depth(buf: &[u8], limit: usize) -> Result<(), ScanError> {
+    value_len_within(buf, limit).map(|_| ())
+}
+
+/// [`value_len`] that also makes the checks of [`check_depth`]: one walk for both.
+#[doc(hidden)]
+pub fn value_len_within(buf: &[u8], limit: usize) -> Result<usize, ScanError> {
     // Values still to read at each open level; the bottom entry is the value itself. The
     // first levels live inline, so that the usual record (a map nesting a few levels) costs no
     // allocation: the consumer checks every event this way.
@@ -301,7 +307,7 @@ pub fn check_depth(buf: &[u8], limit: usize) -> Result<(), ScanError> {
     if pos > buf.len() {
         return Err(ScanError::Incomplete);
     }
-    Ok(())
+    Ok(pos)
 }
 
 /// Number of elements if `buf` starts with an array header, and the header's length.
@@ -393,6 +399,22 @@ fn plain_time(buf: &[u8]) -> Result<Option<(EventTime, usize)>, ScanError> {
 /// to skip it.
 #[doc(hidden)]
 pub fn scan_entry(buf: &[u8]) -> Result<EntryInfo, ScanError> {
+    scan(buf, None)
+}
+
+/// [`scan_entry`] that also checks, in the same walk, that the record and any metadata nest
+/// at most `limit` deep ([`check_depth`]): what the consumer needs of every entry, for the
+/// price of one walk rather than two.
+#[doc(hidden)]
+pub fn scan_entry_within(buf: &[u8], limit: usize) -> Result<EntryInfo, ScanError> {
+    scan(buf, Some(limit))
+}
+
+fn scan(buf: &[u8], depth_limit: Option<usize>) -> Result<EntryInfo, ScanError> {
+    let len_of = |value: &[u8]| match depth_limit {
+        Some(limit) => value_len_within(value, limit),
+        None => value_len(value),
+    };
     let (n, mut pos) = array_header(buf)?.ok_or(ScanError::Invalid("entry is not an array"))?;
     if n != 2 {
         return Err(ScanError::Invalid("entry is not a [time, record] pair"));
@@ -415,7 +437,7 @@ pub fn scan_entry(buf: &[u8]) -> Result<EntryInfo, ScanError> {
                     if map_header(&buf[pos..])?.is_none() {
                         return Err(ScanError::Invalid("event metadata is not a map"));
                     }
-                    pos += value_len(&buf[pos..])?;
+                    pos += len_of(&buf[pos..])?;
                 }
                 (time, true)
             }
@@ -430,7 +452,7 @@ pub fn scan_entry(buf: &[u8]) -> Result<EntryInfo, ScanError> {
     if map_header(&buf[pos..])?.is_none() {
         return Err(ScanError::Invalid("record is not a map"));
     }
-    let record_len = value_len(&buf[pos..])?;
+    let record_len = len_of(&buf[pos..])?;
     Ok(EntryInfo {
         len: pos + record_len,
         time,

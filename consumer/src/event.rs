@@ -42,8 +42,9 @@ pub const MAX_NESTING: usize = 500;
 pub struct Event {
     tag: Arc<str>,
     time: EventTime,
-    /// The whole `[time, record]` entry. Events decoded from one block of a body share
-    /// its bytes (up to about 64 KiB), so an event kept keeps its block.
+    /// The whole `[time, record]` entry. Events decoded from one read of a body share the
+    /// allocation it was read into (64 KiB, plus the entry the read continued), so an event
+    /// kept keeps its block.
     entry: Bytes,
     /// Byte ranges inside `entry`.
     time_slot: (usize, usize),
@@ -118,7 +119,19 @@ impl Event {
         debug_assert_eq!(info.len, entry.len());
         let record = &entry[info.record.0..info.record.1];
         entry::check_depth(record, MAX_NESTING).map_err(|e| invalid("record", e))?;
-        let metadata = if info.has_metadata {
+        let event = Event::from_checked(tag, entry, info);
+        if let Some((start, end)) = event.metadata {
+            entry::check_depth(&event.entry[start..end], MAX_NESTING)
+                .map_err(|e| invalid("metadata", e))?;
+        }
+        Ok(event)
+    }
+
+    /// [`Event::from_scanned`] for an entry whose nesting was checked as it was scanned
+    /// ([`entry::scan_entry_within`] with [`MAX_NESTING`]): no second walk of the record.
+    pub(crate) fn from_checked(tag: Arc<str>, entry: Bytes, info: entry::EntryInfo) -> Event {
+        debug_assert_eq!(info.len, entry.len());
+        let metadata = info.has_metadata.then(|| {
             // The slot is `[time, metadata...]`: the metadata is the map after the time.
             let slot = &entry[info.time_slot.0..info.time_slot.1];
             let (_, header) = entry::array_header(slot)
@@ -127,21 +140,17 @@ impl Event {
                 .expect("scan_entry found an array here");
             let start = header + entry::value_len(&slot[header..]).expect("scanned");
             let len = entry::value_len(&slot[start..]).expect("scanned");
-            let meta = &slot[start..start + len];
-            entry::check_depth(meta, MAX_NESTING).map_err(|e| invalid("metadata", e))?;
             let base = info.time_slot.0;
-            Some((base + start, base + start + len))
-        } else {
-            None
-        };
-        Ok(Event {
+            (base + start, base + start + len)
+        });
+        Event {
             tag,
             time: info.time,
             entry,
             time_slot: info.time_slot,
             record: info.record,
             metadata,
-        })
+        }
     }
 
     /// The Fluentd tag.
