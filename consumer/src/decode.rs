@@ -334,27 +334,19 @@ impl Counting<'_> {
 /// The JSON splitter's line buffer, reported to the gauge by capacity.
 struct Buffer<'g> {
     bytes: Vec<u8>,
-    reported: usize,
-    gauge: &'g Gauge,
+    held: Capacity<'g>,
 }
 
 impl<'g> Buffer<'g> {
     fn new(gauge: &'g Gauge) -> Self {
         Buffer {
             bytes: Vec::new(),
-            reported: 0,
-            gauge,
+            held: Capacity::new(gauge),
         }
     }
 
     fn report(&mut self) {
-        let cap = self.bytes.capacity();
-        if cap > self.reported {
-            self.gauge.add(cap - self.reported);
-        } else {
-            self.gauge.sub(self.reported - cap);
-        }
-        self.reported = cap;
+        self.held.set(self.bytes.capacity());
     }
 
     /// Gives memory back once a large entry or line has passed.
@@ -366,38 +358,24 @@ impl<'g> Buffer<'g> {
     }
 }
 
-impl Drop for Buffer<'_> {
-    fn drop(&mut self) {
-        self.gauge.sub(self.reported);
-    }
-}
-
 /// The msgpack splitter's buffer, reported to the gauge by capacity. Whole entries leave it
 /// as blocks that their events share, without a copy; only an entry cut by the end of a read
 /// is copied, when the next read needs room.
 struct Blocks<'g> {
     bytes: BytesMut,
-    reported: usize,
-    gauge: &'g Gauge,
+    held: Capacity<'g>,
 }
 
 impl<'g> Blocks<'g> {
     fn new(gauge: &'g Gauge) -> Self {
         Blocks {
             bytes: BytesMut::new(),
-            reported: 0,
-            gauge,
+            held: Capacity::new(gauge),
         }
     }
 
     fn report(&mut self) {
-        let cap = self.bytes.capacity();
-        if cap > self.reported {
-            self.gauge.add(cap - self.reported);
-        } else {
-            self.gauge.sub(self.reported - cap);
-        }
-        self.reported = cap;
+        self.held.set(self.bytes.capacity());
     }
 
     /// Appends up to one block from `r`; 0 at the end of the body.
@@ -435,7 +413,29 @@ impl<'g> Blocks<'g> {
     }
 }
 
-impl Drop for Blocks<'_> {
+/// A buffer's capacity as reported to a gauge: kept up to date by [`Capacity::set`], taken
+/// back when dropped.
+struct Capacity<'g> {
+    gauge: &'g Gauge,
+    reported: usize,
+}
+
+impl<'g> Capacity<'g> {
+    fn new(gauge: &'g Gauge) -> Self {
+        Capacity { gauge, reported: 0 }
+    }
+
+    fn set(&mut self, cap: usize) {
+        if cap > self.reported {
+            self.gauge.add(cap - self.reported);
+        } else {
+            self.gauge.sub(self.reported - cap);
+        }
+        self.reported = cap;
+    }
+}
+
+impl Drop for Capacity<'_> {
     fn drop(&mut self) {
         self.gauge.sub(self.reported);
     }
