@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::aws::{self, kinesis::KinesisSink, s3::S3Store};
-use crate::backends::{ChunkStore, ObjectMeta, PointerSink};
+use crate::backends::{ChunkStore, PointerSink};
 use crate::buffer::registry::Registry;
 use crate::buffer::{self, chunk, Recovered, SealedChunk, UploadedChunk};
 use crate::config::Config;
@@ -77,15 +77,7 @@ impl Delivery {
             uuid::Uuid::now_v7().simple().to_string(),
         );
         let now = chrono::Utc::now().timestamp();
-        let u = &config.uploader;
-        let meta = ObjectMeta {
-            key: u.key(tag, &id, now),
-            content_type: u.format.content_type(),
-            content_encoding: u.compression.content_encoding(),
-            chunk_id: id.clone(),
-            tagging: u.tagging(tag, &id, now),
-            metadata: u.metadata(tag, &id, now),
-        };
+        let meta = config.uploader.object_meta(tag, &id, now);
         aws::check::check(&store, &meta, &sink).await.0
     }
 

@@ -1,9 +1,10 @@
-//! The uploader's settings, and the object key they give a chunk.
+//! The uploader's settings, and the object (key, tags, metadata) they give a chunk.
 
 use std::path::PathBuf;
 
 use claimcheck_consumer::body::{self, Compression, Format};
 
+use crate::backends::ObjectMeta;
 use crate::key_template::{KeyTemplate, KeyValues};
 use crate::retry::RetryPolicy;
 
@@ -37,46 +38,9 @@ pub struct UploaderConfig {
 }
 
 impl UploaderConfig {
-    /// The object key of a chunk.
-    pub fn key(&self, tag: &str, chunk_id: &str, timekey: i64) -> String {
-        let ext = body::file_extension(self.format, self.compression);
-        let key = self.key_template.render(KeyValues {
-            tag,
-            chunk_id,
-            timekey,
-            file_extension: &ext,
-        });
-        match self.prefix.as_str() {
-            "" => key,
-            p if p.ends_with('/') => format!("{p}{key}"),
-            p => format!("{p}/{key}"),
-        }
-    }
-
-    /// The `x-amz-tagging` value of a chunk's object (URL-encoded `k=v&…`), if it has tags.
-    pub fn tagging(&self, tag: &str, chunk_id: &str, timekey: i64) -> Option<String> {
-        if self.object_tags.is_empty() {
-            return None;
-        }
-        let mut out = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in self.render(&self.object_tags, tag, chunk_id, timekey) {
-            out.append_pair(&k, &v);
-        }
-        Some(out.finish())
-    }
-
-    /// The user metadata of a chunk's object.
-    pub fn metadata(&self, tag: &str, chunk_id: &str, timekey: i64) -> Vec<(String, String)> {
-        self.render(&self.object_metadata, tag, chunk_id, timekey)
-    }
-
-    fn render(
-        &self,
-        pairs: &[(String, KeyTemplate)],
-        tag: &str,
-        chunk_id: &str,
-        timekey: i64,
-    ) -> Vec<(String, String)> {
+    /// What a chunk's object is written with: its key, content type and encoding, and its
+    /// tags and metadata, every template rendered with the chunk's values.
+    pub fn object_meta(&self, tag: &str, chunk_id: &str, timekey: i64) -> ObjectMeta {
         let ext = body::file_extension(self.format, self.compression);
         let values = KeyValues {
             tag,
@@ -84,9 +48,30 @@ impl UploaderConfig {
             timekey,
             file_extension: &ext,
         };
-        pairs
-            .iter()
-            .map(|(k, t)| (k.clone(), t.render(values)))
-            .collect()
+        let render = |pairs: &[(String, KeyTemplate)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, t)| (k.clone(), t.render(values)))
+                .collect()
+        };
+        let key = self.key_template.render(values);
+        // `x-amz-tagging`: URL-encoded `k=v&…`.
+        let tagging = (!self.object_tags.is_empty()).then(|| {
+            form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(render(&self.object_tags))
+                .finish()
+        });
+        ObjectMeta {
+            key: match self.prefix.as_str() {
+                "" => key,
+                p if p.ends_with('/') => format!("{p}{key}"),
+                p => format!("{p}/{key}"),
+            },
+            content_type: self.format.content_type(),
+            content_encoding: self.compression.content_encoding(),
+            chunk_id: chunk_id.to_string(),
+            tagging,
+            metadata: render(&self.object_metadata),
+        }
     }
 }

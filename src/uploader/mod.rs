@@ -161,14 +161,7 @@ pub async fn upload<S: ChunkStore>(
     chunk: &SealedChunk,
 ) -> Result<UploadedChunk, UploadError> {
     let header = &chunk.header;
-    let meta = ObjectMeta {
-        key: config.key(&header.tag, &header.chunk_id, header.timekey),
-        content_type: config.format.content_type(),
-        content_encoding: config.compression.content_encoding(),
-        chunk_id: header.chunk_id.clone(),
-        tagging: config.tagging(&header.tag, &header.chunk_id, header.timekey),
-        metadata: config.metadata(&header.tag, &header.chunk_id, header.timekey),
-    };
+    let meta = config.object_meta(&header.tag, &header.chunk_id, header.timekey);
     let started = std::time::Instant::now();
     let (tx, mut pieces) = mpsc::channel::<Piece>(1);
     let (c, cfg) = (chunk.clone(), config.clone());
