@@ -57,16 +57,20 @@ fn unavailable(operation: &'static str) -> BackendError {
     }
 }
 
+/// A multipart upload in progress: what it was started with, and its parts by number.
+#[derive(Debug)]
+struct Upload {
+    meta: ObjectMeta,
+    parts: BTreeMap<i32, Bytes>,
+}
+
 /// An S3 bucket in memory.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     bucket: String,
-    objects: Mutex<BTreeMap<String, Bytes>>,
-    /// What each object was written with (tags, metadata, content type).
-    metas: Mutex<BTreeMap<String, ObjectMeta>>,
-    /// What each multipart upload was started with.
-    upload_metas: Mutex<HashMap<String, ObjectMeta>>,
-    uploads: Mutex<HashMap<String, BTreeMap<i32, Bytes>>>,
+    /// Each object's bytes, and what it was written with (tags, metadata, content type).
+    objects: Mutex<BTreeMap<String, (Bytes, ObjectMeta)>>,
+    uploads: Mutex<HashMap<String, Upload>>,
     next_upload: AtomicU64,
     down: AtomicBool,
     calls: AtomicU64,
@@ -101,7 +105,11 @@ impl MemoryStore {
 
     /// What the object under `key` was written with: tags, metadata, content type.
     pub fn meta(&self, key: &str) -> Option<ObjectMeta> {
-        self.metas.lock().unwrap().get(key).cloned()
+        self.objects
+            .lock()
+            .unwrap()
+            .get(key)
+            .map(|(_, m)| m.clone())
     }
 
     /// Every stored object, by key.
@@ -109,7 +117,7 @@ impl MemoryStore {
         let objects = self.objects.lock().unwrap();
         objects
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, (body, _))| (k.clone(), body.clone()))
             .collect()
     }
 
@@ -120,7 +128,11 @@ impl MemoryStore {
 
     /// The object stored under `key`.
     pub fn object(&self, key: &str) -> Option<Bytes> {
-        self.objects.lock().unwrap().get(key).cloned()
+        self.objects
+            .lock()
+            .unwrap()
+            .get(key)
+            .map(|(b, _)| b.clone())
     }
 
     /// Every stored object's key, in order.
@@ -183,25 +195,21 @@ impl ChunkStore for MemoryStore {
         self.call("PutObject")?;
         check(&body, crc32c, "PutObject")?;
         let tag = etag(&body);
-        self.objects.lock().unwrap().insert(meta.key.clone(), body);
-        self.metas
+        self.objects
             .lock()
             .unwrap()
-            .insert(meta.key.clone(), meta.clone());
+            .insert(meta.key.clone(), (body, meta.clone()));
         Ok(tag)
     }
 
     async fn create_multipart(&self, meta: &ObjectMeta) -> Result<String, BackendError> {
         self.call("CreateMultipartUpload")?;
         let id = self.next_upload.fetch_add(1, Ordering::SeqCst).to_string();
-        self.upload_metas
-            .lock()
-            .unwrap()
-            .insert(id.clone(), meta.clone());
-        self.uploads
-            .lock()
-            .unwrap()
-            .insert(id.clone(), BTreeMap::new());
+        let upload = Upload {
+            meta: meta.clone(),
+            parts: BTreeMap::new(),
+        };
+        self.uploads.lock().unwrap().insert(id.clone(), upload);
         Ok(id)
     }
 
@@ -217,13 +225,13 @@ impl ChunkStore for MemoryStore {
         check(&body, crc32c, "UploadPart")?;
         let tag = etag(&body);
         let mut uploads = self.uploads.lock().unwrap();
-        let parts = uploads.get_mut(upload_id).ok_or_else(|| BackendError {
+        let upload = uploads.get_mut(upload_id).ok_or_else(|| BackendError {
             operation: "UploadPart",
             code: "NoSuchUpload".into(),
             message: upload_id.into(),
             retryable: false,
         })?;
-        parts.insert(number, body);
+        upload.parts.insert(number, body);
         Ok(tag)
     }
 
@@ -234,26 +242,23 @@ impl ChunkStore for MemoryStore {
         parts: &[UploadedPart],
     ) -> Result<Option<String>, BackendError> {
         self.call("CompleteMultipartUpload")?;
-        let stored = self
-            .uploads
-            .lock()
-            .unwrap()
-            .remove(upload_id)
-            .unwrap_or_default();
-        // As S3: parts listed in ascending order, each uploaded, all but the last at least
-        // 5 MiB.
+        // As S3: the upload must exist; parts are listed in ascending order, each uploaded,
+        // all but the last at least 5 MiB; the object gets what the upload was started with.
         let refuse = |code: &str, message: String| BackendError {
             operation: "CompleteMultipartUpload",
             code: code.into(),
             message,
             retryable: false,
         };
+        let Some(upload) = self.uploads.lock().unwrap().remove(upload_id) else {
+            return Err(refuse("NoSuchUpload", upload_id.into()));
+        };
         if !parts.windows(2).all(|w| w[0].number < w[1].number) {
             return Err(refuse("InvalidPartOrder", "parts out of order".into()));
         }
         let mut body = BytesMut::new();
         for (i, part) in parts.iter().enumerate() {
-            let bytes = stored.get(&part.number).ok_or_else(|| {
+            let bytes = upload.parts.get(&part.number).ok_or_else(|| {
                 refuse(
                     "InvalidPart",
                     format!("part {} was not uploaded", part.number),
@@ -269,11 +274,10 @@ impl ChunkStore for MemoryStore {
         }
         let body = body.freeze();
         let tag = etag(&body);
-        self.objects.lock().unwrap().insert(meta.key.clone(), body);
-        // As S3: the object has what the upload was started with.
-        if let Some(started) = self.upload_metas.lock().unwrap().remove(upload_id) {
-            self.metas.lock().unwrap().insert(meta.key.clone(), started);
-        }
+        self.objects
+            .lock()
+            .unwrap()
+            .insert(meta.key.clone(), (body, upload.meta));
         Ok(tag)
     }
 
