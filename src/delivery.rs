@@ -21,10 +21,7 @@ use crate::{publisher, uploader};
 
 /// The configured bucket and stream, each reached with its own region and role.
 async fn aws_backends(config: &Config) -> (S3Store, KinesisSink) {
-    let (s3, kinesis) = (
-        aws::load_config(&config.aws.s3).await,
-        aws::load_config(&config.aws.kinesis).await,
-    );
+    let (s3, kinesis) = aws::load_configs(&config.aws.s3, &config.aws.kinesis).await;
     let store = S3Store::new(
         aws::s3_client(&s3),
         config.s3_bucket.clone(),

@@ -57,6 +57,17 @@ pub async fn load_config(access: &Access) -> SdkConfig {
         .build()
 }
 
+/// The configurations of S3 and Kinesis: one, shared (credentials, an assumed role's session
+/// and its refreshes included), when both destinations are reached the same way.
+pub async fn load_configs(s3: &Access, kinesis: &Access) -> (SdkConfig, SdkConfig) {
+    let s3_config = load_config(s3).await;
+    let kinesis_config = match kinesis == s3 {
+        true => s3_config.clone(),
+        false => load_config(kinesis).await,
+    };
+    (s3_config, kinesis_config)
+}
+
 /// Awaits an SDK call, recording its duration and its error code if it failed in the metrics.
 async fn timed<T, E, R>(
     kinesis: bool,
