@@ -372,6 +372,7 @@ impl Filesystem for PowerFs {
         reply.ok();
     }
 
+    /// Makes the node durable as it stands: a file's data, a directory's entries.
     fn fsync(
         &self,
         _req: &Request,
@@ -393,11 +394,8 @@ impl Filesystem for PowerFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.with(|s| s.node(ino).map(|_| ())) {
-            Ok(()) => reply.opened(FileHandle(ino.0), FopenFlags::empty()),
-            Err(e) => reply.error(e),
-        }
+    fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.open(req, ino, flags, reply)
     }
 
     fn readdir(
@@ -441,22 +439,16 @@ impl Filesystem for PowerFs {
         }
     }
 
+    /// A directory's fsync makes its entries durable, as a file's makes its data: the same.
     fn fsyncdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
+        fh: FileHandle,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.with(|s| {
-            let node = s.node(ino)?;
-            node.durable_entries = node.entries.clone();
-            Ok(())
-        }) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.fsync(req, ino, fh, datasync, reply)
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
