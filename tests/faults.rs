@@ -13,7 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::load::{Load, LoadResult};
+use common::load::{times_delivered, Load, LoadResult};
 use common::proxy::{Fault, Ledger, Proxies, Service};
 use common::*;
 
@@ -106,12 +106,7 @@ async fn verify(f: &Faulty, load: &LoadResult) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let chunks = f.env.read_events(load.acked.len()).await;
-    let mut seen = std::collections::HashMap::new();
-    for e in chunks.iter().flat_map(|c| &c.events) {
-        *seen
-            .entry(e.record_json()["id"].as_u64().unwrap())
-            .or_insert(0) += 1;
-    }
+    let seen = times_delivered(chunks.iter().flat_map(|c| &c.events));
     let missing = load
         .acked
         .iter()

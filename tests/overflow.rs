@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::in_process::{id_counts, InProcess};
-use common::load::{Load, LoadResult};
+use common::load::{times_delivered, Load, LoadResult};
 use common::proxy::Fault;
 use common::*;
 
@@ -105,13 +105,10 @@ async fn a_full_disk_holds_acks_until_delivery_frees_space() {
     .await;
     let load = load.stop().await;
     let chunks = env.read_events(load.acked.len()).await;
-    let mut seen = HashMap::new();
-    for e in chunks.iter().flat_map(|c| &c.events) {
-        *seen
-            .entry(e.record_json()["id"].as_u64().unwrap())
-            .or_insert(0) += 1;
-    }
-    all_acked_once(&load, &seen);
+    all_acked_once(
+        &load,
+        &times_delivered(chunks.iter().flat_map(|c| &c.events)),
+    );
     assert!(sidecar.running(), "the sidecar stays up");
     assert_eq!(
         sidecar.metric("claimcheck_files_quarantined_total").await,

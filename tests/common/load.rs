@@ -7,12 +7,13 @@
 //! ([`Load::start_resending`]); or it goes on with new events only ([`Load::start`]), so that
 //! an unacknowledged request is never resent.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use claimcheck_consumer::entry::{encode, EventTime, ValueScanner};
+use claimcheck_consumer::Event;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -154,6 +155,17 @@ impl Load {
             unacked_requests: self.lost.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Event id (the `id` field of [`record_of`]'s records) -> times it is among `events`.
+pub fn times_delivered<'a>(events: impl IntoIterator<Item = &'a Event>) -> HashMap<u64, usize> {
+    let mut seen = HashMap::new();
+    for e in events {
+        *seen
+            .entry(e.record_json()["id"].as_u64().expect("an event id"))
+            .or_insert(0) += 1;
+    }
+    seen
 }
 
 /// The record of event `id`.
