@@ -14,23 +14,12 @@ mod powerfs;
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::load::Load;
+use common::load::{times_delivered, Load};
 use common::*;
 use powerfs::PowerFs;
-
-/// Event id -> times delivered.
-fn counts(chunks: &[claimcheck_consumer::ResolvedChunk]) -> HashMap<u64, usize> {
-    let mut seen = HashMap::new();
-    for e in chunks.iter().flat_map(|c| &c.events) {
-        *seen
-            .entry(e.record_json()["id"].as_u64().unwrap())
-            .or_insert(0) += 1;
-    }
-    seen
-}
 
 async fn power_cuts(sync: &str, cycles: usize) {
     let env = Emulated::start("power").await;
@@ -93,7 +82,7 @@ async fn power_cuts(sync: &str, cycles: usize) {
             // Every ack came before the kill: every one is promised.
             promised.extend(at_last_cut.iter().copied());
         }
-        session.take().unwrap().umount_and_join().unwrap();
+        PowerFs::unmount(session.take().unwrap(), &mnt).expect("unmount the file system");
         fs.cut_power();
         session = Some(mount(&fs));
         assert!(
@@ -114,7 +103,8 @@ async fn power_cuts(sync: &str, cycles: usize) {
         assert!(Instant::now() < deadline, "the buffer did not drain");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let seen = counts(&env.read_events(promised.len()).await);
+    let chunks = env.read_events(promised.len()).await;
+    let seen = times_delivered(chunks.iter().flat_map(|c| &c.events));
     let lost: Vec<_> = promised
         .iter()
         .filter(|id| !seen.contains_key(id))

@@ -76,6 +76,25 @@ impl PowerFs {
         fuser::spawn_mount(self.clone(), at, &config)
     }
 
+    /// Unmounts the file system mounted at `at` by `session`. The kernel may still be sending
+    /// the releases of a process just killed, and the mount is busy until they are done: the
+    /// unmount is tried again for a few seconds before its error is returned.
+    pub fn unmount(session: fuser::BackgroundSession, at: &Path) -> std::io::Result<()> {
+        for _ in 0..50 {
+            let done = std::process::Command::new("umount")
+                .arg(at)
+                .stderr(std::process::Stdio::null())
+                .status()?
+                .success();
+            if done {
+                // The session's thread ends with the mount.
+                return session.join();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        session.umount_and_join()
+    }
+
     /// Throws away what was not synced: every directory's entries and every file's data go
     /// back to their durable versions; what is no longer reachable is gone.
     pub fn cut_power(&self) {
