@@ -5,13 +5,13 @@
 //! cargo run --release -p claimcheck-consumer --example decode_file -- POINTER OBJECT [ROUNDS]
 //! ```
 //!
-//! Each round verifies the object (`verify`) and then decodes it (`Decoder`), walking every
-//! record (`Event::record`), as `claimcheck.resolve` does for an object held in memory. Prints
-//! one JSON line: events and seconds per round (the best round).
+//! Each round verifies and decodes the object in one pass (`verify_and_decode`), walking every
+//! record (`Event::record`), as `claimcheck.resolve` does for a body that fits in memory.
+//! Prints one JSON line: events and seconds per round (the best round).
 
 use std::time::Instant;
 
-use claimcheck_consumer::{verify, Decoder, Pointer};
+use claimcheck_consumer::{verify_and_decode, Pointer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -26,10 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut fields = 0usize;
     for _ in 0..rounds {
         let started = Instant::now();
-        verify(&pointer, &stored[..])?;
         events = 0;
-        for event in Decoder::new(&pointer, &stored[..])? {
-            let event = event?;
+        for event in verify_and_decode(&pointer, &stored)? {
             if let rmpv::ValueRef::Map(pairs) = event.record() {
                 fields += pairs.len();
             }

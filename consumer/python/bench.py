@@ -8,9 +8,11 @@ The object is a msgpack body of access-log-like events (~200 bytes each, the sid
 `bench --payload logs` shape), compressed, with its pointer. Each reader verifies it (sizes,
 CRC32C, event count) and then decodes every event, touching each record:
 
-* rust:        the crate's `verify` + `Decoder`, walking each record (consumer/examples/
-               decode_file.rs, built here with cargo --release unless --rust-bin is given);
-* python:      `claimcheck.verify` + `claimcheck.decode`, reading `event.record` (a dict);
+* rust:        the crate's `verify_and_decode` (one pass), walking each record
+               (consumer/examples/decode_file.rs, built here with cargo --release unless
+               --rust-bin is given);
+* python:      `claimcheck.decode(..., verify_first=True)` (one pass, what `resolve` does
+               for a body that fits in memory), reading `event.record` (a dict);
 * python-lazy: the same without reading `event.record` (tag and time only);
 * pure-python: zstandard + google-crc32c + msgpack, all in Python (this file only).
 
@@ -180,19 +182,17 @@ def main() -> int:
     pointer = claimcheck.Pointer.parse(record)
 
     def python_records():
-        claimcheck.verify(pointer, stored)
         n = 0
         fields = 0
-        for e in claimcheck.decode(pointer, stored):
+        for e in claimcheck.decode(pointer, stored, verify_first=True):
             fields += len(e.record)
             e.time
             n += 1
         return n
 
     def python_lazy():
-        claimcheck.verify(pointer, stored)
         n = 0
-        for e in claimcheck.decode(pointer, stored):
+        for e in claimcheck.decode(pointer, stored, verify_first=True):
             e.tag, e.time
             n += 1
         return n

@@ -45,11 +45,18 @@ def test_unknown_version():
     assert raised.value.version == 99
 
 
-def test_truncated_object():
+@pytest.mark.parametrize("source", [bytes, io.BytesIO])
+@pytest.mark.parametrize("check", ["verify", "one-pass"])
+@pytest.mark.parametrize("change", [-1, +1])
+def test_truncated_or_longer_object(source, check, change):
     pointer, body = good()
+    changed = body[:-1] if change < 0 else body + b"\x00"
     with pytest.raises(claimcheck.SizeMismatch) as raised:
-        claimcheck.verify(pointer, body[:-1])
-    assert (raised.value.expected, raised.value.actual) == (len(body), len(body) - 1)
+        if check == "verify":
+            claimcheck.verify(pointer, source(changed))
+        else:
+            claimcheck.decode(pointer, source(changed), verify_first=True)
+    assert (raised.value.expected, raised.value.actual) == (len(body), len(body) + change)
 
 
 def test_wrong_checksum_is_raised_after_the_events_when_not_verified_first():
@@ -63,6 +70,10 @@ def test_wrong_checksum_is_raised_after_the_events_when_not_verified_first():
     with pytest.raises((claimcheck.ChecksumMismatch,)):
         for _ in claimcheck.decode(pointer, bytes(damaged)):
             pass
+    # Checked in one pass: raised before any event.
+    for source in (bytes(damaged), io.BytesIO(damaged)):
+        with pytest.raises(claimcheck.ChecksumMismatch):
+            claimcheck.decode(pointer, source, verify_first=True)
 
 
 def test_a_pointer_to_s3_needs_a_body():
@@ -86,11 +97,12 @@ class Failing(io.RawIOBase):
 
 def test_a_failing_read_is_a_retryable_s3_error_with_its_cause():
     pointer, body = good()
-    with pytest.raises(claimcheck.S3Error) as raised:
-        claimcheck.verify(pointer, Failing(body))
-    assert not raised.value.is_chunk_error
-    assert isinstance(raised.value, claimcheck.RetryableError)
-    assert isinstance(raised.value.__cause__, ConnectionResetError)
+    for check in (claimcheck.verify, lambda p, b: claimcheck.decode(p, b, verify_first=True)):
+        with pytest.raises(claimcheck.S3Error) as raised:
+            check(pointer, Failing(body))
+        assert not raised.value.is_chunk_error
+        assert isinstance(raised.value, claimcheck.RetryableError)
+        assert isinstance(raised.value.__cause__, ConnectionResetError)
 
 
 class Recording(io.RawIOBase):
@@ -184,9 +196,14 @@ def test_objects_verified_first_are_read_once_and_closed():
     events = claimcheck.resolve(pointer, s3)
     assert [b.closes for b in s3.bodies] == [1]
     assert len(list(events)) == pointer.records
-    # Above in_memory_object_bytes: read twice, the second time streamed.
+    # Above in_memory_body_bytes: read once, held compressed.
     s3 = FakeS3(body)
-    events = claimcheck.resolve(pointer, s3, in_memory_object_bytes=0)
+    events = claimcheck.resolve(pointer, s3, in_memory_body_bytes=0)
+    assert [b.closes for b in s3.bodies] == [1]
+    assert len(list(events)) == pointer.records
+    # Above in_memory_object_bytes too: read twice, the second time streamed.
+    s3 = FakeS3(body)
+    events = claimcheck.resolve(pointer, s3, in_memory_body_bytes=0, in_memory_object_bytes=0)
     assert [b.closes for b in s3.bodies] == [1, 0]
     assert len(list(events)) == pointer.records
     assert [b.closes for b in s3.bodies] == [1, 1]

@@ -66,8 +66,14 @@ def test_resolve_objects_of_every_format_and_compression(sidecars, s3, fmt, comp
     pointer = claimcheck.Pointer.parse(records[0]["Data"])
     assert (pointer.format, pointer.compression, pointer.is_inline) == (fmt, compression, False)
     assert pointer.records == EVENTS_PER_CHUNK
-    # Verified before the first event, held in memory or read twice; or read once.
-    for options in ({}, {"in_memory_object_bytes": 0}, {"verify_first": False}):
+    # Verified before the first event: decoded in the same pass, checked from a compressed
+    # copy, or read twice; or read once and checked at the end.
+    for options in (
+        {},
+        {"in_memory_body_bytes": 0},
+        {"in_memory_body_bytes": 0, "in_memory_object_bytes": 0},
+        {"verify_first": False},
+    ):
         events = claimcheck.resolve(records[0]["Data"], s3, **options)
         assert events.pointer == pointer
         check(list(events), sent)
@@ -98,15 +104,20 @@ def test_object_errors(sidecars, s3):
     damaged = bytearray(body)
     damaged[len(body) // 2] ^= 1
     s3.put_object(Bucket=pointers[1].bucket, Key=pointers[1].key, Body=bytes(damaged))
-    for options in ({}, {"in_memory_object_bytes": 0}):
+    for options in (
+        {},
+        {"in_memory_body_bytes": 0},
+        {"in_memory_body_bytes": 0, "in_memory_object_bytes": 0},
+    ):
         with pytest.raises(claimcheck.ChecksumMismatch):
             claimcheck.resolve(pointers[1], s3, **options)
     with pytest.raises(claimcheck.ChecksumMismatch):
         list(claimcheck.resolve(pointers[1], s3, verify_first=False))
 
     s3.put_object(Bucket=pointers[2].bucket, Key=pointers[2].key, Body=body[:-3])
-    with pytest.raises(claimcheck.SizeMismatch):
-        claimcheck.resolve(pointers[2], s3)
+    for options in ({}, {"in_memory_body_bytes": 0}):
+        with pytest.raises(claimcheck.SizeMismatch):
+            claimcheck.resolve(pointers[2], s3, **options)
 
     with pytest.raises(claimcheck.BodyTooLarge):
         claimcheck.resolve(pointers[2], s3, max_body_bytes=10)

@@ -36,13 +36,16 @@ def load(name):
 
 @pytest.mark.parametrize("vector", MANIFEST, ids=[v["name"] for v in MANIFEST])
 @pytest.mark.parametrize("source", ["bytes", "file"])
-def test_vector(vector, source):
+@pytest.mark.parametrize("passes", ["verify-then-decode", "one-pass"])
+def test_vector(vector, source, passes):
     name, expect = vector["name"], vector["expect"]
 
     def events():
         pointer, body = load(name)
         if body is not None and source == "file":
             body = io.BytesIO(body)
+        if passes == "one-pass":
+            return list(claimcheck.decode(pointer, body, verify_first=True))
         claimcheck.verify(pointer, body)
         if body is not None and source == "file":
             body.seek(0)

@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 from . import errors
 from ._native import Event, Events, Pointer
 from ._native import decode as _decode
+from ._native import verified as _verified
 from ._native import verify as _verify
 from ._native import verify_then_decode as _verify_then_decode
 from .errors import *  # noqa: F401,F403
@@ -33,13 +34,18 @@ __all__ = [
     "decode",
     "verify",
     "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_IN_MEMORY_BODY_BYTES",
     "DEFAULT_IN_MEMORY_OBJECT_BYTES",
 ] + errors.__all__
 
 #: Bodies larger than this (decompressed) are refused unless ``max_body_bytes`` is raised.
 DEFAULT_MAX_BODY_BYTES = 4 << 30
-#: Objects up to this size are read once and held (compressed) while they are verified;
-#: larger ones are read twice, the second time pinned to the first read's ETag.
+#: Bodies up to this size (decompressed) are read once, checked and decoded in one pass, and
+#: their events held until they are iterated.
+DEFAULT_IN_MEMORY_BODY_BYTES = 64 << 20
+#: Larger objects up to this size (stored) are read once and held, compressed, while they are
+#: verified, then decoded from that copy; larger ones still are read twice, the second time
+#: pinned to the first read's ETag.
 DEFAULT_IN_MEMORY_OBJECT_BYTES = 16 << 20
 
 PointerLike = Union[Pointer, bytes, bytearray, memoryview, str]
@@ -57,15 +63,21 @@ def _body_arg(body: Any) -> Any:
     return body.tobytes() if isinstance(body, memoryview) else body
 
 
-def decode(pointer: PointerLike, body: Any = None) -> Events:
+def decode(pointer: PointerLike, body: Any = None, *, verify_first: bool = False) -> Events:
     """The events of a stored body you fetched yourself, as they are decoded.
 
     ``body`` is ``bytes``, a file object (read in 64 KiB blocks) or ``None`` for an inline
     pointer's own body. The checks (sizes, CRC32C, event count) are made when the body ends,
-    and a failure is raised then: call :func:`verify` on the same bytes first to see no event
-    of a damaged body.
+    and a failure is raised then.
+
+    With ``verify_first`` the body is read, checked and decoded in one pass before this
+    returns, so a failed check is raised here and no event of a damaged body is handed out;
+    the decoded body is held in memory until its events are iterated. For a body too large
+    for that, call :func:`verify` on the bytes first and then ``decode`` them again.
     """
     p = _pointer(pointer)
+    if verify_first:
+        return _verified(p, _body_arg(body))
     return _decode(p, _body_arg(body))
 
 
@@ -132,6 +144,7 @@ def resolve(
     *,
     verify_first: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    in_memory_body_bytes: int = DEFAULT_IN_MEMORY_BODY_BYTES,
     in_memory_object_bytes: int = DEFAULT_IN_MEMORY_OBJECT_BYTES,
 ) -> Events:
     """The events of a pointer's chunk: fetched (from S3 with ``s3_client``, a boto3 S3
@@ -139,9 +152,12 @@ def resolve(
     pointer), verified, decompressed and decoded, as a lazy iterator.
 
     With ``verify_first`` (the default) every check is made before this returns, so an error
-    about the object is raised here and no event of a damaged object is ever handed out:
-    objects up to ``in_memory_object_bytes`` are read once and held (compressed) while
-    checked; larger ones are read twice, the second time only if their ETag is unchanged.
+    about the object is raised here and no event of a damaged object is ever handed out.
+    Bodies up to ``in_memory_body_bytes`` (decompressed) are read once and checked and decoded
+    in the same pass, their events held until iterated; objects up to
+    ``in_memory_object_bytes`` are read once and held compressed while checked, then decoded
+    from that copy; larger ones are read twice, the second time only if their ETag is
+    unchanged.
     With ``verify_first=False`` the object is read once, events come as they are decoded, and
     a failed check is raised by the iterator at the end: discard what you got before it.
 
@@ -157,14 +173,17 @@ def resolve(
             limit=max_body_bytes,
         )
     if p.is_inline:
-        if verify_first:
-            _verify(p, None)
-        return _decode(p, None)
+        return _verified(p, None) if verify_first else _decode(p, None)
     s3 = _s3(s3_client)
     response = _get(s3, p)
     body = response["Body"]
     if not verify_first:
         return _decode(p, body, release=body)
+    if p.bytes <= in_memory_body_bytes:
+        try:
+            return _verified(p, body)
+        finally:
+            body.close()
     if p.stored_bytes <= in_memory_object_bytes:
         try:
             return _verify_then_decode(p, body)
