@@ -414,72 +414,108 @@ impl Buffer {
     /// Runs the writer until every [`BufferHandle`] is dropped, then seals all open chunks.
     /// Returns the directory lock, for the caller to hold until delivery has stopped too, or
     /// an error if the writer itself failed (a panic in its blocking work).
+    ///
+    /// The writer has a thread of its own, which waits for requests (and deadlines) on a
+    /// small runtime of its own and writes each round right there: a round costs no hop onto
+    /// the blocking pool and back, which is what bounded small requests and one busy
+    /// connection when each round was a `spawn_blocking`.
+    ///
+    /// Dropping this future (aborting its task) stops the writer where it is, as a crash
+    /// would: the lock is let go at once, and the thread leaves without sealing anything.
     pub async fn run(self) -> anyhow::Result<DirLock> {
         let Buffer {
             handle,
-            mut writer,
-            mut rx,
+            writer,
+            rx,
             lock,
             registry,
             config,
         } = self;
         drop(handle);
-        let mut full_since: Option<Instant> = None;
-        loop {
-            if config.overflow_action == OverflowAction::DropOldestChunk {
-                drop_oldest(&config, &registry);
-            }
-            let full = config
-                .total_limit_size
-                .is_some_and(|limit| registry.usage() >= limit);
-            match (full, full_since) {
-                (true, None) => {
-                    warn!(usage = registry.usage(), limit = config.total_limit_size,
-                          "buffer full (total_limit_size): taking no requests until delivery frees space");
-                    full_since = Some(Instant::now());
-                    writer = tokio::task::spawn_blocking(move || {
-                        writer.seal_all("buffer full");
-                        writer
-                    })
-                    .await?;
-                }
-                (false, Some(since)) => {
-                    info!(after = ?since.elapsed(), "buffer has room again");
-                    full_since = None;
-                }
-                _ => {}
-            }
-            let accepting = !full && !writer.stalled();
-            registry.set_full(full, writer.stalled());
-            let deadline = writer.next_deadline();
-            let first = tokio::select! {
-                msg = rx.recv(), if accepting => match msg {
-                    Some(m) => Some(m),
-                    None => break,
-                },
-                () = sleep_until(deadline) => None,
-                () = registry.wait_for_space(Duration::from_secs(1)), if !accepting => None,
-            };
-            // Whatever woke the writer (a request, or seals left over from the last round),
-            // the round takes the requests that are waiting.
-            let mut batch: Vec<Append> = first.into_iter().collect();
-            while accepting && batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-            let now = Instant::now();
-            writer = tokio::task::spawn_blocking(move || {
-                writer.round(batch, now);
-                writer.tick(now);
-                writer
-            })
-            .await?;
-        }
-        tokio::task::spawn_blocking(move || writer.close()).await?;
+        let (mut done_tx, done_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("claimcheck-writer".into())
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| {
+                        rt.block_on(write_rounds(writer, rx, registry, config, &mut done_tx))
+                    });
+                let _ = done_tx.send(result);
+            })?;
+        done_rx
+            .await
+            .map_err(|_| anyhow::anyhow!("the buffer writer thread panicked"))??;
         Ok(lock)
     }
+}
+
+/// The writer's loop, on its own thread ([`Buffer::run`]), blocking work done in place; until
+/// every [`BufferHandle`] is dropped (then it seals all open chunks), or until `run` is
+/// dropped (`done` closed: then it leaves at once).
+async fn write_rounds(
+    mut writer: Writer,
+    mut rx: mpsc::Receiver<Append>,
+    registry: Arc<Registry>,
+    config: Arc<BufferConfig>,
+    done: &mut oneshot::Sender<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let mut full_since: Option<Instant> = None;
+    loop {
+        if config.overflow_action == OverflowAction::DropOldestChunk {
+            drop_oldest(&config, &registry);
+        }
+        let full = config
+            .total_limit_size
+            .is_some_and(|limit| registry.usage() >= limit);
+        match (full, full_since) {
+            (true, None) => {
+                warn!(
+                    usage = registry.usage(),
+                    limit = config.total_limit_size,
+                    "buffer full (total_limit_size): taking no requests until delivery frees space"
+                );
+                full_since = Some(Instant::now());
+                writer.seal_all("buffer full");
+            }
+            (false, Some(since)) => {
+                info!(after = ?since.elapsed(), "buffer has room again");
+                full_since = None;
+            }
+            _ => {}
+        }
+        let accepting = !full && !writer.stalled();
+        registry.set_full(full, writer.stalled());
+        let deadline = writer.next_deadline();
+        let first = tokio::select! {
+            biased;
+            () = done.closed() => return Ok(()),
+            msg = rx.recv(), if accepting => match msg {
+                Some(m) => Some(m),
+                None => break,
+            },
+            () = sleep_until(deadline) => None,
+            () = registry.wait_for_space(Duration::from_secs(1)), if !accepting => None,
+        };
+        // Whatever woke the writer (a request, or seals left over from the last round),
+        // the round takes the requests that are waiting.
+        let mut batch: Vec<Append> = first.into_iter().collect();
+        while accepting && batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let now = Instant::now();
+        writer.round(batch, now);
+        writer.tick(now);
+    }
+    if !done.is_closed() {
+        writer.close();
+    }
+    Ok(())
 }
 
 /// `overflow_action drop_oldest_chunk`: delete waiting chunks, oldest first, until the buffer
