@@ -1,5 +1,5 @@
-//! One chunk on disk: the data file, its frames, and the state file. Blocking I/O only; the
-//! buffer runs these on tokio's blocking pool.
+//! One chunk on disk: the data file, its frames, and the state file. Blocking I/O only, run
+//! off the async runtime (on the buffer writer's thread, or tokio's blocking pool).
 //!
 //! See the module documentation of [`crate::buffer`] for the layout and the lifecycle.
 

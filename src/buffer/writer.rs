@@ -1,5 +1,6 @@
 //! The buffer writer: places events in open chunks, writes and syncs them, seals chunks.
-//! Everything here is blocking I/O, run on tokio's blocking pool one round at a time.
+//! Everything here is blocking I/O, run one round at a time on the writer's own thread
+//! ([`Buffer::run`](super::Buffer::run)).
 //!
 //! # A round
 //!
