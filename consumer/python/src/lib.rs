@@ -414,22 +414,29 @@ fn failure(py: Python<'_>, e: Error, failed: &Mutex<Option<PyErr>>) -> PyErr {
     raise(py, e, cause)
 }
 
-/// Keeps a copy of what passes, up to `limit` bytes (past that the copy is useless: the
-/// checks fail on the size).
-struct Tee<R> {
-    inner: R,
-    copy: Vec<u8>,
-    limit: usize,
-}
-
-impl<R: Read> Read for Tee<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if self.copy.len() + n <= self.limit {
-            self.copy.extend_from_slice(&buf[..n]);
-        }
-        Ok(n)
+/// The whole stored body read from `src`: up to the pointer's `stored_bytes`, and the rest
+/// only counted, so that a longer object is reported with its size (a shorter one fails the
+/// crate's own size check on what was read).
+fn read_stored(pointer: &Pointer, mut src: impl Read) -> Result<Vec<u8>, Error> {
+    let transport = |e: io::Error| Error::S3 {
+        operation: "GetObject body",
+        source: Box::new(e),
+    };
+    let limit = usize::try_from(pointer.stored_bytes).unwrap_or(usize::MAX);
+    let mut copy = Vec::with_capacity(limit.min(64 << 20));
+    (&mut src)
+        .take(pointer.stored_bytes)
+        .read_to_end(&mut copy)
+        .map_err(transport)?;
+    let rest = io::copy(&mut src, &mut io::sink()).map_err(transport)?;
+    if rest > 0 {
+        return Err(Error::SizeMismatch {
+            what: "stored object bytes",
+            expected: pointer.stored_bytes,
+            actual: copy.len() as u64 + rest,
+        });
     }
+    Ok(copy)
 }
 
 // --- functions ----------------------------------------------------------------------------
@@ -475,15 +482,10 @@ fn verify_then_decode(
     let failed = Arc::new(Mutex::new(None));
     let p = &pointer.get().inner;
     let src = source(p, Some(body), &failed)?;
-    let limit = usize::try_from(p.stored_bytes).unwrap_or(usize::MAX);
     let copy = py
         .detach(|| {
-            let mut tee = Tee {
-                inner: src,
-                copy: Vec::with_capacity(limit.min(64 << 20)),
-                limit,
-            };
-            claimcheck_consumer::verify(p, &mut tee).map(|()| tee.copy)
+            let copy = read_stored(p, src)?;
+            claimcheck_consumer::verify(p, &copy[..]).map(|()| copy)
         })
         .map_err(|e| failure(py, e, &failed))?;
     let body = Body::Rust(copy.into());
@@ -506,28 +508,8 @@ fn verified(
     let events = py
         .detach(|| match src {
             Source::Memory(c) => claimcheck_consumer::verify_and_decode(p, c.get_ref().as_ref()),
-            Source::File(file) => {
-                let limit = usize::try_from(p.stored_bytes).unwrap_or(usize::MAX);
-                let mut tee = Tee {
-                    inner: file,
-                    copy: Vec::with_capacity(limit.min(64 << 20)),
-                    limit,
-                };
-                // To the end, so that a longer object is reported with its size; a shorter
-                // one fails the crate's own size check.
-                match io::copy(&mut tee, &mut io::sink()) {
-                    Err(e) => Err(Error::S3 {
-                        operation: "GetObject body",
-                        source: Box::new(e),
-                    }),
-                    Ok(n) if n > p.stored_bytes => Err(Error::SizeMismatch {
-                        what: "stored object bytes",
-                        expected: p.stored_bytes,
-                        actual: n,
-                    }),
-                    Ok(_) => claimcheck_consumer::verify_and_decode(p, &tee.copy),
-                }
-            }
+            Source::File(file) => read_stored(p, file)
+                .and_then(|copy| claimcheck_consumer::verify_and_decode(p, &copy)),
         })
         .map_err(|e| failure(py, e, &failed))?;
     Ok(Events::held(pointer, events, failed))
