@@ -436,19 +436,12 @@ impl Emulated {
     /// Starts a sidecar on `port`, reaching S3 and Kinesis through `endpoints` (for example
     /// fault proxies) when given.
     pub fn sidecar_at(&self, port: u16, endpoints: Option<(&str, &str)>, args: &[&str]) -> Sidecar {
-        let mut env = aws_env(self.moto.port);
+        let mut extra = Vec::new();
         if let Some((s3, kinesis)) = endpoints {
-            env.push(("AWS_ENDPOINT_URL_S3", s3.to_string()));
-            env.push(("AWS_ENDPOINT_URL_KINESIS", kinesis.to_string()));
+            extra.push(("AWS_ENDPOINT_URL_S3", s3));
+            extra.push(("AWS_ENDPOINT_URL_KINESIS", kinesis));
         }
-        Sidecar::start_with(
-            port,
-            &self.buffer_dir(),
-            &env,
-            &self.bucket,
-            &self.stream,
-            args,
-        )
+        self.sidecar_env(port, &extra, args)
     }
 
     /// [`Emulated::sidecar_at`] (no proxies) with `extra` environment variables, such as
