@@ -186,8 +186,10 @@ impl Sidecar {
         let listen = listener
             .local_addr()
             .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
+        let heartbeat = server::bind_heartbeats(&listener, &config.listener).await;
         let server = tokio::spawn(server::run(
             listener,
+            heartbeat,
             handle,
             config.connection.clone(),
             config.listener.clone(),

@@ -81,15 +81,14 @@ const DRAIN: Duration = Duration::from_secs(2 * connection::SHUTDOWN_GRACE.as_se
 /// their senders resend whatever was not acknowledged.
 pub async fn run(
     listener: TcpListener,
+    heartbeat: Option<UdpSocket>,
     buffer: BufferHandle,
     config: Arc<ConnectionConfig>,
     listener_config: ListenerConfig,
     shutdown: CancellationToken,
 ) {
-    if listener_config.udp_heartbeat {
-        if let Ok(addr) = listener.local_addr() {
-            tokio::spawn(heartbeats(addr, shutdown.clone()));
-        }
+    if let Some(socket) = heartbeat {
+        tokio::spawn(heartbeats(socket, shutdown.clone()));
     }
     let slots = Arc::new(Semaphore::new(listener_config.max_connections.max(1)));
     let mut connections = JoinSet::new();
@@ -196,16 +195,29 @@ async fn accept_tls(
     }
 }
 
-/// Answers UDP heartbeats on the forward port, as Fluentd's in_forward does: one byte back
-/// from the listening socket to whoever sent a datagram.
-async fn heartbeats(addr: SocketAddr, shutdown: CancellationToken) {
-    let socket = match UdpSocket::bind(addr).await {
-        Ok(s) => s,
+/// Binds the UDP socket for heartbeats on the forward listener's address, when they are on.
+/// It is bound before the sidecar says it is serving, so that a heartbeat sent as soon as the
+/// address is known is answered. A failure is logged and TCP is served anyway.
+pub async fn bind_heartbeats(
+    listener: &TcpListener,
+    listener_config: &ListenerConfig,
+) -> Option<UdpSocket> {
+    if !listener_config.udp_heartbeat {
+        return None;
+    }
+    let addr = listener.local_addr().ok()?;
+    match UdpSocket::bind(addr).await {
+        Ok(s) => Some(s),
         Err(e) => {
             warn!(%addr, cause = %e, "cannot listen for UDP heartbeats; TCP is served anyway");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Answers UDP heartbeats on the forward port, as Fluentd's in_forward does: one byte back
+/// from the listening socket to whoever sent a datagram.
+async fn heartbeats(socket: UdpSocket, shutdown: CancellationToken) {
     let mut buf = [0u8; 128];
     loop {
         let received = tokio::select! {
