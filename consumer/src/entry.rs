@@ -20,7 +20,7 @@
 use std::fmt;
 
 use rmp::Marker;
-use smallvec::{smallvec, SmallVec};
+use smallvec::SmallVec;
 
 /// Why a byte slice is not (yet) a msgpack value or a valid entry.
 #[doc(hidden)]
@@ -126,78 +126,119 @@ fn be_len(bytes: &[u8]) -> usize {
         .fold(0usize, |acc, b| (acc << 8) | usize::from(*b))
 }
 
-/// Header of a msgpack value: how many bytes the header itself takes, how many payload bytes
-/// follow it, and how many nested values follow it (array elements, map keys and values).
+/// What a msgpack header starts; containers are told apart because the walks count their
+/// children and check their depth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Scalar,
+    Str,
+    Bin,
+    Ext,
+    Array,
+    Map,
+}
+
+/// Header of a msgpack value: its kind, how many bytes the header itself takes, how many
+/// payload bytes follow it, and how many nested values follow it (array elements, map keys
+/// and values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Header {
+    kind: Kind,
     header: usize,
     payload: usize,
     children: u64,
 }
 
-fn header(buf: &[u8]) -> Result<(Marker, Header), ScanError> {
-    let first = *buf.first().ok_or(ScanError::Incomplete)?;
-    let marker = Marker::from_u8(first);
-    let fixed = |header, payload| {
-        Ok(Header {
+impl Header {
+    const fn fixed(kind: Kind, header: usize, payload: usize) -> Header {
+        Header {
+            kind,
             header,
             payload,
             children: 0,
-        })
-    };
-    let sized = |width: usize, extra: usize| -> Result<Header, ScanError> {
-        let len = be_len(&need(buf, 1 + width)?[1..]);
-        Ok(Header {
-            header: 1 + width + extra,
-            payload: len,
-            children: 0,
-        })
-    };
-    let counted = |width: usize, per: u64| -> Result<Header, ScanError> {
-        let n = be_len(&need(buf, 1 + width)?[1..]) as u64;
-        Ok(Header {
-            header: 1 + width,
-            payload: 0,
-            children: n * per,
-        })
-    };
-    let h = match marker {
-        Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
-            fixed(1, 0)
         }
-        Marker::U8 | Marker::I8 => fixed(1, 1),
-        Marker::U16 | Marker::I16 => fixed(1, 2),
-        Marker::U32 | Marker::I32 | Marker::F32 => fixed(1, 4),
-        Marker::U64 | Marker::I64 | Marker::F64 => fixed(1, 8),
-        Marker::FixStr(n) => fixed(1, usize::from(n)),
-        Marker::Str8 | Marker::Bin8 => sized(1, 0),
-        Marker::Str16 | Marker::Bin16 => sized(2, 0),
-        Marker::Str32 | Marker::Bin32 => sized(4, 0),
-        // Fixed ext: one type byte, then 1/2/4/8/16 data bytes.
-        Marker::FixExt1 => fixed(2, 1),
-        Marker::FixExt2 => fixed(2, 2),
-        Marker::FixExt4 => fixed(2, 4),
-        Marker::FixExt8 => fixed(2, 8),
-        Marker::FixExt16 => fixed(2, 16),
-        Marker::Ext8 => sized(1, 1),
-        Marker::Ext16 => sized(2, 1),
-        Marker::Ext32 => sized(4, 1),
-        Marker::FixArray(n) => Ok(Header {
-            header: 1,
+    }
+
+    const fn container(kind: Kind, header: usize, children: u64) -> Header {
+        Header {
+            kind,
+            header,
             payload: 0,
-            children: u64::from(n),
-        }),
-        Marker::FixMap(n) => Ok(Header {
-            header: 1,
-            payload: 0,
-            children: 2 * u64::from(n),
-        }),
-        Marker::Array16 => counted(2, 1),
-        Marker::Array32 => counted(4, 1),
-        Marker::Map16 => counted(2, 2),
-        Marker::Map32 => counted(4, 2),
-        Marker::Reserved => Err(ScanError::Invalid("reserved msgpack byte 0xc1")),
-    }?;
-    Ok((marker, h))
+            children,
+        }
+    }
+}
+
+/// The big-endian length of `width` (1, 2 or 4) bytes after the marker byte.
+#[inline(always)]
+fn length_after_marker(buf: &[u8], width: usize) -> Result<usize, ScanError> {
+    let bytes = need(buf, 1 + width)?;
+    Ok(match width {
+        1 => usize::from(bytes[1]),
+        2 => usize::from(u16::from_be_bytes([bytes[1], bytes[2]])),
+        _ => u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize,
+    })
+}
+
+/// The payload length of a fixstr or positive fixint (the byte is the whole header), the
+/// commonest values in records: the walks' shortcut past [`header`].
+#[inline(always)]
+fn one_byte_header(first: u8) -> Option<usize> {
+    match first {
+        0x00..=0x7f => Some(0),
+        0xa0..=0xbf => Some(usize::from(first & 0x1f)),
+        _ => None,
+    }
+}
+
+/// Decodes the header at the start of `buf` from its first byte (and the length bytes that
+/// follow it), one match on the byte: the walks below call this once per value, inlined.
+#[inline(always)]
+fn header(buf: &[u8]) -> Result<Header, ScanError> {
+    use Kind::*;
+    let first = *buf.first().ok_or(ScanError::Incomplete)?;
+    let sized = |kind, width: usize, extra: usize| -> Result<Header, ScanError> {
+        let len = length_after_marker(buf, width)?;
+        Ok(Header::fixed(kind, 1 + width + extra, len))
+    };
+    let counted = |kind, width: usize, per: u64| -> Result<Header, ScanError> {
+        let n = length_after_marker(buf, width)? as u64;
+        Ok(Header::container(kind, 1 + width, n * per))
+    };
+    Ok(match first {
+        // positive and negative fixint, nil, false, true
+        0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => Header::fixed(Scalar, 1, 0),
+        0x80..=0x8f => Header::container(Map, 1, 2 * u64::from(first & 0x0f)),
+        0x90..=0x9f => Header::container(Array, 1, u64::from(first & 0x0f)),
+        0xa0..=0xbf => Header::fixed(Str, 1, usize::from(first & 0x1f)),
+        0xc1 => return Err(ScanError::Invalid("reserved msgpack byte 0xc1")),
+        0xc4 => sized(Bin, 1, 0)?,
+        0xc5 => sized(Bin, 2, 0)?,
+        0xc6 => sized(Bin, 4, 0)?,
+        // ext 8/16/32: the length, then one type byte, then the data
+        0xc7 => sized(Ext, 1, 1)?,
+        0xc8 => sized(Ext, 2, 1)?,
+        0xc9 => sized(Ext, 4, 1)?,
+        0xca => Header::fixed(Scalar, 1, 4), // float 32
+        0xcb => Header::fixed(Scalar, 1, 8), // float 64
+        0xcc | 0xd0 => Header::fixed(Scalar, 1, 1),
+        0xcd | 0xd1 => Header::fixed(Scalar, 1, 2),
+        0xce | 0xd2 => Header::fixed(Scalar, 1, 4),
+        0xcf | 0xd3 => Header::fixed(Scalar, 1, 8),
+        // fixext 1/2/4/8/16: one type byte, then the data
+        0xd4 => Header::fixed(Ext, 2, 1),
+        0xd5 => Header::fixed(Ext, 2, 2),
+        0xd6 => Header::fixed(Ext, 2, 4),
+        0xd7 => Header::fixed(Ext, 2, 8),
+        0xd8 => Header::fixed(Ext, 2, 16),
+        0xd9 => sized(Str, 1, 0)?,
+        0xda => sized(Str, 2, 0)?,
+        0xdb => sized(Str, 4, 0)?,
+        0xdc => counted(Array, 2, 1)?,
+        0xdd => counted(Array, 4, 1)?,
+        0xde => counted(Map, 2, 2)?,
+        0xdf => counted(Map, 4, 2)?,
+    })
 }
 
 /// Length in bytes of the msgpack value at the start of `buf`, found without decoding it.
@@ -231,24 +272,40 @@ impl ValueScanner {
     /// `Some(len)` once the whole value is in `buf`, `None` if more bytes are needed. `buf`
     /// must start with the same bytes as on earlier calls.
     pub fn advance(&mut self, buf: &[u8]) -> Result<Option<usize>, ScanError> {
-        while self.pending > 0 {
-            let h = match header(buf.get(self.pos..).unwrap_or_default()) {
-                Ok((_, h)) => h,
-                Err(ScanError::Incomplete) => return Ok(None),
-                Err(e) => return Err(e),
+        // The walk runs on locals, stored back when it stops: one value per turn, no stores.
+        let (mut pos, mut pending) = (self.pos, self.pending);
+        let result = loop {
+            if pending == 0 {
+                break Ok(Some(pos));
+            }
+            // Most values in a record are short strings and small integers: one byte says all.
+            if let Some(len) = buf.get(pos).copied().and_then(one_byte_header) {
+                let end = pos + 1 + len;
+                if end > buf.len() {
+                    break Ok(None);
+                }
+                (pos, pending) = (end, pending - 1);
+                continue;
+            }
+            let h = match header(buf.get(pos..).unwrap_or_default()) {
+                Ok(h) => h,
+                Err(ScanError::Incomplete) => break Ok(None),
+                Err(e) => break Err(e),
             };
-            let end = self
-                .pos
+            let Some(end) = pos
                 .checked_add(h.header)
                 .and_then(|p| p.checked_add(h.payload))
-                .ok_or(ScanError::Invalid("msgpack length overflows"))?;
+            else {
+                break Err(ScanError::Invalid("msgpack length overflows"));
+            };
             if end > buf.len() {
-                return Ok(None);
+                break Ok(None);
             }
-            self.pos = end;
-            self.pending = self.pending - 1 + h.children;
-        }
-        Ok(Some(self.pos))
+            pos = end;
+            pending = pending - 1 + h.children;
+        };
+        (self.pos, self.pending) = (pos, pending);
+        result
     }
 
     /// Bytes known to belong to the value so far.
@@ -270,37 +327,41 @@ pub fn check_depth(buf: &[u8], limit: usize) -> Result<(), ScanError> {
 /// [`value_len`] that also makes the checks of [`check_depth`]: one walk for both.
 #[doc(hidden)]
 pub fn value_len_within(buf: &[u8], limit: usize) -> Result<usize, ScanError> {
-    // Values still to read at each open level; the bottom entry is the value itself. The
-    // first levels live inline, so that the usual record (a map nesting a few levels) costs no
-    // allocation: the consumer checks every event this way.
-    let mut remaining: SmallVec<[u64; 16]> = smallvec![1];
+    // Values still to read at each open level: `top` for the innermost (starting with the value
+    // itself), `outer` for the levels around it. The first levels live inline, so that the
+    // usual record (a map nesting a few levels) costs no allocation: the consumer checks every
+    // event this way.
+    let mut outer: SmallVec<[u64; 16]> = SmallVec::new();
+    let mut top: u64 = 1;
     let mut pos = 0usize;
-    while let Some(top) = remaining.last_mut() {
-        if *top == 0 {
-            remaining.pop();
+    loop {
+        if top == 0 {
+            match outer.pop() {
+                Some(count) => {
+                    top = count;
+                    continue;
+                }
+                None => break,
+            }
+        }
+        top -= 1;
+        if let Some(len) = buf.get(pos).copied().and_then(one_byte_header) {
+            pos += 1 + len;
             continue;
         }
-        *top -= 1;
-        let (marker, h) = header(buf.get(pos..).unwrap_or_default())?;
+        let h = header(buf.get(pos..).unwrap_or_default())?;
         pos = pos
             .checked_add(h.header)
             .and_then(|p| p.checked_add(h.payload))
             .ok_or(ScanError::Invalid("msgpack length overflows"))?;
-        if matches!(
-            marker,
-            Marker::FixArray(_)
-                | Marker::Array16
-                | Marker::Array32
-                | Marker::FixMap(_)
-                | Marker::Map16
-                | Marker::Map32
-        ) {
-            // This container sits at depth `remaining.len()`.
-            if remaining.len() > limit {
+        if matches!(h.kind, Kind::Array | Kind::Map) {
+            // This container sits at depth `outer.len() + 1`.
+            if outer.len() >= limit {
                 return Err(ScanError::Invalid("msgpack value nests too deeply"));
             }
             if h.children > 0 {
-                remaining.push(h.children);
+                outer.push(top);
+                top = h.children;
             }
         }
     }
@@ -313,42 +374,28 @@ pub fn value_len_within(buf: &[u8], limit: usize) -> Result<usize, ScanError> {
 /// Number of elements if `buf` starts with an array header, and the header's length.
 #[doc(hidden)]
 pub fn array_header(buf: &[u8]) -> Result<Option<(u64, usize)>, ScanError> {
-    let (marker, h) = header(buf)?;
-    Ok(match marker {
-        Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => Some((h.children, h.header)),
-        _ => None,
-    })
+    let h = header(buf)?;
+    Ok((h.kind == Kind::Array).then_some((h.children, h.header)))
 }
 
 /// Number of pairs if `buf` starts with a map header, and the header's length.
 #[doc(hidden)]
 pub fn map_header(buf: &[u8]) -> Result<Option<(u64, usize)>, ScanError> {
-    let (marker, h) = header(buf)?;
-    Ok(match marker {
-        Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => Some((h.children / 2, h.header)),
-        _ => None,
-    })
+    let h = header(buf)?;
+    Ok((h.kind == Kind::Map).then_some((h.children / 2, h.header)))
 }
 
 /// The payload of a msgpack str or bin at the start of `buf`: `(header_len, payload_len)`.
 #[doc(hidden)]
 pub fn str_or_bin(buf: &[u8]) -> Result<Option<(usize, usize)>, ScanError> {
-    let (marker, h) = header(buf)?;
-    Ok(match marker {
-        Marker::FixStr(_)
-        | Marker::Str8
-        | Marker::Str16
-        | Marker::Str32
-        | Marker::Bin8
-        | Marker::Bin16
-        | Marker::Bin32 => Some((h.header, h.payload)),
-        _ => None,
-    })
+    let h = header(buf)?;
+    Ok(matches!(h.kind, Kind::Str | Kind::Bin).then_some((h.header, h.payload)))
 }
 
 /// Reads a plain time: an unsigned integer or an EventTime ext. `Ok(None)` means "not a time".
 fn plain_time(buf: &[u8]) -> Result<Option<(EventTime, usize)>, ScanError> {
-    let (marker, h) = header(buf)?;
+    let h = header(buf)?;
+    let marker = Marker::from_u8(buf[0]);
     let total = h.header + h.payload;
     let body = need(buf, total)?;
     let int = |bytes: &[u8]| EventTime::new(be_len(bytes) as i64, 0);
@@ -520,6 +567,61 @@ mod tests {
 
     fn record() -> rmpv::Value {
         rmpv::Value::Map(vec![("msg".into(), "hello".into()), ("n".into(), 7.into())])
+    }
+
+    /// The header as rmp's `Marker` classifies the first byte, spelled out from the msgpack
+    /// specification: `header`'s one-match decoding must agree with it on every byte.
+    fn header_by_marker(buf: &[u8]) -> Result<Header, ScanError> {
+        use Kind::*;
+        let len = |width: usize| length_after_marker(buf, width);
+        Ok(match Marker::from_u8(buf[0]) {
+            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
+                Header::fixed(Scalar, 1, 0)
+            }
+            Marker::U8 | Marker::I8 => Header::fixed(Scalar, 1, 1),
+            Marker::U16 | Marker::I16 => Header::fixed(Scalar, 1, 2),
+            Marker::U32 | Marker::I32 | Marker::F32 => Header::fixed(Scalar, 1, 4),
+            Marker::U64 | Marker::I64 | Marker::F64 => Header::fixed(Scalar, 1, 8),
+            Marker::FixStr(n) => Header::fixed(Str, 1, usize::from(n)),
+            Marker::Str8 => Header::fixed(Str, 2, len(1)?),
+            Marker::Str16 => Header::fixed(Str, 3, len(2)?),
+            Marker::Str32 => Header::fixed(Str, 5, len(4)?),
+            Marker::Bin8 => Header::fixed(Bin, 2, len(1)?),
+            Marker::Bin16 => Header::fixed(Bin, 3, len(2)?),
+            Marker::Bin32 => Header::fixed(Bin, 5, len(4)?),
+            Marker::FixExt1 => Header::fixed(Ext, 2, 1),
+            Marker::FixExt2 => Header::fixed(Ext, 2, 2),
+            Marker::FixExt4 => Header::fixed(Ext, 2, 4),
+            Marker::FixExt8 => Header::fixed(Ext, 2, 8),
+            Marker::FixExt16 => Header::fixed(Ext, 2, 16),
+            Marker::Ext8 => Header::fixed(Ext, 3, len(1)?),
+            Marker::Ext16 => Header::fixed(Ext, 4, len(2)?),
+            Marker::Ext32 => Header::fixed(Ext, 6, len(4)?),
+            Marker::FixArray(n) => Header::container(Array, 1, u64::from(n)),
+            Marker::Array16 => Header::container(Array, 3, len(2)? as u64),
+            Marker::Array32 => Header::container(Array, 5, len(4)? as u64),
+            Marker::FixMap(n) => Header::container(Map, 1, 2 * u64::from(n)),
+            Marker::Map16 => Header::container(Map, 3, 2 * len(2)? as u64),
+            Marker::Map32 => Header::container(Map, 5, 2 * len(4)? as u64),
+            Marker::Reserved => return Err(ScanError::Invalid("reserved msgpack byte 0xc1")),
+        })
+    }
+
+    #[test]
+    fn header_agrees_with_the_marker_table_on_every_first_byte() {
+        for first in 0..=255u8 {
+            // Length bytes that differ per width, and every truncation of them.
+            let full = [first, 0x01, 0x82, 0x03, 0xf4];
+            for cut in 1..=full.len() {
+                let buf = &full[..cut];
+                assert_eq!(
+                    header(buf),
+                    header_by_marker(buf),
+                    "first byte {first:#04x}, {cut} bytes"
+                );
+            }
+        }
+        assert_eq!(header(&[]), Err(ScanError::Incomplete));
     }
 
     #[test]
