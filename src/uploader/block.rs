@@ -8,6 +8,10 @@ use bytes::Bytes;
 /// its memory goes back to the system as soon as the part is uploaded. Multi-MiB heap buffers
 /// freed by the blocking threads stayed in malloc's per-thread arenas instead, and peak RSS grew
 /// with the chunk size (see docs/performance.md).
+/// A transparent huge page on x86-64 and most arm64 kernels.
+#[cfg(target_os = "linux")]
+const HUGE_PAGE: usize = 2 << 20;
+
 pub(super) struct Block {
     map: memmap2::MmapMut,
     len: usize,
@@ -15,10 +19,15 @@ pub(super) struct Block {
 
 impl Block {
     pub(super) fn new(capacity: usize) -> io::Result<Block> {
-        Ok(Block {
-            map: memmap2::MmapMut::map_anon(capacity.max(1))?,
-            len: 0,
-        })
+        let map = memmap2::MmapMut::map_anon(capacity.max(1))?;
+        // Transparent huge pages where the system offers them on request: one page fault per
+        // 2 MiB written instead of one per 4 KiB, which was about a tenth of delivery's CPU
+        // without compression. Memory is still taken only where written (in 2 MiB steps).
+        #[cfg(target_os = "linux")]
+        if capacity >= HUGE_PAGE {
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        Ok(Block { map, len: 0 })
     }
 
     /// Bytes held.
