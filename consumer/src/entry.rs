@@ -180,14 +180,41 @@ fn length_after_marker(buf: &[u8], width: usize) -> Result<usize, ScanError> {
     })
 }
 
-/// The payload length of a fixstr or positive fixint (the byte is the whole header), the
-/// commonest values in records: the walks' shortcut past [`header`].
+/// Bytes taken by a value whose first byte says all of its length: a fixstr or any
+/// fixed-size scalar (integers, floats, nil, booleans, fixext); zero for the others.
+const FIXED_SIZE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0usize;
+    while b < 256 {
+        table[b] = match b as u8 {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => 1,
+            0xa0..=0xbf => 1 + (b as u8 & 0x1f),
+            0xcc | 0xd0 => 2,
+            0xcd | 0xd1 => 3,
+            0xca | 0xce | 0xd2 => 5,
+            0xcb | 0xcf | 0xd3 => 9,
+            0xd4 => 3,
+            0xd5 => 4,
+            0xd6 => 6,
+            0xd7 => 10,
+            0xd8 => 18,
+            _ => 0,
+        };
+        b += 1;
+    }
+    table
+};
+
+/// Bytes taken by the value at `pos` when its first bytes say all of its length (see
+/// [`FIXED_SIZE`]; also a str8, the usual longer string): the walks' shortcut past [`header`].
+/// The value may run past the end of `buf`; the caller checks.
 #[inline(always)]
-fn one_byte_header(first: u8) -> Option<usize> {
-    match first {
-        0x00..=0x7f => Some(0),
-        0xa0..=0xbf => Some(usize::from(first & 0x1f)),
-        _ => None,
+fn simple_len(buf: &[u8], pos: usize) -> Option<usize> {
+    let first = *buf.get(pos)?;
+    match FIXED_SIZE[usize::from(first)] {
+        0 if first == 0xd9 => buf.get(pos + 1).map(|&n| 2 + usize::from(n)),
+        0 => None,
+        n => Some(usize::from(n)),
     }
 }
 
@@ -278,9 +305,9 @@ impl ValueScanner {
             if pending == 0 {
                 break Ok(Some(pos));
             }
-            // Most values in a record are short strings and small integers: one byte says all.
-            if let Some(len) = buf.get(pos).copied().and_then(one_byte_header) {
-                let end = pos + 1 + len;
+            // Most values in a record are strings and numbers: their first bytes say all.
+            if let Some(len) = simple_len(buf, pos) {
+                let end = pos + len;
                 if end > buf.len() {
                     break Ok(None);
                 }
@@ -345,8 +372,8 @@ pub fn value_len_within(buf: &[u8], limit: usize) -> Result<usize, ScanError> {
             }
         }
         top -= 1;
-        if let Some(len) = buf.get(pos).copied().and_then(one_byte_header) {
-            pos += 1 + len;
+        if let Some(len) = simple_len(buf, pos) {
+            pos += len;
             continue;
         }
         let h = header(buf.get(pos..).unwrap_or_default())?;
@@ -622,6 +649,21 @@ mod tests {
             }
         }
         assert_eq!(header(&[]), Err(ScanError::Incomplete));
+    }
+
+    #[test]
+    fn the_shortcut_agrees_with_header_where_it_applies() {
+        for first in 0..=255u8 {
+            let buf = [first, 0x21, 0, 0, 0, 0];
+            if let Some(len) = simple_len(&buf, 0) {
+                let h = header(&buf).unwrap();
+                assert_eq!(len, h.header + h.payload, "first byte {first:#04x}");
+                assert!(matches!(h.kind, Kind::Scalar | Kind::Str | Kind::Ext));
+            }
+        }
+        // A str8 whose length byte has not arrived yet takes the long way (and waits).
+        assert_eq!(simple_len(&[0xd9], 0), None);
+        assert_eq!(simple_len(&[], 0), None);
     }
 
     #[test]
