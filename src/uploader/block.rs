@@ -4,14 +4,14 @@ use std::io;
 
 use bytes::Bytes;
 
-/// Compressed output on its way to S3, in an anonymous memory map rather than on the heap:
-/// its memory goes back to the system as soon as the part is uploaded. Multi-MiB heap buffers
-/// freed by the blocking threads stayed in malloc's per-thread arenas instead, and peak RSS grew
-/// with the chunk size (see docs/performance.md).
 /// A transparent huge page on x86-64 and most arm64 kernels.
 #[cfg(target_os = "linux")]
 const HUGE_PAGE: usize = 2 << 20;
 
+/// Compressed output on its way to S3, in an anonymous memory map rather than on the heap:
+/// its memory goes back to the system as soon as the part is uploaded. Multi-MiB heap buffers
+/// freed by the blocking threads stayed in malloc's per-thread arenas instead, and peak RSS grew
+/// with the chunk size (see docs/performance.md).
 pub(super) struct Block {
     map: memmap2::MmapMut,
     len: usize,
@@ -21,8 +21,8 @@ impl Block {
     pub(super) fn new(capacity: usize) -> io::Result<Block> {
         let map = memmap2::MmapMut::map_anon(capacity.max(1))?;
         // Transparent huge pages where the system offers them on request: one page fault per
-        // 2 MiB written instead of one per 4 KiB, which was about a tenth of delivery's CPU
-        // without compression. Memory is still taken only where written (in 2 MiB steps).
+        // 2 MiB written instead of one per 4 KiB (delivering 0.8 GB without compression, 43 k
+        // faults instead of 198 k). Memory is still taken only where written (in 2 MiB steps).
         #[cfg(target_os = "linux")]
         if capacity >= HUGE_PAGE {
             let _ = map.advise(memmap2::Advice::HugePage);
