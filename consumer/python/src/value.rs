@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 use claimcheck_consumer::EventTime;
 use pyo3::exceptions::PyValueError;
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple};
@@ -22,7 +23,38 @@ const MAX_CACHED_KEY_BYTES: usize = 64;
 const MAX_CACHED_KEYS: usize = 4096;
 
 /// Map keys as stored, and as Python strings.
-type Keys = HashMap<Box<[u8]>, Py<PyString>, foldhash::fast::RandomState>;
+#[derive(Default)]
+struct Keys {
+    /// Each key's bytes and string, in the order first seen.
+    seen: Vec<(Box<[u8]>, Py<PyString>)>,
+    /// Where each key is in `seen`.
+    index: HashMap<Box<[u8]>, usize, foldhash::fast::RandomState>,
+    /// Where the key after the last one found probably is: the records of a stream list
+    /// their keys in the same order, so this is usually right, and one comparison instead of
+    /// a hash and a lookup.
+    next: usize,
+}
+
+impl Keys {
+    fn get(&mut self, bytes: &[u8]) -> Option<&Py<PyString>> {
+        let at = match self.seen.get(self.next) {
+            Some((key, _)) if **key == *bytes => self.next,
+            _ => *self.index.get(bytes)?,
+        };
+        self.next = at + 1;
+        Some(&self.seen[at].1)
+    }
+
+    fn insert(&mut self, bytes: &[u8], s: Py<PyString>) {
+        if self.seen.len() >= MAX_CACHED_KEYS {
+            self.seen.clear();
+            self.index.clear();
+        }
+        self.index.insert(bytes.into(), self.seen.len());
+        self.seen.push((bytes.into(), s));
+        self.next = self.seen.len();
+    }
+}
 
 /// The map keys seen so far.
 static KEYS: Mutex<Option<Keys>> = Mutex::new(None);
@@ -111,11 +143,15 @@ fn len(rd: &mut &[u8], bytes: usize) -> PyResult<usize> {
 }
 
 /// A msgpack string as Python: invalid UTF-8 is replaced (U+FFFD), as `bytes.decode(errors=
-/// "replace")` does.
-fn new_str<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyAny> {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => PyString::new(py, s).into_any(),
-        Err(_) => PyString::new(py, &String::from_utf8_lossy(bytes)).into_any(),
+/// "replace")` does. CPython's decoder checks and converts in one pass.
+fn new_str<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let len = ffi::Py_ssize_t::try_from(bytes.len()).map_err(|_| malformed())?;
+    // SAFETY: the pointer and length describe `bytes`, which CPython only reads; the errors
+    // argument is a NUL-terminated string; the result is a new reference or NULL with an
+    // exception set, which `from_owned_ptr_or_err` takes either way.
+    unsafe {
+        let s = ffi::PyUnicode_DecodeUTF8(bytes.as_ptr().cast(), len, c"replace".as_ptr());
+        Bound::from_owned_ptr_or_err(py, s)
     }
 }
 
@@ -145,7 +181,7 @@ impl<'py> Converter<'py, '_> {
             Marker::I64 => i64::from_be_bytes(be(rd)?).into_pyobject(py)?.into_any(),
             Marker::F32 => PyFloat::new(py, f32::from_be_bytes(be(rd)?).into()).into_any(),
             Marker::F64 => PyFloat::new(py, f64::from_be_bytes(be(rd)?)).into_any(),
-            Marker::FixStr(n) => new_str(self.py, take(rd, n.into())?),
+            Marker::FixStr(n) => new_str(self.py, take(rd, n.into())?)?,
             Marker::Str8 => self.str_of(rd, 1)?,
             Marker::Str16 => self.str_of(rd, 2)?,
             Marker::Str32 => self.str_of(rd, 4)?,
@@ -192,7 +228,7 @@ impl<'py> Converter<'py, '_> {
 
     fn str_of(&self, rd: &mut &[u8], len_bytes: usize) -> PyResult<Bound<'py, PyAny>> {
         let n = len(rd, len_bytes)?;
-        Ok(new_str(self.py, take(rd, n)?))
+        new_str(self.py, take(rd, n)?)
     }
 
     fn bin_of(&self, rd: &mut &[u8], len_bytes: usize) -> PyResult<Bound<'py, PyAny>> {
@@ -244,20 +280,16 @@ impl<'py> Converter<'py, '_> {
         };
         let bytes = take(rd, n)?;
         let Some(keys) = self.keys.as_deref_mut() else {
-            return Ok(Key::Str(new_str(py, bytes)));
+            return Ok(Key::Str(new_str(py, bytes)?));
         };
         if let Some(s) = keys.get(bytes) {
             return Ok(Key::Str(s.bind(py).clone().into_any()));
         }
-        let s = new_str(py, bytes);
+        let s = new_str(py, bytes)?;
         if n <= MAX_CACHED_KEY_BYTES {
-            if keys.len() >= MAX_CACHED_KEYS {
-                keys.clear();
-            }
             // The hash is computed once here, and kept by the string.
             s.hash()?;
-            let cast = s.cast::<PyString>()?.clone().unbind();
-            keys.insert(bytes.into(), cast);
+            keys.insert(bytes, s.cast::<PyString>()?.clone().unbind());
         }
         Ok(Key::Str(s))
     }
