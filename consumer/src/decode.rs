@@ -67,6 +67,17 @@ impl Gauge {
 /// Where decoded events go. `false` means "stop": nobody wants more.
 pub(crate) trait Sink {
     fn event(&mut self, event: Event) -> bool;
+
+    /// Whether the sink keeps events. One that does not (a verification pass) is told how
+    /// many passed instead, with [`Sink::passed`], and no event is made for it.
+    fn wants_events(&self) -> bool {
+        true
+    }
+
+    /// `n` more events were checked, for a sink that does not want them.
+    fn passed(&mut self, _n: u64) -> bool {
+        true
+    }
 }
 
 impl Sink for Vec<Event> {
@@ -89,6 +100,10 @@ struct Discard;
 impl Sink for Discard {
     fn event(&mut self, _: Event) -> bool {
         true
+    }
+
+    fn wants_events(&self) -> bool {
+        false
     }
 }
 
@@ -329,6 +344,19 @@ impl Counting<'_> {
             Err(Cut::Stopped)
         }
     }
+
+    fn wants_events(&self) -> bool {
+        self.sink.wants_events()
+    }
+
+    fn passed(&mut self, n: u64) -> Result<(), Cut> {
+        self.events += n;
+        if self.sink.passed(n) {
+            Ok(())
+        } else {
+            Err(Cut::Stopped)
+        }
+    }
 }
 
 /// The JSON splitter's line buffer, reported to the gauge by capacity.
@@ -410,6 +438,12 @@ impl<'g> Blocks<'g> {
         let block = self.bytes.split_to(n).freeze();
         self.report();
         block
+    }
+
+    /// Drops the first `n` bytes: their events were checked and nobody keeps them.
+    fn skip(&mut self, n: usize) {
+        bytes::Buf::advance(&mut self.bytes, n);
+        self.report();
     }
 }
 
@@ -528,6 +562,13 @@ fn split_msgpack(
             while let Ok(info) = entry::scan_entry_within(&rest[end..], MAX_NESTING) {
                 end += info.len;
                 infos.push(info);
+            }
+            if !out.wants_events() {
+                // A verification pass: the entries are checked, no event is made.
+                buf.skip(end);
+                *scanner = ValueScanner::default();
+                out.passed(infos.len() as u64)?;
+                return Ok(true);
             }
             let block = buf.take(end);
             *scanner = ValueScanner::default();
@@ -1032,6 +1073,50 @@ pub(crate) mod tests {
                 "{c:?}: {last:?}"
             );
             assert!(verify(&p, &damaged[..]).is_err());
+        }
+    }
+
+    #[test]
+    fn verifying_without_events_agrees_with_decoding_across_many_reads() {
+        // Entries of every size across many 64 KiB reads, one of them larger than a read:
+        // the verification pass (no events made) counts and checks what decoding does.
+        let mut msgpack = Vec::new();
+        let mut starts = Vec::new();
+        for i in 0..3000usize {
+            let len = if i == 1500 { 3 * READ_BLOCK } else { i % 700 };
+            let record = rmpv::Value::Map(vec![("m".into(), "x".repeat(len).into())]);
+            starts.push(msgpack.len());
+            msgpack.push(0x92);
+            entry::encode::event_time(&mut msgpack, EventTime::new(1, 0));
+            rmpv::encode::write_value(&mut msgpack, &record).unwrap();
+        }
+        let n = starts.len() as u64;
+        // A malformed entry two thirds of the way through: nil where the time goes.
+        let mut bad = msgpack.clone();
+        bad[starts[2000] + 1] = 0xc0;
+        for c in [Compression::Zstd, Compression::Gzip, Compression::None] {
+            let (p, bytes) = stored(Format::Msgpack, c, &msgpack, n);
+            assert_eq!(verify_and_decode(&p, &bytes).unwrap().len() as u64, n);
+            verify(&p, &bytes[..]).unwrap();
+
+            let mut more = p.clone();
+            more.records = n + 1;
+            let decoded = verify_and_decode(&more, &bytes).unwrap_err();
+            let verified = verify(&more, &bytes[..]).unwrap_err();
+            assert_eq!(verified.to_string(), decoded.to_string(), "{c:?}");
+            assert!(matches!(
+                verified,
+                Error::SizeMismatch {
+                    what: "event count",
+                    ..
+                }
+            ));
+
+            let (p, bytes) = stored(Format::Msgpack, c, &bad, n);
+            let decoded = verify_and_decode(&p, &bytes).unwrap_err();
+            let verified = verify(&p, &bytes[..]).unwrap_err();
+            assert_eq!(verified.to_string(), decoded.to_string(), "{c:?}");
+            assert!(matches!(verified, Error::Decode(_)), "{c:?}: {verified}");
         }
     }
 

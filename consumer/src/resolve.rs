@@ -400,6 +400,14 @@ impl Sink for Unless<'_> {
     fn event(&mut self, _: Event) -> bool {
         !self.0.tx.is_closed()
     }
+
+    fn wants_events(&self) -> bool {
+        false
+    }
+
+    fn passed(&mut self, _: u64) -> bool {
+        !self.0.tx.is_closed()
+    }
 }
 
 /// The events of one chunk, as they are decoded. See [`Resolver::stream`].
