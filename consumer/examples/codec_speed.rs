@@ -7,8 +7,9 @@
 //! ```
 //!
 //! `GROUP` is `gzip` (compression at levels 1 and 6 and decompression), `decode` (raw zstd and
-//! gzip decompression against the crate's `verify_and_decode`, `Decoder` and `verify` on the
-//! same objects, and the uncompressed body) or `all` (the default); `ROUNDS` defaults to 7.
+//! gzip decompression against the crate's `verify_and_decode`, `Decoder` (events one at a
+//! time, and `next_block`'s blocks) and `verify` on the same objects, and the uncompressed
+//! body) or `all` (the default); `ROUNDS` defaults to 7.
 //! Each round runs every variant in turn (each for at least 250 ms); the line printed per
 //! variant gives the median round in MB of body (10^6 bytes) per CPU-second and in
 //! CPU-seconds per GB of body: the thread's own CPU time, from `/proc/thread-self/schedstat`
@@ -243,6 +244,17 @@ fn main() {
                 for event in Decoder::new(p, &s[..]).expect("decoder") {
                     event.expect("valid");
                     n += 1;
+                }
+                n
+            }));
+            variants.push(variant(format!("{name} Decoder blocks"), move || {
+                let mut decoder = Decoder::new(p, &s[..]).expect("decoder");
+                let mut n = 0;
+                while let Some(block) = decoder.next_block().expect("valid") {
+                    for event in &block {
+                        std::hint::black_box(event.time());
+                        n += 1;
+                    }
                 }
                 n
             }));

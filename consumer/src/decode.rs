@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::body::{self, Format};
 use crate::entry::{self, EventTime, ScanError, ValueScanner};
-use crate::{Error, Event, Pointer, MAX_NESTING};
+use crate::{Error, Event, EventBlock, Pointer, MAX_NESTING};
 
 /// Bytes read from the decompressor at a time.
 pub(crate) const READ_BLOCK: usize = 64 * 1024;
@@ -68,14 +68,17 @@ impl Gauge {
 pub(crate) trait Sink {
     fn event(&mut self, event: Event) -> bool;
 
-    /// Whether the sink keeps events. One that does not (a verification pass) is told how
-    /// many passed instead, with [`Sink::passed`], and no event is made for it.
-    fn wants_events(&self) -> bool {
-        true
-    }
-
-    /// `n` more events were checked, for a sink that does not want them.
-    fn passed(&mut self, _n: u64) -> bool {
+    /// The checked entries of one read of a msgpack body, end to end in `block`: made into
+    /// events one by one, unless the sink wants them otherwise (as a block, or not at all).
+    fn block(&mut self, tag: &Arc<str>, block: Bytes, infos: &[entry::EntryInfo]) -> bool {
+        let mut at = 0;
+        for &info in infos {
+            let entry = block.slice(at..at + info.len);
+            at += info.len;
+            if !self.event(Event::from_checked(tag.clone(), entry, info)) {
+                return false;
+            }
+        }
         true
     }
 }
@@ -102,8 +105,26 @@ impl Sink for Discard {
         true
     }
 
-    fn wants_events(&self) -> bool {
-        false
+    fn block(&mut self, _: &Arc<str>, _: Bytes, _: &[entry::EntryInfo]) -> bool {
+        true
+    }
+}
+
+/// Keeps the next block of events: one per step of a pass (a JSON line is a block of one).
+#[derive(Default)]
+struct NextBlock(Option<EventBlock>);
+
+impl Sink for NextBlock {
+    fn event(&mut self, event: Event) -> bool {
+        debug_assert!(self.0.is_none(), "one block per step");
+        self.0 = Some(EventBlock::of_event(event));
+        true
+    }
+
+    fn block(&mut self, tag: &Arc<str>, block: Bytes, infos: &[entry::EntryInfo]) -> bool {
+        debug_assert!(self.0.is_none(), "one block per step");
+        self.0 = Some(EventBlock::from_checked(tag.clone(), block, infos.to_vec()));
+        true
     }
 }
 
@@ -345,13 +366,14 @@ impl Counting<'_> {
         }
     }
 
-    fn wants_events(&self) -> bool {
-        self.sink.wants_events()
-    }
-
-    fn passed(&mut self, n: u64) -> Result<(), Cut> {
-        self.events += n;
-        if self.sink.passed(n) {
+    fn block(
+        &mut self,
+        tag: &Arc<str>,
+        block: Bytes,
+        infos: &[entry::EntryInfo],
+    ) -> Result<(), Cut> {
+        self.events += infos.len() as u64;
+        if self.sink.block(tag, block, infos) {
             Ok(())
         } else {
             Err(Cut::Stopped)
@@ -438,12 +460,6 @@ impl<'g> Blocks<'g> {
         let block = self.bytes.split_to(n).freeze();
         self.report();
         block
-    }
-
-    /// Drops the first `n` bytes: their events were checked and nobody keeps them.
-    fn skip(&mut self, n: usize) {
-        bytes::Buf::advance(&mut self.bytes, n);
-        self.report();
     }
 }
 
@@ -563,21 +579,9 @@ fn split_msgpack(
                 end += info.len;
                 infos.push(info);
             }
-            if !out.wants_events() {
-                // A verification pass: the entries are checked, no event is made.
-                buf.skip(end);
-                *scanner = ValueScanner::default();
-                out.passed(infos.len() as u64)?;
-                return Ok(true);
-            }
             let block = buf.take(end);
             *scanner = ValueScanner::default();
-            let mut at = 0;
-            for &info in infos.iter() {
-                let entry = block.slice(at..at + info.len);
-                at += info.len;
-                out.event(Event::from_checked(tag.clone(), entry, info))?;
-            }
+            out.block(tag, block, infos)?;
             return Ok(true);
         }
         if buf.fill(body).map_err(Cut::Read)? == 0 {
@@ -756,6 +760,61 @@ impl<R: Read> Decoder<R> {
                 Ok(Step::Verified | Step::Stopped) => {
                     self.pass = None;
                     return Ok(false);
+                }
+                Err(e) => {
+                    self.pass = None;
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+impl<R: Read> Decoder<R> {
+    /// The events decoded from the next read of the body (at least one), sharing one
+    /// allocation; `Ok(None)` once the body ended and every check passed. After an error, or
+    /// `Ok(None)`, there is nothing more.
+    ///
+    /// The quickest way through a chunk: the events of a block are read through
+    /// [`EventRef`](crate::EventRef)s, with no allocation or reference count per event.
+    ///
+    /// ```
+    /// # use claimcheck_consumer::{Decoder, Error, Pointer};
+    /// # let pointer = Pointer::from_record(br#"{"v":1,"chunk_id":"0193a1c2e4f87d3e9a5b6c7d8e9f0a1b",
+    /// #   "bucket":"logs","key":"app/0193a1c2e4f87d3e9a5b6c7d8e9f0a1b.msgpack","tag":"app",
+    /// #   "timekey":1763740800,"first_time":1763740801.5,"last_time":1763740801.5,"records":1,
+    /// #   "bytes":22,"stored_bytes":22,"format":"msgpack","compression":"none",
+    /// #   "checksum":{"crc32c":"a7b5de6f"},"producer":"h","created_at":"2026-11-21T16:01:02.345Z"}"#)?;
+    /// # let stored: &[u8] = b"\x92\xd7\x00\x69\x20\x8c\x81\x1d\xcd\x65\x00\x81\xa3msg\xa5hello";
+    /// let mut decoder = Decoder::new(&pointer, stored)?;
+    /// let mut bytes = 0;
+    /// while let Some(block) = decoder.next_block()? {
+    ///     for event in &block {
+    ///         bytes += event.record_msgpack().len();
+    ///     }
+    /// }
+    /// assert_eq!(bytes, 11);
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn next_block(&mut self) -> Result<Option<EventBlock>, Error> {
+        // Events the iterator decoded and has not handed out yet come first.
+        if let Some(event) = self.ready.pop_front() {
+            return Ok(Some(EventBlock::of_event(event)));
+        }
+        loop {
+            let Some(pass) = self.pass.as_mut() else {
+                return Ok(None);
+            };
+            let mut next = NextBlock::default();
+            match pass.step(&self.pointer, &mut next) {
+                Ok(Step::More) => {
+                    if let Some(block) = next.0 {
+                        return Ok(Some(block));
+                    }
+                }
+                Ok(Step::Verified | Step::Stopped) => {
+                    self.pass = None;
+                    return Ok(None);
                 }
                 Err(e) => {
                     self.pass = None;
@@ -1118,6 +1177,96 @@ pub(crate) mod tests {
             assert_eq!(verified.to_string(), decoded.to_string(), "{c:?}");
             assert!(matches!(verified, Error::Decode(_)), "{c:?}: {verified}");
         }
+    }
+
+    #[test]
+    fn blocks_hand_out_the_same_events_as_the_iterator() {
+        // Metadata on odd events, records of every size across many reads, one larger than
+        // a read; and the same events as JSON lines (a block per line).
+        let mut msgpack = Vec::new();
+        for i in 0..2000usize {
+            let len = if i == 900 { 2 * READ_BLOCK } else { i % 500 };
+            let record = rmpv::Value::Map(vec![("m".into(), "x".repeat(len).into())]);
+            msgpack.push(0x92);
+            if i % 2 == 1 {
+                msgpack.push(0x92);
+                entry::encode::event_time(&mut msgpack, EventTime::new(1, i as u32));
+                let meta = rmpv::Value::Map(vec![("pod".into(), i.into())]);
+                rmpv::encode::write_value(&mut msgpack, &meta).unwrap();
+            } else {
+                entry::encode::event_time(&mut msgpack, EventTime::new(1, i as u32));
+            }
+            rmpv::encode::write_value(&mut msgpack, &record).unwrap();
+        }
+        let mut json = Vec::new();
+        body::write_json_lines("app.web", &msgpack, &mut json).unwrap();
+        for (format, body) in [(Format::Msgpack, &msgpack), (Format::Json, &json)] {
+            for c in [Compression::Zstd, Compression::Gzip, Compression::None] {
+                let (p, bytes) = stored(format, c, body, 2000);
+                let events: Vec<Event> = Decoder::new(&p, &bytes[..])
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                let mut decoder = Decoder::new(&p, &bytes[..]).unwrap();
+                let mut seen = 0;
+                let mut blocks = 0;
+                while let Some(block) = decoder.next_block().unwrap() {
+                    assert!(!block.is_empty());
+                    assert_eq!(block.tag(), "app.web");
+                    assert_eq!(block.iter().len(), block.len());
+                    for (r, e) in block.iter().zip(&events[seen..]) {
+                        assert_eq!((r.tag(), r.time()), (e.tag(), e.time()), "{format:?} {c:?}");
+                        assert_eq!(r.record_msgpack(), e.record_msgpack());
+                        assert_eq!(r.metadata_msgpack(), e.metadata_msgpack());
+                        assert_eq!(r.entry_msgpack(), e.entry_msgpack());
+                        assert_eq!(r.record(), e.record());
+                        assert_eq!(&r.to_event(), e);
+                    }
+                    seen += block.len();
+                    blocks += 1;
+                }
+                assert_eq!(seen, events.len(), "{format:?} {c:?}");
+                assert!(decoder.next_block().unwrap().is_none());
+                if format == Format::Msgpack {
+                    assert!(blocks < 200, "{blocks} blocks: events of a read share one");
+                }
+
+                // A damaged object: the failure comes last, as from the iterator.
+                let mut damaged = bytes.clone();
+                let last = damaged.len() - 1;
+                damaged[last] ^= 1;
+                let mut decoder = Decoder::new(&p, &damaged[..]).unwrap();
+                let failed = loop {
+                    match decoder.next_block() {
+                        Ok(Some(_)) => {}
+                        Ok(None) => panic!("{format:?} {c:?}: a damaged object passed"),
+                        Err(e) => break e,
+                    }
+                };
+                assert!(
+                    matches!(
+                        failed,
+                        Error::ChecksumMismatch { .. } | Error::Decompress(_)
+                    ),
+                    "{format:?} {c:?}: {failed}"
+                );
+                assert!(decoder.next_block().unwrap().is_none());
+            }
+        }
+
+        // Events the iterator decoded but did not hand out come first, then blocks.
+        let (p, bytes) = stored(Format::Msgpack, Compression::None, &msgpack, 2000);
+        let mut decoder = Decoder::new(&p, &bytes[..]).unwrap();
+        let first = decoder.next().unwrap().unwrap();
+        let mut rest = Vec::new();
+        while let Some(block) = decoder.next_block().unwrap() {
+            rest.extend(block.iter().map(|r| r.to_event()));
+        }
+        let all: Vec<Event> = Decoder::new(&p, &bytes[..])
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(std::iter::once(first).chain(rest).collect::<Vec<_>>(), all);
     }
 
     #[test]

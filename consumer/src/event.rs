@@ -131,18 +131,7 @@ impl Event {
     /// ([`entry::scan_entry_within`] with [`MAX_NESTING`]): no second walk of the record.
     pub(crate) fn from_checked(tag: Arc<str>, entry: Bytes, info: entry::EntryInfo) -> Event {
         debug_assert_eq!(info.len, entry.len());
-        let metadata = info.has_metadata.then(|| {
-            // The slot is `[time, metadata...]`: the metadata is the map after the time.
-            let slot = &entry[info.time_slot.0..info.time_slot.1];
-            let (_, header) = entry::array_header(slot)
-                .ok()
-                .flatten()
-                .expect("scan_entry found an array here");
-            let start = header + entry::value_len(&slot[header..]).expect("scanned");
-            let len = entry::value_len(&slot[start..]).expect("scanned");
-            let base = info.time_slot.0;
-            (base + start, base + start + len)
-        });
+        let metadata = metadata_range(&entry, &info);
         Event {
             tag,
             time: info.time,
@@ -150,6 +139,17 @@ impl Event {
             time_slot: info.time_slot,
             record: info.record,
             metadata,
+        }
+    }
+
+    /// What [`entry::scan_entry`] would say of this event's entry.
+    fn info(&self) -> entry::EntryInfo {
+        entry::EntryInfo {
+            len: self.entry.len(),
+            time: self.time,
+            time_slot: self.time_slot,
+            record: self.record,
+            has_metadata: self.metadata.is_some(),
         }
     }
 
@@ -229,6 +229,172 @@ impl Event {
             obj.insert("metadata".into(), meta);
         }
         serde_json::Value::Object(obj)
+    }
+}
+
+/// The byte range of the metadata inside a scanned entry, when it has some.
+fn metadata_range(entry: &[u8], info: &entry::EntryInfo) -> Option<(usize, usize)> {
+    info.has_metadata.then(|| {
+        // The slot is `[time, metadata...]`: the metadata is the map after the time.
+        let slot = &entry[info.time_slot.0..info.time_slot.1];
+        let (_, header) = entry::array_header(slot)
+            .ok()
+            .flatten()
+            .expect("scan_entry found an array here");
+        let start = header + entry::value_len(&slot[header..]).expect("scanned");
+        let len = entry::value_len(&slot[start..]).expect("scanned");
+        let base = info.time_slot.0;
+        (base + start, base + start + len)
+    })
+}
+
+/// The events decoded from one read of a body, in one shared allocation: what
+/// [`Decoder::next_block`](crate::Decoder::next_block) hands out.
+///
+/// Reading the events of a block through [`EventRef`]s costs no allocation and no reference
+/// count per event, which matters when a chunk is read at the speed of its decompression;
+/// [`EventRef::to_event`] makes an [`Event`] of one that is to be kept.
+#[derive(Debug, Clone)]
+pub struct EventBlock {
+    tag: Arc<str>,
+    bytes: Bytes,
+    /// One per entry, in order; the entries fill `bytes` end to end.
+    infos: Vec<entry::EntryInfo>,
+}
+
+impl EventBlock {
+    /// `bytes` are whole entries end to end, scanned (their nesting checked) into `infos`.
+    pub(crate) fn from_checked(tag: Arc<str>, bytes: Bytes, infos: Vec<entry::EntryInfo>) -> Self {
+        debug_assert_eq!(infos.iter().map(|i| i.len).sum::<usize>(), bytes.len());
+        EventBlock { tag, bytes, infos }
+    }
+
+    /// A block of one event.
+    pub(crate) fn of_event(event: Event) -> Self {
+        let info = event.info();
+        EventBlock {
+            tag: event.tag,
+            bytes: event.entry,
+            infos: vec![info],
+        }
+    }
+
+    /// The tag of every event in the block.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// How many events the block holds (at least one when it comes from a decoder).
+    pub fn len(&self) -> usize {
+        self.infos.len()
+    }
+
+    /// True when the block holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.infos.is_empty()
+    }
+
+    /// The events, in order.
+    pub fn iter(&self) -> EventRefs<'_> {
+        EventRefs {
+            block: self,
+            next: 0,
+            at: 0,
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a EventBlock {
+    type Item = EventRef<'a>;
+    type IntoIter = EventRefs<'a>;
+
+    fn into_iter(self) -> EventRefs<'a> {
+        self.iter()
+    }
+}
+
+/// The events of an [`EventBlock`], in order.
+#[derive(Debug, Clone)]
+pub struct EventRefs<'a> {
+    block: &'a EventBlock,
+    /// Index of the next entry, and where it starts.
+    next: usize,
+    at: usize,
+}
+
+impl<'a> Iterator for EventRefs<'a> {
+    type Item = EventRef<'a>;
+
+    fn next(&mut self) -> Option<EventRef<'a>> {
+        let info = self.block.infos.get(self.next)?;
+        let start = self.at;
+        self.next += 1;
+        self.at += info.len;
+        Some(EventRef {
+            block: self.block,
+            start,
+            entry: &self.block.bytes[start..start + info.len],
+            info,
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.block.infos.len() - self.next;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for EventRefs<'_> {}
+
+/// One event of an [`EventBlock`], borrowed from it: the accessors of [`Event`] without the
+/// event's own allocation-sharing handle.
+#[derive(Debug, Clone, Copy)]
+pub struct EventRef<'a> {
+    block: &'a EventBlock,
+    /// Where the entry starts in the block.
+    start: usize,
+    entry: &'a [u8],
+    info: &'a entry::EntryInfo,
+}
+
+impl<'a> EventRef<'a> {
+    /// The Fluentd tag.
+    pub fn tag(&self) -> &'a str {
+        &self.block.tag
+    }
+
+    /// The event time: seconds and nanoseconds (zero nanoseconds for integer times).
+    pub fn time(&self) -> EventTime {
+        self.info.time
+    }
+
+    /// The record as a msgpack value borrowed from the block (normally a map).
+    pub fn record(&self) -> rmpv::ValueRef<'a> {
+        borrow(self.record_msgpack())
+    }
+
+    /// The record's msgpack bytes, exactly as stored.
+    pub fn record_msgpack(&self) -> &'a [u8] {
+        &self.entry[self.info.record.0..self.info.record.1]
+    }
+
+    /// Fluent Bit's per-event metadata's msgpack bytes, exactly as stored, when present.
+    pub fn metadata_msgpack(&self) -> Option<&'a [u8]> {
+        metadata_range(self.entry, self.info).map(|(a, b)| &self.entry[a..b])
+    }
+
+    /// The whole msgpack entry: `[time, record]`, or `[[time, metadata], record]`.
+    pub fn entry_msgpack(&self) -> &'a [u8] {
+        self.entry
+    }
+
+    /// The event as an [`Event`] of its own, sharing the block's bytes (no copy).
+    pub fn to_event(&self) -> Event {
+        let entry = self
+            .block
+            .bytes
+            .slice(self.start..self.start + self.info.len);
+        Event::from_checked(self.block.tag.clone(), entry, *self.info)
     }
 }
 

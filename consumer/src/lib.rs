@@ -79,7 +79,7 @@ pub use checkpoint::{Checkpoint, CheckpointStore, FileCheckpointStore};
 pub use decode::{verify, verify_and_decode, Decoder};
 pub use entry::EventTime;
 pub use error::{BoxError, Error};
-pub use event::{Event, MAX_NESTING};
+pub use event::{Event, EventBlock, EventRef, EventRefs, MAX_NESTING};
 pub use pointer::Pointer;
 #[cfg(feature = "aws")]
 pub use reader::{Delivery, Position, StartPosition, StreamReader};

@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use futures::Stream;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -19,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::decode::{self, Gauge, Outcome, Sink};
 use crate::source::{Object, ObjectSource, S3};
-use crate::{Error, Event, Pointer};
+use crate::{entry, Error, Event, Pointer};
 
 /// When a chunk's events may be handed out relative to the checks of its object.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -401,11 +402,7 @@ impl Sink for Unless<'_> {
         !self.0.tx.is_closed()
     }
 
-    fn wants_events(&self) -> bool {
-        false
-    }
-
-    fn passed(&mut self, _: u64) -> bool {
+    fn block(&mut self, _: &Arc<str>, _: Bytes, _: &[entry::EntryInfo]) -> bool {
         !self.0.tx.is_closed()
     }
 }
