@@ -489,6 +489,15 @@ fn scan(buf: &[u8], depth_limit: Option<usize>) -> Result<EntryInfo, ScanError> 
         Some(limit) => value_len_within(value, limit),
         None => value_len(value),
     };
+    // The usual entry, as Fluentd and Fluent Bit write it: `[EventTime, record]`, a fixarray
+    // of 2 and a fixext8 of type 0, read here without decoding their headers.
+    if let [0x92, 0xd7, 0x00, s0, s1, s2, s3, n0, n1, n2, n3, ..] = *buf {
+        let nanos = u32::from_be_bytes([n0, n1, n2, n3]);
+        if nanos < 1_000_000_000 {
+            let time = EventTime::new(i64::from(u32::from_be_bytes([s0, s1, s2, s3])), nanos);
+            return record_after(buf, 1, 11, time, false, len_of);
+        }
+    }
     let (n, mut pos) = array_header(buf)?.ok_or(ScanError::Invalid("entry is not an array"))?;
     if n != 2 {
         return Err(ScanError::Invalid("entry is not a [time, record] pair"));
@@ -522,7 +531,19 @@ fn scan(buf: &[u8], depth_limit: Option<usize>) -> Result<EntryInfo, ScanError> 
             }
         },
     };
-    let slot_end = pos;
+    record_after(buf, slot_start, pos, time, has_metadata, len_of)
+}
+
+/// The rest of [`scan`] once the time slot (`slot_start..pos`) is read: the record map.
+#[inline(always)]
+fn record_after(
+    buf: &[u8],
+    slot_start: usize,
+    pos: usize,
+    time: EventTime,
+    has_metadata: bool,
+    len_of: impl Fn(&[u8]) -> Result<usize, ScanError>,
+) -> Result<EntryInfo, ScanError> {
     if map_header(&buf[pos..])?.is_none() {
         return Err(ScanError::Invalid("record is not a map"));
     }
@@ -530,7 +551,7 @@ fn scan(buf: &[u8], depth_limit: Option<usize>) -> Result<EntryInfo, ScanError> 
     Ok(EntryInfo {
         len: pos + record_len,
         time,
-        time_slot: (slot_start, slot_end),
+        time_slot: (slot_start, pos),
         record: (pos, pos + record_len),
         has_metadata,
     })
@@ -766,6 +787,53 @@ mod tests {
         assert_eq!(
             (info.len, info.time, info.has_metadata),
             (fb.len(), t, true)
+        );
+    }
+
+    #[test]
+    fn the_usual_entry_is_read_as_the_general_path_reads_it() {
+        // `[fixext8 EventTime, record]` takes a shortcut; the same time as an ext8 (one byte
+        // longer, the general path) must give the same time and record, the same errors for
+        // nanoseconds out of range and for a record that is not a map, and Incomplete at
+        // every truncation.
+        let rec = pack(&record());
+        for t in [
+            EventTime::new(0, 0),
+            EventTime::new(1_763_740_801, 999_999_999),
+            EventTime::new(i64::from(u32::MAX), 5),
+        ] {
+            let mut fixext = vec![0x92];
+            encode::event_time(&mut fixext, t);
+            let mut ext8 = vec![0x92];
+            encode::event_time_ext8(&mut ext8, t);
+            for tail in [&rec[..], &pack(&"text".into())[..]] {
+                let (mut a, mut b) = (fixext.clone(), ext8.clone());
+                a.extend_from_slice(tail);
+                b.extend_from_slice(tail);
+                let (fast, general) = (scan_entry(&a), scan_entry(&b));
+                match (&fast, &general) {
+                    (Ok(f), Ok(g)) => {
+                        assert_eq!((f.time, f.has_metadata), (g.time, g.has_metadata));
+                        assert_eq!(&a[f.record.0..f.record.1], &b[g.record.0..g.record.1]);
+                        assert_eq!((f.len + 1, f.time_slot.1 + 1), (g.len, g.time_slot.1));
+                    }
+                    _ => assert_eq!(fast, general),
+                }
+                if general.is_ok() {
+                    for cut in 0..a.len() {
+                        assert_eq!(scan_entry(&a[..cut]), Err(ScanError::Incomplete), "{cut}");
+                    }
+                }
+            }
+        }
+        let mut bad_nanos = vec![0x92, 0xd7, 0x00, 0, 0, 0, 1];
+        bad_nanos.extend_from_slice(&1_000_000_000u32.to_be_bytes());
+        bad_nanos.extend_from_slice(&rec);
+        assert_eq!(
+            scan_entry(&bad_nanos),
+            Err(ScanError::Invalid(
+                "event time is not an integer or EventTime"
+            ))
         );
     }
 
