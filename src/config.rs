@@ -741,6 +741,51 @@ pub fn effective_toml(serve_argv: &[OsString]) -> Result<String, String> {
 
 /// The configuration reference (docs/configuration.md): every `serve` setting with its flag,
 /// environment variable, file key, default and description, from the definitions above.
+/// Environment variables the binary reads that no flag declares: test hooks.
+const OTHER_ENV: &[&str] = &["CLAIMCHECK_FAULT"];
+
+/// The `CLAIMCHECK_*` variables of `vars` that neither a flag of `command` (or of its
+/// subcommands) nor anything else reads, each with the known name nearest to it when one is
+/// close: a typo in a deployment (`CLAIMCHECK_S3_BUCKT`) would otherwise leave a setting at
+/// its default without a word.
+pub fn unknown_env(
+    command: &clap::Command,
+    vars: impl IntoIterator<Item = OsString>,
+) -> Vec<(String, Option<String>)> {
+    fn known(command: &clap::Command, into: &mut Vec<String>) {
+        for arg in command.get_arguments() {
+            if let Some(name) = arg.get_env().and_then(|e| e.to_str()) {
+                into.push(name.to_owned());
+            }
+        }
+        for sub in command.get_subcommands() {
+            known(sub, into);
+        }
+    }
+    let mut names: Vec<String> = OTHER_ENV.iter().map(|s| s.to_string()).collect();
+    known(command, &mut names);
+    let mut unknown: Vec<(String, Option<String>)> = vars
+        .into_iter()
+        .filter_map(|v| v.into_string().ok())
+        .filter(|v| v.starts_with("CLAIMCHECK_") && !names.contains(v))
+        .map(|v| {
+            // Compared without the prefix every name shares.
+            let suffix = |n: &str| n["CLAIMCHECK_".len()..].to_owned();
+            let nearest = names
+                .iter()
+                .filter(|n| n.starts_with("CLAIMCHECK_"))
+                .map(|n| (strsim::jaro(&suffix(n), &suffix(&v)), n))
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .filter(|(score, _)| *score > 0.8)
+                .map(|(_, n)| n.clone());
+            (v, nearest)
+        })
+        .collect();
+    unknown.sort();
+    unknown.dedup();
+    unknown
+}
+
 pub fn reference_markdown() -> String {
     let mut out = String::from(
         "# Configuration reference\n\n\
@@ -749,7 +794,8 @@ pub fn reference_markdown() -> String {
          TOML file given with `--config` (or `CLAIMCHECK_CONFIG`). Precedence: flag, environment,\n\
          file, default. Durations take `500ms`, `60s`, `1m`, `72h`; sizes take `8MiB`, `256KiB`,\n\
          `1GB` or bytes. `claimcheck serve --print-config` prints the effective settings as a\n\
-         file.\n\n\
+         file. A `CLAIMCHECK_*` variable that no setting reads (a typo) is logged as a warning at\n\
+         start, with the name it most resembles.\n\n\
          | file key | flag | environment | default | meaning |\n\
          |---|---|---|---|---|\n",
     );
@@ -807,6 +853,35 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         serve: ServeArgs,
+    }
+
+    #[test]
+    fn unknown_claimcheck_variables_are_named_with_the_nearest_known_one() {
+        let command = <Cli as clap::CommandFactory>::command();
+        let vars = [
+            "CLAIMCHECK_S3_BUCKT",
+            "CLAIMCHECK_S3_BUCKET",
+            "CLAIMCHECK_FAULT",
+            "CLAIMCHECK_ZZZ",
+            "CLAIMCHECK_KINESIS_STREM",
+            "PATH",
+            "AWS_REGION",
+        ]
+        .map(OsString::from);
+        assert_eq!(
+            unknown_env(&command, vars),
+            vec![
+                (
+                    "CLAIMCHECK_KINESIS_STREM".to_owned(),
+                    Some("CLAIMCHECK_KINESIS_STREAM".to_owned())
+                ),
+                (
+                    "CLAIMCHECK_S3_BUCKT".to_owned(),
+                    Some("CLAIMCHECK_S3_BUCKET".to_owned())
+                ),
+                ("CLAIMCHECK_ZZZ".to_owned(), None),
+            ]
+        );
     }
 
     fn parse(args: &[&str]) -> Result<Config, String> {

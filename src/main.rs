@@ -1,6 +1,6 @@
 #![forbid(unsafe_code)]
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use claimcheck::bench::BenchArgs;
@@ -157,10 +157,26 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Logs each `CLAIMCHECK_*` variable that nothing reads (a typo leaves its setting at the
+/// default).
+fn warn_unknown_env() {
+    let vars = std::env::vars_os().map(|(name, _)| name);
+    for (name, nearest) in claimcheck::config::unknown_env(&Cli::command(), vars) {
+        match nearest {
+            Some(nearest) => tracing::warn!(
+                variable = %name,
+                "unknown environment variable, ignored; did you mean {nearest}?"
+            ),
+            None => tracing::warn!(variable = %name, "unknown environment variable, ignored"),
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing(args.log_format);
+            warn_unknown_env();
             let config = args.into_config().map_err(anyhow::Error::msg)?;
             raise_open_files_limit(
                 config.listener.max_connections,
@@ -174,10 +190,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Tail(args) => {
             init_tracing(LogFormat::Human);
+            warn_unknown_env();
             consume::tail(args).await
         }
         Command::Resolve(args) => {
             init_tracing(LogFormat::Human);
+            warn_unknown_env();
             consume::resolve(args).await
         }
         Command::ConfigReference => {
