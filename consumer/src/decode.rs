@@ -750,27 +750,15 @@ impl<R: Read> Decoder<R> {
             return Ok(true);
         }
         loop {
-            let Some(pass) = self.pass.as_mut() else {
-                return Ok(false);
-            };
             let before = out.len();
-            match pass.step(&self.pointer, out) {
-                Ok(Step::More) if out.len() == before => continue,
-                Ok(Step::More) => return Ok(true),
-                Ok(Step::Verified | Step::Stopped) => {
-                    self.pass = None;
-                    return Ok(false);
-                }
-                Err(e) => {
-                    self.pass = None;
-                    return Err(e);
-                }
+            if !step(&mut self.pass, &self.pointer, out)? {
+                return Ok(false);
+            }
+            if out.len() > before {
+                return Ok(true);
             }
         }
     }
-}
-
-impl<R: Read> Decoder<R> {
     /// The events decoded from the next read of the body (at least one), sharing one
     /// allocation; `Ok(None)` once the body ended and every check passed. After an error, or
     /// `Ok(None)`, there is nothing more.
@@ -802,27 +790,32 @@ impl<R: Read> Decoder<R> {
             return Ok(Some(EventBlock::of_event(event)));
         }
         loop {
-            let Some(pass) = self.pass.as_mut() else {
-                return Ok(None);
-            };
             let mut next = NextBlock::default();
-            match pass.step(&self.pointer, &mut next) {
-                Ok(Step::More) => {
-                    if let Some(block) = next.0 {
-                        return Ok(Some(block));
-                    }
-                }
-                Ok(Step::Verified | Step::Stopped) => {
-                    self.pass = None;
-                    return Ok(None);
-                }
-                Err(e) => {
-                    self.pass = None;
-                    return Err(e);
-                }
+            if !step(&mut self.pass, &self.pointer, &mut next)? {
+                return Ok(None);
+            }
+            if let Some(block) = next.0 {
+                return Ok(Some(block));
             }
         }
     }
+}
+
+/// One step of a decoder's pass into `sink`: `Ok(true)` while there may be more; at the end,
+/// or after an error, the pass is over.
+fn step<R: Read>(
+    pass: &mut Option<Pass<'static, R>>,
+    pointer: &Pointer,
+    sink: &mut dyn Sink,
+) -> Result<bool, Error> {
+    let Some(p) = pass.as_mut() else {
+        return Ok(false);
+    };
+    let result = p.step(pointer, sink);
+    if !matches!(result, Ok(Step::More)) {
+        *pass = None;
+    }
+    Ok(matches!(result?, Step::More))
 }
 
 impl<R: Read> Iterator for Decoder<R> {
@@ -833,14 +826,10 @@ impl<R: Read> Iterator for Decoder<R> {
             if let Some(event) = self.ready.pop_front() {
                 return Some(Ok(event));
             }
-            let pass = self.pass.as_mut()?;
-            match pass.step(&self.pointer, &mut self.ready) {
-                Ok(Step::More) => {}
-                Ok(Step::Verified | Step::Stopped) => self.pass = None,
-                Err(e) => {
-                    self.pass = None;
-                    return Some(Err(e));
-                }
+            match step(&mut self.pass, &self.pointer, &mut self.ready) {
+                Ok(true) => {}
+                Ok(false) => return self.ready.pop_front().map(Ok),
+                Err(e) => return Some(Err(e)),
             }
         }
     }
