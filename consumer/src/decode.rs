@@ -759,6 +759,7 @@ impl<R: Read> Decoder<R> {
             }
         }
     }
+
     /// The events decoded from the next read of the body (at least one), sharing one
     /// allocation; `Ok(None)` once the body ended and every check passed. After an error, or
     /// `Ok(None)`, there is nothing more.
@@ -1209,6 +1210,11 @@ pub(crate) mod tests {
                         assert_eq!(r.metadata_msgpack(), e.metadata_msgpack());
                         assert_eq!(r.entry_msgpack(), e.entry_msgpack());
                         assert_eq!(r.record(), e.record());
+                        assert_eq!(r.metadata(), e.metadata());
+                        assert_eq!(r.record_json(), e.record_json());
+                        let m: std::collections::BTreeMap<&str, &str> =
+                            r.deserialize_record().unwrap();
+                        assert_eq!(m.len(), 1);
                         assert_eq!(&r.to_event(), e);
                     }
                     seen += block.len();

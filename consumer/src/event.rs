@@ -346,8 +346,8 @@ impl<'a> Iterator for EventRefs<'a> {
 
 impl ExactSizeIterator for EventRefs<'_> {}
 
-/// One event of an [`EventBlock`], borrowed from it: the accessors of [`Event`] without the
-/// event's own allocation-sharing handle.
+/// One event of an [`EventBlock`], borrowed from it, with the accessors of [`Event`]; the
+/// event's own handle on the bytes is made only by [`EventRef::to_event`].
 #[derive(Debug, Clone, Copy)]
 pub struct EventRef<'a> {
     block: &'a EventBlock,
@@ -376,6 +376,22 @@ impl<'a> EventRef<'a> {
     /// The record's msgpack bytes, exactly as stored.
     pub fn record_msgpack(&self) -> &'a [u8] {
         &self.entry[self.info.record.0..self.info.record.1]
+    }
+
+    /// The record as JSON, by the conversion rules of [`body`](crate::body).
+    pub fn record_json(&self) -> serde_json::Value {
+        body::value_ref_to_json(&self.record())
+    }
+
+    /// The record deserialized into `T`, as [`Event::deserialize_record`] does; strings can
+    /// be borrowed from the block.
+    pub fn deserialize_record<T: Deserialize<'a>>(&self) -> Result<T, Error> {
+        T::deserialize(self.record()).map_err(|e| Error::Deserialize(Box::new(e)))
+    }
+
+    /// Fluent Bit's per-event metadata (`[[time, metadata], record]`), when present.
+    pub fn metadata(&self) -> Option<rmpv::ValueRef<'a>> {
+        self.metadata_msgpack().map(borrow)
     }
 
     /// Fluent Bit's per-event metadata's msgpack bytes, exactly as stored, when present.
