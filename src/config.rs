@@ -741,8 +741,21 @@ pub fn effective_toml(serve_argv: &[OsString]) -> Result<String, String> {
 
 /// The configuration reference (docs/configuration.md): every `serve` setting with its flag,
 /// environment variable, file key, default and description, from the definitions above.
-/// Environment variables the binary reads that no flag declares: test hooks.
-const OTHER_ENV: &[&str] = &["CLAIMCHECK_FAULT"];
+/// `CLAIMCHECK_*` variables that no flag declares: the fault hook the binary reads, and the
+/// variables this project's scripts and tests set for themselves (a sidecar they start
+/// inherits them), which the binary ignores.
+const OTHER_ENV: &[&str] = &[
+    "CLAIMCHECK_FAULT",
+    "CLAIMCHECK_BIN",
+    "CLAIMCHECK_CRASH_CYCLES",
+    "CLAIMCHECK_MANY_TAGS",
+    "CLAIMCHECK_MANY_TAGS_NOFILE",
+    "CLAIMCHECK_MANY_TAGS_WINDOW",
+    "CLAIMCHECK_MOTO_SERVER",
+    "CLAIMCHECK_NODE_MODULES",
+    "CLAIMCHECK_PYTHON",
+    "CLAIMCHECK_WRITE_VECTORS",
+];
 
 /// The `CLAIMCHECK_*` variables of `vars` that neither a flag of `command` (or of its
 /// subcommands) nor anything else reads, each with the known name nearest to it when one is
@@ -882,6 +895,53 @@ mod tests {
                 ("CLAIMCHECK_ZZZ".to_owned(), None),
             ]
         );
+    }
+
+    #[test]
+    fn the_variables_of_the_scripts_and_tests_are_not_reported() {
+        // Every CLAIMCHECK_* name in the scripts and tests is a flag's or in OTHER_ENV, so
+        // that a sidecar they start does not warn about them.
+        let command = <Cli as clap::CommandFactory>::command();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = Vec::new();
+        let mut dirs = vec![root.join("scripts"), root.join("tests")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else {
+                    files.push(path);
+                }
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for file in &files {
+            let Ok(text) = std::fs::read_to_string(file) else {
+                continue;
+            };
+            for (at, _) in text.match_indices("CLAIMCHECK_") {
+                let name: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                // Names built at run time (`CLAIMCHECK_S3_...` from a prefix) end in `_`.
+                if !name.ends_with('_') {
+                    names.insert(OsString::from(name));
+                }
+            }
+        }
+        assert!(
+            names.contains(&OsString::from("CLAIMCHECK_BIN")),
+            "{names:?}"
+        );
+        // The test's Cli has serve's flags only; the other subcommands' come from the binary.
+        let others = ["CLAIMCHECK_BENCH_SHARED_KEY", "CLAIMCHECK_BENCH_USER"];
+        let unknown: Vec<_> = unknown_env(&command, names)
+            .into_iter()
+            .filter(|(name, _)| !others.contains(&name.as_str()))
+            .collect();
+        assert_eq!(unknown, vec![]);
     }
 
     fn parse(args: &[&str]) -> Result<Config, String> {
