@@ -739,8 +739,6 @@ pub fn effective_toml(serve_argv: &[OsString]) -> Result<String, String> {
     toml::to_string(&table).map_err(|e| e.to_string())
 }
 
-/// The configuration reference (docs/configuration.md): every `serve` setting with its flag,
-/// environment variable, file key, default and description, from the definitions above.
 /// `CLAIMCHECK_*` variables that no flag declares: the fault hook the binary reads, and the
 /// variables this project's scripts and tests set for themselves (a sidecar they start
 /// inherits them), which the binary ignores.
@@ -799,6 +797,8 @@ pub fn unknown_env(
     unknown
 }
 
+/// The configuration reference (docs/configuration.md): every `serve` setting with its flag,
+/// environment variable, file key, default and description, from the definitions above.
 pub fn reference_markdown() -> String {
     let mut out = String::from(
         "# Configuration reference\n\n\
