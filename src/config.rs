@@ -781,11 +781,10 @@ pub fn unknown_env(
         .filter(|v| v.starts_with("CLAIMCHECK_") && !names.contains(v))
         .map(|v| {
             // Compared without the prefix every name shares.
-            let suffix = |n: &str| n["CLAIMCHECK_".len()..].to_owned();
+            let typed = &v["CLAIMCHECK_".len()..];
             let nearest = names
                 .iter()
-                .filter(|n| n.starts_with("CLAIMCHECK_"))
-                .map(|n| (strsim::jaro(&suffix(n), &suffix(&v)), n))
+                .filter_map(|n| Some((strsim::jaro(n.strip_prefix("CLAIMCHECK_")?, typed), n)))
                 .max_by(|a, b| a.0.total_cmp(&b.0))
                 .filter(|(score, _)| *score > 0.8)
                 .map(|(_, n)| n.clone());
