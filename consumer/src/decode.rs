@@ -812,11 +812,13 @@ fn step<R: Read>(
     let Some(p) = pass.as_mut() else {
         return Ok(false);
     };
-    let result = p.step(pointer, sink);
-    if !matches!(result, Ok(Step::More)) {
-        *pass = None;
+    match p.step(pointer, sink) {
+        Ok(Step::More) => Ok(true),
+        other => {
+            *pass = None;
+            other.map(|_| false)
+        }
     }
-    Ok(matches!(result?, Step::More))
 }
 
 impl<R: Read> Iterator for Decoder<R> {
