@@ -1127,22 +1127,37 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn verifying_without_events_agrees_with_decoding_across_many_reads() {
-        // Entries of every size across many 64 KiB reads, one of them larger than a read:
-        // the verification pass (no events made) counts and checks what decoding does.
+    /// `n` entries of every size across many 64 KiB reads, one in the middle larger than
+    /// three reads, Fluent Bit metadata on the odd ones; and where each entry starts.
+    fn many_reads_body(n: usize) -> (Vec<u8>, Vec<usize>) {
         let mut msgpack = Vec::new();
         let mut starts = Vec::new();
-        for i in 0..3000usize {
-            let len = if i == 1500 { 3 * READ_BLOCK } else { i % 700 };
+        for i in 0..n {
+            let len = if i == n / 2 { 3 * READ_BLOCK } else { i % 700 };
             let record = rmpv::Value::Map(vec![("m".into(), "x".repeat(len).into())]);
             starts.push(msgpack.len());
             msgpack.push(0x92);
-            entry::encode::event_time(&mut msgpack, EventTime::new(1, 0));
+            let time = EventTime::new(1, i as u32);
+            if i % 2 == 1 {
+                msgpack.push(0x92);
+                entry::encode::event_time(&mut msgpack, time);
+                let meta = rmpv::Value::Map(vec![("pod".into(), i.into())]);
+                rmpv::encode::write_value(&mut msgpack, &meta).unwrap();
+            } else {
+                entry::encode::event_time(&mut msgpack, time);
+            }
             rmpv::encode::write_value(&mut msgpack, &record).unwrap();
         }
+        (msgpack, starts)
+    }
+
+    #[test]
+    fn verifying_without_events_agrees_with_decoding_across_many_reads() {
+        // The verification pass (no events made) counts and checks what decoding does.
+        let (msgpack, starts) = many_reads_body(3000);
         let n = starts.len() as u64;
-        // A malformed entry two thirds of the way through: nil where the time goes.
+        // A malformed entry two thirds of the way through (an even one, without metadata):
+        // nil where the time goes.
         let mut bad = msgpack.clone();
         bad[starts[2000] + 1] = 0xc0;
         for c in [Compression::Zstd, Compression::Gzip, Compression::None] {
@@ -1173,23 +1188,8 @@ pub(crate) mod tests {
 
     #[test]
     fn blocks_hand_out_the_same_events_as_the_iterator() {
-        // Metadata on odd events, records of every size across many reads, one larger than
-        // a read; and the same events as JSON lines (a block per line).
-        let mut msgpack = Vec::new();
-        for i in 0..2000usize {
-            let len = if i == 900 { 2 * READ_BLOCK } else { i % 500 };
-            let record = rmpv::Value::Map(vec![("m".into(), "x".repeat(len).into())]);
-            msgpack.push(0x92);
-            if i % 2 == 1 {
-                msgpack.push(0x92);
-                entry::encode::event_time(&mut msgpack, EventTime::new(1, i as u32));
-                let meta = rmpv::Value::Map(vec![("pod".into(), i.into())]);
-                rmpv::encode::write_value(&mut msgpack, &meta).unwrap();
-            } else {
-                entry::encode::event_time(&mut msgpack, EventTime::new(1, i as u32));
-            }
-            rmpv::encode::write_value(&mut msgpack, &record).unwrap();
-        }
+        // The same events as JSON lines too (a block per line).
+        let (msgpack, _) = many_reads_body(2000);
         let mut json = Vec::new();
         body::write_json_lines("app.web", &msgpack, &mut json).unwrap();
         for (format, body) in [(Format::Msgpack, &msgpack), (Format::Json, &json)] {
