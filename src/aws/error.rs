@@ -1,7 +1,8 @@
 //! Classifying SDK errors: can a retry help, or must an operator act?
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 
@@ -81,20 +82,42 @@ pub fn remedy(kinesis: bool, code: &str, message: &str) -> Option<&'static str> 
     })
 }
 
-/// Causes already explained in the log, by service (S3 false, Kinesis true) and code.
-static EXPLAINED: Mutex<BTreeSet<(bool, String)>> = Mutex::new(BTreeSet::new());
+/// Causes already explained in the log, by service (S3 false, Kinesis true) and code, with
+/// when each was last refused.
+#[derive(Debug, Default)]
+struct Explained(BTreeMap<(bool, String), Instant>);
+
+impl Explained {
+    /// A call was refused for `code` at `now`: true if this cause is not explained yet.
+    fn refused(&mut self, kinesis: bool, code: &str, now: Instant) -> bool {
+        self.0.insert((kinesis, code.to_string()), now).is_none()
+    }
+
+    /// A call started at `started` succeeded: the service's causes last refused before that
+    /// are taken as fixed, and explained again should they come back. A call already under
+    /// way at a refusal (it passed before the cause appeared, or between two refusals) says
+    /// nothing about whether the cause is gone; with several uploads in flight such calls
+    /// often finish just after the first refusal.
+    fn succeeded(&mut self, kinesis: bool, started: Instant) {
+        self.0
+            .retain(|(k, _), last| *k != kinesis || *last > started);
+    }
+}
+
+static EXPLAINED: Mutex<Explained> = Mutex::new(Explained(BTreeMap::new()));
 
 /// Logs, once per cause, an error that needs an operator with the setting that fixes it (the
 /// chunk is retried all the same). A cause is explained again if it comes back after a call
-/// to the same service succeeded.
+/// to the same service, started after the cause's last refusal, succeeded.
 pub fn explain(kinesis: bool, operation: &str, code: &str, message: &str) {
     let Some(fix) = remedy(kinesis, code, message) else {
         return;
     };
-    let first = EXPLAINED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert((kinesis, code.to_string()));
+    let first =
+        EXPLAINED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .refused(kinesis, code, Instant::now());
     if first {
         let service = if kinesis { "Kinesis" } else { "S3" };
         tracing::error!(
@@ -108,11 +131,11 @@ pub fn explain(kinesis: bool, operation: &str, code: &str, message: &str) {
     }
 }
 
-/// A call to `kinesis` (or S3) succeeded: causes explained for it may be explained again.
-pub fn succeeded(kinesis: bool) {
+/// A call to `kinesis` (or S3), started at `started`, succeeded.
+pub fn succeeded(kinesis: bool, started: Instant) {
     let mut explained = EXPLAINED.lock().unwrap_or_else(|e| e.into_inner());
-    if !explained.is_empty() {
-        explained.retain(|(k, _)| *k != kinesis);
+    if !explained.0.is_empty() {
+        explained.succeeded(kinesis, started);
     }
 }
 
@@ -183,4 +206,31 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         cur = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_cause_is_explained_again_only_after_a_call_started_since_it_succeeded() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut explained = Explained::default();
+        assert!(explained.refused(false, "PermanentRedirect", at(10)));
+        assert!(!explained.refused(false, "PermanentRedirect", at(20)));
+        // Under way before the last refusal: the cause may still be there.
+        explained.succeeded(false, at(15));
+        assert!(!explained.refused(false, "PermanentRedirect", at(30)));
+        // The other service's success says nothing about S3.
+        explained.succeeded(true, at(40));
+        assert!(!explained.refused(false, "PermanentRedirect", at(50)));
+        // Started after the last refusal and succeeded: fixed, so a return is explained.
+        assert!(explained.refused(true, "AccessDeniedException", at(55)));
+        explained.succeeded(false, at(60));
+        assert!(explained.refused(false, "PermanentRedirect", at(70)));
+        assert!(!explained.refused(true, "AccessDeniedException", at(80)));
+    }
 }

@@ -81,7 +81,7 @@ where
     let started = std::time::Instant::now();
     let result = call.await.map_err(|e| BackendError::from_sdk(operation, e));
     match &result {
-        Ok(_) => error::succeeded(kinesis),
+        Ok(_) => error::succeeded(kinesis, started),
         Err(e) => error::explain(kinesis, operation, &e.code, &e.message),
     }
     let code = result.as_ref().err().map(|e| e.code.as_str());
