@@ -419,6 +419,90 @@ async fn a_resent_request_is_acked_again_and_stored_once() {
     );
 }
 
+/// Fluent Bit's token is a hash of the entries: the same line flushed again within the second
+/// its time was parsed to repeats a token without being a resend. Such a repeat is new data
+/// while the earlier copy's connection is open, or ended in order after its ack; it is taken
+/// for a resend only when that connection failed before showing the ack arrived, as when
+/// Fluent Bit gives up on an ack. Fluentd's tokens are random: a repeat is always a resend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_content_hash_token_is_new_data_unless_its_ack_may_be_lost() {
+    use common::load::request;
+    use tokio::net::TcpStream;
+    let sidecar = Sidecar::standalone(&[]);
+    let addr = sidecar.addr();
+    let secs = now_secs();
+    let mut entries = vec![0x92, 0x92];
+    claimcheck_consumer::entry::encode::event_time(
+        &mut entries,
+        claimcheck_consumer::entry::EventTime::new(secs, 0),
+    );
+    entries.push(0x80);
+    entries.extend(pack(&Value::Map(vec![("check".into(), "ok".into())])));
+    let (repeated, token) = fluent_bit_request("health", &entries, 1);
+    let open = |n: f64| {
+        move |m: &std::collections::HashMap<String, f64>| {
+            metric_sum(m, "claimcheck_connections_open") == n
+        }
+    };
+
+    // Twice on a kept-alive connection; then on a second one while the first is open; then
+    // on a third that the sender closes in order once it has the ack.
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    request(&mut first, &repeated, &token).await.unwrap();
+    request(&mut first, &repeated, &token).await.unwrap();
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    request(&mut second, &repeated, &token).await.unwrap();
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    request(&mut third, &repeated, &token).await.unwrap();
+    drop(third);
+    sidecar
+        .await_metrics("the third connection closed", open(2.0))
+        .await;
+    let mut fourth = TcpStream::connect(addr).await.unwrap();
+    request(&mut fourth, &repeated, &token).await.unwrap();
+    // The fourth connection is reset after the ack: the ack may not have arrived.
+    fourth.set_zero_linger().unwrap();
+    drop(fourth);
+    sidecar
+        .await_metrics("the fourth connection reset", open(2.0))
+        .await;
+    // So the same request on a fifth connection is the resend, acked and not stored.
+    let mut fifth = TcpStream::connect(addr).await.unwrap();
+    request(&mut fifth, &repeated, &token).await.unwrap();
+    assert_eq!(
+        sidecar.metric("claimcheck_events_received_total").await,
+        5.0,
+        "five distinct requests stored"
+    );
+    assert_eq!(
+        sidecar.metric("claimcheck_duplicate_requests_total").await,
+        1.0,
+        "one resend"
+    );
+
+    // A Fluentd token repeated on a connection that is still open is a resend.
+    let mut entries = vec![0x92];
+    claimcheck_consumer::entry::encode::event_time(
+        &mut entries,
+        claimcheck_consumer::entry::EventTime::new(secs, 1),
+    );
+    entries.extend(pack(&Value::Map(vec![("check".into(), "fd".into())])));
+    let fluentd_token = "ZmQtY2h1bmstaWQtMDAwMQ==";
+    let resent = fluentd_request("health", &entries, 1, "text", fluentd_token);
+    request(&mut first, &resent, fluentd_token).await.unwrap();
+    request(&mut first, &resent, fluentd_token).await.unwrap();
+    assert_eq!(
+        sidecar.metric("claimcheck_events_received_total").await,
+        6.0,
+        "the Fluentd chunk stored once"
+    );
+    assert_eq!(
+        sidecar.metric("claimcheck_duplicate_requests_total").await,
+        2.0
+    );
+    drop((first, second, fifth));
+}
+
 /// `[tag, bin(metrics), {"fluent_signal": 1, "chunk": token}]`, as Fluent Bit sends metrics.
 fn metrics_request(token: &str) -> Vec<u8> {
     let mut out = vec![0x93];

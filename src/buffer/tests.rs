@@ -605,7 +605,15 @@ async fn seals_due_at_once_are_spread_over_rounds_and_appends_go_on() {
 
 fn is_stored(dedup: &Arc<crate::forward::dedup::Dedup>, token: &'static [u8]) -> bool {
     matches!(
-        dedup.check("10.0.0.9".parse().unwrap(), &Bytes::from_static(token)),
+        dedup.check(
+            "10.0.0.9".parse().unwrap(),
+            &Bytes::from_static(token),
+            crate::forward::dedup::Origin {
+                link: crate::forward::dedup::Link::new(),
+                answer: 0,
+            },
+            || false
+        ),
         crate::forward::dedup::Seen::Stored
     )
 }

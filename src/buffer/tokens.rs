@@ -387,7 +387,7 @@ pub(super) fn read_journal(buffer_dir: &Path) -> Vec<(i64, TokenRecord)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::forward::dedup::Seen;
+    use crate::forward::dedup::{Link, Origin, Seen};
 
     fn record(token: &str, request: u128, parts: u16) -> TokenRecord {
         TokenRecord {
@@ -414,7 +414,12 @@ mod tests {
         matches!(
             dedup.check(
                 "10.0.0.1".parse().unwrap(),
-                &Bytes::copy_from_slice(token.as_bytes())
+                &Bytes::copy_from_slice(token.as_bytes()),
+                Origin {
+                    link: Link::new(),
+                    answer: 0
+                },
+                || false
             ),
             Seen::Stored
         )

@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use std::time::Instant;
 
-use super::dedup::{self, Dedup, Seen};
+use super::dedup::{self, Dedup, Link, Origin, Seen};
 use super::entries;
 use super::frame::{self, Request};
 use super::security::{Handshake, Security};
@@ -148,6 +148,9 @@ pub async fn serve<S>(
         handshake: None,
         sender: None,
         source_hostname: None,
+        link: Link::new(),
+        queued: 0,
+        answered: 0,
     };
     let result = conn.run(stream, shutdown).await;
     if let Err(e) = &result {
@@ -184,6 +187,17 @@ struct Connection {
     sender: Option<String>,
     /// The sender's host name for `source_hostname_key`, looked up once.
     source_hostname: Option<String>,
+    /// This connection as the resend window sees it.
+    link: Arc<Link>,
+    /// Requests queued for an answer, and answered (in order), since the connection opened.
+    queued: u64,
+    answered: u64,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.link.close();
+    }
 }
 
 impl Connection {
@@ -235,6 +249,9 @@ impl Connection {
                 if partial {
                     debug!(peer = %self.peer, bytes = self.read_buf.len(), "dropping an incomplete request (never acknowledged)");
                 }
+                if !eof {
+                    self.closed_in_order();
+                }
                 return Ok(());
             }
             let want = if partial || last_read_len >= FIRST_READ {
@@ -250,7 +267,10 @@ impl Connection {
                 read = reader.read_buf(&mut self.read_buf), if reading => {
                     last_read = tokio::time::Instant::now();
                     match read? {
-                        0 => eof = true,
+                        0 => {
+                            eof = true;
+                            self.closed_in_order();
+                        }
                         n => {
                             last_read_len = n;
                             metrics().received_bytes.inc_by(n as u64);
@@ -264,6 +284,7 @@ impl Connection {
                         metrics().acks_sent.inc();
                         metrics().ack_duration.observe(received.elapsed().as_secs_f64());
                     }
+                    self.answered += 1;
                     last_read = tokio::time::Instant::now();
                 }
                 () = shutdown.cancelled(), if stop_at.is_none() => {}
@@ -275,6 +296,7 @@ impl Connection {
                     } else {
                         debug!(peer = %self.peer, timeout = ?idle, "closing an idle connection");
                     }
+                    self.closed_in_order();
                     return Ok(());
                 }
             }
@@ -342,6 +364,7 @@ impl Connection {
     /// Validates a request, appends its events and queues its ack.
     async fn handle(&mut self, frame: Bytes) -> Result<(), ConnectionError> {
         let peer = self.peer;
+        self.link.read_request(self.answered);
         if let Some(warn_at) = self.config.chunk_size_warn_limit {
             if frame.len() as u64 > warn_at {
                 warn!(%peer, bytes = frame.len(), limit = warn_at, "request is larger than chunk_size_warn_limit");
@@ -363,33 +386,6 @@ impl Connection {
         // Events in requests skipped whole: the sender's count, when it gave one.
         let announced = message.options.size.unwrap_or(1);
         let token = message.options.chunk.clone();
-        let ticket = match &token {
-            Some(t) if self.config.dedup.enabled() => match self.config.dedup.check(peer.ip(), t) {
-                Seen::New(ticket) => Some(ticket),
-                Seen::Stored => {
-                    metrics().duplicate_requests.inc();
-                    info!(%peer, tag = %String::from_utf8_lossy(&message.tag), token = %String::from_utf8_lossy(t).trim_end(),
-                          "acknowledging a resent request again; its events were stored already");
-                    self.ack_now(token);
-                    return Ok(());
-                }
-                Seen::Pending(outcome) => {
-                    metrics().duplicate_requests.inc();
-                    info!(%peer, tag = %String::from_utf8_lossy(&message.tag), token = %String::from_utf8_lossy(t).trim_end(),
-                          "a resent request arrived while its first copy is being stored; acknowledging both once stored");
-                    let received = Instant::now();
-                    self.pending.push_back(Box::pin(async move {
-                        let result = match dedup::wait_stored(outcome).await {
-                            true => Ok(()),
-                            false => Err(ConnectionError::EarlierCopyFailed),
-                        };
-                        (token, received, result)
-                    }));
-                    return Ok(());
-                }
-            },
-            _ => None,
-        };
         let tag = match std::str::from_utf8(&message.tag) {
             Ok(t) if !t.is_empty() && t.len() <= MAX_TAG_BYTES => t,
             _ => {
@@ -425,6 +421,41 @@ impl Connection {
             .await
             .map_err(|e| ConnectionError::Io(std::io::Error::other(e)))??;
         }
+        // Looked up with the entries at hand: a Fluent Bit token is their hash.
+        let ticket = match &token {
+            Some(t) if self.config.dedup.enabled() => {
+                let origin = Origin {
+                    link: self.link.clone(),
+                    answer: self.queued,
+                };
+                let content_hash = || dedup::is_content_hash(t, &blob);
+                match self.config.dedup.check(peer.ip(), t, origin, content_hash) {
+                    Seen::New(ticket) => Some(ticket),
+                    Seen::Stored => {
+                        metrics().duplicate_requests.inc();
+                        info!(%peer, %tag, token = %String::from_utf8_lossy(t).trim_end(),
+                              "acknowledging a resent request again; its events were stored already");
+                        self.ack_now(token);
+                        return Ok(());
+                    }
+                    Seen::Pending(outcome) => {
+                        metrics().duplicate_requests.inc();
+                        info!(%peer, %tag, token = %String::from_utf8_lossy(t).trim_end(),
+                              "a resent request arrived while its first copy is being stored; acknowledging both once stored");
+                        let received = Instant::now();
+                        self.queue(Box::pin(async move {
+                            let result = match dedup::wait_stored(outcome).await {
+                                true => Ok(()),
+                                false => Err(ConnectionError::EarlierCopyFailed),
+                            };
+                            (token, received, result)
+                        }));
+                        return Ok(());
+                    }
+                }
+            }
+            _ => None,
+        };
         if self.config.source_address_key.is_some() || self.config.source_hostname_key.is_some() {
             blob = self.add_source(&blob).await;
         }
@@ -452,7 +483,7 @@ impl Connection {
             .buffer
             .append_with_token(tag, split.groups, recorded)
             .await;
-        self.pending.push_back(Box::pin(async move {
+        self.queue(Box::pin(async move {
             let result = durable.await;
             if let Some(ticket) = ticket {
                 ticket.finish(result.is_ok());
@@ -481,11 +512,25 @@ impl Connection {
 
     /// Queues an ack that needs no buffering (nothing to store), in order with the others.
     fn ack_now(&mut self, token: Option<Bytes>) {
-        self.pending.push_back(Box::pin(std::future::ready((
+        self.queue(Box::pin(std::future::ready((
             token,
             Instant::now(),
             Ok(()),
         ))));
+    }
+
+    /// The connection ends in order: the peer closed it after the answers written so far, or
+    /// we close it with every answer written. Those answers count as arrived for the resend
+    /// window; a connection that fails (reset, write error) shows no such thing.
+    fn closed_in_order(&self) {
+        self.link.read_request(self.answered);
+        self.link.close();
+    }
+
+    /// Queues a request's answer, in order with the others.
+    fn queue(&mut self, answer: AckFuture) {
+        self.pending.push_back(answer);
+        self.queued += 1;
     }
 }
 

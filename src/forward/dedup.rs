@@ -9,13 +9,26 @@
 //! remembered for the window from when it was stored, and again from when its chunk was
 //! delivered and deleted; after that, a resend is stored again (and the consumer sees those
 //! events twice, in a different chunk).
+//!
+//! Fluent Bit's token is the first 16 bytes of the SHA-512 of the entries, so two distinct
+//! requests with the same entries (a line repeated within the second its time is parsed to)
+//! share a token. Fluent Bit resends a request only after the connection that carried it
+//! failed (it reuses a connection only when its exchange went without a network error, and
+//! our acks arrive whole). So a repeat of a content-hash token is new data when the earlier
+//! copy's connection is still open, or read another request or ended in order after
+//! answering it: it is stored. Only a repeat whose earlier copy's connection failed, or was
+//! closed by the sender before the answer went out (or from before a restart), is taken for
+//! a resend.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use bytes::Bytes;
+use sha2::{Digest, Sha512};
 use tokio::sync::watch;
 
 type Key = (IpAddr, Bytes);
@@ -42,12 +55,87 @@ enum Slot {
     Pending {
         id: u64,
         outcome: watch::Receiver<Option<bool>>,
+        origin: Origin,
     },
     Stored {
         id: u64,
         /// When its window started (stored, or its chunk delivered).
         since: Instant,
+        /// Where it arrived; `None` if it was stored before a restart.
+        origin: Option<Origin>,
     },
+}
+
+impl Slot {
+    /// Whether the sender can have no reason to resend this copy (see [`Origin::settled`]).
+    fn settled(&self) -> bool {
+        match self {
+            Slot::Pending { origin, .. } => origin.settled(),
+            Slot::Stored { origin, .. } => origin.as_ref().is_some_and(Origin::settled),
+        }
+    }
+}
+
+/// A connection, as far as the window needs it: whether it is open, and how many of its
+/// requests had been answered when it last read one. Answers go out in the order requests
+/// came in.
+#[derive(Debug)]
+pub struct Link {
+    open: AtomicBool,
+    answered_at_last_read: AtomicU64,
+}
+
+impl Link {
+    pub fn new() -> Arc<Link> {
+        Arc::new(Link {
+            open: AtomicBool::new(true),
+            answered_at_last_read: AtomicU64::new(0),
+        })
+    }
+
+    /// The connection read a request (or the end of the stream) when `answered` of the
+    /// earlier requests had been answered.
+    pub fn read_request(&self, answered: u64) {
+        self.answered_at_last_read
+            .store(answered, Ordering::Relaxed);
+    }
+
+    /// The connection reads no more (the sender closed it, or it failed).
+    pub fn close(&self) {
+        self.open.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The connection a copy arrived on and the place of its answer among the connection's.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub link: Arc<Link>,
+    pub answer: u64,
+}
+
+impl Origin {
+    /// Whether a sender whose tokens hash the content can have no reason to resend this copy:
+    /// its connection is still open (such a sender resends only what a failed connection
+    /// carried), or the connection read another request, or ended in order, after answering
+    /// it (the answer arrived: Fluent Bit sends the next request on a connection, or closes
+    /// it, only after reading the previous one's answer).
+    fn settled(&self) -> bool {
+        self.link.open.load(Ordering::Relaxed)
+            || self.link.answered_at_last_read.load(Ordering::Relaxed) > self.answer
+    }
+}
+
+/// Whether `token` is Fluent Bit's: base64 of the first 16 bytes of the SHA-512 of `entries`
+/// (uncompressed, as they were sent).
+pub fn is_content_hash(token: &[u8], entries: &[u8]) -> bool {
+    if token.len() != 24 {
+        return false;
+    }
+    let mut decoded = [0u8; 18];
+    match base64::engine::general_purpose::STANDARD.decode_slice(token, &mut decoded) {
+        Ok(16) => Sha512::digest(entries)[..16] == decoded[..16],
+        _ => false,
+    }
 }
 
 /// What is known of a request's token.
@@ -106,7 +194,14 @@ impl Dedup {
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = inner.next_id;
-        inner.slots.insert(key.clone(), Slot::Stored { id, since });
+        inner.slots.insert(
+            key.clone(),
+            Slot::Stored {
+                id,
+                since,
+                origin: None,
+            },
+        );
         inner.order.push_back((since, key, id));
         self.expire(&mut inner, now);
     }
@@ -119,7 +214,7 @@ impl Dedup {
         let now = Instant::now();
         let mut inner = self.lock();
         for key in keys {
-            if let Some(Slot::Stored { id, since }) = inner.slots.get_mut(&key) {
+            if let Some(Slot::Stored { id, since, .. }) = inner.slots.get_mut(&key) {
                 *since = now;
                 let id = *id;
                 inner.order.push_back((now, key, id));
@@ -141,8 +236,17 @@ impl Dedup {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Looks up `token` from `sender`, registering it as being stored if it is new.
-    pub fn check(self: &Arc<Self>, sender: IpAddr, token: &Bytes) -> Seen {
+    /// Looks up `token` from `sender`, arrived at `origin`, registering it as being stored if
+    /// it is new. `content_hash` tells whether the token is a hash of the request's entries
+    /// ([`is_content_hash`]); it is asked only when an earlier copy is [settled](Origin::settled),
+    /// and then a repeat is new data.
+    pub fn check(
+        self: &Arc<Self>,
+        sender: IpAddr,
+        token: &Bytes,
+        origin: Origin,
+        content_hash: impl FnOnce() -> bool,
+    ) -> Seen {
         let (tx, rx) = watch::channel(None);
         if !self.enabled() {
             return Seen::New(Ticket {
@@ -153,9 +257,13 @@ impl Dedup {
             });
         }
         let key = (sender, token.clone());
+        // Hashed without the lock, and only for a repeat that could be new data.
+        let settled = self.lock().slots.get(&key).is_some_and(Slot::settled);
+        let new_data = settled && content_hash();
         let mut inner = self.lock();
         self.expire(&mut inner, Instant::now());
         match inner.slots.get(&key) {
+            Some(slot) if new_data && slot.settled() => {}
             Some(Slot::Stored { .. }) => return Seen::Stored,
             // An earlier copy whose connection is gone without an outcome is forgotten.
             Some(Slot::Pending { outcome, .. }) if outcome.has_changed().is_ok() => {
@@ -165,9 +273,14 @@ impl Dedup {
         }
         inner.next_id += 1;
         let id = inner.next_id;
-        inner
-            .slots
-            .insert(key.clone(), Slot::Pending { id, outcome: rx });
+        inner.slots.insert(
+            key.clone(),
+            Slot::Pending {
+                id,
+                outcome: rx,
+                origin,
+            },
+        );
         Seen::New(Ticket {
             dedup: self.clone(),
             key: Some(key),
@@ -186,7 +299,7 @@ impl Dedup {
             // A token touched since has a later entry in `order`: only the capacity evicts it
             // now.
             let evict = match inner.slots.get(&key) {
-                Some(Slot::Stored { id: s, since }) if *s == id => {
+                Some(Slot::Stored { id: s, since, .. }) if *s == id => {
                     inner.slots.len() > self.capacity || now.duration_since(*since) > self.window
                 }
                 _ => false,
@@ -208,16 +321,20 @@ impl Ticket {
         };
         let dedup = self.dedup.clone();
         let mut inner = dedup.lock();
-        let ours =
-            matches!(inner.slots.get(&key), Some(Slot::Pending { id, .. }) if *id == self.id);
-        if !ours {
-            return;
-        }
+        let origin = match inner.slots.get(&key) {
+            Some(Slot::Pending { id, origin, .. }) if *id == self.id => origin.clone(),
+            _ => return,
+        };
         if stored {
             let since = Instant::now();
-            inner
-                .slots
-                .insert(key.clone(), Slot::Stored { id: self.id, since });
+            inner.slots.insert(
+                key.clone(),
+                Slot::Stored {
+                    id: self.id,
+                    since,
+                    origin: Some(origin),
+                },
+            );
             inner.order.push_back((since, key, self.id));
         } else {
             inner.slots.remove(&key);
@@ -252,64 +369,130 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn origin() -> Origin {
+        Origin {
+            link: Link::new(),
+            answer: 0,
+        }
+    }
+
     #[tokio::test]
     async fn a_stored_token_is_seen_from_the_same_sender_only() {
         let d = Dedup::new(Duration::from_secs(300), 10);
         let token = Bytes::from_static(b"p8n9gmxTQVC8/nh2wlKKeQ==\n");
-        let Seen::New(ticket) = d.check(ip("10.0.0.1"), &token) else {
+        let Seen::New(ticket) = d.check(ip("10.0.0.1"), &token, origin(), || false) else {
             panic!("new token")
         };
         // A resend while the first copy is still being stored waits for it.
-        let Seen::Pending(rx) = d.check(ip("10.0.0.1"), &token) else {
+        let Seen::Pending(rx) = d.check(ip("10.0.0.1"), &token, origin(), || false) else {
             panic!("pending")
         };
         ticket.finish(true);
         assert!(wait_stored(rx).await);
-        assert!(matches!(d.check(ip("10.0.0.1"), &token), Seen::Stored));
-        assert!(matches!(d.check(ip("10.0.0.2"), &token), Seen::New(_)));
+        assert!(matches!(
+            d.check(ip("10.0.0.1"), &token, origin(), || false),
+            Seen::Stored
+        ));
+        assert!(matches!(
+            d.check(ip("10.0.0.2"), &token, origin(), || false),
+            Seen::New(_)
+        ));
     }
 
     #[tokio::test]
     async fn a_failed_or_abandoned_token_is_forgotten() {
         let d = Dedup::new(Duration::from_secs(300), 10);
         let token = Bytes::from_static(b"t");
-        let Seen::New(ticket) = d.check(ip("10.0.0.1"), &token) else {
+        let Seen::New(ticket) = d.check(ip("10.0.0.1"), &token, origin(), || false) else {
             panic!()
         };
-        let Seen::Pending(rx) = d.check(ip("10.0.0.1"), &token) else {
+        let Seen::Pending(rx) = d.check(ip("10.0.0.1"), &token, origin(), || false) else {
             panic!()
         };
         ticket.finish(false);
         assert!(!wait_stored(rx).await);
-        let Seen::New(ticket) = d.check(ip("10.0.0.1"), &token) else {
+        let Seen::New(ticket) = d.check(ip("10.0.0.1"), &token, origin(), || false) else {
             panic!("a failed token is stored again")
         };
         drop(ticket);
-        assert!(matches!(d.check(ip("10.0.0.1"), &token), Seen::New(_)));
+        assert!(matches!(
+            d.check(ip("10.0.0.1"), &token, origin(), || false),
+            Seen::New(_)
+        ));
+    }
+
+    #[test]
+    fn a_content_hash_repeat_is_new_data_while_its_earlier_copy_is_settled() {
+        let d = Dedup::new(Duration::from_secs(300), 10);
+        let entries = b"\x92\x01\x80";
+        let token = Bytes::from(
+            base64::engine::general_purpose::STANDARD.encode(&Sha512::digest(entries)[..16]),
+        );
+        assert!(is_content_hash(&token, entries));
+        assert!(!is_content_hash(&token, b"\x92\x02\x80"));
+        assert!(!is_content_hash(b"ZmQtY2h1bmstaWQtMDAwMQ==", entries));
+        let hashed = || is_content_hash(&token, entries);
+        let sender = ip("10.0.0.1");
+        let link = Link::new();
+        let at = |answer| Origin {
+            link: link.clone(),
+            answer,
+        };
+        let Seen::New(first) = d.check(sender, &token, at(0), hashed) else {
+            panic!("new")
+        };
+        // The first copy's connection is open: a repeat, even before its ack, is new data.
+        let Seen::New(second) = d.check(sender, &token, at(1), hashed) else {
+            panic!("new data while the earlier copy's connection is open")
+        };
+        first.finish(true);
+        second.finish(true);
+        // Closed after reading a request once both were answered: their acks arrived.
+        link.read_request(2);
+        link.close();
+        let Seen::New(third) = d.check(sender, &token, at(2), hashed) else {
+            panic!("new data: the connection read on after answering")
+        };
+        third.finish(true);
+        // The third copy's connection closed without reading on: its ack may be lost.
+        assert!(matches!(
+            d.check(sender, &token, origin(), hashed),
+            Seen::Stored
+        ));
+        // A token that is not the entries' hash is a resend even on an open connection.
+        assert!(matches!(
+            d.check(sender, &token, origin(), || false),
+            Seen::Stored
+        ));
     }
 
     #[test]
     fn the_window_is_bounded_in_tokens_and_time() {
         let d = Dedup::new(Duration::from_secs(300), 3);
         for i in 0..10u8 {
-            let Seen::New(t) = d.check(ip("10.0.0.1"), &Bytes::from(vec![i])) else {
+            let Seen::New(t) = d.check(ip("10.0.0.1"), &Bytes::from(vec![i]), origin(), || false)
+            else {
                 panic!()
             };
             t.finish(true);
         }
         assert!(d.len() <= 4, "{} tokens kept", d.len());
         assert!(matches!(
-            d.check(ip("10.0.0.1"), &Bytes::from(vec![0])),
+            d.check(ip("10.0.0.1"), &Bytes::from(vec![0]), origin(), || false),
             Seen::New(_)
         ));
 
         let off = Dedup::new(Duration::ZERO, 3);
-        let Seen::New(t) = off.check(ip("10.0.0.1"), &Bytes::from_static(b"x")) else {
+        let Seen::New(t) = off.check(ip("10.0.0.1"), &Bytes::from_static(b"x"), origin(), || {
+            false
+        }) else {
             panic!()
         };
         t.finish(true);
         assert!(matches!(
-            off.check(ip("10.0.0.1"), &Bytes::from_static(b"x")),
+            off.check(ip("10.0.0.1"), &Bytes::from_static(b"x"), origin(), || {
+                false
+            }),
             Seen::New(_)
         ));
         assert!(off.is_empty());
