@@ -419,8 +419,8 @@ async fn a_resent_request_is_acked_again_and_stored_once() {
     );
 }
 
-/// Fluent Bit's token is a hash of the entries: the same line flushed again within the second
-/// its time was parsed to repeats a token without being a resend. Such a repeat is new data
+/// Fluent Bit's token is a hash of the entries (before compression): the same line flushed
+/// again within the second its time was parsed to repeats a token without being a resend. Such a repeat is new data
 /// while the earlier copy's connection is open, or ended in order after its ack; it is taken
 /// for a resend only when that connection failed before showing the ack arrived, as when
 /// Fluent Bit gives up on an ack. Fluentd's tokens are random: a repeat is always a resend.
@@ -438,7 +438,7 @@ async fn a_repeated_content_hash_token_is_new_data_unless_its_ack_may_be_lost() 
     );
     entries.push(0x80);
     entries.extend(pack(&Value::Map(vec![("check".into(), "ok".into())])));
-    let (repeated, token) = fluent_bit_request("health", &entries, 1);
+    let (repeated, token) = fluent_bit_request("health", &entries, 1, false);
     let open = |n: f64| {
         move |m: &std::collections::HashMap<String, f64>| {
             metric_sum(m, "claimcheck_connections_open") == n
@@ -499,6 +499,16 @@ async fn a_repeated_content_hash_token_is_new_data_unless_its_ack_may_be_lost() 
     assert_eq!(
         sidecar.metric("claimcheck_duplicate_requests_total").await,
         2.0
+    );
+
+    // With `Compress gzip` the token hashes the entries before compression.
+    let (compressed, token) = fluent_bit_request("health", &entries, 1, true);
+    request(&mut second, &compressed, &token).await.unwrap();
+    request(&mut second, &compressed, &token).await.unwrap();
+    assert_eq!(
+        sidecar.metric("claimcheck_events_received_total").await,
+        8.0,
+        "a gzip request repeated on an open connection stored twice"
     );
     drop((first, second, fifth));
 }

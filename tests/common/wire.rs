@@ -76,21 +76,29 @@ pub fn fluentd_request(
 }
 
 /// `[tag, array(entries), {"chunk", "size", "fluent_signal"}]`, as Fluent Bit's out_forward
-/// sends with `Require_ack_response`: the token is base64 of the first 16 bytes of the entries'
-/// SHA-512, so requests with the same entries share it. Returns the request and its token.
-pub fn fluent_bit_request(tag: &str, entries: &[u8], n: usize) -> (Vec<u8>, String) {
+/// sends with `Require_ack_response` (with `gzip`, `[tag, bin(gzip(entries)), {…,
+/// "compressed": "gzip", …}]`, as with `Compress gzip`): the token is base64 of the first 16
+/// bytes of the SHA-512 of the entries before compression, so requests with the same entries
+/// share it. Returns the request and its token.
+pub fn fluent_bit_request(tag: &str, entries: &[u8], n: usize, gzip: bool) -> (Vec<u8>, String) {
     use base64::Engine;
     use sha2::{Digest, Sha512};
     let token = base64::engine::general_purpose::STANDARD.encode(&Sha512::digest(entries)[..16]);
     let mut out = vec![0x93];
     out.extend(pack(&tag.into()));
-    rmp::encode::write_array_len(&mut out, n as u32).unwrap();
-    out.extend_from_slice(entries);
-    out.extend(pack(&Value::Map(vec![
+    let mut options = vec![
         ("chunk".into(), token.as_str().into()),
         ("size".into(), (n as u64).into()),
-        ("fluent_signal".into(), 0.into()),
-    ])));
+    ];
+    if gzip {
+        out.extend(pack(&Value::Binary(gzip_members(entries, 1))));
+        options.push(("compressed".into(), "gzip".into()));
+    } else {
+        rmp::encode::write_array_len(&mut out, n as u32).unwrap();
+        out.extend_from_slice(entries);
+    }
+    options.push(("fluent_signal".into(), 0.into()));
+    out.extend(pack(&Value::Map(options)));
     (out, token)
 }
 
