@@ -100,9 +100,10 @@ impl Link {
             .store(answered, Ordering::Relaxed);
     }
 
-    /// The connection reads no more (the sender closed it, or it failed).
+    /// The connection reads no more (the sender closed it, or it failed). Released: whoever
+    /// sees it closed sees the count read before.
     pub fn close(&self) {
-        self.open.store(false, Ordering::Relaxed);
+        self.open.store(false, Ordering::Release);
     }
 }
 
@@ -120,7 +121,7 @@ impl Origin {
     /// it (the answer arrived: Fluent Bit sends the next request on a connection, or closes
     /// it, only after reading the previous one's answer).
     fn settled(&self) -> bool {
-        self.link.open.load(Ordering::Relaxed)
+        self.link.open.load(Ordering::Acquire)
             || self.link.answered_at_last_read.load(Ordering::Relaxed) > self.answer
     }
 }
