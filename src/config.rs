@@ -142,8 +142,9 @@ pub struct ServeArgs {
 
     /// When appends are fsynced: `always` (before each ack, shared by concurrent requests),
     /// `interval` (every `sync_interval`; acks after the write) or `none` (only when a chunk is
-    /// sealed). All three survive a crash of the process; only `always` survives power loss for
-    /// everything acknowledged.
+    /// sealed; the kernel is asked to write each chunk back as it fills, so that the seal
+    /// finds little left to write). All three survive a crash of the process; only `always`
+    /// survives power loss for everything acknowledged.
     #[arg(long, env = "CLAIMCHECK_SYNC", value_enum, default_value = "always")]
     pub sync: SyncPolicy,
 

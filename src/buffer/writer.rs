@@ -928,7 +928,10 @@ impl Writer {
             created_ms,
         };
         let paths = ChunkPaths::new(&self.chunks_dir, &header.chunk_id);
-        let writer = ChunkWriter::new(&paths.data, &header);
+        let writer = match self.config.sync {
+            SyncPolicy::None => ChunkWriter::new(&paths.data, &header).write_behind(),
+            SyncPolicy::Always | SyncPolicy::Interval => ChunkWriter::new(&paths.data, &header),
+        };
         self.registry.insert(ChunkInfo {
             chunk_id: header.chunk_id.clone(),
             tag: header.tag.clone(),
