@@ -258,11 +258,15 @@ impl Dedup {
             });
         }
         let key = (sender, token.clone());
-        // Hashed without the lock, and only for a repeat that could be new data.
-        let settled = self.lock().slots.get(&key).is_some_and(Slot::settled);
-        let new_data = settled && content_hash();
         let mut inner = self.lock();
         self.expire(&mut inner, Instant::now());
+        // Only a repeat that could be new data is hashed, without the lock held.
+        let new_data = inner.slots.get(&key).is_some_and(Slot::settled) && {
+            drop(inner);
+            let hashed = content_hash();
+            inner = self.lock();
+            hashed
+        };
         match inner.slots.get(&key) {
             Some(slot) if new_data && slot.settled() => {}
             Some(Slot::Stored { .. }) => return Seen::Stored,
