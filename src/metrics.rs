@@ -43,6 +43,13 @@ pub struct Via {
     pub via: &'static str,
 }
 
+/// What a buffer fsync was for: a `round` of appends before their acks (`sync always`), the
+/// periodic sync of open chunks (`interval`), or a chunk's `seal`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Stage {
     pub stage: String,
@@ -75,6 +82,7 @@ pub struct Metrics {
     pub requests_refused: Family<Reason, Counter>,
     pub acks_sent: Counter,
     pub ack_duration: Histogram,
+    pub fsync_duration: Family<Kind, Histogram>,
     pub chunks_sealed: Family<Reason, Counter>,
     pub chunk_files_open: Gauge,
     pub chunk_files_open_limit: Gauge,
@@ -108,6 +116,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     requests_refused: Family::default(),
     acks_sent: Counter::default(),
     ack_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+    fsync_duration: Family::new_with_constructor(|| {
+        Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+    }),
     chunks_sealed: Family::default(),
     chunk_files_open: Gauge::default(),
     chunk_files_open_limit: Gauge::default(),
@@ -156,6 +167,7 @@ const HANDSHAKE_FAILURES: [&str; 5] = [
     "user_mismatch",
     "tls",
 ];
+const SYNC_KINDS: [&str; 3] = ["round", "interval", "seal"];
 const STAGES: [&str; 2] = ["upload", "publish"];
 
 impl Metrics {
@@ -169,6 +181,13 @@ impl Metrics {
 
     pub fn handshake_failed(&self, why: &str) {
         self.handshake_failures.get_or_create(&reason(why)).inc();
+    }
+
+    /// One round of buffer fsyncs (several files synced together count once) and its time.
+    pub fn synced(&self, kind: &'static str, took: Duration) {
+        self.fsync_duration
+            .get_or_create(&Kind { kind })
+            .observe(took.as_secs_f64());
     }
 
     pub fn sealed(&self, why: &str) {
@@ -239,6 +258,9 @@ impl Metrics {
             drop(self.delivered_chunks.get_or_create(&Via { via }));
             drop(self.delivered_bytes.get_or_create(&Via { via }));
         }
+        for kind in SYNC_KINDS {
+            drop(self.fsync_duration.get_or_create(&Kind { kind }));
+        }
         for s in STAGES {
             drop(self.retries.get_or_create(&Stage {
                 stage: s.to_string(),
@@ -307,6 +329,14 @@ impl Metrics {
             "Time from a request received to its ack",
             Unit::Seconds,
             self.ack_duration.clone(),
+        );
+        r.register_with_unit(
+            "buffer_fsync_duration",
+            "Buffer fsyncs, by kind: `round` (appends before their acks, sync always), `interval` \
+             (the open chunks, sync interval), `seal` (a batch of seals); files synced together \
+             count once",
+            Unit::Seconds,
+            self.fsync_duration.clone(),
         );
         r.register(
             "chunks_sealed",

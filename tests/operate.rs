@@ -105,6 +105,26 @@ async fn metrics_follow_a_send_and_deliver_cycle() {
         ) >= 1.0
     );
     assert!(value(&after, r#"claimcheck_chunks_sealed_total{reason="time"}"#) >= 2.0);
+    // `sync always`: each round of appends is fsynced before its acks, each seal batch too.
+    assert!(
+        value(
+            &after,
+            r#"claimcheck_buffer_fsync_duration_seconds_count{kind="round"}"#
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &after,
+            r#"claimcheck_buffer_fsync_duration_seconds_count{kind="seal"}"#
+        ) >= 1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            r#"claimcheck_buffer_fsync_duration_seconds_count{kind="interval"}"#
+        ),
+        0.0
+    );
     assert_eq!(
         value(&after, "claimcheck_oldest_unpublished_chunk_age_seconds"),
         0.0

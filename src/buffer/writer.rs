@@ -575,7 +575,11 @@ impl Writer {
     /// waiters into `flushed`.
     fn sync_written(&mut self, unsynced: &mut Vec<(ChunkKey, Vec<u64>)>, flushed: &mut Flushed) {
         let keys = unsynced.iter().map(|(key, _)| key.clone()).collect();
+        let started = std::time::Instant::now();
         let results = self.sync_chunks(keys);
+        if !results.is_empty() {
+            crate::metrics::metrics().synced("round", started.elapsed());
+        }
         for ((key, written), synced) in unsynced.drain(..).zip(results) {
             answer_written(
                 chunk_mut(&mut self.open, &key),
@@ -831,6 +835,7 @@ impl Writer {
             .filter(|key| self.open.get(*key).is_some_and(|c| c.writer.is_unsynced()))
             .cloned()
             .collect();
+        let started = std::time::Instant::now();
         let results = self.sync_chunks(keys.clone());
         for (key, synced) in keys.into_iter().zip(results) {
             if let Err(e) = synced {
@@ -844,6 +849,7 @@ impl Writer {
         }
         self.dirty = false;
         self.last_sync = now;
+        crate::metrics::metrics().synced("interval", started.elapsed());
     }
 
     /// Seals every open chunk, and every chunk set aside (shutdown, or to let delivery free
@@ -1014,6 +1020,7 @@ impl Writer {
                 break;
             }
             tried = true;
+            let synced_at = std::time::Instant::now();
             in_parallel(&mut batch, |(chunk, _, stats, result)| {
                 let state = ChunkState::Sealed {
                     header: chunk.header.clone(),
@@ -1026,6 +1033,7 @@ impl Writer {
                 // Synced (or failed): nothing is lost by closing it; a retry reopens it.
                 let _ = chunk.writer.close();
             });
+            crate::metrics::metrics().synced("seal", synced_at.elapsed());
             for (chunk, reason, stats, result) in batch {
                 match result {
                     Ok(()) => staged.push((chunk, reason, stats)),
