@@ -12,28 +12,48 @@ const HUGE_PAGE: usize = 2 << 20;
 /// Uploaded blocks' maps kept for the next bodies. A fresh map costs the kernel a zeroed page
 /// for every page written, about as much CPU as copying the body once more: delivering 1 GB
 /// without compression, that zeroing was a quarter of the sidecar's CPU. A reused map's pages
-/// are already there. The pool takes back only what was in use at once before, so it never
-/// holds more than the busiest moment did, and at most this many maps.
+/// are already there. The pool takes back only maps that were in use at once before, so it
+/// never holds more than the busiest moment did, and at most this many maps, holding at most
+/// [`POOLED_BYTES`] of memory.
 const POOLED_MAPS: usize = 4;
+/// Memory the pooled maps may hold (the bytes written in them): three default bodies.
+const POOLED_BYTES: usize = 24 << 20;
 
-static POOL: Mutex<Vec<memmap2::MmapMut>> = Mutex::new(Vec::new());
-
-/// The smallest pooled map of at least `capacity` bytes, if any.
-fn take_pooled(capacity: usize) -> Option<memmap2::MmapMut> {
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let (i, _) = pool
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.len() >= capacity)
-        .min_by_key(|(_, m)| m.len())?;
-    Some(pool.swap_remove(i))
+/// A pooled map and how much of it has ever been written (its memory).
+struct Kept {
+    map: memmap2::MmapMut,
+    touched: usize,
 }
 
-/// Keeps `map` for reuse unless the pool is full; otherwise it is unmapped here.
-fn give_back(map: memmap2::MmapMut) {
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if pool.len() < POOLED_MAPS {
-        pool.push(map);
+/// Maps kept for reuse.
+pub(super) struct Pool(Mutex<Vec<Kept>>);
+
+/// The process's pool: every upload's blocks come from it.
+static POOL: Pool = Pool::new();
+
+impl Pool {
+    const fn new() -> Pool {
+        Pool(Mutex::new(Vec::new()))
+    }
+
+    /// The smallest pooled map of at least `capacity` bytes, if any.
+    fn take(&self, capacity: usize) -> Option<Kept> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (i, _) = kept
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.map.len() >= capacity)
+            .min_by_key(|(_, k)| k.map.len())?;
+        Some(kept.swap_remove(i))
+    }
+
+    /// Keeps a map for reuse if the pool has room for it; otherwise it is unmapped here.
+    fn give_back(&self, map: Kept) {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let held: usize = kept.iter().map(|k| k.touched).sum();
+        if kept.len() < POOLED_MAPS && held + map.touched <= POOLED_BYTES {
+            kept.push(map);
+        }
     }
 }
 
@@ -51,9 +71,13 @@ pub(super) struct Block {
 
 impl Block {
     pub(super) fn new(capacity: usize) -> io::Result<Block> {
+        Block::new_in(&POOL, capacity)
+    }
+
+    fn new_in(pool: &'static Pool, capacity: usize) -> io::Result<Block> {
         let capacity = capacity.max(1);
-        let map = match take_pooled(capacity) {
-            Some(map) => map,
+        let kept = match pool.take(capacity) {
+            Some(kept) => kept,
             None => {
                 let map = memmap2::MmapMut::map_anon(capacity)?;
                 // Transparent huge pages where the system offers them on request: one page
@@ -64,11 +88,14 @@ impl Block {
                 if capacity >= HUGE_PAGE {
                     let _ = map.advise(memmap2::Advice::HugePage);
                 }
-                map
+                Kept { map, touched: 0 }
             }
         };
         Ok(Block {
-            map: Pooled(Some(map)),
+            map: Pooled {
+                kept: Some(kept),
+                pool,
+            },
             len: 0,
             limit: capacity,
         })
@@ -86,14 +113,14 @@ impl Block {
     /// Copies as much of `data` as fits; returns how much that was.
     pub(super) fn fill(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(self.room());
-        self.map.bytes_mut()[self.len..self.len + n].copy_from_slice(&data[..n]);
+        self.map.bytes_mut(self.len + n)[self.len..].copy_from_slice(&data[..n]);
         self.len += n;
         n
     }
 
     /// Moves the contents into a block of at least `capacity` bytes.
     pub(super) fn grow(self, capacity: usize) -> io::Result<Block> {
-        let mut bigger = Block::new(capacity)?;
+        let mut bigger = Block::new_in(self.map.pool, capacity)?;
         bigger.fill(&self.map.as_ref()[..self.len]);
         Ok(bigger)
     }
@@ -106,24 +133,30 @@ impl Block {
 }
 
 /// A map that goes back to the pool when dropped.
-struct Pooled(Option<memmap2::MmapMut>);
+struct Pooled {
+    kept: Option<Kept>,
+    pool: &'static Pool,
+}
 
 impl Pooled {
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self.0.as_deref_mut().expect("taken only on drop")
+    /// The first `end` bytes, to be written.
+    fn bytes_mut(&mut self, end: usize) -> &mut [u8] {
+        let kept = self.kept.as_mut().expect("taken only on drop");
+        kept.touched = kept.touched.max(end);
+        &mut kept.map[..end]
     }
 }
 
 impl AsRef<[u8]> for Pooled {
     fn as_ref(&self) -> &[u8] {
-        self.0.as_deref().expect("taken only on drop")
+        &self.kept.as_ref().expect("taken only on drop").map
     }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        if let Some(map) = self.0.take() {
-            give_back(map);
+        if let Some(kept) = self.kept.take() {
+            self.pool.give_back(kept);
         }
     }
 }
@@ -134,12 +167,13 @@ mod tests {
 
     #[test]
     fn a_block_holds_what_was_asked_for_even_in_a_larger_reused_map() {
-        // Leaves a 3 MiB map in the pool (others may be there too: the pool is shared).
-        let mut big = Block::new(3 << 20).unwrap();
+        static POOL: Pool = Pool::new();
+        let mut big = Block::new_in(&POOL, 3 << 20).unwrap();
         big.fill(&[7; 1000]);
         drop(big.freeze());
 
-        let mut block = Block::new(100).unwrap();
+        let mut block = Block::new_in(&POOL, 100).unwrap();
+        assert_eq!(POOL.0.lock().unwrap().len(), 0, "the 3 MiB map was reused");
         assert_eq!(block.room(), 100);
         assert_eq!(block.fill(&[1; 150]), 100);
         assert_eq!(block.room(), 0);
@@ -150,26 +184,52 @@ mod tests {
 
     #[test]
     fn bytes_keep_their_map_until_the_last_slice_is_dropped() {
-        let mut block = Block::new(1 << 20).unwrap();
+        static POOL: Pool = Pool::new();
+        let mut block = Block::new_in(&POOL, 1 << 20).unwrap();
         block.fill(&[5; 4096]);
         let bytes = block.freeze();
         let tail = bytes.slice(4000..);
         drop(bytes);
-        // Another block now cannot be handed the map `tail` still reads.
-        let mut other = Block::new(1 << 20).unwrap();
+        assert_eq!(POOL.0.lock().unwrap().len(), 0, "the map is still read");
+        let mut other = Block::new_in(&POOL, 1 << 20).unwrap();
         other.fill(&[9; 4096]);
         assert_eq!(&tail[..], &[5; 96][..]);
+        drop(tail);
+        assert_eq!(
+            POOL.0.lock().unwrap().len(),
+            1,
+            "back once the last slice is gone"
+        );
         let moved = other.grow(2 << 20).unwrap();
         assert_eq!(moved.len(), 4096);
         assert_eq!(&moved.freeze()[..], &[9; 4096][..]);
     }
 
     #[test]
-    fn the_pool_keeps_a_bounded_number_of_maps() {
-        let blocks: Vec<_> = (0..POOLED_MAPS + 3)
-            .map(|_| Block::new(64 << 10).unwrap())
+    fn the_pool_keeps_a_bounded_number_of_maps_and_bytes() {
+        static POOL: Pool = Pool::new();
+        let small: Vec<_> = (0..POOLED_MAPS + 3)
+            .map(|_| {
+                let mut b = Block::new_in(&POOL, 64 << 10).unwrap();
+                b.fill(&[1; 1000]);
+                b
+            })
             .collect();
-        drop(blocks);
-        assert!(POOL.lock().unwrap().len() <= POOLED_MAPS);
+        drop(small);
+        assert_eq!(POOL.0.lock().unwrap().len(), POOLED_MAPS);
+        POOL.0.lock().unwrap().clear();
+
+        let big: Vec<_> = (0..3)
+            .map(|_| {
+                let mut b = Block::new_in(&POOL, 16 << 20).unwrap();
+                b.fill(&vec![3; 10 << 20]);
+                b
+            })
+            .collect();
+        drop(big);
+        let kept = POOL.0.lock().unwrap();
+        // Two of 10 MiB fit in the byte bound; the third is unmapped.
+        assert_eq!(kept.len(), 2);
+        assert!(kept.iter().map(|k| k.touched).sum::<usize>() <= POOLED_BYTES);
     }
 }
