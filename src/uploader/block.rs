@@ -12,9 +12,11 @@ const HUGE_PAGE: usize = 2 << 20;
 /// Uploaded blocks' maps kept for the next bodies. A fresh map costs the kernel a zeroed page
 /// for every page written, about as much CPU as copying the body once more: delivering 1 GB
 /// without compression, that zeroing was a quarter of the sidecar's CPU. A reused map's pages
-/// are already there. The pool takes back only maps that were in use at once before, so it
-/// never holds more than the busiest moment did, and at most this many maps, holding at most
-/// [`POOLED_BYTES`] of memory.
+/// are already there. Only whole bodies' maps are pooled (bodies within the multipart
+/// threshold: all of them with the default chunk size), never parts': the pool takes back only
+/// maps that were in use at once before, so it never holds more than the busiest moment did,
+/// and at most this many maps, holding at most [`POOLED_BYTES`] of memory. Multipart uploads
+/// of large chunks, where memory is the concern, keep their bound (see docs/performance.md).
 const POOLED_MAPS: usize = 4;
 /// Memory the pooled maps may hold (the bytes written in them): three default bodies.
 const POOLED_BYTES: usize = 24 << 20;
@@ -70,13 +72,19 @@ pub(super) struct Block {
 }
 
 impl Block {
-    pub(super) fn new(capacity: usize) -> io::Result<Block> {
-        Block::new_in(&POOL, capacity)
+    /// A block for a whole body, from the pool if it has a map large enough.
+    pub(super) fn pooled(capacity: usize) -> io::Result<Block> {
+        Block::new_in(Some(&POOL), capacity)
     }
 
-    fn new_in(pool: &'static Pool, capacity: usize) -> io::Result<Block> {
+    /// A block whose map is unmapped once uploaded (parts of multipart uploads).
+    pub(super) fn new(capacity: usize) -> io::Result<Block> {
+        Block::new_in(None, capacity)
+    }
+
+    fn new_in(pool: Option<&'static Pool>, capacity: usize) -> io::Result<Block> {
         let capacity = capacity.max(1);
-        let kept = match pool.take(capacity) {
+        let kept = match pool.and_then(|p| p.take(capacity)) {
             Some(kept) => kept,
             None => {
                 let map = memmap2::MmapMut::map_anon(capacity)?;
@@ -125,6 +133,12 @@ impl Block {
         Ok(bigger)
     }
 
+    /// This block's map is unmapped once its bytes are dropped, not pooled.
+    pub(super) fn unpooled(mut self) -> Block {
+        self.map.pool = None;
+        self
+    }
+
     /// The contents, as bytes that give the map back when the last slice of them is dropped.
     pub(super) fn freeze(self) -> Bytes {
         let len = self.len;
@@ -135,7 +149,7 @@ impl Block {
 /// A map that goes back to the pool when dropped.
 struct Pooled {
     kept: Option<Kept>,
-    pool: &'static Pool,
+    pool: Option<&'static Pool>,
 }
 
 impl Pooled {
@@ -155,8 +169,8 @@ impl AsRef<[u8]> for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        if let Some(kept) = self.kept.take() {
-            self.pool.give_back(kept);
+        if let (Some(kept), Some(pool)) = (self.kept.take(), self.pool) {
+            pool.give_back(kept);
         }
     }
 }
@@ -168,11 +182,11 @@ mod tests {
     #[test]
     fn a_block_holds_what_was_asked_for_even_in_a_larger_reused_map() {
         static POOL: Pool = Pool::new();
-        let mut big = Block::new_in(&POOL, 3 << 20).unwrap();
+        let mut big = Block::new_in(Some(&POOL), 3 << 20).unwrap();
         big.fill(&[7; 1000]);
         drop(big.freeze());
 
-        let mut block = Block::new_in(&POOL, 100).unwrap();
+        let mut block = Block::new_in(Some(&POOL), 100).unwrap();
         assert_eq!(POOL.0.lock().unwrap().len(), 0, "the 3 MiB map was reused");
         assert_eq!(block.room(), 100);
         assert_eq!(block.fill(&[1; 150]), 100);
@@ -185,13 +199,13 @@ mod tests {
     #[test]
     fn bytes_keep_their_map_until_the_last_slice_is_dropped() {
         static POOL: Pool = Pool::new();
-        let mut block = Block::new_in(&POOL, 1 << 20).unwrap();
+        let mut block = Block::new_in(Some(&POOL), 1 << 20).unwrap();
         block.fill(&[5; 4096]);
         let bytes = block.freeze();
         let tail = bytes.slice(4000..);
         drop(bytes);
         assert_eq!(POOL.0.lock().unwrap().len(), 0, "the map is still read");
-        let mut other = Block::new_in(&POOL, 1 << 20).unwrap();
+        let mut other = Block::new_in(Some(&POOL), 1 << 20).unwrap();
         other.fill(&[9; 4096]);
         assert_eq!(&tail[..], &[5; 96][..]);
         drop(tail);
@@ -206,11 +220,23 @@ mod tests {
     }
 
     #[test]
+    fn unpooled_blocks_are_not_kept() {
+        static POOL: Pool = Pool::new();
+        let mut part = Block::new_in(None, 1 << 20).unwrap();
+        part.fill(&[1; 10]);
+        drop(part.freeze());
+        let mut split = Block::new_in(Some(&POOL), 1 << 20).unwrap().unpooled();
+        split.fill(&[2; 10]);
+        drop(split.freeze());
+        assert_eq!(POOL.0.lock().unwrap().len(), 0);
+    }
+
+    #[test]
     fn the_pool_keeps_a_bounded_number_of_maps_and_bytes() {
         static POOL: Pool = Pool::new();
         let small: Vec<_> = (0..POOLED_MAPS + 3)
             .map(|_| {
-                let mut b = Block::new_in(&POOL, 64 << 10).unwrap();
+                let mut b = Block::new_in(Some(&POOL), 64 << 10).unwrap();
                 b.fill(&[1; 1000]);
                 b
             })
@@ -221,7 +247,7 @@ mod tests {
 
         let big: Vec<_> = (0..3)
             .map(|_| {
-                let mut b = Block::new_in(&POOL, 16 << 20).unwrap();
+                let mut b = Block::new_in(Some(&POOL), 16 << 20).unwrap();
                 b.fill(&vec![3; 10 << 20]);
                 b
             })

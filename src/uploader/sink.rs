@@ -76,7 +76,9 @@ impl PartSink {
     /// block, no copy), all but the tail, which starts the next part's block.
     fn start_multipart(&mut self, collected: Block) -> io::Result<()> {
         self.multipart = true;
-        let mut bytes = collected.freeze();
+        // Its parts are uploaded one at a time while the rest of the body is compressed:
+        // memory is what matters here, so the map is unmapped, not pooled, once they are.
+        let mut bytes = collected.unpooled().freeze();
         while bytes.len() >= self.part_size {
             let part = bytes.split_to(self.part_size);
             self.send_part(part)?;
@@ -122,7 +124,7 @@ impl Write for PartSink {
                 }
                 // Room for the whole threshold at once: a map takes memory only where it is
                 // written, and growing by copies would hold two blocks for a while.
-                None if self.threshold < RESERVE_UP_TO => Block::new(self.threshold + 1)?,
+                None if self.threshold < RESERVE_UP_TO => Block::pooled(self.threshold + 1)?,
                 None => Block::new(FIRST_BLOCK)?,
             };
             if block.room() == 0 {
