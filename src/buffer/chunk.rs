@@ -292,11 +292,12 @@ impl ChunkWriter {
     }
 
     /// Starts writeback of the data as the file grows, every [`WRITE_BEHIND_STEP`] of whole
-    /// pages, without waiting for it: for `sync none`, whose data is synced only when the
-    /// chunk is sealed. Without it, the seal's fdatasync writes the whole chunk (8 MiB by
-    /// default) while the writer waits, and every request waits with it; with it, the disk
-    /// writes while the chunk fills and the seal finds little left. Durability is unchanged:
-    /// what is synced, and when, stays the same.
+    /// pages, without waiting for it: for `sync none` and `interval`, whose data is synced
+    /// only when the chunk is sealed (or the interval's sync comes). Without it, those
+    /// fdatasyncs write up to a whole chunk (8 MiB by default) while the writer waits, and
+    /// every request waits with it; with it, the disk writes while the chunk fills and the
+    /// sync finds little left. Durability is unchanged: what is synced, and when, stays the
+    /// same.
     pub fn write_behind(mut self) -> Self {
         self.write_behind = true;
         self

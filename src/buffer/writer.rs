@@ -935,8 +935,10 @@ impl Writer {
         };
         let paths = ChunkPaths::new(&self.chunks_dir, &header.chunk_id);
         let writer = match self.config.sync {
-            SyncPolicy::None => ChunkWriter::new(&paths.data, &header).write_behind(),
-            SyncPolicy::Always | SyncPolicy::Interval => ChunkWriter::new(&paths.data, &header),
+            SyncPolicy::None | SyncPolicy::Interval => {
+                ChunkWriter::new(&paths.data, &header).write_behind()
+            }
+            SyncPolicy::Always => ChunkWriter::new(&paths.data, &header),
         };
         self.registry.insert(ChunkInfo {
             chunk_id: header.chunk_id.clone(),
