@@ -134,6 +134,29 @@ impl Block {
         Ok(bigger)
     }
 
+    /// The bytes held.
+    pub(super) fn as_slice(&self) -> &[u8] {
+        &self.map.as_ref()[..self.len]
+    }
+
+    /// Lets `write` fill up to `max` bytes of the room left (from the start of it); keeps
+    /// what it says it wrote.
+    pub(super) fn write_with(
+        &mut self,
+        max: usize,
+        write: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let end = self.len + self.room().min(max);
+        let start = self.len;
+        let room = &mut self.map.bytes_mut(end)[start..];
+        let n = write(room)?;
+        if n > room.len() {
+            return Err(io::Error::other("wrote past the room it was given"));
+        }
+        self.len += n;
+        Ok(n)
+    }
+
     /// This block's map is unmapped once its bytes are dropped, not pooled.
     pub(super) fn unpooled(mut self) -> Block {
         self.map.pool = None;

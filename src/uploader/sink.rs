@@ -89,6 +89,16 @@ impl PartSink {
         Ok(())
     }
 
+    /// Hands over a whole body made elsewhere (nothing may have been written to the sink):
+    /// returns its size and CRC32C.
+    pub(super) fn finish_whole(self, body: Block) -> io::Result<(u64, u32)> {
+        debug_assert!(self.len == 0 && self.block.is_none());
+        let len = body.len() as u64;
+        let crc = crc32c::crc32c(body.as_slice());
+        self.send(Piece::Whole(body.freeze()))?;
+        Ok((len, crc))
+    }
+
     /// Hands over what is left; returns the stored size and its CRC32C.
     pub(super) fn finish(mut self) -> io::Result<(u64, u32)> {
         let rest = self.block.take().map_or_else(Bytes::new, Block::freeze);

@@ -546,3 +546,34 @@ async fn a_dropped_chunk_is_not_uploaded() {
     .is_none());
     assert!(store.objects().is_empty());
 }
+
+#[tokio::test]
+async fn zstd_bodies_are_the_same_events_in_one_call_or_streamed() {
+    // 400 events of about 20 KB: 8 MB of body. Within the default threshold it is compressed
+    // in one call; with a threshold below its size, streamed (and, with these events, still one
+    // object: they compress well).
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let (chunk, body) = sealed_chunk(dir.path(), &registry, 400, 20_000);
+    for threshold in [16 << 20, 6 << 20] {
+        let store = Arc::new(MemoryStore::new("fake-bucket"));
+        let mut cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
+        cfg.multipart_threshold = threshold;
+        let uploaded = run_one(store.clone(), cfg, registry.clone(), chunk.clone())
+            .await
+            .expect("uploaded");
+        let p = &uploaded.pointer;
+        let stored = store.objects();
+        let (_, bytes) = &stored[0];
+        assert_eq!(
+            (p.checksum.crc32c, p.stored_bytes, p.bytes),
+            (crc32c::crc32c(bytes), bytes.len() as u64, body.len() as u64),
+            "threshold {threshold}"
+        );
+        assert_eq!(verify_and_decode(p, bytes).unwrap().len(), 400);
+        assert_eq!(
+            body::decompress(Compression::Zstd, bytes, 16 << 20).unwrap(),
+            body
+        );
+    }
+}
