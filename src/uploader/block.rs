@@ -18,8 +18,8 @@ const HUGE_PAGE: usize = 2 << 20;
 /// and at most this many maps, holding at most [`POOLED_BYTES`] of memory. Multipart uploads
 /// of large chunks, where memory is the concern, keep their bound (see docs/performance.md).
 const POOLED_MAPS: usize = 4;
-/// Memory the pooled maps may hold (the bytes written in them): three uncompressed bodies of
-/// the default chunk size, a dozen zstd ones.
+/// Memory the pooled maps may hold (the bytes written in them): three default chunks' entries
+/// (an uncompressed body, or a zstd body's input), or a dozen zstd bodies.
 const POOLED_BYTES: usize = 24 << 20;
 
 /// A pooled map and how much of it has ever been written (its memory).
