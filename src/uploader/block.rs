@@ -12,8 +12,9 @@ const HUGE_PAGE: usize = 2 << 20;
 /// Uploaded blocks' maps kept for the next bodies. A fresh map costs the kernel a zeroed page
 /// for every page written, about as much CPU as copying the body once more: delivering 1 GB
 /// without compression, that zeroing was a quarter of the sidecar's CPU. A reused map's pages
-/// are already there. Only whole bodies' maps are pooled (bodies within the multipart
-/// threshold: all of them with the default chunk size), never parts': the pool takes back only
+/// are already there. Only maps of whole bodies are pooled (bodies within the multipart
+/// threshold: all of them with the default chunk size), and of a zstd body's input, never
+/// parts': the pool takes back only
 /// maps that were in use at once before, so it never holds more than the busiest moment did,
 /// and at most this many maps, holding at most [`POOLED_BYTES`] of memory. Multipart uploads
 /// of large chunks, where memory is the concern, keep their bound (see docs/performance.md).
