@@ -14,10 +14,10 @@ const HUGE_PAGE: usize = 2 << 20;
 /// without compression, that zeroing was a quarter of the sidecar's CPU. A reused map's pages
 /// are already there. Only maps of whole bodies are pooled (bodies within the multipart
 /// threshold: all of them with the default chunk size), and of a zstd body's input, never
-/// parts': the pool takes back only
-/// maps that were in use at once before, so it never holds more than the busiest moment did,
-/// and at most this many maps, holding at most [`POOLED_BYTES`] of memory. Multipart uploads
-/// of large chunks, where memory is the concern, keep their bound (see docs/performance.md).
+/// parts': the pool takes back only maps that were in use at once before, so it never holds
+/// more than the busiest moment did, and at most this many maps, holding at most
+/// [`POOLED_BYTES`] of memory. Multipart uploads of large chunks, where memory is the
+/// concern, keep their bound (see docs/performance.md).
 const POOLED_MAPS: usize = 4;
 /// Memory the pooled maps may hold (the bytes written in them): three default chunks' entries
 /// (an uncompressed body, or a zstd body's input), or a dozen zstd bodies.
@@ -147,13 +147,14 @@ impl Block {
         max: usize,
         write: impl FnOnce(&mut [u8]) -> io::Result<usize>,
     ) -> io::Result<usize> {
-        let end = self.len + self.room().min(max);
-        let start = self.len;
-        let room = &mut self.map.bytes_mut(end)[start..];
+        let (start, end) = (self.len, self.len + self.room().min(max));
+        let room = self.map.unwritten(start, end);
         let n = write(room)?;
         if n > room.len() {
             return Err(io::Error::other("wrote past the room it was given"));
         }
+        // Only what was written counts as the map's memory.
+        self.map.bytes_mut(start + n);
         self.len += n;
         Ok(n)
     }
@@ -178,6 +179,11 @@ struct Pooled {
 }
 
 impl Pooled {
+    /// Bytes `start..end` to be written, without counting them as written yet.
+    fn unwritten(&mut self, start: usize, end: usize) -> &mut [u8] {
+        &mut self.kept.as_mut().expect("taken only on drop").map[start..end]
+    }
+
     /// The first `end` bytes, to be written.
     fn bytes_mut(&mut self, end: usize) -> &mut [u8] {
         let kept = self.kept.as_mut().expect("taken only on drop");
@@ -242,6 +248,25 @@ mod tests {
         let moved = other.grow(2 << 20).unwrap();
         assert_eq!(moved.len(), 4096);
         assert_eq!(&moved.freeze()[..], &[9; 4096][..]);
+    }
+
+    #[test]
+    fn written_in_place_counts_only_what_was_written() {
+        static POOL: Pool = Pool::new();
+        let mut block = Block::new_in(Some(&POOL), 8 << 20).unwrap();
+        let n = block
+            .write_with(4 << 20, |room| {
+                assert_eq!(room.len(), 4 << 20, "the room, up to max");
+                room[..10].copy_from_slice(&[4; 10]);
+                Ok(10)
+            })
+            .unwrap();
+        assert_eq!((n, block.as_slice()), (10, &[4u8; 10][..]));
+        let too_much = block.write_with(100, |room| Ok(room.len() + 1));
+        assert!(too_much.is_err());
+        assert_eq!(block.len(), 10);
+        drop(block.freeze());
+        assert_eq!(POOL.0.lock().unwrap()[0].touched, 10);
     }
 
     #[test]
