@@ -113,6 +113,9 @@ pub fn file_extension(format: Format, compression: Compression) -> String {
     }
 }
 
+/// zstd's level when none is set.
+pub const ZSTD_DEFAULT_LEVEL: i32 = 3;
+
 /// A streaming compressor over any writer; `finish` flushes the last frame and returns it.
 pub enum Encoder<W: Write> {
     Zstd(zstd::stream::write::Encoder<'static, W>),
@@ -126,7 +129,7 @@ impl<W: Write> Encoder<W> {
         Ok(match compression {
             Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(
                 inner,
-                level.unwrap_or(3),
+                level.unwrap_or(ZSTD_DEFAULT_LEVEL),
             )?),
             Compression::Gzip => {
                 let level = level.map_or(flate2::Compression::default(), |l| {

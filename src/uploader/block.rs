@@ -154,7 +154,7 @@ impl Block {
             return Err(io::Error::other("wrote past the room it was given"));
         }
         // Only what was written counts as the map's memory.
-        self.map.bytes_mut(start + n);
+        self.map.touch(start + n);
         self.len += n;
         Ok(n)
     }
@@ -184,11 +184,16 @@ impl Pooled {
         &mut self.kept.as_mut().expect("taken only on drop").map[start..end]
     }
 
-    /// The first `end` bytes, to be written.
-    fn bytes_mut(&mut self, end: usize) -> &mut [u8] {
+    /// Counts the first `end` bytes as written: the map's memory.
+    fn touch(&mut self, end: usize) {
         let kept = self.kept.as_mut().expect("taken only on drop");
         kept.touched = kept.touched.max(end);
-        &mut kept.map[..end]
+    }
+
+    /// The first `end` bytes, to be written.
+    fn bytes_mut(&mut self, end: usize) -> &mut [u8] {
+        self.touch(end);
+        self.unwritten(0, end)
     }
 }
 

@@ -45,19 +45,15 @@ pub(super) fn write_body(
     let threshold = config.multipart_threshold.max(1) as usize;
     let part_size = config.part_size.max(MIN_PART_SIZE) as usize;
     let sink = PartSink::new(threshold, part_size, tx);
-    if config.compression == Compression::Zstd
-        && config.format == Format::Msgpack
-        && fits_one_call(chunk.stats.data_len, threshold)
-    {
-        return write_zstd_whole(chunk, config.compression_level, threshold, sink);
+    if config.compression == Compression::Zstd && config.format == Format::Msgpack {
+        if let Some(data_len) = one_call_len(chunk.stats.data_len, threshold) {
+            return write_zstd_whole(chunk, data_len, config.compression_level, threshold, sink);
+        }
     }
     let encoder = Encoder::new(config.compression, config.compression_level, sink)
         .map_err(UploadError::Body)?;
     let mut body = Counting::new(encoder);
-    let mut data = File::open(&chunk.paths.data).map_err(ReadError::Io)?;
-    let (_, start) = chunk::read_header(&mut data)?;
-    let mut frames =
-        chunk::FrameReader::new(data, start, chunk.stats.data_len).map_err(ReadError::Io)?;
+    let mut frames = open_frames(chunk)?;
     let mut piece = Vec::new();
     match config.format {
         Format::Msgpack => {
@@ -84,10 +80,19 @@ pub(super) fn write_body(
     })
 }
 
-/// Whether a chunk's body is compressed in one call: it and its compressed form, whatever it
-/// is, fit within the multipart threshold (all chunks of the default size do).
-fn fits_one_call(data_len: u64, threshold: usize) -> bool {
-    usize::try_from(data_len).is_ok_and(|len| zstd::zstd_safe::compress_bound(len) <= threshold)
+/// The chunk's data length if its body is compressed in one call: it and its compressed form,
+/// whatever it is, fit within the multipart threshold (all chunks of the default size do).
+fn one_call_len(data_len: u64, threshold: usize) -> Option<usize> {
+    usize::try_from(data_len)
+        .ok()
+        .filter(|&len| zstd::zstd_safe::compress_bound(len) <= threshold)
+}
+
+/// The frames of a sealed chunk's data file, from just after its header.
+fn open_frames(chunk: &SealedChunk) -> Result<chunk::FrameReader, UploadError> {
+    let mut data = File::open(&chunk.paths.data).map_err(ReadError::Io)?;
+    let (_, start) = chunk::read_header(&mut data)?;
+    Ok(chunk::FrameReader::new(data, start, chunk.stats.data_len).map_err(ReadError::Io)?)
 }
 
 /// Input blocks are sized in steps of this, so that the pool's maps fit the next chunks too.
@@ -107,30 +112,26 @@ thread_local! {
 /// format: one zstd frame (which also records the body's size).
 fn write_zstd_whole(
     chunk: &SealedChunk,
+    data_len: usize,
     level: Option<i32>,
     threshold: usize,
     sink: PartSink,
 ) -> Result<BodySummary, UploadError> {
-    let data_len = usize::try_from(chunk.stats.data_len)
-        .map_err(|_| ReadError::Io(io::ErrorKind::InvalidData.into()))?;
-    let mut data = File::open(&chunk.paths.data).map_err(ReadError::Io)?;
-    let (_, start) = chunk::read_header(&mut data)?;
-    let mut frames =
-        chunk::FrameReader::new(data, start, chunk.stats.data_len).map_err(ReadError::Io)?;
+    let mut frames = open_frames(chunk)?;
     let mut input =
         Block::pooled(data_len.div_ceil(INPUT_STEP) * INPUT_STEP).map_err(UploadError::Body)?;
     let mut piece = Vec::new();
     while frames.next_piece(&mut piece, READ_PIECE)? {
         if input.fill(&piece) < piece.len() {
             return Err(ReadError::BadFrame {
-                offset: start,
+                offset: chunk.stats.data_len,
                 why: "more entries than the chunk's length",
             }
             .into());
         }
     }
     let mut output = Block::pooled(threshold + 1).map_err(UploadError::Body)?;
-    let level = level.unwrap_or(3);
+    let level = level.unwrap_or(body::ZSTD_DEFAULT_LEVEL);
     output
         .write_with(threshold, |room| {
             ZSTD.with(|slot| {
