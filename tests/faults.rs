@@ -364,7 +364,8 @@ async fn kinesis_throttling_and_partial_put_records_failures() {
     let f = setup(
         Fault::None,
         Fault::Throttle {
-            request_rate: 0.3,
+            streak: 4,
+            every: 10,
             record_rate: 0.5,
         },
         Bodies::Inline,

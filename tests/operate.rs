@@ -332,7 +332,8 @@ async fn every_metric_the_dashboard_queries_is_exposed() {
         rate: 0.5,
     });
     kinesis.set(Fault::Throttle {
-        request_rate: 0.5,
+        streak: 4,
+        every: 8,
         record_rate: 0.5,
     });
     let args = [

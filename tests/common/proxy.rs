@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,10 +39,16 @@ pub enum Fault {
     },
     /// Hold every request this long before forwarding it.
     Slow(Duration),
-    /// Kinesis only: refuse this fraction of PutRecords with
-    /// ProvisionedThroughputExceededException, and fail this fraction of the records of the
-    /// others with the same code inside a 200 response.
-    Throttle { request_rate: f64, record_rate: f64 },
+    /// Kinesis only: of every `every` PutRecords, refuse the first `streak` in a row with
+    /// ProvisionedThroughputExceededException, and fail `record_rate` of the records of the
+    /// others with the same code inside a 200 response. The sidecar sends one PutRecords at a
+    /// time, so a streak longer than the SDK's own 3 attempts reaches the sidecar as a failed
+    /// call, once per cycle: no luck needed.
+    Throttle {
+        streak: u64,
+        every: u64,
+        record_rate: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +98,8 @@ struct State {
     service: Service,
     upstream: String,
     fault: Mutex<Fault>,
+    /// PutRecords requests seen, for [`Fault::Throttle`]'s cycle.
+    put_records: AtomicU64,
     ledger: Arc<Ledger>,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
@@ -142,6 +151,7 @@ impl Proxy {
             service,
             upstream: format!("http://127.0.0.1:{upstream_port}"),
             fault: Mutex::new(Fault::None),
+            put_records: AtomicU64::new(0),
             ledger,
             client: Client::builder(TokioExecutor::new()).build_http(),
         });
@@ -279,7 +289,10 @@ async fn handle(
             inject();
             return Ok(coded_error(state.service, *status, code, message));
         }
-        Fault::Throttle { request_rate, .. } if is_put_records && chance(*request_rate) => {
+        Fault::Throttle { streak, every, .. }
+            if is_put_records
+                && state.put_records.fetch_add(1, Ordering::Relaxed) % every < *streak =>
+        {
             inject();
             return Ok(throttled());
         }
