@@ -331,14 +331,19 @@ async fn each_backend_goes_down_mid_run_then_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_of_all_requests_fail_with_500_and_503() {
+    // S3 at random: uploads run side by side, and there are many. Kinesis in streaks: the
+    // publisher batches whatever is ready, so a run makes few PutRecords calls, and at random
+    // few of them would fail past the SDK's 3 attempts.
     let f = setup(
         Fault::Errors {
             status: 500,
             rate: 0.5,
         },
-        Fault::Errors {
+        Fault::Streaks {
             status: 503,
-            rate: 0.5,
+            streak: 4,
+            every: 8,
+            record_rate: 0.0,
         },
         Bodies::S3,
     )
@@ -363,7 +368,8 @@ async fn half_of_all_requests_fail_with_500_and_503() {
 async fn kinesis_throttling_and_partial_put_records_failures() {
     let f = setup(
         Fault::None,
-        Fault::Throttle {
+        Fault::Streaks {
+            status: 400,
             streak: 4,
             every: 10,
             record_rate: 0.5,

@@ -331,7 +331,8 @@ async fn every_metric_the_dashboard_queries_is_exposed() {
         status: 500,
         rate: 0.5,
     });
-    kinesis.set(Fault::Throttle {
+    kinesis.set(Fault::Streaks {
+        status: 400,
         streak: 4,
         every: 8,
         record_rate: 0.5,

@@ -39,12 +39,14 @@ pub enum Fault {
     },
     /// Hold every request this long before forwarding it.
     Slow(Duration),
-    /// Kinesis only: of every `every` PutRecords, refuse the first `streak` in a row with
-    /// ProvisionedThroughputExceededException, and fail `record_rate` of the records of the
-    /// others with the same code inside a 200 response. The sidecar sends one PutRecords at a
-    /// time, so a streak longer than the SDK's own 3 attempts reaches the sidecar as a failed
-    /// call, once per cycle: no luck needed.
-    Throttle {
+    /// Kinesis only: of every `every` PutRecords, answer the first `streak` in a row with
+    /// `status` (400: ProvisionedThroughputExceededException; 500, 503: the service's error),
+    /// and fail `record_rate` of the records of the others with
+    /// ProvisionedThroughputExceededException inside a 200 response. The sidecar sends one
+    /// PutRecords at a time, so a streak longer than the SDK's own 3 attempts reaches the
+    /// sidecar as a failed call once per cycle, however few calls a run makes: no luck needed.
+    Streaks {
+        status: u16,
         streak: u64,
         every: u64,
         record_rate: f64,
@@ -98,7 +100,7 @@ struct State {
     service: Service,
     upstream: String,
     fault: Mutex<Fault>,
-    /// PutRecords requests seen, for [`Fault::Throttle`]'s cycle.
+    /// PutRecords requests seen, for [`Fault::Streaks`]' cycle.
     put_records: AtomicU64,
     ledger: Arc<Ledger>,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
@@ -289,17 +291,24 @@ async fn handle(
             inject();
             return Ok(coded_error(state.service, *status, code, message));
         }
-        Fault::Throttle { streak, every, .. }
-            if is_put_records
-                && state.put_records.fetch_add(1, Ordering::Relaxed) % every < *streak =>
+        Fault::Streaks {
+            status,
+            streak,
+            every,
+            ..
+        } if is_put_records
+            && state.put_records.fetch_add(1, Ordering::Relaxed) % every < *streak =>
         {
             inject();
-            return Ok(throttled());
+            return Ok(match status {
+                400 => throttled(),
+                _ => error_response(state.service, *status),
+            });
         }
         _ => {}
     }
     let record_rate = match fault {
-        Fault::Throttle { record_rate, .. } if is_put_records => record_rate,
+        Fault::Streaks { record_rate, .. } if is_put_records => record_rate,
         _ => 0.0,
     };
     if is_put_records {
