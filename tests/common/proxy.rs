@@ -16,7 +16,7 @@ use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
@@ -201,6 +201,7 @@ fn error_response(service: Service, status: u16) -> Response<Full<Bytes>> {
     let code = match (service, status) {
         (Service::S3, 503) => "SlowDown",
         (Service::S3, _) => "InternalError",
+        (Service::Kinesis, 400) => "ProvisionedThroughputExceededException",
         (Service::Kinesis, 503) => "ServiceUnavailable",
         (Service::Kinesis, _) => "InternalFailure",
     };
@@ -223,15 +224,6 @@ fn coded_error(service: Service, status: u16, code: &str, message: &str) -> Resp
         .status(status)
         .header("content-type", content_type)
         .body(Full::new(Bytes::from(body)))
-        .unwrap()
-}
-
-fn throttled() -> Response<Full<Bytes>> {
-    let body = json!({"__type": "ProvisionedThroughputExceededException", "message": "Rate exceeded for stream (injected)"});
-    Response::builder()
-        .status(StatusCode::BAD_REQUEST)
-        .header("content-type", "application/x-amz-json-1.1")
-        .body(Full::new(Bytes::from(body.to_string())))
         .unwrap()
 }
 
@@ -300,10 +292,7 @@ async fn handle(
             && state.put_records.fetch_add(1, Ordering::Relaxed) % every < *streak =>
         {
             inject();
-            return Ok(match status {
-                400 => throttled(),
-                _ => error_response(state.service, *status),
-            });
+            return Ok(error_response(state.service, *status));
         }
         _ => {}
     }
