@@ -102,6 +102,7 @@ fn chunk_append(c: &mut Criterion) {
                         tag: "bench.tag0".into(),
                         timekey: 0,
                         created_ms: 0,
+                        reused: false,
                     };
                     let path = dir.path().join(format!("{n}.chunk"));
                     (ChunkWriter::create(&path, &header).expect("create"), path)

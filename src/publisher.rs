@@ -295,6 +295,7 @@ async fn publish<P: PointerSink>(
         .outage(Stage::Publish)
         .succeeded(published.len() as u64);
     let tokens = registry.tokens().cloned();
+    let spares = registry.spares().clone();
     let removed = tokio::task::spawn_blocking(move || {
         // Their tokens go to the journal first: once the files are gone, it is what recognises
         // a resend of their requests for the rest of the window.
@@ -308,7 +309,7 @@ async fn publish<P: PointerSink>(
         }
         published
             .into_iter()
-            .filter_map(|chunk| match chunk.paths.remove() {
+            .filter_map(|chunk| match spares.retire(&chunk.paths) {
                 Ok(()) => Some(chunk.pointer.chunk_id),
                 Err(e) => {
                     // The next start sees the chunk and publishes it again: a duplicate, not a loss.

@@ -150,17 +150,12 @@ async fn raw_pointers(env: &Emulated) -> Vec<Pointer> {
 
 /// Waits until the buffer holds no chunk, then reads the stream through the consumer.
 async fn drain_and_read(env: &Emulated, load: &LoadResult) -> (HashMap<u64, Vec<String>>, u64) {
-    let chunks_dir = env.buffer_dir().join("chunks");
     let deadline = Instant::now() + Duration::from_secs(180);
-    while std::fs::read_dir(&chunks_dir)
-        .map(|d| d.count())
-        .unwrap_or(0)
-        > 0
-    {
+    while !chunk_files(&env.buffer_dir()).is_empty() {
         assert!(
             Instant::now() < deadline,
             "the buffer did not drain: {:?}",
-            std::fs::read_dir(&chunks_dir).unwrap().count()
+            chunk_files(&env.buffer_dir())
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

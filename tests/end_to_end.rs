@@ -197,9 +197,7 @@ async fn acked_events_survive_kill_9_and_arrive_after_restart() {
     let acked = node_send(sidecar.port, "PackedForward", &sent);
     assert_eq!(acked.len(), sent.len());
     sidecar.kill9();
-    let leftover = std::fs::read_dir(env.buffer_dir().join("chunks"))
-        .unwrap()
-        .count();
+    let leftover = chunk_files(&env.buffer_dir()).len();
     assert!(
         leftover >= 3,
         "open chunk files remain after kill -9 ({leftover})"
@@ -263,9 +261,7 @@ async fn sigterm_seals_open_chunks_delivers_and_exits_zero() {
     assert!(status.success(), "exit status {status}");
     // Nothing but the shutdown could seal these chunks (an hour's flush interval, event times
     // two hours ahead), and delivery finished before the exit.
-    let left = std::fs::read_dir(env.buffer_dir().join("chunks"))
-        .unwrap()
-        .count();
+    let left = chunk_files(&env.buffer_dir()).len();
     assert_eq!(left, 0, "the buffer is empty at exit");
     let chunks = env.read_events(sent.len()).await;
     assert_exactly_once(&chunks, &sent);

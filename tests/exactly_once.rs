@@ -24,9 +24,8 @@ fn request(source: &str, base: i64, n: usize, token: &str) -> (Vec<u8>, Vec<Test
 
 /// Waits until the buffer holds no chunk: everything delivered and deleted.
 async fn drained(env: &Emulated) {
-    let chunks = env.buffer_dir().join("chunks");
     let deadline = Instant::now() + Duration::from_secs(120);
-    while std::fs::read_dir(&chunks).map_or(0, |d| d.count()) > 0 {
+    while !chunk_files(&env.buffer_dir()).is_empty() {
         assert!(Instant::now() < deadline, "the buffer did not drain");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -95,13 +95,8 @@ async fn acked_at_least(load: &Load, n: usize) {
 /// Waits for the buffer to drain, then checks every acked event arrived exactly once and
 /// that no pointer went out before its object.
 async fn verify(f: &Faulty, load: &LoadResult) {
-    let chunks_dir = f.env.buffer_dir().join("chunks");
     let deadline = Instant::now() + Duration::from_secs(120);
-    while std::fs::read_dir(&chunks_dir)
-        .map(|d| d.count())
-        .unwrap_or(0)
-        > 0
-    {
+    while !chunk_files(&f.env.buffer_dir()).is_empty() {
         assert!(Instant::now() < deadline, "the buffer did not drain");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

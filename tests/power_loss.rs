@@ -114,9 +114,8 @@ async fn power_cuts(sync: &str, cycles: usize) {
     // What was acked after the last cut faced no cut.
     promised.extend(load.acked.difference(&at_last_cut).copied());
     // Everything left is delivered: the buffer empties.
-    let chunks_dir = buffer.join("chunks");
     let deadline = Instant::now() + Duration::from_secs(120);
-    while std::fs::read_dir(&chunks_dir).map_or(0, |d| d.count()) > 0 {
+    while !chunk_files(&buffer).is_empty() {
         assert!(Instant::now() < deadline, "the buffer did not drain");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -36,6 +36,7 @@ fn open_chunk(
         tag: tag.into(),
         timekey: secs,
         created_ms: 0,
+        reused: false,
     };
     let paths = ChunkPaths::new(dir, &id);
     let mut w = ChunkWriter::create(&paths.data, &header).unwrap();

@@ -6,6 +6,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use claimcheck_consumer::entry::{self, EventTime};
@@ -15,12 +16,16 @@ use serde::{Deserialize, Serialize};
 use super::tokens::TokenRecord;
 
 /// First bytes of every data file written now; the digits are the data file version. Version 2
-/// adds token frames.
-pub const MAGIC: &[u8; 8] = b"CCHUNK02";
+/// adds token frames; version 3 seeds each frame's CRC32C with its chunk's id
+/// ([`frame_seed`]), so that a reused file's leftover frames fail their check.
+pub const MAGIC: &[u8; 8] = b"CCHUNK03";
+/// First bytes of a version 2 data file (unseeded CRCs), still read.
+pub const MAGIC_V2: &[u8; 8] = b"CCHUNK02";
 /// First bytes of a version 1 data file (entries frames only), still read at recovery.
 pub const MAGIC_V1: &[u8; 8] = b"CCHUNK01";
-/// In a version 2 data file, a frame whose length has this bit set is a token frame: the token
-/// records of the requests whose events are in the frame before it (see [`super::tokens`]).
+/// In a version 2 or 3 data file, a frame whose length has this bit set is a token frame: the
+/// token records of the requests whose events are in the frame before it (see
+/// [`super::tokens`]).
 pub const TOKEN_FRAME: u32 = 1 << 31;
 /// Bytes before a frame's payload: payload length (u32 LE) and payload CRC32C (u32 LE).
 pub const FRAME_HEADER: usize = 8;
@@ -32,6 +37,10 @@ pub const WRITE_BEHIND_STEP: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 /// State file suffix.
 pub const STATE_EXT: &str = "state";
+/// Suffix of a delivered chunk's data file kept for a new chunk to overwrite ([`Spares`]).
+pub const SPARE_EXT: &str = "free";
+/// Most spare data files kept: enough for the chunks created while a delivery is under way.
+pub const MAX_SPARES: usize = 4;
 
 /// What a data file records about its chunk before the first event is appended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +51,16 @@ pub struct ChunkHeader {
     pub timekey: i64,
     /// Creation time, Unix milliseconds.
     pub created_ms: i64,
+    /// The data file is a delivered chunk's, overwritten ([`Spares`]): what follows the last
+    /// whole frame may be that chunk's leftover rather than a torn write.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
+}
+
+/// The seed of the CRC32C of every frame of a version 3 data file: the CRC32C of its chunk id.
+/// A frame left over from the chunk that used the file before fails its check.
+pub fn frame_seed(chunk_id: &str) -> u32 {
+    crc32c::crc32c(chunk_id.as_bytes())
 }
 
 /// The sums of a chunk's events, kept while appending and rebuilt by scanning on recovery.
@@ -191,6 +210,94 @@ impl ChunkPaths {
     }
 }
 
+/// Data files of delivered chunks, kept (renamed `<id>.free`) for new chunks to overwrite rather
+/// than deleted: overwriting blocks a file already has saves the file system the block
+/// allocation and the size change, so an `fdatasync` writes the data alone, and the page cache
+/// reuses its pages. At most [`MAX_SPARES`] are kept; emptied when the disk fills.
+#[derive(Debug)]
+pub struct Spares {
+    files: Mutex<Vec<PathBuf>>,
+    max: usize,
+}
+
+impl Default for Spares {
+    fn default() -> Self {
+        Spares::new(MAX_SPARES)
+    }
+}
+
+impl Spares {
+    /// At most `max` spare files (0: delete delivered chunks' files).
+    pub fn new(max: usize) -> Self {
+        Spares {
+            files: Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many spare files are kept.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no spare file is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes a delivered chunk ([`ChunkPaths::remove`]), keeping its data file as a spare
+    /// if there is room: renamed to `<id>.free`, which is what removes the chunk, then the
+    /// state file goes.
+    pub fn retire(&self, paths: &ChunkPaths) -> io::Result<()> {
+        let mut files = self.lock();
+        if files.len() < self.max {
+            let spare = paths.data.with_extension(SPARE_EXT);
+            match fs::rename(&paths.data, &spare) {
+                Ok(()) => files.push(spare),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        drop(files);
+        paths.remove()
+    }
+
+    /// A spare file found at recovery: kept if there is room, else deleted.
+    pub fn found(&self, path: PathBuf) -> io::Result<()> {
+        let mut files = self.lock();
+        if files.len() < self.max {
+            files.push(path);
+            return Ok(());
+        }
+        drop(files);
+        fs::remove_file(path)
+    }
+
+    /// Renames a spare file to `path`; its length, or `None` when there is none (or it could
+    /// not be renamed: it is deleted then).
+    fn take_into(&self, path: &Path) -> Option<u64> {
+        let spare = self.lock().pop()?;
+        match fs::rename(&spare, path).and_then(|()| fs::metadata(path)) {
+            Ok(meta) => Some(meta.len()),
+            Err(e) => {
+                tracing::warn!(path = %spare.display(), cause = %e, "cannot reuse a spare chunk file; deleting it");
+                let _ = fs::remove_file(&spare);
+                None
+            }
+        }
+    }
+
+    /// Deletes every spare file (the disk is full). Returns how many went.
+    pub fn clear(&self) -> usize {
+        let files = std::mem::take(&mut *self.lock());
+        files.iter().filter(|f| fs::remove_file(f).is_ok()).count()
+    }
+}
+
 /// Fsyncs a directory so that file creations, renames and removals in it are durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -264,8 +371,15 @@ fn encode_header(header: &ChunkHeader) -> Vec<u8> {
 #[derive(Debug)]
 pub struct ChunkWriter {
     path: PathBuf,
-    /// The encoded header, until the file is created.
-    header: Option<Vec<u8>>,
+    /// The header, until the file is created.
+    header: Option<ChunkHeader>,
+    /// Where the file comes from when it is created: a spare, if there is one.
+    spares: Option<Arc<Spares>>,
+    /// The seed of the frames' CRC32C ([`frame_seed`]).
+    seed: u32,
+    /// The file is a spare, longer than what is written to it so far: it is cut to its valid
+    /// part at [`ChunkWriter::finish`].
+    leftover: bool,
     file: Option<File>,
     /// Length of the valid part (0 before the file exists); a failed append is cut back to it.
     len: u64,
@@ -282,7 +396,10 @@ impl ChunkWriter {
     pub fn new(path: &Path, header: &ChunkHeader) -> Self {
         ChunkWriter {
             path: path.to_path_buf(),
-            header: Some(encode_header(header)),
+            header: Some(header.clone()),
+            spares: None,
+            seed: frame_seed(&header.chunk_id),
+            leftover: false,
             file: None,
             len: 0,
             unsynced: false,
@@ -303,6 +420,12 @@ impl ChunkWriter {
         self
     }
 
+    /// Creates the file by overwriting a spare one when `spares` has one.
+    pub fn reusing(mut self, spares: Arc<Spares>) -> Self {
+        self.spares = Some(spares);
+        self
+    }
+
     /// The offset up to which writeback was started.
     pub fn written_back(&self) -> u64 {
         self.written_back
@@ -316,29 +439,51 @@ impl ChunkWriter {
         Ok(writer)
     }
 
-    /// Opens the data file if it is not open: creates it and writes its header the first time
-    /// (an error leaves no file behind), reopens it in append mode after a close.
+    /// Opens the data file if it is not open: the first time, creates it (renaming a spare
+    /// to it if there is one) and writes its header at its start (an error leaves no file
+    /// behind); after a close, reopens it to write after its valid part.
     pub fn open(&mut self) -> io::Result<()> {
         if self.file.is_some() {
             return Ok(());
         }
         let file = match &self.header {
-            Some(bytes) => {
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&self.path)?;
-                if let Err(e) = file.write_all(bytes) {
+            Some(header) => {
+                let spare_len = self.spares.as_ref().and_then(|s| s.take_into(&self.path));
+                let mut options = OpenOptions::new();
+                options.write(true);
+                let opened = match spare_len {
+                    Some(_) => options.open(&self.path),
+                    None => options.create_new(true).open(&self.path),
+                };
+                let bytes = encode_header(&ChunkHeader {
+                    reused: spare_len.is_some(),
+                    ..header.clone()
+                });
+                let mut file = match opened {
+                    Ok(file) => file,
+                    Err(e) => {
+                        if spare_len.is_some() {
+                            let _ = fs::remove_file(&self.path);
+                        }
+                        return Err(e);
+                    }
+                };
+                if let Err(e) = file.write_all(&bytes) {
                     drop(file);
                     let _ = fs::remove_file(&self.path);
                     return Err(e);
                 }
                 self.len = bytes.len() as u64;
+                self.leftover = spare_len.is_some_and(|l| l > self.len);
                 self.header = None;
                 self.unsynced = true;
                 file
             }
-            None => OpenOptions::new().append(true).open(&self.path)?,
+            None => {
+                let mut file = OpenOptions::new().write(true).open(&self.path)?;
+                file.seek(SeekFrom::Start(self.len))?;
+                file
+            }
         };
         self.file = Some(file);
         Ok(())
@@ -374,7 +519,7 @@ impl ChunkWriter {
             .ok_or_else(|| io::Error::other("frame larger than 2 GiB"))?;
         let crc = payload
             .iter()
-            .fold(0, |crc, s| crc32c::crc32c_append(crc, s));
+            .fold(self.seed, |crc, s| crc32c::crc32c_append(crc, s));
         let mut head = [0u8; FRAME_HEADER];
         head[..4].copy_from_slice(&len.to_le_bytes());
         head[4..].copy_from_slice(&crc.to_le_bytes());
@@ -385,7 +530,7 @@ impl ChunkWriter {
                 .filter(|l| l & TOKEN_FRAME == 0)
                 .ok_or_else(|| io::Error::other("token frame larger than 2 GiB"))?;
             tail.extend_from_slice(&(tlen | TOKEN_FRAME).to_le_bytes());
-            tail.extend_from_slice(&crc32c::crc32c(tokens).to_le_bytes());
+            tail.extend_from_slice(&crc32c::crc32c_append(self.seed, tokens).to_le_bytes());
             tail.extend_from_slice(tokens);
         }
         self.unsynced = true;
@@ -400,7 +545,8 @@ impl ChunkWriter {
                 // Best effort: the length recorded at seal time excludes the failed frame anyway.
                 let _ = file
                     .set_len(self.len)
-                    .and_then(|()| file.seek(SeekFrom::End(0)).map(|_| ()));
+                    .and_then(|()| file.seek(SeekFrom::Start(self.len)).map(|_| ()));
+                self.leftover = false;
                 Err(e)
             }
         }
@@ -440,6 +586,23 @@ impl ChunkWriter {
         }
         self.unsynced = false;
         Ok(())
+    }
+
+    /// For the seal: cuts a spare file's leftover off (so that a sealed chunk's file ends with
+    /// its valid part, as readers that read to the end expect), then syncs.
+    pub fn finish(&mut self) -> io::Result<()> {
+        if self.leftover {
+            match &self.file {
+                Some(file) => file.set_len(self.len)?,
+                None => OpenOptions::new()
+                    .write(true)
+                    .open(&self.path)?
+                    .set_len(self.len)?,
+            }
+            self.leftover = false;
+            self.unsynced = true;
+        }
+        self.sync()
     }
 
     /// Syncs what is not yet synced, then closes the file; [`ChunkWriter::open`] reopens it.
@@ -505,15 +668,33 @@ pub enum ReadError {
     BadFrame { offset: u64, why: &'static str },
 }
 
-/// Reads a data file's header; returns it with the offset of the first frame.
-pub fn read_header(file: &mut File) -> Result<(ChunkHeader, u64), ReadError> {
+/// How a data file's frames are laid out, from its magic and header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frames {
+    /// Offset of the first frame.
+    pub start: u64,
+    /// Token frames may occur (version 2 and later).
+    tokens: bool,
+    /// The frames' CRC32C seed: the chunk id's in version 3, 0 before.
+    seed: u32,
+}
+
+impl Frames {
+    fn crc(&self, payload: &[u8]) -> u32 {
+        crc32c::crc32c_append(self.seed, payload)
+    }
+}
+
+/// Reads a data file's header; returns it with the layout of the frames after it.
+pub fn read_header(file: &mut File) -> Result<(ChunkHeader, Frames), ReadError> {
     let mut fixed = [0u8; 16];
     file.seek(SeekFrom::Start(0))?;
     file.read_exact(&mut fixed).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => ReadError::BadHeader("file shorter than its header".into()),
         _ => ReadError::Io(e),
     })?;
-    if &fixed[..8] != MAGIC && &fixed[..8] != MAGIC_V1 {
+    let magic = &fixed[..8];
+    if magic != MAGIC && magic != MAGIC_V2 && magic != MAGIC_V1 {
         return Err(ReadError::BadMagic);
     }
     let len = u32::from_le_bytes(fixed[8..12].try_into().expect("4 bytes")) as usize;
@@ -529,16 +710,18 @@ pub fn read_header(file: &mut File) -> Result<(ChunkHeader, u64), ReadError> {
     if crc32c::crc32c(&json) != crc {
         return Err(ReadError::BadHeader("header checksum mismatch".into()));
     }
-    let header = serde_json::from_slice(&json).map_err(|e| ReadError::BadHeader(e.to_string()))?;
-    Ok((header, 16 + len as u64))
-}
-
-/// Whether the data file is of a version with token frames (read from its first bytes).
-fn has_token_frames(file: &mut File) -> io::Result<bool> {
-    let mut magic = [0u8; 8];
-    file.seek(SeekFrom::Start(0))?;
-    file.read_exact(&mut magic)?;
-    Ok(&magic == MAGIC)
+    let header: ChunkHeader =
+        serde_json::from_slice(&json).map_err(|e| ReadError::BadHeader(e.to_string()))?;
+    let frames = Frames {
+        start: 16 + len as u64,
+        tokens: magic != MAGIC_V1,
+        seed: if magic == MAGIC {
+            frame_seed(&header.chunk_id)
+        } else {
+            0
+        },
+    };
+    Ok((header, frames))
 }
 
 /// Read buffer of [`FrameReader`].
@@ -554,14 +737,15 @@ pub struct FrameReader {
     frame_crc: u32,
     crc: u32,
     frame_start: u64,
-    /// Token frames may occur (version 2); they are skipped: they are not body.
-    tokens: bool,
+    /// The layout; token frames are skipped: they are not body.
+    frames: Frames,
 }
 
 impl FrameReader {
-    /// Reads frames from `start` to `end` (the sealed `data_len`).
-    pub fn new(mut file: File, start: u64, end: u64) -> io::Result<Self> {
-        let tokens = has_token_frames(&mut file)?;
+    /// Reads the frames laid out as `frames` says (from [`read_header`]) up to `end` (the
+    /// sealed `data_len`).
+    pub fn new(mut file: File, frames: Frames, end: u64) -> io::Result<Self> {
+        let start = frames.start;
         file.seek(SeekFrom::Start(start))?;
         Ok(FrameReader {
             // Small, so that many small frames cost few reads, while the payload of large ones
@@ -574,7 +758,7 @@ impl FrameReader {
             frame_crc: 0,
             crc: 0,
             frame_start: start,
-            tokens,
+            frames,
         })
     }
 
@@ -595,10 +779,10 @@ impl FrameReader {
             self.frame_start = self.pos;
             self.pos += FRAME_HEADER as u64;
             let raw = u32::from_le_bytes(head[..4].try_into().expect("4"));
-            let is_tokens = self.tokens && raw & TOKEN_FRAME != 0;
+            let is_tokens = self.frames.tokens && raw & TOKEN_FRAME != 0;
             self.frame_left = u64::from(if is_tokens { raw & !TOKEN_FRAME } else { raw });
             self.frame_crc = u32::from_le_bytes(head[4..].try_into().expect("4"));
-            self.crc = 0;
+            self.crc = self.frames.seed;
             if self.frame_left > self.end - self.pos {
                 return Err(ReadError::BadFrame {
                     offset: self.frame_start,
@@ -648,8 +832,8 @@ pub struct Scan {
 /// exactly what was acknowledged (a frame is synced before its events are acked).
 pub fn scan(path: &Path) -> Result<Scan, ReadError> {
     let mut file = File::open(path)?;
-    let (header, start) = read_header(&mut file)?;
-    let token_frames = has_token_frames(&mut file)?;
+    let (header, frames) = read_header(&mut file)?;
+    let start = frames.start;
     let mut tokens = Vec::new();
     let file_len = file.metadata()?.len();
     let mut reader = io::BufReader::with_capacity(1 << 20, file);
@@ -667,7 +851,7 @@ pub fn scan(path: &Path) -> Result<Scan, ReadError> {
         }
         reader.read_exact(&mut head)?;
         let raw = u32::from_le_bytes(head[..4].try_into().expect("4"));
-        let is_tokens = token_frames && raw & TOKEN_FRAME != 0;
+        let is_tokens = frames.tokens && raw & TOKEN_FRAME != 0;
         let len = u64::from(if is_tokens { raw & !TOKEN_FRAME } else { raw });
         let crc = u32::from_le_bytes(head[4..].try_into().expect("4"));
         if len == 0 || file_len - pos - (FRAME_HEADER as u64) < len {
@@ -676,7 +860,7 @@ pub fn scan(path: &Path) -> Result<Scan, ReadError> {
         payload.clear();
         payload.resize(len as usize, 0);
         reader.read_exact(&mut payload)?;
-        if crc32c::crc32c(&payload) != crc {
+        if frames.crc(&payload) != crc {
             break;
         }
         if is_tokens {
@@ -719,10 +903,11 @@ pub fn scan(path: &Path) -> Result<Scan, ReadError> {
 /// error.
 pub fn read_tokens_to(path: &Path, end: Option<u64>) -> Result<Vec<TokenRecord>, ReadError> {
     let mut file = File::open(path)?;
-    let (_, start) = read_header(&mut file)?;
-    if !has_token_frames(&mut file)? {
+    let (_, frames) = read_header(&mut file)?;
+    if !frames.tokens {
         return Ok(Vec::new());
     }
+    let start = frames.start;
     let end = match end {
         Some(end) => end,
         None => file.metadata()?.len(),
@@ -746,7 +931,7 @@ pub fn read_tokens_to(path: &Path, end: Option<u64>) -> Result<Vec<TokenRecord>,
             let mut payload = vec![0u8; len as usize];
             reader.read_exact(&mut payload)?;
             let crc = u32::from_le_bytes(head[4..].try_into().expect("4"));
-            let records = (crc32c::crc32c(&payload) == crc)
+            let records = (frames.crc(&payload) == crc)
                 .then(|| TokenRecord::decode_all(&payload))
                 .flatten()
                 .ok_or(ReadError::BadFrame {
@@ -784,6 +969,7 @@ mod tests {
             tag: "app".into(),
             timekey: 60,
             created_ms: 1,
+            reused: false,
         }
     }
 
@@ -794,8 +980,10 @@ mod tests {
         Bytes::from(b)
     }
 
-    fn body(path: &Path, start: u64, end: u64) -> Vec<u8> {
-        let mut r = FrameReader::new(File::open(path).unwrap(), start, end).unwrap();
+    fn body(path: &Path, end: u64) -> Vec<u8> {
+        let mut file = File::open(path).unwrap();
+        let (_, frames) = read_header(&mut file).unwrap();
+        let mut r = FrameReader::new(file, frames, end).unwrap();
         let mut out = Vec::new();
         let mut piece = Vec::new();
         while r.next_piece(&mut piece, 5).unwrap() {
@@ -827,8 +1015,7 @@ mod tests {
         for secs in [100, 90, 120] {
             all.extend_from_slice(&entry_bytes(secs));
         }
-        let (_, start) = read_header(&mut File::open(&path).unwrap()).unwrap();
-        assert_eq!(body(&path, start, good_len), all);
+        assert_eq!(body(&path, good_len), all);
         assert_eq!(s.stats.body_bytes, all.len() as u64);
 
         // A torn frame: header and part of a payload.
@@ -884,9 +1071,54 @@ mod tests {
         assert_eq!(s.header, header());
         assert_eq!((s.stats.records, s.stats.data_len), (3, w.valid_len()));
         assert_eq!(s.torn_bytes, 0);
-        let (_, start) = read_header(&mut File::open(&path).unwrap()).unwrap();
         let all = [entry_bytes(1), entry_bytes(2), entry_bytes(3)].concat();
-        assert_eq!(body(&path, start, w.valid_len()), all);
+        assert_eq!(body(&path, w.valid_len()), all);
+    }
+
+    #[test]
+    fn a_spare_file_is_written_from_its_start_and_cut_at_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let spares = Arc::new(Spares::new(1));
+        let with_id = |c: char| ChunkHeader {
+            chunk_id: c.to_string().repeat(32),
+            ..header()
+        };
+        let old = ChunkPaths::new(dir.path(), &with_id('a').chunk_id);
+        let mut w = ChunkWriter::create(&old.data, &with_id('a')).unwrap();
+        for secs in 0..20 {
+            w.append(&[entry_bytes(secs)], &[]).unwrap();
+        }
+        w.finish().unwrap();
+        let old_len = w.valid_len();
+        drop(w);
+        spares.retire(&old).unwrap();
+        assert!(!old.data.exists() && spares.len() == 1);
+
+        let new = ChunkPaths::new(dir.path(), &with_id('b').chunk_id);
+        let mut w = ChunkWriter::new(&new.data, &with_id('b')).reusing(spares.clone());
+        w.open().unwrap();
+        w.append(&[entry_bytes(100)], &[]).unwrap();
+        // Reopened after a close, it goes on after its valid part, not at the file's end.
+        w.close().unwrap();
+        w.open().unwrap();
+        w.append(&[entry_bytes(101)], &[]).unwrap();
+        w.sync().unwrap();
+        assert!(spares.is_empty());
+        assert_eq!(fs::metadata(&new.data).unwrap().len(), old_len);
+        let s = scan(&new.data).unwrap();
+        assert!(s.header.reused);
+        assert_eq!((s.stats.records, s.stats.data_len), (2, w.valid_len()));
+        assert_eq!(s.torn_bytes, old_len - w.valid_len());
+
+        w.finish().unwrap();
+        assert_eq!(fs::metadata(&new.data).unwrap().len(), w.valid_len());
+        let all = [entry_bytes(100), entry_bytes(101)].concat();
+        assert_eq!(body(&new.data, w.valid_len()), all);
+        assert_eq!(read_tokens(&new.data).unwrap(), Vec::new());
+
+        // With no room for spares, retiring deletes.
+        Spares::new(0).retire(&new).unwrap();
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
@@ -957,8 +1189,8 @@ mod tests {
         bytes[last] ^= 1;
         fs::write(&path, &bytes).unwrap();
         let mut file = File::open(&path).unwrap();
-        let (_, start) = read_header(&mut file).unwrap();
-        let mut r = FrameReader::new(file, start, len).unwrap();
+        let (_, frames) = read_header(&mut file).unwrap();
+        let mut r = FrameReader::new(file, frames, len).unwrap();
         let mut piece = Vec::new();
         assert!(matches!(
             r.next_piece(&mut piece, 1 << 20),

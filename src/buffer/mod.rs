@@ -29,16 +29,19 @@
 //!   chunks/<id>.chunk     data file (the chunk id is 32 lowercase hex digits, a UUIDv7)
 //!   chunks/<id>.state     JSON state once sealed; replaced atomically (tmp, fsync, rename);
 //!                         once uploaded: the pointer and, for an inline record, its body
+//!   chunks/<id>.free      a delivered chunk's data file kept for a new chunk to overwrite
+//!                         (at most 4, see "reuse" below)
 //!   dead/                 chunks whose delivery exhausted the retry budget (`claimcheck replay`)
 //!   quarantine/           files recovery could not read, and torn tails cut off; never deleted
 //!   tokens.journal        ack tokens of delivered chunks, until `dedup_window` after delivery
 //!
-//! data file  = "CCHUNK02" | header_len u32 LE | header_crc32c u32 LE | header JSON | frame*
-//! header     = {"chunk_id","tag","timekey","created_ms"}
+//! data file  = "CCHUNK03" | header_len u32 LE | header_crc32c u32 LE | header JSON | frame*
+//! header     = {"chunk_id","tag","timekey","created_ms"[,"reused":true]}
 //! frame      = entries | tokens
 //! entries    = payload_len u32 LE (top bit 0) | payload_crc32c u32 LE | payload
 //! payload    = whole msgpack [time, record] entries, bytes as received
 //! tokens     = (records_len | 1 << 31) u32 LE | records_crc32c u32 LE | record*
+//! frame CRCs = CRC32C of the payload seeded with the CRC32C of the chunk id
 //! record     = the sender and ack token of a request whose events are in the entries frame
 //!              just before (format in `tokens.rs`)
 //! ```
@@ -50,16 +53,16 @@
 //! (short or CRC mismatch) and cuts off, with everything after it. None of a torn frame's
 //! events were acknowledged, because acks wait for the write (and the fsync, under `sync
 //! always`). A token frame is trusted only when every frame before it is whole, so a token
-//! found at recovery means its events are there. Version 1 data files (`"CCHUNK01"`, entries
-//! frames only, no top bit) are still read.
+//! found at recovery means its events are there. Version 2 data files (`"CCHUNK02"`, frame CRCs
+//! not seeded) and version 1 (`"CCHUNK01"`, entries frames only, no top bit) are still read.
 //!
 //! # Lifecycle
 //!
 //! ```text
 //! open ──seal──▶ sealed ──S3 PUT ok──▶ uploaded ──PutRecords ok──▶ deleted
-//!  (data file)   (state: sealed,     (state: uploaded,            (data file removed first,
-//!                 data_len fixed)     pointer + etag, or           then the state)
-//!                                     the inline body)
+//!  (data file)   (state: sealed,     (state: uploaded,            (data file renamed to
+//!                 data_len fixed)     pointer + etag, or           <id>.free or removed first,
+//!                                     the inline body)             then the state)
 //!                    │                     │
 //!                    └── retry budget exhausted ──▶ dead/ ──claimcheck replay──▶ chunks/
 //! ```
@@ -83,9 +86,21 @@
 //!   drop_oldest_chunk` it deletes the oldest waiting chunk instead, logging each at ERROR.
 //! * **recover** on start: sealed and uploaded chunks are queued again where they stopped;
 //!   open chunks are scanned, cut back to their last whole frame, and sealed.
-//! * **delete** is the "published" record: the data file is unlinked first, so a crash
-//!   between Kinesis accepting a pointer and the unlink publishes the pointer again (same chunk
-//!   id; consumers drop it). A state file without its data file is removed on start.
+//! * **delete** is the "published" record: the data file goes first, so a crash between
+//!   Kinesis accepting a pointer and its going publishes the pointer again (same chunk id;
+//!   consumers drop it). A state file without its data file is removed on start.
+//! * **reuse**: a delivered chunk's data file is not unlinked but renamed `<id>.free` while
+//!   fewer than 4 are kept ([`chunk::Spares`]), and a new chunk's first write renames one to
+//!   its own name and writes its header over the old one. Overwriting blocks the file already
+//!   has saves the file system their allocation and the size update, so an `fdatasync` has
+//!   the data alone to write (one disk write where a growing file needs two), and the page
+//!   cache reuses the pages. What follows the last write is the old chunk's leftover: its
+//!   frames fail their CRC, seeded with the old chunk's id, so recovery stops where the new
+//!   chunk's frames stop, and cuts the rest without copying it to `quarantine/`. The seal
+//!   cuts the file to `data_len`. A file renamed for a new chunk whose header did not reach
+//!   the disk still holds the old chunk's header: recovery removes it (nothing in it was
+//!   acknowledged: the header is synced with the first frame). Spares are deleted when the
+//!   disk fills; they are not counted in `total_limit_size`.
 
 pub mod chunk;
 pub mod dead_letter;

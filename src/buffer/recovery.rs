@@ -5,6 +5,9 @@
 //! | data + `uploaded` state              | publish the pointer again                            |
 //! | data + `sealed` state                | upload again (same key, same bytes)                  |
 //! | data, no state                       | scan, cut a torn tail (kept in `quarantine/`), seal  |
+//! | data, no state, a spare's old header | removed (a reused file whose new header never made it: nothing in it was acknowledged) |
+//! | data, no state, in a reused file     | as above, but the tail is cut without a copy: it may be the old chunk's leftover |
+//! | `<id>.free`                          | kept as a spare to reuse (deleted beyond [`chunk::MAX_SPARES`]) |
 //! | data + unreadable state              | state kept in `quarantine/` (ERROR), then as above   |
 //! | data that cannot be read at all      | moved to `quarantine/` (ERROR)                       |
 //! | sealed data shorter than its state   | both moved to `quarantine/` (ERROR)                  |
@@ -26,7 +29,9 @@ use std::path::{Path, PathBuf};
 
 use tracing::{error, info, warn};
 
-use super::chunk::{self, ChunkHeader, ChunkPaths, ChunkState, ChunkStats, DATA_EXT, STATE_EXT};
+use super::chunk::{
+    self, ChunkHeader, ChunkPaths, ChunkState, ChunkStats, DATA_EXT, SPARE_EXT, STATE_EXT,
+};
 use super::dead_letter::quarantine;
 use super::registry::{ChunkInfo, Phase, Registry};
 use super::tokens::TokenRecord;
@@ -128,6 +133,7 @@ fn list(
         match ext {
             DATA_EXT if is_id => ids.entry(id.to_string()).or_default().data = true,
             STATE_EXT if is_id => ids.entry(id.to_string()).or_default().state = true,
+            SPARE_EXT if is_id => registry.spares().found(path)?,
             _ => {
                 error!(path = %path.display(), "unknown file in the buffer; moving it to quarantine");
                 out.quarantined
@@ -183,8 +189,20 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
                 out.add(registry, uploaded, paths)?
             }
             None => match chunk::scan(&paths.data) {
+                Ok(scan) if scan.header.chunk_id != id => {
+                    // A spare renamed for a new chunk, with its old chunk's header still: the
+                    // new header is synced with the first frame, before any ack.
+                    info!(chunk_id = %id, "removed a reused chunk file that holds no new event");
+                    paths.remove()?;
+                }
                 Ok(scan) => {
-                    if scan.torn_bytes > 0 {
+                    if scan.torn_bytes > 0 && scan.header.reused {
+                        // The old chunk's leftover (delivered already) and maybe a torn frame
+                        // (never acknowledged under sync always): nothing to keep.
+                        info!(chunk_id = %id, bytes = scan.torn_bytes,
+                              "cut a reused chunk file back to its last whole frame");
+                        chunk::truncate(&paths.data, scan.stats.data_len)?;
+                    } else if scan.torn_bytes > 0 {
                         let kept = keep_tail(&buffer_dir, &paths.data, scan.stats.data_len)?;
                         registry.count_quarantined(1);
                         warn!(chunk_id = %id, bytes = scan.torn_bytes, kept = %kept.display(),

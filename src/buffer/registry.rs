@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use super::chunk::Spares;
 use super::tokens::Tokens;
 use crate::outage::{Backlog, Reporter, Reporters, Stage};
 
@@ -77,6 +78,8 @@ pub struct Registry {
     /// The token journal, when the resend window is kept on disk: delivered chunks' tokens go
     /// there before their files are deleted.
     tokens: std::sync::OnceLock<Arc<Tokens>>,
+    /// Delivered chunks' data files kept for new chunks to overwrite.
+    spares: Arc<Spares>,
 }
 
 fn now_ms() -> i64 {
@@ -98,6 +101,12 @@ impl Registry {
     /// The token journal, if the resend window is kept on disk.
     pub fn tokens(&self) -> Option<&Arc<Tokens>> {
         self.tokens.get()
+    }
+
+    /// The spare data files: the publisher puts delivered chunks' there, the writer takes them
+    /// for new chunks.
+    pub fn spares(&self) -> &Arc<Spares> {
+        &self.spares
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ChunkInfo>> {

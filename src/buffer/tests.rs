@@ -5,7 +5,7 @@ use bytes::Bytes;
 use claimcheck_consumer::entry::{self, EventTime};
 use tokio::sync::mpsc;
 
-use super::chunk::{self, ChunkState, ChunkWriter};
+use super::chunk::{self, ChunkState, ChunkWriter, FRAME_HEADER};
 use super::*;
 
 fn config(dir: &Path) -> BufferConfig {
@@ -47,8 +47,8 @@ fn group_of(timekey: i64, entries: &[Bytes]) -> Group {
 
 fn body_of(sealed: &SealedChunk) -> Vec<u8> {
     let mut file = File::open(&sealed.paths.data).unwrap();
-    let (_, start) = chunk::read_header(&mut file).unwrap();
-    let mut r = chunk::FrameReader::new(file, start, sealed.stats.data_len).unwrap();
+    let (_, frames) = chunk::read_header(&mut file).unwrap();
+    let mut r = chunk::FrameReader::new(file, frames, sealed.stats.data_len).unwrap();
     let (mut out, mut piece) = (Vec::new(), Vec::new());
     while r.next_piece(&mut piece, 1 << 20).unwrap() {
         out.extend_from_slice(&piece);
@@ -232,6 +232,7 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
         tag: "t".into(),
         timekey: 0,
         created_ms: 0,
+        reused: false,
     };
 
     // An open chunk with two whole frames and a torn third.
@@ -731,6 +732,7 @@ fn half_of_a_request_found_at_recovery_is_not_taken_as_stored() {
             tag: "t".into(),
             timekey: 0,
             created_ms: 0,
+            reused: false,
         },
     )
     .unwrap();
@@ -757,36 +759,40 @@ fn half_of_a_request_found_at_recovery_is_not_taken_as_stored() {
 }
 
 #[test]
-fn version_1_data_files_are_still_recovered() {
+fn version_1_and_2_data_files_are_still_recovered() {
     use std::io::Write;
-    let dir = tempfile::tempdir().unwrap();
-    let chunks = chunks_dir(dir.path());
-    std::fs::create_dir_all(&chunks).unwrap();
-    let id = "b".repeat(32);
-    let header = serde_json::to_vec(&ChunkHeader {
-        chunk_id: id.clone(),
-        tag: "t".into(),
-        timekey: 0,
-        created_ms: 0,
-    })
-    .unwrap();
-    let mut file = chunk::MAGIC_V1.to_vec();
-    file.extend_from_slice(&(header.len() as u32).to_le_bytes());
-    file.extend_from_slice(&crc32c::crc32c(&header).to_le_bytes());
-    file.extend_from_slice(&header);
-    let e = [entry_at(1, 5), entry_at(2, 5)].concat();
-    file.extend_from_slice(&(e.len() as u32).to_le_bytes());
-    file.extend_from_slice(&crc32c::crc32c(&e).to_le_bytes());
-    file.extend_from_slice(&e);
-    std::fs::File::create(chunks.join(format!("{id}.chunk")))
-        .unwrap()
-        .write_all(&file)
+    // Versions 1 and 2 differ from 3 in their frames' CRCs (not seeded); 1 has no token frames.
+    for magic in [chunk::MAGIC_V1, chunk::MAGIC_V2] {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = chunks_dir(dir.path());
+        std::fs::create_dir_all(&chunks).unwrap();
+        let id = "b".repeat(32);
+        let header = serde_json::to_vec(&ChunkHeader {
+            chunk_id: id.clone(),
+            tag: "t".into(),
+            timekey: 0,
+            created_ms: 0,
+            reused: false,
+        })
         .unwrap();
-    let (tx, _rx) = mpsc::unbounded_channel();
-    let (_b, recovered) = Buffer::open(config(dir.path()), registry(), tx).unwrap();
-    assert_eq!(recovered.sealed.len(), 1);
-    assert_eq!(recovered.sealed[0].stats.records, 2);
-    assert_eq!(body_of(&recovered.sealed[0]), e);
+        let mut file = magic.to_vec();
+        file.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        file.extend_from_slice(&crc32c::crc32c(&header).to_le_bytes());
+        file.extend_from_slice(&header);
+        let e = [entry_at(1, 5), entry_at(2, 5)].concat();
+        file.extend_from_slice(&(e.len() as u32).to_le_bytes());
+        file.extend_from_slice(&crc32c::crc32c(&e).to_le_bytes());
+        file.extend_from_slice(&e);
+        std::fs::File::create(chunks.join(format!("{id}.chunk")))
+            .unwrap()
+            .write_all(&file)
+            .unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (_b, recovered) = Buffer::open(config(dir.path()), registry(), tx).unwrap();
+        assert_eq!(recovered.sealed.len(), 1);
+        assert_eq!(recovered.sealed[0].stats.records, 2);
+        assert_eq!(body_of(&recovered.sealed[0]), e);
+    }
 }
 
 #[tokio::test]
@@ -815,4 +821,106 @@ async fn a_request_that_fits_in_a_chunk_is_not_split_across_two() {
     drop(handle);
     task.await.unwrap().unwrap();
     assert_eq!(body_of(&recv(&mut rx).await), second.concat());
+}
+
+#[tokio::test]
+async fn a_delivered_chunks_file_is_reused_and_a_crash_recovers_only_the_new_events() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = chunks_dir(dir.path());
+    let mut cfg = config(dir.path());
+    cfg.chunk_limit_records = Some(100);
+    let (registry, handle, mut sealed_rx, task) = start(cfg.clone());
+
+    // A chunk of 100 events in 4 frames, sealed and delivered: its file becomes a spare.
+    let old: Vec<Bytes> = (0..100).map(|i| entry_at(120 + i % 60, 1000)).collect();
+    let first = entry_at(120, 100);
+    for part in [
+        std::slice::from_ref(&first),
+        &old[1..30],
+        &old[30..60],
+        &old[60..],
+    ] {
+        handle
+            .append("t".into(), vec![group_of(120, part)])
+            .await
+            .await
+            .unwrap();
+    }
+    let delivered = recv(&mut sealed_rx).await;
+    assert_eq!(delivered.stats.records, 100);
+    let (_, frames) = chunk::read_header(&mut File::open(&delivered.paths.data).unwrap()).unwrap();
+    let inode = std::fs::metadata(&delivered.paths.data).unwrap().ino();
+    registry.spares().retire(&delivered.paths).unwrap();
+    registry.remove(&delivered.header.chunk_id);
+    assert_eq!(registry.spares().len(), 1);
+    assert!(!delivered.paths.data.exists() && !delivered.paths.state.exists());
+
+    // The next chunk overwrites it: the same file, renamed, holding the old chunk's leftover
+    // after the new event. Its header is 14 bytes longer (`,"reused":true`), its event 14
+    // bytes shorter than the old first one: the leftover starts with whole old frames.
+    let new = entry_at(200, 100 - 14);
+    handle
+        .append("t".into(), vec![group_of(180, std::slice::from_ref(&new))])
+        .await
+        .await
+        .unwrap();
+    assert!(registry.spares().is_empty());
+    let open: Vec<_> = std::fs::read_dir(&chunks)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(open.len(), 1, "{open:?}");
+    let reused = std::fs::metadata(&open[0]).unwrap();
+    assert_eq!(reused.ino(), inode);
+    assert_eq!(
+        reused.len(),
+        delivered.stats.data_len,
+        "not cut before the seal"
+    );
+
+    // A crash before the seal. The leftover frames are whole, but their CRCs are seeded with
+    // the old chunk's id: recovery keeps the one new event only, and quarantines nothing.
+    task.abort();
+    let _ = task.await;
+    drop(handle);
+    // Also left behind: a spare renamed for a chunk that got no header of its own, and a spare.
+    let stale = ChunkPaths::new(&chunks, &"d".repeat(32));
+    let mut h = delivered.header.clone();
+    h.chunk_id = "c".repeat(32);
+    let mut w = ChunkWriter::create(&stale.data, &h).unwrap();
+    w.append(&[entry_at(121, 5)], &[]).unwrap();
+    w.sync().unwrap();
+    drop(w);
+    let spare = chunks.join(format!("{}.free", "e".repeat(32)));
+    std::fs::write(&spare, b"an old chunk").unwrap();
+
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let registry = super::Arc::new(Registry::new());
+    let (_buffer, recovered) = Buffer::open(cfg, registry.clone(), tx).unwrap();
+    assert_eq!(recovered.sealed.len(), 1);
+    let chunk = &recovered.sealed[0];
+    assert!(chunk.header.reused);
+    assert_eq!(
+        chunk.stats.data_len,
+        frames.start + (FRAME_HEADER + first.len()) as u64,
+        "the new event ends where an old frame starts"
+    );
+    assert_eq!(chunk.stats.records, 1);
+    assert_eq!(body_of(chunk), new.to_vec());
+    assert_eq!(
+        std::fs::metadata(&chunk.paths.data).unwrap().len(),
+        chunk.stats.data_len
+    );
+    assert!(
+        recovered.quarantined.is_empty(),
+        "{:?}",
+        recovered.quarantined
+    );
+    assert!(
+        !stale.data.exists(),
+        "a file with another chunk's header is not recovered"
+    );
+    assert_eq!(registry.spares().len(), 1);
+    assert!(spare.exists());
 }

@@ -481,6 +481,7 @@ mod tests {
             tag: "t".into(),
             timekey: 0,
             created_ms: 0,
+            reused: false,
         }
     }
 

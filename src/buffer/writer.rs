@@ -903,6 +903,13 @@ impl Writer {
             "the disk is full: holding requests without acks until delivered chunks free space"
         );
         let _ = std::fs::remove_file(&self.reserve);
+        let spares = self.registry.spares().clear();
+        if spares > 0 {
+            info!(
+                files = spares,
+                "the disk is full: deleted the spare chunk files kept for reuse"
+            );
+        }
         self.seal_all("disk full");
     }
 
@@ -932,13 +939,13 @@ impl Writer {
             tag: key.0.to_string(),
             timekey: key.1,
             created_ms,
+            reused: false,
         };
         let paths = ChunkPaths::new(&self.chunks_dir, &header.chunk_id);
+        let writer = ChunkWriter::new(&paths.data, &header).reusing(self.registry.spares().clone());
         let writer = match self.config.sync {
-            SyncPolicy::None | SyncPolicy::Interval => {
-                ChunkWriter::new(&paths.data, &header).write_behind()
-            }
-            SyncPolicy::Always => ChunkWriter::new(&paths.data, &header),
+            SyncPolicy::None | SyncPolicy::Interval => writer.write_behind(),
+            SyncPolicy::Always => writer,
         };
         self.registry.insert(ChunkInfo {
             chunk_id: header.chunk_id.clone(),
@@ -1030,7 +1037,7 @@ impl Writer {
                 };
                 *result = chunk
                     .writer
-                    .sync()
+                    .finish()
                     .and_then(|()| chunk::put_state(&chunk.paths.state, &state));
                 // Synced (or failed): nothing is lost by closing it; a retry reopens it.
                 let _ = chunk.writer.close();

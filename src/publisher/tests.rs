@@ -90,6 +90,7 @@ fn uploaded(dir: &std::path::Path, registry: &Registry, n: usize) -> UploadedChu
         tag: format!("app.t{}", n % 3),
         timekey: 0,
         created_ms: 0,
+        reused: false,
     };
     let pointer = Pointer {
         v: 1,

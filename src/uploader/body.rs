@@ -91,8 +91,8 @@ fn one_call_len(data_len: u64, threshold: usize) -> Option<usize> {
 /// The frames of a sealed chunk's data file, from just after its header.
 fn open_frames(chunk: &SealedChunk) -> Result<chunk::FrameReader, UploadError> {
     let mut data = File::open(&chunk.paths.data).map_err(ReadError::Io)?;
-    let (_, start) = chunk::read_header(&mut data)?;
-    Ok(chunk::FrameReader::new(data, start, chunk.stats.data_len).map_err(ReadError::Io)?)
+    let (_, frames) = chunk::read_header(&mut data)?;
+    Ok(chunk::FrameReader::new(data, frames, chunk.stats.data_len).map_err(ReadError::Io)?)
 }
 
 /// Input blocks are sized in steps of this, so that the pool's maps fit the next chunks too.

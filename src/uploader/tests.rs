@@ -58,6 +58,7 @@ fn sealed_chunk(
         tag: "app.web".into(),
         timekey: 1_763_740_800,
         created_ms: 0,
+        reused: false,
     };
     let paths = ChunkPaths::new(&chunks, &id);
     let mut writer = ChunkWriter::create(&paths.data, &header).unwrap();

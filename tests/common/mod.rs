@@ -478,6 +478,20 @@ impl Emulated {
 }
 
 /// Names unique to one test: buckets and streams.
+/// The files of chunks in a buffer directory's `chunks/`: data and state files, not the spare
+/// files (`*.free`) kept from delivered chunks for new ones to overwrite. Empty once every
+/// chunk is delivered.
+pub fn chunk_files(buffer_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(buffer_dir.join("chunks"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_none_or(|x| x != "free"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
