@@ -126,9 +126,9 @@ pub struct ServeArgs {
 
     /// When the buffer's chunks reach this size, it takes no more requests (or drops chunks,
     /// with `overflow_action drop_oldest_chunk`) until delivery frees space (Fluentd's
-    /// `total_limit_size`). The disk filling up has the same effect. Not counted: up to 4
-    /// delivered chunks' data files kept for new chunks to overwrite (`chunks/*.free`, about 4 ×
-    /// `chunk_limit_size` at most), deleted first when the disk fills.
+    /// `total_limit_size`). The disk filling up has the same effect. Up to 4 delivered chunks'
+    /// data files kept for new chunks to overwrite (`chunks/*.free`) count toward it, and are
+    /// deleted before anything has to wait for room.
     #[arg(long, env = "CLAIMCHECK_TOTAL_LIMIT_SIZE", default_value = "64GiB", value_parser = parse_size)]
     pub total_limit_size: u64,
 

@@ -213,10 +213,12 @@ impl ChunkPaths {
 /// Data files of delivered chunks, kept (renamed `<id>.free`) for new chunks to overwrite rather
 /// than deleted: overwriting blocks a file already has saves the file system the block
 /// allocation and the size change, so an `fdatasync` writes the data alone, and the page cache
-/// reuses its pages. At most [`MAX_SPARES`] are kept; emptied when the disk fills.
+/// reuses its pages. At most [`MAX_SPARES`] are kept; they count toward `total_limit_size`
+/// and are deleted first when it is reached or the disk fills.
 #[derive(Debug)]
 pub struct Spares {
-    files: Mutex<Vec<PathBuf>>,
+    /// The files and their lengths.
+    files: Mutex<Vec<(PathBuf, u64)>>,
     max: usize,
 }
 
@@ -235,13 +237,18 @@ impl Spares {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, u64)>> {
         self.files.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// How many spare files are kept.
     pub fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Their bytes on disk.
+    pub fn bytes(&self) -> u64 {
+        self.lock().iter().map(|(_, len)| len).sum()
     }
 
     /// Whether no spare file is kept.
@@ -256,8 +263,9 @@ impl Spares {
         let mut files = self.lock();
         if files.len() < self.max {
             let spare = paths.data.with_extension(SPARE_EXT);
-            match fs::rename(&paths.data, &spare) {
-                Ok(()) => files.push(spare),
+            let len = fs::metadata(&paths.data).map(|m| m.len());
+            match len.and_then(|len| fs::rename(&paths.data, &spare).map(|()| len)) {
+                Ok(len) => files.push((spare, len)),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
@@ -270,7 +278,8 @@ impl Spares {
     pub fn found(&self, path: PathBuf) -> io::Result<()> {
         let mut files = self.lock();
         if files.len() < self.max {
-            files.push(path);
+            let len = fs::metadata(&path)?.len();
+            files.push((path, len));
             return Ok(());
         }
         drop(files);
@@ -280,7 +289,7 @@ impl Spares {
     /// Renames a spare file to `path`; its length, or `None` when there is none (or it could
     /// not be renamed: it is deleted then).
     fn take_into(&self, path: &Path) -> Option<u64> {
-        let spare = self.lock().pop()?;
+        let (spare, _) = self.lock().pop()?;
         match fs::rename(&spare, path).and_then(|()| fs::metadata(path)) {
             Ok(meta) => Some(meta.len()),
             Err(e) => {
@@ -291,10 +300,13 @@ impl Spares {
         }
     }
 
-    /// Deletes every spare file (the disk is full). Returns how many went.
+    /// Deletes every spare file (the buffer or the disk is full). Returns how many went.
     pub fn clear(&self) -> usize {
         let files = std::mem::take(&mut *self.lock());
-        files.iter().filter(|f| fs::remove_file(f).is_ok()).count()
+        files
+            .iter()
+            .filter(|(f, _)| fs::remove_file(f).is_ok())
+            .count()
     }
 }
 

@@ -99,8 +99,8 @@
 //!   chunk's frames stop, and cuts the rest without copying it to `quarantine/`. The seal
 //!   cuts the file to `data_len`. A file renamed for a new chunk whose header did not reach
 //!   the disk still holds the old chunk's header: recovery removes it (nothing in it was
-//!   acknowledged: the header is synced with the first frame). Spares are deleted when the
-//!   disk fills; they are not counted in `total_limit_size`.
+//!   acknowledged: the header is synced with the first frame). Spares count toward
+//!   `total_limit_size` and are deleted first when it is reached or the disk fills.
 
 pub mod chunk;
 pub mod dead_letter;
@@ -119,7 +119,7 @@ use bytes::Bytes;
 use claimcheck_consumer::entry::{self, EventTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::time::sleep_until;
 use chunk::{ChunkHeader, ChunkPaths, ChunkStats};
@@ -481,6 +481,17 @@ async fn write_rounds(
     loop {
         if config.overflow_action == OverflowAction::DropOldestChunk {
             drop_oldest(&config, &registry);
+        }
+        if let Some(limit) = config.total_limit_size {
+            // Spare files count toward the limit, and go before anything has to wait.
+            let spares = registry.spares();
+            if !spares.is_empty() && registry.usage() + spares.bytes() >= limit {
+                let deleted = spares.clear();
+                debug!(
+                    files = deleted,
+                    "buffer near total_limit_size: deleted the spare chunk files kept for reuse"
+                );
+            }
         }
         let full = config
             .total_limit_size

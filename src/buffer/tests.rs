@@ -924,3 +924,43 @@ async fn a_delivered_chunks_file_is_reused_and_a_crash_recovers_only_the_new_eve
     assert_eq!(registry.spares().len(), 1);
     assert!(spare.exists());
 }
+
+#[tokio::test]
+async fn spare_files_count_toward_total_limit_size_and_go_first() {
+    let one = entry_at(60, 1000);
+    for (limit, kept) in [(3, false), (100, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = chunks_dir(dir.path());
+        std::fs::create_dir_all(&chunks).unwrap();
+        // Two spares from an earlier run, 4 events' worth together.
+        let spares: Vec<_> = ['e', 'f']
+            .iter()
+            .map(|c| chunks.join(format!("{}.free", c.to_string().repeat(32))))
+            .collect();
+        for s in &spares {
+            std::fs::write(s, vec![0u8; 2 * one.len()]).unwrap();
+        }
+        let mut cfg = config(dir.path());
+        cfg.total_limit_size = Some(limit * one.len() as u64);
+        let (registry, handle, _sealed_rx, task) = start(cfg);
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            handle
+                .append("t".into(), vec![group_of(60, std::slice::from_ref(&one))])
+                .await,
+        )
+        .await
+        .expect("acked: spares never hold requests back")
+        .unwrap();
+        let left = spares.iter().filter(|s| s.exists()).count();
+        if kept {
+            // Under the limit: one spare taken by the new chunk, one left.
+            assert_eq!((left, registry.spares().len()), (1, 1));
+        } else {
+            // Over it with the spares: they were deleted before the request was taken.
+            assert_eq!((left, registry.spares().len()), (0, 0));
+        }
+        drop(handle);
+        task.await.unwrap().unwrap();
+    }
+}
