@@ -286,18 +286,9 @@ impl Spares {
         fs::remove_file(path)
     }
 
-    /// Renames a spare file to `path`; its length, or `None` when there is none (or it could
-    /// not be renamed: it is deleted then).
-    fn take_into(&self, path: &Path) -> Option<u64> {
-        let (spare, _) = self.lock().pop()?;
-        match fs::rename(&spare, path).and_then(|()| fs::metadata(path)) {
-            Ok(meta) => Some(meta.len()),
-            Err(e) => {
-                tracing::warn!(path = %spare.display(), cause = %e, "cannot reuse a spare chunk file; deleting it");
-                let _ = fs::remove_file(&spare);
-                None
-            }
-        }
+    /// A spare file and its length, no longer kept: the caller overwrites or deletes it.
+    fn take(&self) -> Option<(PathBuf, u64)> {
+        self.lock().pop()
     }
 
     /// Deletes every spare file (the buffer or the disk is full). Returns how many went.
@@ -460,33 +451,30 @@ impl ChunkWriter {
         }
         let file = match &self.header {
             Some(header) => {
-                let spare_len = self.spares.as_ref().and_then(|s| s.take_into(&self.path));
-                let mut options = OpenOptions::new();
-                options.write(true);
-                let opened = match spare_len {
-                    Some(_) => options.open(&self.path),
-                    None => options.create_new(true).open(&self.path),
-                };
-                let bytes = encode_header(&ChunkHeader {
-                    reused: spare_len.is_some(),
-                    ..header.clone()
-                });
-                let mut file = match opened {
-                    Ok(file) => file,
-                    Err(e) => {
-                        if spare_len.is_some() {
-                            let _ = fs::remove_file(&self.path);
+                let mut reused = None;
+                if let Some((spare, spare_len)) = self.spares.as_ref().and_then(|s| s.take()) {
+                    let bytes = encode_header(&ChunkHeader {
+                        reused: true,
+                        ..header.clone()
+                    });
+                    match overwrite_spare(&spare, &self.path, &bytes) {
+                        Ok(file) => reused = Some((file, bytes.len() as u64, spare_len)),
+                        Err(e) => {
+                            tracing::warn!(path = %spare.display(), cause = %e,
+                                           "cannot reuse a spare chunk file; deleting it");
+                            let _ = fs::remove_file(&spare);
                         }
-                        return Err(e);
+                    }
+                }
+                let (file, len, spare_len) = match reused {
+                    Some(reused) => reused,
+                    None => {
+                        let bytes = encode_header(header);
+                        (create_with(&self.path, &bytes)?, bytes.len() as u64, 0)
                     }
                 };
-                if let Err(e) = file.write_all(&bytes) {
-                    drop(file);
-                    let _ = fs::remove_file(&self.path);
-                    return Err(e);
-                }
-                self.len = bytes.len() as u64;
-                self.leftover = spare_len.is_some_and(|l| l > self.len);
+                self.len = len;
+                self.leftover = spare_len > len;
                 self.header = None;
                 self.unsynced = true;
                 file
@@ -628,6 +616,27 @@ impl ChunkWriter {
         self.file = None;
         synced
     }
+}
+
+/// Creates the data file `path` holding `header`; an error leaves no file behind.
+fn create_with(path: &Path, header: &[u8]) -> io::Result<File> {
+    let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
+    if let Err(e) = file.write_all(header) {
+        drop(file);
+        let _ = fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(file)
+}
+
+/// Writes `header` over the start of the spare file `spare`, then renames it to `path`. The
+/// header goes first: a file under a new chunk's name holds that chunk's header unless a
+/// power loss kept the rename and lost the header (recovery puts such a file in quarantine).
+fn overwrite_spare(spare: &Path, path: &Path, header: &[u8]) -> io::Result<File> {
+    let mut file = OpenOptions::new().write(true).open(spare)?;
+    file.write_all(header)?;
+    fs::rename(spare, path)?;
+    Ok(file)
 }
 
 fn write_all_vectored(

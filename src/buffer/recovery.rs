@@ -5,7 +5,7 @@
 //! | data + `uploaded` state              | publish the pointer again                            |
 //! | data + `sealed` state                | upload again (same key, same bytes)                  |
 //! | data, no state                       | scan, cut a torn tail (kept in `quarantine/`), seal  |
-//! | data, no state, a spare's old header | removed (a reused file whose new header never made it: nothing in it was acknowledged) |
+//! | data, no state, another chunk's header | moved to `quarantine/` (WARN): a reused file whose new header a power loss lost; nothing in it was acknowledged |
 //! | data, no state, in a reused file     | as above, but the tail is cut without a copy: it may be the old chunk's leftover |
 //! | `<id>.free`                          | kept as a spare to reuse (deleted beyond [`chunk::MAX_SPARES`]) |
 //! | data + unreadable state              | state kept in `quarantine/` (ERROR), then as above   |
@@ -190,10 +190,17 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
             }
             None => match chunk::scan(&paths.data) {
                 Ok(scan) if scan.header.chunk_id != id => {
-                    // A spare renamed for a new chunk, with its old chunk's header still: the
-                    // new header is synced with the first frame, before any ack.
-                    info!(chunk_id = %id, "removed a reused chunk file that holds no new event");
-                    paths.remove()?;
+                    // A spare renamed for a new chunk with the old chunk's header still: a
+                    // power loss kept the rename and lost the header written before it. The new
+                    // header is synced with the first frame, before any ack, so nothing in it
+                    // was acknowledged; the old chunk was delivered before it became a spare.
+                    warn!(chunk_id = %id, holds = %scan.header.chunk_id,
+                          "chunk data file holds another chunk's header (a reused file whose new header was lost); moving it to quarantine");
+                    out.quarantined.push(quarantine(
+                        &buffer_dir,
+                        &[&paths.data, &paths.state],
+                        registry,
+                    )?);
                 }
                 Ok(scan) => {
                     if scan.torn_bytes > 0 && scan.header.reused {
