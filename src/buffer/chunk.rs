@@ -274,16 +274,20 @@ impl Spares {
         paths.remove()
     }
 
-    /// A spare file found at recovery: kept if there is room, else deleted.
-    pub fn found(&self, path: PathBuf) -> io::Result<()> {
+    /// A spare file found at recovery: kept if there is room, else deleted. Only a spare is at
+    /// stake, so a failure is logged, not returned.
+    pub fn found(&self, path: PathBuf) {
         let mut files = self.lock();
         if files.len() < self.max {
-            let len = fs::metadata(&path)?.len();
-            files.push((path, len));
-            return Ok(());
+            if let Ok(meta) = fs::metadata(&path) {
+                files.push((path, meta.len()));
+                return;
+            }
         }
         drop(files);
-        fs::remove_file(path)
+        if let Err(e) = fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), cause = %e, "cannot delete a spare chunk file");
+        }
     }
 
     /// A spare file and its length, no longer kept: the caller overwrites or deletes it.

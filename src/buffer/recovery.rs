@@ -133,7 +133,7 @@ fn list(
         match ext {
             DATA_EXT if is_id => ids.entry(id.to_string()).or_default().data = true,
             STATE_EXT if is_id => ids.entry(id.to_string()).or_default().state = true,
-            SPARE_EXT if is_id => registry.spares().found(path)?,
+            SPARE_EXT if is_id => registry.spares().found(path),
             _ => {
                 error!(path = %path.display(), "unknown file in the buffer; moving it to quarantine");
                 out.quarantined
