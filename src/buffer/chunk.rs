@@ -446,9 +446,10 @@ impl ChunkWriter {
         Ok(writer)
     }
 
-    /// Opens the data file if it is not open: the first time, creates it (renaming a spare
-    /// to it if there is one) and writes its header at its start (an error leaves no file
-    /// behind); after a close, reopens it to write after its valid part.
+    /// Opens the data file if it is not open. The first time, it takes a spare if there is one
+    /// (writes its header over the spare's, then renames the spare to its path), else creates
+    /// the file with its header (an error leaves no file behind). After a close, it reopens
+    /// the file to write after its valid part.
     pub fn open(&mut self) -> io::Result<()> {
         if self.file.is_some() {
             return Ok(());
@@ -924,7 +925,8 @@ pub fn scan(path: &Path) -> Result<Scan, ReadError> {
 }
 
 /// The token records of a data file's token frames up to `end` (the sealed `data_len`, or the
-/// file's length), reading only frame headers and token frames. A damaged token frame is an
+/// file's length: a sealed chunk's file ends with its valid part, a reused one's too once it is
+/// cut at the seal), reading only frame headers and token frames. A damaged token frame is an
 /// error.
 pub fn read_tokens_to(path: &Path, end: Option<u64>) -> Result<Vec<TokenRecord>, ReadError> {
     let mut file = File::open(path)?;
