@@ -74,6 +74,18 @@ async fn metrics_follow_a_send_and_deliver_cycle() {
         value(&after, "claimcheck_chunks_published_total") >= 2.0,
         "two tags, two chunks at least"
     );
+    // The delivered chunks' data files are kept for the next chunks to overwrite, and counted.
+    let spares: u64 = std::fs::read_dir(env.buffer_dir().join("chunks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "free"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(spares > 0, "no delivered chunk's data file kept");
+    assert_eq!(
+        value(&after, "claimcheck_buffer_spare_bytes"),
+        spares as f64
+    );
     // Chunks this small ride inline: no S3 object, and the metrics say where they went.
     let published = value(&after, "claimcheck_chunks_published_total");
     assert_eq!(

@@ -62,6 +62,13 @@ impl Collector for BufferCollector {
             Some(&Unit::Bytes),
             self.buffer.usage() as f64,
         )?;
+        encode_gauge(
+            &mut encoder,
+            "buffer_spare",
+            "Bytes of delivered chunks' data files kept for new chunks to overwrite (they count toward total_limit_size and are deleted first)",
+            Some(&Unit::Bytes),
+            self.buffer.spares().bytes() as f64,
+        )?;
         if let Some(limit) = self.limit {
             encode_gauge(
                 &mut encoder,
