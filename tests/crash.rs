@@ -258,17 +258,10 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
     drop(final_sidecar);
     // Delivered chunks' data files were kept for new chunks to overwrite all along (the kills
     // hit chunks written into reused files too); the last ones are still there.
-    let spares = std::fs::read_dir(env.buffer_dir().join("chunks"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "free")
-        })
-        .count();
-    assert!(spares > 0, "no delivered chunk's data file kept for reuse");
+    assert!(
+        !spare_files(&env.buffer_dir()).is_empty(),
+        "no delivered chunk's data file kept for reuse"
+    );
 
     let missing: Vec<_> = load
         .acked

@@ -75,10 +75,8 @@ async fn metrics_follow_a_send_and_deliver_cycle() {
         "two tags, two chunks at least"
     );
     // The delivered chunks' data files are kept for the next chunks to overwrite, and counted.
-    let spares: u64 = std::fs::read_dir(env.buffer_dir().join("chunks"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "free"))
+    let spares: u64 = spare_files(&env.buffer_dir())
+        .iter()
         .map(|p| std::fs::metadata(p).unwrap().len())
         .sum();
     assert!(spares > 0, "no delivered chunk's data file kept");

@@ -477,21 +477,30 @@ impl Emulated {
     }
 }
 
-/// Names unique to one test: buckets and streams.
-/// The files of chunks in a buffer directory's `chunks/`: data and state files, not the spare
-/// files (`*.free`) kept from delivered chunks for new ones to overwrite. Empty once every
-/// chunk is delivered.
-pub fn chunk_files(buffer_dir: &Path) -> Vec<PathBuf> {
+/// The files in a buffer directory's `chunks/`, split: the chunks' data and state files, and
+/// the spare files (`*.free`) kept from delivered chunks for new ones to overwrite.
+fn chunks_dir_files(buffer_dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     std::fs::read_dir(buffer_dir.join("chunks"))
         .map(|d| {
             d.filter_map(Result::ok)
                 .map(|e| e.path())
-                .filter(|p| p.extension().is_none_or(|x| x != "free"))
-                .collect()
+                .partition(|p| p.extension().is_none_or(|x| x != "free"))
         })
         .unwrap_or_default()
 }
 
+/// The chunks' data and state files in a buffer directory: none once every chunk is delivered.
+pub fn chunk_files(buffer_dir: &Path) -> Vec<PathBuf> {
+    chunks_dir_files(buffer_dir).0
+}
+
+/// The spare files (`*.free`) in a buffer directory: delivered chunks' data files kept for new
+/// chunks to overwrite.
+pub fn spare_files(buffer_dir: &Path) -> Vec<PathBuf> {
+    chunks_dir_files(buffer_dir).1
+}
+
+/// Names unique to one test: buckets and streams.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
