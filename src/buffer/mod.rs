@@ -486,7 +486,8 @@ async fn write_rounds(
         if let Some(limit) = config.total_limit_size {
             // Spare files count toward the limit, and go before anything has to wait.
             let spares = registry.spares();
-            if !spares.is_empty() && registry.usage() + spares.bytes() >= limit {
+            let spare_bytes = spares.bytes();
+            if spare_bytes > 0 && registry.usage() + spare_bytes >= limit {
                 let deleted = spares.clear();
                 debug!(
                     files = deleted,

@@ -203,17 +203,18 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
                     )?);
                 }
                 Ok(scan) => {
-                    if scan.torn_bytes > 0 && scan.header.reused {
-                        // The old chunk's leftover (delivered already) and maybe a torn frame
-                        // (never acknowledged under sync always): nothing to keep.
-                        info!(chunk_id = %id, bytes = scan.torn_bytes,
-                              "cut a reused chunk file back to its last whole frame");
-                        chunk::truncate(&paths.data, scan.stats.data_len)?;
-                    } else if scan.torn_bytes > 0 {
-                        let kept = keep_tail(&buffer_dir, &paths.data, scan.stats.data_len)?;
-                        registry.count_quarantined(1);
-                        warn!(chunk_id = %id, bytes = scan.torn_bytes, kept = %kept.display(),
-                              "cut a torn tail off an open chunk (never acknowledged under sync always)");
+                    if scan.torn_bytes > 0 {
+                        if scan.header.reused {
+                            // The old chunk's leftover (delivered already) and maybe a torn
+                            // frame (never acknowledged under sync always): nothing to keep.
+                            info!(chunk_id = %id, bytes = scan.torn_bytes,
+                                  "cut a reused chunk file back to its last whole frame");
+                        } else {
+                            let kept = keep_tail(&buffer_dir, &paths.data, scan.stats.data_len)?;
+                            registry.count_quarantined(1);
+                            warn!(chunk_id = %id, bytes = scan.torn_bytes, kept = %kept.display(),
+                                  "cut a torn tail off an open chunk (never acknowledged under sync always)");
+                        }
                         chunk::truncate(&paths.data, scan.stats.data_len)?;
                     }
                     if scan.stats.records == 0 {
