@@ -200,10 +200,17 @@ async fn drop_oldest_chunk_keeps_acking_and_accounts_for_every_drop() {
     )
     .await;
     let load = load.stop().await;
-    // Every drop is counted, with its events; what was acked and not dropped arrives.
+    // Every drop is counted, with its events; what was acked and not dropped arrives. The
+    // counter is read once the buffer is empty: a chunk that was mid-attempt when the load
+    // stopped can still be dropped after that.
+    sidecar.store.set_down(false);
+    sidecar
+        .await_metrics("every chunk is delivered or dropped", |m| {
+            m["claimcheck_buffer_bytes"] == 0.0
+        })
+        .await;
     let dropped = sidecar.metric("claimcheck_events_dropped_total").await as usize;
     assert!(dropped > 0);
-    sidecar.store.set_down(false);
     let (store, sink) = sidecar.shut_down().await;
     let seen = id_counts(&common::in_process::delivered(&store, &sink));
     assert!(seen.values().all(|n| *n == 1));

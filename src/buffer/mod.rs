@@ -83,7 +83,9 @@
 //! * **full**: when the chunks reach `total_limit_size`, or a write finds no space, the writer
 //!   takes no new requests (connections stop reading; TCP pushes back on the senders) and
 //!   seals its open chunks so that delivery frees space; with `overflow_action
-//!   drop_oldest_chunk` it deletes the oldest waiting chunk instead, logging each at ERROR.
+//!   drop_oldest_chunk` it deletes the oldest waiting chunk instead, logging each at ERROR. A
+//!   chunk in the middle of an upload or publish attempt is not waiting; when the attempt
+//!   fails, the registry wakes the writer, which may drop it then.
 //! * **recover** on start: sealed and uploaded chunks are queued again where they stopped;
 //!   open chunks are scanned, cut back to their last whole frame, and sealed.
 //! * **delete** is the "published" record: the data file goes first, so a crash between

@@ -132,7 +132,7 @@ impl Registry {
             } else {
                 self.bytes
                     .fetch_sub(bytes.unsigned_abs(), Ordering::Relaxed);
-                self.freed.notify_waiters();
+                self.freed.notify_one();
             }
         }
     }
@@ -150,13 +150,16 @@ impl Registry {
         }
     }
 
-    /// Records a failed delivery attempt and puts the chunk back to waiting in `phase`.
+    /// Records a failed delivery attempt and puts the chunk back to waiting in `phase`. A
+    /// writer held at `total_limit_size` is woken: with `drop_oldest_chunk` it may drop this
+    /// chunk now, which it could not while the attempt was under way.
     pub fn failed(&self, chunk_id: &str, phase: Phase, error: String) {
         if let Some(c) = self.lock().get_mut(chunk_id) {
             c.attempts += 1;
             c.last_error = Some(error);
             c.phase = phase;
         }
+        self.freed.notify_one();
     }
 
     /// Records when a chunk that failed (see [`Registry::failed`]) is tried again.
@@ -182,7 +185,7 @@ impl Registry {
         let removed = self.lock().remove(chunk_id);
         if let Some(c) = &removed {
             self.bytes.fetch_sub(c.bytes, Ordering::Relaxed);
-            self.freed.notify_waiters();
+            self.freed.notify_one();
         }
         removed
     }
@@ -289,7 +292,9 @@ impl Registry {
         }
     }
 
-    /// Waits until some space is freed, or `timeout`.
+    /// Waits until some space is freed, or a chunk waits again after a failed attempt, or
+    /// `timeout`. For the writer, the one waiter: a change between its last look and this
+    /// call is not missed (it ends the wait at once).
     pub async fn wait_for_space(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.freed.notified()).await;
     }
@@ -394,6 +399,28 @@ mod tests {
         assert_eq!(
             (one.attempts, one.phase, one.last_error.as_deref()),
             (1, Phase::Sealed, Some("boom"))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_waiting_for_space_wakes_when_a_chunk_is_droppable_or_space_is_freed() {
+        let r = Registry::new();
+        r.insert(info("1", Phase::Uploading, 1));
+        r.insert(info("2", Phase::Sealed, 1));
+        async fn waited(r: &Registry) -> Duration {
+            let started = tokio::time::Instant::now();
+            r.wait_for_space(Duration::from_secs(60)).await;
+            started.elapsed()
+        }
+        assert_eq!(waited(&r).await, Duration::from_secs(60), "nothing changed");
+        r.failed("1", Phase::Sealed, "boom".into());
+        assert_eq!(waited(&r).await, Duration::ZERO, "a failed attempt");
+        r.remove("2");
+        assert_eq!(waited(&r).await, Duration::ZERO, "a removal");
+        assert_eq!(
+            waited(&r).await,
+            Duration::from_secs(60),
+            "one wake per change"
         );
     }
 
