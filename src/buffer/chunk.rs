@@ -790,9 +790,40 @@ impl FrameReader {
 
     /// Next piece of payload, at most `max` bytes, or `None` at the end.
     pub fn next_piece(&mut self, buf: &mut Vec<u8>, max: usize) -> Result<bool, ReadError> {
+        if self.at_end()? {
+            return Ok(false);
+        }
+        let n = (self.frame_left as usize).min(max);
+        buf.clear();
+        buf.reserve(n);
+        // Into the spare capacity: no zeroing of the piece before it is overwritten.
+        let got = (&mut self.file).take(n as u64).read_to_end(buf)?;
+        if got < n {
+            return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        self.consumed(buf)?;
+        Ok(true)
+    }
+
+    /// Reads the next piece of payload straight into `room` (as much of the current frame as
+    /// fits); returns its length, 0 at the end (or if `room` is empty).
+    pub fn read_into(&mut self, room: &mut [u8]) -> Result<usize, ReadError> {
+        if room.is_empty() || self.at_end()? {
+            return Ok(0);
+        }
+        let n = (self.frame_left as usize).min(room.len());
+        let piece = &mut room[..n];
+        self.file.read_exact(piece)?;
+        self.consumed(piece)?;
+        Ok(piece.len())
+    }
+
+    /// True once every frame has been read; otherwise moves on to a frame with payload left
+    /// (past its header, and past token frames: they are not body).
+    pub fn at_end(&mut self) -> Result<bool, ReadError> {
         while self.frame_left == 0 {
             if self.pos >= self.end {
-                return Ok(false);
+                return Ok(true);
             }
             if self.end - self.pos < FRAME_HEADER as u64 {
                 return Err(ReadError::BadFrame {
@@ -821,24 +852,22 @@ impl FrameReader {
                 self.frame_left = 0;
             }
         }
-        let n = (self.frame_left as usize).min(max);
-        buf.clear();
-        buf.reserve(n);
-        // Into the spare capacity: no zeroing of the piece before it is overwritten.
-        let got = (&mut self.file).take(n as u64).read_to_end(buf)?;
-        if got < n {
-            return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
-        }
-        self.crc = crc32c::crc32c_append(self.crc, buf);
-        self.pos += n as u64;
-        self.frame_left -= n as u64;
+        Ok(false)
+    }
+
+    /// Accounts for a piece of the current frame just read; checks the frame's CRC32C at its
+    /// end.
+    fn consumed(&mut self, piece: &[u8]) -> Result<(), ReadError> {
+        self.crc = crc32c::crc32c_append(self.crc, piece);
+        self.pos += piece.len() as u64;
+        self.frame_left -= piece.len() as u64;
         if self.frame_left == 0 && self.crc != self.frame_crc {
             return Err(ReadError::BadFrame {
                 offset: self.frame_start,
                 why: "checksum mismatch",
             });
         }
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -1007,15 +1036,37 @@ mod tests {
         Bytes::from(b)
     }
 
-    fn body(path: &Path, end: u64) -> Vec<u8> {
+    fn frame_reader(path: &Path, end: u64) -> FrameReader {
         let mut file = File::open(path).unwrap();
         let (_, frames) = read_header(&mut file).unwrap();
-        let mut r = FrameReader::new(file, frames, end).unwrap();
+        FrameReader::new(file, frames, end).unwrap()
+    }
+
+    /// The payload, read in pieces of 5 bytes, and again straight into a buffer in pieces of
+    /// 7 (both the same).
+    fn body(path: &Path, end: u64) -> Vec<u8> {
+        let mut r = frame_reader(path, end);
         let mut out = Vec::new();
         let mut piece = Vec::new();
         while r.next_piece(&mut piece, 5).unwrap() {
             out.extend_from_slice(&piece);
         }
+        let mut r = frame_reader(path, end);
+        let mut direct = vec![0u8; out.len() + 7];
+        let mut at = 0;
+        loop {
+            let end = (at + 7).min(direct.len());
+            match r.read_into(&mut direct[at..end]).unwrap() {
+                0 => break,
+                n => at += n,
+            }
+        }
+        assert!(r.at_end().unwrap());
+        assert_eq!(
+            &direct[..at],
+            &out[..],
+            "read_into reads what next_piece does"
+        );
         out
     }
 
@@ -1215,12 +1266,13 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         fs::write(&path, &bytes).unwrap();
-        let mut file = File::open(&path).unwrap();
-        let (_, frames) = read_header(&mut file).unwrap();
-        let mut r = FrameReader::new(file, frames, len).unwrap();
         let mut piece = Vec::new();
         assert!(matches!(
-            r.next_piece(&mut piece, 1 << 20),
+            frame_reader(&path, len).next_piece(&mut piece, 1 << 20),
+            Err(ReadError::BadFrame { .. })
+        ));
+        assert!(matches!(
+            frame_reader(&path, len).read_into(&mut [0; 1 << 10]),
             Err(ReadError::BadFrame { .. })
         ));
     }

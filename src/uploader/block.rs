@@ -142,16 +142,16 @@ impl Block {
 
     /// Lets `write` fill up to `max` bytes of the room left (from the start of it); keeps
     /// what it says it wrote.
-    pub(super) fn write_with(
+    pub(super) fn write_with<E: From<io::Error>>(
         &mut self,
         max: usize,
-        write: impl FnOnce(&mut [u8]) -> io::Result<usize>,
-    ) -> io::Result<usize> {
+        write: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<usize, E> {
         let (start, end) = (self.len, self.len + self.room().min(max));
         let room = self.map.unwritten(start, end);
         let n = write(room)?;
         if n > room.len() {
-            return Err(io::Error::other("wrote past the room it was given"));
+            return Err(io::Error::other("wrote past the room it was given").into());
         }
         // Only what was written counts as the map's memory.
         self.map.touch(start + n);
@@ -263,11 +263,11 @@ mod tests {
             .write_with(4 << 20, |room| {
                 assert_eq!(room.len(), 4 << 20, "the room, up to max");
                 room[..10].copy_from_slice(&[4; 10]);
-                Ok(10)
+                io::Result::Ok(10)
             })
             .unwrap();
         assert_eq!((n, block.as_slice()), (10, &[4u8; 10][..]));
-        let too_much = block.write_with(100, |room| Ok(room.len() + 1));
+        let too_much = block.write_with(100, |room| io::Result::Ok(room.len() + 1));
         assert!(too_much.is_err());
         assert_eq!(block.len(), 10);
         drop(block.freeze());

@@ -120,15 +120,17 @@ fn write_zstd_whole(
     let mut frames = open_frames(chunk)?;
     let mut input =
         Block::pooled(data_len.div_ceil(INPUT_STEP) * INPUT_STEP).map_err(UploadError::Body)?;
-    let mut piece = Vec::new();
-    while frames.next_piece(&mut piece, READ_PIECE)? {
-        if input.fill(&piece) < piece.len() {
+    // The entries are read straight into the block, in no more than the chunk's length.
+    let mut input_room = data_len;
+    while !frames.at_end()? {
+        if input_room == 0 {
             return Err(ReadError::BadFrame {
                 offset: chunk.stats.data_len,
                 why: "more entries than the chunk's length",
             }
             .into());
         }
+        input_room -= input.write_with(input_room, |room| frames.read_into(room))?;
     }
     let mut output = Block::pooled(threshold + 1).map_err(UploadError::Body)?;
     let level = level.unwrap_or(body::ZSTD_DEFAULT_LEVEL);
