@@ -374,6 +374,14 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Threads that serve forward connections and drive delivery (the async runtime's
+    /// workers). Default: one per CPU the process may use, less one, and at least one: the
+    /// buffer's writer thread, which writes and fsyncs every request, keeps a core of its own
+    /// (on 2 CPUs one worker took 4 % less CPU per GB delivered and ingested 2–24 % more than
+    /// two; docs/performance.md). Compression runs beside them (`flush_thread_count`).
+    #[arg(long, env = "CLAIMCHECK_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
+
     /// Host name used in pointers (`producer`) and in `%{hostname}`; defaults to the system's.
     #[arg(long, env = "CLAIMCHECK_HOSTNAME")]
     pub hostname: Option<String>,
@@ -401,6 +409,20 @@ pub struct Config {
 }
 
 impl ServeArgs {
+    /// The async runtime's worker threads: `worker_threads`, or one per CPU the process may
+    /// use (its CPU quota included) less one, and at least one.
+    pub fn runtime_workers(&self) -> usize {
+        self.worker_threads.map_or_else(
+            || {
+                std::thread::available_parallelism()
+                    .map_or(1, |n| n.get())
+                    .saturating_sub(1)
+                    .max(1)
+            },
+            usize::from,
+        )
+    }
+
     /// Checks the settings and builds each component's configuration.
     pub fn into_config(self) -> Result<Config, String> {
         if self.timekey.as_secs() == 0 {
@@ -961,6 +983,22 @@ mod tests {
         assert!(
             doc == reference_markdown(),
             "docs/configuration.md is out of date: run `cargo run -- config-reference > docs/configuration.md`"
+        );
+    }
+
+    #[test]
+    fn worker_threads_leave_the_writer_a_core_unless_set() {
+        let args = |extra: &[&str]| {
+            let mut all = vec!["claimcheck", "--s3-bucket", "b", "--kinesis-stream", "s"];
+            all.extend_from_slice(extra);
+            Cli::try_parse_from(all).map(|cli| cli.serve.runtime_workers())
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(args(&[]).unwrap(), (cpus - 1).max(1));
+        assert_eq!(args(&["--worker-threads", "3"]).unwrap(), 3);
+        assert!(
+            args(&["--worker-threads", "0"]).is_err(),
+            "a runtime needs a worker"
         );
     }
 

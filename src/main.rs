@@ -119,8 +119,7 @@ fn raise_open_files_limit(max_connections: usize, max_open_chunk_files: Option<u
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let argv = match claimcheck::config::with_config_file(std::env::args_os().collect()) {
         Ok(argv) => argv,
         Err(e) => {
@@ -147,7 +146,18 @@ async fn main() -> std::process::ExitCode {
             };
         }
     }
-    match run(cli).await {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Serve(args) = &cli.command {
+        runtime.worker_threads(args.runtime_workers());
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -177,6 +187,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             init_tracing(args.log_format);
             warn_unknown_env();
+            tracing::info!(
+                worker_threads = args.runtime_workers(),
+                "runtime started (--worker-threads)"
+            );
             let config = args.into_config().map_err(anyhow::Error::msg)?;
             raise_open_files_limit(
                 config.listener.max_connections,
