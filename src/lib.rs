@@ -201,8 +201,9 @@ impl Sidecar {
                 anyhow::anyhow!("cannot write {} (--address-file): {e}", path.display())
             })?;
         }
+        let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
         info!(%listen, metrics_listen, buffer_dir = %config.buffer.dir.display(), max_open_chunk_files,
-              "claimcheck is serving");
+              worker_threads, "claimcheck is serving");
 
         shutdown.await;
         info!("shutting down: no new connections; finishing requests in flight");

@@ -187,10 +187,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             init_tracing(args.log_format);
             warn_unknown_env();
-            tracing::info!(
-                worker_threads = args.runtime_workers(),
-                "runtime started (--worker-threads)"
-            );
             let config = args.into_config().map_err(anyhow::Error::msg)?;
             raise_open_files_limit(
                 config.listener.max_connections,
