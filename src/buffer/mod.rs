@@ -93,17 +93,17 @@
 //!   consumers drop it). A state file without its data file is removed on start.
 //! * **reuse**: a delivered chunk's data file is not unlinked but renamed `<id>.free` while
 //!   fewer than 4 are kept ([`chunk::Spares`]), and a new chunk's first write writes its
-//!   header over a spare's, then renames the spare to its own name. Overwriting blocks the file already
-//!   has saves the file system their allocation and the size update, so an `fdatasync` has
-//!   the data alone to write (one disk write where a growing file needs two), and the page
-//!   cache reuses the pages. What follows the last write is the old chunk's leftover: its
-//!   frames fail their CRC, seeded with the old chunk's id, so recovery stops where the new
-//!   chunk's frames stop, and cuts the rest without copying it to `quarantine/`. The seal
-//!   cuts the file to `data_len`. Only a power loss that kept the rename and lost the header
-//!   can leave a file under a new chunk's name with the old chunk's header: recovery moves it
-//!   to `quarantine/` (nothing in it was acknowledged: the header is synced with the first
-//!   frame, and the old chunk was delivered). Spares count toward
-//!   `total_limit_size` and are deleted first when it is reached or the disk fills.
+//!   header over a spare's, then renames the spare to its own name. Overwriting blocks the
+//!   file already has saves the file system their allocation and the size update, so an
+//!   `fdatasync` has the data alone to write (one disk write where a growing file needs two),
+//!   and the page cache reuses the pages. What follows the last write is the old chunk's
+//!   leftover: its frames fail their CRC, seeded with the old chunk's id, so recovery stops
+//!   where the new chunk's frames stop, and cuts the rest without copying it to
+//!   `quarantine/`. The seal cuts the file to `data_len`. Only a power loss that kept the
+//!   rename and lost the header can leave a file under a new chunk's name with the old
+//!   chunk's header: recovery moves it to `quarantine/` (nothing in it was acknowledged: the
+//!   header is synced with the first frame, and the old chunk was delivered). Spares count
+//!   toward `total_limit_size` and are deleted first when it is reached or the disk fills.
 
 pub mod chunk;
 pub mod dead_letter;
