@@ -287,11 +287,17 @@ pub fn value_len(buf: &[u8]) -> Result<usize, ScanError> {
 pub struct ValueScanner {
     pos: usize,
     pending: u64,
+    /// Where the part that did not fit ends, as far as its header says (see `wanted`).
+    wanted: usize,
 }
 
 impl Default for ValueScanner {
     fn default() -> Self {
-        ValueScanner { pos: 0, pending: 1 }
+        ValueScanner {
+            pos: 0,
+            pending: 1,
+            wanted: 0,
+        }
     }
 }
 
@@ -309,6 +315,7 @@ impl ValueScanner {
             if let Some(len) = simple_len(buf, pos) {
                 let end = pos + len;
                 if end > buf.len() {
+                    self.wanted = end;
                     break Ok(None);
                 }
                 (pos, pending) = (end, pending - 1);
@@ -316,7 +323,10 @@ impl ValueScanner {
             }
             let h = match header(buf.get(pos..).unwrap_or_default()) {
                 Ok(h) => h,
-                Err(ScanError::Incomplete) => break Ok(None),
+                Err(ScanError::Incomplete) => {
+                    self.wanted = buf.len() + 1;
+                    break Ok(None);
+                }
                 Err(e) => break Err(e),
             };
             let Some(end) = pos
@@ -326,6 +336,7 @@ impl ValueScanner {
                 break Err(ScanError::Invalid("msgpack length overflows"));
             };
             if end > buf.len() {
+                self.wanted = end;
                 break Ok(None);
             }
             pos = end;
@@ -333,6 +344,15 @@ impl ValueScanner {
         };
         (self.pos, self.pending) = (pos, pending);
         result
+    }
+
+    /// After `advance` returned `None`: the length `buf` must reach before the scan can go
+    /// on, which is where the value's part that did not fit ends (as its header says), or one
+    /// byte more when not even its header fits. A lower bound of the whole value's length:
+    /// for a forward request whose entries are one `bin` or `str`, the end of its entries,
+    /// known as soon as their header has arrived.
+    pub fn wanted(&self) -> usize {
+        self.wanted
     }
 
     /// Bytes known to belong to the value so far.
@@ -736,6 +756,37 @@ mod tests {
             assert_eq!(s.advance(&bytes[..cut]), Ok(None), "cut {cut}");
         }
         assert_eq!(s.advance(&bytes), Ok(Some(bytes.len())));
+    }
+
+    #[test]
+    fn scanner_says_how_far_a_packed_request_goes_once_its_entries_header_is_in() {
+        // [tag, bin32 of 300,000 bytes, {"chunk": token}]: what PackedForward senders send.
+        let entries = vec![0x90u8; 300_000];
+        let request = rmpv::Value::Array(vec![
+            "app.logs".into(),
+            rmpv::Value::Binary(entries),
+            rmpv::Value::Map(vec![("chunk".into(), "dG9rZW4=".into())]),
+        ]);
+        let bytes = pack(&request);
+        let entries_end = 1 + 9 + 5 + 300_000;
+        let mut s = ValueScanner::default();
+        // Before the bin header is whole: the tag's end, or the next byte of a header.
+        for (cut, wanted) in [(0, 1), (1, 2), (2, 10), (5, 10), (10, 11), (12, 13)] {
+            assert_eq!(s.advance(&bytes[..cut]), Ok(None), "cut {cut}");
+            assert_eq!(s.wanted(), wanted, "cut {cut}");
+        }
+        // From then on, the end of the entries.
+        for cut in [15, 16, 65_536, entries_end - 1] {
+            assert_eq!(s.advance(&bytes[..cut]), Ok(None), "cut {cut}");
+            assert_eq!(s.wanted(), entries_end, "cut {cut}");
+        }
+        // Then the option map, part by part.
+        assert_eq!(s.advance(&bytes[..entries_end]), Ok(None));
+        assert_eq!(s.wanted(), entries_end + 1);
+        assert_eq!(s.advance(&bytes[..entries_end + 2]), Ok(None));
+        assert_eq!(s.wanted(), entries_end + 7, "the key \"chunk\"");
+        assert_eq!(s.advance(&bytes), Ok(Some(bytes.len())));
+        assert!(s.wanted() <= bytes.len());
     }
 
     #[test]

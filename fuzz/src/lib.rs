@@ -218,16 +218,19 @@ pub fn expected(stream: &[u8], config: &ConnectionConfig) -> Expected {
     let mut out = Expected::default();
     let mut rest = stream;
     while !rest.is_empty() {
-        let len = match ValueScanner::default().advance(rest) {
+        let mut scanner = ValueScanner::default();
+        let len = match scanner.advance(rest) {
             Ok(Some(len)) if len as u64 <= config.chunk_size_limit => len,
             // Not msgpack, or a request over the limit: closed.
             Ok(Some(_)) | Err(ScanError::Invalid(_)) => {
                 out.closed_for_error = true;
                 return out;
             }
-            // An unfinished request when the stream ends: dropped (closed if over the limit).
+            // An unfinished request when the stream ends: dropped (closed if over the limit,
+            // or if its headers say it would be).
             Ok(None) | Err(ScanError::Incomplete) => {
-                out.closed_for_error = rest.len() as u64 > config.chunk_size_limit;
+                let least = rest.len().max(scanner.wanted());
+                out.closed_for_error = least as u64 > config.chunk_size_limit;
                 return out;
             }
         };

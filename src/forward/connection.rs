@@ -43,6 +43,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// The first read of an idle connection (a heartbeat, a keepalive connection between
 /// flushes) is small, so that thousands of them cost little memory.
 const FIRST_READ: usize = 4 * 1024;
+/// Most room made at once for the known rest of a request beyond what the peer has sent of
+/// it (see [`room_to_make`]).
+const MAX_AHEAD: usize = 8 << 20;
 /// Longest tag accepted (S3 keys are limited to 1024 bytes and usually contain the tag).
 pub const MAX_TAG_BYTES: usize = 512;
 /// How long a connection may take to finish a request it is receiving when shutdown starts.
@@ -126,6 +129,28 @@ pub enum ConnectionError {
     NotLogs(i64),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// How many bytes to reserve in a connection's read buffer before its next read, if any.
+/// `held` bytes are in it and `spare` more fit; the request being read is known to reach
+/// `wanted` bytes at least ([`ValueScanner::wanted`]; 0 when nothing is held); `busy` once the
+/// connection carries data.
+///
+/// Growing a buffer moves what it holds. The usual request (PackedForward, its entries one
+/// `bin`) says its length in its first bytes, so the room for all of it is made at once and it
+/// is read without being moved, with [`READ_CHUNK`] more for what follows it; a peer can make
+/// us reserve at most [`MAX_AHEAD`] more than it has sent (or twice what it has sent). A
+/// request whose length shows only as it arrives (entries as an array) grows the buffer by
+/// doubling, so that it is moved about once in all. Small and idle reads stay small.
+fn room_to_make(held: usize, spare: usize, wanted: usize, busy: bool) -> Option<usize> {
+    if !busy {
+        return (spare < FIRST_READ).then_some(FIRST_READ);
+    }
+    let need = wanted.saturating_sub(held);
+    if need > spare {
+        return Some(need.min(held.max(MAX_AHEAD)) + READ_CHUNK);
+    }
+    (spare < FIRST_READ).then(|| READ_CHUNK.max(held))
 }
 
 /// Serves one connection until the peer closes it, an error closes it, or shutdown.
@@ -254,13 +279,13 @@ impl Connection {
                 }
                 return Ok(());
             }
-            let want = if partial || last_read_len >= FIRST_READ {
-                READ_CHUNK.max(self.read_buf.len())
-            } else {
-                FIRST_READ
-            };
-            if self.read_buf.capacity() - self.read_buf.len() < want {
-                self.read_buf.reserve(want);
+            let busy = partial || last_read_len >= FIRST_READ;
+            let (held, spare) = (
+                self.read_buf.len(),
+                self.read_buf.capacity() - self.read_buf.len(),
+            );
+            if let Some(room) = room_to_make(held, spare, self.scanner.wanted(), busy) {
+                self.read_buf.reserve(room);
             }
             let idle_at = (!idle.is_zero() && self.pending.is_empty()).then(|| last_read + idle);
             tokio::select! {
@@ -350,8 +375,9 @@ impl Connection {
                 Ok(Some(self.read_buf.split_to(len).freeze()))
             }
             Ok(None) => {
+                // The request is at least as long as what is held and what its headers say.
                 let limit = self.config.chunk_size_limit;
-                if self.read_buf.len() as u64 > limit {
+                if self.read_buf.len().max(self.scanner.wanted()) as u64 > limit {
                     return Err(ConnectionError::TooLarge { limit });
                 }
                 Ok(None)
@@ -584,3 +610,104 @@ static DECOMPRESSIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_ne
 
 /// Invalid-event warnings: ten per ten seconds across connections.
 static INVALID_LOG: LogLimit = LogLimit::new(10, Duration::from_secs(10));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What reading `request` costs when the peer's bytes come `piece` at a time, read the way
+    /// [`Connection::run`] reads: the times what was held had to move, the bytes moved, and
+    /// the buffer's largest capacity.
+    fn read_in_pieces(request: &[u8], piece: usize) -> (usize, usize, usize) {
+        let mut buf = BytesMut::new();
+        let mut scanner = ValueScanner::default();
+        let (mut moves, mut moved, mut last_read_len, mut at) = (0, 0, 0, 0);
+        while scanner.advance(&buf).expect("a valid request").is_none() {
+            let busy = !buf.is_empty() || last_read_len >= FIRST_READ;
+            let spare = buf.capacity() - buf.len();
+            if let Some(room) = room_to_make(buf.len(), spare, scanner.wanted(), busy) {
+                let before = buf.as_ptr();
+                buf.reserve(room);
+                if buf.as_ptr() != before && !buf.is_empty() {
+                    (moves, moved) = (moves + 1, moved + buf.len());
+                }
+            }
+            let n = piece
+                .min(buf.capacity() - buf.len())
+                .min(request.len() - at);
+            assert!(n > 0, "no room to read into");
+            buf.extend_from_slice(&request[at..at + n]);
+            (at, last_read_len) = (at + n, n);
+        }
+        assert_eq!(scanner.scanned(), request.len());
+        (moves, moved, buf.capacity())
+    }
+
+    fn request(entries: rmpv::Value) -> Vec<u8> {
+        let option = rmpv::Value::Map(vec![("chunk".into(), "dG9rZW4=".into())]);
+        let mut out = Vec::new();
+        rmpv::encode::write_value(
+            &mut out,
+            &rmpv::Value::Array(vec!["app.logs".into(), entries, option]),
+        )
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_packed_request_is_read_into_one_buffer_without_moving() {
+        let packed = request(rmpv::Value::Binary(vec![0x90; 3 << 20]));
+        for piece in [1500, 64 * 1024, 200 * 1024] {
+            let (moves, moved, capacity) = read_in_pieces(&packed, piece);
+            // Only the first read (4 KiB at most) moves, into the room made for all of it.
+            assert!(
+                moves <= 1 && moved <= FIRST_READ,
+                "piece {piece}: {moves} moves, {moved} B"
+            );
+            assert!(
+                capacity <= packed.len() + 2 * READ_CHUNK,
+                "piece {piece}: {capacity}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_whose_length_shows_as_it_arrives_moves_about_once_in_all() {
+        let entry = |i: u64| {
+            let record = rmpv::Value::Map(vec![("message".into(), "x".repeat(180).into())]);
+            rmpv::Value::Array(vec![(1_763_740_800 + i).into(), record])
+        };
+        let forward = request(rmpv::Value::Array((0..5_000).map(entry).collect()));
+        for piece in [1500, 64 * 1024] {
+            let (_, moved, capacity) = read_in_pieces(&forward, piece);
+            assert!(
+                moved <= forward.len(),
+                "piece {piece}: moved {moved} of {}",
+                forward.len()
+            );
+            assert!(
+                capacity <= 2 * forward.len() + READ_CHUNK,
+                "piece {piece}: {capacity}"
+            );
+        }
+    }
+
+    #[test]
+    fn room_made_ahead_is_bounded_by_what_the_peer_sent() {
+        // A header announcing 200 MiB of entries, and 4 KiB of them.
+        let busy = true;
+        let room = room_to_make(4096, 0, 200 << 20, busy).unwrap();
+        assert_eq!(room, MAX_AHEAD + READ_CHUNK);
+        // With 32 MiB sent, up to as much again.
+        let room = room_to_make(32 << 20, 0, 200 << 20, busy).unwrap();
+        assert_eq!(room, (32 << 20) + READ_CHUNK);
+        // An idle connection reads a little; a busy one with room left reads into it.
+        assert_eq!(room_to_make(0, 0, 0, false), Some(FIRST_READ));
+        assert_eq!(room_to_make(0, FIRST_READ, 0, false), None);
+        assert_eq!(room_to_make(100, 10_000, 200, busy), None);
+        assert_eq!(
+            room_to_make(100_000, 100, 100_001, busy),
+            Some(READ_CHUNK.max(100_000))
+        );
+    }
+}
