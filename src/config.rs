@@ -166,7 +166,7 @@ pub struct ServeArgs {
     pub max_open_chunk_files: Option<usize>,
 
     /// Largest forward request accepted, as received; a larger one closes the connection
-    /// without an ack (Fluentd's `chunk_size_limit`).
+    /// without an ack, as soon as its headers show it is larger (Fluentd's `chunk_size_limit`).
     #[arg(long, env = "CLAIMCHECK_CHUNK_SIZE_LIMIT", default_value = "256MiB", value_parser = parse_size)]
     pub chunk_size_limit: u64,
 
