@@ -139,7 +139,8 @@ pub enum ConnectionError {
 /// Growing a buffer moves what it holds. The usual request (PackedForward, its entries one
 /// `bin`) says its length in its first bytes, so the room for all of it is made at once and it
 /// is read without being moved, with [`READ_CHUNK`] more for what follows it; a peer can make
-/// us reserve at most [`MAX_AHEAD`] more than it has sent (or twice what it has sent). A
+/// us reserve at most [`MAX_AHEAD`] more than it has sent, or as much again once it has sent
+/// more than that. A
 /// request whose length shows only as it arrives (entries as an array) grows the buffer by
 /// doubling, so that it is moved about once in all. Small and idle reads stay small.
 fn room_to_make(held: usize, spare: usize, wanted: usize, busy: bool) -> Option<usize> {
