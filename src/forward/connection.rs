@@ -132,17 +132,18 @@ pub enum ConnectionError {
 }
 
 /// How many bytes to reserve in a connection's read buffer before its next read, if any.
-/// `held` bytes are in it and `spare` more fit; the request being read is known to reach
-/// `wanted` bytes at least ([`ValueScanner::wanted`]; 0 when nothing is held); `busy` once the
-/// connection carries data.
+/// `held` bytes are in it and `spare` more fit; the request being read is expected to reach
+/// `wanted` bytes (0 when nothing is held); `busy` once the connection carries data.
 ///
-/// Growing a buffer moves what it holds. The usual request (PackedForward, its entries one
-/// `bin`) says its length in its first bytes, so the room for all of it is made at once and it
-/// is read without being moved, with [`READ_CHUNK`] more for what follows it; a peer can make
-/// us reserve at most [`MAX_AHEAD`] more than it has sent, or as much again once it has sent
-/// more than that. A
-/// request whose length shows only as it arrives (entries as an array) grows the buffer by
-/// doubling, so that it is moved about once in all. Small and idle reads stay small.
+/// Growing a buffer moves what it holds. The usual request from Fluentd (PackedForward, its
+/// entries one `str` or `bin`) says its length in its first bytes
+/// ([`ValueScanner::wanted`]), so the room for all of it is made at once and it is read
+/// without being moved, with [`READ_CHUNK`] more for what follows it. Fluent Bit's (Forward
+/// mode, its entries an array) shows its length only as it arrives: it is expected to be as
+/// long as the connection's previous request, and grows by doubling beyond that, so that it
+/// is moved about once in all at worst. A peer can make us reserve at most [`MAX_AHEAD`] more
+/// than it has sent, or as much again once it has sent more than that. Small and idle reads
+/// stay small.
 fn room_to_make(held: usize, spare: usize, wanted: usize, busy: bool) -> Option<usize> {
     if !busy {
         return (spare < FIRST_READ).then_some(FIRST_READ);
@@ -177,6 +178,7 @@ pub async fn serve<S>(
         link: Link::new(),
         queued: 0,
         answered: 0,
+        last_len: 0,
     };
     let result = conn.run(stream, shutdown).await;
     if let Err(e) = &result {
@@ -218,6 +220,9 @@ struct Connection {
     /// Requests queued for an answer, and answered (in order), since the connection opened.
     queued: u64,
     answered: u64,
+    /// Length of the last request read: what the next one is expected to be, until its
+    /// headers say more ([`room_to_make`]).
+    last_len: usize,
 }
 
 impl Drop for Connection {
@@ -285,7 +290,9 @@ impl Connection {
                 self.read_buf.len(),
                 self.read_buf.capacity() - self.read_buf.len(),
             );
-            if let Some(room) = room_to_make(held, spare, self.scanner.wanted(), busy) {
+            let expected = if partial { self.last_len } else { 0 };
+            let wanted = self.scanner.wanted().max(expected);
+            if let Some(room) = room_to_make(held, spare, wanted, busy) {
                 self.read_buf.reserve(room);
             }
             let idle_at = (!idle.is_zero() && self.pending.is_empty()).then(|| last_read + idle);
@@ -373,6 +380,7 @@ impl Connection {
             }
             Ok(Some(len)) => {
                 self.scanner = ValueScanner::default();
+                self.last_len = len;
                 Ok(Some(self.read_buf.split_to(len).freeze()))
             }
             Ok(None) => {
@@ -617,16 +625,18 @@ mod tests {
     use super::*;
 
     /// What reading `request` costs when the peer's bytes come `piece` at a time, read the way
-    /// [`Connection::run`] reads: the times what was held had to move, the bytes moved, and
-    /// the buffer's largest capacity.
-    fn read_in_pieces(request: &[u8], piece: usize) -> (usize, usize, usize) {
+    /// [`Connection::run`] reads after a request of `last_len` bytes: the times what was held
+    /// had to move, the bytes moved, and the buffer's largest capacity.
+    fn read_in_pieces(request: &[u8], piece: usize, last_len: usize) -> (usize, usize, usize) {
         let mut buf = BytesMut::new();
         let mut scanner = ValueScanner::default();
         let (mut moves, mut moved, mut last_read_len, mut at) = (0, 0, 0, 0);
         while scanner.advance(&buf).expect("a valid request").is_none() {
             let busy = !buf.is_empty() || last_read_len >= FIRST_READ;
             let spare = buf.capacity() - buf.len();
-            if let Some(room) = room_to_make(buf.len(), spare, scanner.wanted(), busy) {
+            let expected = if buf.is_empty() { 0 } else { last_len };
+            let wanted = scanner.wanted().max(expected);
+            if let Some(room) = room_to_make(buf.len(), spare, wanted, busy) {
                 let before = buf.as_ptr();
                 buf.reserve(room);
                 if buf.as_ptr() != before && !buf.is_empty() {
@@ -659,7 +669,7 @@ mod tests {
     fn a_packed_request_is_read_into_one_buffer_without_moving() {
         let packed = request(rmpv::Value::Binary(vec![0x90; 3 << 20]));
         for piece in [1500, 64 * 1024, 200 * 1024] {
-            let (moves, moved, capacity) = read_in_pieces(&packed, piece);
+            let (moves, moved, capacity) = read_in_pieces(&packed, piece, 0);
             // Only the first read (4 KiB at most) moves, into the room made for all of it.
             assert!(
                 moves <= 1 && moved <= FIRST_READ,
@@ -673,14 +683,25 @@ mod tests {
     }
 
     #[test]
-    fn a_request_whose_length_shows_as_it_arrives_moves_about_once_in_all() {
+    fn a_request_whose_length_shows_as_it_arrives_moves_once_at_most_after_one_as_long() {
         let entry = |i: u64| {
             let record = rmpv::Value::Map(vec![("message".into(), "x".repeat(180).into())]);
             rmpv::Value::Array(vec![(1_763_740_800 + i).into(), record])
         };
         let forward = request(rmpv::Value::Array((0..5_000).map(entry).collect()));
         for piece in [1500, 64 * 1024] {
-            let (_, moved, capacity) = read_in_pieces(&forward, piece);
+            // After a request as long: read without moving but for the first read.
+            let (moves, moved, capacity) = read_in_pieces(&forward, piece, forward.len());
+            assert!(
+                moves <= 1 && moved <= FIRST_READ,
+                "piece {piece}: {moves} moves, {moved} B"
+            );
+            assert!(
+                capacity <= forward.len() + 2 * READ_CHUNK,
+                "piece {piece}: {capacity}"
+            );
+            // The first request of a connection, or one longer than the last: about once.
+            let (_, moved, capacity) = read_in_pieces(&forward, piece, forward.len() / 3);
             assert!(
                 moved <= forward.len(),
                 "piece {piece}: moved {moved} of {}",
