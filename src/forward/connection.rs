@@ -136,15 +136,13 @@ pub enum ConnectionError {
 /// expected to reach `wanted` bytes; `busy` once the connection carries data.
 ///
 /// Growing a buffer moves what it holds. The usual request from Fluentd (PackedForward, its
-/// entries one `str` or `bin`) says its length in its first bytes
-/// ([`ValueScanner::wanted`]), so the room for all of it is made at once and it is read
-/// without being moved. Fluent Bit's (Forward
-/// mode, its entries an array) shows its length only as it arrives: it is expected to be as
-/// long as the connection's previous request ([`expected_len`]), room for which is made before
-/// it arrives, and grows by doubling beyond that, so that it is moved about once in all at
-/// worst. A peer can make us reserve at most [`MAX_AHEAD`] more
-/// than it has sent, or as much again once it has sent more than that. Small and idle reads
-/// stay small.
+/// entries one `str` or `bin`) says its length in its first bytes ([`ValueScanner::wanted`]),
+/// so the room for all of it is made at once and it is read without being moved. Fluent Bit's
+/// (Forward mode, its entries an array) shows its length only as it arrives: it is expected to
+/// be as long as the connection's previous request ([`expected_len`]), room for which is made
+/// before it arrives, and grows by doubling beyond that, so that it is moved about once in all
+/// at worst. A peer can make us reserve at most [`MAX_AHEAD`] more than it has sent, or as
+/// much again once it has sent more than that. Small and idle reads stay small.
 fn room_to_make(held: usize, spare: usize, wanted: usize, busy: bool) -> Option<usize> {
     if !busy {
         return (spare < FIRST_READ).then_some(FIRST_READ);
