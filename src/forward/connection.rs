@@ -162,6 +162,17 @@ fn room_to_make(held: usize, spare: usize, wanted: usize, busy: bool) -> Option<
     (spare < FIRST_READ).then(|| READ_CHUNK.max(held))
 }
 
+/// Makes room in a connection's read buffer for its next read ([`room_to_make`]): `wanted` is
+/// what the scanner knows of the request being read, `last_len` the length of the
+/// connection's last request.
+fn make_room(buf: &mut BytesMut, wanted: usize, last_len: usize, busy: bool) {
+    let (held, spare) = (buf.len(), buf.capacity() - buf.len());
+    let wanted = wanted.max(expected_len(last_len));
+    if let Some(room) = room_to_make(held, spare, wanted, busy) {
+        buf.reserve(room);
+    }
+}
+
 /// How long the next request of a connection is expected to be, whose last one was `last_len`
 /// bytes long: as long, if that is large enough for growing its buffer to cost anything.
 fn expected_len(last_len: usize) -> usize {
@@ -303,14 +314,12 @@ impl Connection {
                 return Ok(());
             }
             let busy = partial || last_read_len >= FIRST_READ;
-            let (held, spare) = (
-                self.read_buf.len(),
-                self.read_buf.capacity() - self.read_buf.len(),
+            make_room(
+                &mut self.read_buf,
+                self.scanner.wanted(),
+                self.last_len,
+                busy,
             );
-            let wanted = self.scanner.wanted().max(expected_len(self.last_len));
-            if let Some(room) = room_to_make(held, spare, wanted, busy) {
-                self.read_buf.reserve(room);
-            }
             let idle_at = (!idle.is_zero() && self.pending.is_empty()).then(|| last_read + idle);
             tokio::select! {
                 read = reader.read_buf(&mut self.read_buf), if reading => {
@@ -651,14 +660,10 @@ mod tests {
         let mut last_read_len = if last_len > 0 { READ_CHUNK } else { 0 };
         while scanner.advance(&buf).expect("a valid request").is_none() {
             let busy = !buf.is_empty() || last_read_len >= FIRST_READ;
-            let spare = buf.capacity() - buf.len();
-            let wanted = scanner.wanted().max(expected_len(last_len));
-            if let Some(room) = room_to_make(buf.len(), spare, wanted, busy) {
-                let before = buf.as_ptr();
-                buf.reserve(room);
-                if buf.as_ptr() != before && !buf.is_empty() {
-                    (moves, moved) = (moves + 1, moved + buf.len());
-                }
+            let before = buf.as_ptr();
+            make_room(&mut buf, scanner.wanted(), last_len, busy);
+            if buf.as_ptr() != before && !buf.is_empty() {
+                (moves, moved) = (moves + 1, moved + buf.len());
             }
             let n = piece
                 .min(buf.capacity() - buf.len())
