@@ -164,9 +164,11 @@ fn room_to_make(held: usize, spare: usize, wanted: usize, busy: bool) -> Option<
 
 /// Makes room in a connection's read buffer for its next read ([`room_to_make`]): `wanted` is
 /// what the scanner knows of the request being read, `last_len` the length of the
-/// connection's last request.
-fn make_room(buf: &mut BytesMut, wanted: usize, last_len: usize, busy: bool) {
+/// connection's last request, `last_read` the bytes its last read gave. The connection is
+/// busy while it holds part of a request or its last read was not a small one.
+fn make_room(buf: &mut BytesMut, wanted: usize, last_len: usize, last_read: usize) {
     let (held, spare) = (buf.len(), buf.capacity() - buf.len());
+    let busy = held > 0 || last_read >= FIRST_READ;
     let wanted = wanted.max(expected_len(last_len));
     if let Some(room) = room_to_make(held, spare, wanted, busy) {
         buf.reserve(room);
@@ -313,12 +315,11 @@ impl Connection {
                 }
                 return Ok(());
             }
-            let busy = partial || last_read_len >= FIRST_READ;
             make_room(
                 &mut self.read_buf,
                 self.scanner.wanted(),
                 self.last_len,
-                busy,
+                last_read_len,
             );
             let idle_at = (!idle.is_zero() && self.pending.is_empty()).then(|| last_read + idle);
             tokio::select! {
@@ -659,9 +660,8 @@ mod tests {
         // After a request, the connection was reading: it is busy from the start.
         let mut last_read_len = if last_len > 0 { READ_CHUNK } else { 0 };
         while scanner.advance(&buf).expect("a valid request").is_none() {
-            let busy = !buf.is_empty() || last_read_len >= FIRST_READ;
             let before = buf.as_ptr();
-            make_room(&mut buf, scanner.wanted(), last_len, busy);
+            make_room(&mut buf, scanner.wanted(), last_len, last_read_len);
             if buf.as_ptr() != before && !buf.is_empty() {
                 (moves, moved) = (moves + 1, moved + buf.len());
             }
