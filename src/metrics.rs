@@ -50,6 +50,13 @@ pub struct Kind {
     pub kind: &'static str,
 }
 
+/// Which thread ran a buffer write round: the `connection` that read its one request, or the
+/// `writer` thread, for every request that waited for it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct On {
+    pub on: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Stage {
     pub stage: String,
@@ -83,6 +90,7 @@ pub struct Metrics {
     pub acks_sent: Counter,
     pub ack_duration: Histogram,
     pub fsync_duration: Family<Kind, Histogram>,
+    pub write_rounds: Family<On, Counter>,
     pub chunks_sealed: Family<Reason, Counter>,
     pub chunk_files_open: Gauge,
     pub chunk_files_open_limit: Gauge,
@@ -119,6 +127,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     fsync_duration: Family::new_with_constructor(|| {
         Histogram::new(exponential_buckets(0.0001, 2.0, 18))
     }),
+    write_rounds: Family::default(),
     chunks_sealed: Family::default(),
     chunk_files_open: Gauge::default(),
     chunk_files_open_limit: Gauge::default(),
@@ -168,6 +177,7 @@ const HANDSHAKE_FAILURES: [&str; 5] = [
     "tls",
 ];
 const SYNC_KINDS: [&str; 3] = ["round", "interval", "seal"];
+const ROUND_THREADS: [&str; 2] = ["connection", "writer"];
 const STAGES: [&str; 2] = ["upload", "publish"];
 
 impl Metrics {
@@ -188,6 +198,11 @@ impl Metrics {
         self.fsync_duration
             .get_or_create(&Kind { kind })
             .observe(took.as_secs_f64());
+    }
+
+    /// A buffer write round that stored requests, run `on` the `connection` or the `writer`.
+    pub fn write_round(&self, on: &'static str) {
+        self.write_rounds.get_or_create(&On { on }).inc();
     }
 
     pub fn sealed(&self, why: &str) {
@@ -260,6 +275,9 @@ impl Metrics {
         }
         for kind in SYNC_KINDS {
             drop(self.fsync_duration.get_or_create(&Kind { kind }));
+        }
+        for on in ROUND_THREADS {
+            drop(self.write_rounds.get_or_create(&On { on }));
         }
         for s in STAGES {
             drop(self.retries.get_or_create(&Stage {
@@ -337,6 +355,13 @@ impl Metrics {
              count once",
             Unit::Seconds,
             self.fsync_duration.clone(),
+        );
+        r.register(
+            "buffer_write_rounds",
+            "Buffer write rounds that stored requests, by the thread that ran them: `connection` \
+             (one request written where it was read, when nothing else waited for the writer) \
+             or `writer` (the writer thread, for every request waiting for it)",
+            self.write_rounds.clone(),
         );
         r.register(
             "chunks_sealed",

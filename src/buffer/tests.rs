@@ -965,3 +965,104 @@ async fn spare_files_count_toward_total_limit_size_and_go_first() {
         task.await.unwrap().unwrap();
     }
 }
+
+/// Waits until the writer thread sleeps, waiting for requests: only then is a request written
+/// in place.
+async fn writer_idle(handle: &BufferHandle) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while handle.shared.lock().unwrap().asleep_until.is_none() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the writer thread waits for requests");
+}
+
+/// Appends `entries` through `appender` and says whether they were written in place: the
+/// future comes back resolved, and the buffer counts one more.
+async fn append_through(appender: &Appender, more_coming: bool, entries: &[Bytes]) -> bool {
+    let before = appender.handle.written_in_place();
+    let t = entry::scan_entry(&entries[0]).unwrap().time.secs;
+    let durable = appender
+        .append_with_token(
+            "app".into(),
+            vec![group_of(t - t % 60, entries)],
+            None,
+            more_coming,
+        )
+        .await;
+    let in_place = appender.handle.written_in_place() > before;
+    if in_place {
+        let answered = futures::FutureExt::now_or_never(durable);
+        assert!(matches!(answered, Some(Ok(()))), "answered at once");
+    } else {
+        durable.await.unwrap();
+    }
+    in_place
+}
+
+#[tokio::test]
+async fn a_lone_connection_writes_in_place_what_nothing_waits_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // A chunk created in place is sealed on time: the writer thread is woken for it.
+    cfg.flush_interval = Duration::from_millis(200);
+    let (_, handle, mut sealed_rx, task) = start(cfg);
+    let one = handle.appender();
+    let entries: Vec<Bytes> = (0..4).map(|i| entry_at(120 + i, 10)).collect();
+
+    writer_idle(&handle).await;
+    assert!(append_through(&one, false, &entries[..1]).await);
+    assert_eq!(body_of(&recv(&mut sealed_rx).await), entries[0]);
+    // The sender's next request has started to arrive: this one waits for the writer, to be
+    // synced with what follows.
+    assert!(!append_through(&one, true, &entries[1..2]).await);
+    // A second connection appending: both send their requests to the writer.
+    let two = handle.appender();
+    writer_idle(&handle).await;
+    assert!(!append_through(&one, false, &entries[2..3]).await);
+    drop(two);
+    // A request waiting for the writer thread is not overtaken.
+    handle.shared.queued.fetch_add(1, Ordering::AcqRel);
+    assert!(!append_through(&one, false, &entries[3..4]).await);
+    handle.shared.queued.fetch_sub(1, Ordering::AcqRel);
+
+    let sealed = recv(&mut sealed_rx).await;
+    assert_eq!(
+        body_of(&sealed),
+        entries[1..].concat(),
+        "in order, once each"
+    );
+    assert_eq!(handle.written_in_place(), 1);
+    drop((one, handle));
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn nothing_is_written_in_place_once_the_writer_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, handle, _sealed_rx, task) = start(config(dir.path()));
+    let one = handle.appender();
+    writer_idle(&handle).await;
+    assert!(append_through(&one, false, &[entry_at(120, 10)]).await);
+
+    // As a crash would: `run` dropped, its directory lock let go at once.
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    let durable = one
+        .append_with_token(
+            "app".into(),
+            vec![group_of(120, &[entry_at(121, 10)])],
+            None,
+            false,
+        )
+        .await;
+    assert!(matches!(durable.await, Err(BufferError::Closed)));
+    assert_eq!(handle.written_in_place(), 1);
+
+    // The next owner of the directory finds the acknowledged request alone.
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let (_, recovered) = Buffer::open(config(dir.path()), registry(), tx).unwrap();
+    let records: u64 = recovered.sealed.iter().map(|s| s.stats.records).sum();
+    assert_eq!(records, 1);
+}

@@ -1,6 +1,7 @@
 //! The buffer writer: places events in open chunks, writes and syncs them, seals chunks.
-//! Everything here is blocking I/O, run one round at a time on the writer's own thread
-//! ([`Buffer::run`](super::Buffer::run)).
+//! Everything here is blocking I/O, run one round at a time under the buffer's lock: on the
+//! writer's own thread ([`Buffer::run`](super::Buffer::run)), or on a connection's thread for
+//! a request that nothing else waits with ("Where a request is written" in [`super`]).
 //!
 //! # A round
 //!
@@ -869,7 +870,7 @@ impl Writer {
     }
 
     /// Stops for good: seals everything; requests still held for space get no ack.
-    pub(super) fn close(mut self) {
+    pub(super) fn close(&mut self) {
         self.round(Vec::new(), Instant::now());
         self.seal_all("shutdown");
         for piece in std::mem::take(&mut self.held) {

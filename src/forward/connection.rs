@@ -32,7 +32,7 @@ use super::dedup::{self, Dedup, Link, Origin, Seen};
 use super::entries;
 use super::frame::{self, Request};
 use super::security::{Handshake, Security};
-use crate::buffer::{BufferError, BufferHandle};
+use crate::buffer::{Appender, BufferError, BufferHandle};
 use crate::metrics::metrics;
 use crate::time::sleep_until;
 
@@ -198,6 +198,7 @@ pub async fn serve<S>(
     let mut conn = Connection {
         peer,
         buffer,
+        appender: None,
         config,
         read_buf: BytesMut::new(),
         scanner: ValueScanner::default(),
@@ -235,6 +236,8 @@ pub async fn serve<S>(
 struct Connection {
     peer: SocketAddr,
     buffer: BufferHandle,
+    /// This connection as an appender, from its first request with events on.
+    appender: Option<Appender>,
     config: Arc<ConnectionConfig>,
     read_buf: BytesMut,
     scanner: ValueScanner,
@@ -540,9 +543,13 @@ impl Connection {
         metrics().events_received.inc_by(split.events);
         // The token goes to disk with the events only if a resend will be looked up.
         let recorded = ticket.as_ref().and(token.clone()).map(|t| (peer.ip(), t));
+        // Bytes of the next request already read: the sender has more on its way, and this
+        // request waits for the writer, to be synced with what follows.
+        let more_coming = !self.read_buf.is_empty();
         let durable = self
-            .buffer
-            .append_with_token(tag, split.groups, recorded)
+            .appender
+            .get_or_insert_with(|| self.buffer.appender())
+            .append_with_token(tag, split.groups, recorded, more_coming)
             .await;
         self.queue(Box::pin(async move {
             let result = durable.await;
