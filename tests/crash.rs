@@ -200,8 +200,9 @@ async fn drain_and_read(env: &Emulated, load: &LoadResult) -> (HashMap<u64, Vec<
 }
 
 /// `inline_max_bytes`: `0` sends every body to S3; the default sends these (small) chunks
-/// inline.
-async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
+/// inline. `connections`: with one, its requests are written in place by the connection that
+/// read them (the fault point is then in that round); with more, by the writer thread.
+async fn crash_cycles(sync: &str, inline_max_bytes: &str, connections: usize, cycles: usize) {
     let env = Emulated::start("crash").await;
     let args = [
         "--inline-max-bytes",
@@ -220,7 +221,7 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
         sync,
     ];
     // Each restart listens on a port of its own choosing; the load follows it.
-    let load = Load::start_resending(0, 3, 25, 4);
+    let load = Load::start_resending(0, connections, 25, 4);
     // Phase -> (kills aimed at it, kills that hit it).
     let mut phases: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let started = Instant::now();
@@ -252,6 +253,18 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
     let acked_before_last = load.acked_count();
     let final_sidecar = env.sidecar_at(0, None, &args);
     load.follow(final_sidecar.port);
+    // The rounds ran where this run means them to.
+    let on = if connections == 1 {
+        "connection"
+    } else {
+        "writer"
+    };
+    let rounds = format!("claimcheck_buffer_write_rounds_total{{on=\"{on}\"}}");
+    final_sidecar
+        .await_metrics(&format!("rounds on the {on} thread"), |m| {
+            metric_sum(m, &rounds) >= 10.0
+        })
+        .await;
     let load = load.stop().await;
     let (seen, duplicates_dropped) = drain_and_read(&env, &load).await;
     recognised += final_sidecar.log_text().matches(RESEND_RECOGNISED).count();
@@ -312,7 +325,7 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
     let resent = load.unacked_requests;
     let ids: HashSet<&str> = raw.iter().map(|p| p.chunk_id.as_str()).collect();
     println!(
-        "crash harness (sync {sync}, inline_max_bytes {inline_max_bytes}): {cycles} kills in {:.0} s; {} events acked ({} before the last restart), {} sent; \
+        "crash harness (sync {sync}, inline_max_bytes {inline_max_bytes}, {connections} connections): {cycles} kills in {:.0} s; {} events acked ({} before the last restart), {} sent; \
          {} delivered, 0 lost, 0 duplicated for the consumer; {} requests resent after a lost ack, {} of them acked without storing them again; {} unacked events delivered once; {} chunks, {} republished \
          (whole chunks, {} pointers dropped by the consumer); restart to listening: median {:.0} ms, max {:.0} ms; \
          kills by phase: {:?}",
@@ -346,13 +359,18 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, cycles: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acked_event_survives_random_kill_9_sync_always() {
-    crash_cycles("always", "24KiB", cycles()).await;
+    crash_cycles("always", "24KiB", 3, cycles()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acked_event_survives_random_kill_9_sync_always_written_in_place() {
+    crash_cycles("always", "24KiB", 1, cycles().div_ceil(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acked_event_survives_random_kill_9_sync_none() {
     // Without fsync the page cache still holds every write when only the process dies.
-    crash_cycles("none", "0", cycles().div_ceil(2)).await;
+    crash_cycles("none", "0", 3, cycles().div_ceil(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
