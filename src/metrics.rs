@@ -200,7 +200,7 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// A buffer write round that stored requests, run `on` the `connection` or the `writer`.
+    /// A buffer write round that took requests, run `on` the `connection` or the `writer`.
     pub fn write_round(&self, on: &'static str) {
         self.write_rounds.get_or_create(&On { on }).inc();
     }
@@ -358,7 +358,7 @@ impl Metrics {
         );
         r.register(
             "buffer_write_rounds",
-            "Buffer write rounds that stored requests, by the thread that ran them: `connection` \
+            "Buffer write rounds that took requests, by the thread that ran them: `connection` \
              (one request written where it was read, when nothing else waited for the writer) \
              or `writer` (the writer thread, for every request waiting for it)",
             self.write_rounds.clone(),
