@@ -254,17 +254,7 @@ async fn crash_cycles(sync: &str, inline_max_bytes: &str, connections: usize, cy
     let final_sidecar = env.sidecar_at(0, None, &args);
     load.follow(final_sidecar.port);
     // The rounds ran where this run means them to.
-    let on = if connections == 1 {
-        "connection"
-    } else {
-        "writer"
-    };
-    let rounds = format!("claimcheck_buffer_write_rounds_total{{on=\"{on}\"}}");
-    final_sidecar
-        .await_metrics(&format!("rounds on the {on} thread"), |m| {
-            metric_sum(m, &rounds) >= 10.0
-        })
-        .await;
+    final_sidecar.await_rounds_for(connections).await;
     let load = load.stop().await;
     let (seen, duplicates_dropped) = drain_and_read(&env, &load).await;
     recognised += final_sidecar.log_text().matches(RESEND_RECOGNISED).count();

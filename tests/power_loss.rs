@@ -113,16 +113,7 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
     load.follow(last.port);
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The rounds ran where this run means them to.
-    let on = if connections == 1 {
-        "connection"
-    } else {
-        "writer"
-    };
-    let rounds = format!("claimcheck_buffer_write_rounds_total{{on=\"{on}\"}}");
-    last.await_metrics(&format!("rounds on the {on} thread"), |m| {
-        metric_sum(m, &rounds) >= 10.0
-    })
-    .await;
+    last.await_rounds_for(connections).await;
     let load = load.stop().await;
     // What was acked after the last cut faced no cut.
     promised.extend(load.acked.difference(&at_last_cut).copied());

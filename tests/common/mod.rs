@@ -672,6 +672,22 @@ impl Sidecar {
         await_metrics_at(self.admin, what, check, || self.log_text()).await
     }
 
+    /// Waits until write rounds ran on the thread a load from `connections` connections is
+    /// meant to use: with one, the connection's own (its requests written in place); with
+    /// more, the buffer's writer thread.
+    pub async fn await_rounds_for(&self, connections: usize) {
+        let on = if connections == 1 {
+            "connection"
+        } else {
+            "writer"
+        };
+        let rounds = format!("claimcheck_buffer_write_rounds_total{{on=\"{on}\"}}");
+        self.await_metrics(&format!("write rounds on the {on} thread"), |m| {
+            metric_sum(m, &rounds) >= 10.0
+        })
+        .await;
+    }
+
     /// [`Sidecar::await_metrics`] for a test without a runtime of its own.
     pub fn await_metrics_blocking(
         &self,
