@@ -469,7 +469,8 @@ struct Desk {
     writer: Writer,
     /// The writer thread waits for requests, until this moment (`None`: no deadline).
     asleep_until: Option<Option<Instant>>,
-    /// The writer thread has stopped: nothing more is written, in place or not.
+    /// [`Buffer::run`] has ended or been dropped ([`StopOnDrop`]): nothing more is written in
+    /// place.
     stopped: bool,
 }
 
@@ -510,8 +511,8 @@ impl Shared {
         Ok(())
     }
 
-    /// The buffer is at `total_limit_size`, spare files counted: the writer thread decides
-    /// what happens then.
+    /// The buffer is at `total_limit_size`, spare files counted: the writer thread deletes the
+    /// spares then, and decides what else happens.
     fn near_limit(&self) -> bool {
         self.config
             .total_limit_size
@@ -665,7 +666,8 @@ impl Drop for StopOnDrop {
 
 /// The writer's loop, on its own thread ([`Buffer::run`]), blocking work done in place; until
 /// every [`BufferHandle`] is dropped (then it seals all open chunks), or until `run` is
-/// dropped (`done` closed: then it leaves at once, and nothing more is written in place).
+/// dropped (`done` closed: then it leaves at once; `run`'s [`StopOnDrop`] has stopped writes
+/// in place).
 async fn write_rounds(
     shared: &Shared,
     mut rx: mpsc::Receiver<Append>,
@@ -680,17 +682,13 @@ async fn write_rounds(
             if config.overflow_action == OverflowAction::DropOldestChunk {
                 drop_oldest(config, registry);
             }
-            if let Some(limit) = config.total_limit_size {
-                // Spare files count toward the limit, and go before anything has to wait.
-                let spares = registry.spares();
-                let spare_bytes = spares.bytes();
-                if spare_bytes > 0 && registry.usage() + spare_bytes >= limit {
-                    let deleted = spares.clear();
-                    debug!(
-                        files = deleted,
-                        "buffer near total_limit_size: deleted the spare chunk files kept for reuse"
-                    );
-                }
+            // Spare files count toward the limit, and go before anything has to wait.
+            if shared.near_limit() && registry.spares().bytes() > 0 {
+                let deleted = registry.spares().clear();
+                debug!(
+                    files = deleted,
+                    "buffer near total_limit_size: deleted the spare chunk files kept for reuse"
+                );
             }
             let full = config
                 .total_limit_size
@@ -719,10 +717,7 @@ async fn write_rounds(
         };
         let first = tokio::select! {
             biased;
-            () = done.closed() => {
-                shared.lock()?.stopped = true;
-                return Ok(());
-            }
+            () = done.closed() => return Ok(()),
             msg = rx.recv(), if accepting => match msg {
                 Some(m) => Some(m),
                 None => break,
@@ -752,10 +747,8 @@ async fn write_rounds(
         // Written: requests may be written in place again (the lock is still held).
         shared.queued.fetch_sub(taken, Ordering::AcqRel);
     }
-    let mut desk = shared.lock()?;
-    desk.stopped = true;
     if !done.is_closed() {
-        desk.writer.close();
+        shared.lock()?.writer.close();
     }
     Ok(())
 }
