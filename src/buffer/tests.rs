@@ -978,15 +978,14 @@ async fn writer_idle(handle: &BufferHandle) {
     .expect("the writer thread waits for requests");
 }
 
-/// Appends `entries` through `appender` and says whether they were written in place: the
-/// future comes back resolved, and the buffer counts one more.
+/// Appends `entries` (of the timekey at 120 s) through `appender` and says whether they were
+/// written in place: the future comes back resolved, and the buffer counts one more.
 async fn append_through(appender: &Appender, more_coming: bool, entries: &[Bytes]) -> bool {
     let before = appender.handle.written_in_place();
-    let t = entry::scan_entry(&entries[0]).unwrap().time.secs;
     let durable = appender
         .append_with_token(
             "app".into(),
-            vec![group_of(t - t % 60, entries)],
+            vec![group_of(120, entries)],
             None,
             more_coming,
         )
