@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
+use claimcheck_consumer::crc;
 use claimcheck_consumer::{verify_and_decode, Error, Event, Pointer};
 use tokio::sync::Notify;
 
@@ -166,11 +167,11 @@ impl MemoryStore {
 }
 
 fn etag(body: &[u8]) -> Option<String> {
-    Some(format!("\"{:08x}\"", crc32c::crc32c(body)))
+    Some(format!("\"{:08x}\"", crc::crc32c(body)))
 }
 
 fn check(body: &[u8], crc32c: u32, operation: &'static str) -> Result<(), BackendError> {
-    if crc32c::crc32c(body) == crc32c {
+    if crc::crc32c(body) == crc32c {
         return Ok(());
     }
     Err(BackendError {

@@ -658,7 +658,7 @@ fn large_chunk(bucket: &str, records: u64) -> (Pointer, Vec<u8>) {
         format: Format::Msgpack,
         compression: Compression::Zstd,
         checksum: Checksum {
-            crc32c: crc32c::crc32c(&stored),
+            crc32c: claimcheck_consumer::crc::crc32c(&stored),
         },
         producer: "tests".into(),
         created_at: "2026-11-21T16:01:02.345Z".into(),

@@ -140,7 +140,7 @@ fn stored(body: &[u8], events: u64, compression: Compression) -> (Pointer, Vec<u
         format: Format::Msgpack,
         compression,
         checksum: Checksum {
-            crc32c: crc32c::crc32c(&stored),
+            crc32c: claimcheck_consumer::crc::crc32c(&stored),
         },
         producer: "bench".into(),
         created_at: "2026-11-28T00:00:00.000Z".into(),

@@ -89,7 +89,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         }
         stored = (
             stored.0 + n as u64,
-            crc32c::crc32c_append(stored.1, &block[..n]),
+            claimcheck_consumer::crc::crc32c_append(stored.1, &block[..n]),
         );
     }
 

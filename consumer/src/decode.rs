@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
 use crate::body::{self, Format};
+use crate::crc;
 use crate::entry::{self, EventTime, ScanError, ValueScanner};
 use crate::{Error, Event, EventBlock, Pointer, MAX_NESTING};
 
@@ -151,7 +152,7 @@ impl<R: Read> Read for Stored<R> {
         match self.inner.read(buf) {
             Ok(n) => {
                 self.bytes += n as u64;
-                self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+                self.crc = crc::crc32c_append(self.crc, &buf[..n]);
                 Ok(n)
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
@@ -919,7 +920,7 @@ pub(crate) mod tests {
             format,
             compression,
             checksum: Checksum {
-                crc32c: crc32c::crc32c(&stored),
+                crc32c: crc::crc32c(&stored),
             },
             producer: "h".into(),
             created_at: "2026-01-01T00:00:00.000Z".into(),

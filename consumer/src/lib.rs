@@ -24,6 +24,7 @@
 //!   batch item failures and duplicates dropped across warm invocations.
 //! * Feature `aws` (on by default) — [`Resolver`], [`StreamReader`] and checkpoints: the parts
 //!   that read from AWS. Without it the crate has no AWS SDK and no async runtime.
+//! * [`crc`] — the CRC32C that every format's checksum is.
 //! * [`Error`] — the one error type; [`Error::is_chunk_error`] tells a pointer that can be
 //!   skipped from a call that may be retried.
 //!
@@ -55,6 +56,7 @@
 pub mod body;
 #[cfg(feature = "aws")]
 pub mod checkpoint;
+pub mod crc;
 mod decode;
 #[cfg(feature = "aws")]
 mod dedup;

@@ -281,7 +281,7 @@ mod tests {
         Pointer {
             stored_bytes: body.len() as u64,
             checksum: Checksum {
-                crc32c: crc32c::crc32c(&body),
+                crc32c: crate::crc::crc32c(&body),
             },
             ..sample()
         }

@@ -41,7 +41,7 @@ fn chunk(tag: &str, first: u32, events: u32) -> (Pointer, Vec<u8>) {
         format: Format::Msgpack,
         compression: Compression::Zstd,
         checksum: Checksum {
-            crc32c: crc32c::crc32c(&stored),
+            crc32c: claimcheck_consumer::crc::crc32c(&stored),
         },
         producer: "test".into(),
         created_at: "2025-11-21T16:00:00Z".into(),

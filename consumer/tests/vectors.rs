@@ -150,7 +150,7 @@ fn pointer(
         format,
         compression,
         checksum: Checksum {
-            crc32c: crc32c::crc32c(stored),
+            crc32c: claimcheck_consumer::crc::crc32c(stored),
         },
         producer: "ip-10-0-1-7".into(),
         created_at: "2026-11-21T16:01:02.345Z".into(),

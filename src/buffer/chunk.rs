@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use claimcheck_consumer::crc;
 use claimcheck_consumer::entry::{self, EventTime};
 use claimcheck_consumer::Pointer;
 use serde::{Deserialize, Serialize};
@@ -60,7 +61,7 @@ pub struct ChunkHeader {
 /// The seed of the CRC32C of every frame of a version 3 data file: the CRC32C of its chunk id.
 /// A frame left over from the chunk that used the file before fails its check.
 pub fn frame_seed(chunk_id: &str) -> u32 {
-    crc32c::crc32c(chunk_id.as_bytes())
+    crc::crc32c(chunk_id.as_bytes())
 }
 
 /// The sums of a chunk's events, kept while appending and rebuilt by scanning on recovery.
@@ -363,7 +364,7 @@ fn encode_header(header: &ChunkHeader) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + json.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
+    out.extend_from_slice(&crc::crc32c(&json).to_le_bytes());
     out.extend_from_slice(&json);
     out
 }
@@ -524,7 +525,7 @@ impl ChunkWriter {
             .ok_or_else(|| io::Error::other("frame larger than 2 GiB"))?;
         let crc = payload
             .iter()
-            .fold(self.seed, |crc, s| crc32c::crc32c_append(crc, s));
+            .fold(self.seed, |crc, s| crc::crc32c_append(crc, s));
         let mut head = [0u8; FRAME_HEADER];
         head[..4].copy_from_slice(&len.to_le_bytes());
         head[4..].copy_from_slice(&crc.to_le_bytes());
@@ -535,7 +536,7 @@ impl ChunkWriter {
                 .filter(|l| l & TOKEN_FRAME == 0)
                 .ok_or_else(|| io::Error::other("token frame larger than 2 GiB"))?;
             tail.extend_from_slice(&(tlen | TOKEN_FRAME).to_le_bytes());
-            tail.extend_from_slice(&crc32c::crc32c_append(self.seed, tokens).to_le_bytes());
+            tail.extend_from_slice(&crc::crc32c_append(self.seed, tokens).to_le_bytes());
             tail.extend_from_slice(tokens);
         }
         self.unsynced = true;
@@ -707,7 +708,7 @@ pub struct Frames {
 
 impl Frames {
     fn crc(&self, payload: &[u8]) -> u32 {
-        crc32c::crc32c_append(self.seed, payload)
+        crc::crc32c_append(self.seed, payload)
     }
 }
 
@@ -733,7 +734,7 @@ pub fn read_header(file: &mut File) -> Result<(ChunkHeader, Frames), ReadError> 
     let mut json = vec![0u8; len];
     file.read_exact(&mut json)
         .map_err(|e| ReadError::BadHeader(e.to_string()))?;
-    if crc32c::crc32c(&json) != crc {
+    if crc::crc32c(&json) != crc {
         return Err(ReadError::BadHeader("header checksum mismatch".into()));
     }
     let header: ChunkHeader =
@@ -870,7 +871,7 @@ impl FrameReader {
     /// Accounts for a piece of the current frame just read; checks the frame's CRC32C at its
     /// end.
     fn consumed(&mut self, piece: &[u8]) -> Result<(), ReadError> {
-        self.crc = crc32c::crc32c_append(self.crc, piece);
+        self.crc = crc::crc32c_append(self.crc, piece);
         self.pos += piece.len() as u64;
         self.frame_left -= piece.len() as u64;
         if self.frame_left == 0 && self.crc != self.frame_crc {

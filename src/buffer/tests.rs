@@ -777,11 +777,11 @@ fn version_1_and_2_data_files_are_still_recovered() {
         .unwrap();
         let mut file = magic.to_vec();
         file.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        file.extend_from_slice(&crc32c::crc32c(&header).to_le_bytes());
+        file.extend_from_slice(&claimcheck_consumer::crc::crc32c(&header).to_le_bytes());
         file.extend_from_slice(&header);
         let e = [entry_at(1, 5), entry_at(2, 5)].concat();
         file.extend_from_slice(&(e.len() as u32).to_le_bytes());
-        file.extend_from_slice(&crc32c::crc32c(&e).to_le_bytes());
+        file.extend_from_slice(&claimcheck_consumer::crc::crc32c(&e).to_le_bytes());
         file.extend_from_slice(&e);
         std::fs::File::create(chunks.join(format!("{id}.chunk")))
             .unwrap()

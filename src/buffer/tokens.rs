@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use claimcheck_consumer::crc;
 use tracing::{error, info, warn};
 
 use super::chunk::{self, ChunkPaths};
@@ -242,7 +243,7 @@ impl Journal {
 
 fn push_frame(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(&crc::crc32c(payload).to_le_bytes());
     out.extend_from_slice(payload);
 }
 
@@ -252,7 +253,7 @@ fn next_frame(bytes: &[u8], pos: usize) -> Option<(&[u8], usize)> {
     let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(head[4..].try_into().ok()?);
     let payload = bytes.get(pos + 8..pos + 8 + len)?;
-    (crc32c::crc32c(payload) == crc).then_some((payload, pos + 8 + len))
+    (crc::crc32c(payload) == crc).then_some((payload, pos + 8 + len))
 }
 
 fn decode_payload(payload: &[u8]) -> Option<(i64, Vec<TokenRecord>)> {

@@ -273,7 +273,7 @@ fn uploaded_inline(dir: &std::path::Path, registry: &Registry, n: usize) -> Uplo
     chunk.pointer = Pointer {
         stored_bytes: body.len() as u64,
         checksum: Checksum {
-            crc32c: crc32c::crc32c(&body),
+            crc32c: claimcheck_consumer::crc::crc32c(&body),
         },
         ..chunk.pointer
     }

@@ -24,7 +24,7 @@ pub(super) async fn multipart<S: ChunkStore>(
         let mut next = Some(first);
         while let Some((body, done)) = next.take() {
             let number = parts.len() as i32 + 1;
-            let crc = crc32c::crc32c(&body);
+            let crc = claimcheck_consumer::crc::crc32c(&body);
             let size = body.len();
             let etag = store
                 .upload_part(meta, &upload_id, number, body, crc)

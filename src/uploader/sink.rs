@@ -4,6 +4,7 @@
 use std::io::{self, Write};
 
 use bytes::Bytes;
+use claimcheck_consumer::crc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::block::Block;
@@ -94,7 +95,7 @@ impl PartSink {
     pub(super) fn finish_whole(self, body: Block) -> io::Result<(u64, u32)> {
         debug_assert!(self.len == 0 && self.block.is_none());
         let len = body.len() as u64;
-        let crc = crc32c::crc32c(body.as_slice());
+        let crc = crc::crc32c(body.as_slice());
         self.send(Piece::Whole(body.freeze()))?;
         Ok((len, crc))
     }
@@ -121,7 +122,7 @@ const FIRST_BLOCK: usize = 1 << 20;
 impl Write for PartSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.len += data.len() as u64;
-        self.crc = crc32c::crc32c_append(self.crc, data);
+        self.crc = crc::crc32c_append(self.crc, data);
         let mut rest = data;
         while !rest.is_empty() {
             let mut block = match self.block.take() {

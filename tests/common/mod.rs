@@ -321,7 +321,7 @@ pub fn make_chunk(
         format,
         compression,
         checksum: Checksum {
-            crc32c: crc32c::crc32c(&stored),
+            crc32c: claimcheck_consumer::crc::crc32c(&stored),
         },
         producer: "tests".into(),
         created_at: "2026-11-21T16:01:02.345Z".into(),
