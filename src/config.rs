@@ -19,8 +19,8 @@ use claimcheck_consumer::body::{Compression, Format};
 
 use crate::aws::settings::{pairs, AccessArgs, AwsSettings, ObjectArgs};
 use crate::buffer::{BufferConfig, OverflowAction, SyncPolicy};
+use crate::dedup::Dedup;
 use crate::forward::connection::SignalAction;
-use crate::forward::dedup::Dedup;
 use crate::forward::security::{ClientRule, Secret, Security, User};
 use crate::forward::tls::{TlsSettings, TlsVersion};
 use crate::forward::ConnectionConfig;

@@ -5,12 +5,13 @@
 //!
 //! 1. [`server`] accepts a TCP connection; [`forward::connection`] reads bytes into a buffer.
 //! 2. [`forward::frame`] finds one whole forward request and parses it without copying;
-//!    [`forward::entries`] decompresses, validates entries and groups them by timekey.
+//!    [`forward::entries`] decompresses, validates entries and groups them by timekey;
+//!    [`dedup`] answers a resent request (its ack token stored already) without storing it.
 //! 3. [`buffer`] appends each group to the open chunk file of its (tag, timekey), fsyncs once
 //!    for every append of the round, and only then lets the connection send `{"ack": token}`.
 //! 4. The buffer seals chunks (size, records, timekey + wait, flush interval, shutdown) and
-//!    hands them to the [`uploader`], which compresses the body to a staged file and PUTs it
-//!    to S3 through [`aws::s3`] at a key derived from the chunk id.
+//!    hands them to the [`uploader`], which compresses the body in memory and PUTs it to S3
+//!    through [`aws::s3`] at a key derived from the chunk id.
 //! 5. The [`publisher`] batches pointer records ([`claimcheck_consumer::Pointer`]) into Kinesis
 //!    PutRecords through [`aws::kinesis`], retries only failed entries, and deletes the chunk
 //!    once its pointer is accepted.
@@ -28,6 +29,7 @@ pub mod bench;
 pub mod buffer;
 pub mod config;
 pub mod consume;
+pub mod dedup;
 pub mod delivery;
 pub mod forward;
 pub mod key_template;

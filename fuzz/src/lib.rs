@@ -508,7 +508,7 @@ pub fn connection_config() -> ConnectionConfig {
         chunk_size_warn_limit: Some(CHUNK_SIZE_LIMIT / 2),
         decompression_size_limit: DECOMPRESSION_LIMIT,
         timekey_secs: TIMEKEY_SECS as i64,
-        dedup: claimcheck::forward::dedup::Dedup::new(std::time::Duration::ZERO, 1),
+        dedup: claimcheck::dedup::Dedup::new(std::time::Duration::ZERO, 1),
         ..ConnectionConfig::default()
     }
 }

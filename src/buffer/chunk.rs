@@ -14,7 +14,7 @@ use claimcheck_consumer::entry::{self, EventTime};
 use claimcheck_consumer::Pointer;
 use serde::{Deserialize, Serialize};
 
-use super::tokens::TokenRecord;
+use super::token_record::TokenRecord;
 
 /// First bytes of every data file written now; the digits are the data file version. Version 2
 /// adds token frames; version 3 seeds each frame's CRC32C with its chunk's id

@@ -131,6 +131,7 @@ pub mod dead_letter;
 pub mod gauges;
 mod recovery;
 pub mod registry;
+pub mod token_record;
 pub mod tokens;
 mod writer;
 
@@ -556,7 +557,7 @@ impl Buffer {
         config: BufferConfig,
         registry: Arc<Registry>,
         sealed_tx: mpsc::UnboundedSender<SealedChunk>,
-        dedup: Option<Arc<crate::forward::dedup::Dedup>>,
+        dedup: Option<Arc<crate::dedup::Dedup>>,
     ) -> anyhow::Result<(Buffer, Recovered)> {
         let chunks_dir = chunks_dir(&config.dir);
         chunk::create_dir_durably(&chunks_dir).map_err(|e| {

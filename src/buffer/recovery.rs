@@ -34,7 +34,7 @@ use super::chunk::{
 };
 use super::dead_letter::quarantine;
 use super::registry::{ChunkInfo, Phase, Registry};
-use super::tokens::TokenRecord;
+use super::token_record::TokenRecord;
 use super::{SealedChunk, UploadedChunk};
 
 /// Chunks found in the buffer, oldest first.

@@ -604,24 +604,24 @@ async fn seals_due_at_once_are_spread_over_rounds_and_appends_go_on() {
     assert_eq!((last.header.tag.as_str(), last.stats.records), ("other", 5));
 }
 
-fn is_stored(dedup: &Arc<crate::forward::dedup::Dedup>, token: &'static [u8]) -> bool {
+fn is_stored(dedup: &Arc<crate::dedup::Dedup>, token: &'static [u8]) -> bool {
     matches!(
         dedup.check(
             "10.0.0.9".parse().unwrap(),
             &Bytes::from_static(token),
-            crate::forward::dedup::Origin {
-                link: crate::forward::dedup::Link::new(),
+            crate::dedup::Origin {
+                link: crate::dedup::Link::new(),
                 answer: 0,
             },
             || false
         ),
-        crate::forward::dedup::Seen::Stored
+        crate::dedup::Seen::Stored
     )
 }
 
 #[tokio::test]
 async fn tokens_are_durable_with_their_events_and_rebuild_the_window_after_a_crash() {
-    use crate::forward::dedup::Dedup;
+    use crate::dedup::Dedup;
     let dir = tempfile::tempdir().unwrap();
     let (tx, _rx) = mpsc::unbounded_channel();
     let window = Duration::from_secs(600);
@@ -720,7 +720,7 @@ async fn tokens_are_durable_with_their_events_and_rebuild_the_window_after_a_cra
 
 #[test]
 fn half_of_a_request_found_at_recovery_is_not_taken_as_stored() {
-    use crate::forward::dedup::Dedup;
+    use crate::dedup::Dedup;
     let dir = tempfile::tempdir().unwrap();
     let chunks = chunks_dir(dir.path());
     std::fs::create_dir_all(&chunks).unwrap();
@@ -737,7 +737,7 @@ fn half_of_a_request_found_at_recovery_is_not_taken_as_stored() {
     )
     .unwrap();
     let mut records = Vec::new();
-    tokens::TokenRecord {
+    token_record::TokenRecord {
         sender: "10.0.0.9".parse().unwrap(),
         token: Bytes::from_static(b"half"),
         request: 7,

@@ -20,7 +20,7 @@
 //! <buffer_dir>/tokens.journal = "CCTOKS01" | frame*
 //! frame   = payload_len u32 LE | payload_crc32c u32 LE | payload
 //! payload = expires_ms i64 LE | record*
-//! record  = ip_len u8 (4 or 16) | ip | token_len u16 LE | token | request u128 LE | parts u16 LE
+//! record  = see [`super::token_record`]
 //! ```
 //!
 //! A token frame in a chunk data file holds `record*` only.
@@ -28,17 +28,16 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use claimcheck_consumer::crc;
 use tracing::{error, info, warn};
 
 use super::chunk::{self, ChunkPaths};
-use crate::forward::dedup::Dedup;
+use super::token_record::TokenRecord;
+use crate::dedup::Dedup;
 
 /// First bytes of the token journal.
 const JOURNAL_MAGIC: &[u8; 8] = b"CCTOKS01";
@@ -47,67 +46,6 @@ pub const JOURNAL_FILE: &str = "tokens.journal";
 /// Longest token recorded (Fluentd's are 25 bytes, Fluent Bit's 24 or 32); a longer one is
 /// remembered in memory only.
 pub const MAX_TOKEN_BYTES: usize = 1024;
-
-/// The token of one stored request, as recorded with each part of its events.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenRecord {
-    pub sender: IpAddr,
-    pub token: Bytes,
-    /// Unique per request stored: tells two requests with the same token apart.
-    pub request: u128,
-    /// Number of chunks (records) the request's events went to.
-    pub parts: u16,
-}
-
-impl TokenRecord {
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        match self.sender {
-            IpAddr::V4(ip) => {
-                out.push(4);
-                out.extend_from_slice(&ip.octets());
-            }
-            IpAddr::V6(ip) => {
-                out.push(16);
-                out.extend_from_slice(&ip.octets());
-            }
-        }
-        out.extend_from_slice(&(self.token.len() as u16).to_le_bytes());
-        out.extend_from_slice(&self.token);
-        out.extend_from_slice(&self.request.to_le_bytes());
-        out.extend_from_slice(&self.parts.to_le_bytes());
-    }
-
-    /// Decodes back-to-back records; `None` if they are not exactly that.
-    pub fn decode_all(mut bytes: &[u8]) -> Option<Vec<TokenRecord>> {
-        fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-            if b.len() < n {
-                return None;
-            }
-            let (head, rest) = b.split_at(n);
-            *b = rest;
-            Some(head)
-        }
-        let mut out = Vec::new();
-        while !bytes.is_empty() {
-            let sender = match take(&mut bytes, 1)?[0] {
-                4 => IpAddr::from(<[u8; 4]>::try_from(take(&mut bytes, 4)?).ok()?),
-                16 => IpAddr::from(<[u8; 16]>::try_from(take(&mut bytes, 16)?).ok()?),
-                _ => return None,
-            };
-            let len = u16::from_le_bytes(take(&mut bytes, 2)?.try_into().ok()?) as usize;
-            let token = Bytes::copy_from_slice(take(&mut bytes, len)?);
-            let request = u128::from_le_bytes(take(&mut bytes, 16)?.try_into().ok()?);
-            let parts = u16::from_le_bytes(take(&mut bytes, 2)?.try_into().ok()?);
-            out.push(TokenRecord {
-                sender,
-                token,
-                request,
-                parts,
-            });
-        }
-        Some(out)
-    }
-}
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -387,8 +325,10 @@ pub(super) fn read_journal(buffer_dir: &Path) -> Vec<(i64, TokenRecord)> {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
-    use crate::forward::dedup::{Link, Origin, Seen};
+    use crate::dedup::{Link, Origin, Seen};
 
     fn record(token: &str, request: u128, parts: u16) -> TokenRecord {
         TokenRecord {
@@ -397,18 +337,6 @@ mod tests {
             request,
             parts,
         }
-    }
-
-    #[test]
-    fn records_round_trip() {
-        let mut v6 = record("p8n9gmxTQVC8/nh2wlKKeQ==\n", u128::MAX - 7, 2);
-        v6.sender = "::1".parse().unwrap();
-        let records = vec![record("a", 1, 1), v6, record("", 3, 1)];
-        let mut bytes = Vec::new();
-        records.iter().for_each(|r| r.encode(&mut bytes));
-        assert_eq!(TokenRecord::decode_all(&bytes), Some(records));
-        assert_eq!(TokenRecord::decode_all(&bytes[..bytes.len() - 1]), None);
-        assert_eq!(TokenRecord::decode_all(&[7]), None);
     }
 
     fn stored(dedup: &Arc<Dedup>, token: &str) -> bool {

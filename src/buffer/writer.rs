@@ -61,7 +61,8 @@ use tracing::{debug, error, info, warn};
 
 use super::chunk::{self, ChunkHeader, ChunkPaths, ChunkState, ChunkStats, ChunkWriter};
 use super::registry::{ChunkInfo, Phase, Registry};
-use super::tokens::{TokenRecord, MAX_TOKEN_BYTES};
+use super::token_record::TokenRecord;
+use super::tokens::MAX_TOKEN_BYTES;
 use super::{BufferConfig, BufferError, Group, SealedChunk, SyncPolicy};
 
 /// Encoded token records of this round's requests, by waiter.

@@ -9,7 +9,7 @@
 //!
 //! With `<security>` settings the connection starts with the shared-key handshake
 //! ([`super::security`]); a request whose token was stored recently from the same sender is
-//! acked again without storing it twice ([`super::dedup`]), also after a restart: the token is
+//! acked again without storing it twice ([`crate::dedup`]), also after a restart: the token is
 //! handed to the buffer with the events, which writes it with them
 //! ([`crate::buffer::tokens`]).
 
@@ -28,11 +28,11 @@ use tracing::{debug, error, info, warn};
 
 use std::time::Instant;
 
-use super::dedup::{self, Dedup, Link, Origin, Seen};
 use super::entries;
 use super::frame::{self, Request};
 use super::security::{Handshake, Security};
 use crate::buffer::{Appender, BufferError, BufferHandle};
+use crate::dedup::{self, Dedup, Link, Origin, Seen};
 use crate::metrics::metrics;
 use crate::time::sleep_until;
 
