@@ -468,11 +468,19 @@ struct Shared {
 /// The writer and what the writer thread tells the connections about itself.
 struct Desk {
     writer: Writer,
-    /// The writer thread waits for requests, until this moment (`None`: no deadline).
-    asleep_until: Option<Option<Instant>>,
+    thread: WriterThread,
     /// [`Buffer::run`] has ended or been dropped ([`StopOnDrop`]): nothing more is written in
     /// place.
     stopped: bool,
+}
+
+/// What the writer thread is doing, as far as writes in place need to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriterThread {
+    /// Running a round, or about to: a request goes to it.
+    Busy,
+    /// Waiting for requests, until a deadline (`None`: none).
+    Waiting { until: Option<Instant> },
 }
 
 impl Shared {
@@ -492,7 +500,7 @@ impl Shared {
             return Err(append);
         };
         if desk.stopped
-            || desk.asleep_until.is_none()
+            || desk.thread == WriterThread::Busy
             || self.queued.load(Ordering::Acquire) != 0
             || desk.writer.stalled()
             || !self.registry.accepting()
@@ -504,8 +512,8 @@ impl Shared {
         self.in_place.fetch_add(1, Ordering::Relaxed);
         crate::metrics::metrics().write_round("connection");
         let due = desk.writer.next_deadline();
-        if let (Some(due), Some(asleep_until)) = (due, desk.asleep_until) {
-            if asleep_until.is_none_or(|at| due < at) {
+        if let (Some(due), WriterThread::Waiting { until }) = (due, desk.thread) {
+            if until.is_none_or(|at| due < at) {
                 self.wake.notify_one();
             }
         }
@@ -590,7 +598,7 @@ impl Buffer {
         let shared = Arc::new(Shared {
             desk: Mutex::new(Desk {
                 writer,
-                asleep_until: None,
+                thread: WriterThread::Busy,
                 stopped: false,
             }),
             queued: AtomicUsize::new(0),
@@ -713,7 +721,7 @@ async fn write_rounds(
             let accepting = !full && !writer.stalled();
             registry.set_full(full, writer.stalled());
             let deadline = writer.next_deadline();
-            desk.asleep_until = Some(deadline);
+            desk.thread = WriterThread::Waiting { until: deadline };
             (accepting, deadline)
         };
         let first = tokio::select! {
@@ -728,7 +736,7 @@ async fn write_rounds(
             () = shared.wake.notified() => None,
         };
         let mut desk = shared.lock()?;
-        desk.asleep_until = None;
+        desk.thread = WriterThread::Busy;
         // Whatever woke the writer (a request, or seals left over from the last round),
         // the round takes the requests that are waiting.
         let mut batch: Vec<Append> = first.into_iter().collect();

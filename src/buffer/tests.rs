@@ -970,7 +970,7 @@ async fn spare_files_count_toward_total_limit_size_and_go_first() {
 /// in place.
 async fn writer_idle(handle: &BufferHandle) {
     tokio::time::timeout(Duration::from_secs(30), async {
-        while handle.shared.lock().unwrap().asleep_until.is_none() {
+        while handle.shared.lock().unwrap().thread == WriterThread::Busy {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     })
