@@ -30,13 +30,15 @@
 //! When nothing waits, the hand-over costs more than it saves: two wake-ups of a thread on
 //! another CPU per request, about a third of what a 200 KB request costs beyond its bytes. So
 //! a connection writes its request in place, on its own thread, running the same round under
-//! the same lock, when all of these hold: it is the only connection appending (an
-//! [`Appender`]), no request waits for the writer thread (it would be overtaken), that thread
-//! is idle and takes requests (no full disk, not at `total_limit_size`), and nothing of the
-//! sender's next request has been read yet. The connection's thread then blocks for the
-//! write and the fsync, which nobody else was waiting for. Otherwise the request goes to the
-//! writer as before: a second connection, or a sender with more on its way, gets the group
-//! commit. The promise above is the same either way; `claimcheck_buffer_write_rounds` counts
+//! the same lock, when all of these hold: no other connection appended in the last 10 ms
+//! ([`IN_PLACE_QUIET`]; an open connection that sends nothing, such as the keep-alive
+//! connection of Fluent Bit's idle second worker or a Fluentd connection waiting to be closed
+//! after its ack, does not count), no request waits for the writer thread (it would be
+//! overtaken), that thread is idle and takes requests (no full disk, not at
+//! `total_limit_size`), and nothing of the sender's next request has been read yet. The
+//! connection's thread then blocks for the write and the fsync, which nobody else was
+//! waiting for. Otherwise the request goes to the writer as before: connections sending
+//! together, or a sender with more on its way, get the group commit. The promise above is the same either way; `claimcheck_buffer_write_rounds` counts
 //! the rounds of each kind. A round run in place that makes something due sooner (a new
 //! chunk's seal, a chunk set aside full) wakes the writer thread for it; seals always run
 //! there. Once [`Buffer::run`] ends or is dropped, nothing more is written in place.
@@ -368,9 +370,9 @@ impl BufferHandle {
 
     /// An appender for one connection: see [`Appender`].
     pub fn appender(&self) -> Appender {
-        self.shared.appenders.fetch_add(1, Ordering::Relaxed);
         Appender {
             handle: self.clone(),
+            id: self.shared.appender_ids.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -395,19 +397,15 @@ impl BufferHandle {
 /// request is written" in the module documentation).
 pub struct Appender {
     handle: BufferHandle,
-}
-
-impl Drop for Appender {
-    fn drop(&mut self) {
-        self.handle.shared.appenders.fetch_sub(1, Ordering::Relaxed);
-    }
+    /// Tells this connection's appends from the others' ([`RecentAppends`]).
+    id: u64,
 }
 
 impl Appender {
-    /// [`BufferHandle::append_with_token`], written in place when this is the only connection
-    /// appending, no request waits for the writer, the writer is idle and takes requests, and
-    /// the sender has nothing more on its way (`more_coming` false: nothing of its next request
-    /// has been read). The future then comes back resolved.
+    /// [`BufferHandle::append_with_token`], written in place when no other connection appended
+    /// within the last [`IN_PLACE_QUIET`], no request waits for the writer, the writer is idle
+    /// and takes requests, and the sender has nothing more on its way (`more_coming` false:
+    /// nothing of its next request has been read). The future then comes back resolved.
     pub async fn append_with_token(
         &self,
         tag: Arc<str>,
@@ -416,7 +414,8 @@ impl Appender {
         more_coming: bool,
     ) -> Durable {
         let (append, durable) = Append::new(tag, groups, token);
-        let append = match more_coming {
+        let others_appending = self.handle.shared.others_appending(self.id);
+        let append = match more_coming || others_appending {
             true => append,
             false => match self.handle.shared.write_in_place(append) {
                 Ok(()) => return durable,
@@ -453,9 +452,11 @@ struct Shared {
     /// Requests sent to the writer thread and not yet written by it: while any wait, no
     /// request is written in place, which would overtake them.
     queued: AtomicUsize,
-    /// Connections holding an [`Appender`]: requests are written in place only while there is
-    /// one, so that no connection waits unread while another's request is written and synced.
-    appenders: AtomicUsize,
+    /// Numbers the [`Appender`]s.
+    appender_ids: AtomicU64,
+    /// Which connections appended lately: a request is written in place only when no other
+    /// did, so that no connection waits unread while another's request is written and synced.
+    recent: Mutex<RecentAppends>,
     /// Requests written in place so far.
     in_place: AtomicU64,
     /// Wakes the writer thread when a round run in place made something due sooner than the
@@ -472,6 +473,44 @@ struct Desk {
     /// [`Buffer::run`] has ended or been dropped ([`StopOnDrop`]): nothing more is written in
     /// place.
     stopped: bool,
+}
+
+/// How long another connection's append keeps requests from being written in place. A
+/// connection that appended this recently is likely to send again while a request written in
+/// place holds the thread that would read it; through the writer thread, the two share an
+/// fsync. One that has been quiet longer (the idle keep-alive connection of Fluent Bit's
+/// second worker, a Fluentd connection waiting to be closed after its ack) does not count.
+pub const IN_PLACE_QUIET: Duration = Duration::from_millis(10);
+
+/// The latest append of all, and the latest of any connection other than the one that made
+/// it: enough to tell whether a connection other than a given one appended lately.
+#[derive(Debug)]
+struct RecentAppends {
+    latest: Option<(u64, Instant)>,
+    before: Option<(u64, Instant)>,
+    /// [`IN_PLACE_QUIET`], or what a test sets.
+    quiet: Duration,
+}
+
+impl RecentAppends {
+    fn new() -> Self {
+        RecentAppends {
+            latest: None,
+            before: None,
+            quiet: IN_PLACE_QUIET,
+        }
+    }
+
+    /// Records an append by connection `id` at `now`; true if another connection appended
+    /// less than `quiet` before.
+    fn record(&mut self, id: u64, now: Instant) -> bool {
+        if let Some(latest) = self.latest.filter(|&(latest, _)| latest != id) {
+            self.before = Some(latest);
+        }
+        self.latest = Some((id, now));
+        self.before
+            .is_some_and(|(_, at)| now.saturating_duration_since(at) < self.quiet)
+    }
 }
 
 /// What the writer thread is doing, as far as writes in place need to know.
@@ -492,8 +531,15 @@ impl Shared {
 
     /// Writes and syncs `append` on this thread if nothing else waits for the writer and it
     /// takes requests; gives it back otherwise.
+    /// Records an append by connection `id`; true if another connection appended lately.
+    fn others_appending(&self, id: u64) -> bool {
+        self.recent
+            .lock()
+            .map_or(true, |mut recent| recent.record(id, Instant::now()))
+    }
+
     fn write_in_place(&self, append: Append) -> Result<(), Append> {
-        if self.appenders.load(Ordering::Relaxed) != 1 || self.queued.load(Ordering::Acquire) != 0 {
+        if self.queued.load(Ordering::Acquire) != 0 {
             return Err(append);
         }
         let Ok(mut desk) = self.desk.try_lock() else {
@@ -602,7 +648,8 @@ impl Buffer {
                 stopped: false,
             }),
             queued: AtomicUsize::new(0),
-            appenders: AtomicUsize::new(0),
+            appender_ids: AtomicU64::new(0),
+            recent: Mutex::new(RecentAppends::new()),
             in_place: AtomicU64::new(0),
             wake: Notify::new(),
             registry,

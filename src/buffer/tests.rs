@@ -1008,7 +1008,8 @@ async fn a_lone_connection_writes_in_place_what_nothing_waits_with() {
     cfg.flush_interval = Duration::from_millis(200);
     let (_, handle, mut sealed_rx, task) = start(cfg);
     let one = handle.appender();
-    let entries: Vec<Bytes> = (0..4).map(|i| entry_at(120 + i, 10)).collect();
+    let entries: Vec<Bytes> = (0..6).map(|i| entry_at(120 + i, 10)).collect();
+    let quiet = |q: Duration| handle.shared.recent.lock().unwrap().quiet = q;
 
     writer_idle(&handle).await;
     assert!(append_through(&one, false, &entries[..1]).await);
@@ -1016,14 +1017,20 @@ async fn a_lone_connection_writes_in_place_what_nothing_waits_with() {
     // The sender's next request has started to arrive: this one waits for the writer, to be
     // synced with what follows.
     assert!(!append_through(&one, true, &entries[1..2]).await);
-    // A second connection appending: both send their requests to the writer.
+    // A second connection that has not appended (an idle keep-alive connection): no matter.
     let two = handle.appender();
     writer_idle(&handle).await;
-    assert!(!append_through(&one, false, &entries[2..3]).await);
-    drop(two);
+    assert!(append_through(&one, false, &entries[2..3]).await);
+    // Once it appends, and for the quiet time after, both send their requests to the writer.
+    quiet(Duration::from_secs(3600));
+    assert!(!append_through(&two, false, &entries[3..4]).await);
+    writer_idle(&handle).await;
+    assert!(!append_through(&one, false, &entries[4..5]).await);
     // A request waiting for the writer thread is not overtaken.
+    quiet(Duration::ZERO);
     handle.shared.queued.fetch_add(1, Ordering::AcqRel);
-    assert!(!append_through(&one, false, &entries[3..4]).await);
+    writer_idle(&handle).await;
+    assert!(!append_through(&one, false, &entries[5..6]).await);
     handle.shared.queued.fetch_sub(1, Ordering::AcqRel);
 
     let sealed = recv(&mut sealed_rx).await;
@@ -1032,9 +1039,28 @@ async fn a_lone_connection_writes_in_place_what_nothing_waits_with() {
         entries[1..].concat(),
         "in order, once each"
     );
-    assert_eq!(handle.written_in_place(), 1);
-    drop((one, handle));
+    assert_eq!(handle.written_in_place(), 2);
+    drop((one, two, handle));
     task.await.unwrap().unwrap();
+}
+
+#[test]
+fn another_connection_counts_for_the_quiet_time_after_its_latest_append() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut recent = RecentAppends::new();
+    recent.quiet = Duration::from_millis(10);
+    assert!(!recent.record(1, at(0)), "nobody else appended");
+    assert!(!recent.record(1, at(1)), "its own appends do not count");
+    assert!(recent.record(2, at(5)), "1 appended 4 ms before");
+    assert!(recent.record(1, at(9)), "2 appended 4 ms before");
+    assert!(recent.record(1, at(14)), "2's latest was 9 ms before");
+    assert!(!recent.record(1, at(15)), "and now 10 ms");
+    // Three connections: the latest of the others counts, whichever it is.
+    assert!(!recent.record(3, at(40)));
+    assert!(recent.record(2, at(45)), "3 appended 5 ms before");
+    assert!(recent.record(2, at(47)), "3 still, not 1 (25 ms before)");
+    assert!(recent.record(1, at(52)), "2 appended 5 ms before");
 }
 
 #[tokio::test]
