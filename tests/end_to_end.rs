@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::time::Duration;
 
 use common::*;
@@ -343,4 +344,58 @@ async fn tail_and_resolve_print_events_and_drop_a_republished_pointer() {
     got.sort();
     want.sort();
     assert_eq!(got, want, "resolve prints the chunk's events");
+}
+
+/// Fluent Bit's forward output keeps a keep-alive connection per worker, and Fluentd closes a
+/// chunk's connection up to a second after its ack: connections that stay open without
+/// sending. They do not keep another sender's lone requests from being written and synced by
+/// the connection that read them (`claimcheck_buffer_write_rounds_total{on="connection"}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_open_connection_does_not_stop_requests_written_in_place() {
+    let env = Emulated::start("inplace").await;
+    let sidecar = env.sidecar(&["--flush-interval", "1s", "--timekey-wait", "0s"]);
+    let base = minute_of(now_secs()) - 600;
+    // A connection that sent one request, was answered, and stays open.
+    let token = "aWRsZS1vbmNlLXRva2VuISE=\n";
+    let mut idle = wire::connect(sidecar.port);
+    let request = wire::fluentd_request(
+        "idle",
+        &wire::entries("idle", base, 5, false),
+        5,
+        "text",
+        token,
+    );
+    idle.write_all(&request).unwrap();
+    wire::expect_ack(&mut idle, token.as_bytes());
+    let mut want = wire::expected("idle", "idle", base, 5);
+
+    // Another sender, one request at a time.
+    let sent: Vec<TestEvent> = (0..20)
+        .map(|i| TestEvent {
+            tag: "app.lone".into(),
+            secs: base + 1,
+            nanos: Some(i),
+            record: json!({"seq": i}),
+        })
+        .collect();
+    let acked = node_send_with(
+        sidecar.port,
+        "PackedForward",
+        &sent,
+        json!({"sequential": true}),
+    );
+    assert_eq!(acked.len(), sent.len());
+    // Each request is written in place unless a seal holds the writer thread as it arrives.
+    let in_place = sidecar
+        .metric(r#"claimcheck_buffer_write_rounds_total{on="connection"}"#)
+        .await;
+    assert!(
+        in_place >= 10.0,
+        "{in_place} of {} requests written in place",
+        sent.len()
+    );
+    want.extend(sent);
+    let chunks = env.read_events(want.len()).await;
+    assert_exactly_once(&chunks, &want);
+    drop(idle);
 }

@@ -7,7 +7,9 @@
 // "nanos": null sends an integer time instead of an EventTime. Optional:
 //   "security": {"clientHostname", "sharedKey", "username", "password"} (the handshake),
 //   "tlsCaFile": "ca.pem" (TLS, verifying the server's certificate for "localhost"),
-//   "tlsClientCertFile"/"tlsClientKeyFile" (a client certificate).
+//   "tlsClientCertFile"/"tlsClientKeyFile" (a client certificate),
+//   "sequential": true (each event sent once the one before it is acknowledged: one request
+//   at a time, as a sender that flushes one chunk and waits).
 // Prints {"acked": [indexes], "failed": [{"index", "error"}]} on stdout.
 "use strict";
 const fs = require("fs");
@@ -32,15 +34,20 @@ async function main() {
     ack: spec.ack === false ? undefined : { ackTimeout: spec.ackTimeoutMs || 30000 },
     flushInterval: spec.flushIntervalMs || 0,
   });
-  const results = spec.events.map((e, index) => {
+  const emit = (e, index) => {
     // The library takes a plain number as milliseconds and sends whole seconds.
     const time = e.nanos === null ? e.secs * 1000 : new EventTime(e.secs, e.nanos || 0);
     return client.emit(e.tag, e.record, time).then(
       () => ({ index, ok: true }),
       (err) => ({ index, ok: false, error: String(err && err.message ? err.message : err) }),
     );
-  });
-  const settled = await Promise.all(results);
+  };
+  let settled = [];
+  if (spec.sequential) {
+    for (const [index, e] of spec.events.entries()) settled.push(await emit(e, index));
+  } else {
+    settled = await Promise.all(spec.events.map(emit));
+  }
   await client.shutdown().catch(() => {});
   const acked = settled.filter((r) => r.ok).map((r) => r.index);
   const failed = settled.filter((r) => !r.ok).map((r) => ({ index: r.index, error: r.error }));
