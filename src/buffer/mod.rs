@@ -38,10 +38,11 @@
 //! `total_limit_size`), and nothing of the sender's next request has been read yet. The
 //! connection's thread then blocks for the write and the fsync, which nobody else was
 //! waiting for. Otherwise the request goes to the writer as before: connections sending
-//! together, or a sender with more on its way, get the group commit. The promise above is the same either way; `claimcheck_buffer_write_rounds` counts
-//! the rounds of each kind. A round run in place that makes something due sooner (a new
-//! chunk's seal, a chunk set aside full) wakes the writer thread for it; seals always run
-//! there. Once [`Buffer::run`] ends or is dropped, nothing more is written in place.
+//! together, or a sender with more on its way, get the group commit. The promise above is the
+//! same either way; `claimcheck_buffer_write_rounds` counts the rounds of each kind. A round
+//! run in place that makes something due sooner (a new chunk's seal, a chunk set aside full)
+//! wakes the writer thread for it; seals always run there. Once [`Buffer::run`] ends or is
+//! dropped, nothing more is written in place.
 //!
 //! # Layout
 //!
@@ -529,8 +530,6 @@ impl Shared {
             .map_err(|_| anyhow::anyhow!("a buffer write round panicked"))
     }
 
-    /// Writes and syncs `append` on this thread if nothing else waits for the writer and it
-    /// takes requests; gives it back otherwise.
     /// Records an append by connection `id`; true if another connection appended lately.
     fn others_appending(&self, id: u64) -> bool {
         self.recent
@@ -538,6 +537,8 @@ impl Shared {
             .map_or(true, |mut recent| recent.record(id, Instant::now()))
     }
 
+    /// Writes and syncs `append` on this thread if nothing else waits for the writer and it
+    /// takes requests; gives it back otherwise.
     fn write_in_place(&self, append: Append) -> Result<(), Append> {
         if self.queued.load(Ordering::Acquire) != 0 {
             return Err(append);
