@@ -6,6 +6,7 @@
 //! ([`crate::buffer::gauges`]), so it cannot drift from the buffer itself. Label values come from small fixed sets (reasons,
 //! phases, operations, AWS error codes): tags are never labels.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -57,6 +58,12 @@ pub struct On {
     pub on: &'static str,
 }
 
+/// A body's compression: `zstd` or `gzip`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Codec {
+    pub compression: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Stage {
     pub stage: String,
@@ -91,6 +98,7 @@ pub struct Metrics {
     pub ack_duration: Histogram,
     pub fsync_duration: Family<Kind, Histogram>,
     pub write_rounds: Family<On, Counter>,
+    pub compression_cpu: Family<Codec, Counter<f64, AtomicU64>>,
     pub chunks_sealed: Family<Reason, Counter>,
     pub chunk_files_open: Gauge,
     pub chunk_files_open_limit: Gauge,
@@ -128,6 +136,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         Histogram::new(exponential_buckets(0.0001, 2.0, 18))
     }),
     write_rounds: Family::default(),
+    compression_cpu: Family::default(),
     chunks_sealed: Family::default(),
     chunk_files_open: Gauge::default(),
     chunk_files_open_limit: Gauge::default(),
@@ -205,6 +214,13 @@ impl Metrics {
         self.write_rounds.get_or_create(&On { on }).inc();
     }
 
+    /// CPU time the compressor of a body took, on its thread.
+    pub fn compressed(&self, compression: &'static str, cpu: Duration) {
+        self.compression_cpu
+            .get_or_create(&Codec { compression })
+            .inc_by(cpu.as_secs_f64());
+    }
+
     pub fn sealed(&self, why: &str) {
         self.chunks_sealed.get_or_create(&reason(why)).inc();
     }
@@ -278,6 +294,9 @@ impl Metrics {
         }
         for on in ROUND_THREADS {
             drop(self.write_rounds.get_or_create(&On { on }));
+        }
+        for compression in ["zstd", "gzip"] {
+            drop(self.compression_cpu.get_or_create(&Codec { compression }));
         }
         for s in STAGES {
             drop(self.retries.get_or_create(&Stage {
@@ -362,6 +381,14 @@ impl Metrics {
              (one request written where it was read, when nothing else waited for the writer) \
              or `writer` (the writer thread, for every request waiting for it)",
             self.write_rounds.clone(),
+        );
+        r.register_with_unit(
+            "compression_cpu",
+            "CPU time spent compressing chunk bodies, by compression: the compressing thread's \
+             own time in the compressor (and, for the json format, in converting to JSON \
+             lines), where Linux reports it",
+            Unit::Seconds,
+            self.compression_cpu.clone(),
         );
         r.register(
             "chunks_sealed",

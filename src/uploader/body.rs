@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::time::Duration;
 
 use claimcheck_consumer::body::{self, Compression, Counting, Encoder, Format};
 use tokio::sync::mpsc;
@@ -22,6 +23,56 @@ pub struct BodySummary {
     pub stored_bytes: u64,
     pub crc32c: u32,
     pub body_bytes: u64,
+    /// CPU time its compressor took on the compressing thread ([`CodecClock`]); zero without
+    /// compression or where Linux does not report a thread's time.
+    pub codec_cpu: Duration,
+}
+
+/// CPU time of the calling thread so far, from `/proc/thread-self/schedstat` (Linux).
+fn thread_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    Some(Duration::from_nanos(
+        stat.split_whitespace().next()?.parse().ok()?,
+    ))
+}
+
+/// Adds up the CPU time that the compressing thread spends in what it times: the codec's own
+/// cost, apart from reading the chunk back and handing the output over. Two reads of `/proc`
+/// per call timed, so calls are a whole body or a piece of 1 MiB; without compression,
+/// nothing is timed.
+#[derive(Debug)]
+struct CodecClock {
+    compression: Compression,
+    spent: Duration,
+}
+
+impl CodecClock {
+    fn new(compression: Compression) -> Self {
+        CodecClock {
+            compression,
+            spent: Duration::ZERO,
+        }
+    }
+
+    fn time<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        if self.compression == Compression::None {
+            return f();
+        }
+        let start = thread_cpu();
+        let out = f();
+        if let (Some(start), Some(end)) = (start, thread_cpu()) {
+            self.spent += end.saturating_sub(start);
+        }
+        out
+    }
+
+    /// The time spent, counted on `/metrics` too.
+    fn finish(self) -> Duration {
+        if self.compression != Compression::None {
+            crate::metrics::metrics().compressed(self.compression.as_str(), self.spent);
+        }
+        self.spent
+    }
 }
 
 pub(super) async fn join(
@@ -55,28 +106,36 @@ pub(super) fn write_body(
     let mut body = Counting::new(encoder);
     let mut frames = open_frames(chunk)?;
     let mut piece = Vec::new();
+    let mut clock = CodecClock::new(config.compression);
     match config.format {
         Format::Msgpack => {
             while frames.next_piece(&mut piece, READ_PIECE)? {
-                body.write_all(&piece).map_err(UploadError::Body)?;
+                clock
+                    .time(|| body.write_all(&piece))
+                    .map_err(UploadError::Body)?;
             }
         }
         // JSON needs whole entries: read whole frames (each holds whole entries only).
         Format::Json => {
             while frames.next_piece(&mut piece, usize::MAX)? {
-                body::write_json_lines(&chunk.header.tag, &piece, &mut body).map_err(|e| {
-                    UploadError::Body(io::Error::new(io::ErrorKind::InvalidData, e))
-                })?;
+                clock
+                    .time(|| body::write_json_lines(&chunk.header.tag, &piece, &mut body))
+                    .map_err(|e| {
+                        UploadError::Body(io::Error::new(io::ErrorKind::InvalidData, e))
+                    })?;
             }
         }
     }
     let body_bytes = body.bytes();
-    let sink = body.into_inner().finish().map_err(UploadError::Body)?;
+    let sink = clock
+        .time(|| body.into_inner().finish())
+        .map_err(UploadError::Body)?;
     let (stored_bytes, crc32c) = sink.finish().map_err(UploadError::Body)?;
     Ok(BodySummary {
         stored_bytes,
         crc32c,
         body_bytes,
+        codec_cpu: clock.finish(),
     })
 }
 
@@ -134,15 +193,18 @@ fn write_zstd_whole(
     }
     let mut output = Block::pooled(threshold + 1).map_err(UploadError::Body)?;
     let level = level.unwrap_or(body::ZSTD_DEFAULT_LEVEL);
-    output
-        .write_with(threshold, |room| {
-            ZSTD.with(|slot| {
-                let mut slot = slot.borrow_mut();
-                if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-                    *slot = Some((level, zstd::bulk::Compressor::new(level)?));
-                }
-                let (_, compressor) = slot.as_mut().expect("just set");
-                compressor.compress_to_buffer(input.as_slice(), room)
+    let mut clock = CodecClock::new(Compression::Zstd);
+    clock
+        .time(|| {
+            output.write_with(threshold, |room| {
+                ZSTD.with(|slot| {
+                    let mut slot = slot.borrow_mut();
+                    if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                        *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+                    }
+                    let (_, compressor) = slot.as_mut().expect("just set");
+                    compressor.compress_to_buffer(input.as_slice(), room)
+                })
             })
         })
         .map_err(UploadError::Body)?;
@@ -153,5 +215,6 @@ fn write_zstd_whole(
         stored_bytes,
         crc32c,
         body_bytes,
+        codec_cpu: clock.finish(),
     })
 }

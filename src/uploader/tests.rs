@@ -579,3 +579,31 @@ async fn zstd_bodies_are_the_same_events_in_one_call_or_streamed() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_body_counts_its_compressor_s_cpu_time_and_nothing_without_compression() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let (chunk, _) = sealed_chunk(dir.path(), &registry, 400, 20_000);
+    // zstd in one call and streamed, gzip (streamed), and no compression.
+    for (compression, threshold) in [
+        (Compression::Zstd, 16 << 20),
+        (Compression::Zstd, 6 << 20),
+        (Compression::Gzip, 16 << 20),
+        (Compression::None, 16 << 20),
+    ] {
+        let mut cfg = config(dir.path(), Format::Msgpack, compression);
+        cfg.multipart_threshold = threshold;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let chunk = chunk.clone();
+        let build = tokio::task::spawn_blocking(move || super::body::write_body(&chunk, &cfg, tx));
+        while rx.recv().await.is_some() {}
+        let summary = build.await.unwrap().unwrap();
+        assert_eq!(
+            summary.codec_cpu > Duration::ZERO,
+            compression != Compression::None,
+            "{compression:?} below a threshold of {threshold}: {:?}",
+            summary.codec_cpu
+        );
+    }
+}
