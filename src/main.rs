@@ -26,6 +26,9 @@ enum Command {
     Resolve(ResolveArgs),
     /// Load a forward receiver with acknowledged requests and report throughput and latency.
     Bench(BenchArgs),
+    /// A bare forward receiver that only writes, fsyncs and acks each request: the floor
+    /// under any durable receiver's cost, for side-by-side benchmarks.
+    BenchFloor(claimcheck::bench::floor::FloorArgs),
     /// Move dead-lettered chunks back into the buffer for delivery.
     Replay(ReplayArgs),
     /// Ask a running sidecar whether it is alive (or ready); for container health checks.
@@ -147,8 +150,15 @@ fn main() -> std::process::ExitCode {
         }
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Serve(args) = &cli.command {
-        runtime.worker_threads(args.runtime_workers());
+    match &cli.command {
+        Command::Serve(args) => {
+            runtime.worker_threads(args.runtime_workers());
+        }
+        // One thread, which reads, writes and syncs in turn.
+        Command::BenchFloor(_) => {
+            runtime.worker_threads(1);
+        }
+        _ => {}
     }
     let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
@@ -239,6 +249,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 claimcheck::buffer::chunks_dir(&args.buffer_dir).display()
             );
             Ok(())
+        }
+        Command::BenchFloor(args) => {
+            init_tracing(LogFormat::Human);
+            claimcheck::bench::floor::run(args).await
         }
         Command::Bench(args) => {
             init_tracing(LogFormat::Human);

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 mod args;
 mod client;
+pub mod floor;
 mod load;
 mod messages;
 mod procfs;
