@@ -49,6 +49,16 @@ struct Inner {
     next_id: u64,
 }
 
+impl Inner {
+    /// Puts the slot `make` builds with a fresh id under `key`; returns the id.
+    fn insert(&mut self, key: Key, make: impl FnOnce(u64) -> Slot) -> u64 {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.slots.insert(key, make(id));
+        id
+    }
+}
+
 #[derive(Debug)]
 enum Slot {
     /// Being stored by another request: its outcome (`Some(true)` stored) comes on the channel.
@@ -193,16 +203,11 @@ impl Dedup {
         let since = now.checked_sub(age).unwrap_or(now);
         let key = (sender, token);
         let mut inner = self.lock();
-        inner.next_id += 1;
-        let id = inner.next_id;
-        inner.slots.insert(
-            key.clone(),
-            Slot::Stored {
-                id,
-                since,
-                origin: None,
-            },
-        );
+        let id = inner.insert(key.clone(), |id| Slot::Stored {
+            id,
+            since,
+            origin: None,
+        });
         inner.order.push_back((since, key, id));
         self.expire(&mut inner, now);
     }
@@ -276,16 +281,11 @@ impl Dedup {
             }
             _ => {}
         }
-        inner.next_id += 1;
-        let id = inner.next_id;
-        inner.slots.insert(
-            key.clone(),
-            Slot::Pending {
-                id,
-                outcome: rx,
-                origin,
-            },
-        );
+        let id = inner.insert(key.clone(), |id| Slot::Pending {
+            id,
+            outcome: rx,
+            origin,
+        });
         Seen::New(Ticket {
             dedup: self.clone(),
             key: Some(key),
