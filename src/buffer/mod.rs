@@ -707,7 +707,8 @@ impl Buffer {
 }
 
 /// Stops the writer when [`Buffer::run`] ends or is dropped, whatever the writer thread is
-/// doing: a round run in place finishes first, and no other starts.
+/// doing: a round under way (in place or on the writer thread) finishes first, and no other
+/// starts: the writer thread checks `stopped` each time it takes the lock.
 struct StopOnDrop(Arc<Shared>);
 
 impl Drop for StopOnDrop {
@@ -735,6 +736,9 @@ async fn write_rounds(
     loop {
         let (accepting, deadline) = {
             let mut desk = shared.lock()?;
+            if desk.stopped {
+                return Ok(());
+            }
             let writer = &mut desk.writer;
             if config.overflow_action == OverflowAction::DropOldestChunk {
                 drop_oldest(config, registry);
@@ -784,6 +788,12 @@ async fn write_rounds(
             () = shared.wake.notified() => None,
         };
         let mut desk = shared.lock()?;
+        // `run` was dropped while this thread waited for the lock: its directory lock may be
+        // let go already, so nothing more is written (the requests taken are answered
+        // `Closed` as they are dropped).
+        if desk.stopped {
+            return Ok(());
+        }
         desk.thread = WriterThread::Busy;
         // Whatever woke the writer (a request, or seals left over from the last round),
         // the round takes the requests that are waiting.

@@ -1091,3 +1091,42 @@ async fn nothing_is_written_in_place_once_the_writer_is_stopped() {
     let records: u64 = recovered.sealed.iter().map(|s| s.stats.records).sum();
     assert_eq!(records, 1);
 }
+
+#[tokio::test]
+async fn the_writer_thread_writes_nothing_once_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, handle, _sealed_rx, task) = start(config(dir.path()));
+    let one = handle.appender();
+    writer_idle(&handle).await;
+    // While another thread holds the lock, the request goes to the writer thread, which
+    // takes it and waits for the lock; meanwhile `run` stops, as its `StopOnDrop` does when
+    // it is dropped.
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let shared = handle.shared.clone();
+    let holder = std::thread::spawn(move || {
+        let mut desk = shared.lock().unwrap();
+        locked_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        desk.stopped = true;
+    });
+    locked_rx.recv().unwrap();
+    let durable = one
+        .append_with_token(
+            "app".into(),
+            vec![group_of(120, &[entry_at(121, 10)])],
+            None,
+            false,
+        )
+        .await;
+    go_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert!(matches!(durable.await, Err(BufferError::Closed)));
+    assert_eq!(handle.written_in_place(), 0);
+    task.await.unwrap().unwrap();
+    let written: Vec<_> = std::fs::read_dir(dir.path().join("chunks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(written.is_empty(), "nothing written: {written:?}");
+}
