@@ -41,8 +41,11 @@
 //! together, or a sender with more on its way, get the group commit. The promise above is the
 //! same either way; `claimcheck_buffer_write_rounds` counts the rounds of each kind. A round
 //! run in place that makes something due sooner (a new chunk's seal, a chunk set aside full)
-//! wakes the writer thread for it; seals always run there. Once [`Buffer::run`] ends or is
-//! dropped, nothing more is written in place.
+//! wakes the writer thread for it; seals always run there. The writer thread lets go of the
+//! lock for a seal's fsyncs and state files (the chunks being sealed are out of its sets by
+//! then), so a lone connection's request that arrives meanwhile is written in place rather
+//! than held up behind the seal. Once [`Buffer::run`] ends or is dropped, nothing more is
+//! written, in place or by the writer thread (a seal under way finishes first).
 //!
 //! # Layout
 //!
@@ -463,6 +466,12 @@ struct Shared {
     /// Wakes the writer thread when a round run in place made something due sooner than the
     /// moment it sleeps until (a new chunk's seal, a chunk set aside, a held request's retry).
     wake: Notify,
+    /// Held by the writer thread while it seals without `desk` ([`WriterThread::Sealing`]);
+    /// taken after `desk`, never before, so that [`StopOnDrop`] can wait for the seal.
+    sealing: Mutex<()>,
+    /// Tests hold this (writing) to keep the writer thread in the middle of a seal.
+    #[cfg(test)]
+    seal_pause: std::sync::RwLock<()>,
     registry: Arc<Registry>,
     config: Arc<BufferConfig>,
 }
@@ -521,6 +530,10 @@ enum WriterThread {
     Busy,
     /// Waiting for requests, until a deadline (`None`: none).
     Waiting { until: Option<Instant> },
+    /// Sealing chunks without the lock: requests may be written in place meanwhile (into
+    /// other chunks: those being sealed are out of the writer's sets), and it looks at what
+    /// they made due once it is done.
+    Sealing,
 }
 
 impl Shared {
@@ -653,6 +666,9 @@ impl Buffer {
             recent: Mutex::new(RecentAppends::new()),
             in_place: AtomicU64::new(0),
             wake: Notify::new(),
+            sealing: Mutex::new(()),
+            #[cfg(test)]
+            seal_pause: std::sync::RwLock::new(()),
             registry,
             config,
         });
@@ -716,6 +732,12 @@ impl Drop for StopOnDrop {
         let mut desk = self
             .0
             .desk
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A seal under way without the lock finishes first.
+        let _sealing = self
+            .0
+            .sealing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         desk.stopped = true;
@@ -810,14 +832,60 @@ async fn write_rounds(
             crate::metrics::metrics().write_round("writer");
         }
         desk.writer.round(batch, now);
-        desk.writer.tick(now);
         // Written: requests may be written in place again (the lock is still held).
         shared.queued.fetch_sub(taken, Ordering::AcqRel);
+        let Some(desk) = seal_due(shared, desk, now)? else {
+            return Ok(());
+        };
+        drop(desk);
     }
     if !done.is_closed() {
         shared.lock()?.writer.close();
     }
     Ok(())
+}
+
+/// The writer thread's tick: seals what is due, a batch at a time for at most
+/// [`writer::SEAL_BUDGET`] (at least one batch), each batch's I/O (fsyncs, state files) without the lock, so that
+/// a connection's request is not held up behind a seal: it is written in place meanwhile.
+/// Returns the lock again, or `None` if [`Buffer::run`] stopped during a seal.
+fn seal_due<'a>(
+    shared: &'a Shared,
+    mut desk: std::sync::MutexGuard<'a, Desk>,
+    now: Instant,
+) -> anyhow::Result<Option<std::sync::MutexGuard<'a, Desk>>> {
+    let mut due = desk.writer.due_seals(now);
+    let started = std::time::Instant::now();
+    loop {
+        let mut batch = desk.writer.next_seals(&mut due);
+        if batch.is_empty() {
+            break;
+        }
+        desk.thread = WriterThread::Sealing;
+        let sealing = shared
+            .sealing
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a seal panicked"))?;
+        drop(desk);
+        #[cfg(test)]
+        let paused = shared.seal_pause.read();
+        batch.run();
+        #[cfg(test)]
+        drop(paused);
+        drop(sealing);
+        desk = shared.lock()?;
+        if desk.stopped {
+            // Sealed on disk, not handed over: the next start finds the chunks sealed.
+            return Ok(None);
+        }
+        desk.thread = WriterThread::Busy;
+        desk.writer.sealed(batch);
+        if started.elapsed() >= desk.writer.seal_budget() {
+            break;
+        }
+    }
+    desk.writer.end_tick(due);
+    Ok(Some(desk))
 }
 
 /// `overflow_action drop_oldest_chunk`: delete waiting chunks, oldest first, until the buffer

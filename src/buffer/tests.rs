@@ -1130,3 +1130,49 @@ async fn the_writer_thread_writes_nothing_once_stopped() {
         .collect();
     assert!(written.is_empty(), "nothing written: {written:?}");
 }
+
+#[tokio::test]
+async fn a_request_is_written_in_place_while_the_writer_thread_seals() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.flush_interval = Duration::from_millis(200);
+    let (_, handle, mut sealed_rx, task) = start(cfg);
+    let one = handle.appender();
+    let entries: Vec<Bytes> = (0..2).map(|i| entry_at(120 + i, 10)).collect();
+
+    // The seal's I/O is held (from another thread) until `go`.
+    let (paused_tx, paused_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let shared = handle.shared.clone();
+    let pauser = std::thread::spawn(move || {
+        let _paused = shared.seal_pause.write().unwrap();
+        paused_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+    });
+    paused_rx.recv().unwrap();
+
+    writer_idle(&handle).await;
+    assert!(append_through(&one, false, &entries[..1]).await);
+    // Its chunk falls due; the writer thread takes it out and seals it without the lock.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while handle.shared.lock().unwrap().thread != WriterThread::Sealing {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the writer thread seals the chunk without the lock");
+    // Meanwhile the next request is written in place, into a new chunk, and answered.
+    assert!(append_through(&one, false, &entries[1..]).await);
+    assert!(
+        sealed_rx.try_recv().is_err(),
+        "the first chunk is not sealed yet"
+    );
+
+    go_tx.send(()).unwrap();
+    pauser.join().unwrap();
+    assert_eq!(body_of(&recv(&mut sealed_rx).await), entries[0]);
+    assert_eq!(body_of(&recv(&mut sealed_rx).await), entries[1]);
+    assert_eq!(handle.written_in_place(), 2);
+    drop((one, handle));
+    task.await.unwrap().unwrap();
+}

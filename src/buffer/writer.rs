@@ -43,8 +43,10 @@
 //! Chunks whose time is up, and those set aside full or failed, are sealed after the round's
 //! acks, a batch at a time with their syncs together, for at most [`SEAL_BUDGET`] per round
 //! (at least one batch): when thousands fall due at once, the rest wait for the next rounds,
-//! which come at once, so that appends keep being served in between. The chunks sealed in one
-//! round share one directory fsync, after which they go to the uploader.
+//! which come at once, so that appends keep being served in between. The chunks of a batch
+//! share one directory fsync, after which they go to the uploader. The writer thread runs a
+//! batch's I/O ([`SealBatch::run`]) without the lock, so that requests are written in place
+//! meanwhile (see the buffer module).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
@@ -290,6 +292,11 @@ impl Writer {
     /// Most chunk files this writer holds open.
     pub(super) fn max_open_files(&self) -> usize {
         self.max_open_files
+    }
+
+    /// The time one tick may spend sealing (at least one batch is sealed).
+    pub(super) fn seal_budget(&self) -> Duration {
+        self.seal_budget
     }
 
     /// Sets the time one round may spend sealing.
@@ -797,22 +804,59 @@ impl Writer {
     }
 
     /// Seals chunks set aside and chunks whose time is up, within the seal budget, retries
-    /// failed seals, and syncs on the interval.
+    /// failed seals, and syncs on the interval, with the lock held throughout: what the
+    /// writer thread's tick does (`seal_due` in the buffer module, which lets go of the lock
+    /// for each batch's I/O).
+    #[cfg(test)]
     pub(super) fn tick(&mut self, now: Instant) {
+        let mut due = self.due_seals(now);
+        let started = std::time::Instant::now();
+        loop {
+            let mut batch = self.next_seals(&mut due);
+            if batch.is_empty() {
+                break;
+            }
+            batch.run();
+            self.sealed(batch);
+            if started.elapsed() >= self.seal_budget {
+                break;
+            }
+        }
+        self.end_tick(due);
+    }
+
+    /// Starts a tick ([`Writer::tick`], or the writer thread's, which seals without the lock):
+    /// chunks that failed are set aside, and the chunks due are taken a batch at a time
+    /// ([`Writer::next_seals`]): those set aside first, then those whose time is up at `now`,
+    /// then one more try for those whose seal failed before.
+    pub(super) fn due_seals(&mut self, now: Instant) -> DueSeals {
         self.set_aside_failing();
-        let mut retries = std::mem::take(&mut self.unsealed).into_iter();
-        self.seal_some(Some(self.seal_budget), |w| {
+        DueSeals {
+            now,
+            retries: std::mem::take(&mut self.unsealed).into_iter(),
+        }
+    }
+
+    /// The next batch of a tick's seals; empty once nothing more is due.
+    pub(super) fn next_seals(&mut self, due: &mut DueSeals) -> SealBatch {
+        let now = due.now;
+        self.take_seal_batch(|w| {
             w.to_seal
                 .pop_front()
                 .or_else(|| w.next_due(now))
-                .or_else(|| retries.next().map(|c| (c, "retry")))
-        });
-        self.unsealed.extend(retries);
+                .or_else(|| due.retries.next().map(|c| (c, "retry")))
+        })
+    }
+
+    /// Ends a tick: the seals it did not get to wait for the next; under `sync interval`,
+    /// what is due for an fsync gets it.
+    pub(super) fn end_tick(&mut self, due: DueSeals) {
+        self.unsealed.extend(due.retries);
         if self.dirty
             && self.config.sync == SyncPolicy::Interval
-            && now >= self.last_sync + self.config.sync_interval
+            && due.now >= self.last_sync + self.config.sync_interval
         {
-            self.sync_all(now);
+            self.sync_all(due.now);
         }
         self.count_files();
     }
@@ -858,7 +902,7 @@ impl Writer {
     /// space), whatever the time it takes.
     pub(super) fn seal_all(&mut self, reason: &'static str) {
         let mut keys = self.open.keys().cloned().collect::<Vec<_>>().into_iter();
-        self.seal_some(None, |w| {
+        self.seal_some(|w| {
             if let Some(c) = w.to_seal.pop_front() {
                 return Some(c);
             }
@@ -929,7 +973,7 @@ impl Writer {
 
     fn retry_unsealed(&mut self) {
         let mut retries = std::mem::take(&mut self.unsealed).into_iter();
-        self.seal_some(None, |_| retries.next().map(|c| (c, "retry")));
+        self.seal_some(|_| retries.next().map(|c| (c, "retry")));
     }
 
     /// A new open chunk for `key`. Its data file is created by its first write.
@@ -995,76 +1039,87 @@ impl Writer {
     }
 
     /// Seals the chunks `next` gives (taken out of `open` or set aside) until it gives no
-    /// more or, with a `budget`, that much time has passed (at least one chunk is sealed).
-    /// Sealing makes a chunk immutable: its data synced, the sealed state written, and once
-    /// the directory is fsynced (once for all of them) the chunk goes to the uploader. An
-    /// empty chunk is just removed. A chunk whose seal fails is retried in later rounds.
-    fn seal_some(
-        &mut self,
-        budget: Option<Duration>,
-        mut next: impl FnMut(&mut Self) -> Option<(OpenChunk, &'static str)>,
-    ) {
-        let started = std::time::Instant::now();
-        let mut staged: Vec<(OpenChunk, &'static str, ChunkStats)> = Vec::new();
-        let mut tried = false;
-        while !(tried && budget.is_some_and(|b| started.elapsed() >= b)) {
-            // A batch at a time, its syncs together.
-            let mut batch = Vec::with_capacity(SYNC_THREADS);
-            while batch.len() < SYNC_THREADS {
-                let Some((chunk, reason)) = next(self) else {
-                    break;
-                };
-                if chunk.stats.records == 0 {
-                    if let Err(e) = chunk.paths.remove() {
-                        warn!(chunk_id = %chunk.header.chunk_id, cause = %e, "cannot remove an empty chunk");
-                    }
-                    self.registry.remove(&chunk.header.chunk_id);
-                    continue;
-                }
-                let stats = ChunkStats {
-                    data_len: chunk.writer.valid_len(),
-                    ..chunk.stats
-                };
-                batch.push((chunk, reason, stats, Ok(())));
-            }
+    /// more, a batch at a time.
+    fn seal_some(&mut self, mut next: impl FnMut(&mut Self) -> Option<(OpenChunk, &'static str)>) {
+        loop {
+            let mut batch = self.take_seal_batch(&mut next);
             if batch.is_empty() {
                 break;
             }
-            tried = true;
-            let synced_at = std::time::Instant::now();
-            in_parallel(&mut batch, |(chunk, _, stats, result)| {
-                let state = ChunkState::Sealed {
-                    header: chunk.header.clone(),
-                    stats: *stats,
-                };
-                *result = chunk
-                    .writer
-                    .finish()
-                    .and_then(|()| chunk::put_state(&chunk.paths.state, &state));
-                // Synced (or failed): nothing is lost by closing it; a retry reopens it.
-                let _ = chunk.writer.close();
+            batch.run();
+            self.sealed(batch);
+        }
+    }
+
+    /// Takes up to [`SYNC_THREADS`] chunks to seal from `next`. An empty chunk is just
+    /// removed.
+    fn take_seal_batch(
+        &mut self,
+        mut next: impl FnMut(&mut Self) -> Option<(OpenChunk, &'static str)>,
+    ) -> SealBatch {
+        let mut chunks = Vec::with_capacity(SYNC_THREADS);
+        while chunks.len() < SYNC_THREADS {
+            let Some((chunk, reason)) = next(self) else {
+                break;
+            };
+            if chunk.stats.records == 0 {
+                if let Err(e) = chunk.paths.remove() {
+                    warn!(chunk_id = %chunk.header.chunk_id, cause = %e, "cannot remove an empty chunk");
+                }
+                self.registry.remove(&chunk.header.chunk_id);
+                continue;
+            }
+            let stats = ChunkStats {
+                data_len: chunk.writer.valid_len(),
+                ..chunk.stats
+            };
+            chunks.push(Sealing {
+                chunk,
+                reason,
+                stats,
+                result: Ok(()),
             });
-            crate::metrics::metrics().synced("seal", synced_at.elapsed());
-            for (chunk, reason, stats, result) in batch {
-                match result {
-                    Ok(()) => staged.push((chunk, reason, stats)),
-                    Err(e) => {
-                        error!(chunk_id = %chunk.header.chunk_id, cause = %e, "cannot seal a chunk; will retry");
-                        self.unsealed.push(chunk);
-                    }
+        }
+        SealBatch {
+            chunks,
+            chunks_dir: self.chunks_dir.clone(),
+            dir_synced: Ok(()),
+        }
+    }
+
+    /// After a batch's I/O ([`SealBatch::run`]): its chunks go to the uploader, sealed; those
+    /// whose seal failed are retried in later rounds.
+    pub(super) fn sealed(&mut self, batch: SealBatch) {
+        let SealBatch {
+            chunks, dir_synced, ..
+        } = batch;
+        let mut staged = Vec::with_capacity(chunks.len());
+        for Sealing {
+            chunk,
+            reason,
+            stats,
+            result,
+        } in chunks
+        {
+            match result {
+                Ok(()) => staged.push((chunk, reason, stats)),
+                Err(e) => {
+                    error!(chunk_id = %chunk.header.chunk_id, cause = %e, "cannot seal a chunk; will retry");
+                    self.unsealed.push(chunk);
                 }
             }
         }
         if staged.is_empty() {
             return;
         }
-        if let Err(e) = chunk::sync_dir(&self.chunks_dir) {
+        if let Err(e) = dir_synced {
             error!(chunks = staged.len(), cause = %e, "cannot seal chunks (directory fsync); will retry");
             self.unsealed
                 .extend(staged.into_iter().map(|(chunk, _, _)| chunk));
             return;
         }
-        self.dir_unsynced = false;
+        // `dir_unsynced` stays as it is: a chunk file created in place while this batch's
+        // I/O ran without the lock may not be covered by its directory fsync.
         for (chunk, reason, stats) in staged {
             let OpenChunk { header, paths, .. } = chunk;
             info!(chunk_id = %header.chunk_id, tag = %header.tag, timekey = header.timekey,
@@ -1080,6 +1135,59 @@ impl Writer {
             if self.sealed_tx.send(sealed).is_err() {
                 debug!(%chunk_id, "the uploader is gone; the chunk stays for the next start");
             }
+        }
+    }
+}
+
+/// The seals of one tick, taken a batch at a time ([`Writer::next_seals`]).
+pub(super) struct DueSeals {
+    now: Instant,
+    /// Chunks whose seal failed before: each is tried once per tick.
+    retries: std::vec::IntoIter<OpenChunk>,
+}
+
+/// A chunk being sealed, out of the writer's sets.
+struct Sealing {
+    chunk: OpenChunk,
+    reason: &'static str,
+    stats: ChunkStats,
+    result: io::Result<()>,
+}
+
+/// Chunks taken out to be sealed together. Their I/O ([`SealBatch::run`]) touches only their
+/// own files and the directory, so it needs no lock: the writer thread runs it while
+/// connections write in place.
+pub(super) struct SealBatch {
+    chunks: Vec<Sealing>,
+    chunks_dir: PathBuf,
+    dir_synced: io::Result<()>,
+}
+
+impl SealBatch {
+    pub(super) fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Seals the batch on disk: each chunk's data synced and its sealed state written, their
+    /// syncs together; then the directory fsynced, once for all of them.
+    pub(super) fn run(&mut self) {
+        let synced_at = std::time::Instant::now();
+        in_parallel(&mut self.chunks, |sealing| {
+            let state = ChunkState::Sealed {
+                header: sealing.chunk.header.clone(),
+                stats: sealing.stats,
+            };
+            sealing.result = sealing
+                .chunk
+                .writer
+                .finish()
+                .and_then(|()| chunk::put_state(&sealing.chunk.paths.state, &state));
+            // Synced (or failed): nothing is lost by closing it; a retry reopens it.
+            let _ = sealing.chunk.writer.close();
+        });
+        crate::metrics::metrics().synced("seal", synced_at.elapsed());
+        if self.chunks.iter().any(|s| s.result.is_ok()) {
+            self.dir_synced = chunk::sync_dir(&self.chunks_dir);
         }
     }
 }
