@@ -469,7 +469,8 @@ struct Shared {
     /// Held by the writer thread while it seals without `desk` ([`WriterThread::Sealing`]);
     /// taken after `desk`, never before, so that [`StopOnDrop`] can wait for the seal.
     sealing: Mutex<()>,
-    /// Tests hold this (writing) to keep the writer thread in the middle of a seal.
+    /// Tests hold this (writing) to keep the writer thread in the middle of a seal, or poison
+    /// it to make the seal panic.
     #[cfg(test)]
     seal_pause: std::sync::RwLock<()>,
     registry: Arc<Registry>,
@@ -868,7 +869,10 @@ fn seal_due<'a>(
             .map_err(|_| anyhow::anyhow!("a seal panicked"))?;
         drop(desk);
         #[cfg(test)]
-        let paused = shared.seal_pause.read();
+        let paused = shared
+            .seal_pause
+            .read()
+            .expect("a test poisoned the seal pause");
         batch.run();
         #[cfg(test)]
         drop(paused);

@@ -1176,3 +1176,40 @@ async fn a_request_is_written_in_place_while_the_writer_thread_seals() {
     drop((one, handle));
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_seal_that_panics_stops_writes_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.flush_interval = Duration::from_millis(200);
+    let (_, handle, _sealed_rx, task) = start(cfg);
+    let one = handle.appender();
+    let entries: Vec<Bytes> = (0..2).map(|i| entry_at(120 + i, 10)).collect();
+    // The next seal's I/O panics.
+    let shared = handle.shared.clone();
+    let poisoner = std::thread::spawn(move || {
+        let _paused = shared.seal_pause.write().unwrap();
+        panic!("poisoning the seal pause");
+    });
+    assert!(poisoner.join().is_err());
+
+    writer_idle(&handle).await;
+    assert!(append_through(&one, false, &entries[..1]).await);
+    // Its chunk falls due and the seal panics without the lock: the writer thread is gone,
+    // and `run` says so...
+    let ended = tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the writer thread ends");
+    assert!(ended.unwrap().is_err(), "run says the writer failed");
+    // ...and once it has, nothing is written in place any more, where nothing would seal it.
+    let durable = one
+        .append_with_token(
+            "app".into(),
+            vec![group_of(120, &entries[1..])],
+            None,
+            false,
+        )
+        .await;
+    assert!(matches!(durable.await, Err(BufferError::Closed)));
+    assert_eq!(handle.written_in_place(), 1);
+}
