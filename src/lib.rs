@@ -184,7 +184,7 @@ impl Sidecar {
         }
         let handle = buffer.handle.clone();
         let max_open_chunk_files = buffer.max_open_files();
-        let writer = tokio::spawn(buffer.run());
+        let mut writer = tokio::spawn(buffer.run());
         let listen = listener
             .local_addr()
             .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
@@ -207,10 +207,26 @@ impl Sidecar {
         info!(%listen, metrics_listen, buffer_dir = %config.buffer.dir.display(), max_open_chunk_files,
               worker_threads, "claimcheck is serving");
 
-        shutdown.await;
+        // The writer ends before shutdown only if it failed (a panic in a round): nothing would
+        // be written or sealed any more, so the sidecar stops, with an error, for whatever
+        // supervises it to start it again (recovery picks up where the buffer stands).
+        let writer_ended = tokio::select! {
+            () = shutdown => None,
+            ended = &mut writer => Some(ended),
+        };
+        if writer_ended.is_some() {
+            error!("the buffer writer stopped; shutting down");
+        }
         info!("shutting down: no new connections; finishing requests in flight");
         token.cancel();
         server.await?;
+        if let Some(ended) = writer_ended {
+            return Err(match ended {
+                Ok(Ok(_lock)) => anyhow::anyhow!("the buffer writer stopped before shutdown"),
+                Ok(Err(e)) => e.context("the buffer writer failed"),
+                Err(e) => anyhow::Error::new(e).context("the buffer writer failed"),
+            });
+        }
         // Every connection is gone, so every buffer handle is gone: the writer seals and stops.
         // Its lock on the directory is held until delivery has stopped as well.
         let _lock = writer.await??;
@@ -244,4 +260,52 @@ fn write_address_file(path: &Path, forward: &str, metrics: Option<&str>) -> std:
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{json}\n"))?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_sidecar_stops_with_an_error_when_its_buffer_writer_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let config =
+            testing::config(&dir.path().join("buffer"), &["--flush-interval", "200ms"]).unwrap();
+        let sidecar = Sidecar::open(config).unwrap();
+        sidecar.buffer.handle.panic_at_next_seal();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let store = Arc::new(testing::MemoryStore::new("in-memory"));
+        let sink = Arc::new(testing::MemorySink::new());
+        let task = tokio::spawn(sidecar.run_with(listener, std::future::pending(), store, sink));
+
+        // An event, acked once stored; its chunk falls due 200 ms later and the seal panics.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let message = rmpv::Value::Array(vec![
+            "app".into(),
+            now.into(),
+            rmpv::Value::Map(vec![("message".into(), "hello".into())]),
+            rmpv::Value::Map(vec![("chunk".into(), "token-1".into())]),
+        ]);
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &message).unwrap();
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(&bytes).await.unwrap();
+        let mut ack = [0u8; 64];
+        assert!(conn.read(&mut ack).await.unwrap() > 0, "acked");
+
+        let ended = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the sidecar stops by itself")
+            .unwrap();
+        let error = ended.expect_err("with an error");
+        assert!(format!("{error:#}").contains("buffer writer"), "{error:#}");
+    }
 }

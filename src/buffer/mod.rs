@@ -919,4 +919,18 @@ pub fn chunks_dir(buffer_dir: &Path) -> PathBuf {
 }
 
 #[cfg(test)]
+impl BufferHandle {
+    /// Makes the writer thread's next seal panic, for tests of what follows: poisons the
+    /// lock its I/O takes in tests.
+    pub(crate) fn panic_at_next_seal(&self) {
+        let shared = self.shared.clone();
+        let poisoner = std::thread::spawn(move || {
+            let _paused = shared.seal_pause.write();
+            panic!("poisoning the seal pause");
+        });
+        assert!(poisoner.join().is_err());
+    }
+}
+
+#[cfg(test)]
 mod tests;

@@ -1185,13 +1185,7 @@ async fn a_seal_that_panics_stops_writes_in_place() {
     let (_, handle, _sealed_rx, task) = start(cfg);
     let one = handle.appender();
     let entries: Vec<Bytes> = (0..2).map(|i| entry_at(120 + i, 10)).collect();
-    // The next seal's I/O panics.
-    let shared = handle.shared.clone();
-    let poisoner = std::thread::spawn(move || {
-        let _paused = shared.seal_pause.write().unwrap();
-        panic!("poisoning the seal pause");
-    });
-    assert!(poisoner.join().is_err());
+    handle.panic_at_next_seal();
 
     writer_idle(&handle).await;
     assert!(append_through(&one, false, &entries[..1]).await);
