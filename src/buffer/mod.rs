@@ -847,9 +847,10 @@ async fn write_rounds(
 }
 
 /// The writer thread's tick: seals what is due, a batch at a time for at most
-/// [`writer::SEAL_BUDGET`] (at least one batch), each batch's I/O (fsyncs, state files) without the lock, so that
-/// a connection's request is not held up behind a seal: it is written in place meanwhile.
-/// Returns the lock again, or `None` if [`Buffer::run`] stopped during a seal.
+/// [`writer::SEAL_BUDGET`] (at least one batch), each batch's I/O (fsyncs, state files)
+/// without the lock, so that a connection's request is not held up behind a seal: it is
+/// written in place meanwhile. Returns the lock again, or `None` if [`Buffer::run`] stopped
+/// during a seal.
 fn seal_due<'a>(
     shared: &'a Shared,
     mut desk: std::sync::MutexGuard<'a, Desk>,
