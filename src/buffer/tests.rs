@@ -978,6 +978,14 @@ async fn writer_idle(handle: &BufferHandle) {
     .expect("the writer thread waits for requests");
 }
 
+/// Appends `entries` (of the timekey at 120 s) through `appender`, the sender having nothing
+/// more on its way; returns the future of its answer.
+async fn append_of(appender: &Appender, entries: &[Bytes]) -> Durable {
+    appender
+        .append_with_token("app".into(), vec![group_of(120, entries)], None, false)
+        .await
+}
+
 /// Appends `entries` (of the timekey at 120 s) through `appender` and says whether they were
 /// written in place: the future comes back resolved, and the buffer counts one more.
 async fn append_through(appender: &Appender, more_coming: bool, entries: &[Bytes]) -> bool {
@@ -1074,14 +1082,7 @@ async fn nothing_is_written_in_place_once_the_writer_is_stopped() {
     // As a crash would: `run` dropped, its directory lock let go at once.
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
-    let durable = one
-        .append_with_token(
-            "app".into(),
-            vec![group_of(120, &[entry_at(121, 10)])],
-            None,
-            false,
-        )
-        .await;
+    let durable = append_of(&one, &[entry_at(121, 10)]).await;
     assert!(matches!(durable.await, Err(BufferError::Closed)));
     assert_eq!(handle.written_in_place(), 1);
 
@@ -1111,14 +1112,7 @@ async fn the_writer_thread_writes_nothing_once_stopped() {
         desk.stopped = true;
     });
     locked_rx.recv().unwrap();
-    let durable = one
-        .append_with_token(
-            "app".into(),
-            vec![group_of(120, &[entry_at(121, 10)])],
-            None,
-            false,
-        )
-        .await;
+    let durable = append_of(&one, &[entry_at(121, 10)]).await;
     go_tx.send(()).unwrap();
     holder.join().unwrap();
     assert!(matches!(durable.await, Err(BufferError::Closed)));
@@ -1196,14 +1190,7 @@ async fn a_seal_that_panics_stops_writes_in_place() {
         .expect("the writer thread ends");
     assert!(ended.unwrap().is_err(), "run says the writer failed");
     // ...and once it has, nothing is written in place any more, where nothing would seal it.
-    let durable = one
-        .append_with_token(
-            "app".into(),
-            vec![group_of(120, &entries[1..])],
-            None,
-            false,
-        )
-        .await;
+    let durable = append_of(&one, &entries[1..]).await;
     assert!(matches!(durable.await, Err(BufferError::Closed)));
     assert_eq!(handle.written_in_place(), 1);
 }

@@ -810,18 +810,7 @@ impl Writer {
     #[cfg(test)]
     pub(super) fn tick(&mut self, now: Instant) {
         let mut due = self.due_seals(now);
-        let started = std::time::Instant::now();
-        loop {
-            let mut batch = self.next_seals(&mut due);
-            if batch.is_empty() {
-                break;
-            }
-            batch.run();
-            self.sealed(batch);
-            if started.elapsed() >= self.seal_budget {
-                break;
-            }
-        }
+        self.seal_some(Some(self.seal_budget), |w| w.next_due_seal(&mut due));
         self.end_tick(due);
     }
 
@@ -839,13 +828,14 @@ impl Writer {
 
     /// The next batch of a tick's seals; empty once nothing more is due.
     pub(super) fn next_seals(&mut self, due: &mut DueSeals) -> SealBatch {
-        let now = due.now;
-        self.take_seal_batch(|w| {
-            w.to_seal
-                .pop_front()
-                .or_else(|| w.next_due(now))
-                .or_else(|| due.retries.next().map(|c| (c, "retry")))
-        })
+        self.take_seal_batch(|w| w.next_due_seal(due))
+    }
+
+    fn next_due_seal(&mut self, due: &mut DueSeals) -> Option<(OpenChunk, &'static str)> {
+        self.to_seal
+            .pop_front()
+            .or_else(|| self.next_due(due.now))
+            .or_else(|| due.retries.next().map(|c| (c, "retry")))
     }
 
     /// Ends a tick: the seals it did not get to wait for the next; under `sync interval`,
@@ -902,7 +892,7 @@ impl Writer {
     /// space), whatever the time it takes.
     pub(super) fn seal_all(&mut self, reason: &'static str) {
         let mut keys = self.open.keys().cloned().collect::<Vec<_>>().into_iter();
-        self.seal_some(|w| {
+        self.seal_some(None, |w| {
             if let Some(c) = w.to_seal.pop_front() {
                 return Some(c);
             }
@@ -973,7 +963,7 @@ impl Writer {
 
     fn retry_unsealed(&mut self) {
         let mut retries = std::mem::take(&mut self.unsealed).into_iter();
-        self.seal_some(|_| retries.next().map(|c| (c, "retry")));
+        self.seal_some(None, |_| retries.next().map(|c| (c, "retry")));
     }
 
     /// A new open chunk for `key`. Its data file is created by its first write.
@@ -1039,8 +1029,14 @@ impl Writer {
     }
 
     /// Seals the chunks `next` gives (taken out of `open` or set aside) until it gives no
-    /// more, a batch at a time.
-    fn seal_some(&mut self, mut next: impl FnMut(&mut Self) -> Option<(OpenChunk, &'static str)>) {
+    /// more or, with a `budget`, that much time has passed (at least one batch is sealed), a
+    /// batch at a time.
+    fn seal_some(
+        &mut self,
+        budget: Option<Duration>,
+        mut next: impl FnMut(&mut Self) -> Option<(OpenChunk, &'static str)>,
+    ) {
+        let started = std::time::Instant::now();
         loop {
             let mut batch = self.take_seal_batch(&mut next);
             if batch.is_empty() {
@@ -1048,6 +1044,9 @@ impl Writer {
             }
             batch.run();
             self.sealed(batch);
+            if budget.is_some_and(|b| started.elapsed() >= b) {
+                break;
+            }
         }
     }
 
