@@ -1,6 +1,6 @@
 # Helpers shared by the scripts in this folder; sourced (`. scripts/lib.sh`), not run.
 # Ports on 127.0.0.1, waiting for a listener, /metrics, a process's CPU time and peak RSS,
-# and the --fluentd argument of the benchmark scripts.
+# and the --fluent-bit and --fluentd arguments of the benchmark scripts.
 
 # N free TCP ports on 127.0.0.1, on one line (bound together, so they differ).
 free_ports() {
@@ -48,5 +48,12 @@ fluentd_command() {
   read -r -a fluentd_cmd <<<"$1"
   if ! "${fluentd_cmd[@]}" --version >/dev/null 2>&1; then
     echo "$(basename "$0"): --fluentd '$1' does not run ('$1 --version' failed)" >&2; exit 2
+  fi
+}
+
+# Exits (status 2) unless the --fluent-bit argument is empty or an executable.
+fluent_bit_binary() {
+  if [ -n "$1" ] && ! [ -x "$1" ]; then
+    echo "$(basename "$0"): --fluent-bit $1 is not an executable" >&2; exit 2
   fi
 }
