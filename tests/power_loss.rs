@@ -14,7 +14,7 @@ mod powerfs;
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::load::{times_delivered, Load};
@@ -66,10 +66,16 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
     };
     let load = Load::start_resending(0, connections, 20, 3);
     // Events that must survive the cuts: under `always` every acked one, under `interval` those
-    // acked before a completed interval sync.
-    let mut promised: HashSet<u64> = HashSet::new();
+    // acked before a completed interval sync; each with the number of the first cut it faced
+    // (`cycles` for none), for the failure message.
+    let mut promised: HashMap<u64, usize> = HashMap::new();
+    let mut promise = |ids: &mut dyn Iterator<Item = u64>, cut: usize| {
+        for id in ids {
+            promised.entry(id).or_insert(cut);
+        }
+    };
     let mut at_last_cut: HashSet<u64> = HashSet::new();
-    for _ in 0..cycles {
+    for cut in 0..cycles {
         let mut sidecar = start();
         load.follow(sidecar.port);
         let acked_before = load.acked_count();
@@ -93,13 +99,14 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
             .await;
             tokio::time::sleep(Duration::from_millis(rand::random_range(0..300))).await;
             // Less what was acked before the previous cut: its last interval was at stake then.
-            promised.extend(snapshot.difference(&at_last_cut));
+            promise(&mut snapshot.difference(&at_last_cut).copied(), cut);
         }
         sidecar.kill9();
-        at_last_cut = load.acked_ids();
+        // Every ack the sidecar sent before it died, some of them read after the kill.
+        at_last_cut = load.acked_when_disconnected().await;
         if sync == "always" {
             // Every ack came before the kill: every one is promised.
-            promised.extend(at_last_cut.iter().copied());
+            promise(&mut at_last_cut.iter().copied(), cut);
         }
         PowerFs::unmount(session.take().unwrap(), &mnt).expect("unmount the file system");
         fs.cut_power();
@@ -116,7 +123,7 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
     last.await_rounds_for(connections).await;
     let load = load.stop().await;
     // What was acked after the last cut faced no cut.
-    promised.extend(load.acked.difference(&at_last_cut).copied());
+    promise(&mut load.acked.difference(&at_last_cut).copied(), cycles);
     // Everything left is delivered: the buffer empties.
     let deadline = Instant::now() + Duration::from_secs(120);
     while !chunk_files(&buffer).is_empty() {
@@ -125,14 +132,17 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
     }
     let chunks = env.read_events(promised.len()).await;
     let seen = times_delivered(chunks.iter().flat_map(|c| &c.events));
-    let lost: Vec<_> = promised
+    let mut lost: Vec<(u64, usize)> = promised
         .iter()
-        .filter(|id| !seen.contains_key(id))
-        .take(5)
+        .filter(|(id, _)| !seen.contains_key(id))
+        .map(|(id, cut)| (*id, *cut))
         .collect();
+    lost.sort_unstable();
     assert!(
         lost.is_empty(),
-        "acknowledged events lost by a power cut, e.g. {lost:?}"
+        "{} acknowledged events lost by a power cut, e.g. (id, first cut they faced of {cycles}): {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
     );
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(twice.is_empty(), "events delivered twice: {twice:?}");

@@ -8,7 +8,7 @@
 //! an unacknowledged request is never resent.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +36,8 @@ pub struct Load {
     acked: Arc<Mutex<HashSet<u64>>>,
     sent: Arc<AtomicU64>,
     lost: Arc<AtomicU64>,
+    /// Connections open now ([`Load::acked_when_disconnected`]).
+    open: Arc<AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -68,14 +70,16 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(HashSet::new()));
         let (sent, lost) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let open = Arc::new(AtomicUsize::new(0));
         let tasks = (0..connections as u64)
             .map(|conn| {
-                let (port, stop, acked, sent, lost) = (
+                let (port, stop, acked, sent, lost, open) = (
                     port.clone(),
                     stop.clone(),
                     acked.clone(),
                     sent.clone(),
                     lost.clone(),
+                    open.clone(),
                 );
                 tokio::spawn(async move {
                     let mut seq = 0u64;
@@ -88,6 +92,7 @@ impl Load {
                             continue;
                         };
                         let _ = stream.set_nodelay(true);
+                        open.fetch_add(1, Ordering::SeqCst);
                         while !stop.load(Ordering::Relaxed) {
                             let (ids, token, req) = match unacked.take() {
                                 Some(resent) => resent,
@@ -114,6 +119,8 @@ impl Load {
                                 }
                             }
                         }
+                        // Every ack read on this connection is counted by now.
+                        open.fetch_sub(1, Ordering::SeqCst);
                     }
                 })
             })
@@ -124,14 +131,31 @@ impl Load {
             acked,
             sent,
             lost,
+            open,
             tasks,
         }
     }
 
-    /// Events acknowledged so far.
     /// Sends to `port` from the next connection on (a restarted sidecar's).
     pub fn follow(&self, port: u16) {
         self.port.store(port, Ordering::Relaxed);
+    }
+
+    /// Ids of the events acknowledged once no connection is open (within 30 s), for a caller
+    /// that has just killed the sidecar: an ack it wrote before dying may still be unread
+    /// in a sender's socket, and [`Load::acked_ids`] at that moment would miss it. A sender
+    /// counts each ack it reads before its connection ends, and connects to a dead sidecar in
+    /// vain until [`Load::follow`] gives it another.
+    pub async fn acked_when_disconnected(&self) -> HashSet<u64> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.open.load(Ordering::SeqCst) > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the load's connections to a killed sidecar did not end"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.acked_ids()
     }
 
     /// Ids of the events acknowledged so far.
