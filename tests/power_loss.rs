@@ -7,7 +7,8 @@
 //! Pass, with `--sync always`: every acknowledged event is delivered, and none twice. With
 //! `--sync interval`: what was acknowledged before an interval sync that completed before a
 //! cut is delivered, and none twice. Recovery never fails on what a cut leaves (torn tails, missing state files,
-//! renames that did not survive).
+//! renames that did not survive). Each policy runs with one connection (requests written in
+//! place) and with two (written by the writer thread).
 
 #[path = "support/powerfs.rs"]
 mod powerfs;
@@ -177,4 +178,9 @@ async fn sync_always_loses_nothing_acknowledged_to_a_power_cut_written_in_place(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_interval_loses_at_most_the_last_interval_to_a_power_cut() {
     power_cuts("interval", 2, 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_interval_loses_at_most_the_last_interval_to_a_power_cut_written_in_place() {
+    power_cuts("interval", 1, 6).await;
 }
