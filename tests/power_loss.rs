@@ -141,8 +141,10 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
     lost.sort_unstable();
     assert!(
         lost.is_empty(),
-        "{} acknowledged events lost by a power cut, e.g. (id, first cut they faced of {cycles}): {:?}",
+        "{} acknowledged events lost by a power cut, e.g. (id, the first cut it faced: 0 to {}, \
+         or {cycles} for none): {:?}",
         lost.len(),
+        cycles - 1,
         &lost[..lost.len().min(5)]
     );
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
