@@ -68,13 +68,9 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
     let load = Load::start_resending(0, connections, 20, 3);
     // Events that must survive the cuts: under `always` every acked one, under `interval` those
     // acked before a completed interval sync; each with the number of the first cut it faced
-    // (`cycles` for none), for the failure message.
+    // (`cycles` for none), for the failure message. Each cut promises only what was acked
+    // since the one before, so no event is promised twice.
     let mut promised: HashMap<u64, usize> = HashMap::new();
-    let mut promise = |ids: &mut dyn Iterator<Item = u64>, cut: usize| {
-        for id in ids {
-            promised.entry(id).or_insert(cut);
-        }
-    };
     let mut at_last_cut: HashSet<u64> = HashSet::new();
     for cut in 0..cycles {
         let mut sidecar = start();
@@ -100,15 +96,16 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
             .await;
             tokio::time::sleep(Duration::from_millis(rand::random_range(0..300))).await;
             // Less what was acked before the previous cut: its last interval was at stake then.
-            promise(&mut snapshot.difference(&at_last_cut).copied(), cut);
+            promised.extend(snapshot.difference(&at_last_cut).map(|id| (*id, cut)));
         }
         sidecar.kill9();
         // Every ack the sidecar sent before it died, some of them read after the kill.
-        at_last_cut = load.acked_when_disconnected().await;
+        let acked_at_cut = load.acked_when_disconnected().await;
         if sync == "always" {
             // Every ack came before the kill: every one is promised.
-            promise(&mut at_last_cut.iter().copied(), cut);
+            promised.extend(acked_at_cut.difference(&at_last_cut).map(|id| (*id, cut)));
         }
+        at_last_cut = acked_at_cut;
         PowerFs::unmount(session.take().unwrap(), &mnt).expect("unmount the file system");
         fs.cut_power();
         session = Some(mount(&fs));
@@ -124,7 +121,7 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
     last.await_rounds_for(connections).await;
     let load = load.stop().await;
     // What was acked after the last cut faced no cut.
-    promise(&mut load.acked.difference(&at_last_cut).copied(), cycles);
+    promised.extend(load.acked.difference(&at_last_cut).map(|id| (*id, cycles)));
     // Everything left is delivered: the buffer empties.
     let deadline = Instant::now() + Duration::from_secs(120);
     while !chunk_files(&buffer).is_empty() {
