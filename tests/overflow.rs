@@ -38,18 +38,38 @@ async fn acked_at_least(load: &Load, n: usize, what: &str) {
     }
 }
 
-/// Once the buffer said it is full: acks stop (the requests in flight when it filled may
-/// still complete, so the count is taken after a moment) and stay stopped. Returns the count.
-async fn acks_stall(load: &Load) -> usize {
-    tokio::time::sleep(Duration::from_millis(300)).await;
+/// Senders of the load: each has one request in flight at a time.
+const CONNECTIONS: usize = 2;
+
+/// Once the buffer said it is full: waits until it holds a request of each sender
+/// (`claimcheck_buffer_requests_waiting`), then checks that no ack comes for a second, and
+/// that the requests are still held. Returns the events acked by then.
+///
+/// A sender sends its next request only after it has read and counted the last ack, so with
+/// every sender's request held, no ack is on its way and the count is final until the buffer
+/// has room again.
+async fn acks_stall(admin: u16, load: &Load) -> usize {
+    let held =
+        |m: &HashMap<String, f64>| m["claimcheck_buffer_requests_waiting"] == CONNECTIONS as f64;
+    await_metrics_at(
+        admin,
+        "the buffer holds every sender's request",
+        held,
+        String::new,
+    )
+    .await;
     let stalled_at = load.acked_count();
+    assert!(stalled_at > 0);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         load.acked_count(),
         stalled_at,
         "no acks while the buffer is full"
     );
-    assert!(stalled_at > 0);
+    assert!(
+        held(&samples(&scrape(admin, "/metrics").await.1)),
+        "the requests are still held"
+    );
     stalled_at
 }
 
@@ -86,7 +106,7 @@ async fn a_full_disk_holds_acks_until_delivery_frees_space() {
         .arg("serve");
     let mut sidecar = Sidecar::spawn(cmd, 0, &buffer, &aws, &env.bucket, &env.stream, &args);
 
-    let load = Load::start(sidecar.port, 2, 20, 3);
+    let load = Load::start(sidecar.port, CONNECTIONS, 20, 3);
     sidecar
         .await_metrics("the disk is full", |m| m["claimcheck_ready"] == 0.0)
         .await;
@@ -94,7 +114,7 @@ async fn a_full_disk_holds_acks_until_delivery_frees_space() {
         scrape(sidecar.admin, "/readyz").await,
         (503, "not ready: the disk is full\n".to_string())
     );
-    let stalled_at = acks_stall(&load).await;
+    let stalled_at = acks_stall(sidecar.admin, &load).await;
 
     proxies.s3.set(Fault::None);
     acked_at_least(
@@ -130,7 +150,7 @@ async fn total_limit_size_blocks_senders_until_delivery_frees_space() {
     let sidecar = InProcess::start(&dir, &args).await;
     sidecar.sink.set_down(true);
 
-    let load = Load::start(sidecar.port(), 2, 20, 3);
+    let load = Load::start(sidecar.port(), CONNECTIONS, 20, 3);
     sidecar
         .await_metrics("the buffer is full", |m| m["claimcheck_ready"] == 0.0)
         .await;
@@ -144,7 +164,7 @@ async fn total_limit_size_blocks_senders_until_delivery_frees_space() {
     // Full because the chunks reached the limit (the round that crossed it was taken whole).
     let bytes = sidecar.metric("claimcheck_buffer_bytes").await;
     assert!(bytes >= (512 * 1024) as f64, "{bytes}");
-    let stalled_at = acks_stall(&load).await;
+    let stalled_at = acks_stall(sidecar.admin, &load).await;
 
     sidecar.sink.set_down(false);
     acked_at_least(

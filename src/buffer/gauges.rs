@@ -126,6 +126,13 @@ impl Collector for BufferCollector {
         )?;
         encode_gauge(
             &mut encoder,
+            "buffer_requests_waiting",
+            "Requests received and not yet written and synced: their acks wait (while the buffer is full, every request the senders have in flight)",
+            None,
+            self.buffer.requests_waiting() as f64,
+        )?;
+        encode_gauge(
+            &mut encoder,
             "ready",
             "1 while the sidecar can accept and buffer events",
             None,

@@ -157,7 +157,7 @@ use crate::time::sleep_until;
 use chunk::{ChunkHeader, ChunkPaths, ChunkStats};
 pub use recovery::{rescan, Recovered};
 use registry::Registry;
-use writer::{Append, Writer};
+use writer::{Answer, Append, Writer};
 
 /// Settings of the buffer (see `config.rs` for their documentation and defaults).
 #[derive(Debug, Clone)]
@@ -367,7 +367,7 @@ impl BufferHandle {
         groups: Vec<Group>,
         token: Option<(std::net::IpAddr, Bytes)>,
     ) -> Durable {
-        let (append, durable) = Append::new(tag, groups, token);
+        let (append, durable) = Append::new(tag, groups, token, &self.shared.registry);
         self.queue(append).await;
         durable
     }
@@ -417,7 +417,7 @@ impl Appender {
         token: Option<(std::net::IpAddr, Bytes)>,
         more_coming: bool,
     ) -> Durable {
-        let (append, durable) = Append::new(tag, groups, token);
+        let (append, durable) = Append::new(tag, groups, token, &self.handle.shared.registry);
         let others_appending = self.handle.shared.others_appending(self.id);
         let append = match more_coming || others_appending {
             true => append,
@@ -437,15 +437,17 @@ impl Append {
         tag: Arc<str>,
         groups: Vec<Group>,
         token: Option<(std::net::IpAddr, Bytes)>,
+        registry: &Arc<Registry>,
     ) -> (Append, Durable) {
-        let (done, rx) = oneshot::channel();
+        let (done, answer) = oneshot::channel();
+        let done = Answer::new(done, registry.request_waiting());
         let append = Append {
             tag,
             groups,
             token,
             done,
         };
-        (append, Durable(rx))
+        (append, Durable(answer))
     }
 }
 

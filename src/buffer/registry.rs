@@ -8,7 +8,7 @@
 //! [`Reporter`], which the uploader and the publisher share through it.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -74,12 +74,24 @@ pub struct Registry {
     disk_full: AtomicBool,
     /// The last write round failed for another reason (an I/O error).
     write_failing: AtomicBool,
+    /// Requests taken from senders and not yet durable ([`WaitingRequest`]).
+    waiting: AtomicUsize,
     outages: Reporters,
     /// The token journal, when the resend window is kept on disk: delivered chunks' tokens go
     /// there before their files are deleted.
     tokens: std::sync::OnceLock<Arc<Tokens>>,
     /// Delivered chunks' data files kept for new chunks to overwrite.
     spares: Arc<Spares>,
+}
+
+/// One request counted in [`Registry::requests_waiting`] while this lives.
+#[derive(Debug)]
+pub struct WaitingRequest(Arc<Registry>);
+
+impl Drop for WaitingRequest {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn now_ms() -> i64 {
@@ -290,6 +302,20 @@ impl Registry {
         } else {
             None
         }
+    }
+
+    /// Counts a request as waiting until the guard is dropped: from the moment a connection
+    /// hands it to the buffer until its answer (durable, or failed) has come back, or the
+    /// connection gave up on it.
+    pub fn request_waiting(self: &Arc<Self>) -> WaitingRequest {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        WaitingRequest(self.clone())
+    }
+
+    /// Requests taken from senders and not yet durable: their acks wait. All of the senders'
+    /// requests in flight while the buffer is full.
+    pub fn requests_waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Waits until some space is freed, or a chunk waits again after a failed attempt, or

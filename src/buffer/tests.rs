@@ -381,18 +381,23 @@ async fn a_full_buffer_holds_acks_until_delivery_frees_space() {
     // Full now: the open chunk is sealed so that delivery can free space...
     let sealed = recv(&mut sealed_rx).await;
     assert_eq!(sealed.stats.records, 3);
-    // ...and the next request waits, unacknowledged.
+    // ...and the next request waits, unacknowledged: it counts as waiting, and the writer
+    // does not take it while the buffer is full.
+    assert_eq!(registry.requests_waiting(), 0);
     let mut waiting = Box::pin(
         handle
             .append("full".into(), vec![group_of(60, &[entry_at(70, 1000)])])
             .await,
     );
+    assert_eq!(registry.requests_waiting(), 1);
+    assert!(!registry.accepting(), "the writer takes no requests");
     assert!(
         tokio::time::timeout(Duration::from_millis(300), &mut waiting)
             .await
             .is_err(),
         "no ack while the buffer is full"
     );
+    assert_eq!(registry.requests_waiting(), 1);
     assert!(registry.usage() >= 3 * one.len() as u64);
 
     deliver(&registry, &sealed);
@@ -400,6 +405,7 @@ async fn a_full_buffer_holds_acks_until_delivery_frees_space() {
         .await
         .expect("acked once there is room")
         .unwrap();
+    assert_eq!(registry.requests_waiting(), 0);
     drop(handle);
     task.await.unwrap().unwrap();
     assert_eq!(recv(&mut sealed_rx).await.stats.records, 1);
@@ -550,7 +556,8 @@ async fn seals_due_at_once_are_spread_over_rounds_and_appends_go_on() {
     let mut cfg = config(dir.path());
     cfg.max_open_files = Some(8);
     cfg.flush_interval = Duration::ZERO;
-    let mut writer = Writer::new(Arc::new(cfg), chunks, registry(), tx);
+    let reg = registry();
+    let mut writer = Writer::new(Arc::new(cfg), chunks, reg.clone(), tx);
     writer.set_seal_budget(Duration::ZERO);
     let append = |tag: &str, secs: i64| {
         let (done, rx) = tokio::sync::oneshot::channel();
@@ -560,7 +567,7 @@ async fn seals_due_at_once_are_spread_over_rounds_and_appends_go_on() {
                 tag: tag.into(),
                 groups,
                 token: None,
-                done,
+                done: Answer::new(done, reg.request_waiting()),
             },
             rx,
         )
@@ -569,10 +576,12 @@ async fn seals_due_at_once_are_spread_over_rounds_and_appends_go_on() {
     // With no flush interval, all forty are due as soon as they are written.
     let now = tokio::time::Instant::now;
     let (batch, mut acks): (Vec<_>, Vec<_>) = (0..40).map(|t| append(&format!("t{t}"), 60)).unzip();
+    assert_eq!(reg.requests_waiting(), 40);
     writer.round(batch, now());
     for ack in &mut acks {
         ack.try_recv().unwrap().unwrap();
     }
+    assert_eq!(reg.requests_waiting(), 0, "every request answered");
 
     // Each round seals what its budget allows (here, one batch), after answering the
     // requests of the round, and says that more is due at once.

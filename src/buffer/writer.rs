@@ -62,7 +62,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::chunk::{self, ChunkHeader, ChunkPaths, ChunkState, ChunkStats, ChunkWriter};
-use super::registry::{ChunkInfo, Phase, Registry};
+use super::registry::{ChunkInfo, Phase, Registry, WaitingRequest};
 use super::token_record::TokenRecord;
 use super::tokens::MAX_TOKEN_BYTES;
 use super::{BufferConfig, BufferError, Group, SealedChunk, SyncPolicy};
@@ -76,11 +76,32 @@ pub(super) struct Append {
     pub groups: Vec<Group>,
     /// The request's sender and ack token, recorded with its events (the resend window).
     pub token: Option<(IpAddr, Bytes)>,
-    pub done: oneshot::Sender<Result<(), BufferError>>,
+    pub done: Answer,
+}
+
+/// Where a request's answer goes. The request counts in the gauge
+/// `claimcheck_buffer_requests_waiting` until its answer is sent, or dropped unsent.
+pub(super) struct Answer {
+    tx: oneshot::Sender<Result<(), BufferError>>,
+    _waiting: WaitingRequest,
+}
+
+impl Answer {
+    pub fn new(tx: oneshot::Sender<Result<(), BufferError>>, waiting: WaitingRequest) -> Self {
+        Answer {
+            tx,
+            _waiting: waiting,
+        }
+    }
+
+    fn send(self, result: Result<(), BufferError>) {
+        // The connection may have gone: nobody to tell.
+        let _ = self.tx.send(result);
+    }
 }
 
 struct Waiter {
-    done: Option<oneshot::Sender<Result<(), BufferError>>>,
+    done: Option<Answer>,
     /// The token to record with the request's events, until its records are placed (then
     /// `None`: pieces written in later rounds, after a full disk held them, carry none).
     token: Option<(IpAddr, Bytes)>,
@@ -798,7 +819,7 @@ impl Writer {
                 Some(reason) => Err(BufferError::Write { reason }),
             };
             if let Some(done) = w.done.take() {
-                let _ = done.send(result);
+                done.send(result);
             }
         }
     }
