@@ -439,8 +439,7 @@ impl Append {
         token: Option<(std::net::IpAddr, Bytes)>,
         registry: &Arc<Registry>,
     ) -> (Append, Durable) {
-        let (done, answer) = oneshot::channel();
-        let done = Answer::new(done, registry.request_waiting());
+        let (done, answer) = Answer::channel(registry);
         let append = Append {
             tag,
             groups,

@@ -558,17 +558,9 @@ async fn seals_due_at_once_are_spread_over_rounds_and_appends_go_on() {
     let mut writer = Writer::new(Arc::new(cfg), chunks, reg.clone(), tx);
     writer.set_seal_budget(Duration::ZERO);
     let append = |tag: &str, secs: i64| {
-        let (done, rx) = tokio::sync::oneshot::channel();
         let groups = vec![group_of(60, &[entry_at(secs, 10)])];
-        (
-            Append {
-                tag: tag.into(),
-                groups,
-                token: None,
-                done: Answer::new(done, reg.request_waiting()),
-            },
-            rx,
-        )
+        let (append, durable) = Append::new(tag.into(), groups, None, &reg);
+        (append, durable.0)
     };
 
     // With no flush interval, all forty are due as soon as they are written.

@@ -87,11 +87,14 @@ pub(super) struct Answer {
 }
 
 impl Answer {
-    pub fn new(tx: oneshot::Sender<Result<(), BufferError>>, waiting: WaitingRequest) -> Self {
-        Answer {
+    /// An answer for a request counted as waiting from now on, and where it will arrive.
+    pub fn channel(registry: &Arc<Registry>) -> (Self, oneshot::Receiver<Result<(), BufferError>>) {
+        let (tx, rx) = oneshot::channel();
+        let answer = Answer {
             tx,
-            _waiting: waiting,
-        }
+            _waiting: registry.request_waiting(),
+        };
+        (answer, rx)
     }
 
     fn send(self, result: Result<(), BufferError>) {
