@@ -378,7 +378,8 @@ pub struct ServeArgs {
     /// workers). Default: one per CPU the process may use, less one, and at least one: the
     /// buffer's writer thread, which writes and fsyncs every request, keeps a core of its own
     /// (on 2 CPUs, one worker ingested more events per second than two, for less CPU per
-    /// event; docs/performance.md). Compression runs beside them (`flush_thread_count`).
+    /// event; docs/performance-history.md). Compression runs beside them
+    /// (`flush_thread_count`).
     #[arg(long, env = "CLAIMCHECK_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
 

@@ -1,7 +1,8 @@
 //! CRC32C (Castagnoli), the checksum of the formats: each chunk file frame, the pointer's
 //! `checksum.crc32c` and S3's `x-amz-checksum-crc32c`. Computed with `crc-fast`, which folds
 //! with carry-less multiplication (VPCLMULQDQ where the CPU has it, NEON on arm64): on 200 KB
-//! buffers about twice the speed of the SSE 4.2 `crc32` instruction loop (docs/performance.md).
+//! buffers about twice the speed of the SSE 4.2 `crc32` instruction loop
+//! (docs/performance-history.md).
 
 use crc_fast::{CrcAlgorithm, Digest};
 

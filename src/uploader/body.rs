@@ -167,8 +167,9 @@ thread_local! {
 /// A zstd body in one call: the chunk's entries read into one block, compressed into another.
 /// zstd's streaming encoder copies its input into a window that wraps around and compresses
 /// most of it in its slower external-dictionary mode; one call on one buffer does neither
-/// (1.2–1.3× faster at level 3 on 8 MiB of access-log events; see docs/performance.md). Same
-/// format: one zstd frame (which also records the body's size).
+/// (1.2–1.3× faster at level 3 on 8 MiB of access-log events; see
+/// docs/performance-history.md). Same format: one zstd frame (which also records the body's
+/// size).
 fn write_zstd_whole(
     chunk: &SealedChunk,
     data_len: usize,
