@@ -611,6 +611,14 @@ impl ChunkWriter {
         self.sync()
     }
 
+    /// Closes the file without syncing it: what it holds unsynced stays so
+    /// ([`ChunkWriter::is_unsynced`]) until [`ChunkWriter::sync`] or [`ChunkWriter::finish`],
+    /// which open the file for the time of the sync. For a chunk on its way to its seal, whose
+    /// `finish` syncs it without the writer's lock.
+    pub fn release(&mut self) {
+        self.file = None;
+    }
+
     /// Syncs what is not yet synced, then closes the file; [`ChunkWriter::open`] reopens it.
     /// The file is closed even when the sync fails: the writes then stay unsynced, and a later
     /// [`ChunkWriter::sync`] tries again.
@@ -1284,6 +1292,29 @@ mod tests {
         assert_eq!(s.torn_bytes, 0);
         let all = [entry_bytes(1), entry_bytes(2), entry_bytes(3)].concat();
         assert_eq!(body(&path, w.valid_len()), all);
+    }
+
+    #[test]
+    fn a_released_file_keeps_its_writes_unsynced_until_the_seal_finishes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.chunk");
+        let mut w = ChunkWriter::new(&path, &header());
+        w.open().unwrap();
+        w.append(&[entry_bytes(1)], &[]).unwrap();
+        w.release();
+        assert!(!w.is_open() && w.is_unsynced(), "released without a sync");
+        // A write of the same round reopens it, as for a closed file.
+        w.open().unwrap();
+        w.append(&[entry_bytes(2)], &[]).unwrap();
+        w.release();
+        w.finish().unwrap();
+        assert!(!w.is_open() && !w.is_unsynced(), "finish synced it");
+        let s = scan(&path).unwrap();
+        assert_eq!((s.stats.records, s.stats.data_len), (2, w.valid_len()));
+        assert_eq!(
+            body(&path, w.valid_len()),
+            [entry_bytes(1), entry_bytes(2)].concat()
+        );
     }
 
     #[test]

@@ -44,8 +44,14 @@
 //! wakes the writer thread for it; seals always run there. The writer thread lets go of the
 //! lock for a seal's fsyncs and state files (the chunks being sealed are out of its sets by
 //! then), so a lone connection's request that arrives meanwhile is written in place rather
-//! than held up behind the seal. Once [`Buffer::run`] ends or is dropped, nothing more is
-//! written, in place or by the writer thread (a seal under way finishes first).
+//! than held up behind the seal, even when the sender has more on its way: the writer thread
+//! would take it only once the seal is done, and under `sync none` a seal's `fdatasync`
+//! writes what is left of a whole chunk (milliseconds, a chunk every few dozen under load).
+//! For the same reason the writer thread writes the requests that arrived during a round
+//! before it seals (a few rounds at most, [`DRAIN_ROUNDS`]), and under `sync none` a chunk
+//! that fills is synced by its seal, not when the round sets it aside.
+//! Once [`Buffer::run`] ends or is dropped, nothing more is written, in place or by the
+//! writer thread (a seal under way finishes first).
 //!
 //! # Layout
 //!
@@ -408,8 +414,10 @@ pub struct Appender {
 impl Appender {
     /// [`BufferHandle::append_with_token`], written in place when no other connection appended
     /// within the last [`IN_PLACE_QUIET`], no request waits for the writer, the writer is idle
-    /// and takes requests, and the sender has nothing more on its way (`more_coming` false:
-    /// nothing of its next request has been read). The future then comes back resolved.
+    /// or sealing and takes requests, and either the sender has nothing more on its way
+    /// (`more_coming` false: nothing of its next request has been read) or the writer is
+    /// sealing (it would take the request only once its seal's fsyncs are done). The future
+    /// then comes back resolved.
     pub async fn append_with_token(
         &self,
         tag: Arc<str>,
@@ -419,9 +427,9 @@ impl Appender {
     ) -> Durable {
         let (append, durable) = Append::new(tag, groups, token, &self.handle.shared.registry);
         let others_appending = self.handle.shared.others_appending(self.id);
-        let append = match more_coming || others_appending {
+        let append = match others_appending {
             true => append,
-            false => match self.handle.shared.write_in_place(append) {
+            false => match self.handle.shared.write_in_place(append, more_coming) {
                 Ok(()) => return durable,
                 Err(append) => append,
             },
@@ -553,8 +561,10 @@ impl Shared {
     }
 
     /// Writes and syncs `append` on this thread if nothing else waits for the writer and it
-    /// takes requests; gives it back otherwise.
-    fn write_in_place(&self, append: Append) -> Result<(), Append> {
+    /// takes requests; gives it back otherwise. A request whose sender has more on its way
+    /// (`more_coming`) is written in place only while the writer thread seals: otherwise it
+    /// goes to that thread, to share a round (and its fsync) with what follows.
+    fn write_in_place(&self, append: Append, more_coming: bool) -> Result<(), Append> {
         if self.queued.load(Ordering::Acquire) != 0 {
             return Err(append);
         }
@@ -563,6 +573,7 @@ impl Shared {
         };
         if desk.stopped
             || desk.thread == WriterThread::Busy
+            || (more_coming && desk.thread != WriterThread::Sealing)
             || self.queued.load(Ordering::Acquire) != 0
             || desk.writer.stalled()
             || !self.registry.accepting()
@@ -593,6 +604,9 @@ impl Shared {
 
 /// How many append requests may wait for the writer before connections stop reading.
 const QUEUE_DEPTH: usize = 1024;
+/// Most rounds the writer thread runs, one after the other, for requests that arrived during
+/// the round before, ahead of the seals that are due.
+const DRAIN_ROUNDS: usize = 4;
 /// Most append requests gathered into one write round.
 const MAX_BATCH: usize = 4096;
 
@@ -828,14 +842,36 @@ async fn write_rounds(
                 Err(_) => break,
             }
         }
-        let now = Instant::now();
-        let taken = batch.len();
-        if taken > 0 {
-            crate::metrics::metrics().write_round("writer");
+        let mut now = Instant::now();
+        let mut taken = batch.len();
+        let mut rounds = 0;
+        loop {
+            if taken > 0 {
+                crate::metrics::metrics().write_round("writer");
+            }
+            desk.writer.round(batch, now);
+            // Written: requests may be written in place again (the lock is still held).
+            shared.queued.fetch_sub(taken, Ordering::AcqRel);
+            // Requests that arrived during the round are written before a seal, up to
+            // DRAIN_ROUNDS rounds: behind it they would wait for its fsyncs (under `sync
+            // none`, what is left of a whole chunk), and so would every request after them,
+            // not to overtake them. One that arrives during the seal is written in place.
+            rounds += 1;
+            if rounds > DRAIN_ROUNDS || !takes_requests(shared, &desk) {
+                break;
+            }
+            batch = Vec::new();
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            (now, taken) = (Instant::now(), batch.len());
         }
-        desk.writer.round(batch, now);
-        // Written: requests may be written in place again (the lock is still held).
-        shared.queued.fetch_sub(taken, Ordering::AcqRel);
         let Some(desk) = seal_due(shared, desk, now)? else {
             return Ok(());
         };
@@ -845,6 +881,16 @@ async fn write_rounds(
         shared.lock()?.writer.close();
     }
     Ok(())
+}
+
+/// Whether the writer thread takes requests now, as `write_rounds` decides before it waits
+/// for them: not at `total_limit_size`, nor while the disk is full.
+fn takes_requests(shared: &Shared, desk: &Desk) -> bool {
+    let full = shared
+        .config
+        .total_limit_size
+        .is_some_and(|limit| shared.registry.usage() >= limit);
+    !full && !desk.writer.stalled()
 }
 
 /// The writer thread's tick: seals what is due, a batch at a time for at most

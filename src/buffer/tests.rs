@@ -1154,8 +1154,10 @@ async fn a_request_is_written_in_place_while_the_writer_thread_seals() {
     })
     .await
     .expect("the writer thread seals the chunk without the lock");
-    // Meanwhile the next request is written in place, into a new chunk, and answered.
-    assert!(append_through(&one, false, &entries[1..]).await);
+    // Meanwhile the next request is written in place, into a new chunk, and answered, even
+    // though the sender has more on its way: the writer thread would take it only once the
+    // seal is done.
+    assert!(append_through(&one, true, &entries[1..]).await);
     assert!(
         sealed_rx.try_recv().is_err(),
         "the first chunk is not sealed yet"

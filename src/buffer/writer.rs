@@ -476,7 +476,7 @@ impl Writer {
             }
             // Out of `open`, it keeps no file (see "Open files"). A failed sync here is tried
             // again by the seal, which reopens the file for it.
-            let _ = chunk.writer.close();
+            let _ = self.let_go(chunk);
         }
         self.dir_unsynced |= flushed.created;
         self.dirty |= self.config.sync != SyncPolicy::Always
@@ -687,7 +687,7 @@ impl Writer {
                 // Full: set it aside for sealing and go round again with a fresh chunk. It
                 // leaves `open`, so it gives up its file; a write of this round reopens it.
                 let mut chunk = self.take_open(&key).expect("the chunk is open");
-                if let Err(e) = chunk.writer.close() {
+                if let Err(e) = self.let_go(&mut chunk) {
                     chunk.failed.get_or_insert_with(|| format!("fsync: {e}"));
                 }
                 full.push(chunk);
@@ -725,9 +725,22 @@ impl Writer {
     fn set_aside(&mut self, key: &ChunkKey, reason: &'static str) {
         if let Some(mut chunk) = self.take_open(key) {
             // A failed sync is tried again by the seal.
-            let _ = chunk.writer.close();
+            let _ = self.let_go(&mut chunk);
             self.to_seal.push_back((chunk, reason));
         }
+    }
+
+    /// Closes the file of a chunk on its way to its seal. Under `sync none` without a sync:
+    /// what it holds unsynced (up to a whole chunk) is synced by the seal's `finish`, without
+    /// the lock, rather than here in a round, where every request would wait for it; nothing
+    /// was promised durable before the seal. Under `always` and `interval` the file is synced
+    /// first, as any closed file is: an interval's sync covers only open chunks.
+    fn let_go(&self, chunk: &mut OpenChunk) -> io::Result<()> {
+        if self.config.sync == SyncPolicy::None {
+            chunk.writer.release();
+            return Ok(());
+        }
+        chunk.writer.close()
     }
 
     /// Sets aside the chunks that failed outside a round's writes.
