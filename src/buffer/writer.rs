@@ -80,10 +80,13 @@ pub(super) struct Append {
 }
 
 /// Where a request's answer goes. The request counts in the gauge
-/// `claimcheck_buffer_requests_waiting` until its answer is sent, or dropped unsent.
+/// `claimcheck_buffer_requests_waiting` until its answer is sent (it is counted off just
+/// before), or dropped unsent.
 pub(super) struct Answer {
-    tx: oneshot::Sender<Result<(), BufferError>>,
+    /// Before `tx`: fields drop in order, so an answer dropped unsent is counted off before
+    /// its receiver hears of it.
     _waiting: WaitingRequest,
+    tx: oneshot::Sender<Result<(), BufferError>>,
 }
 
 impl Answer {
@@ -91,15 +94,21 @@ impl Answer {
     pub fn channel(registry: &Arc<Registry>) -> (Self, oneshot::Receiver<Result<(), BufferError>>) {
         let (tx, rx) = oneshot::channel();
         let answer = Answer {
-            tx,
             _waiting: registry.request_waiting(),
+            tx,
         };
         (answer, rx)
     }
 
     fn send(self, result: Result<(), BufferError>) {
+        let Answer {
+            tx,
+            _waiting: waiting,
+        } = self;
+        // Counted off first: whoever the answer wakes sees the gauge without this request.
+        drop(waiting);
         // The connection may have gone: nobody to tell.
-        let _ = self.tx.send(result);
+        let _ = tx.send(result);
     }
 }
 
