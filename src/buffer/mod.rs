@@ -593,6 +593,13 @@ impl Shared {
         Ok(())
     }
 
+    /// The buffer's chunks are at `total_limit_size`: the writer thread takes no requests.
+    fn at_limit(&self) -> bool {
+        self.config
+            .total_limit_size
+            .is_some_and(|limit| self.registry.usage() >= limit)
+    }
+
     /// The buffer is at `total_limit_size`, spare files counted: the writer thread deletes the
     /// spares then, and decides what else happens.
     fn near_limit(&self) -> bool {
@@ -789,9 +796,7 @@ async fn write_rounds(
                     "buffer near total_limit_size: deleted the spare chunk files kept for reuse"
                 );
             }
-            let full = config
-                .total_limit_size
-                .is_some_and(|limit| registry.usage() >= limit);
+            let full = shared.at_limit();
             match (full, full_since) {
                 (true, None) => {
                     warn!(
@@ -834,44 +839,31 @@ async fn write_rounds(
         }
         desk.thread = WriterThread::Busy;
         // Whatever woke the writer (a request, or seals left over from the last round),
-        // the round takes the requests that are waiting.
+        // the round takes the requests that are waiting. Those that arrived during it are
+        // written in more rounds before a seal, up to DRAIN_ROUNDS: behind it they would wait
+        // for its fsyncs (under `sync none`, what is left of a whole chunk), and so would
+        // every request after them, not to overtake them. One that arrives during the seal
+        // is written in place.
         let mut batch: Vec<Append> = first.into_iter().collect();
-        while accepting && batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        let mut now = Instant::now();
-        let mut taken = batch.len();
+        let mut takes = accepting;
         let mut rounds = 0;
-        loop {
+        let now = loop {
+            if takes {
+                take_waiting(&mut rx, &mut batch);
+            }
+            let (now, taken) = (Instant::now(), batch.len());
             if taken > 0 {
                 crate::metrics::metrics().write_round("writer");
             }
-            desk.writer.round(batch, now);
+            desk.writer.round(std::mem::take(&mut batch), now);
             // Written: requests may be written in place again (the lock is still held).
             shared.queued.fetch_sub(taken, Ordering::AcqRel);
-            // Requests that arrived during the round are written before a seal, up to
-            // DRAIN_ROUNDS rounds: behind it they would wait for its fsyncs (under `sync
-            // none`, what is left of a whole chunk), and so would every request after them,
-            // not to overtake them. One that arrives during the seal is written in place.
             rounds += 1;
-            if rounds > DRAIN_ROUNDS || !takes_requests(shared, &desk) {
-                break;
+            takes = takes_requests(shared, &desk);
+            if rounds > DRAIN_ROUNDS || !takes || rx.is_empty() {
+                break now;
             }
-            batch = Vec::new();
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-            if batch.is_empty() {
-                break;
-            }
-            (now, taken) = (Instant::now(), batch.len());
-        }
+        };
         let Some(desk) = seal_due(shared, desk, now)? else {
             return Ok(());
         };
@@ -886,11 +878,17 @@ async fn write_rounds(
 /// Whether the writer thread takes requests now, as `write_rounds` decides before it waits
 /// for them: not at `total_limit_size`, nor while the disk is full.
 fn takes_requests(shared: &Shared, desk: &Desk) -> bool {
-    let full = shared
-        .config
-        .total_limit_size
-        .is_some_and(|limit| shared.registry.usage() >= limit);
-    !full && !desk.writer.stalled()
+    !shared.at_limit() && !desk.writer.stalled()
+}
+
+/// Adds the requests waiting for the writer thread to `batch`, up to [`MAX_BATCH`].
+fn take_waiting(rx: &mut mpsc::Receiver<Append>, batch: &mut Vec<Append>) {
+    while batch.len() < MAX_BATCH {
+        let Ok(append) = rx.try_recv() else {
+            break;
+        };
+        batch.push(append);
+    }
 }
 
 /// The writer thread's tick: seals what is due, a batch at a time for at most

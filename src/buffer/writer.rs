@@ -909,7 +909,8 @@ impl Writer {
     }
 
     /// Fsyncs every open chunk written since the last sync, and the directory. Only chunks
-    /// with an open file can hold unsynced writes: a file is synced before it is closed.
+    /// with an open file can hold unsynced writes: under `sync interval`, the one policy that
+    /// calls this, a file is synced before it is closed (see [`Writer::let_go`]).
     fn sync_all(&mut self, now: Instant) {
         let keys: Vec<ChunkKey> = self
             .files
