@@ -253,7 +253,9 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_DEDUP_WINDOW", default_value = "10m", value_parser = parse_duration)]
     pub dedup_window: Duration,
 
-    /// Most tokens remembered for `dedup_window`; the oldest are forgotten first.
+    /// Most tokens remembered for `dedup_window`; the oldest are forgotten first. Each takes
+    /// about 350 bytes of memory (the default's 100,000 about 35 MB, reached at 170 requests
+    /// a second for the 10 minutes).
     #[arg(long, env = "CLAIMCHECK_DEDUP_MAX_TOKENS", default_value_t = 100_000)]
     pub dedup_max_tokens: usize,
 
