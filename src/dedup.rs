@@ -19,31 +19,96 @@
 //! answering it: it is stored. Only a repeat whose earlier copy's connection failed, or was
 //! closed by the sender before the answer went out (or from before a restart), is taken for
 //! a resend.
+//!
+//! A token is kept as a 128-bit keyed hash of its sender and bytes ([`Key`]): one entry of
+//! 64 bytes in the table and 40 in the expiry queue, whatever the token's length, and no
+//! allocation of its own (the table keeps room for about twice the tokens it holds, as they
+//! come and go: up to 250 bytes a token in all). The hash's key is drawn at random when the
+//! window is made (and so on every start, when the window is rebuilt from the records), so
+//! that no sender can aim two tokens at one entry; two distinct tokens share one by chance
+//! with a probability of about 2^-128 a pair, some 10^-29 for a full window of 100,000
+//! tokens, far below the senders' own chance of drawing a token twice (Fluentd's and Fluent
+//! Bit's are 128 bits too).
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use bytes::Bytes;
 use sha2::{Digest, Sha512};
 use tokio::sync::watch;
 
-type Key = (IpAddr, Bytes);
+/// A sender's token as the window knows it: a 128-bit keyed hash of the sender's address and
+/// the token's bytes ([`Keying`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key(u64, u64);
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Already a keyed hash: the table takes its first half as it is.
+        state.write_u64(self.0);
+    }
+}
+
+/// The hasher of the window's table, which is given [`Key`]s that are hashes already.
+#[derive(Debug, Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `Key::hash` feeds this hasher, through `write_u64`.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// The key of [`Key`]'s hashes, drawn when the window is made.
+#[derive(Debug)]
+struct Keying(RandomState);
+
+impl Keying {
+    fn new() -> Keying {
+        Keying(RandomState::new())
+    }
+
+    /// SipHash under one random key of two distinct inputs: two independent halves.
+    fn key(&self, sender: IpAddr, token: &[u8]) -> Key {
+        let half = |which: u8| {
+            let mut h = self.0.build_hasher();
+            which.hash(&mut h);
+            sender.hash(&mut h);
+            token.hash(&mut h);
+            h.finish()
+        };
+        Key(half(0), half(1))
+    }
+}
 
 /// The tokens seen recently, by sender address.
 #[derive(Debug)]
 pub struct Dedup {
     window: Duration,
     capacity: usize,
+    keying: Keying,
     inner: Mutex<Inner>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    slots: HashMap<Key, Slot>,
+    slots: HashMap<Key, Slot, BuildHasherDefault<KeyHasher>>,
     /// Keys in the order they were stored, to expire them.
     order: VecDeque<(Instant, Key, u64)>,
     next_id: u64,
@@ -176,6 +241,7 @@ impl Dedup {
         Arc::new(Dedup {
             window,
             capacity: capacity.max(1),
+            keying: Keying::new(),
             inner: Mutex::new(Inner::default()),
         })
     }
@@ -195,15 +261,15 @@ impl Dedup {
     }
 
     /// Remembers `token` from `sender` as stored `age` ago (rebuilding the window on start).
-    pub fn remember(&self, sender: IpAddr, token: Bytes, age: Duration) {
+    pub fn remember(&self, sender: IpAddr, token: &[u8], age: Duration) {
         if !self.enabled() || age >= self.window {
             return;
         }
         let now = Instant::now();
         let since = now.checked_sub(age).unwrap_or(now);
-        let key = (sender, token);
+        let key = self.keying.key(sender, token);
         let mut inner = self.lock();
-        let id = inner.insert(key.clone(), |id| Slot::Stored {
+        let id = inner.insert(key, |id| Slot::Stored {
             id,
             since,
             origin: None,
@@ -213,13 +279,14 @@ impl Dedup {
     }
 
     /// Restarts the window of stored tokens (their chunk was delivered now).
-    pub fn touch(&self, keys: impl IntoIterator<Item = (IpAddr, Bytes)>) {
+    pub fn touch<'a>(&self, keys: impl IntoIterator<Item = (IpAddr, &'a [u8])>) {
         if !self.enabled() {
             return;
         }
         let now = Instant::now();
         let mut inner = self.lock();
-        for key in keys {
+        for (sender, token) in keys {
+            let key = self.keying.key(sender, token);
             if let Some(Slot::Stored { id, since, .. }) = inner.slots.get_mut(&key) {
                 *since = now;
                 let id = *id;
@@ -249,7 +316,7 @@ impl Dedup {
     pub fn check(
         self: &Arc<Self>,
         sender: IpAddr,
-        token: &Bytes,
+        token: &[u8],
         origin: Origin,
         content_hash: impl FnOnce() -> bool,
     ) -> Seen {
@@ -262,7 +329,7 @@ impl Dedup {
                 outcome: tx,
             });
         }
-        let key = (sender, token.clone());
+        let key = self.keying.key(sender, token);
         let mut inner = self.lock();
         self.expire(&mut inner, Instant::now());
         // Only a repeat that could be new data is hashed, without the lock held.
@@ -281,7 +348,7 @@ impl Dedup {
             }
             _ => {}
         }
-        let id = inner.insert(key.clone(), |id| Slot::Pending {
+        let id = inner.insert(key, |id| Slot::Pending {
             id,
             outcome: rx,
             origin,
@@ -333,7 +400,7 @@ impl Ticket {
         if stored {
             let since = Instant::now();
             inner.slots.insert(
-                key.clone(),
+                key,
                 Slot::Stored {
                     id: self.id,
                     since,
@@ -369,6 +436,7 @@ pub async fn wait_stored(mut outcome: watch::Receiver<Option<bool>>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -469,6 +537,27 @@ mod tests {
             d.check(sender, &token, origin(), || false),
             Seen::Stored
         ));
+    }
+
+    #[test]
+    fn tokens_of_any_length_are_told_apart() {
+        let d = Dedup::new(Duration::from_secs(300), 1_000);
+        // Each token a prefix of the next, the last 300 bytes long.
+        let long: Vec<u8> = (0..300u32).map(|i| b"ab"[(i % 2) as usize]).collect();
+        for len in 0..=long.len() {
+            let token = Bytes::copy_from_slice(&long[..len]);
+            let Seen::New(t) = d.check(ip("10.0.0.1"), &token, origin(), || false) else {
+                panic!("a token of {len} bytes taken for a shorter one")
+            };
+            t.finish(true);
+        }
+        for len in 0..=long.len() {
+            assert!(matches!(
+                d.check(ip("10.0.0.1"), &long[..len], origin(), || false),
+                Seen::Stored
+            ));
+        }
+        assert_eq!(d.len(), long.len() + 1);
     }
 
     #[test]

@@ -250,7 +250,7 @@ impl Tokens {
         // Oldest first, so that the window expires them in order.
         stored.sort_by_key(|s| std::cmp::Reverse(s.0));
         for (age, r) in &stored {
-            dedup.remember(r.sender, r.token.clone(), *age);
+            dedup.remember(r.sender, &r.token, *age);
         }
         if !stored.is_empty() {
             info!(
@@ -290,7 +290,7 @@ impl Tokens {
             .unwrap_or_else(|e| e.into_inner())
             .append(expires, &records, now)?;
         self.dedup
-            .touch(records.iter().map(|r| (r.sender, r.token.clone())));
+            .touch(records.iter().map(|r| (r.sender, &r.token[..])));
         Ok(())
     }
 
