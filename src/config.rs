@@ -254,8 +254,8 @@ pub struct ServeArgs {
     pub dedup_window: Duration,
 
     /// Most tokens remembered for `dedup_window`; the oldest are forgotten first. Each takes
-    /// up to about 300 bytes of memory once the window is full (the default's 100,000 up to
-    /// 30 MB, reached at 170 requests a second for the 10 minutes).
+    /// up to about 350 bytes of memory with delivery running (the default's 100,000 up to
+    /// 35 MB, reached at 170 requests a second for the 10 minutes).
     #[arg(long, env = "CLAIMCHECK_DEDUP_MAX_TOKENS", default_value_t = 100_000)]
     pub dedup_max_tokens: usize,
 

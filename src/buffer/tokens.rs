@@ -14,7 +14,10 @@
 //! before its files are deleted, each with an expiry `dedup_window` later; on start, the
 //! unexpired records of the journal and the records of the chunks still in the buffer rebuild
 //! the in-memory window ([`Dedup`]). The journal is rewritten without its expired records when
-//! they make up most of it.
+//! they make up most of it. Only the file holds the journaled records: the rewrite reads them
+//! back, and in memory each frame is known by its expiry, its count and its size. After an
+//! append that failed, the next one rewrites the file first, so that nothing is appended
+//! behind a torn frame (which would end the journal on the next start).
 //!
 //! ```text
 //! <buffer_dir>/tokens.journal = "CCTOKS01" | frame*
@@ -25,7 +28,7 @@
 //!
 //! A token frame in a chunk data file holds `record*` only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -53,26 +56,55 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// The token journal: records of delivered chunks, until they expire.
+/// The token journal: records of delivered chunks, until they expire. Only the file holds the
+/// records; in memory, each of its frames is known by its expiry, its records and its size.
 #[derive(Debug)]
 struct Journal {
     path: PathBuf,
     file: Option<File>,
-    /// Unexpired records with their expiry (Unix ms), oldest first; at most `max_live` (the
-    /// window holds no more tokens than that anyway).
-    live: Vec<(i64, TokenRecord)>,
+    /// The file's unexpired frames, oldest first, holding at least `max_live` records when
+    /// there are that many (the window holds no more tokens than that anyway); older ones are
+    /// still in the file until it is rewritten.
+    frames: VecDeque<Frame>,
     max_live: usize,
     /// Bytes in the file.
     len: u64,
 }
 
+/// One frame of the journal file: one append, the records of the chunks delivered together.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    /// Unix ms.
+    expires: i64,
+    records: usize,
+    bytes: u64,
+}
+
 impl Journal {
-    /// Reads the journal (a torn or damaged tail ends it), keeping the records unexpired at
-    /// `now_ms`, and rewrites it with only those.
-    fn open(buffer_dir: &Path, now_ms: i64, max_live: usize) -> io::Result<Journal> {
-        let path = buffer_dir.join(JOURNAL_FILE);
+    /// Reads the journal (a torn or damaged tail ends it), and rewrites it with only the
+    /// records unexpired at `now_ms`, which it returns with their expiry, oldest first.
+    fn open(
+        buffer_dir: &Path,
+        now_ms: i64,
+        max_live: usize,
+    ) -> io::Result<(Journal, Vec<(i64, TokenRecord)>)> {
+        let mut journal = Journal {
+            path: buffer_dir.join(JOURNAL_FILE),
+            file: None,
+            frames: VecDeque::new(),
+            max_live,
+            len: 0,
+        };
+        let live = journal.rewrite(now_ms)?;
+        Ok((journal, live))
+    }
+
+    /// The records of the file unexpired at `now_ms`, oldest first, the oldest beyond
+    /// `max_live` left out.
+    fn read_live(&self, now_ms: i64) -> io::Result<Vec<(i64, TokenRecord)>> {
+        let path = &self.path;
         let mut live = Vec::new();
-        match fs::read(&path) {
+        match fs::read(path) {
             Ok(bytes) => {
                 if bytes.len() >= 8 && &bytes[..8] == JOURNAL_MAGIC {
                     let mut pos = 8;
@@ -96,32 +128,33 @@ impl Journal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let excess = live.len().saturating_sub(max_live);
+        let excess = live.len().saturating_sub(self.max_live);
         live.drain(..excess);
-        let mut journal = Journal {
-            path,
-            file: None,
-            live,
-            max_live,
-            len: 0,
-        };
-        journal.rewrite()?;
-        Ok(journal)
+        Ok(live)
     }
 
-    /// Replaces the file with the unexpired records: temporary file, fsync, rename, directory
-    /// fsync.
-    fn rewrite(&mut self) -> io::Result<()> {
+    /// Replaces the file with its records unexpired at `now_ms` (temporary file, fsync,
+    /// rename, directory fsync), and returns them.
+    fn rewrite(&mut self, now_ms: i64) -> io::Result<Vec<(i64, TokenRecord)>> {
+        let live = self.read_live(now_ms)?;
         let mut bytes = JOURNAL_MAGIC.to_vec();
+        let mut frames = VecDeque::new();
         let mut i = 0;
-        while i < self.live.len() {
-            let expires = self.live[i].0;
+        while i < live.len() {
+            let expires = live[i].0;
             let mut payload = expires.to_le_bytes().to_vec();
-            while i < self.live.len() && self.live[i].0 == expires {
-                self.live[i].1.encode(&mut payload);
+            let first = i;
+            while i < live.len() && live[i].0 == expires {
+                live[i].1.encode(&mut payload);
                 i += 1;
             }
+            let before = bytes.len();
             push_frame(&mut bytes, &payload);
+            frames.push_back(Frame {
+                expires,
+                records: i - first,
+                bytes: (bytes.len() - before) as u64,
+            });
         }
         let tmp = self.path.with_extension("journal.tmp");
         {
@@ -136,44 +169,54 @@ impl Journal {
                 .expect("the journal lives in a directory"),
         )?;
         self.file = Some(OpenOptions::new().append(true).open(&self.path)?);
+        self.frames = frames;
         self.len = bytes.len() as u64;
-        Ok(())
+        Ok(live)
+    }
+
+    /// Records in the frames kept.
+    fn live_records(&self) -> usize {
+        self.frames.iter().map(|f| f.records).sum()
     }
 
     /// Appends `records`, expiring at `expires`, and fsyncs them.
     fn append(&mut self, expires: i64, records: &[TokenRecord], now_ms: i64) -> io::Result<()> {
-        let expired = self.live.partition_point(|(e, _)| *e <= now_ms);
-        self.live.drain(..expired);
+        if self.file.is_none() {
+            // The last append failed: whatever part of its frame made it is a torn tail, which
+            // would end the journal on the next start before anything appended after it.
+            self.rewrite(now_ms)?;
+        }
+        while self.frames.front().is_some_and(|f| f.expires <= now_ms) {
+            self.frames.pop_front();
+        }
         let mut payload = expires.to_le_bytes().to_vec();
         records.iter().for_each(|r| r.encode(&mut payload));
         let mut frame = Vec::with_capacity(payload.len() + 8);
         push_frame(&mut frame, &payload);
-        let file = match &mut self.file {
-            Some(f) => f,
-            None => self
-                .file
-                .insert(OpenOptions::new().append(true).open(&self.path)?),
-        };
+        let file = self.file.as_mut().expect("opened by the rewrite");
         let written = file.write_all(&frame).and_then(|()| file.sync_data());
         if let Err(e) = written {
-            // Whatever part of the frame made it is a torn tail that ends the journal on the
-            // next start; a rewrite now puts a good file back.
             self.file = None;
             return Err(e);
         }
         self.len += frame.len() as u64;
-        self.live
-            .extend(records.iter().cloned().map(|r| (expires, r)));
-        let excess = self.live.len().saturating_sub(self.max_live);
-        self.live.drain(..excess);
+        self.frames.push_back(Frame {
+            expires,
+            records: records.len(),
+            bytes: frame.len() as u64,
+        });
+        let mut live = self.live_records();
+        while let Some(oldest) = self.frames.front() {
+            if live - oldest.records < self.max_live {
+                break;
+            }
+            live -= oldest.records;
+            self.frames.pop_front();
+        }
         // Rewrite once the file is mostly expired records.
-        let live_bytes: u64 = self
-            .live
-            .iter()
-            .map(|(_, r)| 30 + r.token.len() as u64)
-            .sum();
+        let live_bytes: u64 = self.frames.iter().map(|f| f.bytes).sum();
         if self.len > (1 << 20) && self.len > 4 * live_bytes {
-            self.rewrite()?;
+            self.rewrite(now_ms)?;
         }
         Ok(())
     }
@@ -217,13 +260,13 @@ impl Tokens {
         in_chunks: Vec<TokenRecord>,
     ) -> io::Result<Tokens> {
         let now = now_ms();
-        let journal = Journal::open(buffer_dir, now, dedup.capacity().saturating_mul(2))?;
+        let (journal, journaled) =
+            Journal::open(buffer_dir, now, dedup.capacity().saturating_mul(2))?;
         let window = dedup.window();
         // By request: its record, the parts found, and when its window ends (`None`: a part is
         // still in the buffer, so the window starts now).
         let mut requests: HashMap<u128, (&TokenRecord, u32, Option<i64>)> = HashMap::new();
-        let all = journal
-            .live
+        let all = journaled
             .iter()
             .map(|(e, r)| (Some(*e), r))
             .chain(in_chunks.iter().map(|r| (None, r)));
@@ -299,8 +342,7 @@ impl Tokens {
         self.journal
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .live
-            .len()
+            .live_records()
     }
 }
 
@@ -384,7 +426,7 @@ mod tests {
         assert!(stored(&dedup, "split"));
 
         // Expired records are pruned from the file on start.
-        let mut j = Journal::open(dir.path(), now_ms(), 100).unwrap();
+        let (mut j, _) = Journal::open(dir.path(), now_ms(), 100).unwrap();
         j.append(now_ms() - 1, &[record("old", 9, 1)], 0).unwrap();
         assert_eq!(read_journal(dir.path()).len(), 3);
         drop(j);
@@ -402,6 +444,69 @@ mod tests {
         let dedup = Dedup::new(window, 1000);
         Tokens::open(dir.path(), dedup.clone(), Vec::new()).unwrap();
         assert!(stored(&dedup, "whole"));
+    }
+
+    #[test]
+    fn the_journal_keeps_no_records_in_memory_and_is_rewritten_once_mostly_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, live) = Journal::open(dir.path(), 0, 100_000).unwrap();
+        assert!(live.is_empty());
+        // Over 1 MiB of records expiring at 100, then one expiring later, appended at 200.
+        let batch: Vec<TokenRecord> = (0..40_000).map(|i| record("tok", i, 1)).collect();
+        j.append(100, &batch, 0).unwrap();
+        assert!(j.len > 1 << 20);
+        assert_eq!(j.live_records(), 40_000);
+        j.append(10_000, &[record("late", 1 << 40, 1)], 200)
+            .unwrap();
+        assert_eq!(j.live_records(), 1);
+        let on_disk = read_journal(dir.path());
+        assert_eq!(on_disk.len(), 1, "rewritten without the expired records");
+        assert_eq!(on_disk[0].1.token.as_ref(), b"late");
+        assert_eq!(
+            j.len,
+            fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len()
+        );
+
+        // At most `max_live` records are kept, the oldest frames dropped first.
+        let (mut j, _) = Journal::open(dir.path(), 0, 3).unwrap();
+        for i in 0..5 {
+            j.append(
+                20_000 + i,
+                &[
+                    record("a", 100 + i as u128, 1),
+                    record("b", 200 + i as u128, 1),
+                ],
+                0,
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            j.live_records(),
+            4,
+            "whole frames, at least max_live records"
+        );
+        let (_, live) = Journal::open(dir.path(), 0, 3).unwrap();
+        assert_eq!(live.len(), 3);
+        assert_eq!(live.last().unwrap().0, 20_004);
+    }
+
+    #[test]
+    fn an_append_after_a_failed_one_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), 0, 100).unwrap();
+        j.append(1_000, &[record("before", 1, 1)], 0).unwrap();
+        // A failed append leaves part of its frame behind and the file closed.
+        OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(JOURNAL_FILE))
+            .unwrap()
+            .write_all(&[40, 0, 0, 0, 1, 2])
+            .unwrap();
+        j.file = None;
+        j.append(1_000, &[record("after", 2, 1)], 0).unwrap();
+        let (_, live) = Journal::open(dir.path(), 0, 100).unwrap();
+        let tokens: Vec<&[u8]> = live.iter().map(|(_, r)| r.token.as_ref()).collect();
+        assert_eq!(tokens, [&b"before"[..], &b"after"[..]]);
     }
 
     fn test_header() -> chunk::ChunkHeader {
