@@ -23,12 +23,12 @@
 //! A token is kept as a 128-bit keyed hash of its sender and bytes ([`Key`]): one entry of
 //! 64 bytes in the table and 40 in the expiry queue (once more when its chunk is delivered),
 //! whatever the token's length, and no allocation of its own. The table keeps room for about
-//! twice the tokens it holds, as they come and go: up to 300 bytes a token in all. The hash's key is drawn at random when the
-//! window is made (and so on every start, when the window is rebuilt from the records), so
-//! that no sender can aim two tokens at one entry; two distinct tokens share one by chance
-//! with a probability of about 2^-128 a pair, some 10^-29 for a full window of 100,000
-//! tokens, far below the senders' own chance of drawing a token twice (Fluentd's and Fluent
-//! Bit's are 128 bits too).
+//! twice the tokens it holds, as they come and go: up to 300 bytes a token in all. The
+//! hash's key is drawn at random when the window is made (and so on every start, when the
+//! window is rebuilt from the records), so that no sender can aim two tokens at one entry;
+//! two distinct tokens share one by chance with a probability of about 2^-128 a pair, some
+//! 10^-29 for a full window of 100,000 tokens, far below the senders' own chance of drawing a
+//! token twice (Fluentd's and Fluent Bit's are 128 bits too).
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
