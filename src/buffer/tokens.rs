@@ -29,7 +29,7 @@
 //! A token frame in a chunk data file holds `record*` only.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -69,6 +69,9 @@ struct Journal {
     max_live: usize,
     /// Bytes in the file.
     len: u64,
+    /// Makes the next rewrite fail just after its rename (tests only).
+    #[cfg(test)]
+    fail_after_rename: bool,
 }
 
 /// One frame of the journal file: one append, the records of the chunks delivered together.
@@ -94,6 +97,8 @@ impl Journal {
             frames: VecDeque::new(),
             max_live,
             len: 0,
+            #[cfg(test)]
+            fail_after_rename: false,
         };
         let live = journal.rewrite(now_ms)?;
         Ok((journal, live))
@@ -134,7 +139,9 @@ impl Journal {
     }
 
     /// Replaces the file with its records unexpired at `now_ms` (temporary file, fsync,
-    /// rename, directory fsync), and returns them.
+    /// rename, directory fsync), and returns them. The new file is appended to through the
+    /// handle that wrote it. If this fails after the rename, the handle on the file replaced
+    /// is let go (appends to it would be lost with it), and the next append rewrites again.
     fn rewrite(&mut self, now_ms: i64) -> io::Result<Vec<(i64, TokenRecord)>> {
         let live = self.read_live(now_ms)?;
         let mut bytes = JOURNAL_MAGIC.to_vec();
@@ -157,18 +164,21 @@ impl Journal {
             });
         }
         let tmp = self.path.with_extension("journal.tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-        }
+        let mut file = File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        self.file = None;
         fs::rename(&tmp, &self.path)?;
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_after_rename) {
+            return Err(io::Error::other("failure injected after the rename"));
+        }
         chunk::sync_dir(
             self.path
                 .parent()
                 .expect("the journal lives in a directory"),
         )?;
-        self.file = Some(OpenOptions::new().append(true).open(&self.path)?);
+        self.file = Some(file);
         self.frames = frames;
         self.len = bytes.len() as u64;
         Ok(live)
@@ -213,10 +223,14 @@ impl Journal {
             live -= oldest.records;
             self.frames.pop_front();
         }
-        // Rewrite once the file is mostly expired records.
+        // Rewrite once the file is mostly expired records. The records are durable already:
+        // a failed rewrite is tried again on a later append, and fails none.
         let live_bytes: u64 = self.frames.iter().map(|f| f.bytes).sum();
         if self.len > (1 << 20) && self.len > 4 * live_bytes {
-            self.rewrite(now_ms)?;
+            if let Err(e) = self.rewrite(now_ms) {
+                warn!(path = %self.path.display(), cause = %e,
+                      "cannot rewrite the token journal without its expired records; trying again later");
+            }
         }
         Ok(())
     }
@@ -367,6 +381,8 @@ pub(super) fn read_journal(buffer_dir: &Path) -> Vec<(i64, TokenRecord)> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
+
     use bytes::Bytes;
 
     use super::*;
@@ -507,6 +523,41 @@ mod tests {
         let (_, live) = Journal::open(dir.path(), 0, 100).unwrap();
         let tokens: Vec<&[u8]> = live.iter().map(|(_, r)| r.token.as_ref()).collect();
         assert_eq!(tokens, [&b"before"[..], &b"after"[..]]);
+    }
+
+    #[test]
+    fn appends_after_a_rewrite_that_failed_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), 0, 100_000).unwrap();
+        // Over 1 MiB of records expiring at 100, so that the append at 200 rewrites the file.
+        let batch: Vec<TokenRecord> = (0..40_000).map(|i| record("old", i, 1)).collect();
+        j.append(100, &batch, 0).unwrap();
+        j.fail_after_rename = true;
+        j.append(10_000, &[record("kept", 1 << 40, 1)], 200)
+            .expect("the records are durable; only the rewrite behind them failed");
+        j.append(10_000, &[record("next", 2 << 40, 1)], 300)
+            .unwrap();
+        let (_, live) = Journal::open(dir.path(), 0, 100_000).unwrap();
+        let tokens: Vec<&[u8]> = live.iter().map(|(_, r)| r.token.as_ref()).collect();
+        assert_eq!(tokens, [&b"kept"[..], &b"next"[..]]);
+
+        // A rewrite that cannot start leaves the file as it was, appended to as before.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), 0, 100_000).unwrap();
+        j.append(100, &batch, 0).unwrap();
+        let tmp = dir.path().join("tokens.journal.tmp");
+        fs::create_dir(&tmp).unwrap();
+        j.append(10_000, &[record("third", 3 << 40, 1)], 200)
+            .unwrap();
+        assert!(j.file.is_some());
+        fs::remove_dir(&tmp).unwrap();
+        j.append(10_000, &[record("fourth", 4 << 40, 1)], 300)
+            .unwrap();
+        assert_eq!(
+            read_journal(dir.path()).len(),
+            2,
+            "rewritten on the next append, without the expired records"
+        );
     }
 
     fn test_header() -> chunk::ChunkHeader {
