@@ -183,3 +183,84 @@ async fn sync_interval_loses_at_most_the_last_interval_to_a_power_cut() {
 async fn sync_interval_loses_at_most_the_last_interval_to_a_power_cut_written_in_place() {
     power_cuts("interval", 1, 6).await;
 }
+
+/// A process crash, a restart that recovers and seals an open chunk, then a power cut before
+/// the page cache was written back: the chunk's synced frames must survive. Recovery fsyncs
+/// the data before the `sealed` state that records its length; the other way round, the
+/// state would survive and the unsynced frame not, and the whole chunk would look short
+/// (into `quarantine/`, with its acknowledged events).
+#[test]
+fn a_chunk_sealed_by_recovery_keeps_its_synced_events_through_a_later_power_cut() {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use claimcheck::buffer::chunk::{self, ChunkHeader, ChunkPaths, ChunkWriter};
+    use claimcheck::buffer::registry::Registry;
+    use claimcheck::buffer::{chunks_dir, Buffer, BufferConfig, OverflowAction, SyncPolicy};
+
+    fn entry(t: u32) -> Bytes {
+        let mut b = vec![0x92, 0xce];
+        b.extend_from_slice(&t.to_be_bytes());
+        b.extend_from_slice(&[0x81, 0xa1, b'a', 0x01]);
+        Bytes::from(b)
+    }
+    let open = |dir: &std::path::Path| {
+        let config = BufferConfig {
+            dir: dir.to_path_buf(),
+            timekey: Duration::from_secs(60),
+            timekey_wait: Duration::from_secs(0),
+            chunk_limit_size: 1 << 20,
+            chunk_limit_records: None,
+            flush_interval: Duration::from_secs(3600),
+            total_limit_size: None,
+            overflow_action: OverflowAction::Block,
+            sync: SyncPolicy::Always,
+            sync_interval: Duration::from_secs(1),
+            max_open_files: None,
+        };
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        Buffer::open(config, Arc::new(Registry::new()), tx).unwrap()
+    };
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let fs = PowerFs::default();
+    let session = fs.mount(&mnt).unwrap();
+    let buffer = mnt.join("buffer");
+    let chunks = chunks_dir(&buffer);
+    chunk::create_dir_durably(&chunks).unwrap();
+    let id = "1".repeat(32);
+    let paths = ChunkPaths::new(&chunks, &id);
+    let header = ChunkHeader {
+        chunk_id: id.clone(),
+        tag: "t".into(),
+        timekey: 0,
+        created_ms: 0,
+        reused: false,
+    };
+    let mut writer = ChunkWriter::create(&paths.data, &header).unwrap();
+    // Written, fsynced with its directory entry, acknowledged.
+    writer.append(&[entry(1)], &[]).unwrap();
+    writer.sync().unwrap();
+    chunk::sync_dir(&chunks).unwrap();
+    // Written; the process dies before the fsync.
+    writer.append(&[entry(2)], &[]).unwrap();
+    drop(writer);
+
+    let (buffer_1, recovered) = open(&buffer);
+    assert_eq!(recovered.sealed.len(), 1);
+    assert_eq!(recovered.sealed[0].stats.records, 2);
+    drop(buffer_1);
+    PowerFs::unmount(session, &mnt).unwrap();
+    fs.cut_power();
+
+    let session = fs.mount(&mnt).unwrap();
+    let (buffer_2, recovered) = open(&buffer);
+    let sealed: Vec<u64> = recovered.sealed.iter().map(|c| c.stats.records).collect();
+    let quarantined = recovered.quarantined.clone();
+    drop(buffer_2);
+    PowerFs::unmount(session, &mnt).unwrap();
+    assert_eq!(quarantined, Vec::<std::path::PathBuf>::new());
+    assert_eq!(sealed, [2], "the chunk, with what recovery synced");
+}

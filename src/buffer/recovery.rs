@@ -4,7 +4,7 @@
 //! |--------------------------------------|------------------------------------------------------|
 //! | data + `uploaded` state              | publish the pointer again                            |
 //! | data + `sealed` state                | upload again (same key, same bytes)                  |
-//! | data, no state                       | scan, cut a torn tail (kept in `quarantine/`), seal  |
+//! | data, no state                       | scan, cut a torn tail (kept in `quarantine/`), fsync, seal; if that fails (a full disk), left as it is for the next start |
 //! | data, no state, another chunk's header | moved to `quarantine/` (WARN): a reused file whose new header a power loss lost; nothing in it was acknowledged |
 //! | data, no state, in a reused file     | as above, but the tail is cut without a copy: it may be the old chunk's leftover |
 //! | `<id>.free`                          | kept as a spare to reuse (deleted beyond [`chunk::MAX_SPARES`]) |
@@ -29,9 +29,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::{error, info, warn};
 
-use super::chunk::{
-    self, ChunkHeader, ChunkPaths, ChunkState, ChunkStats, DATA_EXT, SPARE_EXT, STATE_EXT,
-};
+use super::chunk::{self, ChunkPaths, ChunkState, DATA_EXT, SPARE_EXT, STATE_EXT};
 use super::dead_letter::quarantine;
 use super::registry::{ChunkInfo, Phase, Registry};
 use super::token_record::TokenRecord;
@@ -203,25 +201,21 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
                     )?);
                 }
                 Ok(scan) => {
-                    if scan.torn_bytes > 0 {
-                        if scan.header.reused {
-                            // The old chunk's leftover (delivered already) and maybe a torn
-                            // frame (never acknowledged under sync always): nothing to keep.
-                            info!(chunk_id = %id, bytes = scan.torn_bytes,
-                                  "cut a reused chunk file back to its last whole frame");
-                        } else {
-                            let kept = keep_tail(&buffer_dir, &paths.data, scan.stats.data_len)?;
-                            registry.count_quarantined(1);
-                            warn!(chunk_id = %id, bytes = scan.torn_bytes, kept = %kept.display(),
-                                  "cut a torn tail off an open chunk (never acknowledged under sync always)");
-                        }
-                        chunk::truncate(&paths.data, scan.stats.data_len)?;
+                    if scan.stats.records == 0 && scan.torn_bytes == 0 {
+                        paths.remove()?;
+                        continue;
+                    }
+                    // A chunk that cannot be sealed now (a full disk: its tail's copy or its
+                    // state file has no room) stays as it is, for the next start; the others
+                    // are recovered and delivered, which frees space.
+                    if let Err(e) = seal_recovered(&buffer_dir, &id, &paths, &scan, registry) {
+                        error!(chunk_id = %id, cause = %e, "cannot seal a recovered open chunk; it stays in the buffer as it is until the next start");
+                        continue;
                     }
                     if scan.stats.records == 0 {
                         paths.remove()?;
                         continue;
                     }
-                    seal_recovered(&paths, scan.header.clone(), scan.stats)?;
                     out.tokens.extend(scan.tokens);
                     info!(chunk_id = %id, tag = %scan.header.tag, events = scan.stats.records, "recovered open chunk and sealed it");
                     out.add(
@@ -281,8 +275,45 @@ pub fn rescan(dir: &Path, registry: &Registry) -> io::Result<Recovered> {
     Ok(out)
 }
 
-fn seal_recovered(paths: &ChunkPaths, header: ChunkHeader, stats: ChunkStats) -> io::Result<()> {
-    chunk::write_state(&paths.state, &ChunkState::Sealed { header, stats })
+/// Seals an open chunk found at start: its torn tail cut (and kept in `quarantine/`, unless
+/// the file was reused), its data fsynced, then its `sealed` state written. The fsync comes
+/// first, as in the writer's seal: a process killed after a write and before its fsync leaves
+/// that write in the page cache only, and a state recording its length, made durable
+/// before it, would make the whole chunk look short after a power loss that followed.
+fn seal_recovered(
+    buffer_dir: &Path,
+    id: &str,
+    paths: &ChunkPaths,
+    scan: &chunk::Scan,
+    registry: &Registry,
+) -> io::Result<()> {
+    if scan.torn_bytes > 0 {
+        if scan.header.reused {
+            // The old chunk's leftover (delivered already) and maybe a torn frame (never
+            // acknowledged under sync always): nothing to keep.
+            info!(chunk_id = %id, bytes = scan.torn_bytes,
+                  "cut a reused chunk file back to its last whole frame");
+        } else {
+            let kept = keep_tail(buffer_dir, &paths.data, scan.stats.data_len)?;
+            registry.count_quarantined(1);
+            warn!(chunk_id = %id, bytes = scan.torn_bytes, kept = %kept.display(),
+                  "cut a torn tail off an open chunk (never acknowledged under sync always)");
+        }
+        chunk::truncate(&paths.data, scan.stats.data_len)?;
+    } else {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&paths.data)?
+            .sync_data()?;
+    }
+    if scan.stats.records == 0 {
+        return Ok(());
+    }
+    let state = ChunkState::Sealed {
+        header: scan.header.clone(),
+        stats: scan.stats,
+    };
+    chunk::write_state(&paths.state, &state)
 }
 
 /// Copies the bytes of `data` from `from` to its end into `quarantine/<name>.tail-<from>`.
