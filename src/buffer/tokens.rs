@@ -85,7 +85,9 @@ struct Frame {
 
 impl Journal {
     /// Reads the journal (a torn or damaged tail ends it), and rewrites it with only the
-    /// records unexpired at `now_ms`, which it returns with their expiry, oldest first.
+    /// records unexpired at `now_ms`, which it returns with their expiry, oldest first. If the
+    /// rewrite fails (a full disk), the records are read as they are and the first append
+    /// rewrites the file: a start does not wait for room.
     fn open(
         buffer_dir: &Path,
         now_ms: i64,
@@ -100,7 +102,15 @@ impl Journal {
             #[cfg(test)]
             fail_after_rename: false,
         };
-        let live = journal.rewrite(now_ms)?;
+        let live = match journal.rewrite(now_ms) {
+            Ok(live) => live,
+            Err(e) => {
+                warn!(path = %journal.path.display(), cause = %e,
+                      "cannot rewrite the token journal; reading it as it is");
+                journal.file = None;
+                journal.read_live(now_ms)?
+            }
+        };
         Ok((journal, live))
     }
 
@@ -558,6 +568,24 @@ mod tests {
             2,
             "rewritten on the next append, without the expired records"
         );
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_rewritten_on_start_is_read_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), 0, 100).unwrap();
+        j.append(1_000, &[record("before", 1, 1)], 0).unwrap();
+        drop(j);
+        let tmp = dir.path().join("tokens.journal.tmp");
+        fs::create_dir(&tmp).unwrap();
+        let (mut j, live) = Journal::open(dir.path(), 0, 100).unwrap();
+        assert_eq!(live.len(), 1);
+        assert!(j.append(1_000, &[record("during", 2, 1)], 0).is_err());
+        fs::remove_dir(&tmp).unwrap();
+        j.append(1_000, &[record("after", 3, 1)], 0).unwrap();
+        let (_, live) = Journal::open(dir.path(), 0, 100).unwrap();
+        let tokens: Vec<&[u8]> = live.iter().map(|(_, r)| r.token.as_ref()).collect();
+        assert_eq!(tokens, [&b"before"[..], &b"after"[..]]);
     }
 
     fn test_header() -> chunk::ChunkHeader {
