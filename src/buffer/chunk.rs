@@ -306,8 +306,50 @@ impl Spares {
     }
 }
 
+/// Failures injected into the chunk file operations of the calling thread (tests only): the
+/// unit tests that drive a [`super::writer::Writer`] on their own thread fail one create,
+/// write or fsync of their choice, as a failing disk would.
+#[cfg(test)]
+pub(crate) mod fault {
+    use std::cell::RefCell;
+    use std::io;
+    use std::path::Path;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Op {
+        Create,
+        Write,
+        Sync,
+        SyncDir,
+    }
+
+    /// Given the operation, the file (or directory) and, for a create, the chunk's tag: the
+    /// error to fail it with, if any.
+    pub type Hook = Box<dyn FnMut(Op, &Path, Option<&str>) -> Option<io::Error>>;
+
+    thread_local! {
+        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Sets (or with `None`, clears) the calling thread's hook.
+    pub fn set(hook: Option<Hook>) {
+        HOOK.with(|h| *h.borrow_mut() = hook);
+    }
+
+    pub fn check(op: Op, path: &Path, tag: Option<&str>) -> io::Result<()> {
+        HOOK.with(
+            |h| match h.borrow_mut().as_mut().and_then(|f| f(op, path, tag)) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            },
+        )
+    }
+}
+
 /// Fsyncs a directory so that file creations, renames and removals in it are durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    fault::check(fault::Op::SyncDir, dir, None)?;
     File::open(dir)?.sync_all()
 }
 
@@ -475,6 +517,8 @@ impl ChunkWriter {
                 let (file, len, spare_len) = match reused {
                     Some(reused) => reused,
                     None => {
+                        #[cfg(test)]
+                        fault::check(fault::Op::Create, &self.path, Some(&header.tag))?;
                         let bytes = encode_header(header);
                         (create_with(&self.path, &bytes)?, bytes.len() as u64, 0)
                     }
@@ -540,6 +584,10 @@ impl ChunkWriter {
             tail.extend_from_slice(tokens);
         }
         self.unsynced = true;
+        #[cfg(test)]
+        let result = fault::check(fault::Op::Write, &self.path, None)
+            .and_then(|()| write_all_vectored(file, &head, payload, &tail));
+        #[cfg(not(test))]
         let result = write_all_vectored(file, &head, payload, &tail);
         match result {
             Ok(()) => {
@@ -583,6 +631,8 @@ impl ChunkWriter {
         if !self.unsynced {
             return Ok(());
         }
+        #[cfg(test)]
+        fault::check(fault::Op::Sync, &self.path, None)?;
         match &self.file {
             Some(file) => file.sync_data()?,
             None => OpenOptions::new()

@@ -982,4 +982,6 @@ impl BufferHandle {
 }
 
 #[cfg(test)]
+mod fault_tests;
+#[cfg(test)]
 mod tests;

@@ -495,12 +495,17 @@ impl Writer {
             match chunk::sync_dir(&self.chunks_dir) {
                 Ok(()) => {
                     self.dir_unsynced = false;
+                    // Only chunks whose file exists now: one whose file could not be
+                    // created (a full disk, its pieces held) still needs this fsync later.
+                    let exists = |c: &OpenChunk| c.writer.valid_len() > 0;
                     for key in touched.iter() {
-                        if let Some(c) = self.open.get_mut(key) {
+                        if let Some(c) = self.open.get_mut(key).filter(|c| exists(c)) {
                             c.new_file = false;
                         }
                     }
-                    full.iter_mut().for_each(|c| c.new_file = false);
+                    full.iter_mut()
+                        .filter(|c| exists(c))
+                        .for_each(|c| c.new_file = false);
                     flushed.ok.append(&mut flushed.ok_new_file);
                 }
                 Err(e) => {
@@ -1368,14 +1373,21 @@ fn answer_written(
     always: bool,
     out: &mut Flushed,
 ) {
+    // A sync of this chunk failed since the write (closing its file to make room for
+    // another): a later sync that succeeds proves nothing, as Linux reports a lost writeback
+    // to one fsync only.
+    let synced = match (synced, &chunk.failed) {
+        (Ok(()), None) => Ok(()),
+        (Ok(()), Some(reason)) => Err(reason.clone()),
+        (Err(e), _) => Err(format!("fsync: {e}")),
+    };
     match synced {
         Ok(()) if always && chunk.new_file => out.ok_new_file.extend(waiters),
         Ok(()) => out.ok.extend(waiters),
-        Err(e) => {
-            let reason = format!("fsync: {e}");
+        Err(reason) => {
             error!(chunk_id = %chunk.header.chunk_id, tag = %chunk.header.tag, %reason,
                    "chunk fsync failed; its requests are not acknowledged");
-            chunk.failed = Some(reason.clone());
+            chunk.failed.get_or_insert_with(|| reason.clone());
             out.failed
                 .extend(waiters.into_iter().map(|w| (w, reason.clone())));
         }

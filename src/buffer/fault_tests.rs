@@ -1,0 +1,166 @@
+//! The writer under a failing disk: one create, write or fsync failed on purpose
+//! ([`super::chunk::fault`]), the writer driven round by round on the test's thread.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use claimcheck_consumer::entry::{self, EventTime};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::chunk;
+use super::chunk::fault::{self, Op};
+use super::registry::Registry;
+use super::writer::{Append, Writer};
+use super::*;
+
+fn writer(dir: &Path, max_open_files: Option<usize>) -> (Writer, Arc<Registry>) {
+    let config = Arc::new(BufferConfig {
+        dir: dir.to_path_buf(),
+        timekey: Duration::from_secs(60),
+        timekey_wait: Duration::from_secs(0),
+        chunk_limit_size: 1 << 20,
+        chunk_limit_records: None,
+        flush_interval: Duration::from_secs(3600),
+        total_limit_size: None,
+        overflow_action: OverflowAction::Block,
+        sync: SyncPolicy::Always,
+        sync_interval: Duration::from_secs(1),
+        max_open_files,
+    });
+    let chunks = chunks_dir(dir);
+    std::fs::create_dir_all(&chunks).unwrap();
+    let registry = Arc::new(Registry::new());
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::mem::forget(rx);
+    (Writer::new(config, chunks, registry.clone(), tx), registry)
+}
+
+/// A request of one event for `tag`.
+fn request(registry: &Arc<Registry>, tag: &str) -> (Append, Durable) {
+    let mut event = vec![0x92];
+    entry::encode::event_time(&mut event, EventTime::new(61, 7));
+    rmpv::encode::write_value(
+        &mut event,
+        &rmpv::Value::Map(vec![("k".into(), "v".into())]),
+    )
+    .unwrap();
+    let event = Bytes::from(event);
+    let time = entry::scan_entry(&event).unwrap().time;
+    let mut group = Group::new(60);
+    group.push(event, 1, time, time);
+    Append::new(tag.into(), vec![group], None, registry)
+}
+
+fn answer(durable: &mut Durable) -> Option<Result<(), BufferError>> {
+    durable.0.try_recv().ok()
+}
+
+fn tag_of(path: &Path) -> Option<String> {
+    let mut f = std::fs::File::open(path).ok()?;
+    chunk::read_header(&mut f).ok().map(|(h, _)| h.tag)
+}
+
+/// Resets the thread's hook when the test ends, passed or not.
+struct Hook;
+
+impl Hook {
+    fn set(hook: impl FnMut(Op, &Path, Option<&str>) -> Option<io::Error> + 'static) -> Hook {
+        fault::set(Some(Box::new(hook)));
+        Hook
+    }
+}
+
+impl Drop for Hook {
+    fn drop(&mut self) {
+        fault::set(None);
+    }
+}
+
+/// With the open-file limit reached within a round, a chunk written in that round has its file
+/// closed to make room, and that close's fsync fails. The round's own fsync of the chunk,
+/// which reopens the file, then succeeds (Linux reports a lost writeback to one fsync only):
+/// the request must not be acknowledged all the same.
+#[test]
+fn a_request_whose_file_failed_its_fsync_on_closing_is_not_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, registry) = writer(dir.path(), Some(2));
+    for tag in ["x", "a"] {
+        let (r, mut d) = request(&registry, tag);
+        w.round(vec![r], Instant::now());
+        assert!(matches!(answer(&mut d), Some(Ok(()))));
+    }
+    let a_syncs_failed = Rc::new(Cell::new(0));
+    let failed = a_syncs_failed.clone();
+    let _hook = Hook::set(move |op, path, _| match (op, tag_of(path).as_deref()) {
+        // b's file takes a place and keeps it; c's needs one more: a's file is closed.
+        (Op::Write, Some("b")) => Some(io::Error::other("b: I/O error")),
+        (Op::Sync, Some("a")) if failed.get() == 0 => {
+            failed.set(1);
+            Some(io::Error::other("a: writeback failed"))
+        }
+        _ => None,
+    });
+    let (a, mut da) = request(&registry, "a");
+    let (b, mut db) = request(&registry, "b");
+    let (c, mut dc) = request(&registry, "c");
+    w.round(vec![a, b, c], Instant::now());
+    assert_eq!(
+        a_syncs_failed.get(),
+        1,
+        "a's file was closed and its fsync failed"
+    );
+    assert!(
+        matches!(answer(&mut da), Some(Err(_))),
+        "a is not acknowledged"
+    );
+    assert!(matches!(answer(&mut db), Some(Err(_))));
+    assert!(matches!(answer(&mut dc), Some(Ok(()))));
+}
+
+/// On a full disk two new chunks' files cannot be created; in the next round one is, and the
+/// directory is fsynced for it. The other's file, created in the round after, needs that
+/// fsync too before its request is acknowledged.
+#[test]
+fn a_new_file_created_after_a_held_round_is_fsynced_into_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, registry) = writer(dir.path(), None);
+    let creates: Rc<RefCell<Vec<String>>> = Rc::default();
+    let dir_syncs = Rc::new(Cell::new(0));
+    let (created, synced) = (creates.clone(), dir_syncs.clone());
+    let _hook = Hook::set(move |op, _, tag| match op {
+        Op::Create => {
+            let tag = tag.unwrap().to_string();
+            created.borrow_mut().push(tag.clone());
+            let n = created.borrow().iter().filter(|t| **t == tag).count();
+            // p's first create fails, q's first two.
+            ((tag == "p" && n == 1) || (tag == "q" && n <= 2))
+                .then(|| io::Error::from(io::ErrorKind::StorageFull))
+        }
+        Op::SyncDir => {
+            synced.set(synced.get() + 1);
+            None
+        }
+        _ => None,
+    });
+    let (p, mut dp) = request(&registry, "p");
+    let (q, mut dq) = request(&registry, "q");
+    w.round(vec![p, q], Instant::now());
+    assert!(w.stalled(), "both held");
+    w.round(Vec::new(), Instant::now());
+    assert!(matches!(answer(&mut dp), Some(Ok(()))), "p's file made");
+    assert!(answer(&mut dq).is_none(), "q still held");
+    let before = dir_syncs.get();
+    w.round(Vec::new(), Instant::now());
+    assert!(matches!(answer(&mut dq), Some(Ok(()))), "q's file made");
+    assert!(
+        dir_syncs.get() > before,
+        "q's directory entry was fsynced before its ack"
+    );
+    assert_eq!(*creates.borrow(), ["p", "q", "p", "q", "q"]);
+}
