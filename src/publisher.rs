@@ -144,19 +144,32 @@ pub async fn run<P: PointerSink>(
             }
             present
         });
+        // Bodies are read for the jobs one batch can carry, by their stored size (an inline
+        // record holds at least its body); the others wait without one.
+        let mut estimate = 0;
+        let (jobs, later): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|job| {
+            let size = job.size().max(job.chunk.pointer.stored_bytes as usize);
+            estimate += size;
+            estimate == size || estimate <= MAX_BATCH_BYTES
+        });
         let jobs = load_bodies(jobs, &retry).await;
         let mut bytes = 0;
         let mut batch = Vec::new();
+        let wait = |mut job: Job| {
+            registry.set_phase(&job.chunk.pointer.chunk_id, Phase::Uploaded);
+            job.unload();
+            let _ = retry_tx.send(job);
+        };
         for job in jobs {
             let size = job.size();
             if !batch.is_empty() && bytes + size > MAX_BATCH_BYTES {
-                registry.set_phase(&job.chunk.pointer.chunk_id, Phase::Uploaded);
-                let _ = retry_tx.send(job);
+                wait(job);
                 continue;
             }
             bytes += size;
             batch.push(job);
         }
+        later.into_iter().for_each(wait);
         if !batch.is_empty() {
             publish(&*sink, &registry, batch, &retry).await;
         }

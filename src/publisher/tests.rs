@@ -401,3 +401,106 @@ fn partition_keys_are_cut_to_kinesis_limit() {
         MAX_PARTITION_KEY_CHARS
     );
 }
+
+/// Holds the first PutRecords call until `release` is notified.
+#[derive(Default)]
+struct GatedSink {
+    calls: Mutex<Vec<Vec<Bytes>>>,
+    first_call: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl PointerSink for GatedSink {
+    async fn put_records(
+        &self,
+        records: &[PointerRecord],
+    ) -> Result<Vec<EntryResult>, BackendError> {
+        let first = {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push(records.iter().map(|r| r.data.clone()).collect());
+            calls.len() == 1
+        };
+        if first {
+            self.first_call.notify_one();
+            self.release.notified().await;
+        }
+        Ok((0..records.len())
+            .map(|i| EntryResult::Accepted {
+                shard_id: "s".into(),
+                sequence_number: i.to_string(),
+            })
+            .collect())
+    }
+}
+
+/// A backlog of inline chunks of nearly 1 MB, bodies on disk only (as after a restart): about
+/// five go in one PutRecords, and the others wait for theirs without their bodies in memory.
+/// Their state files are rewritten while the first call is in flight; what they send must be
+/// read after that.
+#[tokio::test]
+async fn inline_jobs_that_wait_for_a_later_batch_hold_no_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let sink = Arc::new(GatedSink::default());
+    let make = |n: usize, fill: u8| {
+        let mut chunk = uploaded(dir.path(), &registry, n);
+        let body = Bytes::from(vec![fill; 1000 * 1024 - 600]);
+        chunk.pointer = Pointer {
+            stored_bytes: body.len() as u64,
+            checksum: Checksum {
+                crc32c: claimcheck_consumer::crc::crc32c(&body),
+            },
+            ..chunk.pointer
+        }
+        .into_inline(body);
+        let state = chunk::ChunkState::uploaded(
+            chunk.header.clone(),
+            Default::default(),
+            chunk.pointer.clone(),
+            None,
+        );
+        chunk::write_state(&chunk.paths.state, &state).unwrap();
+        chunk.pointer.inline = None;
+        chunk
+    };
+    let chunks: Vec<_> = (0..20).map(|n| make(n, b'a')).collect();
+    let (tx, rx) = mpsc::unbounded_channel();
+    for c in &chunks {
+        tx.send(c.clone()).unwrap();
+    }
+    let task = tokio::spawn({
+        let (sink, registry, config) = (sink.clone(), registry.clone(), config(dir.path()));
+        async move {
+            let _tx = tx;
+            run(sink, Arc::new(config), registry, rx).await
+        }
+    });
+    sink.first_call.notified().await;
+    let first: Vec<String> = sink.calls.lock().unwrap()[0]
+        .iter()
+        .map(|r| Pointer::from_record(r).unwrap().chunk_id)
+        .collect();
+    let mut rewritten = 0;
+    for (n, c) in chunks.iter().enumerate() {
+        if !first.contains(&c.pointer.chunk_id) {
+            make(n, b'b');
+            rewritten += 1;
+        }
+    }
+    assert_eq!(rewritten, 20 - first.len());
+    sink.release.notify_one();
+    wait_until("all deleted", || {
+        chunks.iter().all(|c| !c.paths.data.exists())
+    })
+    .await;
+    task.abort();
+    let calls = sink.calls.lock().unwrap();
+    assert_eq!(calls.iter().map(Vec::len).sum::<usize>(), 20);
+    let stale = calls
+        .iter()
+        .skip(1)
+        .flatten()
+        .filter(|r| *r.last().unwrap() == b'a')
+        .count();
+    assert_eq!(stale, 0, "bodies read before the first call were kept");
+}
