@@ -20,6 +20,16 @@ use super::writer::{Append, Writer};
 use super::*;
 
 fn writer(dir: &Path, max_open_files: Option<usize>) -> (Writer, Arc<Registry>) {
+    let (writer, registry, rx) = writer_sealing(dir, max_open_files);
+    std::mem::forget(rx);
+    (writer, registry)
+}
+
+/// [`writer`], with the receiver of the chunks it seals.
+fn writer_sealing(
+    dir: &Path,
+    max_open_files: Option<usize>,
+) -> (Writer, Arc<Registry>, mpsc::UnboundedReceiver<SealedChunk>) {
     let config = Arc::new(BufferConfig {
         dir: dir.to_path_buf(),
         timekey: Duration::from_secs(60),
@@ -37,12 +47,23 @@ fn writer(dir: &Path, max_open_files: Option<usize>) -> (Writer, Arc<Registry>) 
     std::fs::create_dir_all(&chunks).unwrap();
     let registry = Arc::new(Registry::new());
     let (tx, rx) = mpsc::unbounded_channel();
-    std::mem::forget(rx);
-    (Writer::new(config, chunks, registry.clone(), tx), registry)
+    (
+        Writer::new(config, chunks, registry.clone(), tx),
+        registry,
+        rx,
+    )
 }
 
 /// A request of one event for `tag`.
 fn request(registry: &Arc<Registry>, tag: &str) -> (Append, Durable) {
+    request_with_token(registry, tag, None)
+}
+
+fn request_with_token(
+    registry: &Arc<Registry>,
+    tag: &str,
+    token: Option<&'static [u8]>,
+) -> (Append, Durable) {
     let mut event = vec![0x92];
     entry::encode::event_time(&mut event, EventTime::new(61, 7));
     rmpv::encode::write_value(
@@ -54,7 +75,8 @@ fn request(registry: &Arc<Registry>, tag: &str) -> (Append, Durable) {
     let time = entry::scan_entry(&event).unwrap().time;
     let mut group = Group::new(60);
     group.push(event, 1, time, time);
-    Append::new(tag.into(), vec![group], None, registry)
+    let token = token.map(|t| ("10.0.0.9".parse().unwrap(), Bytes::from_static(t)));
+    Append::new(tag.into(), vec![group], token, registry)
 }
 
 fn answer(durable: &mut Durable) -> Option<Result<(), BufferError>> {
@@ -163,4 +185,33 @@ fn a_new_file_created_after_a_held_round_is_fsynced_into_its_directory() {
         "q's directory entry was fsynced before its ack"
     );
     assert_eq!(*creates.borrow(), ["p", "q", "p", "q", "q"]);
+}
+
+/// A request held by a full disk (its chunk's file could not be created) and written in a
+/// later round is written with its token, as any other: acked, it is recognised if resent
+/// after a restart.
+#[test]
+fn a_request_held_by_a_full_disk_is_written_with_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, registry, mut sealed) = writer_sealing(dir.path(), None);
+    let creates = Rc::new(Cell::new(0));
+    let counted = creates.clone();
+    let _hook = Hook::set(move |op, _, _| {
+        (op == Op::Create && {
+            counted.set(counted.get() + 1);
+            counted.get() == 1
+        })
+        .then(|| io::Error::from(io::ErrorKind::StorageFull))
+    });
+    let (r, mut d) = request_with_token(&registry, "t", Some(b"tok-1"));
+    w.round(vec![r], Instant::now());
+    assert!(w.stalled(), "held");
+    w.round(Vec::new(), Instant::now());
+    assert!(matches!(answer(&mut d), Some(Ok(()))));
+    w.seal_all("test");
+    let chunk = sealed.try_recv().unwrap();
+    let tokens = chunk::read_tokens(&chunk.paths.data).unwrap();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0].token.as_ref(), b"tok-1");
+    assert_eq!(tokens[0].parts, 1);
 }

@@ -114,9 +114,11 @@ impl Answer {
 
 struct Waiter {
     done: Option<Answer>,
-    /// The token to record with the request's events, until its records are placed (then
-    /// `None`: pieces written in later rounds, after a full disk held them, carry none).
+    /// The token to record with the request's events.
     token: Option<(IpAddr, Bytes)>,
+    /// Its token record, encoded in the round that placed the request's pieces and written
+    /// with each of them, also with those a full disk held for a later round.
+    record: Option<Vec<u8>>,
     /// Pieces of this request not yet durable (or failed).
     outstanding: usize,
     failed: Option<String>,
@@ -392,6 +394,7 @@ impl Writer {
             let waiter = Waiter {
                 done: Some(append.done),
                 token: append.token.filter(|(_, t)| t.len() <= MAX_TOKEN_BYTES),
+                record: None,
                 outstanding: append.groups.len(),
                 failed: None,
             };
@@ -448,16 +451,22 @@ impl Writer {
         parts
             .into_iter()
             .filter_map(|(w, parts)| {
-                let (sender, token) = self.waiters.get_mut(&w)?.token.take()?;
-                let record = TokenRecord {
-                    sender,
-                    token,
-                    request: uuid::Uuid::now_v7().as_u128(),
-                    parts,
-                };
-                let mut bytes = Vec::new();
-                record.encode(&mut bytes);
-                Some((w, bytes))
+                let waiter = self.waiters.get_mut(&w)?;
+                let (sender, token) = waiter.token.clone()?;
+                // Pieces held by a full disk in the round that counted the parts carry the
+                // same record when they are written.
+                let bytes = waiter.record.get_or_insert_with(|| {
+                    let mut bytes = Vec::new();
+                    TokenRecord {
+                        sender,
+                        token,
+                        request: uuid::Uuid::now_v7().as_u128(),
+                        parts,
+                    }
+                    .encode(&mut bytes);
+                    bytes
+                });
+                Some((w, bytes.clone()))
             })
             .collect()
     }
@@ -925,19 +934,31 @@ impl Writer {
             .collect();
         let started = std::time::Instant::now();
         let results = self.sync_chunks(keys.clone());
+        let mut complete = true;
         for (key, synced) in keys.into_iter().zip(results) {
             if let Err(e) = synced {
                 error!(tag = %key.0, cause = %e, "chunk fsync failed; the chunk is sealed as it stands");
                 chunk_mut(&mut self.open, &key).failed = Some(format!("fsync: {e}"));
                 self.failing.push(key);
+                complete = false;
             }
         }
-        if self.dir_unsynced && chunk::sync_dir(&self.chunks_dir).is_ok() {
-            self.dir_unsynced = false;
+        if self.dir_unsynced {
+            match chunk::sync_dir(&self.chunks_dir) {
+                Ok(()) => self.dir_unsynced = false,
+                Err(e) => {
+                    // Tried again at the next interval.
+                    error!(cause = %e, "buffer directory fsync failed; new chunk files are not durable yet");
+                    complete = false;
+                }
+            }
         }
         self.dirty = false;
         self.last_sync = now;
-        crate::metrics::metrics().synced("interval", started.elapsed());
+        // Counted only when all of it is durable: what was acked before it began is.
+        if complete {
+            crate::metrics::metrics().synced("interval", started.elapsed());
+        }
     }
 
     /// Seals every open chunk, and every chunk set aside (shutdown, or to let delivery free
