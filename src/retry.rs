@@ -114,11 +114,9 @@ pub trait Retried: Send + 'static {
 pub enum Next {
     /// Back in the queue after this long.
     Retry(Duration),
-    /// Budget spent: moved to `dead/`.
+    /// Budget spent: moved to `dead/`. (If that move fails, the chunk stays in the buffer and
+    /// is re-queued as for a retry, the move tried again when it fails once more.)
     DeadLettered,
-    /// Budget spent, but the move to `dead/` failed: the chunk stays in the buffer (the next
-    /// start or rescan picks it up again).
-    Stuck,
 }
 
 /// The step after a failed attempt at one stage: dead-letter, or back off and re-queue.
@@ -158,21 +156,21 @@ impl<J: Retried> RetryStep<J> {
         job.unload();
         let attempts = *job.attempts();
         if attempts.exhausted(&self.policy) {
-            return match dead_letter::move_to_dead(&self.buffer_dir, job.paths()) {
+            match dead_letter::move_to_dead(&self.buffer_dir, job.paths()) {
                 Ok(()) => {
                     self.registry.remove(&id);
                     self.registry.count_dead_letter();
                     error!(chunk_id = %id, stage = self.stage.name(), attempts = attempts.count(),
                            events = job.events(), cause = %failure.cause,
                            "retry budget exhausted; chunk moved to the dead-letter folder (claimcheck replay re-queues it)");
-                    Next::DeadLettered
+                    return Next::DeadLettered;
                 }
+                // Left where it is, it would wait for the next start: tried again instead.
                 Err(e) => {
                     error!(chunk_id = %id, stage = self.stage.name(), cause = %failure.cause, move_error = %e,
-                           "retry budget exhausted but the chunk cannot be moved to the dead-letter folder; it stays in the buffer");
-                    Next::Stuck
+                           "retry budget exhausted but the chunk cannot be moved to the dead-letter folder; it stays in the buffer and is tried again")
                 }
-            };
+            }
         }
         let delay = attempts.delay(&self.policy);
         metrics().retry(self.stage.name());
@@ -250,17 +248,11 @@ mod tests {
         };
         let (mut delays, mut back) = (Vec::new(), Vec::new());
         let started = Instant::now();
-        loop {
-            match step.failed(job, &failure) {
-                Next::Retry(delay) => {
-                    delays.push(delay);
-                    assert!(paths.data.exists(), "a chunk waiting for a retry stays");
-                    job = rx.recv().await.expect("the chunk comes back");
-                    back.push(started.elapsed());
-                }
-                Next::DeadLettered => break,
-                Next::Stuck => panic!("the dead-letter move failed"),
-            }
+        while let Next::Retry(delay) = step.failed(job, &failure) {
+            delays.push(delay);
+            assert!(paths.data.exists(), "a chunk waiting for a retry stays");
+            job = rx.recv().await.expect("the chunk comes back");
+            back.push(started.elapsed());
         }
         assert!(!paths.data.exists() && !paths.state.exists());
         let dead = crate::buffer::dead_letter::list_dead(dir.path()).unwrap();
@@ -305,6 +297,48 @@ mod tests {
         // Failures at 0, 1, 3 and 7 s: the one at 7 s is past the 5 s budget.
         assert_eq!(delays, secs(&[1, 2, 4]));
         assert_eq!(back, secs(&[1, 3, 7]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_chunk_that_cannot_be_moved_to_dead_letters_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = crate::buffer::chunks_dir(dir.path());
+        std::fs::create_dir_all(&chunks).unwrap();
+        // `dead` cannot be made: a file has its name.
+        std::fs::write(dir.path().join("dead"), b"").unwrap();
+        let id = "0123456789abcdef0123456789abcdef".to_string();
+        let paths = ChunkPaths::new(&chunks, &id);
+        std::fs::write(&paths.data, b"data").unwrap();
+        std::fs::write(&paths.state, b"{}").unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let step = RetryStep::new(
+            Stage::Upload,
+            RetryPolicy {
+                backoff: EXACT,
+                timeout: Duration::from_secs(3600),
+                max_times: Some(0),
+                forever: false,
+            },
+            dir.path().to_path_buf(),
+            Arc::new(Registry::new()),
+            tx,
+        );
+        let failure = Failure {
+            code: "InternalError".into(),
+            cause: "injected".into(),
+            retryable: true,
+        };
+        let job = TestJob {
+            id,
+            paths: paths.clone(),
+            attempts: Attempts::default(),
+        };
+        assert_eq!(step.failed(job, &failure), Next::Retry(EXACT.wait));
+        let job = rx.recv().await.expect("the chunk comes back");
+        assert!(paths.data.exists() && paths.state.exists());
+        std::fs::remove_file(dir.path().join("dead")).unwrap();
+        assert_eq!(step.failed(job, &failure), Next::DeadLettered);
+        assert!(!paths.data.exists());
     }
 
     #[test]

@@ -23,12 +23,16 @@ pub fn quarantine_dir(buffer_dir: &Path) -> PathBuf {
 pub fn move_to_dead(buffer_dir: &Path, paths: &ChunkPaths) -> io::Result<()> {
     let dead = dead_dir(buffer_dir);
     chunk::create_dir_durably(&dead)?;
-    // The data file first: a chunk without data is taken for a published one.
+    // The data file first: a chunk without data is taken for a published one. A file gone
+    // already was moved by an earlier try that failed after it.
     for path in [&paths.data, &paths.state] {
-        fs::rename(
+        match fs::rename(
             path,
             dead.join(path.file_name().expect("chunk files have names")),
-        )?;
+        ) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            result => result?,
+        }
     }
     chunk::sync_dir(&dead)?;
     chunk::sync_dir(
@@ -45,16 +49,21 @@ pub fn quarantine(buffer_dir: &Path, files: &[&Path], registry: &Registry) -> io
     let target = quarantine_dir(buffer_dir);
     chunk::create_dir_durably(&target)?;
     let mut first = None;
+    let mut sources = Vec::new();
     for path in files.iter().filter(|p| p.exists()) {
         let to = target.join(path.file_name().expect("files have names"));
         fs::rename(path, &to)?;
         registry.count_quarantined(1);
         first.get_or_insert(to);
-        if let Some(dir) = path.parent() {
-            chunk::sync_dir(dir)?;
-        }
+        sources.extend(path.parent().map(Path::to_path_buf));
     }
+    // The new entries first, then the old ones' removal (as `move_to_dead` does): a power
+    // loss in between leaves a file in both places, never in neither.
     chunk::sync_dir(&target)?;
+    sources.dedup();
+    for dir in sources {
+        chunk::sync_dir(&dir)?;
+    }
     Ok(first.unwrap_or(target))
 }
 
