@@ -10,7 +10,7 @@
 //! | `<id>.free`                          | kept as a spare to reuse (deleted beyond [`chunk::MAX_SPARES`]) |
 //! | data + unreadable state              | state kept in `quarantine/` (ERROR), then as above   |
 //! | data that cannot be read at all      | moved to `quarantine/` (ERROR)                       |
-//! | sealed data shorter than its state   | both moved to `quarantine/` (ERROR)                  |
+//! | sealed data shorter than its state   | state moved to `quarantine/` (ERROR), then as data with no state |
 //! | state with no data                   | removed (the chunk was published and deleted)        |
 //! | `*.tmp`                              | removed (an interrupted atomic write)                |
 //! | anything else                        | moved to `quarantine/` (ERROR)                       |
@@ -165,18 +165,23 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
         } else {
             None
         };
+        let state = match state {
+            // Its end lost (a power loss after a failed fsync, or a seal written before its
+            // data was synced): its whole frames are recovered as an open chunk's are, the old
+            // state kept aside.
+            Some(ChunkState::Sealed { stats, .. })
+                if fs::metadata(&paths.data)?.len() < stats.data_len =>
+            {
+                error!(chunk_id = %id, expected = stats.data_len, found = fs::metadata(&paths.data)?.len(),
+                       "sealed chunk is shorter than recorded; recovering its whole frames and keeping its state file in quarantine");
+                out.quarantined
+                    .push(quarantine(&buffer_dir, &[&paths.state], registry)?);
+                None
+            }
+            state => state,
+        };
         match state {
             Some(ChunkState::Sealed { header, stats }) => {
-                let len = fs::metadata(&paths.data)?.len();
-                if len < stats.data_len {
-                    error!(chunk_id = %id, expected = stats.data_len, found = len, "sealed chunk is shorter than recorded; moving it to quarantine");
-                    out.quarantined.push(quarantine(
-                        &buffer_dir,
-                        &[&paths.data, &paths.state],
-                        registry,
-                    )?);
-                    continue;
-                }
                 out.read_tokens(&paths, stats.data_len);
                 out.add(registry, ChunkState::Sealed { header, stats }, paths)?;
             }

@@ -325,6 +325,51 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
     assert!(!chunks.join("x.state.tmp").exists());
 }
 
+/// A sealed chunk whose file ends before the length its state records (the end of it lost):
+/// its whole frames are recovered and sealed again, its old state kept in quarantine; not the
+/// whole chunk set aside with the events that did survive.
+#[test]
+fn a_sealed_chunk_shorter_than_its_state_keeps_its_whole_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = chunks_dir(dir.path());
+    std::fs::create_dir_all(&chunks).unwrap();
+    let id = "6".repeat(32);
+    let header = ChunkHeader {
+        chunk_id: id.clone(),
+        tag: "t".into(),
+        timekey: 0,
+        created_ms: 0,
+        reused: false,
+    };
+    let paths = ChunkPaths::new(&chunks, &id);
+    let mut w = ChunkWriter::create(&paths.data, &header).unwrap();
+    w.append(&[entry_at(1, 5), entry_at(2, 5)], &[]).unwrap();
+    let first = w.valid_len();
+    w.append(&[entry_at(3, 5)], &[]).unwrap();
+    let stats = ChunkStats {
+        records: 3,
+        data_len: w.valid_len(),
+        ..ChunkStats::default()
+    };
+    drop(w);
+    chunk::write_state(&paths.state, &ChunkState::Sealed { header, stats }).unwrap();
+    chunk::truncate(&paths.data, first + 5).unwrap();
+
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let (_buffer, recovered) = Buffer::open(config(dir.path()), registry(), tx).unwrap();
+    assert_eq!(recovered.sealed.len(), 1);
+    let sealed = &recovered.sealed[0];
+    assert_eq!((sealed.stats.records, sealed.stats.data_len), (2, first));
+    assert_eq!(std::fs::metadata(&paths.data).unwrap().len(), first);
+    match chunk::read_state(&paths.state).unwrap() {
+        ChunkState::Sealed { stats, .. } => assert_eq!(stats.records, 2),
+        other => panic!("sealed again, not {other:?}"),
+    }
+    let state_kept = dir.path().join("quarantine").join(format!("{id}.state"));
+    assert!(recovered.quarantined.contains(&state_kept));
+    assert!(state_kept.exists());
+}
+
 #[test]
 fn split_front_keeps_order_and_takes_at_least_one_entry() {
     let entries: Vec<Bytes> = (0..4).map(|i| entry_at(i, 10)).collect();
