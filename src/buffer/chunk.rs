@@ -790,8 +790,11 @@ pub fn read_header(file: &mut File) -> Result<(ChunkHeader, Frames), ReadError> 
         )));
     }
     let mut json = vec![0u8; len];
-    file.read_exact(&mut json)
-        .map_err(|e| ReadError::BadHeader(e.to_string()))?;
+    // Only a file too short is damaged; another error (EIO) may pass, and is retried.
+    file.read_exact(&mut json).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => ReadError::BadHeader("file shorter than its header".into()),
+        _ => ReadError::Io(e),
+    })?;
     if crc::crc32c(&json) != crc {
         return Err(ReadError::BadHeader("header checksum mismatch".into()));
     }

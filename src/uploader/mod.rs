@@ -98,7 +98,15 @@ pub async fn run<S: ChunkStore>(
         let job = tokio::select! {
             Some(chunk) = sealed.recv() => Job { chunk, attempts: Attempts::default() },
             Some(job) = retry_rx.recv() => job,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                match joined {
+                    Err(e) if e.is_panic() => {
+                        error!(cause = %e, "an upload task panicked; its chunk is uploaded again on the next start")
+                    }
+                    _ => {}
+                }
+                continue;
+            }
         };
         let permit = permits
             .clone()
