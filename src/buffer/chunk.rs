@@ -435,6 +435,11 @@ pub struct ChunkWriter {
     len: u64,
     /// Bytes were written since the last successful sync.
     unsynced: bool,
+    /// Length of the part made durable by a sync, before any sync failed.
+    synced_len: u64,
+    /// A sync failed: what was written after `synced_len` may be lost, even if a later sync
+    /// succeeds (Linux reports a lost writeback to one fsync only).
+    sync_failed: bool,
     /// Start writeback as the file grows ([`ChunkWriter::write_behind`]).
     write_behind: bool,
     /// The offset up to which writeback was started.
@@ -453,6 +458,8 @@ impl ChunkWriter {
             file: None,
             len: 0,
             unsynced: false,
+            synced_len: 0,
+            sync_failed: false,
             write_behind: false,
             written_back: 0,
         }
@@ -524,6 +531,8 @@ impl ChunkWriter {
                     }
                 };
                 self.len = len;
+                // An empty chunk at worst, if the first sync fails.
+                self.synced_len = len;
                 self.leftover = spare_len > len;
                 self.header = None;
                 self.unsynced = true;
@@ -631,17 +640,49 @@ impl ChunkWriter {
         if !self.unsynced {
             return Ok(());
         }
+        let synced = self.sync_data();
+        if synced.is_err() {
+            self.sync_failed = true;
+        } else if !self.sync_failed {
+            self.synced_len = self.len;
+        }
+        synced?;
+        self.unsynced = false;
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
         #[cfg(test)]
         fault::check(fault::Op::Sync, &self.path, None)?;
         match &self.file {
-            Some(file) => file.sync_data()?,
+            Some(file) => file.sync_data(),
             None => OpenOptions::new()
                 .append(true)
                 .open(&self.path)?
-                .sync_data()?,
+                .sync_data(),
         }
-        self.unsynced = false;
-        Ok(())
+    }
+
+    /// For the seal of a chunk whose sync failed, under `sync always`: cuts the file back to
+    /// the part synced before the failure (the requests written after it were not
+    /// acknowledged), so that the chunk holds only what is durable. Returns whether it cut.
+    pub fn cut_to_synced(&mut self) -> io::Result<bool> {
+        if !self.sync_failed || self.len <= self.synced_len || self.header.is_some() {
+            return Ok(false);
+        }
+        match &self.file {
+            Some(file) => file.set_len(self.synced_len)?,
+            None => OpenOptions::new()
+                .write(true)
+                .open(&self.path)?
+                .set_len(self.synced_len)?,
+        }
+        self.len = self.synced_len;
+        self.leftover = false;
+        self.unsynced = true;
+        // Its position is past the end now; nothing more is written to a chunk being sealed.
+        self.file = None;
+        Ok(true)
     }
 
     /// For the seal: cuts a spare file's leftover off (so that a sealed chunk's file ends with

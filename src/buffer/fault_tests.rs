@@ -215,3 +215,47 @@ fn a_request_held_by_a_full_disk_is_written_with_its_token() {
     assert_eq!(tokens[0].token.as_ref(), b"tok-1");
     assert_eq!(tokens[0].parts, 1);
 }
+
+/// Under `sync always` a frame whose fsync failed was refused; the seal cuts the chunk back to
+/// the frames synced before, so that the chunk holds what is durable and what was
+/// acknowledged, and a chunk with nothing synced is removed.
+#[test]
+fn a_frame_whose_fsync_failed_is_cut_off_at_the_seal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, registry, mut sealed) = writer_sealing(dir.path(), None);
+    let (r, mut d) = request(&registry, "k");
+    w.round(vec![r], Instant::now());
+    assert!(matches!(answer(&mut d), Some(Ok(()))));
+    let fail_next_sync = Rc::new(Cell::new(true));
+    let failing = fail_next_sync.clone();
+    let _hook = Hook::set(move |op, _, _| {
+        (op == Op::Sync && failing.replace(false)).then(|| io::Error::other("writeback failed"))
+    });
+    let (r, mut d) = request(&registry, "k");
+    w.round(vec![r], Instant::now());
+    assert!(matches!(answer(&mut d), Some(Err(_))), "refused");
+    // A chunk whose only frame's fsync failed.
+    fail_next_sync.set(true);
+    let (r, mut d) = request(&registry, "lone");
+    w.round(vec![r], Instant::now());
+    assert!(matches!(answer(&mut d), Some(Err(_))), "refused");
+
+    w.seal_all("test");
+    let chunk = sealed.try_recv().unwrap();
+    assert_eq!(chunk.header.tag, "k");
+    assert_eq!(chunk.stats.records, 1, "the acknowledged event only");
+    let len = std::fs::metadata(&chunk.paths.data).unwrap().len();
+    assert_eq!(chunk.stats.data_len, len);
+    assert_eq!(chunk::scan(&chunk.paths.data).unwrap().stats.records, 1);
+    assert!(
+        sealed.try_recv().is_err(),
+        "the chunk with nothing synced is not sealed"
+    );
+    let files: Vec<_> = std::fs::read_dir(chunks_dir(dir.path()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".chunk"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(registry.usage(), len, "the buffer counts what is left");
+}

@@ -150,6 +150,9 @@ struct OpenChunk {
     pending_stats: ChunkStats,
     /// A write or sync failed: the chunk takes no more events and is sealed as it stands.
     failed: Option<String>,
+    /// Its file was cut back at the seal ([`cut_to_synced`]) and `stats` not yet counted
+    /// again.
+    recount: bool,
 }
 
 /// What writing chunks' pending pieces gave.
@@ -1080,6 +1083,7 @@ impl Writer {
             pending: Vec::new(),
             pending_stats: ChunkStats::default(),
             failed: None,
+            recount: false,
         }
     }
 
@@ -1149,6 +1153,7 @@ impl Writer {
                 chunk,
                 reason,
                 stats,
+                cut: 0,
                 result: Ok(()),
             });
         }
@@ -1156,6 +1161,7 @@ impl Writer {
             chunks,
             chunks_dir: self.chunks_dir.clone(),
             dir_synced: Ok(()),
+            cut_unsynced: self.config.sync == SyncPolicy::Always,
         }
     }
 
@@ -1170,10 +1176,21 @@ impl Writer {
             chunk,
             reason,
             stats,
+            cut,
             result,
         } in chunks
         {
+            if cut > 0 {
+                self.registry.grow(&chunk.header.chunk_id, -(cut as i64), 0);
+            }
             match result {
+                Ok(()) if stats.records == 0 => {
+                    // Nothing in it was synced: nothing in it was acknowledged.
+                    if let Err(e) = chunk.paths.remove() {
+                        warn!(chunk_id = %chunk.header.chunk_id, cause = %e, "cannot remove an empty chunk");
+                    }
+                    self.registry.remove(&chunk.header.chunk_id);
+                }
                 Ok(()) => staged.push((chunk, reason, stats)),
                 Err(e) => {
                     error!(chunk_id = %chunk.header.chunk_id, cause = %e, "cannot seal a chunk; will retry");
@@ -1223,6 +1240,8 @@ struct Sealing {
     chunk: OpenChunk,
     reason: &'static str,
     stats: ChunkStats,
+    /// Bytes cut off the end (frames whose sync failed, under `sync always`).
+    cut: u64,
     result: io::Result<()>,
 }
 
@@ -1233,6 +1252,8 @@ pub(super) struct SealBatch {
     chunks: Vec<Sealing>,
     chunks_dir: PathBuf,
     dir_synced: io::Result<()>,
+    /// `sync always`: a chunk whose sync failed is cut back to what was synced before.
+    cut_unsynced: bool,
 }
 
 impl SealBatch {
@@ -1244,7 +1265,14 @@ impl SealBatch {
     /// syncs together; then the directory fsynced, once for all of them.
     pub(super) fn run(&mut self) {
         let synced_at = std::time::Instant::now();
+        let cut_unsynced = self.cut_unsynced;
         in_parallel(&mut self.chunks, |sealing| {
+            if cut_unsynced {
+                if let Err(e) = cut_to_synced(sealing) {
+                    sealing.result = Err(e);
+                    return;
+                }
+            }
             let state = ChunkState::Sealed {
                 header: sealing.chunk.header.clone(),
                 stats: sealing.stats,
@@ -1262,6 +1290,27 @@ impl SealBatch {
             self.dir_synced = chunk::sync_dir(&self.chunks_dir);
         }
     }
+}
+
+/// Cuts a chunk whose sync failed back to its part synced before ([`ChunkWriter::cut_to_synced`])
+/// and counts what is left (a scan of the file, once more after a failed seal).
+fn cut_to_synced(sealing: &mut Sealing) -> io::Result<()> {
+    let chunk = &mut sealing.chunk;
+    let before = chunk.writer.valid_len();
+    if chunk.writer.cut_to_synced()? {
+        sealing.cut = before - chunk.writer.valid_len();
+        chunk.recount = true;
+    }
+    if !chunk.recount {
+        return Ok(());
+    }
+    let scan = chunk::scan(&chunk.paths.data).map_err(io::Error::other)?;
+    warn!(chunk_id = %chunk.header.chunk_id, bytes = sealing.cut, events = scan.stats.records,
+          "cut a chunk back to what was synced before its fsync failed (its later requests were not acknowledged)");
+    chunk.stats = scan.stats;
+    chunk.recount = false;
+    sealing.stats = scan.stats;
+    Ok(())
 }
 
 /// Whether writing a chunk's pending pieces needs its file opened.
