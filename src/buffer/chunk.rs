@@ -670,13 +670,7 @@ impl ChunkWriter {
         if !self.sync_failed || self.len <= self.synced_len || self.header.is_some() {
             return Ok(false);
         }
-        match &self.file {
-            Some(file) => file.set_len(self.synced_len)?,
-            None => OpenOptions::new()
-                .write(true)
-                .open(&self.path)?
-                .set_len(self.synced_len)?,
-        }
+        self.set_len(self.synced_len)?;
         self.len = self.synced_len;
         self.leftover = false;
         self.unsynced = true;
@@ -689,17 +683,22 @@ impl ChunkWriter {
     /// its valid part, as readers that read to the end expect), then syncs.
     pub fn finish(&mut self) -> io::Result<()> {
         if self.leftover {
-            match &self.file {
-                Some(file) => file.set_len(self.len)?,
-                None => OpenOptions::new()
-                    .write(true)
-                    .open(&self.path)?
-                    .set_len(self.len)?,
-            }
+            self.set_len(self.len)?;
             self.leftover = false;
             self.unsynced = true;
         }
         self.sync()
+    }
+
+    /// Cuts the file to `len`, opening it for the time of the call if it is closed.
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        match &self.file {
+            Some(file) => file.set_len(len),
+            None => OpenOptions::new()
+                .write(true)
+                .open(&self.path)?
+                .set_len(len),
+        }
     }
 
     /// Closes the file without syncing it: what it holds unsynced stays so

@@ -6,7 +6,6 @@ use std::io;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use claimcheck_consumer::entry::{self, EventTime};
@@ -31,17 +30,8 @@ fn writer_sealing(
     max_open_files: Option<usize>,
 ) -> (Writer, Arc<Registry>, mpsc::UnboundedReceiver<SealedChunk>) {
     let config = Arc::new(BufferConfig {
-        dir: dir.to_path_buf(),
-        timekey: Duration::from_secs(60),
-        timekey_wait: Duration::from_secs(0),
-        chunk_limit_size: 1 << 20,
-        chunk_limit_records: None,
-        flush_interval: Duration::from_secs(3600),
-        total_limit_size: None,
-        overflow_action: OverflowAction::Block,
-        sync: SyncPolicy::Always,
-        sync_interval: Duration::from_secs(1),
         max_open_files,
+        ..super::tests::config(dir)
     });
     let chunks = chunks_dir(dir);
     std::fs::create_dir_all(&chunks).unwrap();

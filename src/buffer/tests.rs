@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use super::chunk::{self, ChunkState, ChunkWriter, FRAME_HEADER};
 use super::*;
 
-fn config(dir: &Path) -> BufferConfig {
+pub(super) fn config(dir: &Path) -> BufferConfig {
     BufferConfig {
         dir: dir.to_path_buf(),
         timekey: Duration::from_secs(60),

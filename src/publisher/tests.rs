@@ -268,8 +268,18 @@ async fn a_failed_request_is_retried_on_its_backoff_and_keeps_the_chunk_until_it
 
 /// An uploaded chunk whose body goes inline, with its `uploaded` state on disk.
 fn uploaded_inline(dir: &std::path::Path, registry: &Registry, n: usize) -> UploadedChunk {
-    let mut chunk = uploaded(dir, registry, n);
     let body = Bytes::from(format!("body {n}\nwith a newline").into_bytes());
+    uploaded_inline_with(dir, registry, n, body)
+}
+
+/// [`uploaded_inline`] with this body.
+fn uploaded_inline_with(
+    dir: &std::path::Path,
+    registry: &Registry,
+    n: usize,
+    body: Bytes,
+) -> UploadedChunk {
+    let mut chunk = uploaded(dir, registry, n);
     chunk.pointer = Pointer {
         stored_bytes: body.len() as u64,
         checksum: Checksum {
@@ -443,23 +453,8 @@ async fn inline_jobs_that_wait_for_a_later_batch_hold_no_body() {
     let registry = Arc::new(Registry::new());
     let sink = Arc::new(GatedSink::default());
     let make = |n: usize, fill: u8| {
-        let mut chunk = uploaded(dir.path(), &registry, n);
         let body = Bytes::from(vec![fill; 1000 * 1024 - 600]);
-        chunk.pointer = Pointer {
-            stored_bytes: body.len() as u64,
-            checksum: Checksum {
-                crc32c: claimcheck_consumer::crc::crc32c(&body),
-            },
-            ..chunk.pointer
-        }
-        .into_inline(body);
-        let state = chunk::ChunkState::uploaded(
-            chunk.header.clone(),
-            Default::default(),
-            chunk.pointer.clone(),
-            None,
-        );
-        chunk::write_state(&chunk.paths.state, &state).unwrap();
+        let mut chunk = uploaded_inline_with(dir.path(), &registry, n, body);
         chunk.pointer.inline = None;
         chunk
     };
