@@ -201,17 +201,17 @@ impl Origin {
     }
 }
 
-/// Whether `token` is Fluent Bit's: base64 of the first 16 bytes of the SHA-512 of `entries`
-/// (uncompressed, as they were sent).
+/// Whether `token` is Fluent Bit's: the first 16 bytes of the SHA-512 of `entries`
+/// (uncompressed, as they were sent), in base64 (24 characters, since Fluent Bit 5.0.9) or
+/// in hex (32 characters, before).
 pub fn is_content_hash(token: &[u8], entries: &[u8]) -> bool {
-    if token.len() != 24 {
-        return false;
-    }
     let mut decoded = [0u8; 18];
-    match base64::engine::general_purpose::STANDARD.decode_slice(token, &mut decoded) {
-        Ok(16) => Sha512::digest(entries)[..16] == decoded[..16],
+    let hashed = match token.len() {
+        24 => base64::engine::general_purpose::STANDARD.decode_slice(token, &mut decoded) == Ok(16),
+        32 => hex::decode_to_slice(token, &mut decoded[..16]).is_ok(),
         _ => false,
-    }
+    };
+    hashed && Sha512::digest(entries)[..16] == decoded[..16]
 }
 
 /// What is known of a request's token.
@@ -504,6 +504,14 @@ mod tests {
         assert!(is_content_hash(&token, entries));
         assert!(!is_content_hash(&token, b"\x92\x02\x80"));
         assert!(!is_content_hash(b"ZmQtY2h1bmstaWQtMDAwMQ==", entries));
+        // Fluent Bit before 5.0.9: the same 16 bytes in hex.
+        let hex_token = hex::encode(&Sha512::digest(entries)[..16]);
+        assert!(is_content_hash(hex_token.as_bytes(), entries));
+        assert!(!is_content_hash(hex_token.as_bytes(), b"\x92\x02\x80"));
+        assert!(!is_content_hash(
+            b"0123456789abcdef0123456789abcdef",
+            entries
+        ));
         let hashed = || is_content_hash(&token, entries);
         let sender = ip("10.0.0.1");
         let link = Link::new();
