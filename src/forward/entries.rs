@@ -96,7 +96,10 @@ pub fn split(blob: &Bytes, timekey_secs: i64) -> Split {
         }
     };
     while pos < blob.len() {
-        match entry::scan_entry(&blob[pos..]) {
+        // Nested no deeper than consumers read (deeper is skipped as invalid, as Fluentd's
+        // unpacker refuses it): an entry that no reader can decode would make its whole
+        // chunk, other senders' events with it, unreadable.
+        match entry::scan_entry_within(&blob[pos..], claimcheck_consumer::MAX_NESTING) {
             Ok(info) => {
                 let key = timekey_of(info.time.secs, timekey_secs);
                 if run.as_ref().is_some_and(|(_, g)| g.timekey != key) {
@@ -268,6 +271,28 @@ mod tests {
         assert_eq!(s.groups[0].slices.concat(), [a, c].concat());
         assert_eq!((s.groups[1].timekey, s.groups[1].slices.concat()), (660, b));
         assert_eq!(timekey_of(-1, 60), -60);
+    }
+
+    #[test]
+    fn a_record_nested_deeper_than_consumers_read_is_skipped() {
+        let nested = |depth: usize| {
+            let mut b = vec![0x92];
+            encode::event_time(&mut b, EventTime::new(600, 1));
+            // A map of one key whose value is the next map, `depth` maps in all.
+            for _ in 1..depth {
+                b.extend_from_slice(&[0x81, 0xa1, b'k']);
+            }
+            b.push(0x80);
+            b
+        };
+        let max = claimcheck_consumer::MAX_NESTING;
+        let blob = Bytes::from([nested(max), nested(max + 1), entry_at(601)].concat());
+        let s = split(&blob, 60);
+        assert_eq!((s.events, s.invalid), (2, 1));
+        assert_eq!(
+            s.groups[0].slices.concat(),
+            [nested(max), entry_at(601)].concat()
+        );
     }
 
     #[test]
