@@ -529,7 +529,8 @@ fn scan(buf: &[u8], depth_limit: Option<usize>) -> Result<EntryInfo, ScanError> 
             (time, false)
         }
         None => match array_header(&buf[pos..])? {
-            // Forward protocol v1.5: `[EventTime, {metadata}]` in the time slot.
+            // Forward protocol v1.5: `[EventTime, {metadata}]` in the time slot (`[EventTime]`
+            // alone has none).
             Some((m, hlen)) if m >= 1 => {
                 pos += hlen;
                 let (time, len) = plain_time(&buf[pos..])?.ok_or(ScanError::Invalid(
@@ -542,7 +543,7 @@ fn scan(buf: &[u8], depth_limit: Option<usize>) -> Result<EntryInfo, ScanError> 
                     }
                     pos += len_of(&buf[pos..])?;
                 }
-                (time, true)
+                (time, m > 1)
             }
             _ => {
                 return Err(ScanError::Invalid(

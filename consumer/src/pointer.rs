@@ -43,7 +43,8 @@ use crate::Error;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pointer {
     /// Format version of this record: [`Pointer::OBJECT_VERSION`] or
-    /// [`Pointer::INLINE_VERSION`].
+    /// [`Pointer::INLINE_VERSION`]. A record without one is version 1.
+    #[serde(default = "Pointer::object_version")]
     pub v: u32,
     /// The chunk's unique id: 32 lowercase hex characters (a UUIDv7, so ids sort by time).
     pub chunk_id: String,
@@ -99,6 +100,10 @@ impl Pointer {
     pub const VERSION: u32 = 2;
     /// The version of a pointer to an S3 object.
     pub const OBJECT_VERSION: u32 = 1;
+
+    fn object_version() -> u32 {
+        Pointer::OBJECT_VERSION
+    }
     /// The version of a record that carries its body inline.
     pub const INLINE_VERSION: u32 = 2;
 
