@@ -17,6 +17,7 @@ use common::load::request;
 use common::wire::{fluentd_request, pack};
 use common::{event_key, now_secs, TestEvent};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Sends `requests` requests of `events` events each, to tags `app.0` … `app.{tags-1}` in
@@ -142,4 +143,92 @@ async fn acked_events_wait_out_an_outage_of_either_backend_and_arrive_once() {
         assert_eq!(pointers.len(), 2, "s3 down: {s3_down}");
         assert_exactly_once(&store, &pointers, &sent);
     }
+}
+
+/// A request waits for room (the buffer at `total_limit_size`, Kinesis down) when its
+/// connection is reset. It is still stored once there is room, and its token with it: the
+/// sender's resend on a new connection is acknowledged without being stored again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_connection_was_reset_while_it_waited_is_recognised_when_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = InProcess::start(
+        &dir,
+        &[
+            "--total-limit-size",
+            "64KiB",
+            "--flush-interval",
+            "200ms",
+            "--retry-wait",
+            "100ms",
+            "--retry-max-interval",
+            "200ms",
+        ],
+    )
+    .await;
+    sidecar.sink.set_down(true);
+    let secs = now_secs();
+    let request_of = |r: u32| {
+        let mut entries = Vec::new();
+        for e in 0..20 {
+            entries.push(0x92);
+            encode::event_time(&mut entries, EventTime::new(secs, r * 100 + e));
+            entries.extend(pack(&rmpv::Value::Map(vec![(
+                "pad".into(),
+                "x".repeat(500).into(),
+            )])));
+        }
+        let token = format!("t{r}");
+        (fluentd_request("app", &entries, 20, "text", &token), token)
+    };
+    // Requests acked one after the other until one waits for room.
+    let mut stream = TcpStream::connect(sidecar.addr).await.unwrap();
+    let mut r = 0;
+    let (held, token) = loop {
+        let (req, token) = request_of(r);
+        r += 1;
+        stream.write_all(&req).await.unwrap();
+        let waiting = async {
+            let mut ack = [0u8; 64];
+            let n = stream.read(&mut ack).await.unwrap();
+            assert!(n > 0 && ack[..n].ends_with(token.as_bytes()), "acked");
+        };
+        let held = async {
+            sidecar
+                .await_metrics("a request waits for room", |m| {
+                    m["claimcheck_buffer_requests_waiting"] == 1.0
+                })
+                .await
+        };
+        tokio::select! {
+            () = waiting => {}
+            () = held => break (req, token),
+        }
+        assert!(r < 100, "the buffer never filled");
+    };
+    // Reset, not closed: the sidecar's read fails.
+    #[allow(deprecated)] // Blocking on close: harmless with a zero timeout, in a test.
+    stream.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(stream);
+    sidecar.sink.set_down(false);
+    sidecar
+        .await_metrics("the held request is stored", |m| {
+            m["claimcheck_buffer_requests_waiting"] == 0.0
+        })
+        .await;
+    let mut stream = TcpStream::connect(sidecar.addr).await.unwrap();
+    request(&mut stream, &held, &token).await.unwrap();
+    drop(stream);
+    // (The process's counters are shared with the other tests here: the events delivered
+    // tell.)
+    let (store, sink) = sidecar.shut_down().await;
+    let delivered = common::in_process::delivered(&store, &sink);
+    let mut times: Vec<u32> = delivered
+        .iter()
+        .flat_map(|(_, events)| events.iter().map(|e| e.time().nanos))
+        .collect();
+    times.sort_unstable();
+    let sent: Vec<u32> = (0..r)
+        .flat_map(|r| (0..20).map(move |e| r * 100 + e))
+        .collect();
+    assert_eq!(times, sent, "every request stored once, the resent one too");
 }

@@ -212,6 +212,13 @@ pub async fn serve<S>(
         last_len: 0,
     };
     let result = conn.run(stream, shutdown).await;
+    // Requests handed to the buffer are stored whether or not their connection lasts (a
+    // reset, a failed ack): their tokens are finished when the buffer answers, so that a
+    // resend on another connection is recognised.
+    let pending = std::mem::take(&mut conn.pending);
+    if !pending.is_empty() {
+        tokio::spawn(pending.for_each(|_| std::future::ready(())));
+    }
     if let Err(e) = &result {
         let reason = match e {
             ConnectionError::TooLarge { .. } => Some("too_large"),
