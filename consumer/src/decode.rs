@@ -224,7 +224,10 @@ enum Step {
 /// One pass over a stored object, a step at a time: the decompressed body behind a read
 /// buffer, and the state of the splitter between steps.
 struct Pass<'g, R: Read> {
-    body: io::BufReader<body::Counting<Decompress<Stored<R>>>>,
+    /// Read up to one byte past the size the pointer gives, so that a body larger than it
+    /// says (damaged, or hostile: a small object that decompresses to gigabytes) is found out
+    /// without holding more than that in memory.
+    body: io::BufReader<body::Counting<io::Take<Decompress<Stored<R>>>>>,
     split: Split<'g>,
     events: u64,
 }
@@ -238,6 +241,7 @@ impl<'g, R: Read> Pass<'g, R> {
             failed: None,
         };
         let decoder = Decompress::new(pointer.compression, stored).map_err(Error::Decompress)?;
+        let decoder = decoder.take(pointer.bytes.saturating_add(1));
         let body = io::BufReader::with_capacity(READ_BLOCK, body::Counting::new(decoder));
         let split = match pointer.format {
             Format::Msgpack => Split::Msgpack {
@@ -270,21 +274,32 @@ impl<'g, R: Read> Pass<'g, R> {
         let cut = self.split.step(&mut self.body, &mut counting);
         self.events += counting.events;
         let body_bytes = self.body.get_ref().bytes();
-        let stored = self.body.get_mut().get_mut().get_mut();
+        let stored = self.body.get_mut().get_mut().get_mut().get_mut();
         if let Some(e) = stored.failed.take() {
             return Err(transport(e));
         }
+        let too_long = || Error::SizeMismatch {
+            what: "decompressed body bytes",
+            expected: pointer.bytes,
+            actual: body_bytes,
+        };
         match cut {
             Ok(true) => return Ok(Step::More),
             Ok(false) => {}
             Err(Cut::Stopped) => return Ok(Step::Stopped),
             Err(Cut::Read(e)) => {
                 check_stored(pointer, stored)?;
-                return Err(Error::Decompress(e));
+                return Err(match body_bytes > pointer.bytes {
+                    true => too_long(),
+                    false => Error::Decompress(e),
+                });
             }
             Err(Cut::Decode(e)) => {
                 check_stored(pointer, stored)?;
-                return Err(e);
+                return Err(match body_bytes > pointer.bytes {
+                    true => too_long(),
+                    false => e,
+                });
             }
         }
         check_stored(pointer, stored)?;

@@ -701,4 +701,37 @@ mod tests {
             stats.peak_buffered_bytes
         );
     }
+
+    /// A pointer that says 100 bytes, over a small zstd object that decompresses to one
+    /// 16 MiB entry: found out once 101 bytes are read, never the entry held.
+    #[tokio::test]
+    async fn a_body_larger_than_its_pointer_says_is_refused_early() {
+        let mut msgpack = Vec::new();
+        let entry = rmpv::Value::Array(vec![
+            1.into(),
+            rmpv::Value::Map(vec![("x".into(), "a".repeat(16 << 20).into())]),
+        ]);
+        rmpv::encode::write_value(&mut msgpack, &entry).unwrap();
+        let (mut p, bytes) = stored(Format::Msgpack, Compression::Zstd, &msgpack, 1);
+        assert!(bytes.len() < 64 * 1024);
+        p.bytes = 100;
+        let bucket = Arc::new(Bucket::default());
+        bucket.put(&p.key, bytes);
+        let resolver = Resolver::from_source(bucket.clone()).max_body_bytes(1 << 20);
+        let mut stream = resolver.stream(p);
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::SizeMismatch {
+                    what: "decompressed body bytes",
+                    expected: 100,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let peak = stream.stats().peak_buffered_bytes;
+        assert!(peak < 1 << 20, "{peak} bytes held for a body of 100");
+    }
 }
