@@ -210,6 +210,8 @@ mod in_memory {
         info: ShardInfo,
         range: (u128, u128),
         records: Vec<Record>,
+        /// When each record arrived, for `AT_TIMESTAMP`.
+        arrivals: Vec<std::time::SystemTime>,
     }
 
     /// A stream in memory that behaves like Kinesis where the emulator does not: writes go to
@@ -221,6 +223,8 @@ mod in_memory {
         next_sequence: Mutex<u64>,
         /// GetRecords calls made, per shard id.
         pub(crate) reads: Mutex<Vec<String>>,
+        /// The next GetRecords call finds its iterator expired.
+        expire_next: std::sync::atomic::AtomicBool,
     }
 
     impl InMemoryStream {
@@ -250,8 +254,16 @@ mod in_memory {
                 },
                 range,
                 records: Vec::new(),
+                arrivals: Vec::new(),
             });
             id
+        }
+
+        /// Makes the next GetRecords call find its iterator expired, as Kinesis does after
+        /// five minutes without a call.
+        pub fn expire_next_read(&self) {
+            self.expire_next
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
 
         /// Appends to the open shard owning `hash`; returns its id and the sequence number.
@@ -268,6 +280,7 @@ mod in_memory {
                 sequence_number: sequence_number.clone(),
                 data: data.to_vec(),
             });
+            shard.arrivals.push(std::time::SystemTime::now());
             (shard.info.id.clone(), sequence_number)
         }
 
@@ -331,7 +344,13 @@ mod in_memory {
                     shard.records.last().map_or(0, |r| seq(&r.sequence_number))
                 }
                 IteratorStart::AfterSequence(s) => seq(s),
-                IteratorStart::AtTimestamp(_) => unimplemented!("the fake has no arrival times"),
+                // After the last record that arrived before `t`.
+                IteratorStart::AtTimestamp(t) => {
+                    let before = shard.arrivals.iter().take_while(|a| *a < t).count();
+                    before
+                        .checked_sub(1)
+                        .map_or(0, |i| seq(&shard.records[i].sequence_number))
+                }
             };
             let it = self.position(shard_id, after);
             Box::pin(async move { Ok(Some(it)) })
@@ -343,6 +362,12 @@ mod in_memory {
             iterator: &'a str,
             limit: i32,
         ) -> BoxFuture<'a, Result<Read, Error>> {
+            if self
+                .expire_next
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
+                return Box::pin(async { Ok(Read::Expired) });
+            }
             let (id, after) = iterator.split_once(':').unwrap();
             let after: u64 = after.parse().unwrap();
             self.reads.lock().unwrap().push(id.to_string());

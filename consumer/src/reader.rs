@@ -38,7 +38,9 @@ use crate::{Error, Event, EventStream, Pointer, ResolveStats, ResolvedChunk, Res
 pub enum StartPosition {
     /// The oldest record still in the stream.
     TrimHorizon,
-    /// Only records written after the reader opened.
+    /// Only records written after the reader opened: read from the time it opened
+    /// (`AT_TIMESTAMP`), so that an iterator that expires before a shard's first record, and
+    /// the children of a shard split before the reader opened, start there too.
     Latest,
     /// Records that arrived at or after this time.
     AtTimestamp(SystemTime),
@@ -230,7 +232,10 @@ impl StreamReaderBuilder {
             kinesis: self.kinesis,
             resolver: self.resolver,
             stream: self.stream,
-            start: self.start,
+            start: match self.start {
+                StartPosition::Latest => StartPosition::AtTimestamp(SystemTime::now()),
+                start => start,
+            },
             store: self.store,
             concurrency: self.concurrency,
             shard_refresh: self.shard_refresh,
@@ -650,10 +655,6 @@ impl StreamReader {
                     continue;
                 }
                 let restored = self.restored.remove(&s.id);
-                let parent_known = s
-                    .parents
-                    .iter()
-                    .any(|p| self.shards.iter().any(|k| &k.id == p));
                 let mut shard = Shard {
                     id: s.id.clone(),
                     closed: s.closed,
@@ -670,7 +671,9 @@ impl StreamReader {
                         shard.start = IteratorStart::AfterSequence(seq.clone());
                         shard.committed = Some(seq);
                     }
-                    None if initial.contains(&s.id) && !parent_known => {
+                    // A shard listed at open, the child of one listed too (split before or
+                    // after the start) included: what arrived from the start on.
+                    None if initial.contains(&s.id) => {
                         shard.start = match self.start {
                             StartPosition::TrimHorizon => IteratorStart::TrimHorizon,
                             StartPosition::Latest => IteratorStart::Latest,

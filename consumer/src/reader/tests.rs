@@ -418,3 +418,38 @@ async fn latest_starts_after_open_and_missing_objects_are_errors_to_skip() {
     reader.commit(missing.position());
     assert_eq!(numbers(&drain(&mut reader).await), vec![2]);
 }
+
+#[tokio::test]
+async fn latest_reads_what_arrived_after_open_when_the_first_iterator_expires() {
+    let mut world = World::new(1);
+    world.publish(LOW);
+    let mut reader = world
+        .builder()
+        .start(StartPosition::Latest)
+        .open()
+        .await
+        .unwrap();
+    // The first read finds its iterator expired (the caller was away for five minutes); a
+    // record arrived after the open meanwhile.
+    world.stream.expire_next_read();
+    world.publish(LOW);
+    assert!(reader.next().await.unwrap().is_none(), "the expired read");
+    assert_eq!(numbers(&drain(&mut reader).await), vec![1]);
+}
+
+#[tokio::test]
+async fn latest_does_not_replay_the_children_of_a_shard_split_before_open() {
+    let mut world = World::new(1);
+    world.publish(LOW);
+    world.stream.split("shardId-000000000000");
+    world.publish(LOW);
+    let mut reader = world
+        .builder()
+        .start(StartPosition::Latest)
+        .open()
+        .await
+        .unwrap();
+    world.publish(LOW);
+    world.publish(HIGH);
+    assert_eq!(numbers(&drain(&mut reader).await), vec![2, 3]);
+}
