@@ -284,6 +284,7 @@ impl Connection {
         if let Some(security) = &self.config.security {
             let (handshake, helo) = security.helo(!self.config.deny_keepalive);
             writer.write_all(&helo).await?;
+            writer.flush().await?;
             self.handshake = Some(handshake);
         }
         let mut eof = false;
@@ -350,6 +351,9 @@ impl Connection {
                     result?;
                     if let Some(token) = token {
                         writer.write_all(&frame::encode_ack(&token)).await?;
+                        // Over TLS the record may wait in the session's buffer while the
+                        // socket is full: the ack goes out now, not with the next write.
+                        writer.flush().await?;
                         metrics().acks_sent.inc();
                         metrics().ack_duration.observe(received.elapsed().as_secs_f64());
                     }
@@ -391,6 +395,7 @@ impl Connection {
         match security.check_ping(handshake, frame, self.peer.ip()) {
             Ok(accepted) => {
                 writer.write_all(&accepted.pong).await?;
+                writer.flush().await?;
                 debug!(peer = %self.peer, hostname = %accepted.hostname, "handshake accepted");
                 self.sender = Some(accepted.hostname);
                 Ok(true)
