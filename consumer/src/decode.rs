@@ -252,7 +252,7 @@ impl<'g, R: Read> Pass<'g, R> {
             },
             Format::Json => Split::Json {
                 line: Buffer::new(gauge),
-                tag: None,
+                tag: pointer.tag.as_str().into(),
                 _reader_memory: Held::new(gauge, READ_BLOCK),
             },
         };
@@ -521,7 +521,8 @@ enum Split<'g> {
     Json {
         line: Buffer<'g>,
         /// Every line of a chunk has the same tag: one allocation shared.
-        tag: Option<Arc<str>>,
+        /// The chunk's: every line carries it.
+        tag: Arc<str>,
         _reader_memory: Held<'g>,
     },
 }
@@ -617,7 +618,7 @@ fn split_msgpack(
 fn split_json_line(
     body: &mut impl BufRead,
     line: &mut Buffer<'_>,
-    tag: &mut Option<Arc<str>>,
+    tag: &Arc<str>,
     out: &mut Counting<'_>,
 ) -> Result<bool, Cut> {
     loop {
@@ -639,10 +640,15 @@ fn split_json_line(
                 parsed.time
             )))
         })?;
-        let line_tag = match &*tag {
-            Some(t) if **t == *parsed.tag => t.clone(),
-            _ => tag.insert(parsed.tag.as_str().into()).clone(),
-        };
+        // A line of another tag is not this chunk's: a filter by the pointer's tag would let
+        // it through.
+        if **tag != *parsed.tag {
+            return Err(Cut::Decode(Error::Decode(format!(
+                "json line: tag {:?} in a chunk of {:?}",
+                parsed.tag, tag
+            ))));
+        }
+        let line_tag = tag.clone();
         let record = body::from_json(parsed.record);
         let metadata = parsed.metadata.map(body::from_json);
         let event =
@@ -1051,6 +1057,15 @@ pub(crate) mod tests {
         let err = verify_and_decode(&p, &bytes).unwrap_err();
         assert!(
             matches!(&err, Error::Decode(m) if m.contains("ends inside")),
+            "{err}"
+        );
+
+        let mut json = Vec::new();
+        body::write_json_lines("app.other", &body().0, &mut json).unwrap();
+        let (p, bytes) = stored(Format::Json, Compression::None, &json, 5);
+        let err = verify_and_decode(&p, &bytes).unwrap_err();
+        assert!(
+            matches!(&err, Error::Decode(m) if m.contains("in a chunk of \"app.web\"")),
             "{err}"
         );
 
