@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -123,6 +123,20 @@ fn handshake_refusals_say_why_and_close_the_connection() {
         (Some(false), Some("invalid ping message"))
     );
     assert!(closed_silently(&mut conn));
+
+    // A client that announces a PING of 100 MiB: closed at once, nothing held for it.
+    let mut conn = connect(sidecar.port);
+    read_helo(&mut conn);
+    conn.write_all(&[0x96, 0xdb, 0x06, 0x40, 0x00, 0x00])
+        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match conn.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the connection stays open: {other:?}"),
+    }
 
     sidecar.await_metrics_blocking("each refusal is counted by its reason", |m| {
         ["shared_key_mismatch", "user_mismatch", "invalid_ping"]

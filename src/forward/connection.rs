@@ -107,13 +107,19 @@ pub enum SignalAction {
 }
 
 /// Resolves to the request's ack token, when it was received, and whether it was stored.
+/// Largest message read before the handshake's PING is accepted: a PING is six short fields
+/// (under 1 KiB with a 255-byte host name).
+const PING_SIZE_LIMIT: u64 = 64 << 10;
+
 type AckFuture =
     Pin<Box<dyn Future<Output = (Option<Bytes>, Instant, Result<(), ConnectionError>)> + Send>>;
 
 /// Why a connection was closed by us.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
-    #[error("request larger than chunk_size_limit ({limit} bytes)")]
+    #[error(
+        "request larger than chunk_size_limit, or before the handshake than a PING ({limit} bytes)"
+    )]
     TooLarge { limit: u64 },
     #[error("not msgpack: {0}")]
     Garbage(&'static str),
@@ -413,12 +419,14 @@ impl Connection {
 
     /// The next complete request in the read buffer, if there is one.
     fn next_request(&mut self) -> Result<Option<Bytes>, ConnectionError> {
+        // Until the PING is accepted, nothing larger than a PING: a peer that has not
+        // authenticated does not get chunk_size_limit of memory held for it.
+        let limit = match self.handshake {
+            Some(_) => PING_SIZE_LIMIT,
+            None => self.config.chunk_size_limit,
+        };
         match self.scanner.advance(&self.read_buf) {
-            Ok(Some(len)) if len as u64 > self.config.chunk_size_limit => {
-                Err(ConnectionError::TooLarge {
-                    limit: self.config.chunk_size_limit,
-                })
-            }
+            Ok(Some(len)) if len as u64 > limit => Err(ConnectionError::TooLarge { limit }),
             Ok(Some(len)) => {
                 self.scanner = ValueScanner::default();
                 self.last_len = len;
@@ -426,7 +434,6 @@ impl Connection {
             }
             Ok(None) => {
                 // The request is at least as long as what is held and what its headers say.
-                let limit = self.config.chunk_size_limit;
                 if self.read_buf.len().max(self.scanner.wanted()) as u64 > limit {
                     return Err(ConnectionError::TooLarge { limit });
                 }
