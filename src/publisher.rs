@@ -144,11 +144,15 @@ pub async fn run<P: PointerSink>(
             }
             present
         });
-        // Bodies are read for the jobs one batch can carry, by their stored size (an inline
-        // record holds at least its body); the others wait without one.
+        // Bodies are read for the jobs one batch can carry, an inline body not read yet
+        // counted by its stored size (its record holds at least that); the others wait
+        // without one.
         let mut estimate = 0;
         let (jobs, later): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|job| {
-            let size = job.size().max(job.chunk.pointer.stored_bytes as usize);
+            let size = match job.data {
+                Some(_) => job.size(),
+                None => job.size() + job.chunk.pointer.stored_bytes as usize,
+            };
             estimate += size;
             estimate == size || estimate <= MAX_BATCH_BYTES
         });

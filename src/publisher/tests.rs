@@ -102,8 +102,9 @@ fn uploaded(dir: &std::path::Path, registry: &Registry, n: usize) -> UploadedChu
         first_time: EventTime::default(),
         last_time: EventTime::default(),
         records: 1,
-        bytes: 1,
-        stored_bytes: 1,
+        bytes: 32 << 20,
+        // An object of a full default chunk: its pointer record is small all the same.
+        stored_bytes: 8 << 20,
         format: Format::Msgpack,
         compression: Compression::Zstd,
         checksum: Checksum { crc32c: 0 },
