@@ -520,8 +520,7 @@ enum Split<'g> {
     },
     Json {
         line: Buffer<'g>,
-        /// Every line of a chunk has the same tag: one allocation shared.
-        /// The chunk's: every line carries it.
+        /// The chunk's tag, which every line carries: one allocation shared.
         tag: Arc<str>,
         _reader_memory: Held<'g>,
     },

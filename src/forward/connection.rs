@@ -106,11 +106,11 @@ pub enum SignalAction {
     Reject,
 }
 
-/// Resolves to the request's ack token, when it was received, and whether it was stored.
 /// Largest message read before the handshake's PING is accepted: a PING is six short fields
 /// (under 1 KiB with a 255-byte host name).
 const PING_SIZE_LIMIT: u64 = 64 << 10;
 
+/// Resolves to the request's ack token, when it was received, and whether it was stored.
 type AckFuture =
     Pin<Box<dyn Future<Output = (Option<Bytes>, Instant, Result<(), ConnectionError>)> + Send>>;
 
