@@ -398,16 +398,20 @@ async fn duplicates_filtered_pointers_and_bad_records_count_for_the_checkpoint()
     );
 }
 
-#[tokio::test]
-async fn latest_starts_after_open_and_missing_objects_are_errors_to_skip() {
-    let mut world = World::new(1);
-    world.publish(LOW);
-    let mut reader = world
+async fn open_at_latest(world: &World) -> StreamReader {
+    world
         .builder()
         .start(StartPosition::Latest)
         .open()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn latest_starts_after_open_and_missing_objects_are_errors_to_skip() {
+    let mut world = World::new(1);
+    world.publish(LOW);
+    let mut reader = open_at_latest(&world).await;
     let n = world.publish(LOW);
     world.bucket.delete(&format!("app/{n}"));
     world.publish(LOW);
@@ -423,12 +427,7 @@ async fn latest_starts_after_open_and_missing_objects_are_errors_to_skip() {
 async fn latest_reads_what_arrived_after_open_when_the_first_iterator_expires() {
     let mut world = World::new(1);
     world.publish(LOW);
-    let mut reader = world
-        .builder()
-        .start(StartPosition::Latest)
-        .open()
-        .await
-        .unwrap();
+    let mut reader = open_at_latest(&world).await;
     // The first read finds its iterator expired (the caller was away for five minutes); a
     // record arrived after the open meanwhile.
     world.stream.expire_next_read();
@@ -443,12 +442,7 @@ async fn latest_does_not_replay_the_children_of_a_shard_split_before_open() {
     world.publish(LOW);
     world.stream.split("shardId-000000000000");
     world.publish(LOW);
-    let mut reader = world
-        .builder()
-        .start(StartPosition::Latest)
-        .open()
-        .await
-        .unwrap();
+    let mut reader = open_at_latest(&world).await;
     world.publish(LOW);
     world.publish(HIGH);
     assert_eq!(numbers(&drain(&mut reader).await), vec![2, 3]);
