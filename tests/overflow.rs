@@ -247,3 +247,62 @@ async fn drop_oldest_chunk_keeps_acking_and_accounts_for_every_drop() {
     );
     println!("drop_oldest_chunk: {} acked, {dropped} events dropped (counted), {lost} acked events not delivered", load.acked.len());
 }
+
+/// A sidecar restarted while its disk is full (an open chunk left by the last run, the 1 MiB
+/// reserve file still there, the rest of a 4 MiB tmpfs taken by another file): it starts,
+/// seals the chunk in the room the reserve leaves, and delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_restarted_on_a_full_disk_starts_and_delivers_what_it_held() {
+    use bytes::Bytes;
+    use claimcheck::buffer::chunk::{ChunkHeader, ChunkPaths, ChunkWriter};
+    use claimcheck_consumer::entry::{encode, EventTime};
+
+    let env = Emulated::start("fullstart").await;
+    // What the last run left, staged outside the tmpfs and copied in before the start.
+    let staged = env.dir.path().join("staged");
+    let chunks = staged.join("chunks");
+    std::fs::create_dir_all(&chunks).unwrap();
+    let secs = minute_of(now_secs()) - 600;
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let header = ChunkHeader {
+        chunk_id: id.clone(),
+        tag: "app.full".into(),
+        timekey: secs,
+        created_ms: 0,
+        reused: false,
+    };
+    let mut writer = ChunkWriter::create(&ChunkPaths::new(&chunks, &id).data, &header).unwrap();
+    let mut frame = Vec::new();
+    for i in 0..20 {
+        frame.push(0x92);
+        encode::event_time(&mut frame, EventTime::new(secs + 1, 0));
+        rmpv::encode::write_value(&mut frame, &common::load::record_of(i)).unwrap();
+    }
+    writer.append(&[Bytes::from(frame)], &[]).unwrap();
+    writer.sync().unwrap();
+    std::fs::write(staged.join("RESERVE"), vec![0u8; 1 << 20]).unwrap();
+
+    let buffer = env.buffer_dir();
+    std::fs::create_dir_all(&buffer).unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--user", "--map-root-user", "--mount", "--", "sh", "-c"])
+        .arg(concat!(
+            r#"mount -t tmpfs -o size=4m tmpfs "$1" && cp -a "$2"/. "$1"/ && "#,
+            r#"{ dd if=/dev/zero of="$1/filler" bs=64k 2>/dev/null; true; } && "#,
+            r#"shift 2 && exec "$@""#
+        ))
+        .arg("sh")
+        .arg(&buffer)
+        .arg(&staged)
+        .arg(env!("CARGO_BIN_EXE_claimcheck"))
+        .arg("serve");
+    let aws = aws_env(env.moto.port);
+    let mut sidecar = Sidecar::spawn(cmd, 0, &buffer, &aws, &env.bucket, &env.stream, &ARGS);
+    let chunks = env.read_events(20).await;
+    let seen = times_delivered(chunks.iter().flat_map(|c| &c.events));
+    let mut ids: Vec<u64> = seen.keys().copied().collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..20).collect::<Vec<u64>>());
+    assert!(seen.values().all(|n| *n == 1), "each event once");
+    assert!(sidecar.running(), "the sidecar stays up");
+}
