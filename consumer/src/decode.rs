@@ -278,31 +278,18 @@ impl<'g, R: Read> Pass<'g, R> {
         if let Some(e) = stored.failed.take() {
             return Err(transport(e));
         }
-        let too_long = || Error::SizeMismatch {
-            what: "decompressed body bytes",
-            expected: pointer.bytes,
-            actual: body_bytes,
-        };
-        match cut {
+        let failed = match cut {
             Ok(true) => return Ok(Step::More),
-            Ok(false) => {}
+            Ok(false) => None,
             Err(Cut::Stopped) => return Ok(Step::Stopped),
-            Err(Cut::Read(e)) => {
-                check_stored(pointer, stored)?;
-                return Err(match body_bytes > pointer.bytes {
-                    true => too_long(),
-                    false => Error::Decompress(e),
-                });
-            }
-            Err(Cut::Decode(e)) => {
-                check_stored(pointer, stored)?;
-                return Err(match body_bytes > pointer.bytes {
-                    true => too_long(),
-                    false => e,
-                });
-            }
-        }
+            Err(Cut::Read(e)) => Some(Error::Decompress(e)),
+            Err(Cut::Decode(e)) => Some(e),
+        };
         check_stored(pointer, stored)?;
+        // A body that went on past its size is that, whatever it broke on the way.
+        if let Some(e) = failed.filter(|_| body_bytes <= pointer.bytes) {
+            return Err(e);
+        }
         if body_bytes != pointer.bytes {
             return Err(Error::SizeMismatch {
                 what: "decompressed body bytes",
@@ -994,6 +981,21 @@ pub(crate) mod tests {
         // One large entry plus a block or two, never the body (about 1 MiB here).
         assert!(gauge.peak() < (5 * READ_BLOCK) as u64, "{}", gauge.peak());
         assert!(body.len() > 12 * READ_BLOCK);
+    }
+
+    /// `[[time], {}]`: a time slot that is an array of one (the forward protocol's "array of
+    /// 1 or more"), with no metadata after the time.
+    #[test]
+    fn a_time_slot_of_the_time_alone_is_read_without_metadata() {
+        let mut body = vec![0x92, 0x91, 0xd7, 0x00];
+        body.extend_from_slice(&1_763_740_800u32.to_be_bytes());
+        body.extend_from_slice(&0u32.to_be_bytes());
+        body.push(0x80);
+        let (p, bytes) = stored(Format::Msgpack, Compression::None, &body, 1);
+        let events = verify_and_decode(&p, &bytes).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].time(), EventTime::new(1_763_740_800, 0));
+        assert_eq!(events[0].metadata_json(), None);
     }
 
     #[test]
