@@ -293,6 +293,17 @@ mod tests {
         .into_inline(body)
     }
 
+    /// The pointer format: a record without `v` is version 1.
+    #[test]
+    fn a_pointer_without_v_is_read_as_version_1() {
+        let p = sample();
+        let json = String::from_utf8(p.to_json())
+            .unwrap()
+            .replace(r#""v":1,"#, "");
+        assert!(!json.contains(r#""v""#));
+        assert_eq!(Pointer::from_record(json.as_bytes()).unwrap(), p);
+    }
+
     #[test]
     fn inline_record_is_json_newline_raw_body() {
         let p = inline_sample();
