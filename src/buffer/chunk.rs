@@ -812,12 +812,14 @@ impl Frames {
 
 /// Reads a data file's header; returns it with the layout of the frames after it.
 pub fn read_header(file: &mut File) -> Result<(ChunkHeader, Frames), ReadError> {
-    let mut fixed = [0u8; 16];
-    file.seek(SeekFrom::Start(0))?;
-    file.read_exact(&mut fixed).map_err(|e| match e.kind() {
+    // Only a file too short is damaged; another error (EIO) may pass, and is retried.
+    let short = |e: io::Error| match e.kind() {
         io::ErrorKind::UnexpectedEof => ReadError::BadHeader("file shorter than its header".into()),
         _ => ReadError::Io(e),
-    })?;
+    };
+    let mut fixed = [0u8; 16];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut fixed).map_err(short)?;
     let magic = &fixed[..8];
     if magic != MAGIC && magic != MAGIC_V2 && magic != MAGIC_V1 {
         return Err(ReadError::BadMagic);
@@ -830,11 +832,7 @@ pub fn read_header(file: &mut File) -> Result<(ChunkHeader, Frames), ReadError> 
         )));
     }
     let mut json = vec![0u8; len];
-    // Only a file too short is damaged; another error (EIO) may pass, and is retried.
-    file.read_exact(&mut json).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => ReadError::BadHeader("file shorter than its header".into()),
-        _ => ReadError::Io(e),
-    })?;
+    file.read_exact(&mut json).map_err(short)?;
     if crc::crc32c(&json) != crc {
         return Err(ReadError::BadHeader("header checksum mismatch".into()));
     }
