@@ -666,7 +666,7 @@ impl Buffer {
         }
         // The reserve is room for this start's own writes (seals of recovered chunks, the
         // token journal) if the disk filled up; the writer puts it back when there is room.
-        let _ = std::fs::remove_file(config.dir.join("RESERVE"));
+        let _ = std::fs::remove_file(config.dir.join(writer::RESERVE_FILE));
         let mut recovered = recovery::recover(&chunks_dir, &registry)?;
         if let Some(dedup) = dedup.filter(|d| d.enabled()) {
             let in_chunks = std::mem::take(&mut recovered.tokens);

@@ -169,6 +169,8 @@ struct Flushed {
 
 /// Bytes kept in reserve for state files when the disk fills up.
 const RESERVE_BYTES: usize = 1 << 20;
+/// The reserve's name in the buffer directory.
+pub(super) const RESERVE_FILE: &str = "RESERVE";
 
 /// Longest time a round spends sealing chunks (it always seals at least one that is due):
 /// the acks of the next round wait at most about this long, plus one directory fsync, for
@@ -290,7 +292,7 @@ impl Writer {
         registry: Arc<Registry>,
         sealed_tx: mpsc::UnboundedSender<SealedChunk>,
     ) -> Self {
-        let reserve = config.dir.join("RESERVE");
+        let reserve = config.dir.join(RESERVE_FILE);
         let max_open_files = config
             .max_open_files
             .unwrap_or_else(default_max_open_files)
@@ -454,15 +456,15 @@ impl Writer {
         parts
             .into_iter()
             .filter_map(|(w, parts)| {
-                let waiter = self.waiters.get_mut(&w)?;
-                let (sender, token) = waiter.token.clone()?;
+                let Waiter { token, record, .. } = self.waiters.get_mut(&w)?;
+                let (sender, token) = token.as_ref()?;
                 // Pieces held by a full disk in the round that counted the parts carry the
                 // same record when they are written.
-                let bytes = waiter.record.get_or_insert_with(|| {
+                let bytes = record.get_or_insert_with(|| {
                     let mut bytes = Vec::new();
                     TokenRecord {
-                        sender,
-                        token,
+                        sender: *sender,
+                        token: token.clone(),
                         request: uuid::Uuid::now_v7().as_u128(),
                         parts,
                     }
