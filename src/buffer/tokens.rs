@@ -102,15 +102,11 @@ impl Journal {
             #[cfg(test)]
             fail_after_rename: false,
         };
-        let live = match journal.rewrite(now_ms) {
-            Ok(live) => live,
-            Err(e) => {
-                warn!(path = %journal.path.display(), cause = %e,
-                      "cannot rewrite the token journal; reading it as it is");
-                journal.file = None;
-                journal.read_live(now_ms)?
-            }
-        };
+        let live = journal.read_live(now_ms)?;
+        if let Err(e) = journal.write(&live) {
+            warn!(path = %journal.path.display(), cause = %e,
+                  "cannot rewrite the token journal; reading it as it is");
+        }
         Ok((journal, live))
     }
 
@@ -148,12 +144,17 @@ impl Journal {
         Ok(live)
     }
 
-    /// Replaces the file with its records unexpired at `now_ms` (temporary file, fsync,
-    /// rename, directory fsync), and returns them. The new file is appended to through the
-    /// handle that wrote it. If this fails after the rename, the handle on the file replaced
-    /// is let go (appends to it would be lost with it), and the next append rewrites again.
-    fn rewrite(&mut self, now_ms: i64) -> io::Result<Vec<(i64, TokenRecord)>> {
+    /// Replaces the file with its records unexpired at `now_ms` ([`Journal::write`]).
+    fn rewrite(&mut self, now_ms: i64) -> io::Result<()> {
         let live = self.read_live(now_ms)?;
+        self.write(&live)
+    }
+
+    /// Replaces the file with `live` (temporary file, fsync, rename, directory fsync). The new
+    /// file is appended to through the handle that wrote it. If this fails after the rename,
+    /// the handle on the file replaced is let go (appends to it would be lost with it), and
+    /// the next append rewrites again; if it fails before, the file is as it was.
+    fn write(&mut self, live: &[(i64, TokenRecord)]) -> io::Result<()> {
         let mut bytes = JOURNAL_MAGIC.to_vec();
         let mut frames = VecDeque::new();
         let mut i = 0;
@@ -191,7 +192,7 @@ impl Journal {
         self.file = Some(file);
         self.frames = frames;
         self.len = bytes.len() as u64;
-        Ok(live)
+        Ok(())
     }
 
     /// Records in the frames kept.
@@ -516,6 +517,10 @@ mod tests {
         assert_eq!(live.last().unwrap().0, 20_004);
     }
 
+    fn tokens_of(live: &[(i64, TokenRecord)]) -> Vec<&[u8]> {
+        live.iter().map(|(_, r)| r.token.as_ref()).collect()
+    }
+
     #[test]
     fn an_append_after_a_failed_one_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -531,8 +536,7 @@ mod tests {
         j.file = None;
         j.append(1_000, &[record("after", 2, 1)], 0).unwrap();
         let (_, live) = Journal::open(dir.path(), 0, 100).unwrap();
-        let tokens: Vec<&[u8]> = live.iter().map(|(_, r)| r.token.as_ref()).collect();
-        assert_eq!(tokens, [&b"before"[..], &b"after"[..]]);
+        assert_eq!(tokens_of(&live), [&b"before"[..], &b"after"[..]]);
     }
 
     #[test]
@@ -548,8 +552,7 @@ mod tests {
         j.append(10_000, &[record("next", 2 << 40, 1)], 300)
             .unwrap();
         let (_, live) = Journal::open(dir.path(), 0, 100_000).unwrap();
-        let tokens: Vec<&[u8]> = live.iter().map(|(_, r)| r.token.as_ref()).collect();
-        assert_eq!(tokens, [&b"kept"[..], &b"next"[..]]);
+        assert_eq!(tokens_of(&live), [&b"kept"[..], &b"next"[..]]);
 
         // A rewrite that cannot start leaves the file as it was, appended to as before.
         let dir = tempfile::tempdir().unwrap();
@@ -584,8 +587,7 @@ mod tests {
         fs::remove_dir(&tmp).unwrap();
         j.append(1_000, &[record("after", 3, 1)], 0).unwrap();
         let (_, live) = Journal::open(dir.path(), 0, 100).unwrap();
-        let tokens: Vec<&[u8]> = live.iter().map(|(_, r)| r.token.as_ref()).collect();
-        assert_eq!(tokens, [&b"before"[..], &b"after"[..]]);
+        assert_eq!(tokens_of(&live), [&b"before"[..], &b"after"[..]]);
     }
 
     fn test_header() -> chunk::ChunkHeader {
