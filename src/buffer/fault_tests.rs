@@ -8,13 +8,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use claimcheck_consumer::entry::{self, EventTime};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::chunk;
 use super::chunk::fault::{self, Op};
 use super::registry::Registry;
+use super::tests::{entry_at, group_of};
 use super::writer::{Append, Writer};
 use super::*;
 
@@ -54,17 +54,7 @@ fn request_with_token(
     tag: &str,
     token: Option<&'static [u8]>,
 ) -> (Append, Durable) {
-    let mut event = vec![0x92];
-    entry::encode::event_time(&mut event, EventTime::new(61, 7));
-    rmpv::encode::write_value(
-        &mut event,
-        &rmpv::Value::Map(vec![("k".into(), "v".into())]),
-    )
-    .unwrap();
-    let event = Bytes::from(event);
-    let time = entry::scan_entry(&event).unwrap().time;
-    let mut group = Group::new(60);
-    group.push(event, 1, time, time);
+    let group = group_of(60, &[entry_at(61, 1)]);
     let token = token.map(|t| ("10.0.0.9".parse().unwrap(), Bytes::from_static(t)));
     Append::new(tag.into(), vec![group], token, registry)
 }

@@ -28,7 +28,7 @@ fn registry() -> Arc<Registry> {
     Arc::new(Registry::new())
 }
 
-fn entry_at(secs: i64, pad: usize) -> Bytes {
+pub(super) fn entry_at(secs: i64, pad: usize) -> Bytes {
     let mut b = vec![0x92];
     entry::encode::event_time(&mut b, EventTime::new(secs, 7));
     let record = rmpv::Value::Map(vec![("pad".into(), "x".repeat(pad).into())]);
@@ -36,7 +36,7 @@ fn entry_at(secs: i64, pad: usize) -> Bytes {
     Bytes::from(b)
 }
 
-fn group_of(timekey: i64, entries: &[Bytes]) -> Group {
+pub(super) fn group_of(timekey: i64, entries: &[Bytes]) -> Group {
     let mut g = Group::new(timekey);
     for e in entries {
         let t = entry::scan_entry(e).unwrap().time;
