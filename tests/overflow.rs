@@ -253,33 +253,12 @@ async fn drop_oldest_chunk_keeps_acking_and_accounts_for_every_drop() {
 /// seals the chunk in the room the reserve leaves, and delivers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_restarted_on_a_full_disk_starts_and_delivers_what_it_held() {
-    use bytes::Bytes;
-    use claimcheck::buffer::chunk::{ChunkHeader, ChunkPaths, ChunkWriter};
-    use claimcheck_consumer::entry::{encode, EventTime};
-
     let env = Emulated::start("fullstart").await;
     // What the last run left, staged outside the tmpfs and copied in before the start.
     let staged = env.dir.path().join("staged");
     let chunks = staged.join("chunks");
     std::fs::create_dir_all(&chunks).unwrap();
-    let secs = minute_of(now_secs()) - 600;
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    let header = ChunkHeader {
-        chunk_id: id.clone(),
-        tag: "app.full".into(),
-        timekey: secs,
-        created_ms: 0,
-        reused: false,
-    };
-    let mut writer = ChunkWriter::create(&ChunkPaths::new(&chunks, &id).data, &header).unwrap();
-    let mut frame = Vec::new();
-    for i in 0..20 {
-        frame.push(0x92);
-        encode::event_time(&mut frame, EventTime::new(secs + 1, 0));
-        rmpv::encode::write_value(&mut frame, &common::load::record_of(i)).unwrap();
-    }
-    writer.append(&[Bytes::from(frame)], &[]).unwrap();
-    writer.sync().unwrap();
+    open_chunk(&chunks, "app.full", 0, 1, 20);
     std::fs::write(staged.join("RESERVE"), vec![0u8; 1 << 20]).unwrap();
 
     let buffer = env.buffer_dir();

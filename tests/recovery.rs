@@ -11,53 +11,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use claimcheck::buffer::chunk::{
-    self, ChunkHeader, ChunkPaths, ChunkState, ChunkStats, ChunkWriter,
-};
+use claimcheck::buffer::chunk::{self, ChunkState};
 use claimcheck::testing::{MemorySink, MemoryStore};
-use claimcheck_consumer::entry::{encode, EventTime};
 use common::in_process::{delivered, id_counts, InProcess};
-use common::load::{record_of, Load};
+use common::load::Load;
 use common::*;
-
-/// Writes an open chunk with `frames` frames of `per_frame` events (ids from `first_id`).
-fn open_chunk(
-    dir: &std::path::Path,
-    tag: &str,
-    first_id: u64,
-    frames: u64,
-    per_frame: u64,
-) -> (ChunkPaths, ChunkHeader, ChunkStats) {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    let secs = minute_of(now_secs()) - 600;
-    let header = ChunkHeader {
-        chunk_id: id.clone(),
-        tag: tag.into(),
-        timekey: secs,
-        created_ms: 0,
-        reused: false,
-    };
-    let paths = ChunkPaths::new(dir, &id);
-    let mut w = ChunkWriter::create(&paths.data, &header).unwrap();
-    let mut stats = ChunkStats::default();
-    for f in 0..frames {
-        let mut frame = Vec::new();
-        for i in 0..per_frame {
-            let t = EventTime::new(secs + 1, 0);
-            frame.push(0x92);
-            encode::event_time(&mut frame, t);
-            rmpv::encode::write_value(&mut frame, &record_of(first_id + f * per_frame + i))
-                .unwrap();
-            stats.add(1, 0, t, t);
-        }
-        stats.body_bytes += frame.len() as u64;
-        w.append(&[Bytes::from(frame)], &[]).unwrap();
-    }
-    w.sync().unwrap();
-    stats.data_len = w.valid_len();
-    (paths, header, stats)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_tails_broken_states_and_strangers_are_kept_aside_and_every_whole_entry_delivered() {

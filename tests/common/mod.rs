@@ -279,6 +279,51 @@ impl Aws {
     }
 }
 
+/// Writes an open chunk with `frames` frames of `per_frame` events (ids from `first_id`).
+pub fn open_chunk(
+    dir: &std::path::Path,
+    tag: &str,
+    first_id: u64,
+    frames: u64,
+    per_frame: u64,
+) -> (
+    claimcheck::buffer::chunk::ChunkPaths,
+    claimcheck::buffer::chunk::ChunkHeader,
+    claimcheck::buffer::chunk::ChunkStats,
+) {
+    use claimcheck::buffer::chunk::{ChunkHeader, ChunkPaths, ChunkStats, ChunkWriter};
+    use claimcheck_consumer::entry::{encode, EventTime};
+
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let secs = minute_of(now_secs()) - 600;
+    let header = ChunkHeader {
+        chunk_id: id.clone(),
+        tag: tag.into(),
+        timekey: secs,
+        created_ms: 0,
+        reused: false,
+    };
+    let paths = ChunkPaths::new(dir, &id);
+    let mut w = ChunkWriter::create(&paths.data, &header).unwrap();
+    let mut stats = ChunkStats::default();
+    for f in 0..frames {
+        let mut frame = Vec::new();
+        for i in 0..per_frame {
+            let t = EventTime::new(secs + 1, 0);
+            frame.push(0x92);
+            encode::event_time(&mut frame, t);
+            rmpv::encode::write_value(&mut frame, &load::record_of(first_id + f * per_frame + i))
+                .unwrap();
+            stats.add(1, 0, t, t);
+        }
+        stats.body_bytes += frame.len() as u64;
+        w.append(&[bytes::Bytes::from(frame)], &[]).unwrap();
+    }
+    w.sync().unwrap();
+    stats.data_len = w.valid_len();
+    (paths, header, stats)
+}
+
 /// Builds a chunk the way the sidecar stores it: `events` as a body in `format`, compressed,
 /// and the pointer that describes it (unique chunk id, key under `tag/`).
 pub fn make_chunk(
