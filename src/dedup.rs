@@ -16,9 +16,9 @@
 //! failed (it reuses a connection only when its exchange went without a network error, and
 //! our acks arrive whole). So a repeat of a content-hash token is new data when the earlier
 //! copy's connection is still open, or read another request or ended in order after
-//! answering it: it is stored. Only a repeat whose earlier copy's connection failed, or was
-//! closed by the sender before the answer went out (or from before a restart), is taken for
-//! a resend.
+//! answering it (over TLS, with or without a close_notify): it is stored. Only a repeat whose
+//! earlier copy's connection failed, or was closed by the sender before the answer went out
+//! (or from before a restart), is taken for a resend.
 //!
 //! A token is kept as a 128-bit keyed hash of its sender and bytes ([`Key`]): one entry of
 //! 64 bytes in the table and 40 in the expiry queue (once more when its chunk is delivered),

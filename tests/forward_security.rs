@@ -363,6 +363,43 @@ async fn tls_with_the_node_client_and_client_certificates() {
     assert!(!tls_request(mtls.port, &pki, false, &request, b"bXRscw==").await);
 }
 
+/// Many TLS stacks close without close_notify. A connection closed so after its answer ended
+/// in order, as a TCP FIN would: a byte-identical Fluent Bit request on the next connection is
+/// new data (a line logged twice), stored, not taken for a resend and dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_closed_without_close_notify_ended_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let sidecar = Sidecar::standalone(&[
+        "--transport",
+        "tls",
+        "--tls-cert-path",
+        pki.server_cert.to_str().unwrap(),
+        "--tls-private-key-path",
+        pki.server_key.to_str().unwrap(),
+    ]);
+    let (repeated, token) =
+        fluent_bit_request("health", &entries("tls", now_secs(), 1, true), 1, false);
+    for sent in 1..=2 {
+        // `tls_request` drops its stream once it has the ack: no close_notify, a FIN.
+        assert!(tls_request(sidecar.port, &pki, false, &repeated, token.as_bytes()).await);
+        sidecar
+            .await_metrics("the connection closed", |m| {
+                metric_sum(m, "claimcheck_connections_open") == 0.0
+            })
+            .await;
+        assert_eq!(
+            sidecar.metric("claimcheck_events_received_total").await,
+            f64::from(sent),
+            "each copy stored"
+        );
+    }
+    assert_eq!(
+        sidecar.metric("claimcheck_duplicate_requests_total").await,
+        0.0
+    );
+}
+
 #[test]
 fn udp_heartbeats_are_answered_from_the_forward_port() {
     let sidecar = Sidecar::standalone(&[]);

@@ -342,12 +342,21 @@ impl Connection {
             tokio::select! {
                 read = reader.read_buf(&mut self.read_buf), if reading => {
                     last_read = tokio::time::Instant::now();
-                    match read? {
-                        0 => {
+                    match read {
+                        Ok(0) => {
                             eof = true;
                             self.closed_in_order();
                         }
-                        n => {
+                        // A TLS peer that closed without close_notify, as many TLS stacks do:
+                        // the end of the stream, as a TCP FIN is (a request it cut short is
+                        // never acked), not a failed connection, whose answers may be lost.
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            debug!(peer = %self.peer, "the peer closed TLS without close_notify");
+                            eof = true;
+                            self.closed_in_order();
+                        }
+                        Err(e) => return Err(e.into()),
+                        Ok(n) => {
                             last_read_len = n;
                             metrics().received_bytes.inc_by(n as u64);
                         }
