@@ -139,10 +139,14 @@ pub fn succeeded(kinesis: bool, started: Instant) {
     }
 }
 
-/// Whether an error code is one that retrying alone will not fix. Also for the per-record
-/// codes of PutRecords (`KMSAccessDeniedException`…), which arrive inside a successful call.
+/// Whether an error code is one that retrying alone will not fix: those above, and every code
+/// [`remedy`] names a setting for (in either service). Also for the per-record codes of
+/// PutRecords (`KMSAccessDeniedException`…), which arrive inside a successful call.
 pub fn needs_operator(code: &str) -> bool {
     NEEDS_OPERATOR.contains(&code)
+        || [false, true]
+            .into_iter()
+            .any(|kinesis| remedy(kinesis, code, "").is_some())
 }
 
 impl BackendError {
@@ -213,6 +217,33 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn what_has_a_remedy_needs_an_operator_and_what_heals_does_not() {
+        for code in [
+            "InvalidClientTokenId",
+            "KMS.DisabledException",
+            "PermanentRedirect",
+            "AccessControlListNotSupported",
+            "InvalidStorageClass",
+            "KMSOptInRequired",
+            "ValidationException",
+        ] {
+            assert!(needs_operator(code), "{code}");
+        }
+        for code in [
+            "SlowDown",
+            "ThrottlingException",
+            "ProvisionedThroughputExceededException",
+            "InternalError",
+            "ServiceUnavailable",
+            "timeout",
+            "dispatch",
+            "local",
+        ] {
+            assert!(!needs_operator(code), "{code}");
+        }
+    }
 
     #[test]
     fn a_cause_is_explained_again_only_after_a_call_started_since_it_succeeded() {
