@@ -238,4 +238,10 @@ fn a_frame_whose_fsync_failed_is_cut_off_at_the_seal() {
         .collect();
     assert_eq!(files.len(), 1, "{files:?}");
     assert_eq!(registry.usage(), len, "the buffer counts what is left");
+    let info = registry.snapshot().pop().unwrap();
+    assert_eq!(
+        (info.bytes, info.records),
+        (len, 1),
+        "and the chunk its events"
+    );
 }

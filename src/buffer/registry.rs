@@ -149,6 +149,15 @@ impl Registry {
         }
     }
 
+    /// A chunk was cut back by `bytes` at its seal, to `records` events (its later requests,
+    /// not synced, were refused).
+    pub fn cut_back(&self, chunk_id: &str, bytes: u64, records: u64) {
+        self.grow(chunk_id, -(bytes as i64), 0);
+        if let Some(c) = self.lock().get_mut(chunk_id) {
+            c.records = records;
+        }
+    }
+
     /// Moves a chunk to `phase`. False if the chunk is not (or no longer) in the buffer, for
     /// example because `drop_oldest_chunk` dropped it while it waited.
     pub fn set_phase(&self, chunk_id: &str, phase: Phase) -> bool {

@@ -1183,7 +1183,8 @@ impl Writer {
         } in chunks
         {
             if cut > 0 {
-                self.registry.grow(&chunk.header.chunk_id, -(cut as i64), 0);
+                self.registry
+                    .cut_back(&chunk.header.chunk_id, cut, stats.records);
             }
             match result {
                 Ok(()) if stats.records == 0 => {
