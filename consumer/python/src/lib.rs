@@ -256,10 +256,17 @@ impl PyEvent {
     fn time(&self) -> f64 {
         seconds(self.inner.time())
     }
-    /// The time as a timezone-aware UTC `datetime` (microseconds).
+    /// The time as a timezone-aware UTC `datetime` (microseconds); `ValueError` for a time
+    /// outside its years 1 to 9999 (`time_ns` has it).
     #[getter]
     fn datetime<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        to_datetime(py, self.inner.time())
+        let t = self.inner.time();
+        to_datetime(py, t)?.ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "the event's time, {} s since the epoch, is outside datetime's years 1 to 9999; time_ns has it",
+                t.secs
+            ))
+        })
     }
     /// Whole seconds since the epoch and nanoseconds: the exact time.
     #[getter]

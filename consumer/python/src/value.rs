@@ -80,17 +80,31 @@ fn cached(py: Python<'_>) -> PyResult<&Cached> {
     })
 }
 
-/// A timezone-aware UTC `datetime` (microseconds: the nanoseconds are cut).
-pub(crate) fn to_datetime<'py>(py: Python<'py>, t: EventTime) -> PyResult<Bound<'py, PyAny>> {
+/// The seconds of `datetime`'s range in UTC: 0001-01-01T00:00:00 to 9999-12-31T23:59:59.
+const DATETIME_SECS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+
+/// A timezone-aware UTC `datetime` (microseconds: the nanoseconds are cut); `None` for a time
+/// outside `datetime`'s years 1 to 9999, which any sender may write.
+pub(crate) fn to_datetime<'py>(
+    py: Python<'py>,
+    t: EventTime,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    // Nanoseconds past a whole second (a timestamp's are < 10^9, EventTime's are not checked)
+    // may carry the time past the last second.
+    let secs = t.secs.checked_add(i64::from(t.nanos / 1_000_000_000));
+    if !secs.is_some_and(|s| DATETIME_SECS.contains(&s)) {
+        return Ok(None);
+    }
     let c = cached(py)?;
     let delta = c.timedelta.bind(py).call1((0, t.secs, t.nanos / 1000))?;
-    c.epoch.bind(py).call_method1("__add__", (delta,))
+    c.epoch.bind(py).call_method1("__add__", (delta,)).map(Some)
 }
 
 /// One msgpack value (a record, or Fluent Bit metadata) as Python: nil → None, bool, int,
 /// float, str (invalid UTF-8 replaced), bin → bytes, array → list, map → dict (array keys →
 /// tuples, keys that still cannot be dict keys → their `repr`), EventTime and timestamp
-/// extensions → UTC `datetime`, other extensions → `{"ext": type, "data": bytes}`.
+/// extensions → UTC `datetime` (within its years 1 to 9999), other extensions →
+/// `{"ext": type, "data": bytes}`.
 ///
 /// `msgpack` is one whole value, as the decoder checked it when the event was made (its
 /// nesting is bounded, so the recursion is too); anything else raises `ValueError`.
@@ -298,8 +312,13 @@ impl<'py> Converter<'py, '_> {
         let py = self.py;
         let ty = i8::from_be_bytes(be(rd)?);
         let data = take(rd, n)?;
-        match ext_time(ty, data) {
-            Some(t) => to_datetime(py, t),
+        // A time outside `datetime`'s range stays an extension, as any other.
+        match ext_time(ty, data)
+            .map(|t| to_datetime(py, t))
+            .transpose()?
+            .flatten()
+        {
+            Some(datetime) => Ok(datetime),
             None => {
                 let dict = PyDict::new(py);
                 dict.set_item("ext", ty)?;

@@ -11,13 +11,15 @@ import pytest
 import claimcheck
 
 
-def chunk(records, tag="app.records"):
+def chunk(records, tag="app.records", times=None):
     """A pointer and an uncompressed msgpack body holding `records` (values, or msgpack bytes
-    packed by hand), one event each."""
+    packed by hand), one event each, at `times` (an EventTime a second apart if not given)."""
     packer = msgpack.Packer()
     body = b""
     for i, r in enumerate(records):
         time = msgpack.ExtType(0, (1_795_276_800 + i).to_bytes(4, "big") + bytes(4))
+        if times is not None:
+            time = times[i]
         body += b"\x92" + packer.pack(time) + (r if isinstance(r, bytes) else packer.pack(r))
     pointer = {
         "v": 1,
@@ -86,6 +88,26 @@ def test_float32_and_extensions():
     assert got["ts12"].isoformat() == "1969-12-31T23:59:59+00:00"
     assert got["ext"] == {"ext": 7, "data": b""}
     assert got["ext16"] == {"ext": 8, "data": b"e" * 300}
+
+
+def test_times_outside_datetimes_range():
+    # Any sender may write them: a record's stays an extension, an event's raises on
+    # `datetime` alone.
+    far = msgpack.Timestamp(253_402_300_800)
+    early = msgpack.Timestamp(-62_135_596_801)
+    last = msgpack.Timestamp(253_402_300_799, 999_999_999)
+    (got,) = records([{"far": far, "early": early, "last": last}])
+    assert got["far"] == {"ext": -1, "data": far.to_bytes()}
+    assert got["early"] == {"ext": -1, "data": early.to_bytes()}
+    assert got["last"].isoformat() == "9999-12-31T23:59:59.999999+00:00"
+
+    pointer, body = chunk([{"n": 1}, {"n": 2}], times=[2**40, 1_795_276_800])
+    far_event, event = claimcheck.decode(pointer, body)
+    assert far_event.time_ns == (2**40, 0)
+    assert far_event.record == {"n": 1}
+    with pytest.raises(ValueError, match="outside datetime's years"):
+        far_event.datetime
+    assert event.datetime.isoformat() == "2026-11-21T16:00:00+00:00"
 
 
 def test_unusual_keys():
