@@ -1,8 +1,8 @@
 //! Settings of `claimcheck serve`. Every setting is a flag, a `CLAIMCHECK_*` environment
 //! variable and a key of the TOML configuration file, all of the same name (`--buffer-dir`,
 //! `CLAIMCHECK_BUFFER_DIR`, `buffer_dir`); names follow Fluentd's where a Fluentd user would
-//! look for them. Durations take `500ms`, `60s`, `1m`, `1h`; sizes take `8MiB`, `256KiB`, `1GB`
-//! or plain bytes.
+//! look for them. Durations take `500ms`, `60s`, `1m`, `1h` or plain seconds; sizes take `8m`,
+//! `8MiB`, `256k`, `1g` (powers of 1024 whatever the case, as in Fluentd) or plain bytes.
 //!
 //! Precedence: flag, then environment, then file, then default. The file is applied by
 //! [`with_config_file`] before the command line is parsed: each of its settings is checked with
@@ -34,17 +34,55 @@ use crate::uploader::UploaderConfig;
 /// characters) included.
 pub const MAX_INLINE_BYTES: u64 = 1000 * 1024;
 
-/// Parses a duration such as `500ms`, `60s`, `1m`.
+/// Parses a duration such as `500ms`, `60s`, `1m`, `1h30m`, or a bare number of seconds
+/// (`3600`, `0.5`), as Fluentd's `timekey 3600` and `flush_interval 60` are written.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 60s, 1m)"))
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return t
+            .parse::<f64>()
+            .ok()
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or_else(|| format!("invalid duration {s:?} (examples: 500ms, 60s, 1m, 3600)"));
+    }
+    humantime::parse_duration(t).map_err(|e| format!("{e} (examples: 500ms, 60s, 1m, 3600)"))
 }
 
-/// Parses a size such as `8MiB`, `256KiB`, `1048576`.
+/// Parses a size as Fluentd does: a number of bytes, or one with a unit `k`, `m`, `g` or `t`,
+/// powers of 1024, in any case and with or without `b` or `ib` (`8m`, `8MB` and `8MiB` are all
+/// 8,388,608 bytes; Fluentd's `chunk_limit_size 8m` is that size too). A fraction is taken
+/// (`1.5g`) and rounded down to a byte.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    s.trim()
-        .parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("{e} (examples: 8MiB, 256KiB, 1048576)"))
+    let invalid = || {
+        format!(
+            "invalid size {s:?} (examples: 8m, 8MiB, 256k, 1g, 1048576; \
+             k, m, g and t are powers of 1024, as in Fluentd)"
+        )
+    };
+    let t = s.trim();
+    let digits = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let shift = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(invalid()),
+    };
+    if let Ok(whole) = number.parse::<u64>() {
+        return whole.checked_mul(1 << shift).ok_or_else(invalid);
+    }
+    let fraction: f64 = number.parse().map_err(|_| invalid())?;
+    let bytes = (fraction * (1u64 << shift) as f64).floor();
+    // Within u64 (the largest f64 below 2^64 is exact).
+    if bytes.is_finite() && bytes < u64::MAX as f64 {
+        Ok(bytes as u64)
+    } else {
+        Err(invalid())
+    }
 }
 
 /// `overflow_action` under Fluentd's names.
@@ -231,7 +269,7 @@ pub struct ServeArgs {
     /// A client rule (Fluentd's `<client>`): `ADDRESS[,shared_key=KEY][,users=NAME:NAME]`,
     /// ADDRESS being an IP address, a network (`10.0.0.0/8`) or a host name resolved at start.
     /// A matching sender uses the rule's key and only its users. Repeat as for `user`.
-    #[arg(long, env = "CLAIMCHECK_CLIENT")]
+    #[arg(long, env = "CLAIMCHECK_CLIENT", hide_env_values = true)]
     pub client: Vec<ClientRule>,
 
     /// Close each connection after its first request and ack (Fluentd's `deny_keepalive`).
@@ -641,11 +679,26 @@ fn clap_message(e: &clap::Error) -> String {
     first.strip_prefix("error: ").unwrap_or(first).to_string()
 }
 
+/// A setting of the configuration file that a flag or an environment variable overrides with
+/// another value (for the log: the Docker image sets `CLAIMCHECK_BUFFER_DIR` and three
+/// others, which a file's `buffer_dir` does not change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overridden {
+    /// The file's key.
+    pub key: String,
+    pub in_file: String,
+    /// `--flag` or `CLAIMCHECK_*`.
+    pub by: String,
+    pub value: String,
+}
+
 /// The command line with the configuration file's settings added as flags (see the module
-/// documentation). `argv` is the whole command line; only `serve` uses a file.
-pub fn with_config_file(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
+/// documentation), and the file's settings overridden with other values. `argv` is the whole
+/// command line; only `serve` uses a file.
+pub fn with_config_file(argv: Vec<OsString>) -> Result<(Vec<OsString>, Vec<Overridden>), String> {
+    let mut overridden = Vec::new();
     let Some(at) = argv.iter().position(|a| a == "serve") else {
-        return Ok(argv);
+        return Ok((argv, overridden));
     };
     let cmd = serve_command();
     // A lenient first look: settings that only the file provides may be "missing" now.
@@ -654,7 +707,7 @@ pub fn with_config_file(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
         .ignore_errors(true)
         .get_matches_from(argv[at + 1..].iter().cloned());
     let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
-        return Ok(argv);
+        return Ok((argv, overridden));
     };
     let name = path.display();
     let text = std::fs::read_to_string(&path)
@@ -688,10 +741,15 @@ pub fn with_config_file(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
             one => vec![one],
         };
         let long = arg.get_long().expect("settings are long flags");
-        let set_elsewhere = matches!(
-            matches.value_source(key.as_str()),
-            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
-        );
+        let set_by = match matches.value_source(key.as_str()) {
+            Some(clap::parser::ValueSource::CommandLine) => Some(format!("--{long}")),
+            Some(clap::parser::ValueSource::EnvVariable) => {
+                arg.get_env().map(|e| e.to_string_lossy().into_owned())
+            }
+            _ => None,
+        };
+        let set_elsewhere = set_by.is_some();
+        let mut in_file = Vec::new();
         for value in values {
             let value = match value {
                 toml::Value::String(s) => s,
@@ -723,13 +781,35 @@ pub fn with_config_file(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
                 })?;
             if !set_elsewhere {
                 extra.push(format!("--{long}").into());
-                extra.push(value.into());
+                extra.push(value.clone().into());
+            }
+            in_file.push(value);
+        }
+        if let Some(by) = set_by {
+            let set: Vec<String> = matches
+                .get_raw(key.as_str())
+                .into_iter()
+                .flatten()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            if set != in_file {
+                // Keys and passwords are not for the log.
+                let shown = |values: Vec<String>| match arg.is_hide_env_values_set() {
+                    true => "(hidden)".to_string(),
+                    false => values.join(", "),
+                };
+                overridden.push(Overridden {
+                    key: key.clone(),
+                    in_file: shown(in_file),
+                    by,
+                    value: shown(set),
+                });
             }
         }
     }
     let mut out = argv;
     out.splice(at + 1..at + 1, extra);
-    Ok(out)
+    Ok((out, overridden))
 }
 
 /// The effective settings of `serve_argv` (the arguments after `serve`) as a TOML file that
@@ -832,10 +912,12 @@ pub fn reference_markdown() -> String {
          Generated from the code by `claimcheck config-reference`; a test keeps it in step.\n\n\
          Every setting of `claimcheck serve` is a flag, an environment variable and a key of the\n\
          TOML file given with `--config` (or `CLAIMCHECK_CONFIG`). Precedence: flag, environment,\n\
-         file, default. Durations take `500ms`, `60s`, `1m`, `72h`; sizes take `8MiB`, `256KiB`,\n\
-         `1GB` or bytes. `claimcheck serve --print-config` prints the effective settings as a\n\
-         file. A `CLAIMCHECK_*` variable that no setting reads (a typo) is logged as a warning at\n\
-         start, with the name it most resembles.\n\n\
+         file, default; a file's setting that a flag or a variable overrides with another value\n\
+         is logged as a warning at start. Durations take `500ms`, `60s`, `1m`, `72h` or plain\n\
+         seconds (`3600`); sizes take `8m`, `8MiB`, `256k`, `1g` (powers of 1024 whatever the\n\
+         case, as in Fluentd) or bytes. `claimcheck serve --print-config` prints the effective\n\
+         settings as a file. A `CLAIMCHECK_*` variable that no setting reads (a typo) is logged\n\
+         as a warning at start, with the name it most resembles.\n\n\
          | file key | flag | environment | default | meaning |\n\
          |---|---|---|---|---|\n",
     );
@@ -1015,6 +1097,87 @@ mod tests {
         assert_eq!(parse_size("1048576"), Ok(1 << 20));
         assert!(parse_duration("soon").is_err());
         assert!(parse_size("big").is_err());
+    }
+
+    /// What a Fluentd configuration says means the same here: its sizes are powers of 1024
+    /// (`chunk_limit_size 8m` is 8,388,608 bytes) and a bare duration is seconds.
+    #[test]
+    fn fluentds_notations_mean_what_they_mean_to_fluentd() {
+        for (text, bytes) in [
+            ("8m", 8 << 20),
+            ("8M", 8 << 20),
+            ("8MB", 8 << 20),
+            ("8 mb", 8 << 20),
+            ("256k", 256 << 10),
+            ("256KB", 256 << 10),
+            ("1g", 1 << 30),
+            ("64GiB", 64 << 30),
+            ("2t", 2 << 40),
+            ("1.5k", 1536),
+            ("0", 0),
+            ("512b", 512),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+        for bad in [
+            "",
+            "m",
+            "8x",
+            "8 mbs",
+            "-1",
+            "1.2.3k",
+            "99999999999t",
+            "1e9",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_duration("3600"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration(".").is_err());
+        // A TOML integer reaches the parser as its digits.
+        let c = parse(&["--timekey", "3600", "--chunk-limit-size", "8m"]).unwrap();
+        assert_eq!(
+            (c.buffer.timekey, c.buffer.chunk_limit_size),
+            (Duration::from_secs(3600), 8 << 20)
+        );
+    }
+
+    #[test]
+    fn a_file_setting_overridden_with_another_value_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("claimcheck.toml");
+        std::fs::write(&file, "buffer_dir = \"/from/file\"\ntimekey = \"60s\"\n").unwrap();
+        let argv = |extra: &[&str]| -> Vec<OsString> {
+            ["claimcheck", "serve", "--config", file.to_str().unwrap()]
+                .iter()
+                .chain(extra)
+                .map(OsString::from)
+                .collect()
+        };
+        let (_, overridden) =
+            with_config_file(argv(&["--buffer-dir", "/from/flag", "--timekey", "60s"])).unwrap();
+        assert_eq!(
+            overridden,
+            [Overridden {
+                key: "buffer_dir".into(),
+                in_file: "/from/file".into(),
+                by: "--buffer-dir".into(),
+                value: "/from/flag".into(),
+            }],
+            "the same value set twice is not reported"
+        );
+        let (with_file, overridden) = with_config_file(argv(&[])).unwrap();
+        assert!(overridden.is_empty());
+        assert!(with_file.iter().any(|a| a == "/from/file"));
+        // A secret's values are not repeated.
+        std::fs::write(&file, "shared_key = \"in-the-file\"\n").unwrap();
+        let (_, overridden) = with_config_file(argv(&["--shared-key", "on-the-line"])).unwrap();
+        assert_eq!(
+            (overridden[0].in_file.as_str(), overridden[0].value.as_str()),
+            ("(hidden)", "(hidden)")
+        );
     }
 
     #[test]

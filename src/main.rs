@@ -4,7 +4,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use claimcheck::bench::BenchArgs;
-use claimcheck::config::{LogFormat, ServeArgs};
+use claimcheck::config::{LogFormat, Overridden, ServeArgs};
 use claimcheck::consume::{self, ResolveArgs, TailArgs};
 use claimcheck::Sidecar;
 
@@ -123,16 +123,23 @@ fn raise_open_files_limit(max_connections: usize, max_open_chunk_files: Option<u
 }
 
 fn main() -> std::process::ExitCode {
-    let argv = match claimcheck::config::with_config_file(std::env::args_os().collect()) {
-        Ok(argv) => argv,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
+    let (argv, overridden) =
+        match claimcheck::config::with_config_file(std::env::args_os().collect()) {
+            Ok(with_file) => with_file,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        };
     let cli = Cli::parse_from(&argv);
     if let Command::Serve(args) = &cli.command {
         if args.print_config {
+            for o in &overridden {
+                eprintln!(
+                    "warning: the configuration file's {} = {:?} is overridden by {} = {:?}",
+                    o.key, o.in_file, o.by, o.value
+                );
+            }
             let at = argv
                 .iter()
                 .position(|a| a == "serve")
@@ -167,7 +174,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, overridden)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -192,11 +199,15 @@ fn warn_unknown_env() {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, overridden: Vec<Overridden>) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing(args.log_format);
             warn_unknown_env();
+            for o in overridden {
+                tracing::warn!(setting = %o.key, in_file = %o.in_file, by = %o.by, value = %o.value,
+                               "the configuration file's setting is overridden");
+            }
             let config = args.into_config().map_err(anyhow::Error::msg)?;
             raise_open_files_limit(
                 config.listener.max_connections,
