@@ -4,23 +4,26 @@
 //! |------------------|-----------------------------------------------------------------------|
 //! | `/metrics`       | every `claimcheck_*` metric, Prometheus/OpenMetrics text              |
 //! | `/healthz`       | 200 while the process runs                                            |
-//! | `/readyz`        | 200 while it can accept and buffer events (S3 and Kinesis need not be up); 503 when the buffer is full, the disk is full or failing |
+//! | `/readyz`        | 200 while it can accept and buffer events (S3 and Kinesis need not be up); 503 when the buffer is full, the disk is full or failing, and while shutting down |
 //! | `/api/v1/buffer` | JSON: every chunk in the buffer with its phase, age, size, attempts, last error and next retry |
+//!
+//! It serves until the sidecar ends, through the delivery at shutdown.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::buffer::gauges::BufferCollector;
 use crate::buffer::registry::{ChunkInfo, Registry};
@@ -51,29 +54,60 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics and health endpoint listening");
     }
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Duration::from_millis(100);
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff = Duration::from_millis(100);
+                    a
+                }
                 Err(e) => {
-                    debug!(cause = %e, "admin endpoint: cannot accept");
+                    // Out of file descriptors and the like: the listener stays readable, so
+                    // wait rather than spin (and log once per wait, not per attempt).
+                    warn!(cause = %e, retry_in = ?backoff, "admin endpoint: cannot accept a connection");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, max = MAX_CONNECTIONS, "admin endpoint: too many connections; closing this one");
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| answer(state.clone(), req));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, cause = %e, "admin endpoint: connection error");
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, cause = %e, "admin endpoint: connection error"),
+                Err(_) => debug!(%peer, "admin endpoint: closing a connection open too long"),
             }
         });
     }
 }
+
+/// Most admin connections served at once: scrapers and probes need a few; beyond, a new one is
+/// closed at once, so that idle ones cannot take the file descriptors the forward port and the
+/// chunk files need.
+const MAX_CONNECTIONS: usize = 32;
+
+/// A request's headers must arrive within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection is closed after this long, whatever it does (a scraper connects again).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Binds the admin endpoint's listener.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -184,4 +218,64 @@ async fn answer(
             "not found: /metrics, /healthz, /readyz, /api/v1/buffer\n",
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// Connects and reads until the endpoint closes the connection: true if it did within
+    /// `within` (of the test's clock).
+    async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, stream.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    /// Idle connections cannot pile up: beyond [`MAX_CONNECTIONS`] a new one is closed at once,
+    /// and one that sends no request is closed after [`HEADER_READ_TIMEOUT`], after which
+    /// the endpoint answers again.
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_bounded_in_number_and_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run(
+            listener,
+            Arc::new(Registry::new()),
+            None,
+            shutdown.clone(),
+        ));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the endpoint take them all.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        assert!(
+            closed_within(&mut extra, Duration::from_secs(1)).await,
+            "a connection beyond the limit is closed at once"
+        );
+        for stream in &mut idle {
+            assert!(
+                closed_within(stream, HEADER_READ_TIMEOUT + Duration::from_secs(1)).await,
+                "an idle connection is closed"
+            );
+        }
+        let mut probe = TcpStream::connect(addr).await.unwrap();
+        probe
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        probe.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        shutdown.cancel();
+    }
 }

@@ -109,7 +109,10 @@ pub async fn run(
             Err(e) => {
                 // Out of file descriptors and the like: wait a little instead of spinning.
                 error!(cause = %e, retry_in = ?backoff, "cannot accept a connection");
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
