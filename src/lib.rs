@@ -171,6 +171,10 @@ impl Sidecar {
         } = self;
         let delivery = start_delivery(&config, registry.clone(), queues, recovered);
         let token = CancellationToken::new();
+        // The admin endpoint serves until the sidecar ends, through the delivery at shutdown:
+        // probes and scrapes see it drain.
+        let admin_token = CancellationToken::new();
+        let _admin_stops = admin_token.clone().drop_guard();
         let mut metrics = None;
         if let Some(addr) = config.metrics_listen {
             let admin = admin::bind(addr).await?;
@@ -179,7 +183,7 @@ impl Sidecar {
                 admin,
                 registry.clone(),
                 config.buffer.total_limit_size,
-                token.clone(),
+                admin_token,
             ));
         }
         let handle = buffer.handle.clone();
@@ -218,6 +222,7 @@ impl Sidecar {
             error!("the buffer writer stopped; shutting down");
         }
         info!("shutting down: no new connections; finishing requests in flight");
+        registry.set_shutting_down();
         token.cancel();
         server.await?;
         if let Some(ended) = writer_ended {

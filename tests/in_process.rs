@@ -15,7 +15,7 @@ use claimcheck_consumer::Pointer;
 use common::in_process::InProcess;
 use common::load::request;
 use common::wire::{fluentd_request, pack};
-use common::{event_key, now_secs, TestEvent};
+use common::{event_key, metric_sum, now_secs, samples, scrape, TestEvent};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -143,6 +143,52 @@ async fn acked_events_wait_out_an_outage_of_either_backend_and_arrive_once() {
         assert_eq!(pointers.len(), 2, "s3 down: {s3_down}");
         assert_exactly_once(&store, &pointers, &sent);
     }
+}
+
+/// At shutdown the sidecar delivers what it holds before it exits, and its admin endpoint
+/// answers through that: alive, not ready (it takes no new connections), and scraped, so that
+/// the scrape sees the buffer drain. The endpoint closes when the sidecar ends.
+#[tokio::test]
+async fn the_admin_endpoint_answers_while_the_sidecar_delivers_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = InProcess::start(
+        &dir,
+        &["--retry-wait", "100ms", "--retry-max-interval", "200ms"],
+    )
+    .await;
+    sidecar.sink.set_down(true);
+    let sent = send(&sidecar, 4, 5, 2).await;
+    let admin = sidecar.admin;
+    let sink = sidecar.sink.clone();
+    let stopping = tokio::spawn(sidecar.shut_down());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (_, why) = loop {
+        let (status, body) = scrape(admin, "/readyz").await;
+        if status == 503 {
+            break (status, body);
+        }
+        assert!(std::time::Instant::now() < deadline, "never not ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(why.contains("shutting down"), "{why}");
+    assert_eq!(scrape(admin, "/healthz").await.0, 200);
+    let (status, metrics) = scrape(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let metrics = samples(&metrics);
+    assert_eq!(metrics["claimcheck_ready"], 0.0);
+    assert!(
+        metric_sum(&metrics, "claimcheck_buffer_chunks") > 0.0,
+        "the chunks waiting for Kinesis"
+    );
+    sink.set_down(false);
+    let (store, sink) = stopping.await.unwrap();
+    assert_exactly_once(&store, &sink.pointers(), &sent);
+    assert!(
+        claimcheck::admin::get(&format!("http://127.0.0.1:{admin}/healthz"))
+            .await
+            .is_err(),
+        "the endpoint closed with the sidecar"
+    );
 }
 
 /// A request waits for room (the buffer at `total_limit_size`, Kinesis down) when its

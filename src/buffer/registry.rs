@@ -74,6 +74,8 @@ pub struct Registry {
     disk_full: AtomicBool,
     /// The last write round failed for another reason (an I/O error).
     write_failing: AtomicBool,
+    /// The sidecar is shutting down: no new connections, delivering what it holds.
+    shutting_down: AtomicBool,
     /// Requests taken from senders and not yet durable ([`WaitingRequest`]).
     waiting: AtomicUsize,
     outages: Reporters,
@@ -300,9 +302,16 @@ impl Registry {
         !self.full.load(Ordering::Relaxed) && !self.disk_full.load(Ordering::Relaxed)
     }
 
+    /// The sidecar stopped taking connections and delivers what it holds before it exits.
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
     /// Why the sidecar cannot accept and buffer events right now, if it cannot.
     pub fn not_ready_because(&self) -> Option<&'static str> {
-        if self.full.load(Ordering::Relaxed) {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            Some("shutting down: no new connections; delivering what the buffer holds")
+        } else if self.full.load(Ordering::Relaxed) {
             Some("the buffer is at total_limit_size")
         } else if self.disk_full.load(Ordering::Relaxed) {
             Some("the disk is full")
