@@ -155,7 +155,10 @@ impl std::fmt::Debug for StreamReaderBuilder {
 }
 
 impl StreamReaderBuilder {
-    /// Where shards without a checkpoint start; [`StartPosition::TrimHorizon`] unless set.
+    /// Where the shards start on a first run, without a checkpoint; [`StartPosition::TrimHorizon`]
+    /// unless set. A reader resumed from a checkpoint reads the shards it does not name from
+    /// their start: they are new since (a reshard while the reader was away), or their records
+    /// were handed out and never committed.
     pub fn start(mut self, start: StartPosition) -> Self {
         self.start = start;
         self
@@ -207,8 +210,10 @@ impl StreamReaderBuilder {
     pub async fn open(self) -> Result<StreamReader, Error> {
         let mut recent = RecentIds::new(self.dedup_window);
         let mut restored = HashMap::new();
+        let mut resumed = false;
         if let Some(store) = &self.store {
             if let Some(cp) = store.load_boxed().await? {
+                resumed = true;
                 if cp.stream() != self.stream {
                     return Err(Error::Checkpoint {
                         reason: format!(
@@ -243,6 +248,7 @@ impl StreamReaderBuilder {
             filter: self.filter,
             initial: None,
             restored,
+            resumed,
             shards: Vec::new(),
             queue: VecDeque::new(),
             in_flight: VecDeque::new(),
@@ -358,6 +364,8 @@ pub struct StreamReader {
     initial: Option<HashSet<String>>,
     /// Positions from the checkpoint, for shards not known yet.
     restored: HashMap<String, ShardCheckpoint>,
+    /// A checkpoint was loaded: the start position is for a first run only.
+    resumed: bool,
     shards: Vec<Shard>,
     queue: VecDeque<Queued>,
     in_flight: VecDeque<Delivery>,
@@ -434,7 +442,9 @@ impl StreamReader {
     ///
     /// Saves the checkpoint first when something was committed and Kinesis is about to be read.
     /// The error is a failure to read Kinesis or to save the checkpoint; problems with one
-    /// pointer come inside the [`Delivery`].
+    /// pointer come inside the [`Delivery`]. After an error, calling again goes on where the
+    /// reader stands, with nothing read lost; so does a call after one that was dropped
+    /// unfinished (in a `select!` or a timeout).
     pub async fn next(&mut self) -> Result<Option<Delivery>, Error> {
         loop {
             self.schedule();
@@ -590,25 +600,50 @@ impl StreamReader {
         let limit = self.records_per_read;
         let reads = self
             .shards
-            .iter_mut()
+            .iter()
             .enumerate()
             .filter(|(_, s)| !s.ended)
             .map(|(i, shard)| {
                 let kinesis = &*kinesis;
                 async move { (i, read_shard(kinesis, stream, shard, limit).await) }
             });
+        // The reads change no shard: what they found is applied here, all of it, once every
+        // read is back. So a read that fails does not lose the records the others read, and a
+        // caller that drops this future (a `select!`, a timeout) loses no position either.
         let results = futures::future::join_all(reads).await;
         let mut progress = false;
         let mut ended = false;
+        let mut failed = None;
         for (i, result) in results {
-            let (records, now_ended) = result?;
-            ended |= now_ended;
-            progress |= !records.is_empty();
-            self.queue.extend(records.into_iter().map(|r| Queued {
+            let shard = &mut self.shards[i];
+            let read = match result {
+                Ok(read) => read,
+                Err(e) => {
+                    // The next read takes a new iterator, after the last record read.
+                    shard.iterator = None;
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
+            if let Some(last) = read.records.last() {
+                shard.last_read = Some(last.sequence_number.clone());
+            }
+            shard.iterator = read.iterator;
+            if read.ended {
+                shard.ended = true;
+                shard.iterator = None;
+            }
+            ended |= read.ended;
+            progress |= !read.records.is_empty();
+            self.queue.extend(read.records.into_iter().map(|r| Queued {
                 shard: i,
                 sequence_number: r.sequence_number,
                 data: r.data,
             }));
+        }
+        if let Some(e) = failed {
+            self.dirty |= ended;
+            return Err(e);
         }
         if ended || (!progress && self.listed_at.elapsed() >= self.shard_refresh) {
             // New shards, or a shard newly closed (which may end at the next read), are worth
@@ -672,8 +707,12 @@ impl StreamReader {
                         shard.committed = Some(seq);
                     }
                     // A shard listed at open, the child of one listed too (split before or
-                    // after the start) included: what arrived from the start on.
-                    None if initial.contains(&s.id) => {
+                    // after the start) included: what arrived from the start on. Unless the
+                    // reader resumed from a checkpoint that does not name it: then it is
+                    // new since (a child of a reshard while the reader was away), or its
+                    // records were handed out but never committed; either way it is read
+                    // from its start (the checkpoint's chunk ids drop what was processed).
+                    None if initial.contains(&s.id) && !self.resumed => {
                         shard.start = match self.start {
                             StartPosition::TrimHorizon => IteratorStart::TrimHorizon,
                             StartPosition::Latest => IteratorStart::Latest,
@@ -694,15 +733,29 @@ impl StreamReader {
     }
 }
 
-/// Reads one page of a shard. Returns the records and whether the shard just ended.
+/// What one read of a shard found, for [`StreamReader::read_round`] to apply.
+struct ShardRead {
+    records: Vec<kinesis::Record>,
+    /// The iterator to read on with; `None` to take a new one after the last record read.
+    iterator: Option<String>,
+    /// The shard was read to its end.
+    ended: bool,
+}
+
+/// Reads one page of a shard, changing nothing (a shard iterator may be used again).
 async fn read_shard(
     kinesis: &dyn ShardSource,
     stream: &str,
-    shard: &mut Shard,
+    shard: &Shard,
     limit: i32,
-) -> Result<(Vec<kinesis::Record>, bool), Error> {
-    let iterator = match shard.iterator.take() {
-        Some(it) => it,
+) -> Result<ShardRead, Error> {
+    let nothing = |iterator, ended| ShardRead {
+        records: Vec::new(),
+        iterator,
+        ended,
+    };
+    let iterator = match &shard.iterator {
+        Some(it) => it.clone(),
         None => {
             let start = match &shard.last_read {
                 Some(seq) => IteratorStart::AfterSequence(seq.clone()),
@@ -710,36 +763,26 @@ async fn read_shard(
             };
             match kinesis.iterator(stream, &shard.id, &start).await? {
                 Some(it) => it,
-                None => {
-                    shard.ended = true;
-                    return Ok((Vec::new(), true));
-                }
+                None => return Ok(nothing(None, true)),
             }
         }
     };
-    match kinesis.records(stream, &iterator, limit).await? {
+    Ok(match kinesis.records(stream, &iterator, limit).await? {
         Read::Page {
             records,
             next,
             caught_up,
         } => {
-            if let Some(last) = records.last() {
-                shard.last_read = Some(last.sequence_number.clone());
-            }
             let ended = next.is_none() || (shard.closed && records.is_empty() && caught_up);
-            shard.iterator = next;
-            if ended {
-                shard.ended = true;
-                shard.iterator = None;
+            ShardRead {
+                records,
+                iterator: next,
+                ended,
             }
-            Ok((records, ended))
         }
-        Read::Expired => Ok((Vec::new(), false)),
-        Read::Throttled => {
-            shard.iterator = Some(iterator);
-            Ok((Vec::new(), false))
-        }
-    }
+        Read::Expired => nothing(None, false),
+        Read::Throttled => nothing(Some(iterator), false),
+    })
 }
 
 #[cfg(test)]

@@ -447,3 +447,137 @@ async fn latest_does_not_replay_the_children_of_a_shard_split_before_open() {
     world.publish(HIGH);
     assert_eq!(numbers(&drain(&mut reader).await), vec![2, 3]);
 }
+
+/// Kinesis in memory, with GetRecords on one shard failing once or slow.
+#[derive(Debug)]
+struct Faulty {
+    inner: Arc<InMemoryStream>,
+    shard: &'static str,
+    fail_once: std::sync::atomic::AtomicBool,
+    delay: Duration,
+}
+
+impl Faulty {
+    fn builder(self, world: &World) -> StreamReaderBuilder {
+        StreamReader::builder_with(
+            Arc::new(self),
+            Resolver::from_source(world.bucket.clone()),
+            "pointers".into(),
+        )
+    }
+}
+
+impl ShardSource for Faulty {
+    fn list_shards<'a>(
+        &'a self,
+        stream: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<kinesis::ShardInfo>, Error>> {
+        self.inner.list_shards(stream)
+    }
+
+    fn iterator<'a>(
+        &'a self,
+        stream: &'a str,
+        shard_id: &'a str,
+        start: &'a IteratorStart,
+    ) -> futures::future::BoxFuture<'a, Result<Option<String>, Error>> {
+        self.inner.iterator(stream, shard_id, start)
+    }
+
+    fn records<'a>(
+        &'a self,
+        stream: &'a str,
+        iterator: &'a str,
+        limit: i32,
+    ) -> futures::future::BoxFuture<'a, Result<Read, Error>> {
+        let this_shard = iterator.starts_with(self.shard);
+        Box::pin(async move {
+            if this_shard {
+                tokio::time::sleep(self.delay).await;
+                if self
+                    .fail_once
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    return Err(Error::Kinesis {
+                        operation: "GetRecords",
+                        source: "InternalFailure".into(),
+                    });
+                }
+            }
+            self.inner.records(stream, iterator, limit).await
+        })
+    }
+}
+
+/// A read round whose read of one shard fails keeps what it read from the others: the caller
+/// that goes on after the error gets every record, and the checkpoint passes none unread.
+#[tokio::test]
+async fn a_failed_read_of_one_shard_loses_nothing_read_from_another() {
+    let mut world = World::new(2);
+    world.publish(HIGH); // 0 and 1 on the second shard
+    world.publish(HIGH);
+    let faulty = Faulty {
+        inner: world.stream.clone(),
+        shard: "shardId-000000000000",
+        fail_once: true.into(),
+        delay: Duration::ZERO,
+    };
+    let store = MemoryStore::default();
+    let mut reader = faulty
+        .builder(&world)
+        .checkpoints(store.clone())
+        .open()
+        .await
+        .unwrap();
+    let err = reader.next().await.unwrap_err();
+    assert!(matches!(err, Error::Kinesis { .. }), "{err}");
+    world.publish(HIGH);
+    assert_eq!(numbers(&drain(&mut reader).await), vec![0, 1, 2]);
+}
+
+/// `next()` may be dropped while it reads (a caller's `select!` or timeout): a record another
+/// shard's read had returned meanwhile is read again, not lost.
+#[tokio::test]
+async fn a_next_dropped_while_reading_loses_no_record() {
+    let mut world = World::new(2);
+    world.publish(HIGH); // 0, on the second shard
+    let slow = Faulty {
+        inner: world.stream.clone(),
+        shard: "shardId-000000000000",
+        fail_once: false.into(),
+        delay: Duration::from_millis(300),
+    };
+    let mut reader = slow.builder(&world).open().await.unwrap();
+    let dropped = tokio::time::timeout(Duration::from_millis(50), reader.next()).await;
+    assert!(dropped.is_err(), "given up while the first shard is read");
+    world.publish(HIGH);
+    assert_eq!(numbers(&drain(&mut reader).await), vec![0, 1]);
+}
+
+/// A reader resumed from its checkpoint reads the shards that the checkpoint does not name from
+/// their start, whatever its start position: here the children of a split made while it was
+/// away, written to meanwhile.
+#[tokio::test]
+async fn a_resumed_reader_reads_the_children_of_a_split_made_while_it_was_away() {
+    let mut world = World::new(1);
+    world.publish(LOW); // 0, before the first open
+    let store = MemoryStore::default();
+    let open = |world: &World| {
+        world
+            .builder()
+            .start(StartPosition::Latest)
+            .checkpoints(store.clone())
+            .open()
+    };
+    let mut reader = open(&world).await.unwrap();
+    world.publish(LOW);
+    assert_eq!(numbers(&drain(&mut reader).await), vec![1]);
+    reader.checkpoint().await.unwrap();
+    drop(reader);
+    world.stream.split("shardId-000000000000");
+    world.publish(LOW); // 2 and 3, on the children, while no reader runs
+    world.publish(HIGH);
+    let mut reader = open(&world).await.unwrap();
+    world.publish(LOW);
+    assert_eq!(numbers(&drain(&mut reader).await), vec![2, 3, 4]);
+}
