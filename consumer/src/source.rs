@@ -69,7 +69,12 @@ impl ObjectSource for S3 {
                         }
                     } else {
                         Error::S3 {
-                            operation: "GetObject",
+                            // Without s3:ListBucket, S3 answers a missing key with 403.
+                            operation: if status == Some(403) {
+                                "GetObject (access denied: a missing object reads so unless the reader has s3:ListBucket on the bucket)"
+                            } else {
+                                "GetObject"
+                            },
                             source: Box::new(e),
                         }
                     }

@@ -123,7 +123,14 @@ def _get(s3: Any, p: Pointer, if_match: Optional[str] = None) -> Any:
                 bucket=p.bucket,
                 key=p.key,
             ) from e
-        raise errors.S3Error(f"s3 GetObject failed: {e}", operation="GetObject") from e
+        hint = ""
+        if status == 403:
+            # Without s3:ListBucket, S3 answers a missing key with 403.
+            hint = (
+                " (access denied: a missing object reads so unless the reader has"
+                " s3:ListBucket on the bucket)"
+            )
+        raise errors.S3Error(f"s3 GetObject failed{hint}: {e}", operation="GetObject") from e
     except botocore.exceptions.BotoCoreError as e:
         raise errors.S3Error(f"s3 GetObject failed: {e}", operation="GetObject") from e
     length = response.get("ContentLength")
