@@ -237,7 +237,7 @@ async fn a_reader_restarted_from_its_checkpoint_goes_on_where_it_stopped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dynamodb_checkpoint_resumes_a_reader_and_refuses_a_second_writer() {
+async fn dynamodb_checkpoints_resume_refuse_a_second_writer_and_outlive_a_lost_answer() {
     let env = Emulated::start("dynamodb").await;
     let dynamodb = Aws::dynamodb(env.moto.port);
     let table = unique("checkpoints");
@@ -284,16 +284,33 @@ async fn a_dynamodb_checkpoint_resumes_a_reader_and_refuses_a_second_writer() {
     assert_eq!(labels, ["c", "d"]);
     reader.checkpoint().await.unwrap();
 
-    // Two stores of the same name: whoever saves second was overtaken and is told so.
+    // Two stores of the same name: whoever saves another checkpoint second was overtaken and
+    // is told so.
     let (first, second) = (store(), store());
     let saved = first.load().await.unwrap().expect("a saved checkpoint");
     second.load().await.unwrap();
     first.save(&saved).await.unwrap();
-    let err = second.save(&saved).await.unwrap_err();
+    let mut other: serde_json::Value = serde_json::from_slice(&saved.to_json()).unwrap();
+    other["shards"] = serde_json::json!({});
+    let other =
+        claimcheck_consumer::checkpoint::Checkpoint::from_json(&other.to_string().into_bytes())
+            .unwrap();
+    let err = second.save(&other).await.unwrap_err();
     assert!(
         matches!(&err, Error::Checkpoint { reason, .. } if reason.contains("another reader")),
         "{err}"
     );
+
+    // A write that landed but whose answer was lost is retried by the SDK, and the retry fails
+    // its condition against that very write: the same checkpoint at the version it was
+    // written for is taken as saved, and the store goes on from there.
+    let (landed, retried) = (store(), store());
+    landed.load().await.unwrap();
+    retried.load().await.unwrap();
+    landed.save(&saved).await.unwrap();
+    retried.save(&saved).await.unwrap();
+    retried.save(&other).await.unwrap();
+    assert_eq!(store().load().await.unwrap(), Some(other));
 }
 
 /// The records of the stream's first shard as Lambda's event source mapping would hand them over.

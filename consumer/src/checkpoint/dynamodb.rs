@@ -153,15 +153,13 @@ impl CheckpointStore for DynamoDbCheckpointStore {
     async fn save(&self, checkpoint: &Checkpoint) -> Result<(), Error> {
         let loaded = *self.version.lock().expect("not poisoned");
         let next = loaded.map_or(1, |v| v + 1);
+        let json = String::from_utf8(checkpoint.to_json()).expect("JSON is UTF-8");
         let req = self
             .client
             .put_item()
             .table_name(&self.table)
             .item(KEY, AttributeValue::S(self.name.clone()))
-            .item(
-                "checkpoint",
-                AttributeValue::S(String::from_utf8(checkpoint.to_json()).expect("JSON is UTF-8")),
-            )
+            .item("checkpoint", AttributeValue::S(json.clone()))
             .item("version", AttributeValue::N(next.to_string()));
         let req = match loaded {
             None => req
@@ -183,6 +181,13 @@ impl CheckpointStore for DynamoDbCheckpointStore {
                     Some(PutItemError::ConditionalCheckFailedException(_))
                 ) =>
             {
+                // The SDK retries a write whose answer was lost (a reset connection, a 500
+                // after the write): its retry then fails the condition against the write
+                // itself. What is stored is then this very checkpoint at `next`.
+                if self.stored(next).await?.as_deref() == Some(json.as_str()) {
+                    *self.version.lock().expect("not poisoned") = Some(next);
+                    return Ok(());
+                }
                 Err(Error::checkpoint(
                     format!(
                         "checkpoint {:?} in {} was saved by another reader since this one loaded it",
@@ -193,5 +198,33 @@ impl CheckpointStore for DynamoDbCheckpointStore {
             }
             Err(e) => Err(dynamodb_err("PutItem")(e)),
         }
+    }
+}
+
+impl DynamoDbCheckpointStore {
+    /// The checkpoint's JSON stored at `version`, if that is the version stored (a consistent
+    /// read).
+    async fn stored(&self, version: u64) -> Result<Option<String>, Error> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(KEY, AttributeValue::S(self.name.clone()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(dynamodb_err("GetItem"))?;
+        let Some(item) = out.item else {
+            return Ok(None);
+        };
+        let at = item
+            .get("version")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse::<u64>().ok());
+        Ok(item
+            .get("checkpoint")
+            .and_then(|v| v.as_s().ok())
+            .filter(|_| at == Some(version))
+            .cloned())
     }
 }
