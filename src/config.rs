@@ -479,6 +479,11 @@ impl ServeArgs {
             return Err("--kinesis-stream is required".into());
         }
         let hostname = match self.hostname {
+            // Empty, it would make `%{hostname}/…` keys start with a `/`, and `producer` say
+            // nothing.
+            Some(h) if h.trim().is_empty() => {
+                return Err("--hostname must not be empty (unset it for the system's)".into())
+            }
             Some(h) => h,
             None => hostname::get()
                 .map(|h| h.to_string_lossy().into_owned())
@@ -1205,6 +1210,13 @@ mod tests {
         assert_eq!(c.buffer.max_open_files, Some(64));
         let err = parse(&["--max-open-chunk-files", "0"]).unwrap_err();
         assert!(err.contains("at least 1"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_hostname_is_refused() {
+        let err = parse(&["--hostname", ""]).unwrap_err();
+        assert!(err.contains("--hostname"), "{err}");
+        assert!(parse(&["--hostname", "web-1"]).is_ok());
     }
 
     #[test]
