@@ -16,6 +16,7 @@ use claimcheck::bench::{sample_entries, sample_request, Mode, Payload};
 use claimcheck::buffer::chunk::{ChunkHeader, ChunkWriter};
 use claimcheck::forward::entries;
 use claimcheck::forward::frame::{self, Request};
+use claimcheck::timekey::Timekey;
 use claimcheck_consumer::body::{Compression, Encoder, Format};
 use claimcheck_consumer::entry::{self, ValueScanner};
 use claimcheck_consumer::pointer::Checksum;
@@ -55,7 +56,7 @@ fn split(c: &mut Criterion) {
         let blob = Bytes::from(sample_entries(events, size, 0, Payload::Hex));
         g.throughput(Throughput::Bytes(blob.len() as u64));
         g.bench_function(name, |b| {
-            b.iter(|| entries::split(black_box(&blob), 60));
+            b.iter(|| entries::split(black_box(&blob), Timekey::utc(60)));
         });
     }
     // Two timekeys interleaved: every entry starts a new run (the worst case).
@@ -70,7 +71,7 @@ fn split(c: &mut Criterion) {
     let blob = Bytes::from([a, b].concat().repeat(500));
     g.throughput(Throughput::Bytes(blob.len() as u64));
     g.bench_function("1000x200B_alternating_timekeys", |bench| {
-        bench.iter(|| entries::split(black_box(&blob), 60));
+        bench.iter(|| entries::split(black_box(&blob), Timekey::utc(60)));
     });
     g.finish();
 }

@@ -85,6 +85,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
+/// Parses a time zone: `UTC`, `+09:00`, `-0500`, `Europe/Berlin`.
+pub fn parse_zone(s: &str) -> Result<crate::timekey::Zone, String> {
+    s.parse()
+}
+
 /// `overflow_action` under Fluentd's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OverflowActionArg {
@@ -144,6 +149,12 @@ pub struct ServeArgs {
     /// Length of a chunk's time window, by event time (Fluentd's `timekey`).
     #[arg(long, env = "CLAIMCHECK_TIMEKEY", default_value = "60s", value_parser = parse_duration)]
     pub timekey: Duration,
+
+    /// The zone timekey windows start in and object keys' times are written in (Fluentd's
+    /// `timekey_zone`): `UTC`, an offset such as `+09:00`, or an IANA name such as
+    /// `Europe/Berlin`. Fluentd's default is the host's offset at its start; set this to match.
+    #[arg(long, env = "CLAIMCHECK_TIMEKEY_ZONE", default_value = "UTC", value_parser = parse_zone)]
+    pub timekey_zone: crate::timekey::Zone,
 
     /// How long after its window ends a chunk waits for late events (Fluentd's `timekey_wait`).
     #[arg(long, env = "CLAIMCHECK_TIMEKEY_WAIT", default_value = "10s", value_parser = parse_duration)]
@@ -490,12 +501,14 @@ impl ServeArgs {
                 .unwrap_or_else(|_| "unknown".into()),
         };
         let key_template = KeyTemplate::parse(&self.s3_object_key_format, &hostname)
-            .map_err(|e| format!("--s3-object-key-format: {e}"))?;
+            .map_err(|e| format!("--s3-object-key-format: {e}"))?
+            .in_zone(self.timekey_zone);
         if !key_template.has_chunk_id() {
             return Err("--s3-object-key-format must contain ${chunk_id}, so that retries rewrite the same object and hosts never collide".into());
         }
         let partition_key = KeyTemplate::parse(&self.kinesis_partition_key, &hostname)
-            .map_err(|e| format!("--kinesis-partition-key: {e}"))?;
+            .map_err(|e| format!("--kinesis-partition-key: {e}"))?
+            .in_zone(self.timekey_zone);
         let (s3_access, kinesis_access) = self.access.destinations()?;
         let objects = self.objects.objects()?;
         let templates =
@@ -504,7 +517,8 @@ impl ServeArgs {
                     .into_iter()
                     .map(|(k, v)| {
                         let t = KeyTemplate::parse(&v, &hostname)
-                            .map_err(|e| format!("{flag} {k}: {e}"))?;
+                            .map_err(|e| format!("{flag} {k}: {e}"))?
+                            .in_zone(self.timekey_zone);
                         Ok((k, t))
                     })
                     .collect()
@@ -618,7 +632,10 @@ impl ServeArgs {
                 chunk_size_limit: self.chunk_size_limit,
                 chunk_size_warn_limit: self.chunk_size_warn_limit,
                 decompression_size_limit: self.decompression_size_limit,
-                timekey_secs: self.timekey.as_secs() as i64,
+                timekey: crate::timekey::Timekey {
+                    secs: self.timekey.as_secs() as i64,
+                    zone: self.timekey_zone,
+                },
                 security,
                 deny_keepalive: self.deny_keepalive,
                 idle_timeout: self.idle_timeout,

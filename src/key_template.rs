@@ -7,12 +7,14 @@
 //! | `${chunk_id}`        | the chunk id, 32 lowercase hex digits                          |
 //! | `%{hostname}`        | this host's name                                               |
 //! | `%{file_extension}`  | `msgpack.zst`, `json.gz`, … from format and compression        |
-//! | `%Y %m %d %H %M %S`… | strftime of the chunk's timekey (UTC)                          |
+//! | `%Y %m %d %H %M %S`… | strftime of the chunk's timekey, in `--timekey-zone` (UTC)     |
 //!
 //! Placeholder values are never read as strftime, so a `%` in a tag stays a `%`. A `${tag[N]}`
 //! outside the tag is left as written, as Fluentd does.
 
 use chrono::format::{Item, StrftimeItems};
+
+use crate::timekey::Zone;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Part {
@@ -28,6 +30,8 @@ enum Part {
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyTemplate {
     parts: Vec<Part>,
+    /// The zone strftime writes the timekey in.
+    zone: Zone,
 }
 
 /// What a key is made from.
@@ -87,7 +91,15 @@ impl KeyTemplate {
         if !text.is_empty() {
             parts.push(Part::Text(check_strftime(text)?));
         }
-        Ok(KeyTemplate { parts })
+        Ok(KeyTemplate {
+            parts,
+            zone: Zone::UTC,
+        })
+    }
+
+    /// The template with its times written in `zone` (UTC unless set).
+    pub fn in_zone(self, zone: Zone) -> Self {
+        KeyTemplate { zone, ..self }
     }
 
     /// True if the template uses `${chunk_id}`.
@@ -96,11 +108,10 @@ impl KeyTemplate {
     }
 
     pub fn render(&self, v: KeyValues<'_>) -> String {
-        let time = chrono::DateTime::from_timestamp(v.timekey, 0).unwrap_or_default();
         let mut out = String::new();
         for part in &self.parts {
             match part {
-                Part::Text(t) => out.push_str(&time.format(t).to_string()),
+                Part::Text(t) => out.push_str(&self.zone.format(v.timekey, t)),
                 Part::Tag => out.push_str(v.tag),
                 Part::TagIndex(n) => {
                     let pieces: Vec<&str> = v.tag.split('.').collect();

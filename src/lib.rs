@@ -41,6 +41,7 @@ pub mod server;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod time;
+pub mod timekey;
 pub mod uploader;
 
 use std::future::Future;

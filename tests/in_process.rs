@@ -145,6 +145,55 @@ async fn acked_events_wait_out_an_outage_of_either_backend_and_arrive_once() {
     }
 }
 
+/// With `--timekey-zone`, daily windows start at that zone's midnight, as Fluentd's with its
+/// `timekey_zone`, and object keys carry the zone's date.
+#[tokio::test]
+async fn daily_windows_and_keys_follow_the_timekey_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = InProcess::start(
+        &dir,
+        &[
+            "--timekey",
+            "1d",
+            "--timekey-zone",
+            "+09:00",
+            "--s3-object-key-format",
+            "%Y/%m/%d/${tag}/${chunk_id}",
+            "--inline-max-bytes",
+            "0",
+        ],
+    )
+    .await;
+    // 2026-11-30T14:59:59Z is 23:59:59 in Tokyo; 15:00Z its midnight; 23:30Z 08:30 there.
+    let times = [1_796_050_799, 1_796_050_800, 1_796_081_400];
+    let mut entries = Vec::new();
+    for (n, secs) in times.into_iter().enumerate() {
+        entries.push(0x92);
+        encode::event_time(&mut entries, EventTime::new(secs, 0));
+        entries.extend(pack(&rmpv::Value::Map(vec![("n".into(), n.into())])));
+    }
+    let mut stream = TcpStream::connect(sidecar.addr).await.unwrap();
+    let req = fluentd_request("app", &entries, times.len(), "text", "zoned");
+    request(&mut stream, &req, "zoned").await.unwrap();
+    drop(stream);
+    let (store, sink) = sidecar.shut_down().await;
+    let mut chunks: Vec<(i64, String, u64)> = sink
+        .pointers()
+        .iter()
+        .map(|p| (p.timekey, p.key.clone(), p.records))
+        .collect();
+    chunks.sort();
+    let tokyo_midnight = 1_796_050_800;
+    assert_eq!(chunks.len(), 2, "{chunks:?}");
+    assert_eq!(
+        (chunks[0].0, chunks[0].2, chunks[1].0, chunks[1].2),
+        (tokyo_midnight - 86_400, 1, tokyo_midnight, 2)
+    );
+    assert!(chunks[0].1.starts_with("2026/11/30/app/"), "{chunks:?}");
+    assert!(chunks[1].1.starts_with("2026/12/01/app/"), "{chunks:?}");
+    assert_eq!(store.keys().len(), 2);
+}
+
 /// At shutdown the sidecar delivers what it holds before it exits, and its admin endpoint
 /// answers through that: alive, not ready (it takes no new connections), and scraped, so that
 /// the scrape sees the buffer drain. The endpoint closes when the sidecar ends.

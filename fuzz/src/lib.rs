@@ -23,6 +23,7 @@ use claimcheck::buffer::{
 use claimcheck::forward::connection::{self, ConnectionConfig, MAX_TAG_BYTES};
 use claimcheck::forward::entries::{self, DecompressError};
 use claimcheck::forward::frame::{self, Request};
+use claimcheck::timekey::Timekey;
 use claimcheck_consumer::entry::{self, EventTime, ScanError, ValueScanner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -106,7 +107,16 @@ fn check_request(request: Bytes) {
             Err(DecompressError::TooLarge { .. } | DecompressError::Corrupt { .. }) => return,
         }
     }
-    for timekey in [TIMEKEY_SECS as i64, 60, 1] {
+    let tokyo = "Asia/Tokyo".parse().expect("a known zone");
+    for timekey in [
+        Timekey::utc(TIMEKEY_SECS as i64),
+        Timekey::utc(60),
+        Timekey::utc(1),
+        Timekey {
+            secs: 86_400,
+            zone: tokyo,
+        },
+    ] {
         check_split(&blob, timekey);
     }
 }
@@ -129,8 +139,8 @@ fn check_ack_encoding(token: &[u8]) {
 
 /// What `split` keeps is whole valid entries of the right timekey, counted right, and the
 /// buffer can cut its groups anywhere without finding anything else.
-fn check_split(blob: &Bytes, timekey_secs: i64) {
-    let split = entries::split(blob, timekey_secs);
+fn check_split(blob: &Bytes, timekey: Timekey) {
+    let split = entries::split(blob, timekey);
     let kept: u64 = split.groups.iter().map(|g| g.records).sum();
     assert_eq!(
         kept, split.events,
@@ -148,7 +158,7 @@ fn check_split(blob: &Bytes, timekey_secs: i64) {
     );
     for group in &split.groups {
         assert!(group.records > 0, "empty group");
-        check_group(group, Some(timekey_secs));
+        check_group(group, Some(timekey));
         if group.records > 64 {
             // Each cut rescans the rest: quadratic, so only small groups are cut every way.
             continue;
@@ -161,7 +171,7 @@ fn check_split(blob: &Bytes, timekey_secs: i64) {
                 let front = rest.split_front(max_bytes, max_records);
                 assert!(front.records > 0, "split_front made no progress");
                 assert!(front.records <= max_records);
-                check_group(&front, Some(timekey_secs));
+                check_group(&front, Some(timekey));
                 records += front.records;
             }
             assert_eq!(records, group.records, "split_front lost or made events");
@@ -169,15 +179,15 @@ fn check_split(blob: &Bytes, timekey_secs: i64) {
     }
 }
 
-fn check_group(group: &Group, timekey_secs: Option<i64>) {
+fn check_group(group: &Group, timekey: Option<Timekey>) {
     let (mut records, mut bytes) = (0u64, 0u64);
     let (mut first, mut last) = (None::<EventTime>, None::<EventTime>);
     for slice in &group.slices {
         bytes += slice.len() as u64;
         for e in entry::entries(slice) {
             let (_, info) = e.expect("a group holds only whole valid entries");
-            if let Some(t) = timekey_secs {
-                assert_eq!(entries::timekey_of(info.time.secs, t), group.timekey);
+            if let Some(t) = timekey {
+                assert_eq!(t.window_of(info.time.secs), group.timekey);
             }
             records += 1;
             first = Some(first.map_or(info.time, |f| f.min(info.time)));
@@ -261,7 +271,7 @@ pub fn expected(stream: &[u8], config: &ConnectionConfig) -> Expected {
                     }
                 }
             }
-            out.stored_events += entries::split(&blob, config.timekey_secs).events;
+            out.stored_events += entries::split(&blob, config.timekey).events;
         }
         // Stored, or skipped whole (bad tag, not logs, no valid event): acknowledged either way.
         if let Some(token) = token {
@@ -507,7 +517,7 @@ pub fn connection_config() -> ConnectionConfig {
         chunk_size_limit: CHUNK_SIZE_LIMIT,
         chunk_size_warn_limit: Some(CHUNK_SIZE_LIMIT / 2),
         decompression_size_limit: DECOMPRESSION_LIMIT,
-        timekey_secs: TIMEKEY_SECS as i64,
+        timekey: Timekey::utc(TIMEKEY_SECS as i64),
         dedup: claimcheck::dedup::Dedup::new(std::time::Duration::ZERO, 1),
         ..ConnectionConfig::default()
     }

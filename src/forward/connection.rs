@@ -35,6 +35,7 @@ use crate::buffer::{Appender, BufferError, BufferHandle};
 use crate::dedup::{self, Dedup, Link, Origin, Seen};
 use crate::metrics::metrics;
 use crate::time::sleep_until;
+use crate::timekey::Timekey;
 
 /// Requests whose acks may be outstanding on one connection.
 const MAX_IN_FLIGHT: usize = 64;
@@ -60,8 +61,8 @@ pub struct ConnectionConfig {
     pub chunk_size_warn_limit: Option<u64>,
     /// Largest decompressed size of one request's entries.
     pub decompression_size_limit: u64,
-    /// Timekey length in seconds, to group entries.
-    pub timekey_secs: i64,
+    /// The timekey windows entries are grouped by.
+    pub timekey: Timekey,
     /// The shared-key handshake, when `shared_key` is set (Fluentd's `<security>`).
     pub security: Option<Arc<Security>>,
     /// Close each connection after its first request (Fluentd's `deny_keepalive`).
@@ -84,7 +85,7 @@ impl Default for ConnectionConfig {
             chunk_size_limit: 256 << 20,
             chunk_size_warn_limit: None,
             decompression_size_limit: 256 << 20,
-            timekey_secs: 3600,
+            timekey: Timekey::utc(3600),
             security: None,
             deny_keepalive: false,
             idle_timeout: Duration::from_secs(600),
@@ -551,7 +552,7 @@ impl Connection {
         if self.config.source_address_key.is_some() || self.config.source_hostname_key.is_some() {
             blob = self.add_source(&blob).await;
         }
-        let split = entries::split(&blob, self.config.timekey_secs);
+        let split = entries::split(&blob, self.config.timekey);
         for (why, n) in &split.reasons {
             metrics().skipped(why, *n);
         }

@@ -14,6 +14,7 @@ use claimcheck_consumer::entry::{self, ScanError};
 
 use super::frame::Entries;
 use crate::buffer::Group;
+use crate::timekey::Timekey;
 
 /// Valid entries grouped by timekey, and what was skipped.
 #[derive(Debug, Default)]
@@ -71,13 +72,8 @@ pub fn decompress(blob: Bytes, method: Option<&str>, limit: u64) -> Result<Bytes
     Ok(Bytes::from(out))
 }
 
-/// Start of the timekey window holding `secs`.
-pub fn timekey_of(secs: i64, timekey_secs: i64) -> i64 {
-    secs - secs.rem_euclid(timekey_secs.max(1))
-}
-
-/// Validates the entries of a blob and groups them by timekey.
-pub fn split(blob: &Bytes, timekey_secs: i64) -> Split {
+/// Validates the entries of a blob and groups them by timekey window.
+pub fn split(blob: &Bytes, timekey: Timekey) -> Split {
     let mut out = Split::default();
     let mut pos = 0usize;
     // The run of consecutive valid entries being collected: (start, timekey, stats).
@@ -101,7 +97,7 @@ pub fn split(blob: &Bytes, timekey_secs: i64) -> Split {
         // chunk, other senders' events with it, unreadable.
         match entry::scan_entry_within(&blob[pos..], claimcheck_consumer::MAX_NESTING) {
             Ok(info) => {
-                let key = timekey_of(info.time.secs, timekey_secs);
+                let key = timekey.window_of(info.time.secs);
                 if run.as_ref().is_some_and(|(_, g)| g.timekey != key) {
                     close(&mut run, pos, &mut out);
                 }
@@ -242,14 +238,14 @@ mod tests {
         assert_eq!(records[1][1]["host"].as_str(), Some("10.0.0.1"));
         assert!(records[1][0].is_array(), "metadata kept");
         assert_eq!(records[2], rmpv::Value::Array(vec![1.into(), 2.into()]));
-        let s = split(&out, 60);
+        let s = split(&out, Timekey::utc(60));
         assert_eq!((s.events, s.invalid), (2, 1));
     }
 
     #[test]
     fn one_timekey_is_one_zero_copy_slice() {
         let blob = Bytes::from([entry_at(600), entry_at(601), entry_at(659)].concat());
-        let s = split(&blob, 60);
+        let s = split(&blob, Timekey::utc(60));
         assert_eq!((s.events, s.invalid, s.groups.len()), (3, 0, 1));
         let g = &s.groups[0];
         assert_eq!((g.timekey, g.records, g.slices.len()), (600, 3, 1));
@@ -265,12 +261,11 @@ mod tests {
     fn entries_are_grouped_by_timekey_keeping_order() {
         let (a, b, c) = (entry_at(600), entry_at(660), entry_at(610));
         let blob = Bytes::from([a.clone(), b.clone(), c.clone()].concat());
-        let s = split(&blob, 60);
+        let s = split(&blob, Timekey::utc(60));
         assert_eq!(s.groups.len(), 2);
         assert_eq!((s.groups[0].timekey, s.groups[0].records), (600, 2));
         assert_eq!(s.groups[0].slices.concat(), [a, c].concat());
         assert_eq!((s.groups[1].timekey, s.groups[1].slices.concat()), (660, b));
-        assert_eq!(timekey_of(-1, 60), -60);
     }
 
     #[test]
@@ -287,7 +282,7 @@ mod tests {
         };
         let max = claimcheck_consumer::MAX_NESTING;
         let blob = Bytes::from([nested(max), nested(max + 1), entry_at(601)].concat());
-        let s = split(&blob, 60);
+        let s = split(&blob, Timekey::utc(60));
         assert_eq!((s.events, s.invalid), (2, 1));
         assert_eq!(
             s.groups[0].slices.concat(),
@@ -312,7 +307,7 @@ mod tests {
             ]
             .concat(),
         );
-        let s = split(&blob, 60);
+        let s = split(&blob, Timekey::utc(60));
         assert_eq!((s.events, s.invalid), (2, 2));
         assert_eq!(
             s.invalid_reason,
