@@ -510,6 +510,7 @@ impl ServeArgs {
             .map_err(|e| format!("--kinesis-partition-key: {e}"))?
             .in_zone(self.timekey_zone);
         let (s3_access, kinesis_access) = self.access.destinations()?;
+        let kinesis_access = kinesis_access.for_stream(&self.kinesis_stream)?;
         let objects = self.objects.objects()?;
         let templates =
             |flag: &str, items: &[String]| -> Result<Vec<(String, KeyTemplate)>, String> {
@@ -1227,6 +1228,31 @@ mod tests {
         assert_eq!(c.buffer.max_open_files, Some(64));
         let err = parse(&["--max-open-chunk-files", "0"]).unwrap_err();
         assert!(err.contains("at least 1"), "{err}");
+    }
+
+    /// Requests go to the client's region: a stream's ARN sets it, and a region that
+    /// disagrees with the ARN is refused rather than sending every PutRecords astray.
+    #[test]
+    fn a_stream_arn_gives_the_kinesis_region() {
+        let arn = "arn:aws:kinesis:eu-central-1:444455556666:stream/pointers";
+        let with = |stream: &str, args: &[&str]| {
+            let mut all = vec!["claimcheck", "--s3-bucket", "b", "--kinesis-stream", stream];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap().serve.into_config()
+        };
+        let region = |c: Config| c.aws.kinesis.region;
+        assert_eq!(with(arn, &[]).map(region), Ok(Some("eu-central-1".into())));
+        assert_eq!(
+            with(arn, &["--kinesis-region", "eu-central-1"]).map(region),
+            Ok(Some("eu-central-1".into()))
+        );
+        let err = with(arn, &["--kinesis-region", "us-east-1"]).unwrap_err();
+        assert!(err.contains("--kinesis-region"), "{err}");
+        assert_eq!(
+            with("pointers", &[]).map(region),
+            Ok(None),
+            "the standard chain's"
+        );
     }
 
     #[test]

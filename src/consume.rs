@@ -122,6 +122,9 @@ async fn stop_signal() {
 
 pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let (s3_access, kinesis_access) = args.access.destinations().map_err(anyhow::Error::msg)?;
+    let kinesis_access = kinesis_access
+        .for_stream(&args.kinesis_stream)
+        .map_err(anyhow::Error::msg)?;
     let (s3, kinesis) = aws::load_configs(&s3_access, &kinesis_access).await;
     let resolver = Resolver::new(aws::s3_client(&s3));
     let mut builder = StreamReader::builder(

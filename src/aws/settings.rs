@@ -50,7 +50,8 @@ pub struct AccessArgs {
     #[arg(long, env = "CLAIMCHECK_S3_REGION")]
     pub s3_region: Option<String>,
 
-    /// Region of the stream; defaults to the standard chain's.
+    /// Region of the stream; defaults to the region of a stream given as an ARN, else the
+    /// standard chain's.
     #[arg(long, env = "CLAIMCHECK_KINESIS_REGION")]
     pub kinesis_region: Option<String>,
 }
@@ -191,6 +192,33 @@ impl AccessArgs {
             },
         ))
     }
+}
+
+impl Access {
+    /// The access to the Kinesis stream `stream` (a name or an ARN): an ARN names its region,
+    /// which requests must go to, so it is the region unless one is set, and a region set
+    /// otherwise is refused.
+    pub fn for_stream(mut self, stream: &str) -> Result<Access, String> {
+        if let Some(in_arn) = arn_region(stream) {
+            match &self.region {
+                None => self.region = Some(in_arn.to_string()),
+                Some(r) if r != in_arn => {
+                    return Err(format!(
+                        "--kinesis-region {r} is not the region of the stream's ARN ({in_arn})"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// The region of a Kinesis stream ARN (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME`).
+fn arn_region(stream: &str) -> Option<&str> {
+    let mut parts = stream.strip_prefix("arn:")?.split(':');
+    let (_partition, service, region) = (parts.next()?, parts.next()?, parts.next()?);
+    (service == "kinesis" && !region.is_empty()).then_some(region)
 }
 
 /// The server-side encryptions PutObject takes (the SDK also knows `aws:fsx`, for FSx only).
