@@ -528,6 +528,15 @@ impl ServeArgs {
         if object_tags.len() > 10 {
             return Err("--s3-object-tags: S3 takes at most 10 tags per object".into());
         }
+        // What the operator wrote must be what S3 takes; what a chunk's tag brings in is made
+        // so when rendered.
+        for (k, t) in &object_tags {
+            if !crate::uploader::config::is_tag_text(k, 128)
+                || !crate::uploader::config::is_tag_text(&t.literal_text(), 256)
+            {
+                return Err(format!("--s3-object-tags {k}: S3 takes keys of up to 128 and values of up to 256 letters, digits, spaces and + - = . _ : / @"));
+            }
+        }
         let object_metadata = templates("--s3-metadata", &self.objects.s3_metadata)?;
         if let Some((k, _)) = object_metadata.iter().find(|(k, _)| {
             !k.bytes()
@@ -1253,6 +1262,23 @@ mod tests {
             Ok(None),
             "the standard chain's"
         );
+    }
+
+    #[test]
+    fn object_tags_are_what_s3_takes() {
+        assert!(parse(&[
+            "--s3-object-tags",
+            "team=sre + ops",
+            "--s3-object-tags",
+            "source=${tag}",
+            "--s3-object-tags",
+            "app=${tag[1]}/%Y",
+        ])
+        .is_ok());
+        for bad in ["team=sre & ops", "t#am=sre", "team=${tag}*"] {
+            let err = parse(&["--s3-object-tags", bad]).unwrap_err();
+            assert!(err.contains("--s3-object-tags"), "{bad}: {err}");
+        }
     }
 
     #[test]

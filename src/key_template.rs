@@ -97,6 +97,18 @@ impl KeyTemplate {
         })
     }
 
+    /// What the template writes itself, its placeholders left out: its text, with
+    /// `%{hostname}` and strftime applied (to a timekey of 0).
+    pub fn literal_text(&self) -> String {
+        self.parts
+            .iter()
+            .filter_map(|part| match part {
+                Part::Text(t) => Some(self.zone.format(0, t)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The template with its times written in `zone` (UTC unless set).
     pub fn in_zone(self, zone: Zone) -> Self {
         KeyTemplate { zone, ..self }

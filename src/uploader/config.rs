@@ -55,10 +55,14 @@ impl UploaderConfig {
                 .collect()
         };
         let key = self.key_template.render(values);
-        // `x-amz-tagging`: URL-encoded `k=v&…`.
+        // `x-amz-tagging`: URL-encoded `k=v&…`, each value as S3 takes it.
         let tagging = (!self.object_tags.is_empty()).then(|| {
             form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(render(&self.object_tags))
+                .extend_pairs(
+                    render(&self.object_tags)
+                        .into_iter()
+                        .map(|(k, v)| (k, tag_value(&v))),
+                )
                 .finish()
         });
         ObjectMeta {
@@ -71,7 +75,44 @@ impl UploaderConfig {
             content_encoding: self.compression.content_encoding(),
             chunk_id: chunk_id.to_string(),
             tagging,
-            metadata: render(&self.object_metadata),
+            metadata: render(&self.object_metadata)
+                .into_iter()
+                .map(|(k, v)| (k, header_value(v)))
+                .collect(),
         }
     }
+}
+
+/// A tag value S3 takes whatever the chunk's tag holds (a rendered `${tag}`): at most 256
+/// characters, of letters, digits, spaces and `+ - = . _ : / @` (others become `_`). A value
+/// S3 refuses would fail every upload of the chunk.
+fn tag_value(value: &str) -> String {
+    value
+        .chars()
+        .take(256)
+        .map(|c| if is_tag_char(c) { c } else { '_' })
+        .collect()
+}
+
+fn is_tag_char(c: char) -> bool {
+    c.is_alphanumeric() || c == ' ' || "+-=._:/@".contains(c)
+}
+
+/// Whether S3 takes `text` as an object tag's key or value of at most `max` characters.
+pub fn is_tag_text(text: &str, max: usize) -> bool {
+    text.chars().count() <= max && text.chars().all(is_tag_char)
+}
+
+/// A metadata value as an HTTP header carries it: printable ASCII as it is, anything else
+/// (a tag with `é`) in RFC 2047's `=?UTF-8?B?…?=`, as S3 stores and returns such values. The
+/// SDK cannot build a request with a non-ASCII header: the chunk could never be uploaded.
+fn header_value(value: String) -> String {
+    if value.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return value;
+    }
+    use base64::Engine;
+    format!(
+        "=?UTF-8?B?{}?=",
+        base64::engine::general_purpose::STANDARD.encode(value)
+    )
 }

@@ -37,7 +37,7 @@ use crate::retry::{Attempts, Retried, RetryStep};
 
 mod block;
 mod body;
-mod config;
+pub mod config;
 mod error;
 mod multipart;
 mod sink;
