@@ -73,7 +73,7 @@ static TLS_LOG: LogLimit = LogLimit::new(5, Duration::from_secs(60));
 
 /// How long shutdown waits for connections before closing them: the time a connection gets
 /// to finish a request it is receiving, and as long again to send its acks.
-const DRAIN: Duration = Duration::from_secs(2 * connection::SHUTDOWN_GRACE.as_secs());
+pub const DRAIN: Duration = Duration::from_secs(2 * connection::SHUTDOWN_GRACE.as_secs());
 
 /// Accepts forward connections until `shutdown` is cancelled, then waits for the connections
 /// to finish: each stops reading, completes the request it is receiving (for a few seconds at

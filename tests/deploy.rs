@@ -238,6 +238,13 @@ fn assert_forward_options(output: &BTreeMap<String, String>, forward: SocketAddr
             .is_some_and(|v| v.eq_ignore_ascii_case("on") || v == "true"),
         "{origin}: Fluent Bit must set Require_ack_response On"
     );
+    // Without it Fluent Bit waits for an ack forever, and its shutdown with it.
+    assert!(
+        output
+            .get("net.io_timeout")
+            .is_some_and(|v| !v.is_empty() && !v.starts_with('0')),
+        "{origin}: Fluent Bit must set net.io_timeout"
+    );
     let host = output
         .get("host")
         .map(String::as_str)
@@ -421,16 +428,19 @@ fn check_kubernetes(path: &str, kind: &str, name: &str) -> (Vec<Value>, KubeChec
         &format!("{origin}, Fluent Bit"),
     );
 
-    // Stop budget: Fluent Bit flushes, then claimcheck delivers, within the pod's grace.
+    // Stop budget: Fluent Bit flushes, then claimcheck finishes the requests under way and
+    // delivers, within the pod's grace.
     let budget = Duration::from_secs(
         spec["terminationGracePeriodSeconds"]
             .as_u64()
             .unwrap_or_else(|| panic!("{origin}: set terminationGracePeriodSeconds")),
     );
     assert!(
-        budget > grace + settings.shutdown_timeout(),
+        budget > grace + claimcheck::server::DRAIN + settings.shutdown_timeout(),
         "{origin}: terminationGracePeriodSeconds {budget:?} leaves no time for Fluent Bit's \
-         Grace ({grace:?}) and claimcheck's --shutdown-timeout ({:?})",
+         Grace ({grace:?}), claimcheck's requests under way ({:?}) and its \
+         --shutdown-timeout ({:?})",
+        claimcheck::server::DRAIN,
         settings.shutdown_timeout()
     );
 
@@ -598,8 +608,10 @@ fn the_ecs_example_routes_firelens_to_claimcheck_and_stops_it_last() {
     // Stopping: after the log router (dependsOn), within its own stopTimeout.
     let stop = Duration::from_secs(cc["stopTimeout"].as_u64().expect("a stopTimeout"));
     assert!(
-        stop > settings.shutdown_timeout(),
-        "{path}: stopTimeout {stop:?} is not above --shutdown-timeout {:?}",
+        stop > claimcheck::server::DRAIN + settings.shutdown_timeout(),
+        "{path}: stopTimeout {stop:?} is not above the requests under way ({:?}) and \
+         --shutdown-timeout {:?}",
+        claimcheck::server::DRAIN,
         settings.shutdown_timeout()
     );
     assert!(
