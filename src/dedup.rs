@@ -10,9 +10,11 @@
 //! delivered and deleted; after that, a resend is stored again (and the consumer sees those
 //! events twice, in a different chunk).
 //!
-//! Fluent Bit's token is the first 16 bytes of the SHA-512 of the entries, so two distinct
-//! requests with the same entries (a line repeated within the second its time is parsed to)
-//! share a token. Fluent Bit resends a request only after the connection that carried it
+//! Fluent Bit's token is the first 16 bytes of the SHA-512 of the entries (as it holds them:
+//! in Message mode, for a dynamic tag, one record's; with `Time_as_Integer`, before its times
+//! are cut), so two distinct requests with the same entries (a line repeated within the second
+//! its time is parsed to) share a token. It is told from Fluentd's by its form
+//! ([`is_fluent_bit_token`]). Fluent Bit resends a request only after the connection that carried it
 //! failed (it reuses a connection only when its exchange went without a network error, and
 //! our acks arrive whole). So a repeat of a content-hash token is new data when the earlier
 //! copy's connection is still open, or read another request or ended in order after
@@ -39,7 +41,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use sha2::{Digest, Sha512};
 use tokio::sync::watch;
 
 /// A sender's token as the window knows it: a 128-bit keyed hash of the sender's address and
@@ -201,17 +202,19 @@ impl Origin {
     }
 }
 
-/// Whether `token` is Fluent Bit's: the first 16 bytes of the SHA-512 of `entries`
-/// (uncompressed, as they were sent), in base64 (24 characters, since Fluent Bit 5.0.9) or
-/// in hex (32 characters, before).
-pub fn is_content_hash(token: &[u8], entries: &[u8]) -> bool {
+/// Whether `token` has the form of Fluent Bit's, 16 bytes (the start of a SHA-512 of its
+/// entries) in base64 (24 characters, since Fluent Bit 5.0.9) or in hex (32, before), rather
+/// than Fluentd's (a random id in base64 with a trailing newline, 25 characters). The hash
+/// itself cannot be checked: in Message mode (a dynamic tag) Fluent Bit hashes each record as
+/// it holds it, `[[time, metadata], record]`, and with `Time_as_Integer` the entries before
+/// their times are cut, not what it sends.
+pub fn is_fluent_bit_token(token: &[u8]) -> bool {
     let mut decoded = [0u8; 18];
-    let hashed = match token.len() {
+    match token.len() {
         24 => base64::engine::general_purpose::STANDARD.decode_slice(token, &mut decoded) == Ok(16),
         32 => hex::decode_to_slice(token, &mut decoded[..16]).is_ok(),
         _ => false,
-    };
-    hashed && Sha512::digest(entries)[..16] == decoded[..16]
+    }
 }
 
 /// What is known of a request's token.
@@ -310,9 +313,9 @@ impl Dedup {
     }
 
     /// Looks up `token` from `sender`, arrived at `origin`, registering it as being stored if
-    /// it is new. `content_hash` tells whether the token is a hash of the request's entries
-    /// ([`is_content_hash`]); it is asked only when an earlier copy is [settled](Origin::settled),
-    /// and then a repeat is new data.
+    /// it is new. `content_hash` tells whether the token is Fluent Bit's, a hash of the
+    /// request's entries ([`is_fluent_bit_token`]); it is asked only when an earlier copy is
+    /// [settled](Origin::settled), and then a repeat is new data.
     pub fn check(
         self: &Arc<Self>,
         sender: IpAddr,
@@ -435,6 +438,8 @@ pub async fn wait_stored(mut outcome: watch::Receiver<Option<bool>>) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest, Sha512};
+
     use super::*;
     use bytes::Bytes;
 
@@ -501,18 +506,20 @@ mod tests {
         let token = Bytes::from(
             base64::engine::general_purpose::STANDARD.encode(&Sha512::digest(entries)[..16]),
         );
-        assert!(is_content_hash(&token, entries));
-        assert!(!is_content_hash(&token, b"\x92\x02\x80"));
-        assert!(!is_content_hash(b"ZmQtY2h1bmstaWQtMDAwMQ==", entries));
+        assert!(is_fluent_bit_token(&token));
         // Fluent Bit before 5.0.9: the same 16 bytes in hex.
         let hex_token = hex::encode(&Sha512::digest(entries)[..16]);
-        assert!(is_content_hash(hex_token.as_bytes(), entries));
-        assert!(!is_content_hash(hex_token.as_bytes(), b"\x92\x02\x80"));
-        assert!(!is_content_hash(
-            b"0123456789abcdef0123456789abcdef",
-            entries
-        ));
-        let hashed = || is_content_hash(&token, entries);
+        assert!(is_fluent_bit_token(hex_token.as_bytes()));
+        // Fluentd's: base64 of a random id, with a newline.
+        assert!(!is_fluent_bit_token(b"ZmQtY2h1bmstaWQtMDAwMQ==\n"));
+        for other in [
+            &b"r1"[..],
+            b"ZmQtY2h1bmstaWQtMDAwMQ",
+            b"0123456789abcdef0123456789abcdeg",
+        ] {
+            assert!(!is_fluent_bit_token(other), "{other:?}");
+        }
+        let hashed = || is_fluent_bit_token(&token);
         let sender = ip("10.0.0.1");
         let link = Link::new();
         let at = |answer| Origin {

@@ -538,7 +538,7 @@ async fn a_repeated_content_hash_token_is_new_data_unless_its_ack_may_be_lost() 
         claimcheck_consumer::entry::EventTime::new(secs, 1),
     );
     entries.extend(pack(&Value::Map(vec![("check".into(), "fd".into())])));
-    let fluentd_token = "ZmQtY2h1bmstaWQtMDAwMQ==";
+    let fluentd_token = "ZmQtY2h1bmstaWQtMDAwMQ==\n";
     let resent = fluentd_request("health", &entries, 1, "text", fluentd_token);
     request(&mut first, &resent, fluentd_token).await.unwrap();
     request(&mut first, &resent, fluentd_token).await.unwrap();
@@ -560,6 +560,35 @@ async fn a_repeated_content_hash_token_is_new_data_unless_its_ack_may_be_lost() 
         sidecar.metric("claimcheck_events_received_total").await,
         8.0,
         "a gzip request repeated on an open connection stored twice"
+    );
+
+    // Message mode (Fluent Bit with a dynamic tag): a request per record, whose token hashes
+    // the record as Fluent Bit holds it, `[[time, {}], record]`, not what it sends. The same
+    // line twice on an open connection is two events.
+    use base64::Engine;
+    use claimcheck_consumer::entry::{encode, EventTime};
+    use sha2::{Digest, Sha512};
+    let time = EventTime::new(secs, 2);
+    let record = pack(&Value::Map(vec![("check".into(), "fb".into())]));
+    let mut held = vec![0x92, 0x92];
+    encode::event_time(&mut held, time);
+    held.push(0x80);
+    held.extend(&record);
+    let token = base64::engine::general_purpose::STANDARD.encode(&Sha512::digest(&held)[..16]);
+    let mut message = vec![0x94];
+    message.extend(pack(&"health.dynamic".into()));
+    encode::event_time(&mut message, time);
+    message.extend(&record);
+    message.extend(pack(&Value::Map(vec![
+        ("chunk".into(), token.as_str().into()),
+        ("fluent_signal".into(), 0.into()),
+    ])));
+    request(&mut second, &message, &token).await.unwrap();
+    request(&mut second, &message, &token).await.unwrap();
+    assert_eq!(
+        sidecar.metric("claimcheck_events_received_total").await,
+        10.0,
+        "a Message-mode record repeated on an open connection stored twice"
     );
     drop((first, second, fifth));
 }

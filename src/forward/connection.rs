@@ -514,14 +514,14 @@ impl Connection {
             .await
             .map_err(|e| ConnectionError::Io(std::io::Error::other(e)))??;
         }
-        // Looked up with the entries at hand: a Fluent Bit token is their hash.
+        // Looked up with the token's form at hand: a Fluent Bit token is a hash of entries.
         let ticket = match &token {
             Some(t) if self.config.dedup.enabled() => {
                 let origin = Origin {
                     link: self.link.clone(),
                     answer: self.queued,
                 };
-                let content_hash = || dedup::is_content_hash(t, &blob);
+                let content_hash = || dedup::is_fluent_bit_token(t);
                 match self.config.dedup.check(peer.ip(), t, origin, content_hash) {
                     Seen::New(ticket) => Some(ticket),
                     Seen::Stored => {
