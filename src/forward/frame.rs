@@ -64,6 +64,10 @@ pub struct Options {
     pub compressed: Option<String>,
     /// Forward v1.5 signal type: 0 logs (the default), 1 metrics, 2 traces, ...
     pub fluent_signal: Option<i64>,
+    /// A Message-mode event's metadata (Fluent Bit's `metadata` option, a non-empty map), as
+    /// msgpack: it goes into the entry's time slot, `[[time, metadata], record]`, as Fluent
+    /// Bit's Forward mode sends it.
+    pub metadata: Option<Vec<u8>>,
 }
 
 /// Parses one complete msgpack value (exactly the bytes of one request).
@@ -83,8 +87,9 @@ struct Layout {
 }
 
 enum EntriesAt {
-    /// Time slot and record are contiguous: `frame[start..end]` follows a fixarray(2) header.
-    Single(usize, usize),
+    /// Time slot and record are contiguous: `frame[start..end]` follows a fixarray(2) header;
+    /// the record starts at the third.
+    Single(usize, usize, usize),
     Array(usize, usize, u64),
     Packed(usize, usize),
 }
@@ -92,10 +97,23 @@ enum EntriesAt {
 impl Layout {
     fn build(self, frame: &Bytes) -> Message {
         let entries = match self.entries {
-            EntriesAt::Single(start, end) => {
-                let mut e = Vec::with_capacity(1 + end - start);
+            EntriesAt::Single(start, record, end) => {
+                let metadata = self
+                    .options
+                    .metadata
+                    .as_deref()
+                    .filter(|_| !matches!(entry::array_header(&frame[start..]), Ok(Some(_))));
+                let mut e = Vec::with_capacity(3 + end - start + metadata.map_or(0, |m| m.len()));
                 e.push(0x92);
-                e.extend_from_slice(&frame[start..end]);
+                match metadata {
+                    Some(metadata) => {
+                        e.push(0x92);
+                        e.extend_from_slice(&frame[start..record]);
+                        e.extend_from_slice(metadata);
+                        e.extend_from_slice(&frame[record..end]);
+                    }
+                    None => e.extend_from_slice(&frame[start..end]),
+                }
                 Entries::Single(Bytes::from(e))
             }
             EntriesAt::Array(start, end, count) => Entries::Array {
@@ -150,10 +168,10 @@ fn parse_inner(frame: &[u8]) -> Result<Option<Layout>, &'static str> {
             return Err("message mode request has no record");
         }
         let record_end = value_end(frame, second_end)?;
-        (EntriesAt::Single(second, record_end), 3)
+        (EntriesAt::Single(second, second_end, record_end), 3)
     };
     let options_at = match entries {
-        EntriesAt::Single(_, end) => end,
+        EntriesAt::Single(_, _, end) => end,
         _ => second_end,
     };
     let options = if n > used {
@@ -205,6 +223,12 @@ fn parse_options(bytes: &[u8]) -> Options {
                 options.compressed = Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
             }
             (b"fluent_signal", ValueRef::Integer(i)) => options.fluent_signal = i.as_i64(),
+            (b"metadata", ValueRef::Map(pairs)) if !pairs.is_empty() => {
+                let mut out = Vec::new();
+                if rmpv::encode::write_value_ref(&mut out, &ValueRef::Map(pairs)).is_ok() {
+                    options.metadata = Some(out);
+                }
+            }
             _ => {}
         }
     }
@@ -302,6 +326,44 @@ mod tests {
             panic!("not message mode")
         };
         assert!(entry::scan_entry(&e).unwrap().has_metadata);
+    }
+
+    /// Fluent Bit's Message mode (a dynamic tag) sends an event's metadata as an option: it is
+    /// kept in the entry's time slot, as Forward mode carries it. An empty map adds nothing,
+    /// and a time slot that has metadata already keeps its own.
+    #[test]
+    fn message_mode_metadata_goes_into_the_time_slot() {
+        let meta = Value::Map(vec![("k8s_pod".into(), "web-01".into())]);
+        let with = |time: Value, metadata: Value| {
+            events(pack(&Value::Array(vec![
+                "app".into(),
+                time,
+                record(1),
+                Value::Map(vec![
+                    ("chunk".into(), "tok".into()),
+                    ("fluent_signal".into(), 0.into()),
+                    ("metadata".into(), metadata),
+                ]),
+            ])))
+            .entries
+        };
+        let kept = Value::Array(vec![
+            Value::Array(vec![event_time(), meta.clone()]),
+            record(1),
+        ]);
+        assert_eq!(
+            with(event_time(), meta.clone()),
+            Entries::Single(Bytes::from(pack(&kept)))
+        );
+        assert_eq!(
+            with(event_time(), Value::Map(vec![])),
+            Entries::Single(Bytes::from(pack(&entry(1))))
+        );
+        let own = Value::Array(vec![event_time(), Value::Map(vec![("m".into(), 1.into())])]);
+        assert_eq!(
+            with(own.clone(), meta),
+            Entries::Single(Bytes::from(pack(&Value::Array(vec![own, record(1)]))))
+        );
     }
 
     #[test]
