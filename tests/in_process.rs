@@ -194,6 +194,31 @@ async fn daily_windows_and_keys_follow_the_timekey_zone() {
     assert_eq!(store.keys().len(), 2);
 }
 
+/// A time of 0 is "now", as Fluentd's in_forward reads it: the event is stored at the time it
+/// arrived, not in 1970.
+#[tokio::test]
+async fn a_time_of_zero_is_the_time_of_arrival() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = InProcess::start(&dir, &[]).await;
+    let mut entries = vec![0x92, 0x00];
+    entries.extend(pack(&rmpv::Value::Map(vec![("n".into(), 0.into())])));
+    let before = now_secs();
+    let mut stream = TcpStream::connect(sidecar.addr).await.unwrap();
+    let req = fluentd_request("app", &entries, 1, "text", "zero");
+    request(&mut stream, &req, "zero").await.unwrap();
+    drop(stream);
+    let after = now_secs();
+    let (store, sink) = sidecar.shut_down().await;
+    let pointers = sink.pointers();
+    let events = testing::events(&store, &pointers[0]).unwrap();
+    let secs = events[0].time().secs;
+    assert!(
+        (before..=after).contains(&secs),
+        "{secs} not in {before}..={after}"
+    );
+    assert_eq!(pointers[0].timekey, secs - secs % 60);
+}
+
 /// At shutdown the sidecar delivers what it holds before it exits, and its admin endpoint
 /// answers through that: alive, not ready (it takes no new connections), and scraped, so that
 /// the scrape sees the buffer drain. The endpoint closes when the sidecar ends.

@@ -552,7 +552,12 @@ impl Connection {
         if self.config.source_address_key.is_some() || self.config.source_hostname_key.is_some() {
             blob = self.add_source(&blob).await;
         }
-        let split = entries::split(&blob, self.config.timekey);
+        let mut split = entries::split(&blob, self.config.timekey);
+        if split.zero_times > 0 {
+            // Fluentd's in_forward reads a time of 0 as "now".
+            blob = entries::zero_times_to_now(&blob, event_time_now());
+            split = entries::split(&blob, self.config.timekey);
+        }
         for (why, n) in &split.reasons {
             metrics().skipped(why, *n);
         }
@@ -629,6 +634,14 @@ impl Connection {
         self.pending.push_back(answer);
         self.queued += 1;
     }
+}
+
+/// The time now, as an event time.
+fn event_time_now() -> claimcheck_consumer::entry::EventTime {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    claimcheck_consumer::entry::EventTime::new(now.as_secs() as i64, now.subsec_nanos())
 }
 
 /// The host name of `ip` by reverse DNS, or the address itself if it has none (Fluentd's

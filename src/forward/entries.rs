@@ -10,7 +10,7 @@ use std::io::Read;
 
 use bytes::Bytes;
 use claimcheck_consumer::body::{self, Compression};
-use claimcheck_consumer::entry::{self, ScanError};
+use claimcheck_consumer::entry::{self, encode, EventTime, ScanError};
 
 use super::frame::Entries;
 use crate::buffer::Group;
@@ -26,6 +26,8 @@ pub struct Split {
     pub invalid_reason: Option<&'static str>,
     /// Skipped entries by reason.
     pub reasons: Vec<(&'static str, u64)>,
+    /// Entries whose time is second 0, which Fluentd reads as "now" ([`zero_times_to_now`]).
+    pub zero_times: u64,
 }
 
 impl Split {
@@ -111,6 +113,7 @@ pub fn split(blob: &Bytes, timekey: Timekey) -> Split {
                 }
                 g.records += 1;
                 out.events += 1;
+                out.zero_times += u64::from(info.time.secs == 0);
                 pos += info.len;
             }
             Err(err) => {
@@ -131,6 +134,43 @@ pub fn split(blob: &Bytes, timekey: Timekey) -> Split {
     }
     close(&mut run, pos, &mut out);
     out
+}
+
+/// The entries with every event time of second 0 set to `now`, as Fluentd's in_forward does
+/// for senders that leave the time to the receiver (a v1.5 time slot keeps its metadata).
+/// Other entries, invalid ones included, are copied as they are. Called only when [`split`]
+/// counted such a time, so that other requests are not copied.
+pub fn zero_times_to_now(blob: &[u8], now: EventTime) -> Bytes {
+    let mut out = Vec::with_capacity(blob.len() + 16);
+    let mut pos = 0;
+    while pos < blob.len() {
+        let rest = &blob[pos..];
+        let Ok(len) = entry::value_len(rest) else {
+            out.extend_from_slice(rest);
+            break;
+        };
+        let e = &rest[..len];
+        match entry::scan_entry_within(e, claimcheck_consumer::MAX_NESTING) {
+            Ok(info) if info.time.secs == 0 => {
+                out.push(0x92);
+                let slot = &e[info.time_slot.0..info.time_slot.1];
+                match entry::array_header(slot) {
+                    // `[time, metadata]`: the metadata stays.
+                    Ok(Some((2, h))) if info.has_metadata => {
+                        let time_len = entry::value_len(&slot[h..]).unwrap_or(slot.len() - h);
+                        out.push(0x92);
+                        encode::event_time(&mut out, now);
+                        out.extend_from_slice(&slot[h + time_len..]);
+                    }
+                    _ => encode::event_time(&mut out, now),
+                }
+                out.extend_from_slice(&e[info.record.0..info.record.1]);
+            }
+            _ => out.extend_from_slice(e),
+        }
+        pos += len;
+    }
+    Bytes::from(out)
 }
 
 /// Sets `key: value` string pairs in every record, replacing keys the record already has
@@ -204,7 +244,7 @@ pub fn blob_of(entries: Entries) -> Bytes {
 mod tests {
     use std::io::Write;
 
-    use claimcheck_consumer::entry::{encode, EventTime};
+    use claimcheck_consumer::entry::encode;
 
     use super::*;
 
@@ -213,6 +253,54 @@ mod tests {
         encode::event_time(&mut b, EventTime::new(secs, 1));
         b.extend_from_slice(&[0x81, 0xa1, b'k', 0x01]);
         b
+    }
+
+    /// Fluentd reads a time of 0 as "now": integer, EventTime (whatever its nanoseconds) and a
+    /// v1.5 time slot, whose metadata stays; other entries and invalid ones stay as they were.
+    #[test]
+    fn times_of_second_zero_become_now() {
+        let record = [0x81, 0xa1, b'k', 0x01];
+        let mut blob = vec![0x92, 0x00];
+        blob.extend_from_slice(&record);
+        blob.push(0x92);
+        encode::event_time(&mut blob, EventTime::new(0, 7));
+        blob.extend_from_slice(&record);
+        blob.extend_from_slice(&[0x92, 0x92]);
+        encode::event_time(&mut blob, EventTime::new(0, 0));
+        blob.extend_from_slice(&[0x81, 0xa1, b'm', 0x02]);
+        blob.extend_from_slice(&record);
+        blob.extend(entry_at(600));
+        blob.extend_from_slice(&[0x92, 0x00, 0x01]);
+        let blob = Bytes::from(blob);
+        let before = split(&blob, Timekey::utc(60));
+        assert_eq!(
+            (before.events, before.invalid, before.zero_times),
+            (4, 1, 3)
+        );
+
+        let now = EventTime::new(1_796_081_400, 5);
+        let after = zero_times_to_now(&blob, now);
+        let s = split(&after, Timekey::utc(60));
+        assert_eq!((s.events, s.invalid, s.zero_times), (4, 1, 0));
+        let mut times = Vec::new();
+        let mut metadata = 0;
+        let mut pos = 0;
+        while let Ok(info) = entry::scan_entry(&after[pos..]) {
+            times.push(info.time);
+            metadata += usize::from(info.has_metadata);
+            assert_eq!(
+                &after[pos + info.record.0..pos + info.record.1],
+                &record[..]
+            );
+            pos += info.len;
+        }
+        assert_eq!(times, [now, now, now, EventTime::new(600, 1)]);
+        assert_eq!(metadata, 1, "the v1.5 slot keeps its metadata");
+        assert_eq!(
+            &after[pos..],
+            &[0x92, 0x00, 0x01],
+            "the invalid entry as it was"
+        );
     }
 
     #[test]
