@@ -199,6 +199,18 @@ struct Pki {
     client_key: PathBuf,
 }
 
+/// The sidecar's flags to serve TLS with `pki`'s server certificate.
+fn tls_serving(pki: &Pki) -> [&str; 6] {
+    [
+        "--transport",
+        "tls",
+        "--tls-cert-path",
+        pki.server_cert.to_str().unwrap(),
+        "--tls-private-key-path",
+        pki.server_key.to_str().unwrap(),
+    ]
+}
+
 fn make_pki(dir: &Path) -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
@@ -287,19 +299,8 @@ async fn tls_request(port: u16, pki: &Pki, with_cert: bool, request: &[u8], toke
 async fn tls_with_the_node_client_and_client_certificates() {
     let env = Emulated::start("tls").await;
     let pki = make_pki(env.dir.path());
-    let (cert, key, ca) = (
-        pki.server_cert.to_str().unwrap(),
-        pki.server_key.to_str().unwrap(),
-        pki.ca.to_str().unwrap(),
-    );
-    let tls = [
-        "--transport",
-        "tls",
-        "--tls-cert-path",
-        cert,
-        "--tls-private-key-path",
-        key,
-    ];
+    let ca = pki.ca.to_str().unwrap();
+    let tls = tls_serving(&pki);
     // TLS and the handshake together, as Fluentd's `transport tls` with `<security>`.
     let sidecar = env.sidecar(
         &[
@@ -370,14 +371,7 @@ async fn tls_with_the_node_client_and_client_certificates() {
 async fn a_tls_connection_closed_without_close_notify_ended_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let pki = make_pki(dir.path());
-    let sidecar = Sidecar::standalone(&[
-        "--transport",
-        "tls",
-        "--tls-cert-path",
-        pki.server_cert.to_str().unwrap(),
-        "--tls-private-key-path",
-        pki.server_key.to_str().unwrap(),
-    ]);
+    let sidecar = Sidecar::standalone(&tls_serving(&pki));
     let (repeated, token) =
         fluent_bit_request("health", &entries("tls", now_secs(), 1, true), 1, false);
     for sent in 1..=2 {
@@ -682,23 +676,23 @@ fn bench(args: &[&str]) -> serde_json::Value {
 async fn the_load_generator_speaks_tls_and_the_handshake() {
     let env = Emulated::start("bench").await;
     let pki = make_pki(env.dir.path());
-    let sidecar = env.sidecar(&[
-        "--transport",
-        "tls",
-        "--tls-cert-path",
-        pki.server_cert.to_str().unwrap(),
-        "--tls-private-key-path",
-        pki.server_key.to_str().unwrap(),
-        "--shared-key",
-        "bench-key",
-        "--user-auth",
-        "--user",
-        "loader:s3cret",
-        "--flush-interval",
-        "1s",
-        "--timekey-wait",
-        "0s",
-    ]);
+    let sidecar = env.sidecar(
+        &[
+            &tls_serving(&pki)[..],
+            &[
+                "--shared-key",
+                "bench-key",
+                "--user-auth",
+                "--user",
+                "loader:s3cret",
+                "--flush-interval",
+                "1s",
+                "--timekey-wait",
+                "0s",
+            ],
+        ]
+        .concat(),
+    );
     let target = sidecar.addr().to_string();
     let ca = pki.ca.to_str().unwrap();
     let secured = [

@@ -141,7 +141,39 @@ pub fn split(blob: &Bytes, timekey: Timekey) -> Split {
 /// Other entries, invalid ones included, are copied as they are. Called only when [`split`]
 /// counted such a time, so that other requests are not copied.
 pub fn zero_times_to_now(blob: &[u8], now: EventTime) -> Bytes {
-    let mut out = Vec::with_capacity(blob.len() + 16);
+    rewrite_entries(blob, blob.len() + 16, |e, out| {
+        let Ok(info) = entry::scan_entry_within(e, claimcheck_consumer::MAX_NESTING) else {
+            return false;
+        };
+        if info.time.secs != 0 {
+            return false;
+        }
+        out.push(0x92);
+        let slot = &e[info.time_slot.0..info.time_slot.1];
+        match entry::array_header(slot) {
+            // `[time, metadata]`: the metadata stays.
+            Ok(Some((2, h))) if info.has_metadata => {
+                let time_len = entry::value_len(&slot[h..]).unwrap_or(slot.len() - h);
+                out.push(0x92);
+                encode::event_time(out, now);
+                out.extend_from_slice(&slot[h + time_len..]);
+            }
+            _ => encode::event_time(out, now),
+        }
+        out.extend_from_slice(&e[info.record.0..info.record.1]);
+        true
+    })
+}
+
+/// Each whole value of `blob` through `rewrite`, which writes it changed into `out` and says
+/// so, or writes nothing and says not, to have it copied as it is; a value cut short ends the
+/// blob, copied as it is.
+fn rewrite_entries(
+    blob: &[u8],
+    capacity: usize,
+    mut rewrite: impl FnMut(&[u8], &mut Vec<u8>) -> bool,
+) -> Bytes {
+    let mut out = Vec::with_capacity(capacity);
     let mut pos = 0;
     while pos < blob.len() {
         let rest = &blob[pos..];
@@ -149,24 +181,8 @@ pub fn zero_times_to_now(blob: &[u8], now: EventTime) -> Bytes {
             out.extend_from_slice(rest);
             break;
         };
-        let e = &rest[..len];
-        match entry::scan_entry_within(e, claimcheck_consumer::MAX_NESTING) {
-            Ok(info) if info.time.secs == 0 => {
-                out.push(0x92);
-                let slot = &e[info.time_slot.0..info.time_slot.1];
-                match entry::array_header(slot) {
-                    // `[time, metadata]`: the metadata stays.
-                    Ok(Some((2, h))) if info.has_metadata => {
-                        let time_len = entry::value_len(&slot[h..]).unwrap_or(slot.len() - h);
-                        out.push(0x92);
-                        encode::event_time(&mut out, now);
-                        out.extend_from_slice(&slot[h + time_len..]);
-                    }
-                    _ => encode::event_time(&mut out, now),
-                }
-                out.extend_from_slice(&e[info.record.0..info.record.1]);
-            }
-            _ => out.extend_from_slice(e),
+        if !rewrite(&rest[..len], &mut out) {
+            out.extend_from_slice(&rest[..len]);
         }
         pos += len;
     }
@@ -179,20 +195,11 @@ pub fn zero_times_to_now(blob: &[u8], now: EventTime) -> Bytes {
 /// kept as they are, for [`split`] to skip and count.
 pub fn add_to_records(blob: &[u8], pairs: &[(&str, &str)]) -> Bytes {
     let extra: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 10).sum();
-    let mut out = Vec::with_capacity(blob.len() + blob.len() / 64 * extra / 4 + extra);
-    let mut pos = 0;
-    while pos < blob.len() {
-        let rest = &blob[pos..];
-        let Ok(len) = entry::value_len(rest) else {
-            out.extend_from_slice(rest);
-            break;
-        };
-        if rewrite_entry(&rest[..len], pairs, &mut out).is_none() {
-            out.extend_from_slice(&rest[..len]);
-        }
-        pos += len;
-    }
-    Bytes::from(out)
+    rewrite_entries(
+        blob,
+        blob.len() + blob.len() / 64 * extra / 4 + extra,
+        |e, out| rewrite_entry(e, pairs, out).is_some(),
+    )
 }
 
 /// Writes `entry` with `pairs` set in its record; `None` (and nothing written) if the entry is

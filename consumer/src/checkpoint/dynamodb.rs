@@ -1,5 +1,6 @@
 //! A checkpoint in a DynamoDB table (feature `dynamodb`).
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
@@ -119,16 +120,7 @@ impl DynamoDbCheckpointStore {
 
 impl CheckpointStore for DynamoDbCheckpointStore {
     async fn load(&self) -> Result<Option<Checkpoint>, Error> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key(KEY, AttributeValue::S(self.name.clone()))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(dynamodb_err("GetItem"))?;
-        let Some(item) = out.item else {
+        let Some(item) = self.item().await? else {
             *self.version.lock().expect("not poisoned") = None;
             return Ok(None);
         };
@@ -202,9 +194,8 @@ impl CheckpointStore for DynamoDbCheckpointStore {
 }
 
 impl DynamoDbCheckpointStore {
-    /// The checkpoint's JSON stored at `version`, if that is the version stored (a consistent
-    /// read).
-    async fn stored(&self, version: u64) -> Result<Option<String>, Error> {
+    /// The checkpoint's item, by a consistent read.
+    async fn item(&self) -> Result<Option<HashMap<String, AttributeValue>>, Error> {
         let out = self
             .client
             .get_item()
@@ -214,7 +205,13 @@ impl DynamoDbCheckpointStore {
             .send()
             .await
             .map_err(dynamodb_err("GetItem"))?;
-        let Some(item) = out.item else {
+        Ok(out.item)
+    }
+
+    /// The checkpoint's JSON stored at `version`, if that is the version stored (a consistent
+    /// read).
+    async fn stored(&self, version: u64) -> Result<Option<String>, Error> {
+        let Some(item) = self.item().await? else {
             return Ok(None);
         };
         let at = item
