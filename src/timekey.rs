@@ -122,8 +122,21 @@ impl Timekey {
 
     /// Start (Unix seconds) of the window holding the event time `secs`.
     pub fn window_of(self, secs: i64) -> i64 {
-        let offset = self.zone.offset_at(secs);
-        secs - (secs.saturating_add(offset)).rem_euclid(self.secs.max(1))
+        self.windows()(secs)
+    }
+
+    /// [`Timekey::window_of`] as a function, its zone looked at once: for the entries of a
+    /// request, where a fixed offset (UTC by default) is the same for all.
+    pub fn windows(self) -> impl Fn(i64) -> i64 {
+        let len = self.secs.max(1);
+        let fixed = match self.zone {
+            Zone::Fixed(offset) => Some(i64::from(offset.local_minus_utc())),
+            Zone::Named(_) => None,
+        };
+        move |secs| {
+            let offset = fixed.unwrap_or_else(|| self.zone.offset_at(secs));
+            secs - secs.saturating_add(offset).rem_euclid(len)
+        }
     }
 }
 

@@ -77,6 +77,7 @@ pub fn decompress(blob: Bytes, method: Option<&str>, limit: u64) -> Result<Bytes
 /// Validates the entries of a blob and groups them by timekey window.
 pub fn split(blob: &Bytes, timekey: Timekey) -> Split {
     let mut out = Split::default();
+    let window_of = timekey.windows();
     let mut pos = 0usize;
     // The run of consecutive valid entries being collected: (start, timekey, stats).
     let mut run: Option<(usize, Group)> = None;
@@ -99,7 +100,7 @@ pub fn split(blob: &Bytes, timekey: Timekey) -> Split {
         // chunk, other senders' events with it, unreadable.
         match entry::scan_entry_within(&blob[pos..], claimcheck_consumer::MAX_NESTING) {
             Ok(info) => {
-                let key = timekey.window_of(info.time.secs);
+                let key = window_of(info.time.secs);
                 if run.as_ref().is_some_and(|(_, g)| g.timekey != key) {
                     close(&mut run, pos, &mut out);
                 }
