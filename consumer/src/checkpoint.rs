@@ -2,13 +2,16 @@
 //! caller said it processed.
 //!
 //! A checkpoint holds, per shard, the sequence number up to which every record was processed
-//! (or that the shard was read to its end), and the chunk ids of the most recently processed
-//! chunks, so that the dedup window survives a restart. It is one small JSON document:
+//! (or that the shard was read to its end), the chunk ids of the most recently processed
+//! chunks, so that the dedup window survives a restart, and, when the reader first started at a
+//! time (`latest`, or a time), that time in Unix milliseconds (`since_ms`): a shard the
+//! checkpoint does not name (a reshard's child, or one whose records were never committed) is
+//! read from there on a resume. It is one small JSON document:
 //!
 //! ```json
 //! {"v":1,"stream":"pointers",
 //!  "shards":{"shardId-000000000000":"finished","shardId-000000000001":{"after":"49590338271"}},
-//!  "recent_chunk_ids":"AZOhwuT4fT6aW2x9jp8KGw=="}
+//!  "recent_chunk_ids":"AZOhwuT4fT6aW2x9jp8KGw==","since_ms":1796081400123}
 //! ```
 //!
 //! `recent_chunk_ids` is base64 of the 16-byte big-endian chunk ids, oldest first.
@@ -19,6 +22,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use futures::future::BoxFuture;
@@ -50,6 +54,9 @@ pub struct Checkpoint {
     shards: BTreeMap<String, ShardCheckpoint>,
     #[serde(default, with = "ids")]
     recent_chunk_ids: Vec<u128>,
+    /// Where the reader first started, Unix milliseconds, if at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    since_ms: Option<i64>,
 }
 
 impl Checkpoint {
@@ -60,13 +67,26 @@ impl Checkpoint {
         stream: &str,
         shards: BTreeMap<String, ShardCheckpoint>,
         recent_chunk_ids: Vec<u128>,
+        since: Option<SystemTime>,
     ) -> Self {
         Checkpoint {
             v: Self::VERSION,
             stream: stream.into(),
             shards,
             recent_chunk_ids,
+            since_ms: since.map(|t| match t.duration_since(UNIX_EPOCH) {
+                Ok(d) => d.as_millis() as i64,
+                Err(e) => -(e.duration().as_millis() as i64),
+            }),
         }
+    }
+
+    /// Where the reader that saved it first started, if at a time.
+    pub fn since(&self) -> Option<SystemTime> {
+        self.since_ms.map(|ms| match u64::try_from(ms) {
+            Ok(ms) => UNIX_EPOCH + Duration::from_millis(ms),
+            Err(_) => UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs()),
+        })
     }
 
     /// The stream the checkpoint belongs to, as the reader was given it (name or ARN).
@@ -254,7 +274,12 @@ mod tests {
             "shardId-000000000001".into(),
             ShardCheckpoint::After("49590338271".into()),
         );
-        Checkpoint::new("pointers", shards, vec![0x0193a1c2e4f87d3e9a5b6c7d8e9f0a1b])
+        Checkpoint::new(
+            "pointers",
+            shards,
+            vec![0x0193a1c2e4f87d3e9a5b6c7d8e9f0a1b],
+            None,
+        )
     }
 
     #[test]
@@ -271,6 +296,18 @@ mod tests {
             Err(Error::Checkpoint { .. })
         ));
         assert!(Checkpoint::from_json(b"{}").is_err());
+
+        // A reader that first started at a time keeps it, in milliseconds.
+        let at = UNIX_EPOCH + Duration::from_millis(1_796_081_400_123) + Duration::from_micros(7);
+        let mut since = sample();
+        since.since_ms = Checkpoint::new("pointers", BTreeMap::new(), vec![], Some(at)).since_ms;
+        let json = String::from_utf8(since.to_json()).unwrap();
+        assert!(json.ends_with(r#","since_ms":1796081400123}"#), "{json}");
+        let read = Checkpoint::from_json(json.as_bytes()).unwrap();
+        assert_eq!(
+            read.since(),
+            Some(UNIX_EPOCH + Duration::from_millis(1_796_081_400_123))
+        );
     }
 
     #[tokio::test]

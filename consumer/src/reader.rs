@@ -156,9 +156,10 @@ impl std::fmt::Debug for StreamReaderBuilder {
 
 impl StreamReaderBuilder {
     /// Where the shards start on a first run, without a checkpoint; [`StartPosition::TrimHorizon`]
-    /// unless set. A reader resumed from a checkpoint reads the shards it does not name from
-    /// their start: they are new since (a reshard while the reader was away), or their records
-    /// were handed out and never committed.
+    /// unless set. A reader resumed from a checkpoint reads the shards it does not name (new
+    /// since, a reshard while the reader was away, or none of their records committed) from
+    /// where its first run started: the time it opened for `Latest`, the time given, or the
+    /// start of the shards.
     pub fn start(mut self, start: StartPosition) -> Self {
         self.start = start;
         self
@@ -210,10 +211,19 @@ impl StreamReaderBuilder {
     pub async fn open(self) -> Result<StreamReader, Error> {
         let mut recent = RecentIds::new(self.dedup_window);
         let mut restored = HashMap::new();
+        let start = match self.start {
+            StartPosition::Latest => StartPosition::AtTimestamp(SystemTime::now()),
+            start => start,
+        };
+        let mut since = match start {
+            StartPosition::AtTimestamp(t) => Some(t),
+            _ => None,
+        };
         let mut resumed = false;
         if let Some(store) = &self.store {
             if let Some(cp) = store.load_boxed().await? {
                 resumed = true;
+                since = cp.since();
                 if cp.stream() != self.stream {
                     return Err(Error::Checkpoint {
                         reason: format!(
@@ -237,10 +247,7 @@ impl StreamReaderBuilder {
             kinesis: self.kinesis,
             resolver: self.resolver,
             stream: self.stream,
-            start: match self.start {
-                StartPosition::Latest => StartPosition::AtTimestamp(SystemTime::now()),
-                start => start,
-            },
+            start,
             store: self.store,
             concurrency: self.concurrency,
             shard_refresh: self.shard_refresh,
@@ -249,6 +256,7 @@ impl StreamReaderBuilder {
             initial: None,
             restored,
             resumed,
+            since,
             shards: Vec::new(),
             queue: VecDeque::new(),
             in_flight: VecDeque::new(),
@@ -366,6 +374,9 @@ pub struct StreamReader {
     restored: HashMap<String, ShardCheckpoint>,
     /// A checkpoint was loaded: the start position is for a first run only.
     resumed: bool,
+    /// Where the first run started, if at a time: a resumed reader starts there the shards its
+    /// checkpoint does not name.
+    since: Option<SystemTime>,
     shards: Vec<Shard>,
     queue: VecDeque<Queued>,
     in_flight: VecDeque<Delivery>,
@@ -537,7 +548,7 @@ impl StreamReader {
             .iter()
             .filter(|id| !uncommitted.contains(id))
             .collect();
-        Checkpoint::new(&self.stream, positions, ids)
+        Checkpoint::new(&self.stream, positions, ids, self.since)
     }
 
     /// Moves queued records into resolution, up to the concurrency, dropping duplicates and
@@ -706,13 +717,18 @@ impl StreamReader {
                         shard.start = IteratorStart::AfterSequence(seq.clone());
                         shard.committed = Some(seq);
                     }
+                    // Resumed, a shard the checkpoint does not name is new since (a child of a
+                    // reshard while the reader was away), or nothing of it was committed:
+                    // read from where the first run started (the checkpoint's chunk ids drop
+                    // what was processed).
+                    None if self.resumed => {
+                        if let Some(t) = self.since {
+                            shard.start = IteratorStart::AtTimestamp(t);
+                        }
+                    }
                     // A shard listed at open, the child of one listed too (split before or
-                    // after the start) included: what arrived from the start on. Unless the
-                    // reader resumed from a checkpoint that does not name it: then it is
-                    // new since (a child of a reshard while the reader was away), or its
-                    // records were handed out but never committed; either way it is read
-                    // from its start (the checkpoint's chunk ids drop what was processed).
-                    None if initial.contains(&s.id) && !self.resumed => {
+                    // after the start) included: what arrived from the start on.
+                    None if initial.contains(&s.id) => {
                         shard.start = match self.start {
                             StartPosition::TrimHorizon => IteratorStart::TrimHorizon,
                             StartPosition::Latest => IteratorStart::Latest,

@@ -581,3 +581,39 @@ async fn a_resumed_reader_reads_the_children_of_a_split_made_while_it_was_away()
     world.publish(LOW);
     assert_eq!(numbers(&drain(&mut reader).await), vec![2, 3, 4]);
 }
+
+/// Resumed `--from latest`, a shard that no commit named is read from the first run's start:
+/// what was written to it while the reader was away arrives, what was there before the first
+/// run does not.
+#[tokio::test]
+async fn a_resumed_reader_reads_a_quiet_shard_from_its_first_start() {
+    let mut world = World::new(2);
+    world.publish(HIGH); // 0, on the second shard, before the first run
+                         // Checkpoints keep milliseconds, as AT_TIMESTAMP does: open in a later one.
+    let ms = || {
+        SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    let published = ms();
+    while ms() == published {
+        std::hint::spin_loop();
+    }
+    let store = MemoryStore::default();
+    let open = |world: &World| {
+        world
+            .builder()
+            .start(StartPosition::Latest)
+            .checkpoints(store.clone())
+            .open()
+    };
+    let mut reader = open(&world).await.unwrap();
+    world.publish(LOW);
+    assert_eq!(numbers(&drain(&mut reader).await), vec![1]);
+    reader.checkpoint().await.unwrap();
+    drop(reader);
+    world.publish(HIGH); // 2, on the quiet shard while no reader runs
+    let mut reader = open(&world).await.unwrap();
+    assert_eq!(numbers(&drain(&mut reader).await), vec![2]);
+}
