@@ -398,13 +398,27 @@ async fn duplicates_filtered_pointers_and_bad_records_count_for_the_checkpoint()
     );
 }
 
+/// A reader from `latest`, keeping its checkpoint in `store` if given.
+async fn open_at_latest_with(world: &World, store: Option<&MemoryStore>) -> StreamReader {
+    let builder = world.builder().start(StartPosition::Latest);
+    match store {
+        Some(store) => builder.checkpoints(store.clone()).open().await,
+        None => builder.open().await,
+    }
+    .unwrap()
+}
+
+/// A first run from `latest` with a checkpoint in `store`: chunk 1 arrives after the open, is
+/// read and committed, and the checkpoint saved.
+async fn first_run_at_latest(world: &mut World, store: &MemoryStore) {
+    let mut reader = open_at_latest_with(world, Some(store)).await;
+    world.publish(LOW);
+    assert_eq!(numbers(&drain(&mut reader).await), vec![1]);
+    reader.checkpoint().await.unwrap();
+}
+
 async fn open_at_latest(world: &World) -> StreamReader {
-    world
-        .builder()
-        .start(StartPosition::Latest)
-        .open()
-        .await
-        .unwrap()
+    open_at_latest_with(world, None).await
 }
 
 #[tokio::test]
@@ -555,29 +569,18 @@ async fn a_next_dropped_while_reading_loses_no_record() {
 }
 
 /// A reader resumed from its checkpoint reads the shards that the checkpoint does not name from
-/// their start, whatever its start position: here the children of a split made while it was
-/// away, written to meanwhile.
+/// where its first run started: here the children of a split made while it was away, written
+/// to meanwhile.
 #[tokio::test]
 async fn a_resumed_reader_reads_the_children_of_a_split_made_while_it_was_away() {
     let mut world = World::new(1);
     world.publish(LOW); // 0, before the first open
     let store = MemoryStore::default();
-    let open = |world: &World| {
-        world
-            .builder()
-            .start(StartPosition::Latest)
-            .checkpoints(store.clone())
-            .open()
-    };
-    let mut reader = open(&world).await.unwrap();
-    world.publish(LOW);
-    assert_eq!(numbers(&drain(&mut reader).await), vec![1]);
-    reader.checkpoint().await.unwrap();
-    drop(reader);
+    first_run_at_latest(&mut world, &store).await;
     world.stream.split("shardId-000000000000");
     world.publish(LOW); // 2 and 3, on the children, while no reader runs
     world.publish(HIGH);
-    let mut reader = open(&world).await.unwrap();
+    let mut reader = open_at_latest_with(&world, Some(&store)).await;
     world.publish(LOW);
     assert_eq!(numbers(&drain(&mut reader).await), vec![2, 3, 4]);
 }
@@ -601,19 +604,8 @@ async fn a_resumed_reader_reads_a_quiet_shard_from_its_first_start() {
         std::hint::spin_loop();
     }
     let store = MemoryStore::default();
-    let open = |world: &World| {
-        world
-            .builder()
-            .start(StartPosition::Latest)
-            .checkpoints(store.clone())
-            .open()
-    };
-    let mut reader = open(&world).await.unwrap();
-    world.publish(LOW);
-    assert_eq!(numbers(&drain(&mut reader).await), vec![1]);
-    reader.checkpoint().await.unwrap();
-    drop(reader);
+    first_run_at_latest(&mut world, &store).await;
     world.publish(HIGH); // 2, on the quiet shard while no reader runs
-    let mut reader = open(&world).await.unwrap();
+    let mut reader = open_at_latest_with(&world, Some(&store)).await;
     assert_eq!(numbers(&drain(&mut reader).await), vec![2]);
 }
