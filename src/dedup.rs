@@ -313,15 +313,15 @@ impl Dedup {
     }
 
     /// Looks up `token` from `sender`, arrived at `origin`, registering it as being stored if
-    /// it is new. `content_hash` tells whether the token is Fluent Bit's, a hash of the
-    /// request's entries ([`is_fluent_bit_token`]); it is asked only when an earlier copy is
-    /// [settled](Origin::settled), and then a repeat is new data.
+    /// it is new. `fluent_bit` tells whether the token is Fluent Bit's, a hash of the
+    /// request's entries ([`is_fluent_bit_token`]): then a repeat whose earlier copy is
+    /// [settled](Origin::settled) is new data.
     pub fn check(
         self: &Arc<Self>,
         sender: IpAddr,
         token: &[u8],
         origin: Origin,
-        content_hash: impl FnOnce() -> bool,
+        fluent_bit: bool,
     ) -> Seen {
         let (tx, rx) = watch::channel(None);
         if !self.enabled() {
@@ -335,15 +335,8 @@ impl Dedup {
         let key = self.keying.key(sender, token);
         let mut inner = self.lock();
         self.expire(&mut inner, Instant::now());
-        // Only a repeat that could be new data is hashed, without the lock held.
-        let new_data = inner.slots.get(&key).is_some_and(Slot::settled) && {
-            drop(inner);
-            let hashed = content_hash();
-            inner = self.lock();
-            hashed
-        };
         match inner.slots.get(&key) {
-            Some(slot) if new_data && slot.settled() => {}
+            Some(slot) if fluent_bit && slot.settled() => {}
             Some(Slot::Stored { .. }) => return Seen::Stored,
             // An earlier copy whose connection is gone without an outcome is forgotten.
             Some(Slot::Pending { outcome, .. }) if outcome.has_changed().is_ok() => {
@@ -458,21 +451,21 @@ mod tests {
     async fn a_stored_token_is_seen_from_the_same_sender_only() {
         let d = Dedup::new(Duration::from_secs(300), 10);
         let token = Bytes::from_static(b"p8n9gmxTQVC8/nh2wlKKeQ==\n");
-        let Seen::New(ticket) = d.check(ip("10.0.0.1"), &token, origin(), || false) else {
+        let Seen::New(ticket) = d.check(ip("10.0.0.1"), &token, origin(), false) else {
             panic!("new token")
         };
         // A resend while the first copy is still being stored waits for it.
-        let Seen::Pending(rx) = d.check(ip("10.0.0.1"), &token, origin(), || false) else {
+        let Seen::Pending(rx) = d.check(ip("10.0.0.1"), &token, origin(), false) else {
             panic!("pending")
         };
         ticket.finish(true);
         assert!(wait_stored(rx).await);
         assert!(matches!(
-            d.check(ip("10.0.0.1"), &token, origin(), || false),
+            d.check(ip("10.0.0.1"), &token, origin(), false),
             Seen::Stored
         ));
         assert!(matches!(
-            d.check(ip("10.0.0.2"), &token, origin(), || false),
+            d.check(ip("10.0.0.2"), &token, origin(), false),
             Seen::New(_)
         ));
     }
@@ -481,20 +474,20 @@ mod tests {
     async fn a_failed_or_abandoned_token_is_forgotten() {
         let d = Dedup::new(Duration::from_secs(300), 10);
         let token = Bytes::from_static(b"t");
-        let Seen::New(ticket) = d.check(ip("10.0.0.1"), &token, origin(), || false) else {
+        let Seen::New(ticket) = d.check(ip("10.0.0.1"), &token, origin(), false) else {
             panic!()
         };
-        let Seen::Pending(rx) = d.check(ip("10.0.0.1"), &token, origin(), || false) else {
+        let Seen::Pending(rx) = d.check(ip("10.0.0.1"), &token, origin(), false) else {
             panic!()
         };
         ticket.finish(false);
         assert!(!wait_stored(rx).await);
-        let Seen::New(ticket) = d.check(ip("10.0.0.1"), &token, origin(), || false) else {
+        let Seen::New(ticket) = d.check(ip("10.0.0.1"), &token, origin(), false) else {
             panic!("a failed token is stored again")
         };
         drop(ticket);
         assert!(matches!(
-            d.check(ip("10.0.0.1"), &token, origin(), || false),
+            d.check(ip("10.0.0.1"), &token, origin(), false),
             Seen::New(_)
         ));
     }
@@ -519,7 +512,7 @@ mod tests {
         ] {
             assert!(!is_fluent_bit_token(other), "{other:?}");
         }
-        let hashed = || is_fluent_bit_token(&token);
+        let hashed = is_fluent_bit_token(&token);
         let sender = ip("10.0.0.1");
         let link = Link::new();
         let at = |answer| Origin {
@@ -549,7 +542,7 @@ mod tests {
         ));
         // A token that is not the entries' hash is a resend even on an open connection.
         assert!(matches!(
-            d.check(sender, &token, origin(), || false),
+            d.check(sender, &token, origin(), false),
             Seen::Stored
         ));
     }
@@ -561,14 +554,14 @@ mod tests {
         let long: Vec<u8> = (0..300u32).map(|i| b"ab"[(i % 2) as usize]).collect();
         for len in 0..=long.len() {
             let token = Bytes::copy_from_slice(&long[..len]);
-            let Seen::New(t) = d.check(ip("10.0.0.1"), &token, origin(), || false) else {
+            let Seen::New(t) = d.check(ip("10.0.0.1"), &token, origin(), false) else {
                 panic!("a token of {len} bytes taken for a shorter one")
             };
             t.finish(true);
         }
         for len in 0..=long.len() {
             assert!(matches!(
-                d.check(ip("10.0.0.1"), &long[..len], origin(), || false),
+                d.check(ip("10.0.0.1"), &long[..len], origin(), false),
                 Seen::Stored
             ));
         }
@@ -579,7 +572,7 @@ mod tests {
     fn the_window_is_bounded_in_tokens_and_time() {
         let d = Dedup::new(Duration::from_secs(300), 3);
         for i in 0..10u8 {
-            let Seen::New(t) = d.check(ip("10.0.0.1"), &Bytes::from(vec![i]), origin(), || false)
+            let Seen::New(t) = d.check(ip("10.0.0.1"), &Bytes::from(vec![i]), origin(), false)
             else {
                 panic!()
             };
@@ -587,21 +580,18 @@ mod tests {
         }
         assert!(d.len() <= 4, "{} tokens kept", d.len());
         assert!(matches!(
-            d.check(ip("10.0.0.1"), &Bytes::from(vec![0]), origin(), || false),
+            d.check(ip("10.0.0.1"), &Bytes::from(vec![0]), origin(), false),
             Seen::New(_)
         ));
 
         let off = Dedup::new(Duration::ZERO, 3);
-        let Seen::New(t) = off.check(ip("10.0.0.1"), &Bytes::from_static(b"x"), origin(), || {
-            false
-        }) else {
+        let Seen::New(t) = off.check(ip("10.0.0.1"), &Bytes::from_static(b"x"), origin(), false)
+        else {
             panic!()
         };
         t.finish(true);
         assert!(matches!(
-            off.check(ip("10.0.0.1"), &Bytes::from_static(b"x"), origin(), || {
-                false
-            }),
+            off.check(ip("10.0.0.1"), &Bytes::from_static(b"x"), origin(), false),
             Seen::New(_)
         ));
         assert!(off.is_empty());

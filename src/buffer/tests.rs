@@ -657,7 +657,7 @@ fn is_stored(dedup: &Arc<crate::dedup::Dedup>, token: &'static [u8]) -> bool {
                 link: crate::dedup::Link::new(),
                 answer: 0,
             },
-            || false
+            false
         ),
         crate::dedup::Seen::Stored
     )

@@ -417,7 +417,7 @@ mod tests {
                     link: Link::new(),
                     answer: 0
                 },
-                || false
+                false
             ),
             Seen::Stored
         )

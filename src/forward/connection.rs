@@ -498,31 +498,15 @@ impl Connection {
             return Ok(());
         }
         let tag: Arc<str> = Arc::from(tag);
-        let compressed = message.options.compressed.clone();
-        let mut blob = entries::blob_of(message.entries);
-        if matches!(compressed.as_deref(), Some("gzip" | "zstd")) {
-            let limit = self.config.decompression_size_limit;
-            // Each decompression may hold up to the limit: a few at once, whatever the number
-            // of connections sending compressed requests.
-            let _turn = DECOMPRESSIONS
-                .acquire()
-                .await
-                .expect("the semaphore is never closed");
-            blob = tokio::task::spawn_blocking(move || {
-                entries::decompress(blob, compressed.as_deref(), limit)
-            })
-            .await
-            .map_err(|e| ConnectionError::Io(std::io::Error::other(e)))??;
-        }
-        // Looked up with the token's form at hand: a Fluent Bit token is a hash of entries.
+        // Looked up before the entries are decompressed: a resend is answered without that.
         let ticket = match &token {
             Some(t) if self.config.dedup.enabled() => {
                 let origin = Origin {
                     link: self.link.clone(),
                     answer: self.queued,
                 };
-                let content_hash = || dedup::is_fluent_bit_token(t);
-                match self.config.dedup.check(peer.ip(), t, origin, content_hash) {
+                let fluent_bit = dedup::is_fluent_bit_token(t);
+                match self.config.dedup.check(peer.ip(), t, origin, fluent_bit) {
                     Seen::New(ticket) => Some(ticket),
                     Seen::Stored => {
                         metrics().duplicate_requests.inc();
@@ -549,6 +533,22 @@ impl Connection {
             }
             _ => None,
         };
+        let compressed = message.options.compressed.clone();
+        let mut blob = entries::blob_of(message.entries);
+        if matches!(compressed.as_deref(), Some("gzip" | "zstd")) {
+            let limit = self.config.decompression_size_limit;
+            // Each decompression may hold up to the limit: a few at once, whatever the number
+            // of connections sending compressed requests.
+            let _turn = DECOMPRESSIONS
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
+            blob = tokio::task::spawn_blocking(move || {
+                entries::decompress(blob, compressed.as_deref(), limit)
+            })
+            .await
+            .map_err(|e| ConnectionError::Io(std::io::Error::other(e)))??;
+        }
         if self.config.source_address_key.is_some() || self.config.source_hostname_key.is_some() {
             blob = self.add_source(&blob).await;
         }
