@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::buffer::gauges::BufferCollector;
 use crate::buffer::registry::{ChunkInfo, Registry};
+use crate::time::AcceptBackoff;
 
 struct State {
     buffer: Arc<Registry>,
@@ -55,24 +56,20 @@ pub async fn run(
         info!(%addr, "metrics and health endpoint listening");
     }
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = AcceptBackoff::new();
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     a
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: the listener stays readable, so
-                    // wait rather than spin (and log once per wait, not per attempt).
-                    warn!(cause = %e, retry_in = ?backoff, "admin endpoint: cannot accept a connection");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
+                    warn!(cause = %e, retry_in = ?backoff.next(), "admin endpoint: cannot accept a connection");
+                    if !backoff.wait(&shutdown).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             },

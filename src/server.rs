@@ -14,6 +14,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::buffer::BufferHandle;
 use crate::metrics::metrics;
+use crate::time::AcceptBackoff;
 
 /// Keeps `claimcheck_connections_open` while it lives.
 struct OpenConnection;
@@ -92,7 +93,7 @@ pub async fn run(
     }
     let slots = Arc::new(Semaphore::new(listener_config.max_connections.max(1)));
     let mut connections = JoinSet::new();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = AcceptBackoff::new();
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -103,17 +104,14 @@ pub async fn run(
         };
         let (socket, peer) = match accepted {
             Ok(a) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 a
             }
             Err(e) => {
-                // Out of file descriptors and the like: wait a little instead of spinning.
-                error!(cause = %e, retry_in = ?backoff, "cannot accept a connection");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
+                error!(cause = %e, retry_in = ?backoff.next(), "cannot accept a connection");
+                if !backoff.wait(&shutdown).await {
+                    break;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
