@@ -85,11 +85,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
-/// Parses a time zone: `UTC`, `+09:00`, `-0500`, `Europe/Berlin`.
-pub fn parse_zone(s: &str) -> Result<crate::timekey::Zone, String> {
-    s.parse()
-}
-
 /// `overflow_action` under Fluentd's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OverflowActionArg {
@@ -153,7 +148,7 @@ pub struct ServeArgs {
     /// The zone timekey windows start in and object keys' times are written in (Fluentd's
     /// `timekey_zone`): `UTC`, an offset such as `+09:00`, or an IANA name such as
     /// `Europe/Berlin`. Fluentd's default is the host's offset at its start; set this to match.
-    #[arg(long, env = "CLAIMCHECK_TIMEKEY_ZONE", default_value = "UTC", value_parser = parse_zone)]
+    #[arg(long, env = "CLAIMCHECK_TIMEKEY_ZONE", default_value = "UTC")]
     pub timekey_zone: crate::timekey::Zone,
 
     /// How long after its window ends a chunk waits for late events (Fluentd's `timekey_wait`).
@@ -500,15 +495,17 @@ impl ServeArgs {
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_else(|_| "unknown".into()),
         };
-        let key_template = KeyTemplate::parse(&self.s3_object_key_format, &hostname)
-            .map_err(|e| format!("--s3-object-key-format: {e}"))?
-            .in_zone(self.timekey_zone);
+        // Every template writes the host name and its times in the timekey's zone.
+        let template = |what: &str, text: &str| {
+            KeyTemplate::parse(text, &hostname)
+                .map(|t| t.in_zone(self.timekey_zone))
+                .map_err(|e| format!("{what}: {e}"))
+        };
+        let key_template = template("--s3-object-key-format", &self.s3_object_key_format)?;
         if !key_template.has_chunk_id() {
             return Err("--s3-object-key-format must contain ${chunk_id}, so that retries rewrite the same object and hosts never collide".into());
         }
-        let partition_key = KeyTemplate::parse(&self.kinesis_partition_key, &hostname)
-            .map_err(|e| format!("--kinesis-partition-key: {e}"))?
-            .in_zone(self.timekey_zone);
+        let partition_key = template("--kinesis-partition-key", &self.kinesis_partition_key)?;
         let (s3_access, kinesis_access) = self.access.destinations()?;
         let kinesis_access = kinesis_access.for_stream(&self.kinesis_stream)?;
         let objects = self.objects.objects()?;
@@ -517,9 +514,7 @@ impl ServeArgs {
                 pairs(flag, items)?
                     .into_iter()
                     .map(|(k, v)| {
-                        let t = KeyTemplate::parse(&v, &hostname)
-                            .map_err(|e| format!("{flag} {k}: {e}"))?
-                            .in_zone(self.timekey_zone);
+                        let t = template(&format!("{flag} {k}"), &v)?;
                         Ok((k, t))
                     })
                     .collect()
