@@ -48,21 +48,18 @@ impl UploaderConfig {
             timekey,
             file_extension: &ext,
         };
-        let render = |pairs: &[(String, KeyTemplate)]| -> Vec<(String, String)> {
+        // Each value rendered, then made what S3 takes.
+        let render = |pairs: &[(String, KeyTemplate)], fit: fn(String) -> String| {
             pairs
                 .iter()
-                .map(|(k, t)| (k.clone(), t.render(values)))
-                .collect()
+                .map(|(k, t)| (k.clone(), fit(t.render(values))))
+                .collect::<Vec<_>>()
         };
         let key = self.key_template.render(values);
         // `x-amz-tagging`: URL-encoded `k=v&…`, each value as S3 takes it.
         let tagging = (!self.object_tags.is_empty()).then(|| {
             form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(
-                    render(&self.object_tags)
-                        .into_iter()
-                        .map(|(k, v)| (k, tag_value(&v))),
-                )
+                .extend_pairs(render(&self.object_tags, tag_value))
                 .finish()
         });
         ObjectMeta {
@@ -75,10 +72,7 @@ impl UploaderConfig {
             content_encoding: self.compression.content_encoding(),
             chunk_id: chunk_id.to_string(),
             tagging,
-            metadata: render(&self.object_metadata)
-                .into_iter()
-                .map(|(k, v)| (k, header_value(v)))
-                .collect(),
+            metadata: render(&self.object_metadata, header_value),
         }
     }
 }
@@ -86,7 +80,7 @@ impl UploaderConfig {
 /// A tag value S3 takes whatever the chunk's tag holds (a rendered `${tag}`): at most 256
 /// characters, of letters, digits, spaces and `+ - = . _ : / @` (others become `_`). A value
 /// S3 refuses would fail every upload of the chunk.
-fn tag_value(value: &str) -> String {
+fn tag_value(value: String) -> String {
     value
         .chars()
         .take(256)
