@@ -559,16 +559,14 @@ async fn a_repeated_content_hash_token_is_new_data_unless_its_ack_may_be_lost() 
     // Message mode (Fluent Bit with a dynamic tag): a request per record, whose token hashes
     // the record as Fluent Bit holds it, `[[time, {}], record]`, not what it sends. The same
     // line twice on an open connection is two events.
-    use base64::Engine;
     use claimcheck_consumer::entry::{encode, EventTime};
-    use sha2::{Digest, Sha512};
     let time = EventTime::new(secs, 2);
     let record = pack(&Value::Map(vec![("check".into(), "fb".into())]));
     let mut held = vec![0x92, 0x92];
     encode::event_time(&mut held, time);
     held.push(0x80);
     held.extend(&record);
-    let token = base64::engine::general_purpose::STANDARD.encode(&Sha512::digest(&held)[..16]);
+    let token = fluent_bit_token(&held);
     let mut message = vec![0x94];
     message.extend(pack(&"health.dynamic".into()));
     encode::event_time(&mut message, time);

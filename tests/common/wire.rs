@@ -80,10 +80,16 @@ pub fn fluentd_request(
 /// "compressed": "gzip", …}]`, as with `Compress gzip`): the token is base64 of the first 16
 /// bytes of the SHA-512 of the entries before compression, so requests with the same entries
 /// share it. Returns the request and its token.
-pub fn fluent_bit_request(tag: &str, entries: &[u8], n: usize, gzip: bool) -> (Vec<u8>, String) {
+/// Fluent Bit's ack token for `hashed`, the entries as it holds them: base64 of the first 16
+/// bytes of their SHA-512.
+pub fn fluent_bit_token(hashed: &[u8]) -> String {
     use base64::Engine;
     use sha2::{Digest, Sha512};
-    let token = base64::engine::general_purpose::STANDARD.encode(&Sha512::digest(entries)[..16]);
+    base64::engine::general_purpose::STANDARD.encode(&Sha512::digest(hashed)[..16])
+}
+
+pub fn fluent_bit_request(tag: &str, entries: &[u8], n: usize, gzip: bool) -> (Vec<u8>, String) {
+    let token = fluent_bit_token(entries);
     let mut out = vec![0x93];
     out.extend(pack(&tag.into()));
     let mut options = vec![
