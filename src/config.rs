@@ -218,8 +218,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_CHUNK_SIZE_WARN_LIMIT", value_parser = parse_size)]
     pub chunk_size_warn_limit: Option<u64>,
 
-    /// Largest decompressed size of one gzip or zstd request (Fluentd's
-    /// `decompression_size_limit`).
+    /// Most decompressed bytes of one gzip or zstd request held at once (Fluentd's
+    /// `decompression_size_limit`). A request that expands beyond it is stored a piece at a
+    /// time, each cut between events, and acked; one event larger than it, or a piece without
+    /// a valid event (a compression bomb), closes the connection without an ack.
     #[arg(long, env = "CLAIMCHECK_DECOMPRESSION_SIZE_LIMIT", default_value = "256MiB", value_parser = parse_size)]
     pub decompression_size_limit: u64,
 

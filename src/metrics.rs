@@ -89,6 +89,7 @@ pub struct Metrics {
     pub handshake_failures: Family<Reason, Counter>,
     pub udp_heartbeats: Counter,
     pub duplicate_requests: Counter,
+    pub requests_in_pieces: Counter,
     pub requests: Counter,
     pub received_bytes: Counter,
     pub events_received: Counter,
@@ -125,6 +126,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     handshake_failures: Family::default(),
     udp_heartbeats: Counter::default(),
     duplicate_requests: Counter::default(),
+    requests_in_pieces: Counter::default(),
     requests: Counter::default(),
     received_bytes: Counter::default(),
     events_received: Counter::default(),
@@ -333,6 +335,11 @@ impl Metrics {
             "duplicate_requests",
             "Resent requests acked again without storing their events twice",
             self.duplicate_requests.clone(),
+        );
+        r.register(
+            "requests_in_pieces",
+            "Compressed requests that expanded beyond decompression_size_limit, stored a piece at a time",
+            self.requests_in_pieces.clone(),
         );
         r.register(
             "requests",

@@ -79,6 +79,48 @@ async fn fluentd_packed_forward_text_gzip_and_zstd_with_newline_tokens() {
     assert_exactly_once(&chunks, &want);
 }
 
+/// A compressed request that expands beyond `--decompression-size-limit` (a Fluentd
+/// file-buffer chunk of 256 MiB compressed, at scale) is stored a piece at a time and acked,
+/// not refused forever; its resend is acked again without storing it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_requests_beyond_the_decompression_limit_are_stored_in_pieces() {
+    let s = setup(&["--decompression-size-limit", "64KiB"]).await;
+    let base = minute_of(now_secs()) - 86_400;
+    let n = 20_000;
+    let gz = gzip_members(&entries("gzbig", base, n, false), 3);
+    let zst = zstd::encode_all(&entries("zstbig", base, n, true)[..], 3).unwrap();
+    assert!(
+        entries("gzbig", base, n, false).len() > 10 * 65536,
+        "each request is at least ten pieces"
+    );
+    let gz_request = fluentd_request("fd.big", &gz, n, "gzip", "YmlnLWd6aXAtY2h1bmsh\n");
+    let mut conn = connect(s.sidecar.port);
+    conn.write_all(&gz_request).unwrap();
+    expect_ack(&mut conn, b"YmlnLWd6aXAtY2h1bmsh\n");
+    conn.write_all(&fluentd_request(
+        "fb.big",
+        &zst,
+        n,
+        "zstd",
+        "YmlnLXpzdGQtY2h1bmsh\n",
+    ))
+    .unwrap();
+    expect_ack(&mut conn, b"YmlnLXpzdGQtY2h1bmsh\n");
+    // The ack was lost, say: the resend is recognised by its token.
+    let mut again = connect(s.sidecar.port);
+    again.write_all(&gz_request).unwrap();
+    expect_ack(&mut again, b"YmlnLWd6aXAtY2h1bmsh\n");
+
+    let mut want = expected("fd.big", "gzbig", base, n);
+    want.extend(expected("fb.big", "zstbig", base, n));
+    let chunks = s.env.read_events(want.len()).await;
+    assert_exactly_once(&chunks, &want);
+    let m = s.sidecar.metrics().await;
+    assert_eq!(m["claimcheck_requests_in_pieces_total"], 2.0);
+    assert_eq!(m["claimcheck_duplicate_requests_total"], 1.0);
+    assert_eq!(metric_sum(&m, "claimcheck_requests_refused_total"), 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fluent_bit_forward_mode_with_metadata_map32_options_and_ext8_times() {
     let s = setup(&[]).await;

@@ -97,6 +97,16 @@ fn the_model_expects_what_the_protocol_says() {
         (1, 1, true)
     );
 
+    // Beyond the decompression limit: whole entries are stored a piece at a time and acked;
+    // one entry larger than the limit closes the connection.
+    let e = harness::expected(&read("gzip-beyond-limit-in-pieces"), &config);
+    assert_eq!(
+        (e.acks.len(), e.stored_events, e.closed_for_error),
+        (1, 20_000, false)
+    );
+    let e = harness::expected(&read("gzip-over-limit"), &config);
+    assert!(e.closed_for_error && e.acks.is_empty());
+
     let e = harness::expected(&read("over-chunk-size-limit"), &config);
     assert!(e.closed_for_error && e.acks.is_empty());
 

@@ -1,4 +1,4 @@
-//! Bytes → request scanner → `frame::parse` → `entries::decompress` → `entries::split`.
+//! Bytes → request scanner → `frame::parse` → `entries::Pieces` → `entries::split`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

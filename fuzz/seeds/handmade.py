@@ -143,6 +143,11 @@ def seeds():
     big = entry(fixext8_time(T, 0), fixmap(1) + s("pad") + str32(b"x" * (300 << 10)))
     out["gzip-over-limit"] = fixarray(3) + s("app") + bin_(gzip.compress(big, mtime=0)) + \
         options(("compressed", s("gzip")), ("chunk", s("big")))
+    # Beyond the decompression limit but whole entries: stored a piece at a time and acked.
+    many = b"".join(entry(fixext8_time(T + i % 60, 0), record(i % 100)) for i in range(20000))
+    assert len(many) > 256 << 10
+    out["gzip-beyond-limit-in-pieces"] = fixarray(3) + s("app") + bin_(gzip.compress(many, 9, mtime=0)) + \
+        options(("compressed", s("gzip")), ("chunk", s("pieces")))
     out["gzip-corrupt"] = fixarray(3) + s("app") + bin_(gzip_members(plain)[:-9] + b"\x00" * 9) + \
         options(("compressed", s("gzip")), ("chunk", s("bad")))
 

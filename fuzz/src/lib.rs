@@ -2,8 +2,9 @@
 //! by the corpus replay test of the main workspace (`tests/fuzz_corpus.rs` includes this file),
 //! so CI checks every corpus file with the same invariants without libFuzzer.
 //!
-//! * [`frame`]: bytes → request scanner → `frame::parse` → `entries::decompress` → `split`,
-//!   checking that nothing panics and that what `split` keeps is whole, valid entries.
+//! * [`frame`]: bytes → request scanner → `frame::parse` → `entries::Pieces` → `split`,
+//!   checking that nothing panics, that pieces keep to the limit and end between entries, and
+//!   that what `split` keeps is whole, valid entries.
 //! * [`ConnectionHarness::run`]: the bytes are written, in pieces whose sizes the input
 //!   chooses, into a duplex stream served by `connection::serve` with a real buffer in a
 //!   temporary directory. The acks read back must be exactly the ones a reference model of
@@ -21,7 +22,7 @@ use claimcheck::buffer::{
     chunk, BufferConfig, BufferHandle, DirLock, Group, OverflowAction, SealedChunk, SyncPolicy,
 };
 use claimcheck::forward::connection::{self, ConnectionConfig, MAX_TAG_BYTES};
-use claimcheck::forward::entries::{self, DecompressError};
+use claimcheck::forward::entries;
 use claimcheck::forward::frame::{self, Request};
 use claimcheck::timekey::Timekey;
 use claimcheck_consumer::entry::{self, EventTime, ScanError, ValueScanner};
@@ -29,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Decompressed entries larger than this are refused (small, so a gzip bomb stays cheap).
+/// Decompressed entries are expanded in pieces of at most this (small, so a bomb stays cheap).
 pub const DECOMPRESSION_LIMIT: u64 = 256 << 10;
 /// Requests larger than this close the connection (`chunk_size_limit`).
 pub const CHUNK_SIZE_LIMIT: u64 = 8 << 10;
@@ -90,34 +91,46 @@ fn check_request(request: Bytes) {
     if let Some(token) = &message.options.chunk {
         check_ack_encoding(token);
     }
-    let mut blob = entries::blob_of(message.entries);
-    if matches!(message.options.compressed.as_deref(), Some("gzip" | "zstd")) {
-        match entries::decompress(
-            blob,
-            message.options.compressed.as_deref(),
-            DECOMPRESSION_LIMIT,
-        ) {
-            Ok(b) => {
-                assert!(
-                    b.len() as u64 <= DECOMPRESSION_LIMIT,
-                    "decompressed past the limit"
-                );
-                blob = b;
-            }
-            Err(DecompressError::TooLarge { .. } | DecompressError::Corrupt { .. }) => return,
-        }
-    }
+    let compressed = matches!(message.options.compressed.as_deref(), Some("gzip" | "zstd"));
+    let Ok(mut pieces) = entries::Pieces::new(
+        entries::blob_of(message.entries),
+        message.options.compressed.as_deref(),
+        DECOMPRESSION_LIMIT,
+    ) else {
+        return;
+    };
     let tokyo = "Asia/Tokyo".parse().expect("a known zone");
-    for timekey in [
-        Timekey::utc(TIMEKEY_SECS as i64),
-        Timekey::utc(60),
-        Timekey::utc(1),
-        Timekey {
-            secs: 86_400,
-            zone: tokyo,
-        },
-    ] {
-        check_split(&blob, timekey);
+    loop {
+        let Ok(blob) = pieces.next_piece() else {
+            return;
+        };
+        if compressed {
+            assert!(
+                blob.len() as u64 <= DECOMPRESSION_LIMIT,
+                "a piece beyond the limit"
+            );
+        }
+        if !pieces.is_done() {
+            // Cut between whole msgpack values.
+            let mut at = 0;
+            while at < blob.len() {
+                at += entry::value_len(&blob[at..]).expect("a piece ends between values");
+            }
+        }
+        for timekey in [
+            Timekey::utc(TIMEKEY_SECS as i64),
+            Timekey::utc(60),
+            Timekey::utc(1),
+            Timekey {
+                secs: 86_400,
+                zone: tokyo,
+            },
+        ] {
+            check_split(&blob, timekey);
+        }
+        if pieces.is_done() {
+            return;
+        }
     }
 }
 
@@ -256,22 +269,32 @@ pub fn expected(stream: &[u8], config: &ConnectionConfig) -> Expected {
             .is_ok_and(|t| !t.is_empty() && t.len() <= MAX_TAG_BYTES);
         let logs = message.options.fluent_signal.unwrap_or(0) == 0;
         if tag_ok && logs {
-            let compressed = message.options.compressed.clone();
-            let mut blob = entries::blob_of(message.entries);
-            if matches!(compressed.as_deref(), Some("gzip" | "zstd")) {
-                match entries::decompress(
-                    blob,
-                    compressed.as_deref(),
-                    config.decompression_size_limit,
-                ) {
-                    Ok(b) => blob = b,
-                    Err(_) => {
-                        out.closed_for_error = true;
-                        return out;
-                    }
+            // Each piece is stored before the next is expanded; a piece that cannot be
+            // expanded, or a whole one without a valid event (a bomb), closes the connection.
+            let Ok(mut pieces) = entries::Pieces::new(
+                entries::blob_of(message.entries),
+                message.options.compressed.as_deref(),
+                config.decompression_size_limit,
+            ) else {
+                out.closed_for_error = true;
+                return out;
+            };
+            loop {
+                let Ok(blob) = pieces.next_piece() else {
+                    out.closed_for_error = true;
+                    return out;
+                };
+                let events = entries::split(&blob, config.timekey).events;
+                if pieces.is_done() {
+                    out.stored_events += events;
+                    break;
                 }
+                if events == 0 {
+                    out.closed_for_error = true;
+                    return out;
+                }
+                out.stored_events += events;
             }
-            out.stored_events += entries::split(&blob, config.timekey).events;
         }
         // Stored, or skipped whole (bad tag, not logs, no valid event): acknowledged either way.
         if let Some(token) = token {

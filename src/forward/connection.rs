@@ -533,22 +533,94 @@ impl Connection {
             }
             _ => None,
         };
-        let compressed = message.options.compressed.clone();
-        let mut blob = entries::blob_of(message.entries);
-        if matches!(compressed.as_deref(), Some("gzip" | "zstd")) {
-            let limit = self.config.decompression_size_limit;
-            // Each decompression may hold up to the limit: a few at once, whatever the number
-            // of connections sending compressed requests.
-            let _turn = DECOMPRESSIONS
-                .acquire()
-                .await
-                .expect("the semaphore is never closed");
-            blob = tokio::task::spawn_blocking(move || {
-                entries::decompress(blob, compressed.as_deref(), limit)
-            })
-            .await
-            .map_err(|e| ConnectionError::Io(std::io::Error::other(e)))??;
+        let mut pieces = entries::Pieces::new(
+            entries::blob_of(message.entries),
+            message.options.compressed.as_deref(),
+            self.config.decompression_size_limit,
+        )?;
+        let mut received = None;
+        let mut in_pieces = false;
+        loop {
+            let blob = match pieces.is_compressed() {
+                false => pieces.next_piece(),
+                true => {
+                    // Each decompression may hold up to the limit: a few at once, whatever the
+                    // number of connections sending compressed requests.
+                    let _turn = DECOMPRESSIONS
+                        .acquire()
+                        .await
+                        .expect("the semaphore is never closed");
+                    let (back, piece) = tokio::task::spawn_blocking(move || {
+                        let piece = pieces.next_piece();
+                        (pieces, piece)
+                    })
+                    .await
+                    .map_err(|e| ConnectionError::Io(std::io::Error::other(e)))?;
+                    pieces = back;
+                    piece
+                }
+            }?;
+            let last = pieces.is_done();
+            let split = self.prepare(blob).await;
+            if !last && split.events == 0 {
+                // A whole piece without a valid event is not a request too large to hold but
+                // a compression bomb.
+                return Err(entries::DecompressError::TooLarge {
+                    limit: pieces.limit(),
+                }
+                .into());
+            }
+            self.count_skipped(tag.as_ref(), &split);
+            if !split.groups.is_empty() {
+                received.get_or_insert_with(Instant::now);
+                metrics().events_received.inc_by(split.events);
+            }
+            if !last {
+                if !in_pieces {
+                    in_pieces = true;
+                    info!(%peer, %tag, limit = pieces.limit(),
+                          "a request expands beyond decompression_size_limit; storing it a piece at a time");
+                    metrics().requests_in_pieces.inc();
+                }
+                // Every piece is durable before the last, which carries the token, is
+                // appended: a token found on disk after a restart vouches for the whole request.
+                self.appender
+                    .get_or_insert_with(|| self.buffer.appender())
+                    .append_with_token(tag.clone(), split.groups, None, false)
+                    .await
+                    .await?;
+                continue;
+            }
+            if split.groups.is_empty() {
+                self.ack_now(token);
+                return Ok(());
+            }
+            debug!(%peer, %tag, events = split.events, "request");
+            let received = received.unwrap_or_else(Instant::now);
+            // The token goes to disk with the events only if a resend will be looked up.
+            let recorded = ticket.as_ref().and(token.clone()).map(|t| (peer.ip(), t));
+            // Bytes of the next request already read: the sender has more on its way, and
+            // this request waits for the writer, to be synced with what follows.
+            let more_coming = !self.read_buf.is_empty();
+            let durable = self
+                .appender
+                .get_or_insert_with(|| self.buffer.appender())
+                .append_with_token(tag, split.groups, recorded, more_coming)
+                .await;
+            self.queue(Box::pin(async move {
+                let result = durable.await;
+                if let Some(ticket) = ticket {
+                    ticket.finish(result.is_ok());
+                }
+                (token, received, result.map_err(ConnectionError::from))
+            }));
+            return Ok(());
         }
+    }
+
+    /// A piece of a request's entries made ready to append: the sender's keys set, times of
+    /// 0 made now, split by timekey.
+    async fn prepare(&mut self, mut blob: Bytes) -> entries::Split {
         if self.config.source_address_key.is_some() || self.config.source_hostname_key.is_some() {
             blob = self.add_source(&blob).await;
         }
@@ -558,41 +630,21 @@ impl Connection {
             blob = entries::zero_times_to_now(&blob, event_time_now());
             split = entries::split(&blob, self.config.timekey);
         }
+        split
+    }
+
+    /// Counts and logs the entries a split skipped.
+    fn count_skipped(&self, tag: &str, split: &entries::Split) {
         for (why, n) in &split.reasons {
             metrics().skipped(why, *n);
         }
         if split.invalid > 0 {
             if let Some(suppressed) = INVALID_LOG.allow() {
-                warn!(%peer, %tag, skipped = split.invalid, kept = split.events,
+                warn!(peer = %self.peer, %tag, skipped = split.invalid, kept = split.events,
                       reason = split.invalid_reason.unwrap_or_default(),
                       similar_lines_suppressed = suppressed, "skipping invalid events");
             }
         }
-        if split.groups.is_empty() {
-            self.ack_now(token);
-            return Ok(());
-        }
-        debug!(%peer, %tag, events = split.events, "request");
-        let received = Instant::now();
-        metrics().events_received.inc_by(split.events);
-        // The token goes to disk with the events only if a resend will be looked up.
-        let recorded = ticket.as_ref().and(token.clone()).map(|t| (peer.ip(), t));
-        // Bytes of the next request already read: the sender has more on its way, and this
-        // request waits for the writer, to be synced with what follows.
-        let more_coming = !self.read_buf.is_empty();
-        let durable = self
-            .appender
-            .get_or_insert_with(|| self.buffer.appender())
-            .append_with_token(tag, split.groups, recorded, more_coming)
-            .await;
-        self.queue(Box::pin(async move {
-            let result = durable.await;
-            if let Some(ticket) = ticket {
-                ticket.finish(result.is_ok());
-            }
-            (token, received, result.map_err(ConnectionError::from))
-        }));
-        Ok(())
     }
 
     /// The entries with the sender's address and host name set in every record.

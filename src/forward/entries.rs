@@ -6,10 +6,9 @@
 //! whole blob is appended as is. Invalid entries are skipped, as Fluentd's
 //! `skip_invalid_event` does, and counted.
 
-use std::io::Read;
+use std::io::{Cursor, Read};
 
 use bytes::Bytes;
-use claimcheck_consumer::body::{self, Compression};
 use claimcheck_consumer::entry::{self, encode, EventTime, ScanError};
 
 use super::frame::Entries;
@@ -41,10 +40,10 @@ impl Split {
     }
 }
 
-/// Why a packed blob could not be expanded. The connection is closed without an ack.
+/// Why a request's entries could not be expanded. The connection is closed without an ack.
 #[derive(Debug, thiserror::Error)]
 pub enum DecompressError {
-    #[error("decompressed entries exceed decompression_size_limit ({limit} bytes)")]
+    #[error("{limit} bytes of decompressed entries (decompression_size_limit) without one whole valid event")]
     TooLarge { limit: u64 },
     #[error("cannot decompress {method} entries: {source}")]
     Corrupt {
@@ -53,25 +52,126 @@ pub enum DecompressError {
     },
 }
 
-/// Expands `compressed: "gzip"` (every member) or `"zstd"` (every frame); anything else,
-/// Fluentd's `"text"` included, is taken as plain entries.
-pub fn decompress(blob: Bytes, method: Option<&str>, limit: u64) -> Result<Bytes, DecompressError> {
-    let (compression, name) = match method {
-        Some("gzip") => (Compression::Gzip, "gzip"),
-        Some("zstd") => (Compression::Zstd, "zstd"),
-        _ => return Ok(blob),
-    };
-    let mut out = Vec::with_capacity((blob.len() * 4).min(limit as usize));
-    body::decoder(compression, &blob[..])
-        .and_then(|d| d.take(limit.saturating_add(1)).read_to_end(&mut out))
-        .map_err(|source| DecompressError::Corrupt {
-            method: name,
+/// A request's entries, expanded a piece at a time: `compressed: "gzip"` (every member) or
+/// `"zstd"` (every frame); anything else, Fluentd's `"text"` included, is one plain piece.
+///
+/// A piece holds at most `limit` bytes and ends where an entry ends, so that a request that
+/// expands beyond the limit (a Fluentd file-buffer chunk of 256 MiB compressed, say) is stored
+/// in several appends, never holding more than the limit in memory. Only a single entry larger
+/// than the limit cannot be cut ([`DecompressError::TooLarge`]); so cannot a piece with no
+/// valid event in it (a compression bomb), which the caller refuses.
+pub struct Pieces {
+    source: Source,
+    limit: usize,
+    /// The start of an entry that the last piece cut off.
+    carry: Vec<u8>,
+    /// Room to make for the next piece: a guess from the compressed size at first.
+    room: usize,
+    done: bool,
+}
+
+enum Source {
+    Plain(Option<Bytes>),
+    Compressed {
+        decoder: Box<dyn Read + Send>,
+        method: &'static str,
+    },
+}
+
+impl Pieces {
+    pub fn new(blob: Bytes, method: Option<&str>, limit: u64) -> Result<Self, DecompressError> {
+        let blob_len = blob.len();
+        let source = match method {
+            Some("gzip") => Source::Compressed {
+                decoder: Box::new(flate2::read::MultiGzDecoder::new(Cursor::new(blob))),
+                method: "gzip",
+            },
+            Some("zstd") => Source::Compressed {
+                decoder: Box::new(zstd::stream::read::Decoder::new(Cursor::new(blob)).map_err(
+                    |source| DecompressError::Corrupt {
+                        method: "zstd",
+                        source,
+                    },
+                )?),
+                method: "zstd",
+            },
+            _ => Source::Plain(Some(blob)),
+        };
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX).max(1);
+        Ok(Pieces {
+            room: (blob_len.saturating_mul(4)).min(limit),
             source,
-        })?;
-    if out.len() as u64 > limit {
-        return Err(DecompressError::TooLarge { limit });
+            limit,
+            carry: Vec::new(),
+            done: false,
+        })
     }
-    Ok(Bytes::from(out))
+
+    /// Whether the pieces are decompressed (work for a blocking thread), not just handed over.
+    pub fn is_compressed(&self) -> bool {
+        !matches!(self.source, Source::Plain(_))
+    }
+
+    /// Whether the last piece was returned.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The limit a piece keeps to.
+    pub fn limit(&self) -> u64 {
+        self.limit as u64
+    }
+
+    /// The next piece; see [`Pieces::is_done`] for whether it was the last. The first piece
+    /// may be empty (no entries), and so is any asked for after the last.
+    pub fn next_piece(&mut self) -> Result<Bytes, DecompressError> {
+        if self.done {
+            return Ok(Bytes::new());
+        }
+        let (decoder, method) = match &mut self.source {
+            Source::Plain(blob) => {
+                self.done = true;
+                return Ok(blob.take().unwrap_or_default());
+            }
+            Source::Compressed { decoder, method } => (decoder, *method),
+        };
+        // One byte beyond the limit tells whether there is more.
+        let mut out = std::mem::take(&mut self.carry);
+        let wanted = (self.limit + 1).saturating_sub(out.len());
+        out.reserve(self.room.min(wanted));
+        // Beyond the first piece the rest is known to be large.
+        self.room = self.limit + 1;
+        decoder
+            .take(wanted as u64)
+            .read_to_end(&mut out)
+            .map_err(|source| DecompressError::Corrupt { method, source })?;
+        if out.len() <= self.limit {
+            self.done = true;
+            return Ok(Bytes::from(out));
+        }
+        let mut end = 0;
+        loop {
+            match entry::value_len(&out[end..self.limit]) {
+                Ok(len) => end += len,
+                Err(ScanError::Incomplete) if end == 0 => {
+                    return Err(DecompressError::TooLarge {
+                        limit: self.limit as u64,
+                    })
+                }
+                Err(ScanError::Incomplete) => break,
+                // Not msgpack: nothing after it can be read. The piece ends with it, for
+                // [`split`] to count as skipped, and the rest is not expanded.
+                Err(ScanError::Invalid(_)) => {
+                    self.done = true;
+                    out.truncate(self.limit);
+                    return Ok(Bytes::from(out));
+                }
+            }
+        }
+        self.carry = out[end..].to_vec();
+        out.truncate(end);
+        Ok(Bytes::from(out))
+    }
 }
 
 /// Validates the entries of a blob and groups them by timekey window.
@@ -415,18 +515,37 @@ mod tests {
         );
     }
 
-    #[test]
-    fn decompression_handles_members_frames_and_the_limit() {
-        let plain = [entry_at(1), entry_at(2)].concat();
+    /// Every piece of a request's entries, in order.
+    fn expand(
+        blob: &[u8],
+        method: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<Bytes>, DecompressError> {
+        let mut pieces = Pieces::new(Bytes::copy_from_slice(blob), method, limit)?;
+        let mut out = vec![pieces.next_piece()?];
+        while !pieces.is_done() {
+            out.push(pieces.next_piece()?);
+        }
+        Ok(out)
+    }
+
+    fn gzip(parts: &[&[u8]]) -> Vec<u8> {
         let mut gz = Vec::new();
-        for part in [&plain[..7], &plain[7..]] {
+        for part in parts {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             e.write_all(part).unwrap();
             gz.extend(e.finish().unwrap());
         }
+        gz
+    }
+
+    #[test]
+    fn decompression_handles_members_frames_and_plain_entries() {
+        let plain = [entry_at(1), entry_at(2)].concat();
+        let gz = gzip(&[&plain[..7], &plain[7..]]);
         assert_eq!(
-            decompress(Bytes::from(gz.clone()), Some("gzip"), 1 << 20).unwrap(),
-            plain
+            expand(&gz, Some("gzip"), 1 << 20).unwrap(),
+            std::slice::from_ref(&plain)
         );
         let zst = [
             zstd::encode_all(&plain[..3], 1).unwrap(),
@@ -434,20 +553,66 @@ mod tests {
         ]
         .concat();
         assert_eq!(
-            decompress(Bytes::from(zst), Some("zstd"), 1 << 20).unwrap(),
-            plain
+            expand(&zst, Some("zstd"), 1 << 20).unwrap(),
+            std::slice::from_ref(&plain)
+        );
+        // Plain entries are never cut, whatever their size.
+        assert_eq!(
+            expand(&plain, Some("text"), 1).unwrap(),
+            std::slice::from_ref(&plain)
         );
         assert_eq!(
-            decompress(Bytes::from(plain.clone()), Some("text"), 1).unwrap(),
-            plain
+            expand(&plain, None, 1).unwrap(),
+            std::slice::from_ref(&plain)
         );
         assert!(matches!(
-            decompress(Bytes::from(gz), Some("gzip"), 10),
-            Err(DecompressError::TooLarge { .. })
-        ));
-        assert!(matches!(
-            decompress(Bytes::from_static(b"nope"), Some("gzip"), 10),
+            expand(b"nope", Some("gzip"), 10),
             Err(DecompressError::Corrupt { .. })
         ));
+        assert_eq!(
+            expand(&gzip(&[b""]), Some("gzip"), 10).unwrap(),
+            [Bytes::new()]
+        );
+    }
+
+    /// Beyond the limit the entries come in pieces, each within the limit and ending where an
+    /// entry ends, together the whole; one entry larger than the limit cannot be cut.
+    #[test]
+    fn entries_beyond_the_limit_come_in_pieces_cut_between_entries() {
+        let one = entry_at(7).len();
+        let plain: Vec<u8> = (0..100).flat_map(entry_at).collect();
+        let limit = (3 * one + one / 2) as u64;
+        for (method, packed) in [
+            ("gzip", gzip(&[&plain[..500], &plain[500..]])),
+            ("zstd", zstd::encode_all(&plain[..], 3).unwrap()),
+        ] {
+            let pieces = expand(&packed, Some(method), limit).unwrap();
+            assert_eq!(pieces.len(), 34, "{method}");
+            assert!(pieces.iter().all(|p| p.len() as u64 <= limit), "{method}");
+            assert_eq!(pieces.concat(), plain, "{method}");
+            let split_events: u64 = pieces
+                .iter()
+                .map(|p| split(p, Timekey::utc(60)).events)
+                .sum();
+            assert_eq!(split_events, 100, "{method}: every piece is whole entries");
+        }
+        assert!(matches!(
+            expand(&gzip(&[&plain]), Some("gzip"), one as u64 - 1),
+            Err(DecompressError::TooLarge { .. })
+        ));
+    }
+
+    /// Bytes that are not msgpack end the expansion: the piece keeps them, for the split to
+    /// count as skipped, and nothing after them is read.
+    #[test]
+    fn bytes_that_are_not_msgpack_end_the_pieces() {
+        let mut plain: Vec<u8> = (0..10).flat_map(entry_at).collect();
+        let good = plain.len();
+        plain.extend_from_slice(&[0xc1; 64]);
+        plain.extend((0..10).flat_map(entry_at));
+        let pieces = expand(&gzip(&[&plain]), Some("gzip"), good as u64 + 10).unwrap();
+        assert_eq!(pieces.len(), 1);
+        let split = split(&pieces[0], Timekey::utc(60));
+        assert_eq!((split.events, split.invalid), (10, 1));
     }
 }
