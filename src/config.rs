@@ -210,8 +210,11 @@ pub struct ServeArgs {
     pub max_open_chunk_files: Option<usize>,
 
     /// Largest forward request accepted, as received; a larger one closes the connection
-    /// without an ack, as soon as its headers show it is larger (Fluentd's `chunk_size_limit`).
-    #[arg(long, env = "CLAIMCHECK_CHUNK_SIZE_LIMIT", default_value = "256MiB", value_parser = parse_size)]
+    /// without an ack, as soon as its headers show it is larger (Fluentd's `chunk_size_limit`),
+    /// and its sender resends it until this is raised: keep it above the senders'
+    /// `chunk_limit_size`. The default holds a full 256 MiB chunk (Fluentd's file buffer) with
+    /// its request's framing.
+    #[arg(long, env = "CLAIMCHECK_CHUNK_SIZE_LIMIT", default_value = "257MiB", value_parser = parse_size)]
     pub chunk_size_limit: u64,
 
     /// Forward requests larger than this are logged (Fluentd's `chunk_size_warn_limit`).
@@ -1229,6 +1232,14 @@ mod tests {
         assert_eq!(
             c.buffer.max_open_files, None,
             "derived from the open files limit when the buffer opens"
+        );
+        // A full chunk of Fluentd's file buffer (256 MiB) in a request with the longest tag
+        // accepted and its options.
+        let framing = 1 + 5 + crate::forward::connection::MAX_TAG_BYTES as u64 + 5 + 4096;
+        assert!(c.connection.chunk_size_limit >= (256 << 20) + framing);
+        assert_eq!(
+            c.connection.chunk_size_limit,
+            ConnectionConfig::default().chunk_size_limit
         );
         let c = parse(&["--max-open-chunk-files", "64"]).unwrap();
         assert_eq!(c.buffer.max_open_files, Some(64));

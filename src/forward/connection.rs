@@ -82,7 +82,7 @@ impl Default for ConnectionConfig {
     /// The settings' defaults, as `claimcheck serve` has them.
     fn default() -> Self {
         ConnectionConfig {
-            chunk_size_limit: 256 << 20,
+            chunk_size_limit: 257 << 20,
             chunk_size_warn_limit: None,
             decompression_size_limit: 256 << 20,
             timekey: Timekey::utc(3600),
@@ -118,10 +118,10 @@ type AckFuture =
 /// Why a connection was closed by us.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
-    #[error(
-        "request larger than chunk_size_limit, or before the handshake than a PING ({limit} bytes)"
-    )]
+    #[error("request larger than chunk_size_limit ({limit} bytes)")]
     TooLarge { limit: u64 },
+    #[error("request before the handshake larger than a PING ({PING_SIZE_LIMIT} bytes)")]
+    PingTooLarge,
     #[error("not msgpack: {0}")]
     Garbage(&'static str),
     #[error(transparent)]
@@ -228,7 +228,7 @@ pub async fn serve<S>(
     }
     if let Err(e) = &result {
         let reason = match e {
-            ConnectionError::TooLarge { .. } => Some("too_large"),
+            ConnectionError::TooLarge { .. } | ConnectionError::PingTooLarge => Some("too_large"),
             ConnectionError::Garbage(_) => Some("not_msgpack"),
             ConnectionError::Decompress(_) => Some("decompression"),
             ConnectionError::Buffer(_) | ConnectionError::EarlierCopyFailed => Some("buffer_error"),
@@ -242,6 +242,11 @@ pub async fn serve<S>(
         Err(ConnectionError::Io(e)) => debug!(%peer, cause = %e, "connection ended"),
         Err(e @ (ConnectionError::Buffer(_) | ConnectionError::EarlierCopyFailed)) => {
             error!(%peer, cause = %e, "closing connection; unacknowledged requests will be resent")
+        }
+        // Not a passing fault: the sender resends the same request until the limit is raised.
+        Err(e @ ConnectionError::TooLarge { .. }) => {
+            error!(%peer, cause = %e, "closing connection; the sender will resend this request \
+                   until --chunk-size-limit is raised above its chunk_limit_size")
         }
         Err(e) => warn!(%peer, cause = %e, "closing connection"),
     }
@@ -431,12 +436,15 @@ impl Connection {
     fn next_request(&mut self) -> Result<Option<Bytes>, ConnectionError> {
         // Until the PING is accepted, nothing larger than a PING: a peer that has not
         // authenticated does not get chunk_size_limit of memory held for it.
-        let limit = match self.handshake {
-            Some(_) => PING_SIZE_LIMIT,
-            None => self.config.chunk_size_limit,
+        let (limit, too_large) = match self.handshake {
+            Some(_) => (PING_SIZE_LIMIT, ConnectionError::PingTooLarge),
+            None => {
+                let limit = self.config.chunk_size_limit;
+                (limit, ConnectionError::TooLarge { limit })
+            }
         };
         match self.scanner.advance(&self.read_buf) {
-            Ok(Some(len)) if len as u64 > limit => Err(ConnectionError::TooLarge { limit }),
+            Ok(Some(len)) if len as u64 > limit => Err(too_large),
             Ok(Some(len)) => {
                 self.scanner = ValueScanner::default();
                 self.last_len = len;
@@ -445,7 +453,7 @@ impl Connection {
             Ok(None) => {
                 // The request is at least as long as what is held and what its headers say.
                 if self.read_buf.len().max(self.scanner.wanted()) as u64 > limit {
-                    return Err(ConnectionError::TooLarge { limit });
+                    return Err(too_large);
                 }
                 Ok(None)
             }
