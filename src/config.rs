@@ -222,9 +222,10 @@ pub struct ServeArgs {
     pub chunk_size_warn_limit: Option<u64>,
 
     /// Most decompressed bytes of one gzip or zstd request held at once (Fluentd's
-    /// `decompression_size_limit`). A request that expands beyond it is stored a piece at a
-    /// time, each cut between events, and acked; one event larger than it, or a piece without
-    /// a valid event (a compression bomb), closes the connection without an ack.
+    /// `decompression_size_limit`). A request that expands beyond it is expanded once to check
+    /// it, then stored a piece at a time, each cut between events, and acked. One that would
+    /// fail part way (an event larger than this, a corrupt stream, pieces mostly not valid
+    /// events: a compression bomb) closes the connection without an ack, nothing of it stored.
     #[arg(long, env = "CLAIMCHECK_DECOMPRESSION_SIZE_LIMIT", default_value = "256MiB", value_parser = parse_size)]
     pub decompression_size_limit: u64,
 

@@ -81,7 +81,9 @@ async fn fluentd_packed_forward_text_gzip_and_zstd_with_newline_tokens() {
 
 /// A compressed request that expands beyond `--decompression-size-limit` (a Fluentd
 /// file-buffer chunk of 256 MiB compressed, at scale) is stored a piece at a time and acked,
-/// not refused forever; its resend is acked again without storing it twice.
+/// not refused forever; its resend is acked again without storing it twice. One that would
+/// fail part way (here an event larger than the limit after many pieces) is refused whole,
+/// before any piece is stored: its resends do not pile up copies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_requests_beyond_the_decompression_limit_are_stored_in_pieces() {
     let s = setup(&["--decompression-size-limit", "64KiB"]).await;
@@ -94,6 +96,26 @@ async fn compressed_requests_beyond_the_decompression_limit_are_stored_in_pieces
         "each request is at least ten pieces"
     );
     let gz_request = fluentd_request("fd.big", &gz, n, "gzip", "YmlnLWd6aXAtY2h1bmsh\n");
+
+    let mut doomed = entries("doomed", base, n, false);
+    let mut huge = vec![0x92];
+    huge.extend(pack(&Value::from(base)));
+    huge.extend(pack(&Value::Map(vec![(
+        "pad".into(),
+        "x".repeat(100 << 10).into(),
+    )])));
+    doomed.extend(huge);
+    let doomed = fluentd_request(
+        "fd.doomed",
+        &gzip_members(&doomed, 1),
+        n + 1,
+        "gzip",
+        "ZG9vbWVkLWNodW5rISEh\n",
+    );
+    let mut refused = connect(s.sidecar.port);
+    refused.write_all(&doomed).unwrap();
+    assert!(closed_silently(&mut refused), "refused without an ack");
+
     let mut conn = connect(s.sidecar.port);
     conn.write_all(&gz_request).unwrap();
     expect_ack(&mut conn, b"YmlnLWd6aXAtY2h1bmsh\n");
@@ -118,7 +140,15 @@ async fn compressed_requests_beyond_the_decompression_limit_are_stored_in_pieces
     let m = s.sidecar.metrics().await;
     assert_eq!(m["claimcheck_requests_in_pieces_total"], 2.0);
     assert_eq!(m["claimcheck_duplicate_requests_total"], 1.0);
-    assert_eq!(metric_sum(&m, "claimcheck_requests_refused_total"), 0.0);
+    assert_eq!(
+        m["claimcheck_requests_refused_total{reason=\"decompression\"}"],
+        1.0
+    );
+    assert_eq!(
+        m["claimcheck_events_received_total"],
+        (2 * n) as f64,
+        "nothing of the refused request was stored"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,13 +25,17 @@ use claimcheck::forward::connection::{self, ConnectionConfig, MAX_TAG_BYTES};
 use claimcheck::forward::entries;
 use claimcheck::forward::frame::{self, Request};
 use claimcheck::timekey::Timekey;
+use claimcheck_consumer::body::{self, Compression};
 use claimcheck_consumer::entry::{self, EventTime, ScanError, ValueScanner};
+use std::io::Read;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Decompressed entries are expanded in pieces of at most this (small, so a bomb stays cheap).
 pub const DECOMPRESSION_LIMIT: u64 = 256 << 10;
+/// How much of the pieces [`frame`] compares with one decompression of the same bytes.
+const JOINED_CHECKED: usize = 4 << 20;
 /// Requests larger than this close the connection (`chunk_size_limit`).
 pub const CHUNK_SIZE_LIMIT: u64 = 8 << 10;
 /// Timekey of both the connection and the buffer.
@@ -91,19 +95,33 @@ fn check_request(request: Bytes) {
     if let Some(token) = &message.options.chunk {
         check_ack_encoding(token);
     }
-    let compressed = matches!(message.options.compressed.as_deref(), Some("gzip" | "zstd"));
+    let compression = match message.options.compressed.as_deref() {
+        Some("gzip") => Compression::Gzip,
+        Some("zstd") => Compression::Zstd,
+        _ => Compression::None,
+    };
+    let compressed = compression != Compression::None;
+    let packed = entries::blob_of(message.entries);
     let Ok(mut pieces) = entries::Pieces::new(
-        entries::blob_of(message.entries),
+        packed.clone(),
         message.options.compressed.as_deref(),
         DECOMPRESSION_LIMIT,
     ) else {
         return;
     };
+    // The pieces joined are the start of what one decompression gives (checked on the first
+    // few MiB, which is all a small input expands to unless it is a bomb).
+    let mut joined = Some(Vec::new());
     let tokyo = "Asia/Tokyo".parse().expect("a known zone");
     loop {
         let Ok(blob) = pieces.next_piece() else {
             return;
         };
+        if let Some(j) = joined.as_mut().filter(|j| j.len() < JOINED_CHECKED) {
+            j.extend_from_slice(&blob);
+        } else {
+            joined = None;
+        }
         if compressed {
             assert!(
                 blob.len() as u64 <= DECOMPRESSION_LIMIT,
@@ -129,8 +147,19 @@ fn check_request(request: Bytes) {
             check_split(&blob, timekey);
         }
         if pieces.is_done() {
-            return;
+            break;
         }
+    }
+    if let Some(joined) = joined.filter(|_| compressed) {
+        let whole = body::decoder(compression, &packed[..])
+            .map(|d| {
+                let mut out = Vec::new();
+                // A stream that ends in an error still gave what came before it.
+                let _ = d.take(joined.len() as u64).read_to_end(&mut out);
+                out
+            })
+            .unwrap_or_default();
+        assert_eq!(whole, joined, "pieces differ from one decompression");
     }
 }
 
@@ -269,32 +298,32 @@ pub fn expected(stream: &[u8], config: &ConnectionConfig) -> Expected {
             .is_ok_and(|t| !t.is_empty() && t.len() <= MAX_TAG_BYTES);
         let logs = message.options.fluent_signal.unwrap_or(0) == 0;
         if tag_ok && logs {
-            // Each piece is stored before the next is expanded; a piece that cannot be
-            // expanded, or a whole one without a valid event (a bomb), closes the connection.
-            let Ok(mut pieces) = entries::Pieces::new(
+            // Entries that expand beyond the limit are stored in pieces, all of them or,
+            // when the plan finds a piece that would fail (or a bomb), none: the connection
+            // is closed.
+            let (packed, method) = (
                 entries::blob_of(message.entries),
                 message.options.compressed.as_deref(),
-                config.decompression_size_limit,
-            ) else {
+            );
+            let limit = config.decompression_size_limit;
+            let Ok(mut pieces) = entries::Pieces::new(packed.clone(), method, limit) else {
                 out.closed_for_error = true;
                 return out;
             };
-            loop {
-                let Ok(blob) = pieces.next_piece() else {
-                    out.closed_for_error = true;
-                    return out;
-                };
-                let events = entries::split(&blob, config.timekey).events;
-                if pieces.is_done() {
-                    out.stored_events += events;
-                    break;
-                }
-                if events == 0 {
-                    out.closed_for_error = true;
-                    return out;
-                }
-                out.stored_events += events;
+            let Ok(first) = pieces.next_piece() else {
+                out.closed_for_error = true;
+                return out;
+            };
+            if !pieces.is_done() && entries::plan(packed, method, limit).is_err() {
+                out.closed_for_error = true;
+                return out;
             }
+            let mut events = entries::split(&first, config.timekey).events;
+            while !pieces.is_done() {
+                let piece = pieces.next_piece().expect("the plan expanded every piece");
+                events += entries::split(&piece, config.timekey).events;
+            }
+            out.stored_events += events;
         }
         // Stored, or skipped whole (bad tag, not logs, no valid event): acknowledged either way.
         if let Some(token) = token {

@@ -541,89 +541,88 @@ impl Connection {
             }
             _ => None,
         };
-        let mut pieces = entries::Pieces::new(
-            entries::blob_of(message.entries),
-            message.options.compressed.as_deref(),
-            self.config.decompression_size_limit,
-        )?;
-        let mut received = None;
-        let mut in_pieces = false;
-        loop {
-            let blob = match pieces.is_compressed() {
-                false => pieces.next_piece(),
-                true => {
-                    // Each decompression may hold up to the limit: a few at once, whatever the
-                    // number of connections sending compressed requests.
-                    let _turn = DECOMPRESSIONS
-                        .acquire()
-                        .await
-                        .expect("the semaphore is never closed");
-                    let (back, piece) = tokio::task::spawn_blocking(move || {
-                        let piece = pieces.next_piece();
-                        (pieces, piece)
-                    })
-                    .await
-                    .map_err(|e| ConnectionError::Io(std::io::Error::other(e)))?;
-                    pieces = back;
-                    piece
-                }
-            }?;
-            let last = pieces.is_done();
-            let split = self.prepare(blob).await;
-            if !last && split.events == 0 {
-                // A whole piece without a valid event is not a request too large to hold but
-                // a compression bomb.
-                return Err(entries::DecompressError::TooLarge {
-                    limit: pieces.limit(),
-                }
-                .into());
-            }
-            self.count_skipped(tag.as_ref(), &split);
-            if !split.groups.is_empty() {
-                received.get_or_insert_with(Instant::now);
-                metrics().events_received.inc_by(split.events);
-            }
-            if !last {
-                if !in_pieces {
-                    in_pieces = true;
-                    info!(%peer, %tag, limit = pieces.limit(),
-                          "a request expands beyond decompression_size_limit; storing it a piece at a time");
-                    metrics().requests_in_pieces.inc();
-                }
-                // Every piece is durable before the last, which carries the token, is
-                // appended: a token found on disk after a restart vouches for the whole request.
-                self.appender
-                    .get_or_insert_with(|| self.buffer.appender())
-                    .append_with_token(tag.clone(), split.groups, None, false)
-                    .await
-                    .await?;
-                continue;
-            }
-            if split.groups.is_empty() {
-                self.ack_now(token);
-                return Ok(());
-            }
-            debug!(%peer, %tag, events = split.events, "request");
-            let received = received.unwrap_or_else(Instant::now);
-            // The token goes to disk with the events only if a resend will be looked up.
-            let recorded = ticket.as_ref().and(token.clone()).map(|t| (peer.ip(), t));
-            // Bytes of the next request already read: the sender has more on its way, and
-            // this request waits for the writer, to be synced with what follows.
-            let more_coming = !self.read_buf.is_empty();
-            let durable = self
-                .appender
-                .get_or_insert_with(|| self.buffer.appender())
-                .append_with_token(tag, split.groups, recorded, more_coming)
-                .await;
-            self.queue(Box::pin(async move {
-                let result = durable.await;
-                if let Some(ticket) = ticket {
-                    ticket.finish(result.is_ok());
-                }
-                (token, received, result.map_err(ConnectionError::from))
-            }));
+        let packed = entries::blob_of(message.entries);
+        let method = message.options.compressed.clone();
+        let limit = self.config.decompression_size_limit;
+        let pieces = entries::Pieces::new(packed.clone(), method.as_deref(), limit)?;
+        let (pieces, first) = next_piece(pieces).await?;
+        let received = Instant::now();
+        let split = if pieces.is_done() {
+            let split = self.prepare(first).await;
+            self.count_skipped(&tag, &split);
+            split
+        } else {
+            drop(first);
+            let plan = {
+                let (packed, method) = (packed.clone(), method.clone());
+                decompressing(move || entries::plan(packed, method.as_deref(), limit)).await??
+            };
+            info!(%peer, %tag, limit,
+                  "a request expands beyond decompression_size_limit; storing it a piece at a time");
+            metrics().requests_in_pieces.inc();
+            let pieces = entries::Pieces::new(packed, method.as_deref(), limit)?;
+            self.store_all_but_the_last(&tag, pieces, plan).await?
+        };
+        if split.groups.is_empty() {
+            self.ack_now(token);
             return Ok(());
         }
+        debug!(%peer, %tag, events = split.events, "request");
+        metrics().events_received.inc_by(split.events);
+        // The token goes to disk with the events only if a resend will be looked up.
+        let recorded = ticket.as_ref().and(token.clone()).map(|t| (peer.ip(), t));
+        // Bytes of the next request already read: the sender has more on its way, and this
+        // request waits for the writer, to be synced with what follows.
+        let more_coming = !self.read_buf.is_empty();
+        let durable = self
+            .appender
+            .get_or_insert_with(|| self.buffer.appender())
+            .append_with_token(tag, split.groups, recorded, more_coming)
+            .await;
+        self.queue(Box::pin(async move {
+            let result = durable.await;
+            if let Some(ticket) = ticket {
+                ticket.finish(result.is_ok());
+            }
+            (token, received, result.map_err(ConnectionError::from))
+        }));
+        Ok(())
+    }
+
+    /// Stores the pieces of a request that expands beyond the limit, as `plan` found them,
+    /// each durable before the next is expanded, but for the last one with events: its split
+    /// is returned, to be appended with the request's token, so that the ack, and the token
+    /// found on disk after a restart, vouch for the whole request.
+    async fn store_all_but_the_last(
+        &mut self,
+        tag: &Arc<str>,
+        mut pieces: entries::Pieces,
+        plan: entries::Plan,
+    ) -> Result<entries::Split, ConnectionError> {
+        let mut last = entries::Split::default();
+        for i in 0.. {
+            let (rest, piece) = next_piece(pieces).await?;
+            pieces = rest;
+            let split = self.prepare(piece).await;
+            self.count_skipped(tag, &split);
+            match Some(i).cmp(&plan.last_with_events) {
+                std::cmp::Ordering::Less if !split.groups.is_empty() => {
+                    metrics().events_received.inc_by(split.events);
+                    self.appender
+                        .get_or_insert_with(|| self.buffer.appender())
+                        .append_with_token(tag.clone(), split.groups, None, false)
+                        .await
+                        .await?;
+                }
+                std::cmp::Ordering::Equal => last = split,
+                // Nothing valid to store: only counted as skipped.
+                _ => {}
+            }
+            if pieces.is_done() {
+                break;
+            }
+        }
+        Ok(last)
     }
 
     /// A piece of a request's entries made ready to append: the sender's keys set, times of
@@ -694,6 +693,36 @@ impl Connection {
         self.pending.push_back(answer);
         self.queued += 1;
     }
+}
+
+/// The next piece of a request's entries; decompressing it runs on a blocking thread.
+async fn next_piece(
+    mut pieces: entries::Pieces,
+) -> Result<(entries::Pieces, Bytes), ConnectionError> {
+    if !pieces.is_compressed() {
+        let piece = pieces.next_piece()?;
+        return Ok((pieces, piece));
+    }
+    let (pieces, piece) = decompressing(move || {
+        let piece = pieces.next_piece();
+        (pieces, piece)
+    })
+    .await?;
+    Ok((pieces, piece?))
+}
+
+/// Runs a decompression on a blocking thread. Each may hold up to the limit: a few at once,
+/// whatever the number of connections sending compressed requests.
+async fn decompressing<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ConnectionError> {
+    let _turn = DECOMPRESSIONS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ConnectionError::Io(std::io::Error::other(e)))
 }
 
 /// The time now, as an event time.

@@ -43,8 +43,10 @@ impl Split {
 /// Why a request's entries could not be expanded. The connection is closed without an ack.
 #[derive(Debug, thiserror::Error)]
 pub enum DecompressError {
-    #[error("{limit} bytes of decompressed entries (decompression_size_limit) without one whole valid event")]
-    TooLarge { limit: u64 },
+    #[error("an entry larger than decompression_size_limit ({limit} bytes)")]
+    EntryTooLarge { limit: u64 },
+    #[error("decompressed entries beyond decompression_size_limit ({limit} bytes) that are mostly not valid events: a compression bomb")]
+    Bomb { limit: u64 },
     #[error("cannot decompress {method} entries: {source}")]
     Corrupt {
         method: &'static str,
@@ -58,8 +60,8 @@ pub enum DecompressError {
 /// A piece holds at most `limit` bytes and ends where an entry ends, so that a request that
 /// expands beyond the limit (a Fluentd file-buffer chunk of 256 MiB compressed, say) is stored
 /// in several appends, never holding more than the limit in memory. Only a single entry larger
-/// than the limit cannot be cut ([`DecompressError::TooLarge`]); so cannot a piece with no
-/// valid event in it (a compression bomb), which the caller refuses.
+/// than the limit cannot be cut ([`DecompressError::EntryTooLarge`]). [`plan`] expands them
+/// once before anything is stored, so that a request is refused whole or stored whole.
 pub struct Pieces {
     source: Source,
     limit: usize,
@@ -97,7 +99,10 @@ impl Pieces {
             },
             _ => Source::Plain(Some(blob)),
         };
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX).max(1);
+        // One byte beyond the limit is read, to tell whether there is more.
+        let limit = usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .clamp(1, usize::MAX - 1);
         Ok(Pieces {
             room: (blob_len.saturating_mul(4)).min(limit),
             source,
@@ -137,14 +142,10 @@ impl Pieces {
         };
         // One byte beyond the limit tells whether there is more.
         let mut out = std::mem::take(&mut self.carry);
-        let wanted = (self.limit + 1).saturating_sub(out.len());
-        out.reserve(self.room.min(wanted));
+        read_at_most(decoder, &mut out, self.limit + 1, self.room)
+            .map_err(|source| DecompressError::Corrupt { method, source })?;
         // Beyond the first piece the rest is known to be large.
         self.room = self.limit + 1;
-        decoder
-            .take(wanted as u64)
-            .read_to_end(&mut out)
-            .map_err(|source| DecompressError::Corrupt { method, source })?;
         if out.len() <= self.limit {
             self.done = true;
             return Ok(Bytes::from(out));
@@ -154,7 +155,7 @@ impl Pieces {
             match entry::value_len(&out[end..self.limit]) {
                 Ok(len) => end += len,
                 Err(ScanError::Incomplete) if end == 0 => {
-                    return Err(DecompressError::TooLarge {
+                    return Err(DecompressError::EntryTooLarge {
                         limit: self.limit as u64,
                     })
                 }
@@ -172,6 +173,83 @@ impl Pieces {
         out.truncate(end);
         Ok(Bytes::from(out))
     }
+}
+
+/// Reads until `out` holds `max` bytes or the reader ends, growing `out` by doubling from
+/// `room` (the first guess) but never beyond `max`: a piece's buffer is never twice its size.
+fn read_at_most(
+    reader: &mut dyn Read,
+    out: &mut Vec<u8>,
+    max: usize,
+    room: usize,
+) -> std::io::Result<()> {
+    out.reserve_exact(room.max(1).min(max).saturating_sub(out.len()));
+    while out.len() < max {
+        if out.len() == out.capacity() {
+            out.reserve_exact(out.capacity().max(64 << 10).min(max - out.len()));
+        }
+        let spare = (out.capacity() - out.len()).min(max - out.len());
+        if reader.take(spare as u64).read_to_end(out)? == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// How a request whose entries expand beyond the limit is stored, found by expanding them
+/// once without keeping them, before any piece is stored: a request that would fail part way
+/// (an entry larger than the limit, a corrupt or cut stream, a bomb) is refused whole, never
+/// half stored and then resent forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// The last piece with a valid event: it carries the request's token. Pieces after it
+    /// (invalid entries only) are not stored.
+    pub last_with_events: Option<usize>,
+}
+
+/// Expands the entries in pieces, as [`Pieces`] does, and checks them: every piece but the
+/// last must be at least half valid events, by bytes, else the request is a bomb (mostly
+/// filler that expands for a long time).
+pub fn plan(blob: Bytes, method: Option<&str>, limit: u64) -> Result<Plan, DecompressError> {
+    let mut pieces = Pieces::new(blob, method, limit)?;
+    let mut plan = Plan {
+        last_with_events: None,
+    };
+    for i in 0.. {
+        let piece = pieces.next_piece()?;
+        let valid = valid_bytes(&piece);
+        if !pieces.is_done() && valid * 2 < piece.len() {
+            return Err(DecompressError::Bomb {
+                limit: pieces.limit(),
+            });
+        }
+        if valid > 0 {
+            plan.last_with_events = Some(i);
+        }
+        if pieces.is_done() {
+            break;
+        }
+    }
+    Ok(plan)
+}
+
+/// Bytes of the valid entries of a blob, valid as [`split`] takes them.
+fn valid_bytes(blob: &[u8]) -> usize {
+    let (mut pos, mut valid) = (0, 0);
+    while pos < blob.len() {
+        match entry::scan_entry_within(&blob[pos..], claimcheck_consumer::MAX_NESTING) {
+            Ok(info) => {
+                valid += info.len;
+                pos += info.len;
+            }
+            Err(ScanError::Invalid(_)) => match entry::value_len(&blob[pos..]) {
+                Ok(len) => pos += len,
+                Err(_) => break,
+            },
+            Err(ScanError::Incomplete) => break,
+        }
+    }
+    valid
 }
 
 /// Validates the entries of a blob and groups them by timekey window.
@@ -598,8 +676,76 @@ mod tests {
         }
         assert!(matches!(
             expand(&gzip(&[&plain]), Some("gzip"), one as u64 - 1),
-            Err(DecompressError::TooLarge { .. })
+            Err(DecompressError::EntryTooLarge { .. })
         ));
+    }
+
+    fn plan_of(plain: &[u8], limit: u64) -> Result<Plan, DecompressError> {
+        plan(Bytes::from(gzip(&[plain])), Some("gzip"), limit)
+    }
+
+    /// Before any piece is stored: where the token goes, and what would fail part way.
+    #[test]
+    fn a_plan_refuses_whole_what_would_fail_part_way() {
+        let one = entry_at(7).len();
+        let plain: Vec<u8> = (0..100).flat_map(entry_at).collect();
+        let limit = 10 * one as u64;
+        assert_eq!(
+            plan_of(&plain, limit).unwrap(),
+            Plan {
+                last_with_events: Some(9)
+            }
+        );
+        // A last piece of invalid entries only: the token goes with the last valid piece.
+        let tail = [&plain[..], &[0x90; 64][..]].concat();
+        assert_eq!(plan_of(&tail, limit).unwrap().last_with_events, Some(9));
+        // An entry larger than the limit after some pieces, a cut stream, pieces mostly filler
+        // among a few events, or no events at all: refused whole.
+        assert!(matches!(
+            plan_of(
+                &[
+                    &plain[..],
+                    &[0x92, 0x01, 0xc6, 0, 0, 4, 0],
+                    &[0u8; 1024][..]
+                ]
+                .concat(),
+                limit
+            ),
+            Err(DecompressError::EntryTooLarge { .. })
+        ));
+        let gz = gzip(&[&plain]);
+        assert!(matches!(
+            plan(
+                Bytes::copy_from_slice(&gz[..gz.len() - 4]),
+                Some("gzip"),
+                limit
+            ),
+            Err(DecompressError::Corrupt { .. })
+        ));
+        let filler = [&entry_at(1)[..], &[0xc0; 600][..]].concat().repeat(10);
+        assert!(matches!(
+            plan_of(&filler, limit),
+            Err(DecompressError::Bomb { .. })
+        ));
+        assert!(matches!(
+            plan_of(&vec![0; 1 << 20], limit),
+            Err(DecompressError::Bomb { .. })
+        ));
+    }
+
+    /// A piece's buffer grows to the limit and one byte, never to twice the limit.
+    #[test]
+    fn reading_a_piece_never_doubles_past_it() {
+        let data = vec![7u8; 1 << 20];
+        for room in [1, 1000, 100_000, (1 << 20) + 1] {
+            let mut out = Vec::new();
+            read_at_most(&mut &data[..], &mut out, (1 << 20) - 5, room).unwrap();
+            assert_eq!(out.len(), (1 << 20) - 5);
+            assert!(out.capacity() <= 1 << 20, "room {room}: {}", out.capacity());
+        }
+        let mut out = Vec::new();
+        read_at_most(&mut &data[..10], &mut out, 100, 4).unwrap();
+        assert_eq!(out.len(), 10);
     }
 
     /// Bytes that are not msgpack end the expansion: the piece keeps them, for the split to
