@@ -24,7 +24,7 @@ use crate::buffer::{chunk, UploadedChunk};
 use crate::key_template::{KeyTemplate, KeyValues};
 use crate::metrics::{metrics, Code};
 use crate::outage::{Failure, Stage};
-use crate::retry::{Attempts, Retried, RetryPolicy, RetryStep};
+use crate::retry::{Attempts, Backoff, Retried, RetryPolicy, RetryStep};
 
 pub use crate::backends::{EntryResult, PointerRecord, PointerSink};
 
@@ -175,7 +175,7 @@ pub async fn run<P: PointerSink>(
         }
         later.into_iter().for_each(wait);
         if !batch.is_empty() {
-            publish(&*sink, &registry, batch, &retry).await;
+            publish(&*sink, &registry, batch, &retry, config.retry.backoff).await;
         }
     }
 }
@@ -246,9 +246,10 @@ async fn load_bodies(jobs: Vec<Job>, retry: &RetryStep<Job>) -> Vec<Job> {
 
 async fn publish<P: PointerSink>(
     sink: &P,
-    registry: &Registry,
+    registry: &Arc<Registry>,
     batch: Vec<Job>,
     retry: &RetryStep<Job>,
+    backoff: Backoff,
 ) {
     let records: Vec<PointerRecord> = batch
         .iter()
@@ -311,37 +312,73 @@ async fn publish<P: PointerSink>(
     registry
         .outage(Stage::Publish)
         .succeeded(published.len() as u64);
-    let tokens = registry.tokens().cloned();
+    let (kept, journaled) = retire(registry, published, false).await;
+    if !kept.is_empty() {
+        // Accepted already: what is left is to delete them, tried again on the retry
+        // policy's backoff without holding up the next batches.
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let (mut kept, mut journaled) = (kept, journaled);
+            for attempt in 1.. {
+                tokio::time::sleep(backoff.delay(attempt)).await;
+                (kept, journaled) = retire(&registry, kept, journaled).await;
+                if kept.is_empty() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Deletes published chunks, their tokens journaled first (unless `journaled` says they are
+/// already), and forgets them; returns those still there, to be deleted later (a restart in
+/// between publishes them again: a duplicate pointer, which consumers drop, not a loss), and
+/// whether their tokens are journaled. Journaling a chunk's tokens once only matters: the
+/// window counts a request's parts by their records.
+async fn retire(
+    registry: &Registry,
+    chunks: Vec<UploadedChunk>,
+    journaled: bool,
+) -> (Vec<UploadedChunk>, bool) {
+    let tokens = registry.tokens().cloned().filter(|_| !journaled);
     let spares = registry.spares().clone();
-    let removed = tokio::task::spawn_blocking(move || {
+    let retired = tokio::task::spawn_blocking(move || {
         // Their tokens go to the journal first: once the files are gone, it is what recognises
         // a resend of their requests for the rest of the window.
         if let Some(tokens) = tokens {
-            let paths: Vec<_> = published.iter().map(|c| &c.paths).collect();
+            let paths: Vec<_> = chunks.iter().map(|c| &c.paths).collect();
             if let Err(e) = tokens.retire(&paths) {
                 error!(chunks = paths.len(), cause = %e,
-                       "cannot journal the tokens of published chunks; keeping them until the next start");
-                return Vec::new();
+                       "cannot journal the tokens of published chunks; keeping them, to try again");
+                return (Vec::new(), chunks, false);
             }
         }
-        published
-            .into_iter()
-            .filter_map(|chunk| match spares.retire(&chunk.paths) {
-                Ok(()) => Some(chunk.pointer.chunk_id),
+        let mut removed = Vec::new();
+        let mut kept = Vec::new();
+        for chunk in chunks {
+            match spares.retire(&chunk.paths) {
+                Ok(()) => removed.push(chunk.pointer.chunk_id),
                 Err(e) => {
-                    // The next start sees the chunk and publishes it again: a duplicate, not a loss.
-                    error!(path = %chunk.paths.data.display(), cause = %e, "cannot delete a published chunk");
-                    None
+                    error!(path = %chunk.paths.data.display(), cause = %e,
+                           "cannot delete a published chunk; will try again");
+                    kept.push(chunk);
                 }
-            })
-            .collect::<Vec<_>>()
+            }
+        }
+        (removed, kept, true)
     })
     .await;
-    match removed {
-        Ok(ids) => ids.iter().for_each(|id| {
-            registry.remove(id);
-        }),
-        Err(e) => error!(cause = %e, "deleting published chunks failed"),
+    match retired {
+        Ok((removed, kept, journaled)) => {
+            removed.iter().for_each(|id| {
+                registry.remove(id);
+            });
+            (kept, journaled)
+        }
+        Err(e) => {
+            error!(cause = %e, "deleting published chunks failed; the next start publishes them again");
+            (Vec::new(), journaled)
+        }
     }
 }
 

@@ -72,6 +72,9 @@ struct Journal {
     /// Makes the next rewrite fail just after its rename (tests only).
     #[cfg(test)]
     fail_after_rename: bool,
+    /// Errors the next appends fail with, last first (tests only).
+    #[cfg(test)]
+    fail_appends: Vec<io::ErrorKind>,
 }
 
 /// One frame of the journal file: one append, the records of the chunks delivered together.
@@ -101,6 +104,8 @@ impl Journal {
             len: 0,
             #[cfg(test)]
             fail_after_rename: false,
+            #[cfg(test)]
+            fail_appends: Vec::new(),
         };
         let live = journal.read_live(now_ms)?;
         if let Err(e) = journal.write(&live) {
@@ -175,9 +180,19 @@ impl Journal {
             });
         }
         let tmp = self.path.with_extension("journal.tmp");
-        let mut file = File::create(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
+        let written = File::create(&tmp).and_then(|mut file| {
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            Ok(file)
+        });
+        let file = match written {
+            Ok(file) => file,
+            Err(e) => {
+                // Not left to take the room of a full disk.
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         self.file = None;
         fs::rename(&tmp, &self.path)?;
         #[cfg(test)]
@@ -202,6 +217,10 @@ impl Journal {
 
     /// Appends `records`, expiring at `expires`, and fsyncs them.
     fn append(&mut self, expires: i64, records: &[TokenRecord], now_ms: i64) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(kind) = self.fail_appends.pop() {
+            return Err(kind.into());
+        }
         if self.file.is_none() {
             // The last append failed: whatever part of its frame made it is a torn tail, which
             // would end the journal on the next start before anything appended after it.
@@ -337,6 +356,11 @@ impl Tokens {
     /// expiry `dedup_window` from now, and restarts their window in memory. The chunks may be
     /// deleted only if this succeeds (it fails only if the journal cannot be written; a chunk
     /// whose token frames cannot be read is logged and its tokens left out).
+    ///
+    /// When the disk is full the records are kept in memory only and this succeeds: deleting
+    /// delivered chunks is what frees the disk, and a journal that waits for space would keep
+    /// them, and every sender's acks, stalled for good. A resend of their requests after a
+    /// restart within the window is then stored again.
     pub fn retire(&self, chunks: &[&ChunkPaths]) -> io::Result<()> {
         let mut records = Vec::new();
         for paths in chunks {
@@ -353,13 +377,26 @@ impl Tokens {
         }
         let now = now_ms();
         let expires = now.saturating_add(self.window.as_millis() as i64);
-        self.journal
+        let journaled = self
+            .journal
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .append(expires, &records, now)?;
+            .append(expires, &records, now);
+        if let Err(e) = journaled {
+            return_or_full(e, &records)?;
+        }
         self.dedup
             .touch(records.iter().map(|r| (r.sender, &r.token[..])));
         Ok(())
+    }
+
+    /// Makes the next appends to the journal fail with these errors, last first (tests only).
+    #[cfg(test)]
+    pub fn fail_appends(&self, kinds: Vec<io::ErrorKind>) {
+        self.journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fail_appends = kinds;
     }
 
     /// Records in the journal now (expired ones are dropped on each append).
@@ -369,6 +406,17 @@ impl Tokens {
             .unwrap_or_else(|e| e.into_inner())
             .live_records()
     }
+}
+
+/// A failed journal append: returned, unless the disk is full ([`Tokens::retire`]).
+fn return_or_full(e: io::Error, records: &[TokenRecord]) -> io::Result<()> {
+    if !super::writer::is_disk_full(&e) {
+        return Err(e);
+    }
+    error!(tokens = records.len(), cause = %e,
+           "the disk is full: deleting delivered chunks with their tokens in memory only; \
+            a resend of their requests after a restart within the window will be stored again");
+    Ok(())
 }
 
 /// Reads the whole journal file, for tests.
@@ -471,6 +519,32 @@ mod tests {
         let dedup = Dedup::new(window, 1000);
         Tokens::open(dir.path(), dedup.clone(), Vec::new()).unwrap();
         assert!(stored(&dedup, "whole"));
+    }
+
+    /// A full disk does not keep delivered chunks: their tokens stay in memory only. Any other
+    /// failure to journal them does.
+    #[test]
+    fn a_full_disk_keeps_the_tokens_of_delivered_chunks_in_memory_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = dir.path().join("chunks");
+        fs::create_dir_all(&chunks).unwrap();
+        let dedup = Dedup::new(Duration::from_secs(600), 1000);
+        let tokens = Tokens::open(dir.path(), dedup.clone(), Vec::new()).unwrap();
+        let paths = ChunkPaths::new(&chunks, "a");
+        let mut w = chunk::ChunkWriter::create(&paths.data, &test_header()).unwrap();
+        let mut recs = Vec::new();
+        record("full", 1, 1).encode(&mut recs);
+        w.append(&[test_entry()], &recs).unwrap();
+        w.sync().unwrap();
+        // Stored: in the window from then on.
+        dedup.remember("10.0.0.1".parse().unwrap(), b"full", Duration::ZERO);
+
+        tokens.fail_appends(vec![io::ErrorKind::Other]);
+        assert!(tokens.retire(&[&paths]).is_err());
+        tokens.fail_appends(vec![io::ErrorKind::StorageFull]);
+        tokens.retire(&[&paths]).unwrap();
+        assert_eq!(tokens.journaled(), 0);
+        assert!(stored(&dedup, "full"));
     }
 
     #[test]

@@ -372,6 +372,68 @@ async fn batches_respect_the_record_limit() {
     assert_eq!(sizes, vec![500, 500, 100]);
 }
 
+/// A published chunk whose files cannot be deleted (here the place its data file is renamed to,
+/// as a spare, is taken by a directory) is deleted later, not kept until the next start: its
+/// bytes would count toward the buffer's limit, which nothing else frees. Its token is
+/// journaled once, however many tries the deletion takes.
+#[tokio::test]
+async fn a_published_chunk_that_cannot_be_deleted_yet_is_deleted_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let dedup = crate::dedup::Dedup::new(Duration::from_secs(600), 100);
+    let tokens =
+        Arc::new(crate::buffer::tokens::Tokens::open(dir.path(), dedup, Vec::new()).unwrap());
+    registry.set_tokens(tokens.clone());
+    let sink = Arc::new(FakeSink::default());
+    let chunk = uploaded(dir.path(), &registry, 4);
+    // A chunk file holding one request's token.
+    std::fs::remove_file(&chunk.paths.data).unwrap();
+    let mut w = chunk::ChunkWriter::create(&chunk.paths.data, &chunk.header).unwrap();
+    let mut record = Vec::new();
+    crate::buffer::token_record::TokenRecord {
+        sender: "10.0.0.1".parse().unwrap(),
+        token: Bytes::from_static(b"dG9rZW4=\n"),
+        request: 1,
+        parts: 1,
+    }
+    .encode(&mut record);
+    let mut entry = vec![0x92];
+    claimcheck_consumer::entry::encode::event_time(&mut entry, EventTime::new(1, 0));
+    entry.extend_from_slice(&[0x80]);
+    w.append(&[Bytes::from(entry)], &record).unwrap();
+    w.sync().unwrap();
+    let spare = chunk.paths.data.with_extension(chunk::SPARE_EXT);
+    std::fs::create_dir_all(spare.join("in-the-way")).unwrap();
+    let task = start(
+        &sink,
+        config(dir.path()),
+        &registry,
+        std::slice::from_ref(&chunk),
+    );
+    wait_until("the pointer is published", || {
+        sink.calls.lock().unwrap().len() == 1
+    })
+    .await;
+    // Tried again and again while its data file cannot go.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(chunk.paths.data.exists());
+    assert_eq!(
+        registry.snapshot().len(),
+        1,
+        "not forgotten while its files are there"
+    );
+    std::fs::remove_dir_all(&spare).unwrap();
+    wait_until("the chunk is forgotten", || registry.snapshot().is_empty()).await;
+    task.abort();
+    assert_eq!(sink.calls.lock().unwrap().len(), 1, "published once");
+    assert_eq!(registry.usage(), 0);
+    assert_eq!(
+        tokens.journaled(),
+        1,
+        "its token journaled once: the window counts a request's parts by their records"
+    );
+}
+
 #[tokio::test]
 async fn a_pointer_that_exhausts_its_budget_moves_to_dead_letters() {
     let dir = tempfile::tempdir().unwrap();
