@@ -100,6 +100,14 @@ impl Sidecar {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        // Settings no start-up check can try: only a chunk with a long tag would fail.
+        for problem in self
+            .config
+            .uploader
+            .limits_exceeded(forward::connection::MAX_TAG_BYTES)
+        {
+            warn!("{problem}");
+        }
         match self.config.aws.check_on_start {
             CheckOnStart::Off => {}
             CheckOnStart::Fail => {

@@ -60,6 +60,12 @@ pub fn remedy(kinesis: bool, code: &str, message: &str) -> Option<&'static str> 
         (false, "InvalidArgument") => {
             "--s3-sse / --s3-sse-kms-key-id / --s3-acl / --s3-object-tags / --s3-metadata: S3 refused one of the object settings"
         }
+        (false, "KeyTooLongError") => {
+            "--s3-prefix / --s3-object-key-format: the object key is over S3's 1,024 bytes (a long tag in ${tag})"
+        }
+        (false, "MetadataTooLarge") => {
+            "--s3-metadata: the object's user metadata is over S3's 2 KB (a long tag in ${tag})"
+        }
         (false, "AccessControlListNotSupported") => {
             "--s3-acl: the bucket has ACLs disabled (BucketOwnerEnforced); remove --s3-acl"
         }
@@ -226,6 +232,8 @@ mod tests {
             "PermanentRedirect",
             "AccessControlListNotSupported",
             "InvalidStorageClass",
+            "KeyTooLongError",
+            "MetadataTooLarge",
             "KMSOptInRequired",
             "ValidationException",
         ] {

@@ -77,6 +77,45 @@ impl UploaderConfig {
     }
 }
 
+/// S3's longest object key, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// S3's most user metadata (`x-amz-meta-*` names and values), in bytes.
+pub const MAX_METADATA_BYTES: usize = 2048;
+/// The name of the user metadata that holds the chunk id.
+pub const CHUNK_ID_METADATA: &str = "claimcheck-chunk-id";
+
+impl UploaderConfig {
+    /// What a chunk whose tag is `longest_tag` bytes would exceed of S3's limits, with the
+    /// settings that make it so: its upload would fail on every try, whatever the retries.
+    pub fn limits_exceeded(&self, longest_tag: usize) -> Vec<String> {
+        let meta = self.object_meta(&"x".repeat(longest_tag), &"0".repeat(32), 0);
+        let mut out = Vec::new();
+        if meta.key.len() > MAX_KEY_BYTES {
+            out.push(format!(
+                "with a tag of {longest_tag} bytes (the longest accepted) an object key is {} \
+                 bytes, over S3's {MAX_KEY_BYTES}: shorten --s3-prefix or \
+                 --s3-object-key-format (${{tag[N]}} takes one part of the tag)",
+                meta.key.len()
+            ));
+        }
+        let metadata = CHUNK_ID_METADATA.len()
+            + meta.chunk_id.len()
+            + meta
+                .metadata
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if metadata > MAX_METADATA_BYTES {
+            out.push(format!(
+                "with a tag of {longest_tag} bytes (the longest accepted) an object's user \
+                 metadata is {metadata} bytes, over S3's {MAX_METADATA_BYTES}: shorten \
+                 --s3-metadata"
+            ));
+        }
+        out
+    }
+}
+
 /// A tag value S3 takes whatever the chunk's tag holds (a rendered `${tag}`): at most 256
 /// characters, of letters, digits, spaces and `+ - = . _ : / @` (others become `_`). A value
 /// S3 refuses would fail every upload of the chunk.

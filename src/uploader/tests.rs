@@ -387,6 +387,32 @@ fn tag_values_of_any_chunk_make_valid_metadata_and_object_tags() {
     assert_eq!(meta.tagging.as_deref(), Some("source=app.web"));
 }
 
+/// Settings that only a long tag makes too long for S3 are found at start, not after days of
+/// retries of that tag's chunks.
+#[test]
+fn settings_a_long_tag_makes_too_long_for_s3_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = |t: &str| KeyTemplate::parse(t, "host-1").unwrap();
+    let mut cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
+    cfg.prefix = "logs".into();
+    cfg.key_template = template("${tag}/%Y/%m/%d/%H/${chunk_id}.%{file_extension}");
+    cfg.object_metadata = vec![("source".into(), template("${tag}"))];
+    assert_eq!(cfg.limits_exceeded(512), Vec::<String>::new());
+
+    cfg.key_template = template("${tag}/%Y/${tag}-${chunk_id}");
+    cfg.object_metadata = (0..4)
+        .map(|i| (format!("m{i}"), template("${tag}")))
+        .collect();
+    let problems = cfg.limits_exceeded(512);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(
+        problems[0].contains("--s3-object-key-format"),
+        "{problems:?}"
+    );
+    assert!(problems[1].contains("--s3-metadata"), "{problems:?}");
+    assert_eq!(cfg.limits_exceeded(100), Vec::<String>::new());
+}
+
 #[tokio::test]
 async fn failed_uploads_are_retried_at_the_same_key_with_the_same_bytes() {
     let dir = tempfile::tempdir().unwrap();
