@@ -23,6 +23,9 @@ pub struct BackendError {
 /// S3 requires every part but the last to be at least 5 MiB.
 pub const MIN_PART_SIZE: u64 = 5 << 20;
 
+/// The name of the user metadata (`x-amz-meta-*`) that holds an object's chunk id.
+pub const CHUNK_ID_METADATA: &str = "claimcheck-chunk-id";
+
 /// What is stored, besides the bytes.
 #[derive(Debug, Clone)]
 pub struct ObjectMeta {

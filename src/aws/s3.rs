@@ -37,7 +37,7 @@ macro_rules! with_object_settings {
         let mut request = $request
             .content_type(meta.content_type)
             .set_content_encoding(meta.content_encoding.map(str::to_string))
-            .metadata(crate::uploader::config::CHUNK_ID_METADATA, &meta.chunk_id)
+            .metadata(crate::backends::CHUNK_ID_METADATA, &meta.chunk_id)
             .set_server_side_encryption(o.sse.clone())
             .set_ssekms_key_id(o.kms_key_id.clone())
             .set_storage_class(o.storage_class.clone())

@@ -211,6 +211,14 @@ impl ChunkPaths {
     }
 }
 
+/// True for errors that mean "no space": the write can succeed later.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge
+    )
+}
+
 /// Data files of delivered chunks, kept (renamed `<id>.free`) for new chunks to overwrite rather
 /// than deleted: overwriting blocks a file already has saves the file system the block
 /// allocation and the size change, so an `fdatasync` writes the data alone, and the page cache

@@ -410,7 +410,7 @@ impl Tokens {
 
 /// A failed journal append: returned, unless the disk is full ([`Tokens::retire`]).
 fn return_or_full(e: io::Error, records: &[TokenRecord]) -> io::Result<()> {
-    if !super::writer::is_disk_full(&e) {
+    if !chunk::is_disk_full(&e) {
         return Err(e);
     }
     error!(tokens = records.len(), cause = %e,

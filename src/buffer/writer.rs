@@ -187,14 +187,6 @@ pub fn default_max_open_files() -> usize {
     (limit.min(1 << 20) / 2).max(1) as usize
 }
 
-/// True for errors that mean "no space": the write can succeed later.
-pub fn is_disk_full(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge
-    )
-}
-
 fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1413,7 +1405,7 @@ fn write_pending(
             registry.grow(&chunk.header.chunk_id, grown, stats.records);
             pieces.iter().map(|p| p.waiter).collect()
         }
-        Err(e) if is_disk_full(&e) && chunk.writer.valid_len() == frame_at => {
+        Err(e) if chunk::is_disk_full(&e) && chunk.writer.valid_len() == frame_at => {
             // Cut back to its last whole frame: hold the pieces and try again later.
             if grown != 0 {
                 registry.grow(&chunk.header.chunk_id, grown, 0);

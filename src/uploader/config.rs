@@ -81,8 +81,6 @@ impl UploaderConfig {
 pub const MAX_KEY_BYTES: usize = 1024;
 /// S3's most user metadata (`x-amz-meta-*` names and values), in bytes.
 pub const MAX_METADATA_BYTES: usize = 2048;
-/// The name of the user metadata that holds the chunk id.
-pub const CHUNK_ID_METADATA: &str = "claimcheck-chunk-id";
 
 impl UploaderConfig {
     /// What a chunk whose tag is `longest_tag` bytes would exceed of S3's limits, with the
@@ -98,7 +96,7 @@ impl UploaderConfig {
                 meta.key.len()
             ));
         }
-        let metadata = CHUNK_ID_METADATA.len()
+        let metadata = crate::backends::CHUNK_ID_METADATA.len()
             + meta.chunk_id.len()
             + meta
                 .metadata
