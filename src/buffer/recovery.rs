@@ -232,6 +232,11 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
                         paths,
                     )?;
                 }
+                // A read that failed, not bytes found wrong: the file may read well next time,
+                // and quarantine would take its acknowledged events out of delivery for good.
+                Err(chunk::ReadError::Io(e)) if e.kind() != io::ErrorKind::UnexpectedEof => {
+                    error!(chunk_id = %id, cause = %e, "cannot read a chunk data file; it stays in the buffer as it is until the next start");
+                }
                 Err(e) => {
                     error!(chunk_id = %id, cause = %e, "chunk data file is unreadable; moving it to quarantine");
                     out.quarantined.push(quarantine(

@@ -325,6 +325,35 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
     assert!(!chunks.join("x.state.tmp").exists());
 }
 
+/// A data file that cannot be read (an I/O error, here a directory where the file should be)
+/// stays where it is, for the next start, rather than going to quarantine with its
+/// acknowledged events; one whose bytes are wrong goes to quarantine.
+#[test]
+fn an_unreadable_data_file_stays_for_the_next_start_and_a_damaged_one_goes_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = dir.path().join("chunks");
+    std::fs::create_dir_all(&chunks).unwrap();
+    let unreadable = chunks.join(format!("{}.chunk", "5".repeat(32)));
+    std::fs::create_dir_all(&unreadable).unwrap();
+    let damaged = chunks.join(format!("{}.chunk", "6".repeat(32)));
+    std::fs::write(
+        &damaged,
+        b"not a chunk file at all, but long enough to read",
+    )
+    .unwrap();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let (_buffer, recovered) = Buffer::open(config(dir.path()), registry(), tx).unwrap();
+    assert!(recovered.sealed.is_empty());
+    assert!(unreadable.is_dir(), "left in place");
+    assert_eq!(
+        recovered.quarantined,
+        vec![dir
+            .path()
+            .join("quarantine")
+            .join(damaged.file_name().unwrap())]
+    );
+}
+
 /// A sealed chunk whose file ends before the length its state records (the end of it lost):
 /// its whole frames are recovered and sealed again, its old state kept in quarantine; not the
 /// whole chunk set aside with the events that did survive.
