@@ -219,10 +219,10 @@ impl<W: Write> Write for Counting<W> {
 }
 
 /// A streaming decompressor: every zstd frame and every gzip member, back to back.
-pub fn decoder<'a, R: Read + 'a>(
+pub fn decoder<'a, R: Read + Send + 'a>(
     compression: Compression,
     inner: R,
-) -> io::Result<Box<dyn Read + 'a>> {
+) -> io::Result<Box<dyn Read + Send + 'a>> {
     Ok(match compression {
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(inner)?),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(inner)),

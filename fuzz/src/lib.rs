@@ -95,18 +95,11 @@ fn check_request(request: Bytes) {
     if let Some(token) = &message.options.chunk {
         check_ack_encoding(token);
     }
-    let compression = match message.options.compressed.as_deref() {
-        Some("gzip") => Compression::Gzip,
-        Some("zstd") => Compression::Zstd,
-        _ => Compression::None,
-    };
+    let compression = entries::compression_of(message.options.compressed.as_deref());
     let compressed = compression != Compression::None;
     let packed = entries::blob_of(message.entries);
-    let Ok(mut pieces) = entries::Pieces::new(
-        packed.clone(),
-        message.options.compressed.as_deref(),
-        DECOMPRESSION_LIMIT,
-    ) else {
+    let Ok(mut pieces) = entries::Pieces::new(packed.clone(), compression, DECOMPRESSION_LIMIT)
+    else {
         return;
     };
     // The pieces joined are the start of what one decompression gives (checked on the first
@@ -301,12 +294,12 @@ pub fn expected(stream: &[u8], config: &ConnectionConfig) -> Expected {
             // Entries that expand beyond the limit are stored in pieces, all of them or,
             // when the plan finds a piece that would fail (or a bomb), none: the connection
             // is closed.
-            let (packed, method) = (
+            let (packed, compression) = (
                 entries::blob_of(message.entries),
-                message.options.compressed.as_deref(),
+                entries::compression_of(message.options.compressed.as_deref()),
             );
             let limit = config.decompression_size_limit;
-            let Ok(mut pieces) = entries::Pieces::new(packed.clone(), method, limit) else {
+            let Ok(mut pieces) = entries::Pieces::new(packed.clone(), compression, limit) else {
                 out.closed_for_error = true;
                 return out;
             };
@@ -314,7 +307,9 @@ pub fn expected(stream: &[u8], config: &ConnectionConfig) -> Expected {
                 out.closed_for_error = true;
                 return out;
             };
-            if !pieces.is_done() && entries::plan(packed, method, limit).is_err() {
+            if !pieces.is_done()
+                && entries::plan(packed, compression, limit, config.timekey).is_err()
+            {
                 out.closed_for_error = true;
                 return out;
             }

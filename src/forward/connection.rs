@@ -542,9 +542,9 @@ impl Connection {
             _ => None,
         };
         let packed = entries::blob_of(message.entries);
-        let method = message.options.compressed.clone();
+        let compression = entries::compression_of(message.options.compressed.as_deref());
         let limit = self.config.decompression_size_limit;
-        let pieces = entries::Pieces::new(packed.clone(), method.as_deref(), limit)?;
+        let pieces = entries::Pieces::new(packed.clone(), compression, limit)?;
         let (pieces, first) = next_piece(pieces).await?;
         let received = Instant::now();
         let split = if pieces.is_done() {
@@ -554,13 +554,13 @@ impl Connection {
         } else {
             drop(first);
             let plan = {
-                let (packed, method) = (packed.clone(), method.clone());
-                decompressing(move || entries::plan(packed, method.as_deref(), limit)).await??
+                let (packed, timekey) = (packed.clone(), self.config.timekey);
+                decompressing(move || entries::plan(packed, compression, limit, timekey)).await??
             };
             info!(%peer, %tag, limit,
                   "a request expands beyond decompression_size_limit; storing it a piece at a time");
             metrics().requests_in_pieces.inc();
-            let pieces = entries::Pieces::new(packed, method.as_deref(), limit)?;
+            let pieces = entries::Pieces::new(packed, compression, limit)?;
             self.store_all_but_the_last(&tag, pieces, plan).await?
         };
         if split.groups.is_empty() {

@@ -9,6 +9,7 @@
 use std::io::{Cursor, Read};
 
 use bytes::Bytes;
+use claimcheck_consumer::body::{self, Compression};
 use claimcheck_consumer::entry::{self, encode, EventTime, ScanError};
 
 use super::frame::Entries;
@@ -54,8 +55,17 @@ pub enum DecompressError {
     },
 }
 
-/// A request's entries, expanded a piece at a time: `compressed: "gzip"` (every member) or
-/// `"zstd"` (every frame); anything else, Fluentd's `"text"` included, is one plain piece.
+/// How a request's `compressed` option packs its entries: `"gzip"` (every member) or `"zstd"`
+/// (every frame); anything else, Fluentd's `"text"` included, means plain entries.
+pub fn compression_of(option: Option<&str>) -> Compression {
+    match option {
+        Some("gzip") => Compression::Gzip,
+        Some("zstd") => Compression::Zstd,
+        _ => Compression::None,
+    }
+}
+
+/// A request's entries, expanded a piece at a time; plain ones are one piece.
 ///
 /// A piece holds at most `limit` bytes and ends where an entry ends, so that a request that
 /// expands beyond the limit (a Fluentd file-buffer chunk of 256 MiB compressed, say) is stored
@@ -76,28 +86,24 @@ enum Source {
     Plain(Option<Bytes>),
     Compressed {
         decoder: Box<dyn Read + Send>,
-        method: &'static str,
+        compression: Compression,
     },
 }
 
 impl Pieces {
-    pub fn new(blob: Bytes, method: Option<&str>, limit: u64) -> Result<Self, DecompressError> {
+    pub fn new(blob: Bytes, compression: Compression, limit: u64) -> Result<Self, DecompressError> {
         let blob_len = blob.len();
-        let source = match method {
-            Some("gzip") => Source::Compressed {
-                decoder: Box::new(flate2::read::MultiGzDecoder::new(Cursor::new(blob))),
-                method: "gzip",
-            },
-            Some("zstd") => Source::Compressed {
-                decoder: Box::new(zstd::stream::read::Decoder::new(Cursor::new(blob)).map_err(
-                    |source| DecompressError::Corrupt {
-                        method: "zstd",
+        let source = match compression {
+            Compression::None => Source::Plain(Some(blob)),
+            _ => Source::Compressed {
+                decoder: body::decoder(compression, Cursor::new(blob)).map_err(|source| {
+                    DecompressError::Corrupt {
+                        method: compression.as_str(),
                         source,
-                    },
-                )?),
-                method: "zstd",
+                    }
+                })?,
+                compression,
             },
-            _ => Source::Plain(Some(blob)),
         };
         // One byte beyond the limit is read, to tell whether there is more.
         let limit = usize::try_from(limit)
@@ -138,7 +144,10 @@ impl Pieces {
                 self.done = true;
                 return Ok(blob.take().unwrap_or_default());
             }
-            Source::Compressed { decoder, method } => (decoder, *method),
+            Source::Compressed {
+                decoder,
+                compression,
+            } => (decoder, compression.as_str()),
         };
         // One byte beyond the limit tells whether there is more.
         let mut out = std::mem::take(&mut self.carry);
@@ -210,15 +219,20 @@ pub struct Plan {
 /// Expands the entries in pieces, as [`Pieces`] does, and checks them: every piece but the
 /// last must be at least half valid events, by bytes, else the request is a bomb (mostly
 /// filler that expands for a long time).
-pub fn plan(blob: Bytes, method: Option<&str>, limit: u64) -> Result<Plan, DecompressError> {
-    let mut pieces = Pieces::new(blob, method, limit)?;
+pub fn plan(
+    blob: Bytes,
+    compression: Compression,
+    limit: u64,
+    timekey: Timekey,
+) -> Result<Plan, DecompressError> {
+    let mut pieces = Pieces::new(blob, compression, limit)?;
     let mut plan = Plan {
         last_with_events: None,
     };
     for i in 0.. {
         let piece = pieces.next_piece()?;
-        let valid = valid_bytes(&piece);
-        if !pieces.is_done() && valid * 2 < piece.len() {
+        let valid: u64 = split(&piece, timekey).groups.iter().map(|g| g.bytes).sum();
+        if !pieces.is_done() && valid * 2 < piece.len() as u64 {
             return Err(DecompressError::Bomb {
                 limit: pieces.limit(),
             });
@@ -231,25 +245,6 @@ pub fn plan(blob: Bytes, method: Option<&str>, limit: u64) -> Result<Plan, Decom
         }
     }
     Ok(plan)
-}
-
-/// Bytes of the valid entries of a blob, valid as [`split`] takes them.
-fn valid_bytes(blob: &[u8]) -> usize {
-    let (mut pos, mut valid) = (0, 0);
-    while pos < blob.len() {
-        match entry::scan_entry_within(&blob[pos..], claimcheck_consumer::MAX_NESTING) {
-            Ok(info) => {
-                valid += info.len;
-                pos += info.len;
-            }
-            Err(ScanError::Invalid(_)) => match entry::value_len(&blob[pos..]) {
-                Ok(len) => pos += len,
-                Err(_) => break,
-            },
-            Err(ScanError::Incomplete) => break,
-        }
-    }
-    valid
 }
 
 /// Validates the entries of a blob and groups them by timekey window.
@@ -599,7 +594,7 @@ mod tests {
         method: Option<&str>,
         limit: u64,
     ) -> Result<Vec<Bytes>, DecompressError> {
-        let mut pieces = Pieces::new(Bytes::copy_from_slice(blob), method, limit)?;
+        let mut pieces = Pieces::new(Bytes::copy_from_slice(blob), compression_of(method), limit)?;
         let mut out = vec![pieces.next_piece()?];
         while !pieces.is_done() {
             out.push(pieces.next_piece()?);
@@ -681,7 +676,12 @@ mod tests {
     }
 
     fn plan_of(plain: &[u8], limit: u64) -> Result<Plan, DecompressError> {
-        plan(Bytes::from(gzip(&[plain])), Some("gzip"), limit)
+        plan(
+            Bytes::from(gzip(&[plain])),
+            Compression::Gzip,
+            limit,
+            Timekey::utc(60),
+        )
     }
 
     /// Before any piece is stored: where the token goes, and what would fail part way.
@@ -717,8 +717,9 @@ mod tests {
         assert!(matches!(
             plan(
                 Bytes::copy_from_slice(&gz[..gz.len() - 4]),
-                Some("gzip"),
-                limit
+                Compression::Gzip,
+                limit,
+                Timekey::utc(60)
             ),
             Err(DecompressError::Corrupt { .. })
         ));
