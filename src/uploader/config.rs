@@ -8,6 +8,11 @@ use crate::backends::ObjectMeta;
 use crate::key_template::{KeyTemplate, KeyValues};
 use crate::retry::RetryPolicy;
 
+/// S3's longest object key, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// S3's most user metadata (`x-amz-meta-*` names and values), in bytes.
+pub const MAX_METADATA_BYTES: usize = 2048;
+
 /// Settings of the uploader.
 #[derive(Debug, Clone)]
 pub struct UploaderConfig {
@@ -75,14 +80,7 @@ impl UploaderConfig {
             metadata: render(&self.object_metadata, header_value),
         }
     }
-}
 
-/// S3's longest object key, in bytes.
-pub const MAX_KEY_BYTES: usize = 1024;
-/// S3's most user metadata (`x-amz-meta-*` names and values), in bytes.
-pub const MAX_METADATA_BYTES: usize = 2048;
-
-impl UploaderConfig {
     /// What a chunk whose tag is `longest_tag` bytes would exceed of S3's limits, with the
     /// settings that make it so: its upload would fail on every try, whatever the retries.
     pub fn limits_exceeded(&self, longest_tag: usize) -> Vec<String> {
