@@ -1285,6 +1285,7 @@ mod tests {
             token: Bytes::from(format!("token-{i}")),
             request: u128::from(i),
             parts: 1,
+            part: None,
         };
         // Forty requests of 200 KB, each with its token frame, then small frames.
         let mut expected = Vec::new();

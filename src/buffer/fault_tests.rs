@@ -193,7 +193,28 @@ fn a_request_held_by_a_full_disk_is_written_with_its_token() {
     let tokens = chunk::read_tokens(&chunk.paths.data).unwrap();
     assert_eq!(tokens.len(), 1);
     assert_eq!(tokens[0].token.as_ref(), b"tok-1");
-    assert_eq!(tokens[0].parts, 1);
+    assert_eq!((tokens[0].parts, tokens[0].part), (1, Some(0)));
+
+    // Over two timekeys, one chunk's file held: each part keeps its own index.
+    creates.set(0);
+    let groups = vec![
+        group_of(180, &[entry_at(181, 1)]),
+        group_of(240, &[entry_at(241, 1)]),
+    ];
+    let token = Some(("10.0.0.9".parse().unwrap(), Bytes::from_static(b"tok-2")));
+    let (r, mut d) = Append::new("t".into(), groups, token, &registry);
+    w.round(vec![r], Instant::now());
+    assert!(w.stalled(), "one part held");
+    w.round(Vec::new(), Instant::now());
+    assert!(matches!(answer(&mut d), Some(Ok(()))));
+    w.seal_all("test");
+    let mut parts: Vec<_> = std::iter::from_fn(|| sealed.try_recv().ok())
+        .flat_map(|c| chunk::read_tokens(&c.paths.data).unwrap())
+        .map(|r| (r.token, r.parts, r.part))
+        .collect();
+    parts.sort();
+    let tok = Bytes::from_static(b"tok-2");
+    assert_eq!(parts, [(tok.clone(), 2, Some(0)), (tok, 2, Some(1))]);
 }
 
 /// Under `sync always` a frame whose fsync failed was refused; the seal cuts the chunk back to
@@ -243,5 +264,65 @@ fn a_frame_whose_fsync_failed_is_cut_off_at_the_seal() {
         (info.bytes, info.records),
         (len, 1),
         "and the chunk its events"
+    );
+}
+
+/// A request over two timekeys whose write failed in one of its two chunks is not
+/// acknowledged. Its part in the other chunk, journaled once delivered and found again in that
+/// chunk after a crash before its files were deleted, is one part found twice: its resend
+/// after the restart is stored again, not acknowledged with the other part missing.
+#[test]
+fn a_request_written_in_one_of_its_two_chunks_is_not_taken_as_stored_after_a_restart() {
+    use crate::dedup::{Dedup, Link, Origin, Seen};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, registry, mut sealed) = writer_sealing(dir.path(), None);
+    let writes = Rc::new(Cell::new(0));
+    let counted = writes.clone();
+    let _hook = Hook::set(move |op, _, _| {
+        (op == Op::Write && {
+            counted.set(counted.get() + 1);
+            counted.get() == 2
+        })
+        .then(|| io::Error::other("I/O error"))
+    });
+    let sender: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+    let groups = vec![
+        group_of(60, &[entry_at(61, 1)]),
+        group_of(120, &[entry_at(121, 1)]),
+    ];
+    let token = Some((sender, Bytes::from_static(b"split")));
+    let (r, mut d) = Append::new("t".into(), groups, token, &registry);
+    w.round(vec![r], Instant::now());
+    assert!(matches!(answer(&mut d), Some(Err(_))), "not acknowledged");
+    assert_eq!(writes.get(), 2);
+    w.seal_all("test");
+    let (mut written, mut records) = (Vec::new(), Vec::new());
+    while let Ok(c) = sealed.try_recv() {
+        let found = chunk::read_tokens(&c.paths.data).unwrap();
+        if !found.is_empty() {
+            written.push(c.paths.clone());
+            records.extend(found);
+        }
+    }
+    assert_eq!(records.len(), 1, "one of the two parts was written");
+    assert_eq!((records[0].parts, records[0].part), (2, Some(0)));
+
+    // Delivered: its records journaled; then a crash before its files are deleted.
+    let window = std::time::Duration::from_secs(600);
+    let tokens = tokens::Tokens::open(dir.path(), Dedup::new(window, 100), Vec::new()).unwrap();
+    tokens.retire(&written.iter().collect::<Vec<_>>()).unwrap();
+    drop(tokens);
+    let dedup = Dedup::new(window, 100);
+    tokens::Tokens::open(dir.path(), dedup.clone(), records).unwrap();
+    let origin = Origin {
+        link: Link::new(),
+        answer: 0,
+    };
+    assert!(
+        !matches!(
+            dedup.check(sender, &Bytes::from_static(b"split"), origin, false),
+            Seen::Stored
+        ),
+        "its resend must be stored again"
     );
 }

@@ -813,8 +813,9 @@ fn half_of_a_request_found_at_recovery_is_not_taken_as_stored() {
     token_record::TokenRecord {
         sender: "10.0.0.9".parse().unwrap(),
         token: Bytes::from_static(b"half"),
-        request: 7,
+        request: token_record::TokenRecord::new_request(),
         parts: 2,
+        part: Some(0),
     }
     .encode(&mut records);
     w.append(&[entry_at(1, 5)], &records).unwrap();

@@ -7,8 +7,9 @@
 //! in [`crate::buffer`]): the fsync that makes the events durable makes the token durable, and
 //! recovery trusts a token frame only if every frame before it is whole. A request whose events
 //! went to several chunks (two timekeys, a chunk that filled up) counts as stored only when
-//! all its records are found (`parts`), so that a crash between the writes of its chunks makes
-//! its resend stored again (at least once) rather than acknowledged with events missing.
+//! the records of all its parts are found (`parts`, each record with its part index), so that
+//! a crash between the writes of its chunks, or a write that failed in one of them, makes its
+//! resend stored again (at least once) rather than acknowledged with events missing.
 //!
 //! When a chunk is delivered, its token records are appended to the token journal (fsynced)
 //! before its files are deleted, each with an expiry `dedup_window` later; on start, the
@@ -28,7 +29,7 @@
 //!
 //! A token frame in a chunk data file holds `record*` only.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -308,8 +309,10 @@ impl Tokens {
             Journal::open(buffer_dir, now, dedup.capacity().saturating_mul(2))?;
         let window = dedup.window();
         // By request: its record, the parts found, and when its window ends (`None`: a part is
-        // still in the buffer, so the window starts now).
+        // still in the buffer, so the window starts now). A part is found once however many
+        // times its record is: in the journal and in a chunk not yet deleted, say.
         let mut requests: HashMap<u128, (&TokenRecord, u32, Option<i64>)> = HashMap::new();
+        let mut parts_found: HashSet<(u128, u16)> = HashSet::new();
         let all = journaled
             .iter()
             .map(|(e, r)| (Some(*e), r))
@@ -318,7 +321,13 @@ impl Tokens {
             let entry = requests
                 .entry(record.request)
                 .or_insert((record, 0, expires));
-            entry.1 += 1;
+            // Records written before the part index existed count by occurrence.
+            if record
+                .part
+                .is_none_or(|part| parts_found.insert((record.request, part)))
+            {
+                entry.1 += 1;
+            }
             entry.2 = match (entry.2, expires) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 _ => None,
@@ -453,6 +462,7 @@ mod tests {
             token: Bytes::copy_from_slice(token.as_bytes()),
             request,
             parts,
+            part: None,
         }
     }
 

@@ -21,6 +21,11 @@
 //!    sync failed fails its waiter (no ack; the sender resends), except that a write refused
 //!    for lack of space is *held* and retried in later rounds: its waiter simply waits.
 //!
+//! A request with an ack token has its token written after its events in each chunk it went
+//! to (the resend window, see [`super::tokens`]): one record per piece, which says how many
+//! pieces there are and which one this is. Both are fixed in the round that places the
+//! request; a held piece is placed whole later, never split, so that the count stays true.
+//!
 //! While pieces are held, the writer takes no new requests, so connections stop reading and
 //! TCP pushes back on the senders. A small reserve file is released at that moment, so that
 //! open chunks can still be sealed (their state files need a few hundred bytes each) and
@@ -67,8 +72,9 @@ use super::token_record::TokenRecord;
 use super::tokens::MAX_TOKEN_BYTES;
 use super::{BufferConfig, BufferError, Group, SealedChunk, SyncPolicy};
 
-/// Encoded token records of this round's requests, by waiter.
-type RoundTokens = HashMap<u64, Vec<u8>>;
+/// The token records of this round's requests, by waiter (without their part index, which
+/// each piece carries).
+type RoundTokens = HashMap<u64, TokenRecord>;
 
 /// A request waiting for the writer.
 pub(super) struct Append {
@@ -116,9 +122,10 @@ struct Waiter {
     done: Option<Answer>,
     /// The token to record with the request's events.
     token: Option<(IpAddr, Bytes)>,
-    /// Its token record, encoded in the round that placed the request's pieces and written
-    /// with each of them, also with those a full disk held for a later round.
-    record: Option<Vec<u8>>,
+    /// Its token record, made in the round that placed the request's pieces and written with
+    /// each of them (with the piece's index), also with those a full disk held for a later
+    /// round.
+    record: Option<TokenRecord>,
     /// Pieces of this request not yet durable (or failed).
     outstanding: usize,
     failed: Option<String>,
@@ -129,6 +136,9 @@ struct Piece {
     waiter: u64,
     tag: Arc<str>,
     group: Group,
+    /// Its index among the pieces of its request, once the request's token record is made:
+    /// from then on the piece is not split.
+    part: Option<u16>,
 }
 
 type ChunkKey = (Arc<str>, i64);
@@ -365,7 +375,7 @@ impl Writer {
         self.set_aside_failing();
         let pieces = self.take_waiters(batch);
         let (mut touched, mut full) = self.place_pieces(pieces, now);
-        let tokens = self.token_records(&touched, &full);
+        let tokens = self.token_records(&touched, &mut full);
         let flushed = self.write_and_sync(&mut touched, &mut full, &tokens);
         if let Some(fault) = &mut self.fault {
             fault.after_sync(&flushed);
@@ -400,6 +410,7 @@ impl Writer {
                 waiter: id,
                 tag: append.tag.clone(),
                 group,
+                part: None,
             }));
             if self.waiters[&id].outstanding == 0 {
                 self.answer(id);
@@ -425,46 +436,51 @@ impl Writer {
         (touched, full)
     }
 
-    /// The token records of this round's requests that carry a token: one per chunk their
-    /// pieces went to, each saying how many there are (`parts`), so that recovery counts the
-    /// request as stored only if it finds them all.
-    fn token_records(&mut self, touched: &[ChunkKey], full: &[OpenChunk]) -> RoundTokens {
-        let mut parts: HashMap<u64, u16> = HashMap::new();
-        let chunks = touched
-            .iter()
-            .filter_map(|k| self.open.get(k))
-            .chain(full.iter());
-        for chunk in chunks {
-            let mut waiters: Vec<u64> = chunk.pending.iter().map(|p| p.waiter).collect();
-            waiters.sort_unstable();
-            waiters.dedup();
-            for w in waiters {
-                if self.waiters.get(&w).is_some_and(|w| w.token.is_some()) {
-                    let n = parts.entry(w).or_default();
-                    *n = n.saturating_add(1);
-                }
+    /// The token records of this round's requests that carry a token. A request placed in this
+    /// round has its pieces numbered, one per chunk they went to, and its record made with
+    /// their count (`parts`), so that recovery counts the request as stored only if it finds
+    /// them all; a request whose pieces were held by a full disk keeps its record.
+    fn token_records(&mut self, touched: &[ChunkKey], full: &mut [OpenChunk]) -> RoundTokens {
+        let mut parts: HashMap<u64, u32> = HashMap::new();
+        let mut in_round: Vec<u64> = Vec::new();
+        for key in touched {
+            if let Some(chunk) = self.open.get_mut(key) {
+                number_pieces(chunk, &self.waiters, &mut parts, &mut in_round);
             }
         }
-        parts
+        for chunk in full.iter_mut() {
+            number_pieces(chunk, &self.waiters, &mut parts, &mut in_round);
+        }
+        for (w, parts) in parts {
+            let Some(waiter) = self.waiters.get_mut(&w) else {
+                continue;
+            };
+            let Some((sender, token)) = &waiter.token else {
+                continue;
+            };
+            let Ok(parts) = u16::try_from(parts) else {
+                // More chunks than a record can count: no record, so a resend after a
+                // restart is stored again rather than counted whole from some of them.
+                warn!(
+                    chunks = parts,
+                    "a request spans too many chunks to record its token"
+                );
+                waiter.token = None;
+                continue;
+            };
+            waiter.record = Some(TokenRecord {
+                sender: *sender,
+                token: token.clone(),
+                request: TokenRecord::new_request(),
+                parts,
+                part: None,
+            });
+        }
+        in_round.sort_unstable();
+        in_round.dedup();
+        in_round
             .into_iter()
-            .filter_map(|(w, parts)| {
-                let Waiter { token, record, .. } = self.waiters.get_mut(&w)?;
-                let (sender, token) = token.as_ref()?;
-                // Pieces held by a full disk in the round that counted the parts carry the
-                // same record when they are written.
-                let bytes = record.get_or_insert_with(|| {
-                    let mut bytes = Vec::new();
-                    TokenRecord {
-                        sender: *sender,
-                        token: token.clone(),
-                        request: uuid::Uuid::now_v7().as_u128(),
-                        parts,
-                    }
-                    .encode(&mut bytes);
-                    bytes
-                });
-                Some((w, bytes.clone()))
-            })
+            .filter_map(|w| Some((w, self.waiters.get(&w)?.record.clone()?)))
             .collect()
     }
 
@@ -689,7 +705,11 @@ impl Writer {
             let room_bytes = limit_bytes.saturating_sub(held_bytes);
             let room_records = limit_records.saturating_sub(held_records);
             let g = &piece.group;
-            if g.bytes <= room_bytes && g.records <= room_records {
+            // A numbered piece (held by a full disk) goes whole to a fresh chunk if need be.
+            let numbered = piece.part.is_some();
+            if (g.bytes <= room_bytes && g.records <= room_records)
+                || (numbered && held_records == 0)
+            {
                 chunk.pending_stats.add(g.records, g.bytes, g.first, g.last);
                 chunk.pending.push(piece);
                 return;
@@ -697,7 +717,7 @@ impl Writer {
             // A piece that fits in a chunk of its own is not split: it goes whole to a fresh
             // chunk, so that its events (and its token) are made durable by one write, and a
             // crash never leaves part of an unacknowledged request behind.
-            let fits_a_chunk = g.bytes <= limit_bytes && g.records <= limit_records;
+            let fits_a_chunk = numbered || (g.bytes <= limit_bytes && g.records <= limit_records);
             if held_records > 0
                 && (room_bytes == 0
                     || room_records == 0
@@ -723,6 +743,7 @@ impl Writer {
                 waiter: piece.waiter,
                 tag: piece.tag.clone(),
                 group: front,
+                part: None,
             });
             if let Some(w) = self.waiters.get_mut(&piece.waiter) {
                 w.outstanding += 1;
@@ -1352,6 +1373,33 @@ fn in_parallel<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
     });
 }
 
+/// Numbers the pieces of `chunk` whose request has a token and no record yet: each request's
+/// pieces in it get the next index of that request (`parts` counts them); notes the waiters of
+/// all its pieces in `in_round`.
+fn number_pieces(
+    chunk: &mut OpenChunk,
+    waiters: &HashMap<u64, Waiter>,
+    parts: &mut HashMap<u64, u32>,
+    in_round: &mut Vec<u64>,
+) {
+    let mut numbered: HashMap<u64, u16> = HashMap::new();
+    for piece in &mut chunk.pending {
+        in_round.push(piece.waiter);
+        let Some(waiter) = waiters.get(&piece.waiter) else {
+            continue;
+        };
+        if piece.part.is_some() || waiter.record.is_some() || waiter.token.is_none() {
+            continue;
+        }
+        let part = *numbered.entry(piece.waiter).or_insert_with(|| {
+            let n = parts.entry(piece.waiter).or_default();
+            *n += 1;
+            u16::try_from(*n - 1).unwrap_or(u16::MAX)
+        });
+        piece.part = Some(part);
+    }
+}
+
 /// Writes a chunk's pending pieces as one frame, creating or reopening its file first.
 /// Returns the waiters of the pieces written: they are answered with the sync that follows
 /// (under `sync always`) or at once. Pieces that could not be written fail their waiters, or
@@ -1377,15 +1425,22 @@ fn write_pending(
         .iter()
         .flat_map(|p| p.group.slices.iter().cloned())
         .collect();
-    let mut waiters: Vec<u64> = pieces.iter().map(|p| p.waiter).collect();
-    waiters.sort_unstable();
-    waiters.dedup();
-    let records: Vec<u8> = waiters
+    let mut numbered: Vec<(u64, u16)> = pieces
         .iter()
-        .filter_map(|w| tokens.get(w))
-        .flatten()
-        .copied()
+        .filter_map(|p| Some((p.waiter, p.part?)))
         .collect();
+    numbered.sort_unstable();
+    numbered.dedup();
+    let mut records = Vec::new();
+    for (waiter, part) in numbered {
+        if let Some(record) = tokens.get(&waiter) {
+            TokenRecord {
+                part: Some(part),
+                ..record.clone()
+            }
+            .encode(&mut records);
+        }
+    }
     let before = chunk.writer.valid_len();
     let opened = chunk.writer.open();
     // Where this frame starts: after the header when the file was just created.

@@ -393,8 +393,9 @@ async fn a_published_chunk_that_cannot_be_deleted_yet_is_deleted_later() {
     crate::buffer::token_record::TokenRecord {
         sender: "10.0.0.1".parse().unwrap(),
         token: Bytes::from_static(b"dG9rZW4=\n"),
-        request: 1,
+        request: crate::buffer::token_record::TokenRecord::new_request(),
         parts: 1,
+        part: Some(0),
     }
     .encode(&mut record);
     let mut entry = vec![0x92];
