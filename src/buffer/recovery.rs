@@ -4,12 +4,12 @@
 //! |--------------------------------------|------------------------------------------------------|
 //! | data + `uploaded` state              | publish the pointer again                            |
 //! | data + `sealed` state                | upload again (same key, same bytes)                  |
-//! | data, no state                       | scan, cut a torn tail (kept in `quarantine/`), fsync, seal; if that fails (a full disk), left as it is for the next start |
+//! | data, no state                       | scan, cut a torn tail (kept in `quarantine/`), fsync, seal; if that fails (a full disk), left as it is and tried again every few seconds ([`rescan`]) |
 //! | data, no state, another chunk's header | moved to `quarantine/` (WARN): a reused file whose new header a power loss lost; nothing in it was acknowledged |
 //! | data, no state, in a reused file     | as above, but the tail is cut without a copy: it may be the old chunk's leftover |
 //! | `<id>.free`                          | kept as a spare to reuse (deleted beyond [`chunk::MAX_SPARES`]) |
 //! | data + unreadable state              | state kept in `quarantine/` (ERROR), then as above   |
-//! | data that cannot be read at all      | moved to `quarantine/` (ERROR)                       |
+//! | data that cannot be read at all      | moved to `quarantine/` (ERROR); after a read error (not bytes found wrong), left as it is and tried again every few seconds |
 //! | sealed data shorter than its state   | state moved to `quarantine/` (ERROR), then as data with no state |
 //! | state with no data                   | removed (the chunk was published and deleted)        |
 //! | `*.tmp`                              | removed (an interrupted atomic write)                |
@@ -191,61 +191,7 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
                 }
                 out.add(registry, uploaded, paths)?
             }
-            None => match chunk::scan(&paths.data) {
-                Ok(scan) if scan.header.chunk_id != id => {
-                    // A spare renamed for a new chunk with the old chunk's header still: a
-                    // power loss kept the rename and lost the header written before it. The new
-                    // header is synced with the first frame, before any ack, so nothing in it
-                    // was acknowledged; the old chunk was delivered before it became a spare.
-                    warn!(chunk_id = %id, holds = %scan.header.chunk_id,
-                          "chunk data file holds another chunk's header (a reused file whose new header was lost); moving it to quarantine");
-                    out.quarantined.push(quarantine(
-                        &buffer_dir,
-                        &[&paths.data, &paths.state],
-                        registry,
-                    )?);
-                }
-                Ok(scan) => {
-                    if scan.stats.records == 0 && scan.torn_bytes == 0 {
-                        paths.remove()?;
-                        continue;
-                    }
-                    // A chunk that cannot be sealed now (a full disk: its tail's copy or its
-                    // state file has no room) stays as it is, for the next start; the others
-                    // are recovered and delivered, which frees space.
-                    if let Err(e) = seal_recovered(&buffer_dir, &id, &paths, &scan, registry) {
-                        error!(chunk_id = %id, cause = %e, "cannot seal a recovered open chunk; it stays in the buffer as it is until the next start");
-                        continue;
-                    }
-                    if scan.stats.records == 0 {
-                        paths.remove()?;
-                        continue;
-                    }
-                    out.tokens.extend(scan.tokens);
-                    info!(chunk_id = %id, tag = %scan.header.tag, events = scan.stats.records, "recovered open chunk and sealed it");
-                    out.add(
-                        registry,
-                        ChunkState::Sealed {
-                            header: scan.header,
-                            stats: scan.stats,
-                        },
-                        paths,
-                    )?;
-                }
-                // A read that failed, not bytes found wrong: the file may read well next time,
-                // and quarantine would take its acknowledged events out of delivery for good.
-                Err(chunk::ReadError::Io(e)) if e.kind() != io::ErrorKind::UnexpectedEof => {
-                    error!(chunk_id = %id, cause = %e, "cannot read a chunk data file; it stays in the buffer as it is until the next start");
-                }
-                Err(e) => {
-                    error!(chunk_id = %id, cause = %e, "chunk data file is unreadable; moving it to quarantine");
-                    out.quarantined.push(quarantine(
-                        &buffer_dir,
-                        &[&paths.data, &paths.state],
-                        registry,
-                    )?);
-                }
-            },
+            None => recover_open(&buffer_dir, &id, paths, registry, &mut out, Attempt::Start)?,
         }
     }
     if !out.sealed.is_empty() || !out.uploaded.is_empty() {
@@ -258,11 +204,109 @@ pub(super) fn recover(dir: &Path, registry: &Registry) -> io::Result<Recovered> 
     Ok(out)
 }
 
+/// Whether an open chunk is recovered at start or tried again later.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    Start,
+    Again,
+}
+
+/// Recovers an open chunk (data, no state): scanned, sealed and added to `out`; removed if it
+/// holds nothing; moved to `quarantine/` if its bytes are wrong. One that cannot be sealed (a
+/// full disk: its tail's copy or its state file has no room) or read (an I/O error) is left
+/// as it is, noted in the registry, and tried again by [`rescan`]: its events were
+/// acknowledged.
+fn recover_open(
+    buffer_dir: &Path,
+    id: &str,
+    paths: ChunkPaths,
+    registry: &Registry,
+    out: &mut Recovered,
+    attempt: Attempt,
+) -> io::Result<()> {
+    let again = attempt == Attempt::Again;
+    match chunk::scan(&paths.data) {
+        Ok(scan) if scan.header.chunk_id != id => {
+            // A spare renamed for a new chunk with the old chunk's header still: a power loss
+            // kept the rename and lost the header written before it. The new header is synced
+            // with the first frame, before any ack, so nothing in it was acknowledged; the old
+            // chunk was delivered before it became a spare.
+            warn!(chunk_id = %id, holds = %scan.header.chunk_id,
+                  "chunk data file holds another chunk's header (a reused file whose new header was lost); moving it to quarantine");
+            out.quarantined.push(quarantine(
+                buffer_dir,
+                &[&paths.data, &paths.state],
+                registry,
+            )?);
+        }
+        Ok(scan) => {
+            if scan.stats.records == 0 && scan.torn_bytes == 0 {
+                return paths.remove();
+            }
+            // The others are recovered and delivered meanwhile, which frees space.
+            if let Err(e) = seal_recovered(buffer_dir, id, &paths, &scan, registry) {
+                if again {
+                    warn!(chunk_id = %id, cause = %e, "still cannot seal a recovered open chunk; trying again later");
+                } else {
+                    error!(chunk_id = %id, cause = %e, "cannot seal a recovered open chunk; it stays in the buffer as it is and is tried again every few seconds");
+                }
+                registry.leave(id);
+                return Ok(());
+            }
+            if scan.stats.records == 0 {
+                return paths.remove();
+            }
+            out.tokens.extend(scan.tokens);
+            info!(chunk_id = %id, tag = %scan.header.tag, events = scan.stats.records, "recovered open chunk and sealed it");
+            out.add(
+                registry,
+                ChunkState::Sealed {
+                    header: scan.header,
+                    stats: scan.stats,
+                },
+                paths,
+            )?;
+        }
+        // A read that failed, not bytes found wrong: the file may read well next time, and
+        // quarantine would take its acknowledged events out of delivery for good.
+        Err(chunk::ReadError::Io(e)) if e.kind() != io::ErrorKind::UnexpectedEof => {
+            if again {
+                warn!(chunk_id = %id, cause = %e, "still cannot read a chunk data file; trying again later");
+            } else {
+                error!(chunk_id = %id, cause = %e, "cannot read a chunk data file; it stays in the buffer as it is and is tried again every few seconds");
+            }
+            registry.leave(id);
+        }
+        Err(e) => {
+            error!(chunk_id = %id, cause = %e, "chunk data file is unreadable; moving it to quarantine");
+            out.quarantined.push(quarantine(
+                buffer_dir,
+                &[&paths.data, &paths.state],
+                registry,
+            )?);
+        }
+    }
+    Ok(())
+}
+
 /// Sealed or uploaded chunks in `dir` that `registry` does not know, for example chunks that
-/// `claimcheck replay` moved back while the sidecar runs. Open chunks have no state file and
-/// are never picked up here.
+/// `claimcheck replay` moved back while the sidecar runs; and the open chunks that start-up
+/// recovery left for later ([`Registry::leave`]), tried again. Other files with no state file
+/// are never picked up here: they are the writer's open chunks.
 pub fn rescan(dir: &Path, registry: &Registry) -> io::Result<Recovered> {
     let mut out = Recovered::default();
+    let buffer_dir = dir.parent().unwrap_or(dir);
+    for id in registry.take_left() {
+        let paths = ChunkPaths::new(dir, &id);
+        if paths.state.exists() || !paths.data.exists() {
+            // Sealed since (picked up below), or gone.
+            continue;
+        }
+        if let Err(e) = recover_open(buffer_dir, &id, paths, registry, &mut out, Attempt::Again) {
+            warn!(chunk_id = %id, cause = %e, "cannot recover an open chunk yet; trying again later");
+            registry.leave(&id);
+        }
+    }
     for entry in fs::read_dir(dir)? {
         let name = entry?.file_name().to_string_lossy().into_owned();
         let Some(id) = name.strip_suffix(&format!(".{STATE_EXT}")) else {

@@ -84,6 +84,9 @@ pub struct Registry {
     tokens: std::sync::OnceLock<Arc<Tokens>>,
     /// Delivered chunks' data files kept for new chunks to overwrite.
     spares: Arc<Spares>,
+    /// Open chunks found at start that could not be sealed or read then (a full disk, a read
+    /// error): tried again by [`super::rescan`].
+    left: Mutex<Vec<String>>,
 }
 
 /// One request counted in [`Registry::requests_waiting`] while this lives.
@@ -268,6 +271,24 @@ impl Registry {
     }
 
     /// Counts files moved (or, for a torn tail, copied) into `quarantine/`.
+    /// Notes an open chunk found at start that could not be recovered yet.
+    pub fn leave(&self, chunk_id: &str) {
+        self.left
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(chunk_id.to_string());
+    }
+
+    /// Takes the ids of the open chunks left at start, to try them again.
+    pub fn take_left(&self) -> Vec<String> {
+        std::mem::take(&mut *self.left.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Open chunks found at start and not recovered yet.
+    pub fn left(&self) -> usize {
+        self.left.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     pub fn count_quarantined(&self, files: u64) {
         self.quarantined.fetch_add(files, Ordering::Relaxed);
     }

@@ -326,14 +326,16 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
 }
 
 /// A data file that cannot be read (an I/O error, here a directory where the file should be)
-/// stays where it is, for the next start, rather than going to quarantine with its
-/// acknowledged events; one whose bytes are wrong goes to quarantine.
+/// stays where it is rather than going to quarantine with its acknowledged events, and is
+/// tried again while the sidecar runs ([`rescan`]); one whose bytes are wrong goes to
+/// quarantine.
 #[test]
-fn an_unreadable_data_file_stays_for_the_next_start_and_a_damaged_one_goes_aside() {
+fn an_unreadable_data_file_stays_and_is_recovered_once_it_reads_and_a_damaged_one_goes_aside() {
     let dir = tempfile::tempdir().unwrap();
     let chunks = dir.path().join("chunks");
     std::fs::create_dir_all(&chunks).unwrap();
-    let unreadable = chunks.join(format!("{}.chunk", "5".repeat(32)));
+    let id = "5".repeat(32);
+    let unreadable = chunks.join(format!("{id}.chunk"));
     std::fs::create_dir_all(&unreadable).unwrap();
     let damaged = chunks.join(format!("{}.chunk", "6".repeat(32)));
     std::fs::write(
@@ -342,7 +344,8 @@ fn an_unreadable_data_file_stays_for_the_next_start_and_a_damaged_one_goes_aside
     )
     .unwrap();
     let (tx, _rx) = mpsc::unbounded_channel();
-    let (_buffer, recovered) = Buffer::open(config(dir.path()), registry(), tx).unwrap();
+    let registry = registry();
+    let (_buffer, recovered) = Buffer::open(config(dir.path()), registry.clone(), tx).unwrap();
     assert!(recovered.sealed.is_empty());
     assert!(unreadable.is_dir(), "left in place");
     assert_eq!(
@@ -351,6 +354,40 @@ fn an_unreadable_data_file_stays_for_the_next_start_and_a_damaged_one_goes_aside
             .path()
             .join("quarantine")
             .join(damaged.file_name().unwrap())]
+    );
+    assert_eq!(registry.left(), 1);
+
+    // Still unreadable: left for the next try.
+    let found = rescan(&chunks, &registry).unwrap();
+    assert!(found.sealed.is_empty() && found.quarantined.is_empty());
+    assert_eq!(registry.left(), 1);
+
+    // Readable now (the open chunk's file, as the writer left it): sealed and delivered.
+    std::fs::remove_dir(&unreadable).unwrap();
+    let header = ChunkHeader {
+        chunk_id: id.clone(),
+        tag: "t".into(),
+        timekey: 0,
+        created_ms: 0,
+        reused: false,
+    };
+    let mut w = ChunkWriter::create(&unreadable, &header).unwrap();
+    w.append(&[entry_at(1, 5), entry_at(2, 5)], &[]).unwrap();
+    w.sync().unwrap();
+    drop(w);
+    let found = rescan(&chunks, &registry).unwrap();
+    assert_eq!(found.sealed.len(), 1);
+    assert_eq!(found.sealed[0].header.chunk_id, id);
+    assert_eq!(found.sealed[0].stats.records, 2);
+    assert!(
+        chunks.join(format!("{id}.state")).exists(),
+        "sealed on disk"
+    );
+    assert!(registry.contains(&id));
+    assert_eq!(registry.left(), 0);
+    assert!(
+        rescan(&chunks, &registry).unwrap().sealed.is_empty(),
+        "once"
     );
 }
 
