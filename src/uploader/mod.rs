@@ -154,12 +154,21 @@ fn quarantine(config: &UploaderConfig, registry: &Registry, chunk: &SealedChunk,
         Ok(to) => {
             error!(cause = %e, to = %to.display(), events = chunk.stats.records,
                    "chunk data is damaged and cannot be delivered; moved to quarantine");
+            registry.remove(&chunk.header.chunk_id);
         }
+        // Left in the registry, with the reason, so that the rescan does not take it for a
+        // chunk put back in the buffer and read it again every few seconds. The next start
+        // tries again.
         Err(q) => {
-            error!(cause = %e, quarantine_error = %q, "chunk data is damaged and cannot be moved to quarantine")
+            error!(cause = %e, quarantine_error = %q, events = chunk.stats.records,
+                   "chunk data is damaged and cannot be moved to quarantine; it stays in the buffer until the next start");
+            registry.failed(
+                &chunk.header.chunk_id,
+                Phase::Sealed,
+                format!("damaged ({e}), and cannot be moved to quarantine: {q}"),
+            );
         }
     }
-    registry.remove(&chunk.header.chunk_id);
 }
 
 /// Builds the body, stores it, records the pointer.

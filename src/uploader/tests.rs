@@ -540,6 +540,44 @@ async fn a_damaged_chunk_goes_to_quarantine_without_retries() {
     assert!(!registry.contains(&id));
 }
 
+/// A damaged chunk that cannot be moved to quarantine (here `quarantine` is a file) stays in
+/// the buffer, known to the registry with the reason: not read, uploaded and refused again
+/// by every rescan.
+#[tokio::test]
+async fn a_damaged_chunk_that_cannot_be_quarantined_stays_known_and_is_not_picked_up_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let (chunk, _) = sealed_chunk(dir.path(), &registry, 4, 10);
+    let mut bytes = std::fs::read(&chunk.paths.data).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x55;
+    std::fs::write(&chunk.paths.data, bytes).unwrap();
+    std::fs::write(dir.path().join("quarantine"), b"in the way").unwrap();
+    let store = Arc::new(MemoryStore::new("fake-bucket"));
+    let id = chunk.header.chunk_id.clone();
+    let cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
+    let failed = || {
+        registry
+            .snapshot()
+            .iter()
+            .any(|c| c.chunk_id == id && c.last_error.is_some())
+    };
+    assert!(
+        run_until(store.clone(), cfg, registry.clone(), chunk.clone(), failed)
+            .await
+            .is_none()
+    );
+    assert!(store.objects().is_empty());
+    assert!(chunk.paths.data.exists() && chunk.paths.state.exists());
+    let info = registry.snapshot().pop().unwrap();
+    assert!(
+        info.last_error.as_deref().unwrap().contains("quarantine"),
+        "{info:?}"
+    );
+    let found = crate::buffer::rescan(&crate::buffer::chunks_dir(dir.path()), &registry).unwrap();
+    assert!(found.sealed.is_empty(), "not picked up again");
+}
+
 #[tokio::test]
 async fn a_chunk_that_exhausts_its_budget_moves_to_dead_letters_and_replays() {
     let dir = tempfile::tempdir().unwrap();
