@@ -150,11 +150,11 @@ impl<J: Retried> RetryStep<J> {
     /// backoff. Per chunk at debug: the outage reporter says it once for all of them.
     pub fn failed(&self, mut job: J, failure: &Failure) -> Next {
         let id = job.chunk_id().to_owned();
-        let [waiting, _] = registry::phases_of(self.stage);
-        self.registry.failed(&id, waiting, failure.cause.clone());
         job.attempts().failed();
         job.unload();
         let attempts = *job.attempts();
+        // Dead-lettered while still in its working phase: a chunk marked waiting could be
+        // chosen by `drop_oldest_chunk` meanwhile, its files deleted under the move.
         if attempts.exhausted(&self.policy) {
             match dead_letter::move_to_dead(&self.buffer_dir, job.paths()) {
                 Ok(()) => {
@@ -172,6 +172,8 @@ impl<J: Retried> RetryStep<J> {
                 }
             }
         }
+        let [waiting, _] = registry::phases_of(self.stage);
+        self.registry.failed(&id, waiting, failure.cause.clone());
         let delay = attempts.delay(&self.policy);
         metrics().retry(self.stage.name());
         self.registry.retry_in(&id, delay);
