@@ -270,7 +270,6 @@ impl Registry {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts files moved (or, for a torn tail, copied) into `quarantine/`.
     /// Notes an open chunk found at start that could not be recovered yet.
     pub fn leave(&self, chunk_id: &str) {
         self.left
@@ -289,6 +288,7 @@ impl Registry {
         self.left.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// Counts files moved (or, for a torn tail, copied) into `quarantine/`.
     pub fn count_quarantined(&self, files: u64) {
         self.quarantined.fetch_add(files, Ordering::Relaxed);
     }

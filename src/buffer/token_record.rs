@@ -9,7 +9,8 @@
 //! `request` is a UUID. A request stored in several chunks (`parts` > 1) has one record per
 //! chunk, told apart by a part index: its `request` on disk is a version 8 UUID whose low 16
 //! bits are the index. Records written before the index existed hold a version 7 UUID, the
-//! same in every part; they are read with no index. Both read the same to older versions of
+//! same in every part; they are read with no index, and a request of several parts written so
+//! never counts as stored again (its parts cannot be told from one part found twice). Both read the same to older versions of
 //! the sidecar: the parts of a new record then look like different requests, each incomplete,
 //! so that a resend after a downgrade is stored again rather than acknowledged.
 

@@ -321,11 +321,15 @@ impl Tokens {
             let entry = requests
                 .entry(record.request)
                 .or_insert((record, 0, expires));
-            // Records written before the part index existed count by occurrence.
-            if record
-                .part
-                .is_none_or(|part| parts_found.insert((record.request, part)))
-            {
+            let found = match record.part {
+                Some(part) => parts_found.insert((record.request, part)),
+                // Written before the part index existed: the parts of a request carry the same
+                // record, so one found twice (journaled, and still in its chunk) cannot be told
+                // from two parts. Such a request counts only if it had one part: a resend of
+                // the others is stored again.
+                None => record.parts == 1,
+            };
+            if found {
                 entry.1 += 1;
             }
             entry.2 = match (entry.2, expires) {
@@ -489,36 +493,52 @@ mod tests {
         let window = Duration::from_secs(600);
         let dedup = Dedup::new(window, 1000);
         let tokens = Tokens::open(dir.path(), dedup, Vec::new()).unwrap();
-        // Two delivered chunks: one whose token is complete, one holding half of a request.
+        // A delivered chunk holding a whole request, half of another, and half of one written
+        // before the part index existed.
+        let split = TokenRecord::new_request();
+        let part = |part| TokenRecord {
+            part: Some(part),
+            ..record("split", split, 2)
+        };
         let paths = ChunkPaths::new(&chunks, "a");
         let mut w = chunk::ChunkWriter::create(&paths.data, &test_header()).unwrap();
         let mut recs = Vec::new();
         record("whole", 1, 1).encode(&mut recs);
-        record("split", 2, 2).encode(&mut recs);
+        part(0).encode(&mut recs);
+        record("old-split", 3, 2).encode(&mut recs);
         w.append(&[test_entry()], &recs).unwrap();
         w.sync().unwrap();
         tokens.retire(&[&paths]).unwrap();
-        assert_eq!(tokens.journaled(), 2);
-        assert_eq!(read_journal(dir.path()).len(), 2);
+        assert_eq!(tokens.journaled(), 3);
+        assert_eq!(read_journal(dir.path()).len(), 3);
 
-        // Restart: "split" counts only with its other part, still in a chunk.
+        // Restart: "split" counts only with its other part, still in a chunk; not with the
+        // same part found again (the chunk not deleted yet).
         let dedup = Dedup::new(window, 1000);
         Tokens::open(dir.path(), dedup.clone(), Vec::new()).unwrap();
         assert!(stored(&dedup, "whole"));
         assert!(!stored(&dedup, "split"), "half a request is not stored");
         let dedup = Dedup::new(window, 1000);
-        Tokens::open(dir.path(), dedup.clone(), vec![record("split", 2, 2)]).unwrap();
+        Tokens::open(dir.path(), dedup.clone(), vec![part(0)]).unwrap();
+        assert!(!stored(&dedup, "split"), "one part found twice");
+        let dedup = Dedup::new(window, 1000);
+        Tokens::open(dir.path(), dedup.clone(), vec![part(1)]).unwrap();
         assert!(stored(&dedup, "split"));
+        // A request of several parts without indices never counts: its parts cannot be told
+        // from one part found twice.
+        let dedup = Dedup::new(window, 1000);
+        Tokens::open(dir.path(), dedup.clone(), vec![record("old-split", 3, 2)]).unwrap();
+        assert!(!stored(&dedup, "old-split"));
 
         // Expired records are pruned from the file on start.
         let (mut j, _) = Journal::open(dir.path(), now_ms(), 100).unwrap();
         j.append(now_ms() - 1, &[record("old", 9, 1)], 0).unwrap();
-        assert_eq!(read_journal(dir.path()).len(), 3);
+        assert_eq!(read_journal(dir.path()).len(), 4);
         drop(j);
         let dedup = Dedup::new(window, 1000);
         Tokens::open(dir.path(), dedup.clone(), Vec::new()).unwrap();
         assert!(!stored(&dedup, "old"));
-        assert_eq!(read_journal(dir.path()).len(), 2);
+        assert_eq!(read_journal(dir.path()).len(), 3);
 
         // A torn tail ends the journal without losing what comes before it.
         let mut f = OpenOptions::new()
