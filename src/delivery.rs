@@ -186,8 +186,7 @@ async fn rescan(
         tokio::time::sleep(RESCAN_INTERVAL).await;
         let (dir, registry) = (dir.clone(), registry.clone());
         match tokio::task::spawn_blocking(move || buffer::rescan(&dir, &registry)).await {
-            Ok(Ok(found)) => enqueue(found, &sealed, &uploaded),
-            Ok(Err(e)) => warn!(cause = %e, "cannot rescan the buffer"),
+            Ok(found) => enqueue(found, &sealed, &uploaded),
             Err(e) => warn!(cause = %e, "buffer rescan failed"),
         }
     }

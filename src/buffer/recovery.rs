@@ -293,22 +293,47 @@ fn recover_open(
 /// `claimcheck replay` moved back while the sidecar runs; and the open chunks that start-up
 /// recovery left for later ([`Registry::leave`]), tried again. Other files with no state file
 /// are never picked up here: they are the writer's open chunks.
-pub fn rescan(dir: &Path, registry: &Registry) -> io::Result<Recovered> {
+pub fn rescan(dir: &Path, registry: &Registry) -> Recovered {
     let mut out = Recovered::default();
     let buffer_dir = dir.parent().unwrap_or(dir);
-    for id in registry.take_left() {
+    for id in registry.left_ids() {
         let paths = ChunkPaths::new(dir, &id);
-        if paths.state.exists() || !paths.data.exists() {
+        match (paths.state.try_exists(), paths.data.try_exists()) {
             // Sealed since (picked up below), or gone.
-            continue;
+            (Ok(true), _) | (_, Ok(false)) => {
+                registry.forget_left(&id);
+                continue;
+            }
+            (_, Err(e)) | (Err(e), _) => {
+                warn!(chunk_id = %id, cause = %e, "cannot look at an open chunk left at start yet; trying again later");
+                continue;
+            }
+            (Ok(false), Ok(true)) => {}
         }
+        // Noted again if it still cannot be recovered.
+        registry.forget_left(&id);
         if let Err(e) = recover_open(buffer_dir, &id, paths, registry, &mut out, Attempt::Again) {
             warn!(chunk_id = %id, cause = %e, "cannot recover an open chunk yet; trying again later");
             registry.leave(&id);
         }
     }
-    for entry in fs::read_dir(dir)? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
+    // What was recovered above is returned whatever fails below: it is in the registry now,
+    // and would be skipped by every later rescan.
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            warn!(dir = %dir.display(), cause = %e, "cannot list the buffer to pick up chunks put back in it");
+            return out;
+        }
+    };
+    for entry in entries {
+        let name = match entry {
+            Ok(entry) => entry.file_name().to_string_lossy().into_owned(),
+            Err(e) => {
+                warn!(dir = %dir.display(), cause = %e, "cannot list the buffer to pick up chunks put back in it");
+                break;
+            }
+        };
         let Some(id) = name.strip_suffix(&format!(".{STATE_EXT}")) else {
             continue;
         };
@@ -319,14 +344,16 @@ pub fn rescan(dir: &Path, registry: &Registry) -> io::Result<Recovered> {
         match chunk::read_state(&paths.state) {
             Ok(state) => {
                 info!(chunk_id = %id, "picked up a chunk put back in the buffer");
-                out.add(registry, state, paths)?;
+                if let Err(e) = out.add(registry, state, paths) {
+                    warn!(chunk_id = %id, cause = %e, "cannot pick up a chunk put back in the buffer yet");
+                }
             }
             Err(e) => {
                 warn!(chunk_id = %id, cause = %e, "cannot read the state of a chunk put back in the buffer")
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Seals an open chunk found at start: its torn tail cut (and kept in `quarantine/`, unless

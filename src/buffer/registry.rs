@@ -86,7 +86,7 @@ pub struct Registry {
     spares: Arc<Spares>,
     /// Open chunks found at start that could not be sealed or read then (a full disk, a read
     /// error): tried again by [`super::rescan`].
-    left: Mutex<Vec<String>>,
+    left: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// One request counted in [`Registry::requests_waiting`] while this lives.
@@ -275,12 +275,21 @@ impl Registry {
         self.left
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(chunk_id.to_string());
+            .insert(chunk_id.to_string());
     }
 
-    /// Takes the ids of the open chunks left at start, to try them again.
-    pub fn take_left(&self) -> Vec<String> {
-        std::mem::take(&mut *self.left.lock().unwrap_or_else(|e| e.into_inner()))
+    /// The ids of the open chunks left at start, to try them again.
+    pub fn left_ids(&self) -> Vec<String> {
+        let left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        left.iter().cloned().collect()
+    }
+
+    /// Forgets an open chunk left at start: recovered, or gone.
+    pub fn forget_left(&self, chunk_id: &str) {
+        self.left
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(chunk_id);
     }
 
     /// Open chunks found at start and not recovered yet.

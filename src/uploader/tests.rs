@@ -574,7 +574,7 @@ async fn a_damaged_chunk_that_cannot_be_quarantined_stays_known_and_is_not_picke
         info.last_error.as_deref().unwrap().contains("quarantine"),
         "{info:?}"
     );
-    let found = crate::buffer::rescan(&crate::buffer::chunks_dir(dir.path()), &registry).unwrap();
+    let found = crate::buffer::rescan(&crate::buffer::chunks_dir(dir.path()), &registry);
     assert!(found.sealed.is_empty(), "not picked up again");
 }
 
@@ -606,7 +606,7 @@ async fn a_chunk_that_exhausts_its_budget_moves_to_dead_letters_and_replays() {
         crate::buffer::dead_letter::replay(dir.path(), &[]).unwrap(),
         vec![id.clone()]
     );
-    let found = crate::buffer::rescan(&crate::buffer::chunks_dir(dir.path()), &registry).unwrap();
+    let found = crate::buffer::rescan(&crate::buffer::chunks_dir(dir.path()), &registry);
     assert_eq!(
         found
             .sealed
