@@ -137,7 +137,11 @@ pub async fn run<S: ChunkStore>(
                         registry.outage(Stage::Upload).succeeded(1);
                         let _ = publish.send(uploaded);
                     }
-                    Err(e) if e.is_damaged() => quarantine(&config, &registry, &job.chunk, &e),
+                    Err(e) if e.is_damaged() => {
+                        if let Err(failure) = quarantine(&config, &registry, &job.chunk, &e) {
+                            retry.failed(job, &failure);
+                        }
+                    }
                     Err(e) => {
                         retry.failed(job, &Failure::from(&e));
                     }
@@ -148,25 +152,39 @@ pub async fn run<S: ChunkStore>(
     }
 }
 
-fn quarantine(config: &UploaderConfig, registry: &Registry, chunk: &SealedChunk, e: &UploadError) {
+/// Moves a damaged chunk to `quarantine/`. If that fails, the chunk stays in the buffer and
+/// the move is tried again on the retry backoff (the failure returned), until the retry budget
+/// sends it to `dead/`: left in the registry, it is not taken by the rescan for a chunk put
+/// back in the buffer, and it is not forgotten until the next start either.
+fn quarantine(
+    config: &UploaderConfig,
+    registry: &Registry,
+    chunk: &SealedChunk,
+    e: &UploadError,
+) -> Result<(), Failure> {
     let paths = &chunk.paths;
     match dead_letter::quarantine(&config.buffer_dir, &[&paths.data, &paths.state], registry) {
         Ok(to) => {
             error!(cause = %e, to = %to.display(), events = chunk.stats.records,
                    "chunk data is damaged and cannot be delivered; moved to quarantine");
             registry.remove(&chunk.header.chunk_id);
+            Ok(())
         }
-        // Left in the registry, with the reason, so that the rescan does not take it for a
-        // chunk put back in the buffer and read it again every few seconds. The next start
-        // tries again.
+        // Moved in part: the data is in quarantine, the state file left behind is no chunk.
+        Err(q) if matches!(paths.data.try_exists(), Ok(false)) => {
+            error!(cause = %e, quarantine_error = %q, events = chunk.stats.records,
+                   "chunk data is damaged and cannot be delivered; its data was moved to quarantine, its state file not");
+            registry.remove(&chunk.header.chunk_id);
+            Ok(())
+        }
         Err(q) => {
             error!(cause = %e, quarantine_error = %q, events = chunk.stats.records,
-                   "chunk data is damaged and cannot be moved to quarantine; it stays in the buffer until the next start");
-            registry.failed(
-                &chunk.header.chunk_id,
-                Phase::Sealed,
-                format!("damaged ({e}), and cannot be moved to quarantine: {q}"),
-            );
+                   "chunk data is damaged and cannot be moved to quarantine; it stays in the buffer and the move is tried again");
+            Err(Failure {
+                code: "quarantine".into(),
+                cause: format!("damaged ({e}), and cannot be moved to quarantine: {q}"),
+                retryable: false,
+            })
         }
     }
 }

@@ -541,10 +541,10 @@ async fn a_damaged_chunk_goes_to_quarantine_without_retries() {
 }
 
 /// A damaged chunk that cannot be moved to quarantine (here `quarantine` is a file) stays in
-/// the buffer, known to the registry with the reason: not read, uploaded and refused again
-/// by every rescan.
+/// the buffer, known to the registry with the reason (so not taken by a rescan for a chunk put
+/// back), and the move is tried again on the retry backoff: once it can be made, it is.
 #[tokio::test]
-async fn a_damaged_chunk_that_cannot_be_quarantined_stays_known_and_is_not_picked_up_again() {
+async fn a_damaged_chunk_that_cannot_be_quarantined_yet_is_moved_there_later() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(Registry::new());
     let (chunk, _) = sealed_chunk(dir.path(), &registry, 4, 10);
@@ -552,30 +552,43 @@ async fn a_damaged_chunk_that_cannot_be_quarantined_stays_known_and_is_not_picke
     let last = bytes.len() - 2;
     bytes[last] ^= 0x55;
     std::fs::write(&chunk.paths.data, bytes).unwrap();
-    std::fs::write(dir.path().join("quarantine"), b"in the way").unwrap();
+    let in_the_way = dir.path().join("quarantine");
+    std::fs::write(&in_the_way, b"in the way").unwrap();
     let store = Arc::new(MemoryStore::new("fake-bucket"));
     let id = chunk.header.chunk_id.clone();
     let cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
-    let failed = || {
-        registry
-            .snapshot()
-            .iter()
-            .any(|c| c.chunk_id == id && c.last_error.is_some())
+    let moved = dir.path().join("quarantine").join(format!("{id}.chunk"));
+    let chunks = crate::buffer::chunks_dir(dir.path());
+    let refused = std::cell::Cell::new(false);
+    let done = || {
+        if in_the_way.is_file() {
+            let Some(info) = registry.snapshot().into_iter().find(|c| c.chunk_id == id) else {
+                return false;
+            };
+            let Some(error) = info.last_error else {
+                return false;
+            };
+            assert!(error.contains("quarantine"), "{error}");
+            assert!(chunk.paths.data.exists() && chunk.paths.state.exists());
+            assert!(
+                crate::buffer::rescan(&chunks, &registry).sealed.is_empty(),
+                "not picked up as a chunk put back"
+            );
+            refused.set(true);
+            std::fs::remove_file(&in_the_way).unwrap();
+        }
+        moved.exists() && !registry.contains(&id)
     };
     assert!(
-        run_until(store.clone(), cfg, registry.clone(), chunk.clone(), failed)
+        run_until(store.clone(), cfg, registry.clone(), chunk.clone(), done)
             .await
             .is_none()
     );
+    assert!(refused.get(), "the first move failed");
+    assert!(moved.exists(), "moved on a later try");
     assert!(store.objects().is_empty());
-    assert!(chunk.paths.data.exists() && chunk.paths.state.exists());
-    let info = registry.snapshot().pop().unwrap();
-    assert!(
-        info.last_error.as_deref().unwrap().contains("quarantine"),
-        "{info:?}"
-    );
-    let found = crate::buffer::rescan(&crate::buffer::chunks_dir(dir.path()), &registry);
-    assert!(found.sealed.is_empty(), "not picked up again");
+    assert!(!chunk.paths.data.exists());
+    assert!(!registry.contains(&id));
 }
 
 #[tokio::test]
