@@ -227,13 +227,7 @@ fn recovery_seals_open_chunks_cuts_torn_tails_and_requeues_sealed_ones() {
     let dir = tempfile::tempdir().unwrap();
     let chunks = chunks_dir(dir.path());
     std::fs::create_dir_all(&chunks).unwrap();
-    let header = |id: &str| ChunkHeader {
-        chunk_id: id.into(),
-        tag: "t".into(),
-        timekey: 0,
-        created_ms: 0,
-        reused: false,
-    };
+    let header = header_of;
 
     // An open chunk with two whole frames and a torn third.
     let open_paths = ChunkPaths::new(&chunks, &"1".repeat(32));
@@ -364,13 +358,7 @@ fn an_unreadable_data_file_stays_and_is_recovered_once_it_reads_and_a_damaged_on
 
     // Readable now (the open chunk's file, as the writer left it): sealed and delivered.
     std::fs::remove_dir(&unreadable).unwrap();
-    let header = ChunkHeader {
-        chunk_id: id.clone(),
-        tag: "t".into(),
-        timekey: 0,
-        created_ms: 0,
-        reused: false,
-    };
+    let header = header_of(&id);
     let mut w = ChunkWriter::create(&unreadable, &header).unwrap();
     w.append(&[entry_at(1, 5), entry_at(2, 5)], &[]).unwrap();
     w.sync().unwrap();
@@ -397,13 +385,7 @@ fn a_sealed_chunk_shorter_than_its_state_keeps_its_whole_frames() {
     let chunks = chunks_dir(dir.path());
     std::fs::create_dir_all(&chunks).unwrap();
     let id = "6".repeat(32);
-    let header = ChunkHeader {
-        chunk_id: id.clone(),
-        tag: "t".into(),
-        timekey: 0,
-        created_ms: 0,
-        reused: false,
-    };
+    let header = header_of(&id);
     let paths = ChunkPaths::new(&chunks, &id);
     let mut w = ChunkWriter::create(&paths.data, &header).unwrap();
     w.append(&[entry_at(1, 5), entry_at(2, 5)], &[]).unwrap();
@@ -711,6 +693,17 @@ async fn seals_due_at_once_are_spread_over_rounds_and_appends_go_on() {
     assert_eq!((last.header.tag.as_str(), last.stats.records), ("other", 5));
 }
 
+/// The header of a chunk of tag `t` at timekey 0.
+fn header_of(id: &str) -> ChunkHeader {
+    ChunkHeader {
+        chunk_id: id.into(),
+        tag: "t".into(),
+        timekey: 0,
+        created_ms: 0,
+        reused: false,
+    }
+}
+
 fn is_stored(dedup: &Arc<crate::dedup::Dedup>, token: &'static [u8]) -> bool {
     matches!(
         dedup.check(
@@ -834,13 +827,7 @@ fn half_of_a_request_found_at_recovery_is_not_taken_as_stored() {
     // The first of two parts was written, the crash came before the second: not acknowledged.
     let mut w = ChunkWriter::create(
         &chunks.join(format!("{}.chunk", "a".repeat(32))),
-        &ChunkHeader {
-            chunk_id: "a".repeat(32),
-            tag: "t".into(),
-            timekey: 0,
-            created_ms: 0,
-            reused: false,
-        },
+        &header_of(&"a".repeat(32)),
     )
     .unwrap();
     let mut records = Vec::new();

@@ -510,15 +510,21 @@ async fn json_bodies_carry_tag_time_and_record() {
     );
 }
 
-#[tokio::test]
-async fn a_damaged_chunk_goes_to_quarantine_without_retries() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Arc::new(Registry::new());
-    let (chunk, _) = sealed_chunk(dir.path(), &registry, 4, 10);
+/// A sealed chunk of 4 events whose last frame fails its CRC.
+fn damaged_chunk(dir: &std::path::Path, registry: &Registry) -> SealedChunk {
+    let (chunk, _) = sealed_chunk(dir, registry, 4, 10);
     let mut bytes = std::fs::read(&chunk.paths.data).unwrap();
     let last = bytes.len() - 2;
     bytes[last] ^= 0x55;
     std::fs::write(&chunk.paths.data, bytes).unwrap();
+    chunk
+}
+
+#[tokio::test]
+async fn a_damaged_chunk_goes_to_quarantine_without_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let chunk = damaged_chunk(dir.path(), &registry);
     let store = Arc::new(MemoryStore::new("fake-bucket"));
     let id = chunk.header.chunk_id.clone();
     let cfg = config(dir.path(), Format::Msgpack, Compression::Zstd);
@@ -547,11 +553,7 @@ async fn a_damaged_chunk_goes_to_quarantine_without_retries() {
 async fn a_damaged_chunk_that_cannot_be_quarantined_yet_is_moved_there_later() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(Registry::new());
-    let (chunk, _) = sealed_chunk(dir.path(), &registry, 4, 10);
-    let mut bytes = std::fs::read(&chunk.paths.data).unwrap();
-    let last = bytes.len() - 2;
-    bytes[last] ^= 0x55;
-    std::fs::write(&chunk.paths.data, bytes).unwrap();
+    let chunk = damaged_chunk(dir.path(), &registry);
     let in_the_way = dir.path().join("quarantine");
     std::fs::write(&in_the_way, b"in the way").unwrap();
     let store = Arc::new(MemoryStore::new("fake-bucket"));
