@@ -20,7 +20,9 @@
 //! copy's connection is still open, or read another request or ended in order after
 //! answering it (over TLS, with or without a close_notify): it is stored. Only a repeat whose
 //! earlier copy's connection failed, or was closed by the sender before the answer went out
-//! (or from before a restart), is taken for a resend.
+//! (or from before a restart), is taken for a resend; it then stands in for that copy, so
+//! that the same entries again behind it on its connection (a record repeated in the chunk
+//! Fluent Bit resends) are new data.
 //!
 //! A token is kept as a 128-bit keyed hash of its sender and bytes ([`Key`]): one entry of
 //! 64 bytes in the table and 40 in the expiry queue (once more when its chunk is delivered),
@@ -335,12 +337,30 @@ impl Dedup {
         let key = self.keying.key(sender, token);
         let mut inner = self.lock();
         self.expire(&mut inner, Instant::now());
-        match inner.slots.get(&key) {
+        // A resend of a content-hash token takes the place of the copy it resends: the sender
+        // resends a whole chunk, and in it a later request with the same entries (a line
+        // repeated within its second, in Message mode) is new data once this one is answered
+        // on a connection that goes on, not a resend of the failed copy's.
+        match inner.slots.get_mut(&key) {
             Some(slot) if fluent_bit && slot.settled() => {}
-            Some(Slot::Stored { .. }) => return Seen::Stored,
+            Some(Slot::Stored {
+                origin: earlier, ..
+            }) => {
+                if fluent_bit {
+                    *earlier = Some(origin);
+                }
+                return Seen::Stored;
+            }
             // An earlier copy whose connection is gone without an outcome is forgotten.
-            Some(Slot::Pending { outcome, .. }) if outcome.has_changed().is_ok() => {
-                return Seen::Pending(outcome.clone())
+            Some(Slot::Pending {
+                outcome,
+                origin: earlier,
+                ..
+            }) if outcome.has_changed().is_ok() => {
+                if fluent_bit {
+                    *earlier = origin;
+                }
+                return Seen::Pending(outcome.clone());
             }
             _ => {}
         }
@@ -544,6 +564,62 @@ mod tests {
         assert!(matches!(
             d.check(sender, &token, origin(), false),
             Seen::Stored
+        ));
+    }
+
+    /// Fluent Bit resends a whole chunk after a failed connection. In Message mode each record
+    /// is a request, hashed alone: two identical records of one chunk share a token. If the
+    /// failed connection stored only the first, its resend is acked, and the second, behind it
+    /// on the new connection, is new data: it must be stored, not taken for a resend.
+    #[test]
+    fn a_content_hash_repeat_behind_a_resend_on_a_new_connection_is_new_data() {
+        let d = Dedup::new(Duration::from_secs(300), 10);
+        let token = Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .encode(&Sha512::digest(b"\x92\x01\x80")[..16]),
+        );
+        let sender = ip("10.0.0.1");
+        let at = |link: &Arc<Link>, answer| Origin {
+            link: link.clone(),
+            answer,
+        };
+        // Stored and acked on a connection that then failed before reading the second record.
+        let failed = Link::new();
+        let Seen::New(first) = d.check(sender, &token, at(&failed, 0), true) else {
+            panic!("new")
+        };
+        first.finish(true);
+        failed.close();
+        // Or stored before a restart.
+        let restarted = Dedup::new(Duration::from_secs(300), 10);
+        restarted.remember(sender, &token, Duration::ZERO);
+        for d in [&d, &restarted] {
+            let retry = Link::new();
+            assert!(
+                matches!(d.check(sender, &token, at(&retry, 0), true), Seen::Stored),
+                "the resend of the first record"
+            );
+            let Seen::New(second) = d.check(sender, &token, at(&retry, 1), true) else {
+                panic!("the second record is new data")
+            };
+            second.finish(true);
+        }
+
+        // The same behind a resend that waits for the first copy to be stored.
+        let d = Dedup::new(Duration::from_secs(300), 10);
+        let failed = Link::new();
+        let Seen::New(first) = d.check(sender, &token, at(&failed, 0), true) else {
+            panic!("new")
+        };
+        failed.close();
+        let retry = Link::new();
+        let Seen::Pending(_) = d.check(sender, &token, at(&retry, 0), true) else {
+            panic!("waits for the first copy")
+        };
+        first.finish(true);
+        assert!(matches!(
+            d.check(sender, &token, at(&retry, 1), true),
+            Seen::New(_)
         ));
     }
 

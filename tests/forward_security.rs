@@ -524,6 +524,15 @@ async fn a_repeated_content_hash_token_is_new_data_unless_its_ack_may_be_lost() 
         1.0,
         "one resend"
     );
+    // Fluent Bit resends the whole chunk: a second record with the same line, behind the
+    // resend on the same connection, is new data (in Message mode each record is a request
+    // with its own hash, so the fourth connection's chunk could have held it unsent).
+    request(&mut fifth, &repeated, &token).await.unwrap();
+    assert_eq!(
+        sidecar.metric("claimcheck_events_received_total").await,
+        6.0,
+        "the record behind the resend stored"
+    );
 
     // A Fluentd token repeated on a connection that is still open is a resend.
     let mut entries = vec![0x92];
@@ -538,7 +547,7 @@ async fn a_repeated_content_hash_token_is_new_data_unless_its_ack_may_be_lost() 
     request(&mut first, &resent, fluentd_token).await.unwrap();
     assert_eq!(
         sidecar.metric("claimcheck_events_received_total").await,
-        6.0,
+        7.0,
         "the Fluentd chunk stored once"
     );
     assert_eq!(
@@ -552,7 +561,7 @@ async fn a_repeated_content_hash_token_is_new_data_unless_its_ack_may_be_lost() 
     request(&mut second, &compressed, &token).await.unwrap();
     assert_eq!(
         sidecar.metric("claimcheck_events_received_total").await,
-        8.0,
+        9.0,
         "a gzip request repeated on an open connection stored twice"
     );
 
@@ -579,7 +588,7 @@ async fn a_repeated_content_hash_token_is_new_data_unless_its_ack_may_be_lost() 
     request(&mut second, &message, &token).await.unwrap();
     assert_eq!(
         sidecar.metric("claimcheck_events_received_total").await,
-        10.0,
+        11.0,
         "a Message-mode record repeated on an open connection stored twice"
     );
     drop((first, second, fifth));
