@@ -594,6 +594,47 @@ async fn a_repeated_content_hash_token_is_new_data_unless_its_ack_may_be_lost() 
     drop((first, second, fifth));
 }
 
+/// A request refused after an ack (here bytes that are no msgpack) is a request read after
+/// it, as one handled is: the ack had arrived, so the same entries again on another
+/// connection are new data, not a resend of the acked copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_after_an_ack_shows_the_ack_arrived() {
+    use common::load::request;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let sidecar = Sidecar::standalone(&[]);
+    let mut entries = vec![0x92, 0x92];
+    claimcheck_consumer::entry::encode::event_time(
+        &mut entries,
+        claimcheck_consumer::entry::EventTime::new(now_secs(), 0),
+    );
+    entries.push(0x80);
+    entries.extend(pack(&Value::Map(vec![("check".into(), "ok".into())])));
+    let (repeated, token) = fluent_bit_request("health", &entries, 1, false);
+    let mut first = TcpStream::connect(sidecar.addr()).await.unwrap();
+    request(&mut first, &repeated, &token).await.unwrap();
+    first.write_all(&[0xc1]).await.unwrap();
+    sidecar
+        .await_metrics("the garbage refused", |m| {
+            metric_sum(
+                m,
+                r#"claimcheck_requests_refused_total{reason="not_msgpack"}"#,
+            ) == 1.0
+                && metric_sum(m, "claimcheck_connections_open") == 0.0
+        })
+        .await;
+    let mut second = TcpStream::connect(sidecar.addr()).await.unwrap();
+    request(&mut second, &repeated, &token).await.unwrap();
+    assert_eq!(
+        sidecar.metric("claimcheck_events_received_total").await,
+        2.0
+    );
+    assert_eq!(
+        sidecar.metric("claimcheck_duplicate_requests_total").await,
+        0.0
+    );
+}
+
 /// `[tag, bin(metrics), {"fluent_signal": 1, "chunk": token}]`, as Fluent Bit sends metrics.
 fn metrics_request(token: &str) -> Vec<u8> {
     let mut out = vec![0x93];

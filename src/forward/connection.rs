@@ -434,6 +434,16 @@ impl Connection {
 
     /// The next complete request in the read buffer, if there is one.
     fn next_request(&mut self) -> Result<Option<Bytes>, ConnectionError> {
+        let next = self.scan_request();
+        if next.is_err() {
+            // A request refused is a request read all the same: the answers sent before it
+            // had arrived (see [`Link::read_request`]), as for one that is handled.
+            self.link.read_request(self.answered);
+        }
+        next
+    }
+
+    fn scan_request(&mut self) -> Result<Option<Bytes>, ConnectionError> {
         // Until the PING is accepted, nothing larger than a PING: a peer that has not
         // authenticated does not get chunk_size_limit of memory held for it.
         let (limit, too_large) = match self.handshake {
