@@ -574,6 +574,11 @@ impl Connection {
             self.store_all_but_the_last(&tag, pieces, plan).await?
         };
         if split.groups.is_empty() {
+            // Nothing to store (every event skipped): done, as a stored request is, so that a
+            // copy of it waiting on this one is acked too rather than taken for a failure.
+            if let Some(ticket) = ticket {
+                ticket.finish(true);
+            }
             self.ack_now(token);
             return Ok(());
         }
