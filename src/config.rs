@@ -285,6 +285,9 @@ pub struct ServeArgs {
     pub client: Vec<ClientRule>,
 
     /// Close each connection after its first request and ack (Fluentd's `deny_keepalive`).
+    /// Not for Fluent Bit with a dynamic `Tag` (its Message mode): it sends a chunk's records
+    /// as one request each on one connection and retries the whole chunk when that fails, so
+    /// the first record is stored again on every try and the others never arrive.
     #[arg(long, env = "CLAIMCHECK_DENY_KEEPALIVE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub deny_keepalive: bool,
 
