@@ -43,7 +43,8 @@ pub enum Error {
     #[error("object s3://{bucket}/{key} is missing")]
     ObjectMissing { bucket: String, key: String },
     /// The object was replaced between the read that verified it and the read that decoded it
-    /// (see [`Verification::BeforeEvents`](crate::Verification::BeforeEvents)).
+    /// (see [`Verification::BeforeEvents`](crate::Verification::BeforeEvents)), three times
+    /// in a row.
     #[error("object s3://{bucket}/{key} changed while it was being read")]
     ObjectChanged { bucket: String, key: String },
     /// The stored object's CRC32C is not the pointer's: the object was changed or damaged.

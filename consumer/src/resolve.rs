@@ -30,7 +30,9 @@ pub enum Verification {
     /// decompressed size and event count. Objects up to
     /// [`Resolver::in_memory_object_bytes`] are read once and kept (compressed) in memory for
     /// the check; larger objects are read twice, the second time pinned to the ETag of the
-    /// first (`If-Match`), so memory stays bounded.
+    /// first (`If-Match`), so memory stays bounded. An object replaced in between (a retried
+    /// upload of the same bytes gets a new ETag under SSE-KMS) is checked again from the start,
+    /// twice at most, before [`Error::ObjectChanged`].
     #[default]
     BeforeEvents,
     /// Events are handed out as they are decoded, from a single read; the checks run at the
@@ -249,19 +251,34 @@ async fn run(
             .map(drop)
         }
         Verification::BeforeEvents => {
-            let etag = object.etag.clone();
-            let first = tokio_util::io::SyncIoBridge::new(object.body);
-            let checked = blocking(
-                p.clone(),
-                gauge.clone(),
-                tx.clone(),
-                move |p, gauge, sink| decode::decode_object(p, first, gauge, &mut Unless(&*sink)),
-            )
-            .await?;
-            if checked == Outcome::Stopped {
-                return Ok(());
-            }
-            let object = get(source, &p, etag.as_deref(), &gauge).await?;
+            let mut object = object;
+            let mut changes = 0;
+            // The object read and checked, then read again only if it is still that one.
+            let object = loop {
+                let etag = object.etag.clone();
+                let first = tokio_util::io::SyncIoBridge::new(object.body);
+                let checked = blocking(
+                    p.clone(),
+                    gauge.clone(),
+                    tx.clone(),
+                    move |p, gauge, sink| {
+                        decode::decode_object(p, first, gauge, &mut Unless(&*sink))
+                    },
+                )
+                .await?;
+                if checked == Outcome::Stopped {
+                    return Ok(());
+                }
+                match get(source, &p, etag.as_deref(), &gauge).await {
+                    // Replaced in between, before any event went out: a retried upload of the
+                    // same bytes has a new ETag under SSE-KMS. Checked again from the start.
+                    Err(Error::ObjectChanged { .. }) if changes < MAX_OBJECT_CHANGES => {
+                        changes += 1;
+                        object = get(source, &p, None, &gauge).await?;
+                    }
+                    second => break second?,
+                }
+            };
             let second = tokio_util::io::SyncIoBridge::new(object.body);
             blocking(p, gauge, tx, move |p, gauge, sink| {
                 decode::decode_object(p, second, gauge, sink)
@@ -279,6 +296,10 @@ async fn run(
         }
     }
 }
+
+/// How many times an object replaced between its two reads is read again from the start
+/// before [`Error::ObjectChanged`].
+const MAX_OBJECT_CHANGES: u32 = 2;
 
 /// Starts a read and checks the object's size, when S3 says it, before anything is read.
 async fn get(
@@ -646,6 +667,26 @@ mod tests {
         assert!(matches!(err, Error::ObjectMissing { .. }), "{err}");
         assert!(err.is_chunk_error());
 
+        // Uploaded again between the two reads, the same bytes under a new ETag (as a retried
+        // upload is under SSE-KMS): read again from the start, not an error.
+        let same = bucket.take(&p.key).unwrap();
+        bucket.put(&p.key, same.clone());
+        *bucket.replace_after_read.lock().unwrap() = Some((p.key.clone(), same));
+        bucket.reads.lock().unwrap().clear();
+        let chunk = resolver
+            .clone()
+            .in_memory_object_bytes(0)
+            .resolve(&p)
+            .await
+            .unwrap();
+        assert_eq!(chunk.events.len() as u64, p.records);
+        let gets = bucket.reads.lock().unwrap().len();
+        assert_eq!(
+            gets, 4,
+            "read, changed, read from the start again and twice"
+        );
+
+        // Replaced by other bytes: read again, and found wrong.
         *bucket.replace_after_read.lock().unwrap() = Some((p.key.clone(), b"new".to_vec()));
         let err = resolver
             .clone()
@@ -653,7 +694,7 @@ mod tests {
             .resolve(&p)
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::ObjectChanged { .. }), "{err}");
+        assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
 
         let err = resolver.clone().max_body_bytes(10).resolve(&p).await;
         assert!(matches!(err, Err(Error::BodyTooLarge { limit: 10, .. })));

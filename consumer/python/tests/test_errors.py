@@ -161,6 +161,38 @@ class FakeS3:
         return {"Body": self.bodies[-1], "ContentLength": len(self.data), "ETag": '"e"'}
 
 
+class ReplacedOnce(FakeS3):
+    """Its object is uploaded again (same bytes, a new ETag, as a retried upload under SSE-KMS)
+    between the first two reads."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.if_match = []
+
+    def get_object(self, Bucket, Key, IfMatch=None):  # noqa: N803 - boto3's names
+        import botocore.exceptions
+
+        self.if_match.append(IfMatch)
+        if IfMatch is not None and len(self.if_match) == 2:
+            raise botocore.exceptions.ClientError(
+                {
+                    "Error": {"Code": "PreconditionFailed"},
+                    "ResponseMetadata": {"HTTPStatusCode": 412},
+                },
+                "GetObject",
+            )
+        return super().get_object(Bucket, Key, IfMatch)
+
+
+def test_an_object_uploaded_again_between_its_two_reads_is_read_again():
+    pointer, body = good()
+    s3 = ReplacedOnce(body)
+    events = claimcheck.resolve(pointer, s3, in_memory_body_bytes=0, in_memory_object_bytes=0)
+    assert len(list(events)) == pointer.records
+    assert s3.if_match == [None, '"e"', None, '"e"']
+    assert all(b.closes == 1 for b in s3.bodies)
+
+
 @pytest.mark.parametrize("how", ["end", "close", "with", "error"])
 def test_the_s3_body_is_closed_when_the_events_end(how):
     pointer, body = good()

@@ -102,6 +102,11 @@ def _s3(client: Any) -> Any:
     return _default_client
 
 
+#: How many times an object replaced between its two reads is read again from the start
+#: before :class:`ObjectChanged` (as the Rust crate).
+_MAX_OBJECT_CHANGES = 2
+
+
 def _get(s3: Any, p: Pointer, if_match: Optional[str] = None) -> Any:
     import botocore.exceptions
 
@@ -196,9 +201,21 @@ def resolve(
             return _verify_then_decode(p, body)
         finally:
             body.close()
-    try:
-        _verify(p, body)
-    finally:
-        body.close()
-    second = _get(s3, p, if_match=response.get("ETag"))
-    return _decode(p, second["Body"], release=second["Body"])
+    changes = 0
+    while True:
+        try:
+            _verify(p, body)
+        finally:
+            body.close()
+        try:
+            second = _get(s3, p, if_match=response.get("ETag"))
+        except errors.ObjectChanged:
+            # Replaced in between, before any event went out: a retried upload of the same
+            # bytes has a new ETag under SSE-KMS. Checked again from the start.
+            if changes >= _MAX_OBJECT_CHANGES:
+                raise
+            changes += 1
+            response = _get(s3, p)
+            body = response["Body"]
+            continue
+        return _decode(p, second["Body"], release=second["Body"])
