@@ -541,6 +541,8 @@ struct State {
     tag: Option<(Box<str>, Py<PyString>)>,
     /// Closed once the events end (`close()` on a boto3 `StreamingBody`).
     release: Option<Py<PyAny>>,
+    /// Every event was handed out and the body checked to its end.
+    done: bool,
 }
 
 impl State {
@@ -589,6 +591,7 @@ impl Events {
                 spare: Vec::new(),
                 tag: None,
                 release,
+                done: false,
             }),
             failed,
         })
@@ -608,6 +611,7 @@ impl Events {
                 spare: Vec::new(),
                 tag: None,
                 release: None,
+                done: false,
             }),
             failed,
         }
@@ -649,10 +653,18 @@ impl Events {
                 Err(e) => break Err(failure(py, e, &self.failed)),
             }
         };
+        state.done = matches!(ended, Ok(None));
         let body = state.end();
         drop(state);
         release(py, body);
         ended
+    }
+
+    /// True once the iteration reached its end: every event handed out, the body checked to
+    /// its end. False before, after an error, and after `close()`.
+    #[getter]
+    fn done(&self) -> bool {
+        self.state.try_lock().is_ok_and(|state| state.done)
     }
 
     /// Stops reading: the rest of the body is not read and nothing more is checked.

@@ -23,7 +23,10 @@ Duplicates (a pointer re-published after a sidecar crash, or a batch retried) ar
 their chunk id is among the last ``DEDUP_WINDOW`` chunks processed in this execution
 environment: the window lives in module memory, carries over between invocations of a warm
 environment and starts empty in a new one. A chunk counts as processed when the loop asks for
-the next one (or ends) without an exception.
+the next one (or ends) without an exception. A loop left early (``break``) counts the chunk
+it was on as processed only if its events were read to the end (``chunk.events.done``);
+``batch.response`` then names the record Lambda must retry from, with or without the ``with``
+block.
 
 This mirrors the Rust crate's ``lambda::Consumer``.
 """
@@ -108,15 +111,38 @@ class Batch:
         self.failed: Optional[str] = None
         self.error: Optional[BaseException] = None
         self._started = False
+        self._done = False
         self._index = 0
 
     @property
     def response(self) -> dict:
         """``{"batchItemFailures": [...]}``: empty, or the record Lambda must retry from."""
+        if self.failed is None and self._started and not self._done:
+            self._left_early()
         items: List[dict] = []
         if self.failed is not None:
             items.append({"itemIdentifier": self.failed})
         return {"batchItemFailures": items}
+
+    def _left_early(self) -> None:
+        """The loop stopped before the batch's end without an exception: Lambda retries from
+        the chunk it was on, unless its events were read to the end, then from the next
+        record, which nobody saw."""
+        chunk = self._current
+        self._current = None
+        if chunk is not None and not chunk.events.done:
+            chunk.events.close()
+            self.failed = chunk.sequence_number
+        else:
+            if chunk is not None:
+                _remember(chunk.pointer.chunk_id)
+            rest = self._records[self._index + 1 :]
+            if not rest:
+                self._done = True
+                return
+            self.failed = rest[0].get("kinesis", {}).get("sequenceNumber", "")
+        self._done = True
+        log.warning("loop left early; Lambda will retry from %s", self.failed)
 
     def __iter__(self) -> Iterator[Chunk]:
         if self._started:
@@ -150,6 +176,7 @@ class Batch:
             # The loop asked for the next chunk: this one was processed.
             self._current = None
             _remember(pointer.chunk_id)
+        self._done = True
 
     def _fail(self, sequence: str, error: BaseException) -> None:
         self.failed = sequence
@@ -162,18 +189,12 @@ class Batch:
         return self
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> bool:
+        if error is None:
+            if self._started and not self._done and self.failed is None:
+                self._left_early()
+            return False
         chunk = self._current
         self._current = None
-        if error is None:
-            if chunk is not None:
-                # The loop was left early (break): the chunk handed out counts as processed,
-                # and Lambda retries from the next record, which nobody saw.
-                _remember(chunk.pointer.chunk_id)
-                rest = self._records[self._index + 1 :]
-                if rest:
-                    self.failed = rest[0].get("kinesis", {}).get("sequenceNumber", "")
-                    log.warning("loop left early; Lambda will retry from %s", self.failed)
-            return False
         if chunk is None or not isinstance(error, Exception):
             return False
         chunk.events.close()
