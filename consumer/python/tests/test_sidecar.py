@@ -236,49 +236,49 @@ def test_lambda_loop_left_early(sidecars, s3):
     _, _, records = produce(sidecars, "lambda-break", "msgpack", "zstd", chunks=3)
     ids = [claimcheck.Pointer.parse(r["Data"]).chunk_id for r in records]
     event = lambda_event(records)
-    seq = lambda i: {"batchItemFailures": [{"itemIdentifier": records[i]["SequenceNumber"]}]}  # noqa: E731
+
+    def retry_from(i):
+        return {"batchItemFailures": [{"itemIdentifier": records[i]["SequenceNumber"]}]}
+
+    def fresh():
+        claimcheck.lambda_.forget()
+        return claimcheck.lambda_.chunks(event, s3)
 
     # Left before reading the second chunk's events (out of time, say): Lambda retries from it.
-    claimcheck.lambda_.forget()
-    with claimcheck.lambda_.chunks(event, s3) as batch:
+    with fresh() as batch:
         for n, chunk in enumerate(batch):
             if n == 1:
                 break
             assert not chunk.events.done
             list(chunk.events)
             assert chunk.events.done
-    assert batch.response == seq(1)
+    assert batch.response == retry_from(1)
     with claimcheck.lambda_.chunks(event, s3) as retry:
         assert [c.pointer.chunk_id for c in retry] == ids[1:], "the second is not taken as processed"
 
     # Left once the second chunk's events were all read: Lambda retries from the third.
-    claimcheck.lambda_.forget()
-    with claimcheck.lambda_.chunks(event, s3) as batch:
+    with fresh() as batch:
         for n, chunk in enumerate(batch):
             list(chunk.events)
             if n == 1:
                 break
-    assert batch.response == seq(2)
+    assert batch.response == retry_from(2)
 
-    # The same without the with block: the response names the record to retry from.
-    claimcheck.lambda_.forget()
-    batch = claimcheck.lambda_.chunks(event, s3)
-    for chunk in batch:
-        break
-    assert batch.response == seq(0)
-    claimcheck.lambda_.forget()
-    batch = claimcheck.lambda_.chunks(event, s3)
-    for chunk in batch:
-        list(chunk.events)
-        break
-    assert batch.response == seq(1)
-
-    # Read to the end: nothing to retry.
-    claimcheck.lambda_.forget()
-    batch = claimcheck.lambda_.chunks(event, s3)
-    for chunk in batch:
-        list(chunk.events)
-    assert batch.response == {"batchItemFailures": []}
+    # Without the with block, the response names the record to retry from all the same; read
+    # to the end, nothing.
+    cases = [
+        (False, True, retry_from(0)),
+        (True, True, retry_from(1)),
+        (True, False, {"batchItemFailures": []}),
+    ]
+    for read, stop, expected in cases:
+        batch = fresh()
+        for chunk in batch:
+            if read:
+                list(chunk.events)
+            if stop:
+                break
+        assert batch.response == expected, (read, stop)
 
 
 def test_the_example_function(sidecars, s3, capsys, monkeypatch):
