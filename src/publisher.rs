@@ -333,8 +333,8 @@ async fn publish<P: PointerSink>(
 /// Deletes published chunks, their tokens journaled first (unless `journaled` says they are
 /// already), and forgets them; returns those still there, to be deleted later (a restart in
 /// between publishes them again: a duplicate pointer, which consumers drop, not a loss), and
-/// whether their tokens are journaled. Journaling a chunk's tokens once only matters: the
-/// window counts a request's parts by their records.
+/// whether their tokens are journaled. A chunk's tokens are journaled once, however many tries
+/// its deletion takes, so that the journal does not fill with copies of them.
 async fn retire(
     registry: &Registry,
     chunks: Vec<UploadedChunk>,

@@ -431,7 +431,7 @@ async fn a_published_chunk_that_cannot_be_deleted_yet_is_deleted_later() {
     assert_eq!(
         tokens.journaled(),
         1,
-        "its token journaled once: the window counts a request's parts by their records"
+        "its token journaled once, not once per try"
     );
 }
 
