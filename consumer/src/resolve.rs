@@ -673,12 +673,9 @@ mod tests {
         bucket.put(&p.key, same.clone());
         *bucket.replace_after_read.lock().unwrap() = Some((p.key.clone(), same));
         bucket.reads.lock().unwrap().clear();
-        let chunk = resolver
-            .clone()
-            .in_memory_object_bytes(0)
-            .resolve(&p)
-            .await
-            .unwrap();
+        // Objects above this are read twice.
+        let read_twice = resolver.clone().in_memory_object_bytes(0);
+        let chunk = read_twice.resolve(&p).await.unwrap();
         assert_eq!(chunk.events.len() as u64, p.records);
         let gets = bucket.reads.lock().unwrap().len();
         assert_eq!(
@@ -688,12 +685,7 @@ mod tests {
 
         // Replaced by other bytes: read again, and found wrong.
         *bucket.replace_after_read.lock().unwrap() = Some((p.key.clone(), b"new".to_vec()));
-        let err = resolver
-            .clone()
-            .in_memory_object_bytes(0)
-            .resolve(&p)
-            .await
-            .unwrap_err();
+        let err = read_twice.resolve(&p).await.unwrap_err();
         assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
 
         let err = resolver.clone().max_body_bytes(10).resolve(&p).await;

@@ -78,6 +78,21 @@ impl Hook {
     }
 }
 
+/// A hook that fails the `n`th `op` (counting from 1) with `error`; the count is returned, for
+/// a test to read or reset.
+fn fail_nth(op: Op, n: u32, error: fn() -> io::Error) -> (Hook, Rc<Cell<u32>>) {
+    let count = Rc::new(Cell::new(0));
+    let counted = count.clone();
+    let hook = Hook::set(move |o, _, _| {
+        (o == op && {
+            counted.set(counted.get() + 1);
+            counted.get() == n
+        })
+        .then(error)
+    });
+    (hook, count)
+}
+
 impl Drop for Hook {
     fn drop(&mut self) {
         fault::set(None);
@@ -174,14 +189,8 @@ fn a_new_file_created_after_a_held_round_is_fsynced_into_its_directory() {
 fn a_request_held_by_a_full_disk_is_written_with_its_token() {
     let dir = tempfile::tempdir().unwrap();
     let (mut w, registry, mut sealed) = writer_sealing(dir.path(), None);
-    let creates = Rc::new(Cell::new(0));
-    let counted = creates.clone();
-    let _hook = Hook::set(move |op, _, _| {
-        (op == Op::Create && {
-            counted.set(counted.get() + 1);
-            counted.get() == 1
-        })
-        .then(|| io::Error::from(io::ErrorKind::StorageFull))
+    let (_hook, creates) = fail_nth(Op::Create, 1, || {
+        io::Error::from(io::ErrorKind::StorageFull)
     });
     let (r, mut d) = request_with_token(&registry, "t", Some(b"tok-1"));
     w.round(vec![r], Instant::now());
@@ -276,15 +285,7 @@ fn a_request_written_in_one_of_its_two_chunks_is_not_taken_as_stored_after_a_res
     use crate::dedup::{Dedup, Link, Origin, Seen};
     let dir = tempfile::tempdir().unwrap();
     let (mut w, registry, mut sealed) = writer_sealing(dir.path(), None);
-    let writes = Rc::new(Cell::new(0));
-    let counted = writes.clone();
-    let _hook = Hook::set(move |op, _, _| {
-        (op == Op::Write && {
-            counted.set(counted.get() + 1);
-            counted.get() == 2
-        })
-        .then(|| io::Error::other("I/O error"))
-    });
+    let (_hook, writes) = fail_nth(Op::Write, 2, || io::Error::other("I/O error"));
     let sender: std::net::IpAddr = "10.0.0.9".parse().unwrap();
     let groups = vec![
         group_of(60, &[entry_at(61, 1)]),

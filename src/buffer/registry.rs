@@ -292,11 +292,6 @@ impl Registry {
             .remove(chunk_id);
     }
 
-    /// Open chunks found at start and not recovered yet.
-    pub fn left(&self) -> usize {
-        self.left.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
     /// Counts files moved (or, for a torn tail, copied) into `quarantine/`.
     pub fn count_quarantined(&self, files: u64) {
         self.quarantined.fetch_add(files, Ordering::Relaxed);

@@ -349,12 +349,12 @@ fn an_unreadable_data_file_stays_and_is_recovered_once_it_reads_and_a_damaged_on
             .join("quarantine")
             .join(damaged.file_name().unwrap())]
     );
-    assert_eq!(registry.left(), 1);
+    assert_eq!(registry.left_ids().len(), 1);
 
     // Still unreadable: left for the next try.
     let found = rescan(&chunks, &registry);
     assert!(found.sealed.is_empty() && found.quarantined.is_empty());
-    assert_eq!(registry.left(), 1);
+    assert_eq!(registry.left_ids().len(), 1);
 
     // Readable now (the open chunk's file, as the writer left it): sealed and delivered.
     std::fs::remove_dir(&unreadable).unwrap();
@@ -372,7 +372,7 @@ fn an_unreadable_data_file_stays_and_is_recovered_once_it_reads_and_a_damaged_on
         "sealed on disk"
     );
     assert!(registry.contains(&id));
-    assert_eq!(registry.left(), 0);
+    assert_eq!(registry.left_ids().len(), 0);
     assert!(rescan(&chunks, &registry).sealed.is_empty(), "once");
 }
 
