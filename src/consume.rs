@@ -127,12 +127,15 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let (s3, kinesis) = aws::load_configs(&s3_access, &kinesis_access).await;
     let resolver = Resolver::new(aws::s3_client(&s3));
+    // Emulators such as moto never end a closed shard with a null iterator; Kinesis does, and
+    // there an empty page proves nothing.
     let mut builder = StreamReader::builder(
         aws::kinesis_client(&kinesis),
         resolver,
         &args.kinesis_stream,
     )
-    .start(args.from);
+    .start(args.from)
+    .closed_shards_end_when_caught_up(aws::kinesis_endpoint_overridden(&kinesis));
     if let Some(path) = &args.checkpoint {
         builder = builder.checkpoints(FileCheckpointStore::new(path));
     }

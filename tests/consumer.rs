@@ -538,7 +538,9 @@ fn labels_once(got: &[Got], sent: &[String]) {
 /// keeps receiving every later write (children stay empty after a split), a merge copies the
 /// parents' records into the child, and GetRecords never ends a closed shard. What it does
 /// model — the shard tree, closed parents in ListShards, records in closed parents — is what
-/// this test reads across; the unit tests cover Kinesis' own routing with a faithful fake.
+/// this test reads across; the unit tests cover Kinesis' own routing with a faithful fake. The
+/// readers end a closed parent once it is caught up, as `claimcheck tail` does against an
+/// overridden endpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resharding_mid_read_loses_nothing_and_reads_parents_first() {
     let env = Emulated::start("reshard").await;
@@ -546,6 +548,7 @@ async fn resharding_mid_read_loses_nothing_and_reads_parents_first() {
     let open = |stream: String| {
         StreamReader::builder(kinesis.clone(), Resolver::new(env.aws.s3.clone()), stream)
             .shard_refresh_interval(std::time::Duration::ZERO)
+            .closed_shards_end_when_caught_up(true)
             .open()
     };
 
@@ -628,6 +631,7 @@ async fn resharding_mid_read_loses_nothing_and_reads_parents_first() {
         stream.clone(),
     )
     .shard_refresh_interval(std::time::Duration::ZERO)
+    .closed_shards_end_when_caught_up(true)
     .records_per_read(1)
     .open()
     .await

@@ -225,6 +225,10 @@ mod in_memory {
         pub(crate) reads: Mutex<Vec<String>>,
         /// The next GetRecords call finds its iterator expired.
         expire_next: std::sync::atomic::AtomicBool,
+        /// The next GetRecords call returns an empty page with `MillisBehindLatest` 0.
+        empty_next: std::sync::atomic::AtomicBool,
+        /// Closed shards never end with a null iterator, as in moto.
+        never_null: std::sync::atomic::AtomicBool,
     }
 
     impl InMemoryStream {
@@ -263,6 +267,20 @@ mod in_memory {
         /// five minutes without a call.
         pub fn expire_next_read(&self) {
             self.expire_next
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+
+        /// Makes the next GetRecords call return an empty page with `MillisBehindLatest` 0 and
+        /// an iterator at the same place, whatever lies after it.
+        pub fn empty_next_read(&self) {
+            self.empty_next
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+
+        /// From now on a closed shard read to its end gives an empty page with a next iterator
+        /// instead of a null one, as moto does.
+        pub fn never_end_shards(&self) {
+            self.never_null
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
 
@@ -371,6 +389,19 @@ mod in_memory {
             let (id, after) = iterator.split_once(':').unwrap();
             let after: u64 = after.parse().unwrap();
             self.reads.lock().unwrap().push(id.to_string());
+            if self
+                .empty_next
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
+                let next = Some(self.position(id, after));
+                return Box::pin(async move {
+                    Ok(Read::Page {
+                        records: Vec::new(),
+                        next,
+                        caught_up: true,
+                    })
+                });
+            }
             let shards = self.shards.lock().unwrap();
             let shard = shards.iter().find(|s| s.info.id == id).unwrap();
             let rest: Vec<&Record> = shard
@@ -385,7 +416,8 @@ mod in_memory {
                 .collect();
             let last = page.last().map_or(after, |r| seq(&r.sequence_number));
             let caught_up = page.len() == rest.len();
-            let next = if shard.info.closed && caught_up {
+            let never_null = self.never_null.load(std::sync::atomic::Ordering::Relaxed);
+            let next = if shard.info.closed && caught_up && !never_null {
                 None
             } else {
                 Some(self.position(id, last))

@@ -20,8 +20,10 @@
 //!   duplicates and filtered pointers count as committed.
 //!
 //! A shard is read to its end when Kinesis returns no next iterator (a closed shard). Some
-//! emulators never do that; the reader also treats a shard that ListShards reports closed
-//! and that has nothing left to read (`MillisBehindLatest` 0) as ended.
+//! emulators (moto) never do that; for them,
+//! [`closed_shards_end_when_caught_up`](StreamReaderBuilder::closed_shards_end_when_caught_up)
+//! also treats a shard that ListShards reports closed as ended once a read of it comes back
+//! empty with `MillisBehindLatest` 0.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -141,6 +143,7 @@ pub struct StreamReaderBuilder {
     shard_refresh: Duration,
     records_per_read: i32,
     filter: Option<Filter>,
+    end_when_caught_up: bool,
 }
 
 impl std::fmt::Debug for StreamReaderBuilder {
@@ -207,6 +210,17 @@ impl StreamReaderBuilder {
         self
     }
 
+    /// Also ends a shard that ListShards reports closed when a read of it comes back empty
+    /// with `MillisBehindLatest` 0, not only when GetRecords returns no next iterator (off
+    /// unless set). For emulators that never return a null iterator for a closed shard, such
+    /// as moto, whose closed parents would otherwise hold their children back forever. Leave
+    /// it off against Kinesis: an empty page is no proof that a shard was read to its end
+    /// there, and records after it would be skipped.
+    pub fn closed_shards_end_when_caught_up(mut self, on: bool) -> Self {
+        self.end_when_caught_up = on;
+        self
+    }
+
     /// Loads the checkpoint, if any, and lists the stream's shards.
     pub async fn open(self) -> Result<StreamReader, Error> {
         let mut recent = RecentIds::new(self.dedup_window);
@@ -253,6 +267,7 @@ impl StreamReaderBuilder {
             shard_refresh: self.shard_refresh,
             records_per_read: self.records_per_read,
             filter: self.filter,
+            end_when_caught_up: self.end_when_caught_up,
             initial: None,
             restored,
             resumed,
@@ -368,6 +383,8 @@ pub struct StreamReader {
     shard_refresh: Duration,
     records_per_read: i32,
     filter: Option<Filter>,
+    /// [`StreamReaderBuilder::closed_shards_end_when_caught_up`].
+    end_when_caught_up: bool,
     /// Shard ids listed when the reader opened.
     initial: Option<HashSet<String>>,
     /// Positions from the checkpoint, for shards not known yet.
@@ -432,6 +449,7 @@ impl StreamReader {
             shard_refresh: Duration::from_secs(10),
             records_per_read: 1000,
             filter: None,
+            end_when_caught_up: false,
         }
     }
 
@@ -609,6 +627,7 @@ impl StreamReader {
         let kinesis = self.kinesis.clone();
         let stream = self.stream.as_str();
         let limit = self.records_per_read;
+        let end_when_caught_up = self.end_when_caught_up;
         let reads = self
             .shards
             .iter()
@@ -616,7 +635,12 @@ impl StreamReader {
             .filter(|(_, s)| !s.ended)
             .map(|(i, shard)| {
                 let kinesis = &*kinesis;
-                async move { (i, read_shard(kinesis, stream, shard, limit).await) }
+                async move {
+                    (
+                        i,
+                        read_shard(kinesis, stream, shard, limit, end_when_caught_up).await,
+                    )
+                }
             });
         // The reads change no shard: what they found is applied here, all of it, once every
         // read is back. So a read that fails does not lose the records the others read, and a
@@ -764,6 +788,7 @@ async fn read_shard(
     stream: &str,
     shard: &Shard,
     limit: i32,
+    end_when_caught_up: bool,
 ) -> Result<ShardRead, Error> {
     let nothing = |iterator, ended| ShardRead {
         records: Vec::new(),
@@ -789,7 +814,8 @@ async fn read_shard(
             next,
             caught_up,
         } => {
-            let ended = next.is_none() || (shard.closed && records.is_empty() && caught_up);
+            let ended = next.is_none()
+                || (end_when_caught_up && shard.closed && records.is_empty() && caught_up);
             ShardRead {
                 records,
                 iterator: next,

@@ -89,18 +89,24 @@ where
     result
 }
 
-/// True when an S3 endpoint override is configured, in the SDK config or the environment.
-fn endpoint_overridden(config: &SdkConfig) -> bool {
+/// True when an endpoint override is configured, in the SDK config or the environment
+/// (`AWS_ENDPOINT_URL` or the service's own variable).
+fn endpoint_overridden(config: &SdkConfig, service_variable: &str) -> bool {
     config.endpoint_url().is_some()
-        || ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"]
+        || ["AWS_ENDPOINT_URL", service_variable]
             .iter()
             .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+}
+
+/// True when Kinesis is reached at an overridden endpoint: an emulator, most likely.
+pub fn kinesis_endpoint_overridden(config: &SdkConfig) -> bool {
+    endpoint_overridden(config, "AWS_ENDPOINT_URL_KINESIS")
 }
 
 /// An S3 client; path-style when an endpoint is overridden.
 pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
     let s3 = aws_sdk_s3::config::Builder::from(config)
-        .force_path_style(endpoint_overridden(config))
+        .force_path_style(endpoint_overridden(config, "AWS_ENDPOINT_URL_S3"))
         .build();
     aws_sdk_s3::Client::from_conf(s3)
 }

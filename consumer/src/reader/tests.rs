@@ -196,6 +196,47 @@ async fn children_are_read_after_their_parents_across_a_split_and_a_merge() {
     );
 }
 
+#[tokio::test]
+async fn an_empty_page_does_not_end_a_closed_shard_unless_asked() {
+    let mut world = World::new(1);
+    for hash in [LOW, HIGH, LOW] {
+        world.publish(hash);
+    }
+    let (left, _) = world.stream.split(parent_id());
+    world.publish(LOW);
+    let mut reader = world.builder().records_per_read(1).open().await.unwrap();
+    let mut first = reader.next().await.unwrap().unwrap();
+    let mut got = vec![(first.position().shard_id.clone(), number(&mut first).await)];
+    reader.commit(first.position());
+    // The closed parent's next page comes back empty before its last records, claiming to be
+    // caught up: only a null iterator ends the shard. The reader has nothing new after that
+    // page; asked again, it reads the rest.
+    world.stream.empty_next_read();
+    assert!(reader.next().await.unwrap().is_none());
+    got.extend(drain(&mut reader).await);
+    assert_eq!(numbers(&got), (0..4).collect::<Vec<_>>(), "{got:?}");
+    assert_eq!(got.last().unwrap(), &(left.clone(), 3));
+
+    // An emulator that never ends a closed shard: its children wait for ever unless the
+    // reader is told to end a closed shard that is caught up.
+    let mut world = World::new(1);
+    world.stream.never_end_shards();
+    world.publish(LOW);
+    let (left, _) = world.stream.split(parent_id());
+    world.publish(LOW);
+    let mut reader = world.builder().open().await.unwrap();
+    let got = drain(&mut reader).await;
+    assert_eq!(got, [(parent_id().to_string(), 0)], "the child waits");
+    let mut reader = world
+        .builder()
+        .closed_shards_end_when_caught_up(true)
+        .open()
+        .await
+        .unwrap();
+    let got = drain(&mut reader).await;
+    assert_eq!(got, [(parent_id().to_string(), 0), (left, 1)]);
+}
+
 fn parent_id() -> &'static str {
     "shardId-000000000000"
 }
