@@ -118,7 +118,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub print_config: bool,
 
-    /// Address of the forward listener (TCP). The Docker image uses 0.0.0.0:24224.
+    /// Address of the forward listener (TCP, and UDP on the same port for heartbeats). The
+    /// Docker image uses 0.0.0.0:24224.
     #[arg(long, env = "CLAIMCHECK_LISTEN", default_value = "127.0.0.1:24224")]
     pub listen: SocketAddr,
 
