@@ -3,7 +3,9 @@
 //! A record is the pointer's JSON, or for an inline chunk the JSON and the body. Inline bodies
 //! are held in memory only for an attempt: a chunk arrives from the uploader (or from recovery)
 //! without its body, and has it read from its state file when its batch is made, again for each
-//! retry.
+//! retry. Every inline body is checked against its pointer's length and CRC32C before it is
+//! sent: one damaged in its state file is never published; its chunk goes back to `sealed`
+//! and is compressed again from its data file.
 //!
 //! Pointers are batched into PutRecords requests (at most 500 records and 5 MiB including
 //! partition keys, Kinesis' limits). A request can succeed while some of its records fail
@@ -91,17 +93,60 @@ impl Job {
     }
 
     /// Reads an inline body back from the chunk's state file (blocking).
-    fn load(&mut self) -> Result<(), String> {
-        let state = chunk::read_state(&self.chunk.paths.state)
-            .map_err(|e| format!("cannot read the inline body from the state file: {e}"))?;
+    fn load(&mut self) -> Result<(), Unloadable> {
+        let state = chunk::read_state(&self.chunk.paths.state).map_err(|e| {
+            Unloadable::Unreadable(format!(
+                "cannot read the inline body from the state file: {e}"
+            ))
+        })?;
         match state.into_pointer() {
             Some(pointer) if pointer.is_inline() => {
+                if damaged_inline(&pointer) {
+                    return Err(Unloadable::Damaged);
+                }
                 self.data = Some(Bytes::from(pointer.to_record()));
                 Ok(())
             }
-            _ => Err("the state file holds no inline body".into()),
+            _ => Err(Unloadable::Unreadable(
+                "the state file holds no inline body".into(),
+            )),
         }
     }
+}
+
+/// Why an inline body could not be put in its record.
+enum Unloadable {
+    /// The state file cannot be read (or holds no inline body): try again later.
+    Unreadable(String),
+    /// The body read back does not match its pointer: the state file was damaged on disk.
+    Damaged,
+}
+
+/// An inline body whose length or CRC32C differs from what its pointer says. Its events would
+/// be lost to every consumer (which refuses such a body) once the chunk is deleted, so it is
+/// never published: the chunk is compressed again from its data file, whose frames carry their
+/// own checksums.
+fn damaged_inline(pointer: &Pointer) -> bool {
+    pointer.inline.as_ref().is_some_and(|body| {
+        body.len() as u64 != pointer.stored_bytes
+            || claimcheck_consumer::crc::crc32c(body) != pointer.checksum.crc32c
+    })
+}
+
+/// Puts a chunk whose inline body was damaged back to `sealed` and out of the registry, so
+/// that the buffer's rescan (within 5 s) hands it to the uploader again, which builds its body
+/// anew from the data file (blocking). Until then its bytes do not count toward the buffer's
+/// size.
+fn upload_again(registry: &Registry, chunk: &UploadedChunk) -> std::io::Result<()> {
+    let sealed = match chunk::read_state(&chunk.paths.state)? {
+        chunk::ChunkState::Uploaded { header, stats, .. }
+        | chunk::ChunkState::Sealed { header, stats } => {
+            chunk::ChunkState::Sealed { header, stats }
+        }
+    };
+    chunk::write_state(&chunk.paths.state, &sealed)?;
+    registry.remove(&chunk.pointer.chunk_id);
+    Ok(())
 }
 
 /// Publishes pointers for as long as it runs, deleting each chunk once its pointer is accepted.
@@ -156,7 +201,7 @@ pub async fn run<P: PointerSink>(
             estimate += size;
             estimate == size || estimate <= MAX_BATCH_BYTES
         });
-        let jobs = load_bodies(jobs, &retry).await;
+        let jobs = load_bodies(jobs, &registry, &retry).await;
         let mut bytes = 0;
         let mut batch = Vec::new();
         let wait = |mut job: Job| {
@@ -207,19 +252,43 @@ impl Retried for Job {
     }
 }
 
-/// Reads the inline bodies that are on disk only; a job whose body cannot be read is retried
-/// later (and dead-lettered when its budget is spent).
-async fn load_bodies(jobs: Vec<Job>, retry: &RetryStep<Job>) -> Vec<Job> {
-    if jobs.iter().all(|j| j.data.is_some()) {
+/// Reads the inline bodies that are on disk only and checks every inline body against its
+/// pointer; a job whose body cannot be read is retried later (and dead-lettered when its
+/// budget is spent), one whose body is damaged goes back to the uploader.
+async fn load_bodies(jobs: Vec<Job>, registry: &Arc<Registry>, retry: &RetryStep<Job>) -> Vec<Job> {
+    if jobs
+        .iter()
+        .all(|j| j.data.is_some() && !damaged_inline(&j.chunk.pointer))
+    {
         return jobs;
     }
+    let registry = registry.clone();
     let loaded = tokio::task::spawn_blocking(move || {
         jobs.into_iter()
-            .map(|mut job| match job.data {
-                Some(_) => (job, Ok(())),
-                None => {
-                    let result = job.load();
-                    (job, result)
+            .filter_map(|mut job| {
+                let damaged = match job.data {
+                    Some(_) => damaged_inline(&job.chunk.pointer),
+                    None => match job.load() {
+                        Ok(()) => false,
+                        Err(Unloadable::Damaged) => true,
+                        Err(Unloadable::Unreadable(e)) => return Some((job, Err(e))),
+                    },
+                };
+                if !damaged {
+                    return Some((job, Ok(())));
+                }
+                let id = &job.chunk.pointer.chunk_id;
+                match upload_again(&registry, &job.chunk) {
+                    Ok(()) => {
+                        error!(chunk_id = %id, "the inline body read back does not match its pointer (damaged on disk); the chunk is compressed again from its data file");
+                        None
+                    }
+                    Err(e) => Some((
+                        job,
+                        Err(format!(
+                            "the inline body read back does not match its pointer, and the chunk cannot be set to be uploaded again: {e}"
+                        )),
+                    )),
                 }
             })
             .collect::<Vec<_>>()

@@ -354,6 +354,66 @@ async fn inline_records_carry_their_body_on_every_attempt_and_go_only_once_accep
     assert_eq!(registry.usage(), 0);
 }
 
+/// An inline chunk whose body in the state file no longer matches its pointer (damaged on
+/// disk): never published, put back to `sealed` with its data file kept, and out of the
+/// registry for the rescan to hand to the uploader; the others go as usual.
+#[tokio::test]
+async fn an_inline_body_damaged_on_disk_is_not_published_but_uploaded_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(Registry::new());
+    let sink = Arc::new(FakeSink::default());
+    let damage = |chunk: &UploadedChunk| {
+        let mut body = chunk.pointer.inline.clone().unwrap().to_vec();
+        body[0] ^= 1;
+        let mut pointer = chunk.pointer.clone();
+        pointer.inline = Some(body.into());
+        let state = chunk::ChunkState::uploaded(
+            chunk.header.clone(),
+            Default::default(),
+            pointer.clone(),
+            None,
+        );
+        chunk::write_state(&chunk.paths.state, &state).unwrap();
+        pointer
+    };
+    // Its body on disk only, read back for the batch.
+    let mut on_disk = uploaded_inline(dir.path(), &registry, 1);
+    damage(&on_disk);
+    on_disk.pointer.inline = None;
+    // As recovery hands it over after a restart: the body read from the state file.
+    let mut recovered = uploaded_inline(dir.path(), &registry, 2);
+    recovered.pointer = damage(&recovered);
+    let sound = uploaded_inline(dir.path(), &registry, 3);
+    let chunks = [on_disk, recovered, sound];
+    let task = start(&sink, config(dir.path()), &registry, &chunks);
+    wait_until("the sound chunk is deleted", || {
+        !chunks[2].paths.data.exists()
+    })
+    .await;
+    wait_until("the damaged ones leave the registry", || {
+        registry.snapshot().is_empty()
+    })
+    .await;
+    task.abort();
+
+    let published: Vec<String> = sink
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(|(_, id)| id.clone())
+        .collect();
+    assert_eq!(published, [chunks[2].pointer.chunk_id.clone()]);
+    for damaged in &chunks[..2] {
+        assert!(damaged.paths.data.exists(), "the data file is kept");
+        match chunk::read_state(&damaged.paths.state).unwrap() {
+            chunk::ChunkState::Sealed { header, .. } => assert_eq!(header, damaged.header),
+            other => panic!("not put back to sealed: {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn batches_respect_the_record_limit() {
     let dir = tempfile::tempdir().unwrap();
