@@ -873,8 +873,10 @@ pub struct FrameReader {
     frame_start: u64,
     /// The payload length of the last frame read.
     last_frame: u64,
-    /// The layout; token frames are skipped: they are not body.
+    /// The layout; token frames are checked and left out: they are not body.
     frames: Frames,
+    /// A token frame's payload, read to be checked.
+    tokens: Vec<u8>,
 }
 
 impl FrameReader {
@@ -897,6 +899,7 @@ impl FrameReader {
             frame_start: start,
             last_frame: 0,
             frames,
+            tokens: Vec::new(),
         })
     }
 
@@ -967,7 +970,20 @@ impl FrameReader {
                 });
             }
             if is_tokens {
-                self.file.seek_relative(self.frame_left as i64)?;
+                // Read and checked, not skipped: each frame's CRC covers its payload only, so
+                // a data frame whose length word gained the token bit on disk would otherwise
+                // drop out of the body unnoticed. Entries never decode as token records.
+                self.tokens.clear();
+                self.tokens.resize(self.frame_left as usize, 0);
+                self.file.read_exact(&mut self.tokens)?;
+                if self.frames.crc(&self.tokens) != self.frame_crc
+                    || TokenRecord::decode_all(&self.tokens).is_none()
+                {
+                    return Err(ReadError::BadFrame {
+                        offset: self.frame_start,
+                        why: "damaged token frame",
+                    });
+                }
                 self.pos += self.frame_left;
                 self.frame_left = 0;
             }
@@ -978,6 +994,18 @@ impl FrameReader {
     /// Accounts for a piece of the current frame just read; checks the frame's CRC32C at its
     /// end.
     fn consumed(&mut self, piece: &[u8]) -> Result<(), ReadError> {
+        // A data frame starts with an entry, a msgpack array; a token record never does (its
+        // first byte is 4 or 16), so a token frame that lost its bit on disk is caught here.
+        if self.pos == self.frame_start + FRAME_HEADER as u64
+            && !piece
+                .first()
+                .is_some_and(|b| matches!(b, 0x90..=0x9f | 0xdc | 0xdd))
+        {
+            return Err(ReadError::BadFrame {
+                offset: self.frame_start,
+                why: "frame does not start with an entry",
+            });
+        }
         self.crc = crc::crc32c_append(self.crc, piece);
         self.pos += piece.len() as u64;
         self.frame_left -= piece.len() as u64;
@@ -1200,6 +1228,16 @@ mod tests {
         Bytes::from(b)
     }
 
+    fn token_record() -> TokenRecord {
+        TokenRecord {
+            sender: std::net::Ipv4Addr::LOCALHOST.into(),
+            token: Bytes::from_static(b"tok"),
+            request: 1,
+            parts: 1,
+            part: None,
+        }
+    }
+
     fn frame_reader(path: &Path, end: u64) -> FrameReader {
         let mut file = File::open(path).unwrap();
         let (_, frames) = read_header(&mut file).unwrap();
@@ -1241,11 +1279,14 @@ mod tests {
         let mut w = ChunkWriter::create(&path, &header()).unwrap();
         let mut all = Vec::new();
         // Frames above and below the reader's buffer, in every order, some followed by a
-        // token frame (skipped: not body).
+        // token frame (checked, not body). Each payload starts as an entry does.
         let sizes = [200_000, 150_000, 10, 70_000, 65_536, 3, 300_000, 9];
+        let mut record = Vec::new();
+        token_record().encode(&mut record);
         for (i, size) in sizes.into_iter().enumerate() {
-            let payload: Vec<u8> = (0..size).map(|b| (b * 7 + i) as u8).collect();
-            let tokens = if i % 3 == 1 { &b"tok"[..] } else { &[][..] };
+            let mut payload: Vec<u8> = (0..size).map(|b| (b * 7 + i) as u8).collect();
+            payload[0] = 0x92;
+            let tokens = if i % 3 == 1 { &record[..] } else { &[][..] };
             w.append(&[Bytes::from(payload.clone())], tokens).unwrap();
             all.extend_from_slice(&payload);
         }
@@ -1539,6 +1580,52 @@ mod tests {
             frame_reader(&path, len).read_into(&mut [0; 1 << 10]),
             Err(ReadError::BadFrame { .. })
         ));
+    }
+
+    /// A frame's CRC covers its payload, not its length word: a data frame whose word gains
+    /// the token bit, or a token frame whose word loses it, still passes its CRC, and must be
+    /// found all the same rather than leave events out of the body or put token bytes in it.
+    #[test]
+    fn a_frame_taken_for_the_other_kind_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.chunk");
+        let mut w = ChunkWriter::create(&good, &header()).unwrap();
+        let mut tokens = Vec::new();
+        token_record().encode(&mut tokens);
+        w.append(&[entry_bytes(5)], &tokens).unwrap();
+        w.append(&[entry_bytes(6)], &[]).unwrap();
+        let len = w.valid_len();
+        drop(w);
+        assert_eq!(body(&good, len), [entry_bytes(5), entry_bytes(6)].concat());
+
+        let bytes = fs::read(&good).unwrap();
+        let start = {
+            let mut file = File::open(&good).unwrap();
+            read_header(&mut file).unwrap().1.start as usize
+        };
+        let token_frame = start + FRAME_HEADER + entry_bytes(5).len();
+        for (at, why) in [
+            (start, "damaged token frame"),
+            (token_frame, "frame does not start with an entry"),
+        ] {
+            let mut damaged = bytes.clone();
+            damaged[at + 3] ^= 0x80;
+            let path = dir.path().join("damaged.chunk");
+            fs::write(&path, &damaged).unwrap();
+            let mut piece = Vec::new();
+            let mut r = frame_reader(&path, len);
+            let found = loop {
+                match r.next_piece(&mut piece, 1 << 20) {
+                    Ok(true) => continue,
+                    Ok(false) => panic!("read to the end without noticing"),
+                    Err(e) => break e,
+                }
+            };
+            assert!(
+                matches!(found, ReadError::BadFrame { why: w, .. } if w == why),
+                "{found:?}"
+            );
+        }
     }
 
     #[test]
