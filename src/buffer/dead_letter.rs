@@ -43,15 +43,16 @@ pub fn move_to_dead(buffer_dir: &Path, paths: &ChunkPaths) -> io::Result<()> {
     )
 }
 
-/// Moves files into `quarantine/`, keeping their names, and counts them in `registry`; returns
-/// where the first one went.
+/// Moves files into `quarantine/`, keeping their names (with `.1`, `.2`, … appended to a name
+/// already there: a chunk's state file can be set aside twice), and counts them in
+/// `registry`; returns where the first one went.
 pub fn quarantine(buffer_dir: &Path, files: &[&Path], registry: &Registry) -> io::Result<PathBuf> {
     let target = quarantine_dir(buffer_dir);
     chunk::create_dir_durably(&target)?;
     let mut first = None;
     let mut sources = Vec::new();
     for path in files.iter().filter(|p| p.exists()) {
-        let to = target.join(path.file_name().expect("files have names"));
+        let to = free_name(&target, path.file_name().expect("files have names"))?;
         fs::rename(path, &to)?;
         registry.count_quarantined(1);
         first.get_or_insert(to);
@@ -65,6 +66,19 @@ pub fn quarantine(buffer_dir: &Path, files: &[&Path], registry: &Registry) -> io
         chunk::sync_dir(&dir)?;
     }
     Ok(first.unwrap_or(target))
+}
+
+/// `dir/name`, or the first of `dir/name.1`, `dir/name.2`, … that does not exist.
+fn free_name(dir: &Path, name: &std::ffi::OsStr) -> io::Result<PathBuf> {
+    let mut to = dir.join(name);
+    let mut n = 0u32;
+    while to.try_exists()? {
+        n += 1;
+        let mut numbered = name.to_os_string();
+        numbered.push(format!(".{n}"));
+        to = dir.join(numbered);
+    }
+    Ok(to)
 }
 
 /// Chunk ids in `dead/`, oldest first.
@@ -119,4 +133,29 @@ pub fn replay(buffer_dir: &Path, ids: &[String]) -> io::Result<Vec<String>> {
         chunk::sync_dir(&dead)?;
     }
     Ok(wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_set_aside_twice_keeps_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::new();
+        let chunks = dir.path().join("chunks");
+        fs::create_dir_all(&chunks).unwrap();
+        let state = chunks.join("x.state");
+        for content in ["first", "second", "third"] {
+            fs::write(&state, content).unwrap();
+            quarantine(dir.path(), &[&state], &registry).unwrap();
+        }
+        let q = quarantine_dir(dir.path());
+        let kept: Vec<String> = ["x.state", "x.state.1", "x.state.2"]
+            .iter()
+            .map(|name| fs::read_to_string(q.join(name)).unwrap())
+            .collect();
+        assert_eq!(kept, ["first", "second", "third"]);
+        assert_eq!(registry.quarantined(), 3);
+    }
 }
