@@ -135,7 +135,7 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
         &args.kinesis_stream,
     )
     .start(args.from)
-    .closed_shards_end_when_caught_up(aws::kinesis_endpoint_overridden(&kinesis));
+    .closed_shards_end_when_caught_up(aws::kinesis_endpoint_is_emulator(&kinesis));
     if let Some(path) = &args.checkpoint {
         builder = builder.checkpoints(FileCheckpointStore::new(path));
     }

@@ -98,9 +98,29 @@ fn endpoint_overridden(config: &SdkConfig, service_variable: &str) -> bool {
             .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
 }
 
-/// True when Kinesis is reached at an overridden endpoint: an emulator, most likely.
-pub fn kinesis_endpoint_overridden(config: &SdkConfig) -> bool {
-    endpoint_overridden(config, "AWS_ENDPOINT_URL_KINESIS")
+/// True when Kinesis is reached at an endpoint outside AWS's own domains: an emulator, most
+/// likely. VPC interface and FIPS endpoints, overridden as they may be, are under
+/// `amazonaws.com`.
+pub fn kinesis_endpoint_is_emulator(config: &SdkConfig) -> bool {
+    let set = |v: &str| std::env::var(v).ok().filter(|s| !s.is_empty());
+    set("AWS_ENDPOINT_URL_KINESIS")
+        .or_else(|| set("AWS_ENDPOINT_URL"))
+        .or_else(|| config.endpoint_url().map(str::to_string))
+        .is_some_and(|url| !is_aws_host(&url))
+}
+
+/// Whether the host of `url` is in one of AWS's domains.
+fn is_aws_host(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let host = rest
+        .split(['/', ':', '?'])
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    ["amazonaws.com", "amazonaws.com.cn", "api.aws"]
+        .iter()
+        .any(|domain| host == *domain || host.ends_with(&format!(".{domain}")))
 }
 
 /// An S3 client; path-style when an endpoint is overridden.
@@ -113,4 +133,32 @@ pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
 
 pub fn kinesis_client(config: &SdkConfig) -> aws_sdk_kinesis::Client {
     aws_sdk_kinesis::Client::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_aws_host;
+
+    #[test]
+    fn aws_hosts_are_told_from_emulators() {
+        for aws in [
+            "https://kinesis.eu-west-1.amazonaws.com",
+            "https://vpce-0a1b2c3d-e4f5.kinesis.us-east-1.vpce.amazonaws.com/",
+            "https://kinesis-fips.us-gov-west-1.amazonaws.com:443",
+            "https://kinesis.cn-north-1.amazonaws.com.cn",
+            "https://kinesis.us-east-1.api.aws",
+        ] {
+            assert!(is_aws_host(aws), "{aws}");
+        }
+        for emulator in [
+            "http://127.0.0.1:5000",
+            "http://localhost:4566",
+            "http://moto:5000",
+            "http://[::1]:5000",
+            "https://notamazonaws.com",
+            "https://amazonaws.com.example.org",
+        ] {
+            assert!(!is_aws_host(emulator), "{emulator}");
+        }
+    }
 }
