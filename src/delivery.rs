@@ -97,6 +97,12 @@ impl Delivery {
         }
     }
 
+    /// Resolves if delivery stops by itself, which only a panic makes it do: from then on
+    /// nothing would be delivered.
+    pub async fn stopped(&mut self) -> Result<(), tokio::task::JoinError> {
+        (&mut self.task).await
+    }
+
     /// Waits until every chunk in the buffer is published or `timeout` passes, then stops.
     /// Returns how many chunks are left for the next start.
     pub async fn drain(self, timeout: Duration) -> usize {

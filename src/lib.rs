@@ -178,7 +178,7 @@ impl Sidecar {
             registry,
             queues,
         } = self;
-        let delivery = start_delivery(&config, registry.clone(), queues, recovered);
+        let mut delivery = start_delivery(&config, registry.clone(), queues, recovered);
         let token = CancellationToken::new();
         // The admin endpoint serves until the sidecar ends, through the delivery at shutdown:
         // probes and scrapes see it drain.
@@ -220,26 +220,41 @@ impl Sidecar {
         info!(%listen, metrics_listen, buffer_dir = %config.buffer.dir.display(), max_open_chunk_files,
               worker_threads, "claimcheck is serving");
 
-        // The writer ends before shutdown only if it failed (a panic in a round): nothing would
-        // be written or sealed any more, so the sidecar stops, with an error, for whatever
-        // supervises it to start it again (recovery picks up where the buffer stands).
-        let writer_ended = tokio::select! {
+        // The writer or delivery ends before shutdown only if it failed (a panic): nothing would
+        // be written, or delivered, any more. The sidecar stops, with an error, for whatever
+        // supervises it to start it again (recovery picks up where the buffer stands), rather
+        // than go on acking what it would never deliver.
+        let failed = tokio::select! {
             () = shutdown => None,
-            ended = &mut writer => Some(ended),
+            ended = &mut writer => Some(Failed::Writer(ended)),
+            ended = delivery.stopped() => Some(Failed::Delivery(ended)),
         };
-        if writer_ended.is_some() {
-            error!("the buffer writer stopped; shutting down");
+        match &failed {
+            Some(Failed::Writer(_)) => error!("the buffer writer stopped; shutting down"),
+            Some(Failed::Delivery(_)) => error!("delivery stopped; shutting down"),
+            None => {}
         }
         info!("shutting down: no new connections; finishing requests in flight");
         registry.set_shutting_down();
         token.cancel();
         server.await?;
-        if let Some(ended) = writer_ended {
-            return Err(match ended {
-                Ok(Ok(_lock)) => anyhow::anyhow!("the buffer writer stopped before shutdown"),
-                Ok(Err(e)) => e.context("the buffer writer failed"),
-                Err(e) => anyhow::Error::new(e).context("the buffer writer failed"),
-            });
+        match failed {
+            Some(Failed::Writer(ended)) => {
+                return Err(match ended {
+                    Ok(Ok(_lock)) => anyhow::anyhow!("the buffer writer stopped before shutdown"),
+                    Ok(Err(e)) => e.context("the buffer writer failed"),
+                    Err(e) => anyhow::Error::new(e).context("the buffer writer failed"),
+                });
+            }
+            Some(Failed::Delivery(ended)) => {
+                // The requests in flight are written and sealed as at any shutdown.
+                let _lock = writer.await??;
+                return Err(match ended {
+                    Ok(()) => anyhow::anyhow!("delivery stopped before shutdown"),
+                    Err(e) => anyhow::Error::new(e).context("delivery failed"),
+                });
+            }
+            None => {}
         }
         // Every connection is gone, so every buffer handle is gone: the writer seals and stops.
         // Its lock on the directory is held until delivery has stopped as well.
@@ -265,6 +280,12 @@ impl Sidecar {
         }
         Ok(())
     }
+}
+
+/// What stopped the sidecar before its shutdown was asked for.
+enum Failed<W> {
+    Writer(Result<W, tokio::task::JoinError>),
+    Delivery(Result<(), tokio::task::JoinError>),
 }
 
 /// Writes the bound addresses to `path` atomically (a temporary file renamed), so that a reader

@@ -297,6 +297,7 @@ pub struct MemorySink {
     down: AtomicBool,
     failed: AtomicU64,
     added: Notify,
+    panic_next: AtomicBool,
 }
 
 impl MemorySink {
@@ -307,6 +308,11 @@ impl MemorySink {
     /// While down, every PutRecords fails with a retryable error.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Makes the next PutRecords call panic, as a bug in delivery would.
+    pub fn panic_next(&self) {
+        self.panic_next.store(true, Ordering::SeqCst);
     }
 
     /// PutRecords calls that failed because the sink was down.
@@ -345,6 +351,9 @@ impl PointerSink for MemorySink {
         &self,
         records: &[PointerRecord],
     ) -> Result<Vec<EntryResult>, BackendError> {
+        if self.panic_next.swap(false, Ordering::SeqCst) {
+            panic!("a PutRecords call panicked (MemorySink::panic_next)");
+        }
         if self.down.load(Ordering::SeqCst) {
             self.failed.fetch_add(1, Ordering::SeqCst);
             return Err(unavailable("PutRecords"));

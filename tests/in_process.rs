@@ -7,9 +7,10 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use claimcheck::testing::{self, MemoryStore};
+use claimcheck::testing::{self, MemorySink, MemoryStore};
 use claimcheck_consumer::entry::{encode, EventTime};
 use claimcheck_consumer::Pointer;
 use common::in_process::InProcess;
@@ -143,6 +144,43 @@ async fn acked_events_wait_out_an_outage_of_either_backend_and_arrive_once() {
         assert_eq!(pointers.len(), 2, "s3 down: {s3_down}");
         assert_exactly_once(&store, &pointers, &sent);
     }
+}
+
+/// A panic in delivery (a bug) stops the sidecar with an error, for whatever supervises it to
+/// start it again, rather than leave it acking what it would never deliver; what it acked
+/// stays in the buffer, and the next start delivers it.
+#[tokio::test]
+async fn a_panic_in_delivery_stops_the_sidecar_and_the_next_start_delivers_what_it_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let buffer_dir = dir.path().join("buffer");
+    let args = [
+        "--flush-interval",
+        "1s",
+        "--retry-wait",
+        "100ms",
+        "--retry-max-interval",
+        "200ms",
+    ];
+    let (store, sink) = (
+        Arc::new(MemoryStore::new("in-memory")),
+        Arc::new(MemorySink::new()),
+    );
+    // Kinesis down until the panic, so that nothing is published before it.
+    sink.set_down(true);
+    let sidecar = InProcess::start_on(&buffer_dir, &args, store.clone(), sink.clone()).await;
+    let sent = send(&sidecar, 10, 5, 2).await;
+    sink.panic_next();
+    let stopped = sidecar.stopped_by_itself().await;
+    let e = stopped.expect_err("the sidecar stops with an error");
+    assert!(format!("{e:#}").contains("delivery failed"), "{e:#}");
+    assert!(sink.records().is_empty());
+
+    let sidecar = InProcess::start_on(&buffer_dir, &args, store, Arc::new(MemorySink::new())).await;
+    tokio::time::timeout(Duration::from_secs(30), sidecar.sink.wait_for(2))
+        .await
+        .expect("both chunks published after the restart");
+    let (store, sink) = sidecar.shut_down().await;
+    assert_exactly_once(&store, &sink.pointers(), &sent);
 }
 
 /// With `--timekey-zone`, daily windows start at that zone's midnight, as Fluentd's with its

@@ -125,6 +125,18 @@ impl InProcess {
         !self.task.is_finished()
     }
 
+    /// Waits up to a minute for the sidecar to stop by itself (not asked to); its result.
+    pub async fn stopped_by_itself(self) -> anyhow::Result<()> {
+        let InProcess { stop, task, .. } = self;
+        let ended = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("the sidecar stops by itself")
+            .expect("the sidecar's task does not panic");
+        // Held until here: dropped, it would have asked the sidecar to stop.
+        drop(stop);
+        ended
+    }
+
     /// Stops accepting, lets the sidecar seal and deliver everything, and waits for it to end.
     pub async fn shut_down(self) -> (Arc<MemoryStore>, Arc<MemorySink>) {
         let _ = self.stop.send(());
