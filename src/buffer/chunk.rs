@@ -327,6 +327,10 @@ pub(crate) mod fault {
     pub enum Op {
         Create,
         Write,
+        /// After a frame's bytes were written: fails the write as if it had failed part way.
+        Written,
+        /// Cutting a failed frame back off.
+        Truncate,
         Sync,
         SyncDir,
     }
@@ -603,7 +607,8 @@ impl ChunkWriter {
         self.unsynced = true;
         #[cfg(test)]
         let result = fault::check(fault::Op::Write, &self.path, None)
-            .and_then(|()| write_all_vectored(file, &head, payload, &tail));
+            .and_then(|()| write_all_vectored(file, &head, payload, &tail))
+            .and_then(|()| fault::check(fault::Op::Written, &self.path, None));
         #[cfg(not(test))]
         let result = write_all_vectored(file, &head, payload, &tail);
         match result {
@@ -613,11 +618,24 @@ impl ChunkWriter {
                 Ok(())
             }
             Err(e) => {
-                // Best effort: the length recorded at seal time excludes the failed frame anyway.
-                let _ = file
-                    .set_len(self.len)
+                // The failed frame is cut off, best effort: the length recorded at seal time
+                // excludes it anyway. If it cannot be, the file is closed, so that the next
+                // write reopens it at `len`, over the failed frame, rather than after it (where
+                // a reader would never find it); what is left past `len` is cut at the seal.
+                #[cfg(test)]
+                let cut = fault::check(fault::Op::Truncate, &self.path, None);
+                #[cfg(not(test))]
+                let cut = Ok(());
+                let cut = cut
+                    .and_then(|()| file.set_len(self.len))
                     .and_then(|()| file.seek(SeekFrom::Start(self.len)).map(|_| ()));
-                self.leftover = false;
+                match cut {
+                    Ok(()) => self.leftover = false,
+                    Err(_) => {
+                        self.leftover = true;
+                        self.file = None;
+                    }
+                }
                 Err(e)
             }
         }
@@ -1580,6 +1598,39 @@ mod tests {
             frame_reader(&path, len).read_into(&mut [0; 1 << 10]),
             Err(ReadError::BadFrame { .. })
         ));
+    }
+
+    /// A frame that failed after part of it was written, and could not be cut off: the next
+    /// frame goes where the failed one started, and the seal cuts what is left of it.
+    #[test]
+    fn a_failed_frame_that_cannot_be_cut_off_is_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.chunk");
+        let mut w = ChunkWriter::create(&path, &header()).unwrap();
+        w.append(&[entry_bytes(1)], &[]).unwrap();
+        let mut failed = vec![fault::Op::Written, fault::Op::Truncate];
+        fault::set(Some(Box::new(move |op, _, _| {
+            let at = failed.iter().position(|f| *f == op)?;
+            failed.remove(at);
+            Some(io::Error::from(io::ErrorKind::StorageFull))
+        })));
+        let big: Vec<Bytes> = (2..40).map(entry_bytes).collect();
+        assert!(w.append(&big, &[]).is_err());
+        fault::set(None);
+        if !w.is_open() {
+            w.open().unwrap();
+        }
+        w.append(&[entry_bytes(3)], &[]).unwrap();
+        let len = w.valid_len();
+        w.finish().unwrap();
+        drop(w);
+        assert_eq!(body(&path, len), [entry_bytes(1), entry_bytes(3)].concat());
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            len,
+            "the rest cut at the seal"
+        );
+        assert_eq!(scan(&path).unwrap().stats.records, 2);
     }
 
     /// A frame's CRC covers its payload, not its length word: a data frame whose word gains

@@ -140,6 +140,46 @@ fn a_request_whose_file_failed_its_fsync_on_closing_is_not_acknowledged() {
     assert!(matches!(answer(&mut dc), Some(Ok(()))));
 }
 
+/// Under `sync interval` requests are acked before their fsync. A chunk whose file is closed
+/// to make room, and whose fsync then fails, holds acked events that may not be durable: the
+/// next interval's sync must not count as complete (what was acked before it began is
+/// durable, it says), though every file still open syncs fine; the one after it may.
+#[test]
+fn an_interval_sync_after_a_failed_one_on_closing_is_not_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Arc::new(BufferConfig {
+        max_open_files: Some(1),
+        sync: SyncPolicy::Interval,
+        ..super::tests::config(dir.path())
+    });
+    let chunks = chunks_dir(dir.path());
+    std::fs::create_dir_all(&chunks).unwrap();
+    let registry = Arc::new(Registry::new());
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::mem::forget(rx);
+    let mut w = Writer::new(config, chunks, registry.clone(), tx);
+    let (a, mut da) = request(&registry, "a");
+    w.round(vec![a], Instant::now());
+    assert!(
+        matches!(answer(&mut da), Some(Ok(()))),
+        "acked before its sync"
+    );
+    let (_hook, failed) = fail_nth(Op::Sync, 1, || io::Error::other("a: writeback failed"));
+    // b's file needs a's place: a's file is closed, and its sync fails.
+    let (b, mut db) = request(&registry, "b");
+    w.round(vec![b], Instant::now());
+    assert_eq!(failed.get(), 1, "a's sync on closing failed");
+    assert!(matches!(answer(&mut db), Some(Ok(()))));
+    assert!(
+        !w.sync_all(Instant::now()),
+        "not complete after a's failed sync"
+    );
+    let (c, mut dc) = request(&registry, "b");
+    w.round(vec![c], Instant::now());
+    assert!(matches!(answer(&mut dc), Some(Ok(()))));
+    assert!(w.sync_all(Instant::now()), "the next one is");
+}
+
 /// On a full disk two new chunks' files cannot be created; in the next round one is, and the
 /// directory is fsynced for it. The other's file, created in the round after, needs that
 /// fsync too before its request is acknowledged.

@@ -237,6 +237,9 @@ pub struct Writer {
     dirty: bool,
     /// A chunk file was created and the directory has not been fsynced since.
     dir_unsynced: bool,
+    /// A chunk's fsync failed as its file was closed since the last interval's sync: under
+    /// `sync interval` that sync cannot count as complete, whatever the open chunks do.
+    closed_unsynced: bool,
     last_sync: Instant,
     /// Buffer usage when the disk was found full; held pieces wait until it goes down.
     full_at_usage: Option<u64>,
@@ -323,6 +326,7 @@ impl Writer {
             held: Vec::new(),
             dirty: false,
             dir_unsynced: false,
+            closed_unsynced: false,
             last_sync: Instant::now(),
             full_at_usage: None,
             fault: Fault::from_env(),
@@ -507,7 +511,9 @@ impl Writer {
             }
             // Out of `open`, it keeps no file (see "Open files"). A failed sync here is tried
             // again by the seal, which reopens the file for it.
-            let _ = self.let_go(chunk);
+            if let Err(e) = self.let_go(chunk) {
+                self.close_failed(chunk, &e);
+            }
         }
         self.dir_unsynced |= flushed.created;
         self.dirty |= self.config.sync != SyncPolicy::Always
@@ -728,6 +734,7 @@ impl Writer {
                 // leaves `open`, so it gives up its file; a write of this round reopens it.
                 let mut chunk = self.take_open(&key).expect("the chunk is open");
                 if let Err(e) = self.let_go(&mut chunk) {
+                    self.close_failed(&chunk, &e);
                     chunk.failed.get_or_insert_with(|| format!("fsync: {e}"));
                 }
                 full.push(chunk);
@@ -766,9 +773,20 @@ impl Writer {
     fn set_aside(&mut self, key: &ChunkKey, reason: &'static str) {
         if let Some(mut chunk) = self.take_open(key) {
             // A failed sync is tried again by the seal.
-            let _ = self.let_go(&mut chunk);
+            if let Err(e) = self.let_go(&mut chunk) {
+                self.close_failed(&chunk, &e);
+            }
             self.to_seal.push_back((chunk, reason));
         }
+    }
+
+    /// Logs a sync that failed as a chunk's file was closed. Under `always` the chunk's later
+    /// requests were not acked and its seal cuts them off; under `interval` its requests were
+    /// acked before their sync, so the next interval's sync does not count as complete.
+    fn close_failed(&mut self, chunk: &OpenChunk, e: &io::Error) {
+        error!(chunk_id = %chunk.header.chunk_id, tag = %chunk.header.tag, cause = %e,
+               "chunk fsync failed as its file was closed; the chunk is sealed as it stands");
+        self.closed_unsynced = true;
     }
 
     /// Closes the file of a chunk on its way to its seal. Under `sync none` without a sync:
@@ -828,6 +846,7 @@ impl Writer {
                        "cannot sync a chunk file before closing it; the chunk is sealed as it stands");
                 chunk.failed.get_or_insert_with(|| format!("fsync: {e}"));
                 self.failing.push(key);
+                self.closed_unsynced = true;
             }
         }
     }
@@ -924,7 +943,7 @@ impl Writer {
             && self.config.sync == SyncPolicy::Interval
             && due.now >= self.last_sync + self.config.sync_interval
         {
-            self.sync_all(due.now);
+            let _complete = self.sync_all(due.now);
         }
         self.count_files();
     }
@@ -943,7 +962,10 @@ impl Writer {
     /// Fsyncs every open chunk written since the last sync, and the directory. Only chunks
     /// with an open file can hold unsynced writes: under `sync interval`, the one policy that
     /// calls this, a file is synced before it is closed (see [`Writer::let_go`]).
-    fn sync_all(&mut self, now: Instant) {
+    ///
+    /// True when it is complete: every chunk, and the directory, synced, and no chunk's sync
+    /// failed as its file was closed since the last one.
+    pub(super) fn sync_all(&mut self, now: Instant) -> bool {
         let keys: Vec<ChunkKey> = self
             .files
             .values()
@@ -952,7 +974,7 @@ impl Writer {
             .collect();
         let started = std::time::Instant::now();
         let results = self.sync_chunks(keys.clone());
-        let mut complete = true;
+        let mut complete = !std::mem::take(&mut self.closed_unsynced);
         for (key, synced) in keys.into_iter().zip(results) {
             if let Err(e) = synced {
                 error!(tag = %key.0, cause = %e, "chunk fsync failed; the chunk is sealed as it stands");
@@ -977,6 +999,7 @@ impl Writer {
         if complete {
             crate::metrics::metrics().synced("interval", started.elapsed());
         }
+        complete
     }
 
     /// Seals every open chunk, and every chunk set aside (shutdown, or to let delivery free
