@@ -331,6 +331,8 @@ pub(crate) mod fault {
         Written,
         /// Cutting a failed frame back off.
         Truncate,
+        /// Moving a chunk's file to `dead/`.
+        Rename,
         Sync,
         SyncDir,
     }

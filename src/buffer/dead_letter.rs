@@ -23,9 +23,14 @@ pub fn quarantine_dir(buffer_dir: &Path) -> PathBuf {
 pub fn move_to_dead(buffer_dir: &Path, paths: &ChunkPaths) -> io::Result<()> {
     let dead = dead_dir(buffer_dir);
     chunk::create_dir_durably(&dead)?;
-    // The data file first: a chunk without data is taken for a published one. A file gone
-    // already was moved by an earlier try that failed after it.
-    for path in [&paths.data, &paths.state] {
+    // The state file first. Stopped between the two (a crash), the buffer keeps the data file
+    // alone, which the next start recovers as an open chunk and delivers; the other way round
+    // it would keep a state file alone, taken for a published chunk's and deleted, and the
+    // data would wait in `dead/` without its state, for a replay that a running sidecar does
+    // not pick up. A file gone already was moved by an earlier try that failed after it.
+    for path in [&paths.state, &paths.data] {
+        #[cfg(test)]
+        chunk::fault::check(chunk::fault::Op::Rename, path, None)?;
         match fs::rename(
             path,
             dead.join(path.file_name().expect("chunk files have names")),
@@ -157,5 +162,55 @@ mod tests {
             .collect();
         assert_eq!(kept, ["first", "second", "third"]);
         assert_eq!(registry.quarantined(), 3);
+    }
+
+    /// A move to `dead/` stopped between its two renames (as by a crash) leaves the data file
+    /// in the buffer, which the next start recovers and delivers.
+    #[test]
+    fn a_move_to_dead_stopped_half_way_leaves_a_chunk_the_next_start_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = super::super::chunks_dir(dir.path());
+        fs::create_dir_all(&chunks).unwrap();
+        let header = chunk::ChunkHeader {
+            chunk_id: "0193a1c2e4f87d3e9a5b6c7d8e9f0a1b".into(),
+            tag: "app".into(),
+            timekey: 60,
+            created_ms: 1,
+            reused: false,
+        };
+        let paths = ChunkPaths::new(&chunks, &header.chunk_id);
+        let mut w = chunk::ChunkWriter::create(&paths.data, &header).unwrap();
+        w.append(&[super::super::tests::entry_at(61, 1)], &[])
+            .unwrap();
+        w.finish().unwrap();
+        let stats = chunk::scan(&paths.data).unwrap().stats;
+        chunk::write_state(
+            &paths.state,
+            &chunk::ChunkState::Sealed {
+                header: header.clone(),
+                stats,
+            },
+        )
+        .unwrap();
+
+        let mut renames = 0;
+        chunk::fault::set(Some(Box::new(move |op, _, _| {
+            renames += u32::from(op == chunk::fault::Op::Rename);
+            (renames == 2).then(|| io::Error::other("the process dies here"))
+        })));
+        let moved = move_to_dead(dir.path(), &paths);
+        chunk::fault::set(None);
+        assert!(moved.is_err());
+        assert!(paths.data.exists() && !paths.state.exists());
+
+        let registry = Registry::new();
+        let recovered = super::super::recovery::recover(&chunks, &registry).unwrap();
+        let ids: Vec<&str> = recovered
+            .sealed
+            .iter()
+            .map(|c| c.header.chunk_id.as_str())
+            .collect();
+        assert_eq!(ids, [header.chunk_id.as_str()]);
+        assert_eq!(recovered.sealed[0].stats.records, 1);
     }
 }
