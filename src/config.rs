@@ -250,7 +250,8 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAIMCHECK_TLS_CLIENT_CERT_AUTH", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub tls_client_cert_auth: bool,
 
-    /// Oldest TLS version accepted (Fluentd's `min_version`).
+    /// Oldest TLS version accepted (Fluentd's `min_version`). `TLSv1_3` refuses senders on
+    /// Fluentd's default `tls_version TLSv1_2`.
     #[arg(long, env = "CLAIMCHECK_TLS_MIN_VERSION", default_value = "TLSv1_2")]
     pub tls_min_version: TlsVersion,
 
@@ -599,7 +600,16 @@ impl ServeArgs {
             }
         };
         let tls = match self.transport {
-            Transport::Tcp => None,
+            Transport::Tcp => {
+                if self.tls_cert_path.is_some()
+                    || self.tls_private_key_path.is_some()
+                    || self.tls_ca_path.is_some()
+                    || self.tls_client_cert_auth
+                {
+                    tracing::warn!("--tls-* settings are ignored: --transport is tcp (add --transport tls to serve TLS)");
+                }
+                None
+            }
             Transport::Tls => {
                 let (Some(cert_path), Some(private_key_path)) =
                     (self.tls_cert_path, self.tls_private_key_path)

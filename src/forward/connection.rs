@@ -423,8 +423,12 @@ impl Connection {
             }
             Err(refused) => {
                 metrics().handshake_failed(refused.kind);
-                warn!(peer = %self.peer, hostname = %refused.hostname, username = %refused.username,
-                      reason = %refused.reason, "handshake refused; closing the connection");
+                // A sender with the wrong key retries (and its heartbeats connect) every second.
+                if let Some(suppressed) = HANDSHAKE_LOG.allow() {
+                    warn!(peer = %self.peer, hostname = %refused.hostname, username = %refused.username,
+                          reason = %refused.reason, similar_lines_suppressed = suppressed,
+                          "handshake refused; closing the connection");
+                }
                 writer.write_all(&refused.pong).await?;
                 writer.flush().await?;
                 Ok(false)
@@ -798,6 +802,10 @@ static DECOMPRESSIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_ne
 
 /// Invalid-event warnings: ten per ten seconds across connections.
 static INVALID_LOG: LogLimit = LogLimit::new(10, Duration::from_secs(10));
+
+/// Refused handshakes: five a minute across connections (all counted in
+/// `claimcheck_handshake_failures_total`).
+static HANDSHAKE_LOG: LogLimit = LogLimit::new(5, Duration::from_secs(60));
 
 #[cfg(test)]
 mod tests {

@@ -99,9 +99,9 @@ impl FromStr for ClientRule {
             return Err("a client rule starts with an address, a network or a host name".into());
         }
         let source = if let Ok(net) = address.parse::<IpNet>() {
-            Source::Network(net)
+            Source::Network(canonical_net(net))
         } else if let Ok(ip) = address.parse::<IpAddr>() {
-            Source::Network(IpNet::from(ip))
+            Source::Network(IpNet::from(canonical(ip)))
         } else {
             Source::Host(address.to_string(), Vec::new())
         };
@@ -162,6 +162,18 @@ fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
+    }
+}
+
+/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it maps, as peers'
+/// addresses are compared ([`canonical`]).
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        net => net,
     }
 }
 
@@ -479,6 +491,13 @@ mod tests {
         let r: ClientRule = "host=web-1,shared_key=k".parse().unwrap();
         assert_eq!(r.shared_key, Some(Secret("k".into())));
         assert!("10.0.0.0/8,colour=blue".parse::<ClientRule>().is_err());
+        // Written as IPv4-mapped IPv6, a rule matches the IPv4 peers it maps.
+        let r: ClientRule = "::ffff:10.1.2.3".parse().unwrap();
+        assert!(r.matches("10.1.2.3".parse().unwrap()));
+        let r: ClientRule = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert!(r.matches("10.9.8.7".parse().unwrap()));
+        assert!(r.matches("::ffff:10.9.8.7".parse().unwrap()));
+        assert!(!r.matches("11.0.0.1".parse().unwrap()));
         assert!("alice".parse::<User>().is_err());
         assert_eq!(format!("{:?}", Secret("x".into())), "<secret>");
     }
