@@ -822,6 +822,13 @@ async fn write_rounds(
             desk.thread = WriterThread::Waiting { until: deadline };
             (accepting, deadline)
         };
+        // At the limit (or on a full disk) the writer takes no requests, so it would not see
+        // the last handle go, at shutdown once every connection is gone: it stops then all the
+        // same. Requests still queued were never acked; dropped, they are answered `Closed`,
+        // and their senders resend them.
+        if !accepting && rx.is_closed() {
+            break;
+        }
         let first = tokio::select! {
             biased;
             () = done.closed() => return Ok(()),

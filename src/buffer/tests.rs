@@ -499,6 +499,34 @@ async fn a_full_buffer_holds_acks_until_delivery_frees_space() {
     assert_eq!(recv(&mut sealed_rx).await.stats.records, 1);
 }
 
+/// At shutdown every connection is gone, their handles with them, while the buffer is full
+/// and delivery frees nothing: the writer stops all the same (it did not, and the sidecar
+/// never exited), and the request that waited is not acked.
+#[tokio::test]
+async fn a_full_buffer_stops_once_every_handle_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    let one = entry_at(60, 1000);
+    cfg.total_limit_size = Some(one.len() as u64);
+    let (registry, handle, _sealed_rx, task) = start(cfg);
+    handle
+        .append("full".into(), vec![group_of(60, &[entry_at(60, 1000)])])
+        .await
+        .await
+        .unwrap();
+    let waiting = handle
+        .append("full".into(), vec![group_of(60, &[entry_at(61, 1000)])])
+        .await;
+    assert_eq!(registry.requests_waiting(), 1);
+    drop(handle);
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the writer stops")
+        .unwrap()
+        .unwrap();
+    assert!(waiting.await.is_err(), "the waiting request is not acked");
+}
+
 #[tokio::test]
 async fn drop_oldest_chunk_deletes_waiting_chunks_and_keeps_acking() {
     let dir = tempfile::tempdir().unwrap();
