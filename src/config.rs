@@ -492,6 +492,9 @@ impl ServeArgs {
         if self.max_open_chunk_files == Some(0) {
             return Err("--max-open-chunk-files must be at least 1".into());
         }
+        if self.total_limit_size == 0 {
+            return Err("--total-limit-size 0 would take no request".into());
+        }
         if self.kinesis_stream.is_empty() {
             return Err("--kinesis-stream is required".into());
         }
@@ -1116,6 +1119,26 @@ mod tests {
             doc == reference_markdown(),
             "docs/configuration.md is out of date: run `cargo run -- config-reference > docs/configuration.md`"
         );
+    }
+
+    #[test]
+    fn a_total_limit_size_of_zero_is_refused() {
+        let config = |size: &str| {
+            Cli::try_parse_from([
+                "claimcheck",
+                "--s3-bucket",
+                "b",
+                "--kinesis-stream",
+                "s",
+                "--total-limit-size",
+                size,
+            ])
+            .unwrap()
+            .serve
+            .into_config()
+        };
+        assert!(config("0").unwrap_err().contains("--total-limit-size"));
+        assert!(config("1KiB").is_ok());
     }
 
     #[test]
