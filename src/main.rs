@@ -69,10 +69,12 @@ struct ReplayArgs {
 }
 
 fn init_tracing(format: LogFormat) {
-    // Without RUST_LOG: info, but not the SDK's repeated IMDS warnings when no region is set
-    // (the sidecar says so once itself).
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,aws_config::imds=error"));
+    // Without RUST_LOG: info, but not the SDK's repeated IMDS warnings when no region is set,
+    // nor its credential chain's at every call when no credentials are found (the sidecar
+    // says so itself, once, and in its outage summaries).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,aws_config::imds=error,aws_config::meta::credentials::chain=error")
+    });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -78,6 +78,9 @@ pub fn remedy(kinesis: bool, code: &str, message: &str) -> Option<&'static str> 
         (true, "KMSAccessDeniedException" | "KMSDisabledException" | "KMSNotFoundException" | "KMSInvalidStateException" | "KMSOptInRequired") => {
             "the stream's KMS key is not usable by this role (kms:GenerateDataKey), or is disabled or gone"
         }
+        (_, "credentials") => {
+            "no AWS credentials: the standard chain (environment, profile, web identity / IRSA, ECS task role, instance profile) found none, or --role-arn / --s3-role-arn / --kinesis-role-arn (with --external-id, --role-session-name) could not be assumed"
+        }
         (_, "construction" | "dispatch") if credentials => {
             "--role-arn / --external-id / --role-session-name: no credentials (the role cannot be assumed, or the standard chain has none)"
         }
@@ -161,19 +164,6 @@ impl BackendError {
         E: ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
     {
-        let (code, retryable) = match &err {
-            SdkError::ServiceError(e) => {
-                let code = e.err().code().unwrap_or("unknown").to_string();
-                let retryable = !needs_operator(&code);
-                (code, retryable)
-            }
-            SdkError::TimeoutError(_) => ("timeout".into(), true),
-            SdkError::DispatchFailure(_) => ("dispatch".into(), true),
-            SdkError::ResponseError(_) => ("response".into(), true),
-            // Building the request failed: a configuration problem such as a missing region.
-            SdkError::ConstructionFailure(_) => ("construction".into(), false),
-            _ => ("unknown".into(), true),
-        };
         let message = match &err {
             SdkError::ServiceError(e) => e
                 .err()
@@ -183,6 +173,27 @@ impl BackendError {
             other => {
                 std::error::Error::source(other).map_or_else(|| other.to_string(), error_chain)
             }
+        };
+        // No credentials to sign with arrive as a dispatch (or construction) failure; they are
+        // told apart, for the alerts and the log's level: retrying alone will not bring them.
+        let no_credentials = message.contains("loading credentials")
+            || message.contains("no credentials")
+            || message.contains("credential provider");
+        let (code, retryable) = match &err {
+            SdkError::ServiceError(e) => {
+                let code = e.err().code().unwrap_or("unknown").to_string();
+                let retryable = !needs_operator(&code);
+                (code, retryable)
+            }
+            SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) if no_credentials => {
+                ("credentials".into(), false)
+            }
+            SdkError::TimeoutError(_) => ("timeout".into(), true),
+            SdkError::DispatchFailure(_) => ("dispatch".into(), true),
+            SdkError::ResponseError(_) => ("response".into(), true),
+            // Building the request failed: a configuration problem such as a missing region.
+            SdkError::ConstructionFailure(_) => ("construction".into(), false),
+            _ => ("unknown".into(), true),
         };
         BackendError {
             operation,
@@ -236,6 +247,7 @@ mod tests {
             "MetadataTooLarge",
             "KMSOptInRequired",
             "ValidationException",
+            "credentials",
         ] {
             assert!(needs_operator(code), "{code}");
         }
