@@ -136,6 +136,12 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse_from(&argv);
     if let Command::Serve(args) = &cli.command {
         if args.print_config {
+            // What `serve` would refuse is refused here too, rather than printed as a file
+            // that does not start.
+            if let Err(e) = args.clone().into_config() {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::from(2);
+            }
             for o in &overridden {
                 eprintln!(
                     "warning: the configuration file's {} = {:?} is overridden by {} = {:?}",

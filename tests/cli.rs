@@ -231,6 +231,21 @@ fn a_configuration_file_sits_between_the_environment_and_the_defaults() {
 }
 
 #[test]
+fn print_config_refuses_what_serve_refuses() {
+    let err = fails(claimcheck().args([
+        "serve",
+        "--s3-bucket",
+        "b",
+        "--kinesis-stream",
+        "s",
+        "--timekey",
+        "0",
+        "--print-config",
+    ]));
+    assert!(err.contains("--timekey must be at least 1s"), "{err}");
+}
+
+#[test]
 fn print_config_round_trips_through_the_file_format() {
     let dir = tempfile::tempdir().unwrap();
     let first = effective(

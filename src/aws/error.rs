@@ -87,6 +87,9 @@ pub fn remedy(kinesis: bool, code: &str, message: &str) -> Option<&'static str> 
         (_, "construction") if message.contains("region") => {
             "no region: set AWS_REGION, --s3-region or --kinesis-region"
         }
+        (_, "dispatch") if message.contains("region must be set") => {
+            "no region: set AWS_REGION, --s3-region or --kinesis-region"
+        }
         _ => return None,
     })
 }
