@@ -244,7 +244,13 @@ async fn run(cli: Cli, overridden: Vec<Overridden>) -> anyhow::Result<()> {
         Command::Health(args) => {
             let addr = args.metrics_listen.replace("0.0.0.0", "127.0.0.1");
             let path = if args.ready { "/readyz" } else { "/healthz" };
-            let (status, body) = claimcheck::admin::get(&format!("http://{addr}{path}")).await?;
+            let (status, body) = claimcheck::admin::get(&format!("http://{addr}{path}"))
+                .await
+                .map_err(|e| {
+                    e.context(format!(
+                        "no answer from {addr}: is the sidecar running with --metrics-listen {addr}?"
+                    ))
+                })?;
             print!("{body}");
             anyhow::ensure!(status.is_success(), "{path} answered {status}");
             Ok(())

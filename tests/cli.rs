@@ -231,6 +231,16 @@ fn a_configuration_file_sits_between_the_environment_and_the_defaults() {
 }
 
 #[test]
+fn health_without_a_sidecar_says_where_it_looked() {
+    // Port 1 on the loopback: nothing listens there without root.
+    let err = fails(claimcheck().args(["health", "--metrics-listen", "127.0.0.1:1"]));
+    assert!(
+        err.contains("is the sidecar running with --metrics-listen 127.0.0.1:1"),
+        "{err}"
+    );
+}
+
+#[test]
 fn print_config_refuses_what_serve_refuses() {
     let err = fails(claimcheck().args([
         "serve",
