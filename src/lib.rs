@@ -202,6 +202,14 @@ impl Sidecar {
             .local_addr()
             .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
         let heartbeat = server::bind_heartbeats(&listener, &config.listener).await;
+        // Before the first connection is taken: a sidecar that cannot write it stops with
+        // nothing acked. The listener is bound, so whoever reads it can connect at once.
+        let metrics_listen = metrics.map(|a| a.to_string());
+        if let Some(path) = &config.address_file {
+            write_address_file(path, &listen, metrics_listen.as_deref()).map_err(|e| {
+                anyhow::anyhow!("cannot write {} (--address-file): {e}", path.display())
+            })?;
+        }
         let server = tokio::spawn(server::run(
             listener,
             heartbeat,
@@ -210,12 +218,6 @@ impl Sidecar {
             config.listener.clone(),
             token.clone(),
         ));
-        let metrics_listen = metrics.map(|a| a.to_string());
-        if let Some(path) = &config.address_file {
-            write_address_file(path, &listen, metrics_listen.as_deref()).map_err(|e| {
-                anyhow::anyhow!("cannot write {} (--address-file): {e}", path.display())
-            })?;
-        }
         let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
         info!(%listen, metrics_listen, buffer_dir = %config.buffer.dir.display(), max_open_chunk_files,
               worker_threads, "claimcheck is serving");
