@@ -138,15 +138,31 @@ fn handshake_refusals_say_why_and_close_the_connection() {
         other => panic!("the connection stays open: {other:?}"),
     }
 
+    // A client that says nothing after the HELO: closed once the handshake's time is up.
+    let mut conn = connect(sidecar.port);
+    read_helo(&mut conn);
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    match conn.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("a silent client stays connected: {other:?}"),
+    }
+
     sidecar.await_metrics_blocking("each refusal is counted by its reason", |m| {
-        ["shared_key_mismatch", "user_mismatch", "invalid_ping"]
-            .iter()
-            .all(|r| {
-                metric_sum(
-                    m,
-                    &format!("claimcheck_handshake_failures_total{{reason=\"{r}\"}}"),
-                ) >= 1.0
-            })
+        [
+            "shared_key_mismatch",
+            "user_mismatch",
+            "invalid_ping",
+            "handshake_timeout",
+        ]
+        .iter()
+        .all(|r| {
+            metric_sum(
+                m,
+                &format!("claimcheck_handshake_failures_total{{reason=\"{r}\"}}"),
+            ) >= 1.0
+        })
     });
     // The operator's side of the contract: each refusal is logged with the peer's address.
     let log = sidecar.log_text();

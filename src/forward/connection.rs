@@ -293,6 +293,13 @@ impl Connection {
         S: AsyncRead + AsyncWrite + Send + Unpin,
     {
         let (mut reader, mut writer) = tokio::io::split(stream);
+        // A peer that has not sent its PING by then is closed: silent sockets would otherwise
+        // hold connection slots for `idle_timeout` (Fluentd sends its PING at once).
+        let handshake_by = self
+            .config
+            .security
+            .is_some()
+            .then(|| tokio::time::Instant::now() + HANDSHAKE_TIMEOUT);
         if let Some(security) = &self.config.security {
             let (handshake, helo) = security.helo(!self.config.deny_keepalive);
             writer.write_all(&helo).await?;
@@ -382,6 +389,14 @@ impl Connection {
                     last_read = tokio::time::Instant::now();
                 }
                 () = shutdown.cancelled(), if stop_at.is_none() => {}
+                () = sleep_until(handshake_by), if self.handshake.is_some() => {
+                    metrics().handshake_failed("handshake_timeout");
+                    if let Some(suppressed) = HANDSHAKE_LOG.allow() {
+                        warn!(peer = %self.peer, timeout = ?HANDSHAKE_TIMEOUT, similar_lines_suppressed = suppressed,
+                              "no PING within the handshake's time; closing the connection");
+                    }
+                    return Ok(());
+                }
                 () = sleep_until(stop_at), if reading => {}
                 () = sleep_until(idle_at), if reading => {
                     if partial {
@@ -802,6 +817,9 @@ static DECOMPRESSIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_ne
 
 /// Invalid-event warnings: ten per ten seconds across connections.
 static INVALID_LOG: LogLimit = LogLimit::new(10, Duration::from_secs(10));
+
+/// How long a peer has to send its PING after the HELO, as long as a TLS handshake has.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Refused handshakes: five a minute across connections (all counted in
 /// `claimcheck_handshake_failures_total`).
