@@ -252,30 +252,25 @@ impl Retried for Job {
     }
 }
 
-/// Reads the inline bodies that are on disk only and checks every inline body against its
-/// pointer; a job whose body cannot be read is retried later (and dead-lettered when its
-/// budget is spent), one whose body is damaged goes back to the uploader.
+/// Reads the inline bodies that are on disk only (every inline body: the uploader and
+/// recovery leave them there) and checks them against their pointers; a job whose body cannot
+/// be read is retried later (and dead-lettered when its budget is spent), one whose body is
+/// damaged goes back to the uploader.
 async fn load_bodies(jobs: Vec<Job>, registry: &Arc<Registry>, retry: &RetryStep<Job>) -> Vec<Job> {
-    if jobs
-        .iter()
-        .all(|j| j.data.is_some() && !damaged_inline(&j.chunk.pointer))
-    {
+    if jobs.iter().all(|j| j.data.is_some()) {
         return jobs;
     }
     let registry = registry.clone();
     let loaded = tokio::task::spawn_blocking(move || {
         jobs.into_iter()
             .filter_map(|mut job| {
-                let damaged = match job.data {
-                    Some(_) => damaged_inline(&job.chunk.pointer),
-                    None => match job.load() {
-                        Ok(()) => false,
-                        Err(Unloadable::Damaged) => true,
-                        Err(Unloadable::Unreadable(e)) => return Some((job, Err(e))),
-                    },
-                };
-                if !damaged {
+                if job.data.is_some() {
                     return Some((job, Ok(())));
+                }
+                match job.load() {
+                    Ok(()) => return Some((job, Ok(()))),
+                    Err(Unloadable::Unreadable(e)) => return Some((job, Err(e))),
+                    Err(Unloadable::Damaged) => {}
                 }
                 let id = &job.chunk.pointer.chunk_id;
                 match upload_again(&registry, &job.chunk) {

@@ -362,29 +362,22 @@ async fn an_inline_body_damaged_on_disk_is_not_published_but_uploaded_again() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(Registry::new());
     let sink = Arc::new(FakeSink::default());
-    let damage = |chunk: &UploadedChunk| {
+    // As the uploader and recovery hand inline chunks over: the body in the state file only.
+    let damaged = |n| {
+        let mut chunk = uploaded_inline(dir.path(), &registry, n);
         let mut body = chunk.pointer.inline.clone().unwrap().to_vec();
         body[0] ^= 1;
         let mut pointer = chunk.pointer.clone();
         pointer.inline = Some(body.into());
-        let state = chunk::ChunkState::uploaded(
-            chunk.header.clone(),
-            Default::default(),
-            pointer.clone(),
-            None,
-        );
+        let state =
+            chunk::ChunkState::uploaded(chunk.header.clone(), Default::default(), pointer, None);
         chunk::write_state(&chunk.paths.state, &state).unwrap();
-        pointer
+        chunk.pointer.inline = None;
+        chunk
     };
-    // Its body on disk only, read back for the batch.
-    let mut on_disk = uploaded_inline(dir.path(), &registry, 1);
-    damage(&on_disk);
-    on_disk.pointer.inline = None;
-    // As recovery hands it over after a restart: the body read from the state file.
-    let mut recovered = uploaded_inline(dir.path(), &registry, 2);
-    recovered.pointer = damage(&recovered);
+    let (first, second) = (damaged(1), damaged(2));
     let sound = uploaded_inline(dir.path(), &registry, 3);
-    let chunks = [on_disk, recovered, sound];
+    let chunks = [first, second, sound];
     let task = start(&sink, config(dir.path()), &registry, &chunks);
     wait_until("the sound chunk is deleted", || {
         !chunks[2].paths.data.exists()
