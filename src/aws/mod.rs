@@ -89,24 +89,20 @@ where
     result
 }
 
-/// True when an endpoint override is configured, in the SDK config or the environment
-/// (`AWS_ENDPOINT_URL` or the service's own variable).
-fn endpoint_overridden(config: &SdkConfig, service_variable: &str) -> bool {
-    config.endpoint_url().is_some()
-        || ["AWS_ENDPOINT_URL", service_variable]
-            .iter()
-            .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+/// The endpoint override configured for a service, if any: its own variable, then
+/// `AWS_ENDPOINT_URL`, then the SDK config's.
+fn endpoint_url(config: &SdkConfig, service_variable: &str) -> Option<String> {
+    let set = |v: &str| std::env::var(v).ok().filter(|s| !s.is_empty());
+    set(service_variable)
+        .or_else(|| set("AWS_ENDPOINT_URL"))
+        .or_else(|| config.endpoint_url().map(str::to_string))
 }
 
 /// True when Kinesis is reached at an endpoint outside AWS's own domains: an emulator, most
 /// likely. VPC interface and FIPS endpoints, overridden as they may be, are under
 /// `amazonaws.com`.
 pub fn kinesis_endpoint_is_emulator(config: &SdkConfig) -> bool {
-    let set = |v: &str| std::env::var(v).ok().filter(|s| !s.is_empty());
-    set("AWS_ENDPOINT_URL_KINESIS")
-        .or_else(|| set("AWS_ENDPOINT_URL"))
-        .or_else(|| config.endpoint_url().map(str::to_string))
-        .is_some_and(|url| !is_aws_host(&url))
+    endpoint_url(config, "AWS_ENDPOINT_URL_KINESIS").is_some_and(|url| !is_aws_host(&url))
 }
 
 /// Whether the host of `url` is in one of AWS's domains.
@@ -126,7 +122,7 @@ fn is_aws_host(url: &str) -> bool {
 /// An S3 client; path-style when an endpoint is overridden.
 pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
     let s3 = aws_sdk_s3::config::Builder::from(config)
-        .force_path_style(endpoint_overridden(config, "AWS_ENDPOINT_URL_S3"))
+        .force_path_style(endpoint_url(config, "AWS_ENDPOINT_URL_S3").is_some())
         .build();
     aws_sdk_s3::Client::from_conf(s3)
 }
