@@ -943,7 +943,7 @@ impl Writer {
             && self.config.sync == SyncPolicy::Interval
             && due.now >= self.last_sync + self.config.sync_interval
         {
-            let _complete = self.sync_all(due.now);
+            self.sync_all(due.now);
         }
         self.count_files();
     }

@@ -295,12 +295,9 @@ impl Connection {
         let (mut reader, mut writer) = tokio::io::split(stream);
         // A peer that has not sent its PING by then is closed: silent sockets would otherwise
         // hold connection slots for `idle_timeout` (Fluentd sends its PING at once).
-        let handshake_by = self
-            .config
-            .security
-            .is_some()
-            .then(|| tokio::time::Instant::now() + HANDSHAKE_TIMEOUT);
+        let mut handshake_by = None;
         if let Some(security) = &self.config.security {
+            handshake_by = Some(tokio::time::Instant::now() + HANDSHAKE_TIMEOUT);
             let (handshake, helo) = security.helo(!self.config.deny_keepalive);
             writer.write_all(&helo).await?;
             writer.flush().await?;

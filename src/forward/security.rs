@@ -101,7 +101,7 @@ impl FromStr for ClientRule {
         let source = if let Ok(net) = address.parse::<IpNet>() {
             Source::Network(canonical_net(net))
         } else if let Ok(ip) = address.parse::<IpAddr>() {
-            Source::Network(IpNet::from(canonical(ip)))
+            Source::Network(canonical_net(IpNet::from(ip)))
         } else {
             Source::Host(address.to_string(), Vec::new())
         };
