@@ -512,7 +512,7 @@ impl Writer {
             // Out of `open`, it keeps no file (see "Open files"). A failed sync here is tried
             // again by the seal, which reopens the file for it.
             if let Err(e) = self.let_go(chunk) {
-                self.close_failed(chunk, &e);
+                close_failed(&mut self.closed_unsynced, chunk, &e);
             }
         }
         self.dir_unsynced |= flushed.created;
@@ -734,7 +734,7 @@ impl Writer {
                 // leaves `open`, so it gives up its file; a write of this round reopens it.
                 let mut chunk = self.take_open(&key).expect("the chunk is open");
                 if let Err(e) = self.let_go(&mut chunk) {
-                    self.close_failed(&chunk, &e);
+                    close_failed(&mut self.closed_unsynced, &chunk, &e);
                     chunk.failed.get_or_insert_with(|| format!("fsync: {e}"));
                 }
                 full.push(chunk);
@@ -774,19 +774,10 @@ impl Writer {
         if let Some(mut chunk) = self.take_open(key) {
             // A failed sync is tried again by the seal.
             if let Err(e) = self.let_go(&mut chunk) {
-                self.close_failed(&chunk, &e);
+                close_failed(&mut self.closed_unsynced, &chunk, &e);
             }
             self.to_seal.push_back((chunk, reason));
         }
-    }
-
-    /// Logs a sync that failed as a chunk's file was closed. Under `always` the chunk's later
-    /// requests were not acked and its seal cuts them off; under `interval` its requests were
-    /// acked before their sync, so the next interval's sync does not count as complete.
-    fn close_failed(&mut self, chunk: &OpenChunk, e: &io::Error) {
-        error!(chunk_id = %chunk.header.chunk_id, tag = %chunk.header.tag, cause = %e,
-               "chunk fsync failed as its file was closed; the chunk is sealed as it stands");
-        self.closed_unsynced = true;
     }
 
     /// Closes the file of a chunk on its way to its seal. Under `sync none` without a sync:
@@ -842,11 +833,9 @@ impl Writer {
             chunk.file_tick = None;
             crate::metrics::metrics().chunk_file_evictions.inc();
             if let Err(e) = chunk.writer.close() {
-                error!(chunk_id = %chunk.header.chunk_id, cause = %e,
-                       "cannot sync a chunk file before closing it; the chunk is sealed as it stands");
+                close_failed(&mut self.closed_unsynced, chunk, &e);
                 chunk.failed.get_or_insert_with(|| format!("fsync: {e}"));
                 self.failing.push(key);
-                self.closed_unsynced = true;
             }
         }
     }
@@ -1350,6 +1339,16 @@ fn cut_to_synced(sealing: &mut Sealing) -> io::Result<()> {
     chunk.recount = false;
     sealing.stats = scan.stats;
     Ok(())
+}
+
+/// Logs a sync that failed as a chunk's file was closed, and notes it in `closed_unsynced`
+/// ([`Writer`]'s). Under `always` the chunk's later requests were not acked and its seal cuts
+/// them off; under `interval` its requests were acked before their sync, so the next
+/// interval's sync does not count as complete.
+fn close_failed(closed_unsynced: &mut bool, chunk: &OpenChunk, e: &io::Error) {
+    error!(chunk_id = %chunk.header.chunk_id, tag = %chunk.header.tag, cause = %e,
+           "chunk fsync failed as its file was closed; the chunk is sealed as it stands");
+    *closed_unsynced = true;
 }
 
 /// Whether writing a chunk's pending pieces needs its file opened.
