@@ -8,7 +8,9 @@
 //! `--sync interval`: what was acknowledged before an interval sync that completed before a
 //! cut is delivered, and none twice. Recovery never fails on what a cut leaves (torn tails, missing state files,
 //! renames that did not survive). Each policy runs with one connection (requests written in
-//! place) and with two (written by the writer thread).
+//! place) and with two (written by the writer thread). And one cut at a chosen moment: a
+//! request stored in pieces, whose last piece (with its token) is on disk and an earlier one
+//! is not.
 
 #[path = "support/powerfs.rs"]
 mod powerfs;
@@ -263,4 +265,123 @@ fn a_chunk_sealed_by_recovery_keeps_its_synced_events_through_a_later_power_cut(
     PowerFs::unmount(session, &mnt).unwrap();
     assert_eq!(quarantined, Vec::<std::path::PathBuf>::new());
     assert_eq!(sealed, [2], "the chunk, with what recovery synced");
+}
+
+/// A request that expands beyond `--decompression-size-limit` is stored a piece at a time, the
+/// token with the last piece. Under `sync interval` an earlier piece can still be in the page
+/// cache, in a chunk of its own, when the last piece's chunk is on disk: here the request's
+/// first events fall in a timekey a day ahead (their chunk waits, unsynced), the rest in one
+/// two days back (sealed, so synced, and delivered at once). The power is cut, as if before
+/// the sender read the ack; its resend to the restarted sidecar must be stored again, not
+/// acked as stored for the events the cut took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stored_in_pieces_is_stored_again_when_resent_after_a_power_cut() {
+    use common::wire::{self, connect, expect_ack};
+    use std::io::Write;
+
+    const DAY: i64 = 86_400;
+    let env = Emulated::start("power-pieces").await;
+    let mnt = env.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let fs = PowerFs::default();
+    let mount = |fs: &PowerFs| {
+        fs.mount(&mnt).unwrap_or_else(|e| {
+            panic!("this test mounts a FUSE file system (it needs /dev/fuse and the right to mount, as root): {e}")
+        })
+    };
+    let session = mount(&fs);
+    let buffer = mnt.join("buffer");
+    let args = [
+        "--sync",
+        "interval",
+        "--sync-interval",
+        "1h",
+        "--timekey",
+        "1d",
+        "--timekey-wait",
+        "0s",
+        "--flush-interval",
+        "1h",
+        "--decompression-size-limit",
+        "64KiB",
+    ];
+    let start = || {
+        Sidecar::start_with(
+            0,
+            &buffer,
+            &aws_env(env.moto.port),
+            &env.bucket,
+            &env.stream,
+            &args,
+        )
+    };
+    let today = now_secs() / DAY * DAY;
+    let (ahead, behind) = (today + DAY, today - 2 * DAY);
+    let (n_ahead, n_behind) = (5, 20_000);
+    let mut entries = wire::entries("ahead", ahead, n_ahead, false);
+    entries.extend(wire::entries("behind", behind, n_behind, false));
+    assert!(
+        entries.len() > 10 * 65536,
+        "the request is at least ten pieces"
+    );
+    let token = "cGllY2VzLXRoZW4tY3V0IQ==\n";
+    let request = wire::fluentd_request(
+        "fd.pieces",
+        &wire::gzip_members(&entries, 1),
+        n_ahead + n_behind,
+        "gzip",
+        token,
+    );
+
+    let mut sidecar = start();
+    let mut conn = connect(sidecar.port);
+    conn.write_all(&request).unwrap();
+    expect_ack(&mut conn, token.as_bytes());
+    sidecar
+        .await_metrics("the events two days back published", |m| {
+            m.get("claimcheck_events_published_total").copied() == Some(n_behind as f64)
+        })
+        .await;
+    assert_eq!(
+        sidecar.metric("claimcheck_requests_in_pieces_total").await,
+        1.0
+    );
+    sidecar.kill9();
+    PowerFs::unmount(session, &mnt).expect("unmount the file system");
+    fs.cut_power();
+    let session = mount(&fs);
+
+    // The sender never read the ack: it resends to the restarted sidecar.
+    let mut sidecar = start();
+    let mut conn = connect(sidecar.port);
+    conn.write_all(&request).unwrap();
+    expect_ack(&mut conn, token.as_bytes());
+    assert_eq!(
+        sidecar.metric("claimcheck_duplicate_requests_total").await,
+        0.0,
+        "the resend was not taken for stored"
+    );
+    assert_eq!(
+        sidecar.metric("claimcheck_events_received_total").await,
+        (n_ahead + n_behind) as f64
+    );
+    drop(conn);
+    // The shutdown seals the chunk a day ahead and delivers it.
+    assert!(sidecar.terminate(Duration::from_secs(60)).success());
+    let chunks = env.read_events(n_ahead + 2 * n_behind).await;
+    let seen: HashSet<_> = chunks
+        .iter()
+        .flat_map(|c| &c.events)
+        .map(event_key)
+        .collect();
+    let lost: Vec<_> = wire::expected("fd.pieces", "ahead", ahead, n_ahead)
+        .iter()
+        .map(TestEvent::key)
+        .filter(|k| !seen.contains(k))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "events of the resent request lost: {lost:?}"
+    );
+    drop(session);
 }

@@ -386,6 +386,12 @@ impl BufferHandle {
         }
     }
 
+    /// Whether an append is on disk when its `Durable` resolves (`sync always`), not only
+    /// written to the page cache.
+    pub fn syncs_each_append(&self) -> bool {
+        self.shared.config.sync == SyncPolicy::Always
+    }
+
     /// Requests of this buffer written in place so far (the metric `buffer_write_rounds` with
     /// `on="connection"` counts those of every buffer in the process).
     pub fn written_in_place(&self) -> u64 {

@@ -573,7 +573,8 @@ impl Connection {
         let pieces = entries::Pieces::new(packed.clone(), compression, limit)?;
         let (pieces, first) = next_piece(pieces).await?;
         let received = Instant::now();
-        let split = if pieces.is_done() {
+        let in_pieces = !pieces.is_done();
+        let split = if !in_pieces {
             let split = self.prepare(first).await;
             self.count_skipped(&tag, &split);
             split
@@ -600,8 +601,17 @@ impl Connection {
         }
         debug!(%peer, %tag, events = split.events, "request");
         metrics().events_received.inc_by(split.events);
-        // The token goes to disk with the events only if a resend will be looked up.
-        let recorded = ticket.as_ref().and(token.clone()).map(|t| (peer.ip(), t));
+        // The token goes to disk with the events only if a resend will be looked up. For a
+        // request stored in pieces, only if the pieces before this last one are on disk by now
+        // (`sync always`): under `interval` or `none` they may still be in the page cache, in
+        // other chunks, and a power cut that kept this piece's chunk and lost one of theirs
+        // would have a resend acked and not stored. Without the record, such a resend after a
+        // restart is stored again: a duplicate at worst.
+        let recorded = ticket
+            .as_ref()
+            .and(token.clone())
+            .filter(|_| !in_pieces || self.buffer.syncs_each_append())
+            .map(|t| (peer.ip(), t));
         // Bytes of the next request already read: the sender has more on its way, and this
         // request waits for the writer, to be synced with what follows.
         let more_coming = !self.read_buf.is_empty();
@@ -622,8 +632,8 @@ impl Connection {
 
     /// Stores the pieces of a request that expands beyond the limit, as `plan` found them,
     /// each durable before the next is expanded, but for the last one with events: its split
-    /// is returned, to be appended with the request's token, so that the ack, and the token
-    /// found on disk after a restart, vouch for the whole request.
+    /// is returned, to be appended with the request's token, so that the ack, and (under
+    /// `sync always`) the token found on disk after a restart, vouch for the whole request.
     async fn store_all_but_the_last(
         &mut self,
         tag: &Arc<str>,
