@@ -498,6 +498,16 @@ impl ServeArgs {
         if self.kinesis_stream.is_empty() {
             return Err("--kinesis-stream is required".into());
         }
+        if self.max_connections == 0 {
+            return Err("--max-connections 0 would serve no sender".into());
+        }
+        if self.flush_thread_count == 0 {
+            return Err("--flush-thread-count must be at least 1 (as Fluentd's)".into());
+        }
+        if self.retry_wait > self.retry_max_interval {
+            tracing::warn!(retry_wait = ?self.retry_wait, retry_max_interval = ?self.retry_max_interval,
+                           "--retry-wait is above --retry-max-interval: every retry waits --retry-wait");
+        }
         let hostname = match self.hostname {
             // Empty, it would make `%{hostname}/…` keys start with a `/`, and `producer` say
             // nothing.
@@ -635,7 +645,7 @@ impl ServeArgs {
             listen: self.listen,
             listener: ListenerConfig {
                 tls,
-                max_connections: self.max_connections.max(1),
+                max_connections: self.max_connections,
                 udp_heartbeat: true,
             },
             metrics_listen: self.metrics_listen,
@@ -679,7 +689,7 @@ impl ServeArgs {
                 key_template,
                 prefix: self.s3_prefix,
                 producer: hostname,
-                workers: self.flush_thread_count.max(1),
+                workers: self.flush_thread_count,
                 retry,
                 multipart_threshold: self.s3_multipart_threshold,
                 part_size: self.s3_part_size,
@@ -1122,23 +1132,30 @@ mod tests {
     }
 
     #[test]
-    fn a_total_limit_size_of_zero_is_refused() {
-        let config = |size: &str| {
+    fn settings_of_zero_that_would_do_nothing_are_refused() {
+        let config = |flag: &str, value: &str| {
             Cli::try_parse_from([
                 "claimcheck",
                 "--s3-bucket",
                 "b",
                 "--kinesis-stream",
                 "s",
-                "--total-limit-size",
-                size,
+                flag,
+                value,
             ])
             .unwrap()
             .serve
             .into_config()
         };
-        assert!(config("0").unwrap_err().contains("--total-limit-size"));
-        assert!(config("1KiB").is_ok());
+        for (flag, zero, some) in [
+            ("--total-limit-size", "0", "1KiB"),
+            ("--max-connections", "0", "1"),
+            ("--flush-thread-count", "0", "1"),
+        ] {
+            let refused = config(flag, zero).expect_err(flag);
+            assert!(refused.contains(flag), "{refused}");
+            assert!(config(flag, some).is_ok(), "{flag} {some}");
+        }
     }
 
     #[test]
