@@ -691,9 +691,10 @@ impl ChunkWriter {
         }
     }
 
-    /// For the seal of a chunk whose sync failed, under `sync always`: cuts the file back to
-    /// the part synced before the failure (the requests written after it were not
-    /// acknowledged), so that the chunk holds only what is durable. Returns whether it cut.
+    /// For a chunk whose sync failed, under `sync always` (once the failure is known, and at
+    /// its seal if that cut failed): cuts the file back to the part synced before the failure
+    /// (the requests written after it were not acknowledged), so that the chunk holds only
+    /// what is durable. Returns whether it cut.
     pub fn cut_to_synced(&mut self) -> io::Result<bool> {
         if !self.sync_failed || self.len <= self.synced_len || self.header.is_some() {
             return Ok(false);

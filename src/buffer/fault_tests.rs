@@ -266,11 +266,12 @@ fn a_request_held_by_a_full_disk_is_written_with_its_token() {
     assert_eq!(parts, [(tok.clone(), 2, Some(0)), (tok, 2, Some(1))]);
 }
 
-/// Under `sync always` a frame whose fsync failed was refused; the seal cuts the chunk back to
-/// the frames synced before, so that the chunk holds what is durable and what was
-/// acknowledged, and a chunk with nothing synced is removed.
+/// Under `sync always` a frame whose fsync failed was refused; the chunk is cut back to the
+/// frames synced before at once (a crash before the seal finds no refused frame to take for
+/// stored), so that the chunk holds what is durable and what was acknowledged, and a chunk
+/// with nothing synced is removed at the seal.
 #[test]
-fn a_frame_whose_fsync_failed_is_cut_off_at_the_seal() {
+fn a_frame_whose_fsync_failed_is_cut_off_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let (mut w, registry, mut sealed) = writer_sealing(dir.path(), None);
     let (r, mut d) = request(&registry, "k");
@@ -284,6 +285,16 @@ fn a_frame_whose_fsync_failed_is_cut_off_at_the_seal() {
     let (r, mut d) = request(&registry, "k");
     w.round(vec![r], Instant::now());
     assert!(matches!(answer(&mut d), Some(Err(_))), "refused");
+    let data = std::fs::read_dir(chunks_dir(dir.path()))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| tag_of(p).as_deref() == Some("k"))
+        .unwrap();
+    assert_eq!(
+        chunk::scan(&data).unwrap().stats.records,
+        1,
+        "cut before the seal: what a restart would recover now"
+    );
     // A chunk whose only frame's fsync failed.
     fail_next_sync.set(true);
     let (r, mut d) = request(&registry, "lone");

@@ -160,9 +160,11 @@ struct OpenChunk {
     pending_stats: ChunkStats,
     /// A write or sync failed: the chunk takes no more events and is sealed as it stands.
     failed: Option<String>,
-    /// Its file was cut back at the seal ([`cut_to_synced`]) and `stats` not yet counted
+    /// Its file was cut back ([`cut_at_once`], [`cut_to_synced`]) and `stats` not yet counted
     /// again.
     recount: bool,
+    /// Bytes cut off the end (frames whose sync failed, under `sync always`).
+    cut: u64,
 }
 
 /// What writing chunks' pending pieces gave.
@@ -1111,6 +1113,7 @@ impl Writer {
             pending_stats: ChunkStats::default(),
             failed: None,
             recount: false,
+            cut: 0,
         }
     }
 
@@ -1180,7 +1183,6 @@ impl Writer {
                 chunk,
                 reason,
                 stats,
-                cut: 0,
                 result: Ok(()),
             });
         }
@@ -1200,13 +1202,14 @@ impl Writer {
         } = batch;
         let mut staged = Vec::with_capacity(chunks.len());
         for Sealing {
-            chunk,
+            mut chunk,
             reason,
             stats,
-            cut,
             result,
         } in chunks
         {
+            // Counted off once, whether the seal went through or is tried again.
+            let cut = std::mem::take(&mut chunk.cut);
             if cut > 0 {
                 self.registry
                     .cut_back(&chunk.header.chunk_id, cut, stats.records);
@@ -1268,8 +1271,6 @@ struct Sealing {
     chunk: OpenChunk,
     reason: &'static str,
     stats: ChunkStats,
-    /// Bytes cut off the end (frames whose sync failed, under `sync always`).
-    cut: u64,
     result: io::Result<()>,
 }
 
@@ -1320,25 +1321,45 @@ impl SealBatch {
     }
 }
 
-/// Cuts a chunk whose sync failed back to its part synced before ([`ChunkWriter::cut_to_synced`])
-/// and counts what is left (a scan of the file, once more after a failed seal).
+/// Cuts a chunk whose sync failed back to its part synced before ([`ChunkWriter::cut_to_synced`],
+/// unless [`cut_at_once`] did) and counts what is left (a scan of the file, once more after a
+/// failed seal).
 fn cut_to_synced(sealing: &mut Sealing) -> io::Result<()> {
     let chunk = &mut sealing.chunk;
     let before = chunk.writer.valid_len();
     if chunk.writer.cut_to_synced()? {
-        sealing.cut = before - chunk.writer.valid_len();
+        chunk.cut += before - chunk.writer.valid_len();
         chunk.recount = true;
     }
     if !chunk.recount {
         return Ok(());
     }
     let scan = chunk::scan(&chunk.paths.data).map_err(io::Error::other)?;
-    warn!(chunk_id = %chunk.header.chunk_id, bytes = sealing.cut, events = scan.stats.records,
+    warn!(chunk_id = %chunk.header.chunk_id, bytes = chunk.cut, events = scan.stats.records,
           "cut a chunk back to what was synced before its fsync failed (its later requests were not acknowledged)");
     chunk.stats = scan.stats;
     chunk.recount = false;
     sealing.stats = scan.stats;
     Ok(())
+}
+
+/// Under `sync always`, cuts a chunk whose fsync failed back to what was synced before as soon
+/// as the failure is known, not only at its seal: a process that died in between would leave
+/// the refused frames (whole in the page cache) and their tokens for recovery to take for
+/// stored. If the cut fails, the seal tries again.
+fn cut_at_once(chunk: &mut OpenChunk) {
+    let before = chunk.writer.valid_len();
+    match chunk.writer.cut_to_synced() {
+        Ok(true) => {
+            chunk.cut += before - chunk.writer.valid_len();
+            chunk.recount = true;
+        }
+        Ok(false) => {}
+        Err(e) => {
+            warn!(chunk_id = %chunk.header.chunk_id, cause = %e,
+                  "cannot cut a chunk back to what was synced before its fsync failed yet; its seal tries again")
+        }
+    }
 }
 
 /// Logs a sync that failed as a chunk's file was closed, and notes it in `closed_unsynced`
@@ -1530,6 +1551,9 @@ fn answer_written(
             error!(chunk_id = %chunk.header.chunk_id, tag = %chunk.header.tag, %reason,
                    "chunk fsync failed; its requests are not acknowledged");
             chunk.failed.get_or_insert_with(|| reason.clone());
+            if always {
+                cut_at_once(chunk);
+            }
             out.failed
                 .extend(waiters.into_iter().map(|w| (w, reason.clone())));
         }
