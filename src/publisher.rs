@@ -439,6 +439,12 @@ async fn retire(
             });
             (kept, journaled)
         }
+        Err(e) if e.is_panic() => {
+            // Its chunks would stay in the buffer, never deleted, until a restart: delivery
+            // stops, and with it the sidecar, for its supervisor to start it again.
+            error!("deleting published chunks panicked; stopping delivery");
+            std::panic::resume_unwind(e.into_panic())
+        }
         Err(e) => {
             error!(cause = %e, "deleting published chunks failed; the next start publishes them again");
             (Vec::new(), journaled)

@@ -78,6 +78,7 @@ pub struct MemoryStore {
     /// Calls still to fail, by operation.
     fail_next: Mutex<HashMap<&'static str, u32>>,
     aborted: AtomicU64,
+    panic_next: AtomicBool,
 }
 
 impl MemoryStore {
@@ -97,6 +98,11 @@ impl MemoryStore {
     /// error.
     pub fn fail_next(&self, operation: &'static str, n: u32) {
         self.fail_next.lock().unwrap().insert(operation, n);
+    }
+
+    /// Makes the next call panic, as a bug in delivery would.
+    pub fn panic_next(&self) {
+        self.panic_next.store(true, Ordering::SeqCst);
     }
 
     /// Multipart uploads aborted.
@@ -148,6 +154,9 @@ impl MemoryStore {
 
     fn call(&self, operation: &'static str) -> Result<(), BackendError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.panic_next.swap(false, Ordering::SeqCst) {
+            panic!("a {operation} call panicked (MemoryStore::panic_next)");
+        }
         if let Some(n) = self.fail_next.lock().unwrap().get_mut(operation) {
             if *n > 0 {
                 *n -= 1;

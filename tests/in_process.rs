@@ -149,29 +149,43 @@ async fn acked_events_wait_out_an_outage_of_either_backend_and_arrive_once() {
 /// stays in the buffer, and the next start delivers it.
 #[tokio::test]
 async fn a_panic_in_delivery_stops_the_sidecar_and_the_next_start_delivers_what_it_acked() {
-    let dir = tempfile::tempdir().unwrap();
-    let buffer_dir = dir.path().join("buffer");
-    let args = QUICK;
-    let (store, sink) = (
-        Arc::new(MemoryStore::new("in-memory")),
-        Arc::new(MemorySink::new()),
-    );
-    // Kinesis down until the panic, so that nothing is published before it.
-    sink.set_down(true);
-    let sidecar = InProcess::start_on(&buffer_dir, &args, store.clone(), sink.clone()).await;
-    let sent = send(&sidecar, 10, 5, 2).await;
-    sink.panic_next();
-    let stopped = sidecar.stopped_by_itself().await;
-    let e = stopped.expect_err("the sidecar stops with an error");
-    assert!(format!("{e:#}").contains("delivery failed"), "{e:#}");
-    assert!(sink.records().is_empty());
+    // A panic in an upload (the uploader's tasks), then in a publish.
+    for stage in ["upload", "publish"] {
+        let dir = tempfile::tempdir().unwrap();
+        let buffer_dir = dir.path().join("buffer");
+        // Bodies go to S3, so that each chunk is uploaded.
+        let args = [&QUICK[..], &["--inline-max-bytes", "0"]].concat();
+        let (store, sink) = (
+            Arc::new(MemoryStore::new("in-memory")),
+            Arc::new(MemorySink::new()),
+        );
+        // Down until the panic (which comes first, down or not), so that nothing is published
+        // before it.
+        sink.set_down(true);
+        store.set_down(stage == "upload");
+        let sidecar = InProcess::start_on(&buffer_dir, &args, store.clone(), sink.clone()).await;
+        let sent = send(&sidecar, 10, 5, 2).await;
+        match stage {
+            "upload" => store.panic_next(),
+            _ => sink.panic_next(),
+        }
+        let stopped = sidecar.stopped_by_itself().await;
+        let e = stopped.expect_err("the sidecar stops with an error");
+        assert!(
+            format!("{e:#}").contains("delivery failed"),
+            "{stage}: {e:#}"
+        );
+        assert!(sink.records().is_empty(), "{stage}");
+        store.set_down(false);
 
-    let sidecar = InProcess::start_on(&buffer_dir, &args, store, Arc::new(MemorySink::new())).await;
-    tokio::time::timeout(Duration::from_secs(30), sidecar.sink.wait_for(2))
-        .await
-        .expect("both chunks published after the restart");
-    let (store, sink) = sidecar.shut_down().await;
-    assert_exactly_once(&store, &sink.pointers(), &sent);
+        let sidecar =
+            InProcess::start_on(&buffer_dir, &args, store, Arc::new(MemorySink::new())).await;
+        tokio::time::timeout(Duration::from_secs(30), sidecar.sink.wait_for(2))
+            .await
+            .unwrap_or_else(|_| panic!("{stage}: both chunks published after the restart"));
+        let (store, sink) = sidecar.shut_down().await;
+        assert_exactly_once(&store, &sink.pointers(), &sent);
+    }
 }
 
 /// With `--timekey-zone`, daily windows start at that zone's midnight, as Fluentd's with its

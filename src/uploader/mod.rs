@@ -99,11 +99,14 @@ pub async fn run<S: ChunkStore>(
             Some(chunk) = sealed.recv() => Job { chunk, attempts: Attempts::default() },
             Some(job) = retry_rx.recv() => job,
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                match joined {
-                    Err(e) if e.is_panic() => {
-                        error!(cause = %e, "an upload task panicked; its chunk is uploaded again on the next start")
+                if let Err(e) = joined {
+                    if e.is_panic() {
+                        // Its chunk would stay `uploading`, never retried, until a restart:
+                        // delivery stops, and with it the sidecar, for its supervisor to
+                        // start it again.
+                        error!("an upload task panicked; stopping delivery");
+                        std::panic::resume_unwind(e.into_panic());
                     }
-                    _ => {}
                 }
                 continue;
             }
