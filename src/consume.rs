@@ -183,7 +183,10 @@ async fn follow(
     let mut last_record = tokio::time::Instant::now();
     loop {
         let Some(mut delivery) = reader.next().await? else {
-            if args
+            // Throttled, the stream is not idle: there is more to read.
+            if reader.is_behind() {
+                last_record = tokio::time::Instant::now();
+            } else if args
                 .until_idle
                 .is_some_and(|idle| last_record.elapsed() >= idle)
             {

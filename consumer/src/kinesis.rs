@@ -227,6 +227,11 @@ mod in_memory {
         expire_next: std::sync::atomic::AtomicBool,
         /// The next GetRecords call returns an empty page with `MillisBehindLatest` 0.
         empty_next: std::sync::atomic::AtomicBool,
+        /// The next GetRecords call returns an empty page behind the tip (`MillisBehindLatest`
+        /// above 0), as Kinesis does on a sparse stretch of a shard.
+        behind_next: std::sync::atomic::AtomicBool,
+        /// The next GetRecords call is throttled.
+        throttle_next: std::sync::atomic::AtomicBool,
         /// Closed shards never end with a null iterator, as in moto.
         never_null: std::sync::atomic::AtomicBool,
     }
@@ -274,6 +279,19 @@ mod in_memory {
         /// an iterator at the same place, whatever lies after it.
         pub fn empty_next_read(&self) {
             self.empty_next
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+
+        /// Makes the next GetRecords call return an empty page behind the stream's tip
+        /// (`MillisBehindLatest` above 0) and an iterator at the same place.
+        pub fn behind_next_read(&self) {
+            self.behind_next
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+
+        /// Makes the next GetRecords call fail with `ProvisionedThroughputExceededException`.
+        pub fn throttle_next_read(&self) {
+            self.throttle_next
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
 
@@ -386,21 +404,26 @@ mod in_memory {
             {
                 return Box::pin(async { Ok(Read::Expired) });
             }
+            if self
+                .throttle_next
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
+                return Box::pin(async { Ok(Read::Throttled) });
+            }
             let (id, after) = iterator.split_once(':').unwrap();
             let after: u64 = after.parse().unwrap();
             self.reads.lock().unwrap().push(id.to_string());
-            if self
-                .empty_next
-                .swap(false, std::sync::atomic::Ordering::Relaxed)
-            {
-                let next = Some(self.position(id, after));
-                return Box::pin(async move {
-                    Ok(Read::Page {
-                        records: Vec::new(),
-                        next,
-                        caught_up: true,
-                    })
-                });
+            for (empty, caught_up) in [(&self.empty_next, true), (&self.behind_next, false)] {
+                if empty.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    let next = Some(self.position(id, after));
+                    return Box::pin(async move {
+                        Ok(Read::Page {
+                            records: Vec::new(),
+                            next,
+                            caught_up,
+                        })
+                    });
+                }
             }
             let shards = self.shards.lock().unwrap();
             let shard = shards.iter().find(|s| s.info.id == id).unwrap();

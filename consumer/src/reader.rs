@@ -279,6 +279,7 @@ impl StreamReaderBuilder {
             stats: ReaderStats::default(),
             dirty: false,
             listed_at: Instant::now(),
+            behind: false,
         };
         reader.discover_shards().await?;
         // Position every shard now, so that `Latest` means "after open", not "after the first
@@ -402,6 +403,8 @@ pub struct StreamReader {
     /// Something was committed since the last save.
     dirty: bool,
     listed_at: Instant,
+    /// See [`StreamReader::is_behind`].
+    behind: bool,
 }
 
 impl std::fmt::Debug for StreamReader {
@@ -467,7 +470,8 @@ impl StreamReader {
     }
 
     /// The next pointer record, in per-shard order; `Ok(None)` when the stream has nothing new
-    /// right now (call again later).
+    /// right now, or Kinesis throttled the read ([`StreamReader::is_behind`]): call again
+    /// later. Empty pages behind a shard's tip and expired iterators are read past at once.
     ///
     /// Saves the checkpoint first when something was committed and Kinesis is about to be read.
     /// The error is a failure to read Kinesis or to save the checkpoint; problems with one
@@ -486,6 +490,15 @@ impl StreamReader {
                 return Ok(None);
             }
         }
+    }
+
+    /// Whether the last read of Kinesis found a shard with more to read than it gave: Kinesis
+    /// throttled the read, or gave an empty page behind the shard's tip. [`StreamReader::next`]
+    /// reads again at once after such a page, but returns `Ok(None)` after a throttled read
+    /// (call again later): a caller that stops once the stream is idle should not count that
+    /// time as idle.
+    pub fn is_behind(&self) -> bool {
+        self.behind
     }
 
     /// Marks a delivery as processed. Its position goes into the next checkpoint once every
@@ -649,6 +662,7 @@ impl StreamReader {
         let mut progress = false;
         let mut ended = false;
         let mut failed = None;
+        self.behind = false;
         for (i, result) in results {
             let shard = &mut self.shards[i];
             let read = match result {
@@ -669,7 +683,8 @@ impl StreamReader {
                 shard.iterator = None;
             }
             ended |= read.ended;
-            progress |= !read.records.is_empty();
+            progress |= !read.records.is_empty() || read.behind;
+            self.behind |= read.behind || read.throttled;
             self.queue.extend(read.records.into_iter().map(|r| Queued {
                 shard: i,
                 sequence_number: r.sequence_number,
@@ -780,6 +795,11 @@ struct ShardRead {
     iterator: Option<String>,
     /// The shard was read to its end.
     ended: bool,
+    /// Nothing was read, but the shard has more: an empty page behind its tip (Kinesis gives
+    /// those on sparse stretches) or an expired iterator; read again at once.
+    behind: bool,
+    /// Kinesis throttled the read: read again later.
+    throttled: bool,
 }
 
 /// Reads one page of a shard, changing nothing (a shard iterator may be used again).
@@ -794,6 +814,8 @@ async fn read_shard(
         records: Vec::new(),
         iterator,
         ended,
+        behind: false,
+        throttled: false,
     };
     let iterator = match &shard.iterator {
         Some(it) => it.clone(),
@@ -817,13 +839,21 @@ async fn read_shard(
             let ended = next.is_none()
                 || (end_when_caught_up && shard.closed && records.is_empty() && caught_up);
             ShardRead {
+                behind: records.is_empty() && !caught_up && !ended,
+                throttled: false,
                 records,
                 iterator: next,
                 ended,
             }
         }
-        Read::Expired => nothing(None, false),
-        Read::Throttled => nothing(Some(iterator), false),
+        Read::Expired => ShardRead {
+            behind: true,
+            ..nothing(None, false)
+        },
+        Read::Throttled => ShardRead {
+            throttled: true,
+            ..nothing(Some(iterator), false)
+        },
     })
 }
 

@@ -484,11 +484,36 @@ async fn latest_reads_what_arrived_after_open_when_the_first_iterator_expires() 
     world.publish(LOW);
     let mut reader = open_at_latest(&world).await;
     // The first read finds its iterator expired (the caller was away for five minutes); a
-    // record arrived after the open meanwhile.
+    // record arrived after the open meanwhile. The reader takes a new iterator at once.
     world.stream.expire_next_read();
     world.publish(LOW);
-    assert!(reader.next().await.unwrap().is_none(), "the expired read");
+    let mut got = reader.next().await.unwrap().expect("read on at once");
+    assert_eq!(number(&mut got).await, 1);
+}
+
+/// Kinesis can give empty pages behind a shard's tip (on sparse stretches): the reader reads
+/// on at once rather than say there is nothing new. A throttled read gives nothing new for
+/// now, and says the reader is behind, so that a caller waiting for the stream to go idle
+/// (`claimcheck tail --until-idle`) does not stop there.
+#[tokio::test]
+async fn an_empty_page_behind_the_tip_is_read_past_and_a_throttled_read_is_behind() {
+    let mut world = World::new(1);
+    let mut reader = world.builder().open().await.unwrap();
+    world.publish(LOW);
+    world.stream.behind_next_read();
+    let first = reader
+        .next()
+        .await
+        .unwrap()
+        .expect("read past the empty page");
+    reader.commit(first.position());
+    assert!(!reader.is_behind());
+    world.publish(LOW);
+    world.stream.throttle_next_read();
+    assert!(reader.next().await.unwrap().is_none(), "throttled: later");
+    assert!(reader.is_behind());
     assert_eq!(numbers(&drain(&mut reader).await), vec![1]);
+    assert!(!reader.is_behind());
 }
 
 #[tokio::test]
