@@ -104,23 +104,37 @@ pub enum Error {
     /// Local I/O failed.
     #[error("i/o error: {0}")]
     Io(#[source] std::io::Error),
+    /// [`Delivery::events`](crate::Delivery::events) called again after it, or
+    /// [`Delivery::next_event`](crate::Delivery::next_event), handed out an error: the error
+    /// said again, so that a second call cannot pass for a chunk read and verified.
+    #[error("this delivery failed already: {message}")]
+    Failed {
+        message: String,
+        /// Whether the first error was a chunk error ([`Error::is_chunk_error`]).
+        chunk_error: bool,
+    },
 }
 
 impl Error {
-    /// True when the error is about one pointer or its object — not a pointer, a newer
-    /// version, object missing or changed, damaged, too large, undecodable — so reading it
-    /// again will fail the same way. Such a pointer can be skipped; everything else (AWS calls,
-    /// checkpoints, local I/O) may succeed when retried.
+    /// True when the error is about one pointer or its object — not a pointer, object missing
+    /// or changed, damaged, undecodable — so reading it again will fail the same way, whatever
+    /// reads it. Such a pointer can be skipped; everything else may succeed when retried.
+    ///
+    /// Not chunk errors: [`Error::UnsupportedVersion`] and [`Error::BodyTooLarge`] are about
+    /// this reader (a pointer from a newer sidecar, a body over its `max_body_bytes`): a newer
+    /// reader, or one with a higher limit, reads the chunk, so skipping it would lose it. So
+    /// are AWS calls, checkpoints and local I/O, which may succeed when retried.
     pub fn is_chunk_error(&self) -> bool {
+        if let Error::Failed { chunk_error, .. } = self {
+            return *chunk_error;
+        }
         matches!(
             self,
             Error::MalformedPointer(_)
-                | Error::UnsupportedVersion { .. }
                 | Error::ObjectMissing { .. }
                 | Error::ObjectChanged { .. }
                 | Error::ChecksumMismatch { .. }
                 | Error::SizeMismatch { .. }
-                | Error::BodyTooLarge { .. }
                 | Error::Decompress(_)
                 | Error::Decode(_)
         )

@@ -339,6 +339,14 @@ mod tests {
         let (seen, response) = run(&skipping, &ev).await;
         assert_eq!(seen, [0, 1, 3]);
         assert!(response.unwrap().batch_item_failures.is_empty());
+        // A pointer from a newer sidecar is not skipped: a newer reader reads it.
+        let mut newer = records.clone();
+        newer[2] = br#"{"v":3,"chunk_id":"from-a-newer-sidecar"}"#.to_vec();
+        let skipping =
+            Consumer::new(Resolver::from_source(bucket.clone())).skip_errors(Error::is_chunk_error);
+        let (seen, response) = run(&skipping, &event(&newer)).await;
+        assert_eq!(seen, [0, 1]);
+        assert_eq!(failed(&response.unwrap()), ["3"]);
 
         let whole =
             Consumer::new(Resolver::from_source(bucket.clone())).report_batch_item_failures(false);

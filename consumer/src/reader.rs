@@ -71,6 +71,8 @@ impl std::fmt::Display for Position {
 pub struct Delivery {
     position: Position,
     chunk: Result<EventStream, Option<Error>>,
+    /// The error handed out, if one was: what [`Delivery::events`] says if called again.
+    failed: Option<(String, bool)>,
 }
 
 impl Delivery {
@@ -86,14 +88,26 @@ impl Delivery {
 
     /// The next event; `None` after the last one or after an error.
     pub async fn next_event(&mut self) -> Option<Result<Event, Error>> {
-        match &mut self.chunk {
+        let next = match &mut self.chunk {
             Ok(stream) => stream.next().await,
             Err(e) => e.take().map(Err),
+        };
+        if let Some(Err(e)) = &next {
+            self.failed
+                .get_or_insert_with(|| (e.to_string(), e.is_chunk_error()));
         }
+        next
     }
 
-    /// Every remaining event, verified.
+    /// Every remaining event, verified. Once an error was handed out, an error again
+    /// ([`Error::Failed`]): the events were not all verified, so none can be taken for read.
     pub async fn events(&mut self) -> Result<Vec<Event>, Error> {
+        if let Some((message, chunk_error)) = &self.failed {
+            return Err(Error::Failed {
+                message: message.clone(),
+                chunk_error: *chunk_error,
+            });
+        }
         let mut events = Vec::new();
         while let Some(event) = self.next_event().await {
             events.push(event?);
@@ -603,6 +617,7 @@ impl StreamReader {
                 Err(e) => self.in_flight.push_back(Delivery {
                     position,
                     chunk: Err(Some(e)),
+                    failed: None,
                 }),
                 Ok(p) if self.filter.as_ref().is_some_and(|keep| !keep(&p)) => {
                     self.stats.filtered += 1;
@@ -620,6 +635,7 @@ impl StreamReader {
                         self.in_flight.push_back(Delivery {
                             position,
                             chunk: Ok(self.resolver.stream(p)),
+                            failed: None,
                         });
                     }
                 }

@@ -688,8 +688,17 @@ mod tests {
         let err = read_twice.resolve(&p).await.unwrap_err();
         assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
 
-        let err = resolver.clone().max_body_bytes(10).resolve(&p).await;
-        assert!(matches!(err, Err(Error::BodyTooLarge { limit: 10, .. })));
+        let err = resolver
+            .clone()
+            .max_body_bytes(10)
+            .resolve(&p)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::BodyTooLarge { limit: 10, .. }),
+            "{err}"
+        );
+        assert!(!err.is_chunk_error(), "a higher limit reads it");
 
         // The object is now b"new": its size is wrong before a byte is read.
         let err = resolver.resolve(&p).await.unwrap_err();

@@ -543,6 +543,9 @@ struct State {
     release: Option<Py<PyAny>>,
     /// Every event was handed out and the body checked to its end.
     done: bool,
+    /// The iteration ended (at the end, on an error or by `close()`): later calls end it
+    /// again and leave `done` as it was.
+    ended: bool,
 }
 
 impl State {
@@ -560,6 +563,7 @@ impl State {
 
     /// Ends the iteration; what to close, once the lock is let go.
     fn end(&mut self) -> Option<Py<PyAny>> {
+        self.ended = true;
         self.decoder = None;
         self.batch = Vec::new().into_iter();
         self.release.take()
@@ -592,6 +596,7 @@ impl Events {
                 tag: None,
                 release,
                 done: false,
+                ended: false,
             }),
             failed,
         })
@@ -612,6 +617,7 @@ impl Events {
                 tag: None,
                 release: None,
                 done: false,
+                ended: false,
             }),
             failed,
         }
@@ -638,6 +644,10 @@ impl Events {
         let ended = loop {
             if let Some(event) = state.batch.next() {
                 return Ok(Some(state.event(py, event)));
+            }
+            if state.ended {
+                // After an error or `close()` the iteration stays short of done.
+                return Ok(None);
             }
             let State { decoder, spare, .. } = &mut *state;
             let Some(d) = decoder.as_mut() else {

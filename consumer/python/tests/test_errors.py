@@ -43,6 +43,9 @@ def test_unknown_version():
     with pytest.raises(claimcheck.UnsupportedVersion) as raised:
         claimcheck.Pointer.parse(json.dumps(doc).encode())
     assert raised.value.version == 99
+    # A newer reader reads it: not one to skip.
+    assert isinstance(raised.value, claimcheck.ReaderError)
+    assert not raised.value.is_chunk_error
 
 
 @pytest.mark.parametrize("source", [bytes, io.BytesIO])
@@ -67,9 +70,17 @@ def test_wrong_checksum_is_raised_after_the_events_when_not_verified_first():
         claimcheck.verify(pointer, bytes(damaged))
     assert raised.value.expected == pointer.crc32c
     assert raised.value.actual != pointer.crc32c
+    events = claimcheck.decode(pointer, bytes(damaged))
     with pytest.raises((claimcheck.ChecksumMismatch,)):
-        for _ in claimcheck.decode(pointer, bytes(damaged)):
+        for _ in events:
             pass
+    # Iterated again after the error: nothing more, and not done (it was not checked).
+    assert list(events) == []
+    assert not events.done
+    closed = claimcheck.decode(pointer, body)
+    next(closed)
+    closed.close()
+    assert list(closed) == [] and not closed.done
     # Checked in one pass: raised before any event.
     for source in (bytes(damaged), io.BytesIO(damaged)):
         with pytest.raises(claimcheck.ChecksumMismatch):

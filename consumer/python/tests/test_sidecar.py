@@ -119,8 +119,10 @@ def test_object_errors(sidecars, s3):
         with pytest.raises(claimcheck.SizeMismatch):
             claimcheck.resolve(pointers[2], s3, **options)
 
-    with pytest.raises(claimcheck.BodyTooLarge):
+    with pytest.raises(claimcheck.BodyTooLarge) as raised:
         claimcheck.resolve(pointers[2], s3, max_body_bytes=10)
+    assert isinstance(raised.value, claimcheck.ReaderError)
+    assert not raised.value.is_chunk_error
 
 
 def test_a_changed_object_is_not_read_twice(sidecars, s3):

@@ -474,6 +474,18 @@ async fn latest_starts_after_open_and_missing_objects_are_errors_to_skip() {
     let err = missing.events().await.unwrap_err();
     assert!(matches!(err, Error::ObjectMissing { .. }), "{err}");
     assert!(err.is_chunk_error());
+    // Asked again, it fails again: an empty list would pass for a chunk read.
+    let again = missing.events().await.unwrap_err();
+    assert!(
+        matches!(
+            again,
+            Error::Failed {
+                chunk_error: true,
+                ..
+            }
+        ),
+        "{again}"
+    );
     reader.commit(missing.position());
     assert_eq!(numbers(&drain(&mut reader).await), vec![2]);
 }

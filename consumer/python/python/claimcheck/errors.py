@@ -1,10 +1,13 @@
 """Exceptions, one per error of the Rust crate (``claimcheck_consumer::Error``).
 
-Every exception is a :class:`ClaimcheckError`, and either
+Every exception is a :class:`ClaimcheckError`, and one of
 
-* a :class:`ChunkError`: about one pointer or its object (not a pointer, a newer version,
-  missing, changed, damaged, too large, undecodable). Reading it again fails the same way:
-  the pointer can be skipped (or sent to a dead-letter queue); or
+* a :class:`ChunkError`: about one pointer or its object (not a pointer, missing, changed,
+  damaged, undecodable). Reading it again fails the same way, whatever reads it: the pointer
+  can be skipped (or sent to a dead-letter queue);
+* a :class:`ReaderError`: this reader cannot read the chunk (a pointer from a newer sidecar,
+  a body over ``max_body_bytes``), a newer reader or a higher limit can. Skipping it would
+  lose the chunk: upgrade the consumer or raise the limit, then read it again;
 * a :class:`RetryableError`: a call that failed (S3, the network) and may succeed again.
 
 ``err.is_chunk_error`` says which, as ``Error::is_chunk_error`` does in Rust. Fields of the
@@ -32,6 +35,11 @@ class ChunkError(ClaimcheckError):
     is_chunk_error = True
 
 
+class ReaderError(ClaimcheckError):
+    """This reader cannot read the chunk, though a newer one, or one with a higher limit, can:
+    do not skip it (``is_chunk_error`` is false); upgrade or raise the limit."""
+
+
 class RetryableError(ClaimcheckError):
     """A call failed (S3, the network, a file object's read): it may succeed when retried."""
 
@@ -40,7 +48,7 @@ class MalformedPointer(ChunkError, ValueError):
     """The record is not a pointer (bad JSON, a missing or ill-typed field)."""
 
 
-class UnsupportedVersion(ChunkError):
+class UnsupportedVersion(ReaderError):
     """The pointer was written by a newer producer than this reader understands
     (``version``)."""
 
@@ -64,7 +72,7 @@ class SizeMismatch(ChunkError):
     ``expected``, ``actual``)."""
 
 
-class BodyTooLarge(ChunkError):
+class BodyTooLarge(ReaderError):
     """The body (``bytes``, decompressed) is over this reader's ``limit``."""
 
 
@@ -84,6 +92,7 @@ class S3Error(RetryableError):
 __all__ = [
     "ClaimcheckError",
     "ChunkError",
+    "ReaderError",
     "RetryableError",
     "MalformedPointer",
     "UnsupportedVersion",
