@@ -234,6 +234,33 @@ def test_lambda_reports_the_record_to_retry_from(sidecars, s3):
             raise RuntimeError("boom")
 
 
+def test_lambda_skips_a_chunk_whose_events_fail_as_they_are_read(sidecars, s3):
+    _, _, records = produce(sidecars, "lambda-damaged", "msgpack", "zstd", chunks=3)
+    p = claimcheck.Pointer.parse(records[1]["Data"])
+    body = bytearray(s3.get_object(Bucket=p.bucket, Key=p.key)["Body"].read())
+    body[len(body) // 2] ^= 0x10
+    s3.put_object(Bucket=p.bucket, Key=p.key, Body=bytes(body))
+    event = lambda_event(records)
+
+    def run(**options):
+        claimcheck.lambda_.forget()
+        seen = []
+        with claimcheck.lambda_.chunks(event, s3, verify_first=False, **options) as batch:
+            for chunk in batch:
+                seen.append(chunk.pointer.chunk_id)
+                list(chunk.events)
+        # The damage showed while the second chunk's events were read, not before.
+        assert len(seen) == 2
+        assert isinstance(batch.error, claimcheck.ChunkError)
+        return batch.response
+
+    def retry_from(i):
+        return {"batchItemFailures": [{"itemIdentifier": records[i]["SequenceNumber"]}]}
+
+    assert run() == retry_from(1)
+    assert run(skip=lambda e: e.is_chunk_error) == retry_from(2)
+
+
 def test_lambda_loop_left_early(sidecars, s3):
     _, _, records = produce(sidecars, "lambda-break", "msgpack", "zstd", chunks=3)
     ids = [claimcheck.Pointer.parse(r["Data"]).chunk_id for r in records]

@@ -198,6 +198,21 @@ class Batch:
         if chunk is None or not isinstance(error, Exception):
             return False
         chunk.events.close()
+        if (
+            isinstance(error, errors.ClaimcheckError)
+            and self._skip is not None
+            and self._skip(error)
+        ):
+            # Its events failed as they were read (not checked first): skipped as a pointer
+            # that fails before its events is; the loop is over, so Lambda retries from the
+            # next record, which nobody saw.
+            log.warning("skipping pointer at %s: %s", chunk.sequence_number, error)
+            self.error = error
+            rest = self._records[self._index + 1 :]
+            if rest:
+                self.failed = rest[0].get("kinesis", {}).get("sequenceNumber", "")
+            self._done = True
+            return True
         self._fail(chunk.sequence_number, error)
         return True
 
