@@ -86,8 +86,24 @@ fn free_name(dir: &Path, name: &std::ffi::OsStr) -> io::Result<PathBuf> {
     Ok(to)
 }
 
-/// Chunk ids in `dead/`, oldest first.
+/// An error unless `buffer_dir` is a sidecar's buffer directory (it has `chunks/`): a wrong
+/// `--buffer-dir` would otherwise list nothing and replay nothing, as an empty `dead/` does.
+fn check_buffer_dir(buffer_dir: &Path) -> io::Result<()> {
+    if super::chunks_dir(buffer_dir).is_dir() {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "{} is not a claimcheck buffer directory (it has no chunks/): give the sidecar's --buffer-dir",
+            buffer_dir.display()
+        ),
+    ))
+}
+
+/// Chunk ids in `dead/`, oldest first. An error if `buffer_dir` is not a buffer directory.
 pub fn list_dead(buffer_dir: &Path) -> io::Result<Vec<String>> {
+    check_buffer_dir(buffer_dir)?;
     let dead = dead_dir(buffer_dir);
     if !dead.exists() {
         return Ok(Vec::new());
@@ -106,12 +122,31 @@ pub fn list_dead(buffer_dir: &Path) -> io::Result<Vec<String>> {
 
 /// Moves dead-lettered chunks (all, or those in `ids`) back to `chunks/`, where a running
 /// sidecar picks them up within seconds and a starting one recovers them. Returns the ids
-/// moved. Safe while a sidecar runs: each move is a rename, data file first.
+/// moved. Safe while a sidecar runs: each move is a rename, data file first. A replay stopped
+/// between the two renames left a state file in `dead/` whose data is in `chunks/` (which
+/// a running sidecar does not pick up): the next replay finishes that move first.
 pub fn replay(buffer_dir: &Path, ids: &[String]) -> io::Result<Vec<String>> {
     let dead = dead_dir(buffer_dir);
     let chunks = super::chunks_dir(buffer_dir);
-    chunk::create_dir_durably(&chunks)?;
     let available = list_dead(buffer_dir)?;
+    let mut finished = false;
+    if dead.exists() {
+        for entry in fs::read_dir(&dead)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(&format!(".{STATE_EXT}")) else {
+                continue;
+            };
+            let data = format!("{id}.{DATA_EXT}");
+            if !dead.join(&data).exists() && chunks.join(&data).exists() {
+                fs::rename(dead.join(&name), chunks.join(&name))?;
+                finished = true;
+            }
+        }
+    }
+    if finished {
+        chunk::sync_dir(&chunks)?;
+        chunk::sync_dir(&dead)?;
+    }
     let wanted: Vec<String> = if ids.is_empty() {
         available
     } else {
@@ -162,6 +197,36 @@ mod tests {
             .collect();
         assert_eq!(kept, ["first", "second", "third"]);
         assert_eq!(registry.quarantined(), 3);
+    }
+
+    /// A directory that is not a buffer (a wrong `--buffer-dir`) is an error, not "nothing
+    /// dead-lettered", and nothing is created in it.
+    #[test]
+    fn listing_or_replaying_a_directory_that_is_not_a_buffer_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = list_dead(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("--buffer-dir"), "{err}");
+        assert!(replay(dir.path(), &[]).is_err());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A replay stopped between its two renames left the data file in `chunks/` and the state
+    /// file in `dead/`: the next replay moves the state file too.
+    #[test]
+    fn a_replay_stopped_half_way_is_finished_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let (chunks, dead) = (super::super::chunks_dir(dir.path()), dead_dir(dir.path()));
+        fs::create_dir_all(&chunks).unwrap();
+        fs::create_dir_all(&dead).unwrap();
+        fs::write(chunks.join("a.chunk"), "data").unwrap();
+        fs::write(dead.join("a.state"), "state").unwrap();
+        fs::write(dead.join("b.chunk"), "data").unwrap();
+        fs::write(dead.join("b.state"), "state").unwrap();
+        assert_eq!(replay(dir.path(), &[]).unwrap(), ["b"]);
+        for name in ["a.chunk", "a.state", "b.chunk", "b.state"] {
+            assert!(chunks.join(name).exists(), "{name}");
+        }
+        assert_eq!(fs::read_dir(&dead).unwrap().count(), 0);
     }
 
     /// A move to `dead/` stopped between its two renames (as by a crash) leaves the data file
