@@ -600,6 +600,51 @@ fn split_msgpack(
     }
 }
 
+/// One line of a `json` body. Its record and metadata may nest [`MAX_NESTING`] deep, as
+/// msgpack ones may (the sidecar takes such events and writes them as JSON), beyond
+/// serde_json's own limit of 128; deeper lines are refused before they are parsed, by a scan
+/// without recursion.
+fn parse_json_line(text: &[u8]) -> Result<Line, Error> {
+    use serde::Deserialize;
+    // The line's own object is one level more than its record's.
+    if !json_nests_within(text, MAX_NESTING + 1) {
+        return Err(Error::Decode("json line: a value nests too deeply".into()));
+    }
+    let mut de = serde_json::Deserializer::from_slice(text);
+    de.disable_recursion_limit();
+    let line = Line::deserialize(&mut de).and_then(|line| de.end().map(|()| line));
+    line.map_err(|e| Error::Decode(format!("json line: {e}")))
+}
+
+/// Whether the arrays and objects of the JSON `text` nest at most `limit` deep (brackets in
+/// strings do not count).
+fn json_nests_within(text: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
 /// Sends the event of the next non-empty line of a `json` body.
 fn split_json_line(
     body: &mut impl BufRead,
@@ -618,8 +663,7 @@ fn split_json_line(
         if text.is_empty() {
             continue;
         }
-        let parsed: Line = serde_json::from_slice(text)
-            .map_err(|e| Cut::Decode(Error::Decode(format!("json line: {e}"))))?;
+        let parsed = parse_json_line(text).map_err(Cut::Decode)?;
         let time = EventTime::parse_rfc3339(&parsed.time).ok_or_else(|| {
             Cut::Decode(Error::Decode(format!(
                 "json line: bad time {:?}",
@@ -1119,6 +1163,35 @@ pub(crate) mod tests {
                     Event::from_entry("t".into(), &body).is_ok(),
                     depth <= crate::MAX_NESTING
                 );
+            }
+        }
+    }
+
+    /// A `json` body's records nest as deeply as msgpack ones may, beyond serde_json's own
+    /// limit of 128 (the sidecar takes such events, and writes them as JSON in `json` bodies);
+    /// deeper is a decode error.
+    #[test]
+    fn json_lines_nest_as_deeply_as_msgpack_entries() {
+        let time = EventTime::new(1_763_740_800, 0);
+        let mut entry = vec![0x92];
+        entry::encode::event_time(&mut entry, time);
+        // `{"x": [[...[1]...]]}`, nesting MAX_NESTING deep, with brackets in a string.
+        entry.extend([0x82, 0xa1, b'y', 0xa2, b'[', b'"', 0xa1, b'x']);
+        entry.extend(std::iter::repeat_n(0x91, crate::MAX_NESTING - 1));
+        entry.push(0x01);
+        let mut deepest = Vec::new();
+        body::write_json_lines("app.web", &entry, &mut deepest).unwrap();
+        // One level more: `"x": [` ... `]`.
+        let text = String::from_utf8(deepest.clone()).unwrap();
+        let text = text.trim_end();
+        let (head, tail) = text.split_at(text.len() - 2);
+        let deeper = format!("{}]{tail}\n", head.replacen(r#""x":"#, r#""x":["#, 1));
+        for (body, ok) in [(deepest, true), (deeper.into_bytes(), false)] {
+            let (p, bytes) = stored(Format::Json, Compression::None, &body, 1);
+            match verify_and_decode(&p, &bytes) {
+                Ok(events) if ok => assert_eq!(events.len(), 1),
+                Err(Error::Decode(m)) if !ok => assert!(m.contains("nests too deeply"), "{m}"),
+                other => panic!("{ok}: {other:?}"),
             }
         }
     }
