@@ -577,6 +577,24 @@ impl ServeArgs {
         if self.s3_part_size < crate::backends::MIN_PART_SIZE {
             return Err("--s3-part-size must be at least 5MiB (S3's minimum part size)".into());
         }
+        // S3's limits: a part, and a PutObject, of at most 5 GiB; at most 10,000 parts.
+        const MAX_PUT: u64 = 5 << 30;
+        const MAX_PARTS: u64 = 10_000;
+        if self.s3_part_size > MAX_PUT {
+            return Err("--s3-part-size must be at most 5GiB (S3's largest part)".into());
+        }
+        if self.s3_multipart_threshold > MAX_PUT {
+            return Err(
+                "--s3-multipart-threshold must be at most 5GiB (S3's largest PutObject)".into(),
+            );
+        }
+        if self.chunk_limit_size.div_ceil(self.s3_part_size) > MAX_PARTS {
+            return Err(format!(
+                "--s3-part-size must be at least {} bytes with --chunk-limit-size {}: S3 takes at most 10,000 parts",
+                self.chunk_limit_size.div_ceil(MAX_PARTS),
+                self.chunk_limit_size
+            ));
+        }
         if self.inline_max_bytes > MAX_INLINE_BYTES {
             return Err(format!(
                 "--inline-max-bytes must be at most {MAX_INLINE_BYTES} (1000KiB: a Kinesis record, partition key included, is at most 1 MiB)"
@@ -1132,7 +1150,7 @@ mod tests {
     }
 
     #[test]
-    fn settings_of_zero_that_would_do_nothing_are_refused() {
+    fn settings_that_would_do_nothing_or_fail_every_upload_are_refused() {
         let config = |flag: &str, value: &str| {
             Cli::try_parse_from([
                 "claimcheck",
@@ -1151,6 +1169,10 @@ mod tests {
             ("--total-limit-size", "0", "1KiB"),
             ("--max-connections", "0", "1"),
             ("--flush-thread-count", "0", "1"),
+            // Beyond S3's limits.
+            ("--s3-part-size", "6GiB", "5GiB"),
+            ("--s3-multipart-threshold", "6GiB", "5GiB"),
+            ("--chunk-limit-size", "100GiB", "50GiB"),
         ] {
             let refused = config(flag, zero).expect_err(flag);
             assert!(refused.contains(flag), "{refused}");
