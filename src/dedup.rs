@@ -87,8 +87,11 @@ impl Keying {
         Keying(RandomState::new())
     }
 
-    /// SipHash under one random key of two distinct inputs: two independent halves.
+    /// SipHash under one random key of two distinct inputs: two independent halves. An
+    /// IPv4-mapped address is its IPv4 address: the same sender whether the listener was
+    /// `0.0.0.0` or `[::]` when its token was recorded.
     fn key(&self, sender: IpAddr, token: &[u8]) -> Key {
+        let sender = sender.to_canonical();
         let half = |which: u8| {
             let mut h = self.0.build_hasher();
             which.hash(&mut h);
@@ -487,6 +490,16 @@ mod tests {
         assert!(matches!(
             d.check(ip("10.0.0.2"), &token, origin(), false),
             Seen::New(_)
+        ));
+        // The same sender through a listener on `[::]` (recorded so before a restart, say).
+        assert!(matches!(
+            d.check(ip("::ffff:10.0.0.1"), &token, origin(), false),
+            Seen::Stored
+        ));
+        d.remember(ip("::ffff:10.0.0.3"), &token, Duration::ZERO);
+        assert!(matches!(
+            d.check(ip("10.0.0.3"), &token, origin(), false),
+            Seen::Stored
         ));
     }
 
