@@ -89,6 +89,11 @@ def test_inline_records_need_no_s3(sidecars):
             raise AssertionError("an inline pointer was fetched")
 
     check(list(claimcheck.resolve(pointer, NoS3())), sent)
+    # Over in_memory_body_bytes: checked first, then decoded as iterated, not held whole.
+    events = claimcheck.resolve(pointer, NoS3(), in_memory_body_bytes=0)
+    assert not events.done
+    check(list(events), sent)
+    assert events.done
 
 
 def test_object_errors(sidecars, s3):

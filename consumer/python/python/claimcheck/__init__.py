@@ -185,7 +185,13 @@ def resolve(
             limit=max_body_bytes,
         )
     if p.is_inline:
-        return _verified(p, None) if verify_first else _decode(p, None)
+        if verify_first and p.bytes <= in_memory_body_bytes:
+            return _verified(p, None)
+        if verify_first:
+            # A large body (an inline one compresses well): checked, then decoded as
+            # iterated, rather than all its events held at once.
+            _verify(p, None)
+        return _decode(p, None)
     s3 = _s3(s3_client)
     response = _get(s3, p)
     body = response["Body"]
