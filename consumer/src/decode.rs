@@ -606,14 +606,23 @@ fn split_msgpack(
 /// without recursion.
 fn parse_json_line(text: &[u8]) -> Result<Line, Error> {
     use serde::Deserialize;
+    let failed = |e: serde_json::Error| Error::Decode(format!("json line: {e}"));
+    // Nearly every line is well within serde_json's limit: parsed once, as it is.
+    let deep = match serde_json::from_slice(text) {
+        Ok(line) => return Ok(line),
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => e,
+        Err(e) => return Err(failed(e)),
+    };
     // The line's own object is one level more than its record's.
     if !json_nests_within(text, MAX_NESTING + 1) {
-        return Err(Error::Decode("json line: a value nests too deeply".into()));
+        return Err(Error::Decode(format!(
+            "json line: a value nests too deeply ({deep})"
+        )));
     }
     let mut de = serde_json::Deserializer::from_slice(text);
     de.disable_recursion_limit();
     let line = Line::deserialize(&mut de).and_then(|line| de.end().map(|()| line));
-    line.map_err(|e| Error::Decode(format!("json line: {e}")))
+    line.map_err(failed)
 }
 
 /// Whether the arrays and objects of the JSON `text` nest at most `limit` deep (brackets in
