@@ -1165,7 +1165,7 @@ mod tests {
             .serve
             .into_config()
         };
-        for (flag, zero, some) in [
+        for (flag, bad, good) in [
             ("--total-limit-size", "0", "1KiB"),
             ("--max-connections", "0", "1"),
             ("--flush-thread-count", "0", "1"),
@@ -1174,9 +1174,9 @@ mod tests {
             ("--s3-multipart-threshold", "6GiB", "5GiB"),
             ("--chunk-limit-size", "100GiB", "50GiB"),
         ] {
-            let refused = config(flag, zero).expect_err(flag);
+            let refused = config(flag, bad).expect_err(flag);
             assert!(refused.contains(flag), "{refused}");
-            assert!(config(flag, some).is_ok(), "{flag} {some}");
+            assert!(config(flag, good).is_ok(), "{flag} {good}");
         }
     }
 
