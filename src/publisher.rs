@@ -356,6 +356,7 @@ async fn publish<P: PointerSink>(
                     p.stored_bytes,
                     job.size() as u64,
                 );
+                registry.set_phase(&p.chunk_id, Phase::Published);
                 published.push(job.chunk);
             }
             EntryResult::Failed { code, message } => {

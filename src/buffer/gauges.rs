@@ -52,6 +52,7 @@ impl Collector for BufferCollector {
             Phase::Uploading,
             Phase::Uploaded,
             Phase::Publishing,
+            Phase::Published,
             Phase::Dropped,
         ];
         let (counts, oldest_ms) = self.buffer.count_by_phase(phases);
@@ -153,6 +154,7 @@ fn phase_name(phase: Phase) -> &'static str {
         Phase::Uploading => "uploading",
         Phase::Uploaded => "uploaded",
         Phase::Publishing => "publishing",
+        Phase::Published => "published",
         Phase::Dropped => "dropped",
     }
 }

@@ -33,6 +33,9 @@ pub enum Phase {
     Uploaded,
     /// Its pointer is in a PutRecords request.
     Publishing,
+    /// Its pointer is in Kinesis; its files are being deleted (again, if that failed). Not
+    /// waiting for delivery: not in `oldest_unpublished_chunk_age` nor in a stage's backlog.
+    Published,
     /// Chosen by `drop_oldest_chunk`; its files are being deleted.
     Dropped,
 }
@@ -254,7 +257,9 @@ impl Registry {
             if let Some(i) = phases.iter().position(|p| *p == c.phase) {
                 counts[i] += 1;
             }
-            oldest = Some(oldest.map_or(c.created_ms, |o| o.min(c.created_ms)));
+            if c.phase != Phase::Published {
+                oldest = Some(oldest.map_or(c.created_ms, |o| o.min(c.created_ms)));
+            }
         }
         (counts, oldest)
     }
@@ -469,6 +474,26 @@ mod tests {
             (one.attempts, one.phase, one.last_error.as_deref()),
             (1, Phase::Sealed, Some("boom"))
         );
+    }
+
+    /// A chunk in Kinesis whose files are still being deleted (a deletion that failed, tried
+    /// again) is not waiting for delivery: the age of the oldest unpublished chunk, on which
+    /// the "delivery lags" alert is set, leaves it out.
+    #[test]
+    fn a_published_chunk_is_not_the_oldest_unpublished() {
+        let r = Registry::new();
+        r.insert(ChunkInfo {
+            created_ms: 1_000,
+            ..info("published", Phase::Publishing, 1)
+        });
+        r.insert(ChunkInfo {
+            created_ms: 5_000,
+            ..info("waiting", Phase::Uploaded, 1)
+        });
+        assert_eq!(r.count_by_phase([Phase::Published]), ([0], Some(1_000)));
+        assert!(r.set_phase("published", Phase::Published));
+        assert_eq!(r.count_by_phase([Phase::Published]), ([1], Some(5_000)));
+        assert_eq!(r.usage(), 2, "its files still count");
     }
 
     #[tokio::test(start_paused = true)]
