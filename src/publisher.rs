@@ -33,7 +33,8 @@ pub use crate::backends::{EntryResult, PointerRecord, PointerSink};
 /// Kinesis PutRecords limits.
 pub const MAX_BATCH_RECORDS: usize = 500;
 pub const MAX_BATCH_BYTES: usize = 5 << 20;
-/// Kinesis partition keys are at most 256 Unicode characters.
+/// Kinesis partition keys are at most 256 Unicode characters (counted here in UTF-16 code
+/// units, which is never more than Kinesis may count).
 pub const MAX_PARTITION_KEY_CHARS: usize = 256;
 
 /// Settings of the publisher.
@@ -55,11 +56,17 @@ impl PublisherConfig {
             timekey: p.timekey,
             file_extension: &ext,
         };
+        // Counted as Kinesis may count them, in UTF-16 code units: a character beyond the
+        // Basic Multilingual Plane (an emoji in a tag) takes two.
+        let mut units = 0;
         let key: String = self
             .partition_key
             .render(values)
             .chars()
-            .take(MAX_PARTITION_KEY_CHARS)
+            .take_while(|c| {
+                units += c.len_utf16();
+                units <= MAX_PARTITION_KEY_CHARS
+            })
             .collect();
         if key.is_empty() {
             p.chunk_id.clone()

@@ -527,6 +527,11 @@ fn partition_keys_are_cut_to_kinesis_limit() {
         config(dir.path()).partition_key(&chunk).chars().count(),
         MAX_PARTITION_KEY_CHARS
     );
+    // Counted in UTF-16 code units, as a Java service may count them: an emoji takes two.
+    chunk.pointer.tag = "🦀".repeat(200);
+    let key = config(dir.path()).partition_key(&chunk);
+    assert_eq!(key.encode_utf16().count(), MAX_PARTITION_KEY_CHARS);
+    assert_eq!(key.chars().count(), MAX_PARTITION_KEY_CHARS / 2);
 }
 
 /// Holds the first PutRecords call until `release` is notified.
