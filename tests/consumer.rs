@@ -310,6 +310,25 @@ async fn dynamodb_checkpoints_resume_refuse_a_second_writer_and_outlive_a_lost_a
     landed.save(&saved).await.unwrap();
     retried.save(&saved).await.unwrap();
     retried.save(&other).await.unwrap();
+    assert_eq!(store().load().await.unwrap(), Some(other.clone()));
+
+    // Every answer to a save lost, the SDK's retries spent, though the write landed: the
+    // store's next save takes that write up rather than refuse it, and every later one, as
+    // another reader's.
+    use common::proxy::{Fault, Proxy, Service};
+    // A proxy that forwards DynamoDB's JSON calls as it does Kinesis's.
+    let proxy = Proxy::start(Service::Kinesis, env.moto.port, Default::default()).await;
+    let lossy = DynamoDbCheckpointStore::new(Aws::dynamodb(proxy.port), &table, "tail");
+    lossy.load().await.unwrap();
+    proxy.set(Fault::AnswerLost);
+    lossy.save(&saved).await.unwrap_err();
+    proxy.set(Fault::None);
+    assert_eq!(
+        store().load().await.unwrap(),
+        Some(saved.clone()),
+        "the lost save landed"
+    );
+    lossy.save(&other).await.unwrap();
     assert_eq!(store().load().await.unwrap(), Some(other));
 }
 

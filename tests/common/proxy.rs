@@ -39,6 +39,9 @@ pub enum Fault {
     },
     /// Hold every request this long before forwarding it.
     Slow(Duration),
+    /// Forward every request, then close its connection without the answer, as a network
+    /// that fails after the write landed does.
+    AnswerLost,
     /// Kinesis only: of every `every` PutRecords, answer the first `streak` in a row with
     /// `status` (400: ProvisionedThroughputExceededException; 500, 503: the service's error),
     /// and fail `record_rate` of the records of the others with
@@ -304,6 +307,10 @@ async fn handle(
         return Ok(put_records(&state, parts, body, record_rate).await);
     }
     let response = forward(&state, parts.clone(), body).await;
+    if fault == Fault::AnswerLost {
+        inject();
+        return Err(std::io::Error::other("the answer is lost"));
+    }
     if state.service == Service::S3 && response.status().is_success() {
         let query = parts.uri.query().unwrap_or_default();
         let completes = (parts.method == hyper::Method::PUT && !query.contains("partNumber"))

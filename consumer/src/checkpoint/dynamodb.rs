@@ -30,8 +30,10 @@ fn dynamodb_err<E: std::error::Error + Send + Sync + 'static>(
 /// The item is `{"name": S, "checkpoint": S (the JSON document), "version": N}`. Every save is
 /// conditional on the version this store loaded or last saved, so that a second reader using
 /// the same name gets an [`Error::Checkpoint`] instead of silently overwriting the first
-/// one's progress. A checkpoint with the default dedup window (10 000 ids) takes about 230 KB
-/// of the item's 400 KB limit; windows above about 16 000 ids do not fit.
+/// one's progress. A save whose answers were all lost though it landed is recognised as its
+/// own at the next save, not taken for another reader's. A checkpoint with the default dedup
+/// window (10 000 ids) takes about 230 KB of the item's 400 KB limit; windows above about
+/// 16 000 ids do not fit.
 ///
 /// Needs `dynamodb:GetItem` and `dynamodb:PutItem` on the table.
 ///
@@ -64,6 +66,9 @@ pub struct DynamoDbCheckpointStore {
     name: String,
     /// The version of the item as last loaded or saved; `None` when there was no item.
     version: Mutex<Option<u64>>,
+    /// The last save that failed other than on its condition (its answers lost, say), at the
+    /// version it was written for: it may have landed all the same.
+    unsure: Mutex<Option<(u64, String)>>,
 }
 
 impl DynamoDbCheckpointStore {
@@ -78,6 +83,7 @@ impl DynamoDbCheckpointStore {
             table: table.into(),
             name: name.into(),
             version: Mutex::new(None),
+            unsure: Mutex::new(None),
         }
     }
 
@@ -120,6 +126,8 @@ impl DynamoDbCheckpointStore {
 
 impl CheckpointStore for DynamoDbCheckpointStore {
     async fn load(&self) -> Result<Option<Checkpoint>, Error> {
+        // What is loaded is what is stored: nothing earlier to be unsure of.
+        *self.unsure.lock().expect("not poisoned") = None;
         let Some(item) = self.item().await? else {
             *self.version.lock().expect("not poisoned") = None;
             return Ok(None);
@@ -143,6 +151,27 @@ impl CheckpointStore for DynamoDbCheckpointStore {
     }
 
     async fn save(&self, checkpoint: &Checkpoint) -> Result<(), Error> {
+        // Once more after taking up an earlier save that landed (which happens once: that
+        // save is forgotten then), from the version it wrote.
+        loop {
+            if let Put::Saved = self.put(checkpoint).await? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What [`DynamoDbCheckpointStore::put`] did.
+enum Put {
+    Saved,
+    /// Not saved: an earlier save whose answer was lost had landed; the store goes on from it.
+    EarlierLanded,
+}
+
+impl DynamoDbCheckpointStore {
+    /// Writes `checkpoint` at the next version, if the item is still at the version this
+    /// store loaded or last saved.
+    async fn put(&self, checkpoint: &Checkpoint) -> Result<Put, Error> {
         let loaded = *self.version.lock().expect("not poisoned");
         let next = loaded.map_or(1, |v| v + 1);
         let json = String::from_utf8(checkpoint.to_json()).expect("JSON is UTF-8");
@@ -165,7 +194,8 @@ impl CheckpointStore for DynamoDbCheckpointStore {
         match req.send().await {
             Ok(_) => {
                 *self.version.lock().expect("not poisoned") = Some(next);
-                Ok(())
+                *self.unsure.lock().expect("not poisoned") = None;
+                Ok(Put::Saved)
             }
             Err(e)
                 if matches!(
@@ -178,7 +208,17 @@ impl CheckpointStore for DynamoDbCheckpointStore {
                 // itself. What is stored is then this very checkpoint at `next`.
                 if self.stored(next).await?.as_deref() == Some(json.as_str()) {
                     *self.version.lock().expect("not poisoned") = Some(next);
-                    return Ok(());
+                    *self.unsure.lock().expect("not poisoned") = None;
+                    return Ok(Put::Saved);
+                }
+                // A save that failed before (every answer lost, the SDK's retries spent) had
+                // landed: the item is at its version, with its checkpoint.
+                let unsure = self.unsure.lock().expect("not poisoned").take();
+                if let Some((version, earlier)) = unsure.filter(|(v, _)| *v == next) {
+                    if self.stored(version).await?.as_deref() == Some(earlier.as_str()) {
+                        *self.version.lock().expect("not poisoned") = Some(version);
+                        return Ok(Put::EarlierLanded);
+                    }
                 }
                 Err(Error::checkpoint(
                     format!(
@@ -188,12 +228,13 @@ impl CheckpointStore for DynamoDbCheckpointStore {
                     e,
                 ))
             }
-            Err(e) => Err(dynamodb_err("PutItem")(e)),
+            Err(e) => {
+                *self.unsure.lock().expect("not poisoned") = Some((next, json));
+                Err(dynamodb_err("PutItem")(e))
+            }
         }
     }
-}
 
-impl DynamoDbCheckpointStore {
     /// The checkpoint's item, by a consistent read.
     async fn item(&self) -> Result<Option<HashMap<String, AttributeValue>>, Error> {
         let out = self
