@@ -27,20 +27,62 @@ use powerfs::PowerFs;
 /// Interval syncs completed (`--sync interval`), from `/metrics`.
 const INTERVAL_SYNCS: &str = r#"claimcheck_buffer_fsync_duration_seconds_count{kind="interval"}"#;
 
+/// The emulators, and a buffer on a file system whose power the test cuts.
+struct Powered {
+    env: Emulated,
+    fs: PowerFs,
+    mnt: std::path::PathBuf,
+    session: Option<fuser::BackgroundSession>,
+}
+
+impl Powered {
+    async fn start(name: &str) -> Powered {
+        let env = Emulated::start(name).await;
+        let mnt = env.dir.path().join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mut powered = Powered {
+            env,
+            fs: PowerFs::default(),
+            mnt,
+            session: None,
+        };
+        powered.mount();
+        powered
+    }
+
+    fn mount(&mut self) {
+        let session = self.fs.mount(&self.mnt).unwrap_or_else(|e| {
+            panic!("this test mounts a FUSE file system (it needs /dev/fuse and the right to mount, as root): {e}")
+        });
+        self.session = Some(session);
+    }
+
+    fn buffer(&self) -> std::path::PathBuf {
+        self.mnt.join("buffer")
+    }
+
+    /// A sidecar on the buffer, delivering to the emulators.
+    fn sidecar(&self, args: &[&str]) -> Sidecar {
+        let env = &self.env;
+        let aws = aws_env(env.moto.port);
+        Sidecar::start_with(0, &self.buffer(), &aws, &env.bucket, &env.stream, args)
+    }
+
+    /// Throws away everything not made durable, as a power cut does (the sidecar killed
+    /// first).
+    fn cut(&mut self) {
+        let session = self.session.take().expect("mounted");
+        PowerFs::unmount(session, &self.mnt).expect("unmount the file system");
+        self.fs.cut_power();
+        self.mount();
+    }
+}
+
 /// `connections`: with one, its requests are written and synced in place by the connection
 /// that read them; with more, by the buffer's writer thread.
 async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
-    let env = Emulated::start("power").await;
-    let mnt = env.dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let fs = PowerFs::default();
-    let mount = |fs: &PowerFs| {
-        fs.mount(&mnt).unwrap_or_else(|e| {
-            panic!("this test mounts a FUSE file system (it needs /dev/fuse and the right to mount, as root): {e}")
-        })
-    };
-    let mut session = Some(mount(&fs));
-    let buffer = mnt.join("buffer");
+    let mut power = Powered::start("power").await;
+    let buffer = power.buffer();
     let args = [
         "--sync",
         sync,
@@ -57,16 +99,6 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
         "--retry-max-interval",
         "500ms",
     ];
-    let start = || {
-        Sidecar::start_with(
-            0,
-            &buffer,
-            &aws_env(env.moto.port),
-            &env.bucket,
-            &env.stream,
-            &args,
-        )
-    };
     let load = Load::start_resending(0, connections, 20, 3);
     // Events that must survive the cuts: under `always` every acked one, under `interval` those
     // acked before a completed interval sync; each with the number of the first cut it faced
@@ -75,7 +107,7 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
     let mut promised: HashMap<u64, usize> = HashMap::new();
     let mut at_last_cut: HashSet<u64> = HashSet::new();
     for cut in 0..cycles {
-        let mut sidecar = start();
+        let mut sidecar = power.sidecar(&args);
         load.follow(sidecar.port);
         let acked_before = load.acked_count();
         tokio::time::sleep(Duration::from_millis(rand::random_range(300..1500))).await;
@@ -108,15 +140,13 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
             promised.extend(acked_at_cut.difference(&at_last_cut).map(|id| (*id, cut)));
         }
         at_last_cut = acked_at_cut;
-        PowerFs::unmount(session.take().unwrap(), &mnt).expect("unmount the file system");
-        fs.cut_power();
-        session = Some(mount(&fs));
+        power.cut();
         assert!(
             load.acked_count() > acked_before,
             "the load was acked between cuts"
         );
     }
-    let last = start();
+    let last = power.sidecar(&args);
     load.follow(last.port);
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The rounds ran where this run means them to.
@@ -130,7 +160,7 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
         assert!(Instant::now() < deadline, "the buffer did not drain");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let chunks = env.read_events(promised.len()).await;
+    let chunks = power.env.read_events(promised.len()).await;
     let seen = times_delivered(chunks.iter().flat_map(|c| &c.events));
     let mut lost: Vec<(u64, usize)> = promised
         .iter()
@@ -148,7 +178,7 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
     );
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(twice.is_empty(), "events delivered twice: {twice:?}");
-    let (written, synced) = fs.bytes_written_and_synced();
+    let (written, synced) = power.fs.bytes_written_and_synced();
     let acked_lost = load
         .acked
         .iter()
@@ -163,7 +193,7 @@ async fn power_cuts(sync: &str, connections: usize, cycles: usize) {
         promised.len(),
     );
     drop(last);
-    drop(session);
+    drop(power);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,17 +310,7 @@ async fn a_request_stored_in_pieces_is_stored_again_when_resent_after_a_power_cu
     use std::io::Write;
 
     const DAY: i64 = 86_400;
-    let env = Emulated::start("power-pieces").await;
-    let mnt = env.dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let fs = PowerFs::default();
-    let mount = |fs: &PowerFs| {
-        fs.mount(&mnt).unwrap_or_else(|e| {
-            panic!("this test mounts a FUSE file system (it needs /dev/fuse and the right to mount, as root): {e}")
-        })
-    };
-    let session = mount(&fs);
-    let buffer = mnt.join("buffer");
+    let mut power = Powered::start("power-pieces").await;
     let args = [
         "--sync",
         "interval",
@@ -305,16 +325,6 @@ async fn a_request_stored_in_pieces_is_stored_again_when_resent_after_a_power_cu
         "--decompression-size-limit",
         "64KiB",
     ];
-    let start = || {
-        Sidecar::start_with(
-            0,
-            &buffer,
-            &aws_env(env.moto.port),
-            &env.bucket,
-            &env.stream,
-            &args,
-        )
-    };
     let today = now_secs() / DAY * DAY;
     let (ahead, behind) = (today + DAY, today - 2 * DAY);
     let (n_ahead, n_behind) = (5, 20_000);
@@ -333,7 +343,7 @@ async fn a_request_stored_in_pieces_is_stored_again_when_resent_after_a_power_cu
         token,
     );
 
-    let mut sidecar = start();
+    let mut sidecar = power.sidecar(&args);
     let mut conn = connect(sidecar.port);
     conn.write_all(&request).unwrap();
     expect_ack(&mut conn, token.as_bytes());
@@ -347,12 +357,10 @@ async fn a_request_stored_in_pieces_is_stored_again_when_resent_after_a_power_cu
         1.0
     );
     sidecar.kill9();
-    PowerFs::unmount(session, &mnt).expect("unmount the file system");
-    fs.cut_power();
-    let session = mount(&fs);
+    power.cut();
 
     // The sender never read the ack: it resends to the restarted sidecar.
-    let mut sidecar = start();
+    let mut sidecar = power.sidecar(&args);
     let mut conn = connect(sidecar.port);
     conn.write_all(&request).unwrap();
     expect_ack(&mut conn, token.as_bytes());
@@ -368,7 +376,7 @@ async fn a_request_stored_in_pieces_is_stored_again_when_resent_after_a_power_cu
     drop(conn);
     // The shutdown seals the chunk a day ahead and delivers it.
     assert!(sidecar.terminate(Duration::from_secs(60)).success());
-    let chunks = env.read_events(n_ahead + 2 * n_behind).await;
+    let chunks = power.env.read_events(n_ahead + 2 * n_behind).await;
     let seen: HashSet<_> = chunks
         .iter()
         .flat_map(|c| &c.events)
@@ -383,5 +391,4 @@ async fn a_request_stored_in_pieces_is_stored_again_when_resent_after_a_power_cu
         lost.is_empty(),
         "events of the resent request lost: {lost:?}"
     );
-    drop(session);
 }
