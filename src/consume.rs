@@ -207,6 +207,12 @@ async fn follow(
             Err(e) if e.is_chunk_error() => {
                 error!(cause = %e, position = %delivery.position(), "cannot resolve a pointer; skipping it")
             }
+            Err(e @ claimcheck_consumer::Error::UnsupportedVersion { .. }) => {
+                anyhow::bail!(
+                    "{e}, at {}: a newer claimcheck reads it (not skipped: that would lose it)",
+                    delivery.position()
+                )
+            }
             Err(e) => return Err(e.into()),
         }
         reader.commit(delivery.position());

@@ -193,3 +193,62 @@ async fn resolve_prints_one_pointer_and_fails_on_a_missing_object() {
     assert!(log.contains("is missing"), "{log}");
     assert!(out.stdout.is_empty());
 }
+
+/// A pointer from a newer sidecar (a version this reader does not know) stops `tail` with an
+/// error, at that record, every time: skipped, its chunk would be lost to every reader once
+/// the stream's retention passed; a newer claimcheck reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_stops_at_a_pointer_from_a_newer_sidecar_instead_of_skipping_it() {
+    let env = Emulated::start("tail-newer").await;
+    env.publish(
+        "app.web",
+        &sample_events("app.web", "one", 1),
+        Format::Msgpack,
+        Compression::Zstd,
+    )
+    .await;
+    env.aws
+        .kinesis
+        .put_record()
+        .stream_name(&env.stream)
+        .partition_key("app.web")
+        .data(aws_sdk_kinesis::primitives::Blob::new(
+            br#"{"v":3,"chunk_id":"from-a-newer-sidecar"}"#.to_vec(),
+        ))
+        .send()
+        .await
+        .unwrap();
+    env.publish(
+        "app.web",
+        &sample_events("app.web", "two", 1),
+        Format::Msgpack,
+        Compression::Zstd,
+    )
+    .await;
+    let checkpoint = env.dir.path().join("tail.checkpoint");
+    let tail = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_claimcheck"))
+            .args([
+                "tail",
+                "--kinesis-stream",
+                &env.stream,
+                "--until-idle",
+                "1s",
+            ])
+            .arg("--checkpoint")
+            .arg(&checkpoint)
+            .envs(aws_env(env.moto.port))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "tail went past it: {stderr}");
+        assert!(stderr.contains("a newer claimcheck reads it"), "{stderr}");
+        chunks_of(&json_lines(&out.stdout))
+    };
+    assert_eq!(tail(), ["one"]);
+    assert_eq!(
+        tail(),
+        Vec::<String>::new(),
+        "stopped at the same record again"
+    );
+}
