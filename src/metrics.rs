@@ -173,9 +173,10 @@ const SEAL_REASONS: [&str; 7] = [
     "write error",
     "retry",
 ];
-const REFUSAL_REASONS: [&str; 5] = [
+const REFUSAL_REASONS: [&str; 6] = [
     "too_large",
     "not_msgpack",
+    "json",
     "decompression",
     "buffer_error",
     "not_logs",

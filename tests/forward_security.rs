@@ -818,3 +818,23 @@ async fn the_load_generator_speaks_tls_and_the_handshake() {
         assert!(stderr.contains(reason), "{flag} {value}: {stderr}");
     }
 }
+
+/// A client speaking the forward protocol in JSON (Fluentd's in_forward takes it;
+/// fluent-logger-php sends it by default) is refused at its first byte, logged and counted,
+/// rather than read as a run of small msgpack integers skipped one by one with its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_json_is_refused_and_counted_not_read_byte_by_byte() {
+    let sidecar = Sidecar::standalone(&[]);
+    let mut conn = connect(sidecar.port);
+    conn.write_all(br#"["app.php",1700000000,{"message":"hello"}]"#)
+        .unwrap();
+    assert!(closed_silently(&mut conn), "closed without an ack");
+    sidecar
+        .await_metrics("the JSON request refused", |m| {
+            metric_sum(m, r#"claimcheck_requests_refused_total{reason="json"}"#) == 1.0
+        })
+        .await;
+    let m = sidecar.metrics().await;
+    assert_eq!(metric_sum(&m, "claimcheck_events_skipped_total"), 0.0);
+    assert_eq!(metric_sum(&m, "claimcheck_events_received_total"), 0.0);
+}

@@ -263,6 +263,11 @@ pub fn expected(stream: &[u8], config: &ConnectionConfig) -> Expected {
     let mut out = Expected::default();
     let mut rest = stream;
     while !rest.is_empty() {
+        // A request in JSON (its first byte `[` or `{`): closed.
+        if matches!(rest[0], b'[' | b'{') {
+            out.closed_for_error = true;
+            return out;
+        }
         let mut scanner = ValueScanner::default();
         let len = match scanner.advance(rest) {
             Ok(Some(len)) if len as u64 <= config.chunk_size_limit => len,

@@ -124,6 +124,8 @@ pub enum ConnectionError {
     PingTooLarge,
     #[error("not msgpack: {0}")]
     Garbage(&'static str),
+    #[error("a request in JSON (Fluentd's in_forward takes JSON too; claimcheck takes msgpack only: set the client to send msgpack)")]
+    Json,
     #[error(transparent)]
     Decompress(#[from] entries::DecompressError),
     #[error("events not buffered: {0}")]
@@ -230,6 +232,7 @@ pub async fn serve<S>(
         let reason = match e {
             ConnectionError::TooLarge { .. } | ConnectionError::PingTooLarge => Some("too_large"),
             ConnectionError::Garbage(_) => Some("not_msgpack"),
+            ConnectionError::Json => Some("json"),
             ConnectionError::Decompress(_) => Some("decompression"),
             ConnectionError::Buffer(_) | ConnectionError::EarlierCopyFailed => Some("buffer_error"),
             ConnectionError::NotLogs(_) => Some("not_logs"),
@@ -247,6 +250,13 @@ pub async fn serve<S>(
         Err(e @ ConnectionError::TooLarge { .. }) => {
             error!(%peer, cause = %e, "closing connection; the sender will resend this request \
                    until --chunk-size-limit is raised above its chunk_limit_size")
+        }
+        // A client set up wrong: every connection of it says so, a few times a minute.
+        Err(e @ ConnectionError::Json) => {
+            if let Some(suppressed) = JSON_LOG.allow() {
+                error!(%peer, cause = %e, similar_lines_suppressed = suppressed,
+                       "closing connection; its events are not stored");
+            }
         }
         Err(e) => warn!(%peer, cause = %e, "closing connection"),
     }
@@ -460,6 +470,12 @@ impl Connection {
     }
 
     fn scan_request(&mut self) -> Result<Option<Bytes>, ConnectionError> {
+        // A request starts the buffer. One in JSON (as fluent-logger-php sends by default)
+        // starts with `[` or `{`, which no msgpack request does: read as msgpack, each of its
+        // bytes would be a small integer, skipped one by one, its events lost unsaid.
+        if matches!(self.read_buf.first(), Some(b'[' | b'{')) {
+            return Err(ConnectionError::Json);
+        }
         // Until the PING is accepted, nothing larger than a PING: a peer that has not
         // authenticated does not get chunk_size_limit of memory held for it.
         let (limit, too_large) = match self.handshake {
@@ -516,7 +532,12 @@ impl Connection {
         let tag = match std::str::from_utf8(&message.tag) {
             Ok(t) if !t.is_empty() && t.len() <= MAX_TAG_BYTES => t,
             _ => {
-                warn!(%peer, tag = %String::from_utf8_lossy(&message.tag), "skipping events: tag is empty, not UTF-8 or longer than 512 bytes");
+                if let Some(suppressed) = INVALID_LOG.allow() {
+                    let tag = String::from_utf8_lossy(&message.tag);
+                    let tag: String = tag.chars().take(80).collect();
+                    warn!(%peer, %tag, bytes = message.tag.len(), similar_lines_suppressed = suppressed,
+                          "skipping events: tag is empty, not UTF-8 or longer than 512 bytes");
+                }
                 metrics().skipped("invalid tag", announced);
                 self.ack_now(token);
                 return Ok(());
@@ -831,6 +852,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Refused handshakes: five a minute across connections (all counted in
 /// `claimcheck_handshake_failures_total`).
 static HANDSHAKE_LOG: LogLimit = LogLimit::new(5, Duration::from_secs(60));
+
+/// Connections closed for a request in JSON.
+static JSON_LOG: LogLimit = LogLimit::new(5, Duration::from_secs(60));
 
 #[cfg(test)]
 mod tests {
