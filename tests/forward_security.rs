@@ -838,3 +838,27 @@ async fn a_request_in_json_is_refused_and_counted_not_read_byte_by_byte() {
     assert_eq!(metric_sum(&m, "claimcheck_events_skipped_total"), 0.0);
     assert_eq!(metric_sum(&m, "claimcheck_events_received_total"), 0.0);
 }
+
+/// A Forward mode request (its entries an array) whose options say `compressed`: only packed
+/// entries (a str or bin) can be compressed, and Fluentd reads the option only for them, so
+/// these are plain entries, stored and acked, not a failed decompression that closes the
+/// connection at every resend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compressed_option_of_entries_in_an_array_is_ignored_as_fluentd_does() {
+    let sidecar = Sidecar::standalone(&[]);
+    let mut request = vec![0x93];
+    request.extend(pack(&"fwd.array".into()));
+    rmp::encode::write_array_len(&mut request, 2).unwrap();
+    request.extend(entries("array", now_secs(), 2, false));
+    request.extend(pack(&Value::Map(vec![
+        ("chunk".into(), "YXJyYXktZ3ppcA==".into()),
+        ("compressed".into(), "gzip".into()),
+    ])));
+    let mut conn = connect(sidecar.port);
+    conn.write_all(&request).unwrap();
+    expect_ack(&mut conn, b"YXJyYXktZ3ppcA==");
+    assert_eq!(
+        sidecar.metric("claimcheck_events_received_total").await,
+        2.0
+    );
+}

@@ -95,9 +95,9 @@ fn check_request(request: Bytes) {
     if let Some(token) = &message.options.chunk {
         check_ack_encoding(token);
     }
-    let compression = entries::compression_of(message.options.compressed.as_deref());
+    let (packed, compression) =
+        entries::blob_of(message.entries, message.options.compressed.as_deref());
     let compressed = compression != Compression::None;
-    let packed = entries::blob_of(message.entries);
     let Ok(mut pieces) = entries::Pieces::new(packed.clone(), compression, DECOMPRESSION_LIMIT)
     else {
         return;
@@ -299,10 +299,8 @@ pub fn expected(stream: &[u8], config: &ConnectionConfig) -> Expected {
             // Entries that expand beyond the limit are stored in pieces, all of them or,
             // when the plan finds a piece that would fail (or a bomb), none: the connection
             // is closed.
-            let (packed, compression) = (
-                entries::blob_of(message.entries),
-                entries::compression_of(message.options.compressed.as_deref()),
-            );
+            let (packed, compression) =
+                entries::blob_of(message.entries, message.options.compressed.as_deref());
             let limit = config.decompression_size_limit;
             let Ok(mut pieces) = entries::Pieces::new(packed.clone(), compression, limit) else {
                 out.closed_for_error = true;

@@ -588,8 +588,8 @@ impl Connection {
             }
             _ => None,
         };
-        let packed = entries::blob_of(message.entries);
-        let compression = entries::compression_of(message.options.compressed.as_deref());
+        let (packed, compression) =
+            entries::blob_of(message.entries, message.options.compressed.as_deref());
         let limit = self.config.decompression_size_limit;
         let pieces = entries::Pieces::new(packed.clone(), compression, limit)?;
         let (pieces, first) = next_piece(pieces).await?;

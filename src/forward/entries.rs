@@ -57,7 +57,7 @@ pub enum DecompressError {
 
 /// How a request's `compressed` option packs its entries: `"gzip"` (every member) or `"zstd"`
 /// (every frame); anything else, Fluentd's `"text"` included, means plain entries.
-pub fn compression_of(option: Option<&str>) -> Compression {
+fn compression_of(option: Option<&str>) -> Compression {
     match option {
         Some("gzip") => Compression::Gzip,
         Some("zstd") => Compression::Zstd,
@@ -413,11 +413,14 @@ fn rewrite_entry(e: &[u8], pairs: &[(&str, &str)], out: &mut Vec<u8>) -> Option<
     Some(())
 }
 
-/// The entries blob of a request, ready for [`split`], and the count the request claimed.
-pub fn blob_of(entries: Entries) -> Bytes {
+/// The entries blob of a request, for [`Pieces`], and how it is compressed (its `compressed`
+/// option): only packed entries (a str or bin, PackedForward) may be, as Fluentd reads the
+/// option; a Forward or Message mode request's are plain whatever it says.
+pub fn blob_of(entries: Entries, compressed: Option<&str>) -> (Bytes, Compression) {
     match entries {
-        Entries::Single(b) | Entries::Packed(b) => b,
-        Entries::Array { bytes, .. } => bytes,
+        Entries::Packed(b) => (b, compression_of(compressed)),
+        Entries::Single(b) => (b, Compression::None),
+        Entries::Array { bytes, .. } => (bytes, Compression::None),
     }
 }
 
