@@ -862,3 +862,26 @@ async fn the_compressed_option_of_entries_in_an_array_is_ignored_as_fluentd_does
         2.0
     );
 }
+
+/// A request whose tag is not a string has its events skipped as invalid and is acked, as
+/// Fluentd does: refused without an ack, a sender that waits for one would resend it for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_tag_is_not_a_string_is_skipped_and_acked() {
+    let sidecar = Sidecar::standalone(&[]);
+    let mut request = vec![0x93, 0xc0];
+    rmp::encode::write_array_len(&mut request, 1).unwrap();
+    request.extend(entries("no-tag", now_secs(), 1, false));
+    request.extend(pack(&Value::Map(vec![("chunk".into(), "bm8tdGFn".into())])));
+    let mut conn = connect(sidecar.port);
+    conn.write_all(&request).unwrap();
+    expect_ack(&mut conn, b"bm8tdGFn");
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            r#"claimcheck_events_skipped_total{reason="invalid tag"}"#
+        ),
+        1.0
+    );
+    assert_eq!(metric_sum(&m, "claimcheck_events_received_total"), 0.0);
+}

@@ -536,7 +536,7 @@ impl Connection {
                     let tag = String::from_utf8_lossy(&message.tag);
                     let tag: String = tag.chars().take(80).collect();
                     warn!(%peer, %tag, bytes = message.tag.len(), similar_lines_suppressed = suppressed,
-                          "skipping events: tag is empty, not UTF-8 or longer than 512 bytes");
+                          "skipping events: tag is not a string, empty, not UTF-8 or longer than 512 bytes");
                 }
                 metrics().skipped("invalid tag", announced);
                 self.ack_now(token);

@@ -148,10 +148,16 @@ fn parse_inner(frame: &[u8]) -> Result<Option<Layout>, &'static str> {
     if n < 2 {
         return Err("request has fewer than 2 elements");
     }
-    let (hlen, len) = entry::str_or_bin(&frame[pos..])
-        .map_err(broken)?
-        .ok_or("tag is not a string")?;
-    let tag = (pos + hlen, pos + hlen + len);
+    let tag = match entry::str_or_bin(&frame[pos..]).map_err(broken)? {
+        Some((hlen, len)) => (pos + hlen, pos + hlen + len),
+        // Not a string: an empty tag, whose events the connection skips as invalid and whose
+        // request it still acks, as Fluentd does (its sender would otherwise resend it for
+        // ever).
+        None => {
+            let end = value_end(frame, pos)?;
+            (end, end)
+        }
+    };
     pos = tag.1;
 
     let second = pos;
@@ -458,8 +464,16 @@ mod tests {
         );
         assert_eq!(
             parse(Bytes::from(pack(&Value::Array(vec![1.into(), 2.into()])))),
-            Request::Broken("tag is not a string")
+            Request::Broken("message mode request has no record")
         );
+        // A tag that is not a string is an empty one (skipped, acked), the request read on.
+        let no_tag = events(pack(&Value::Array(vec![
+            Value::Nil,
+            Value::Array(vec![Value::Array(vec![event_time(), record(1)])]),
+            Value::Map(vec![("chunk".into(), "dG9rZW4=".into())]),
+        ])));
+        assert!(no_tag.tag.is_empty());
+        assert_eq!(no_tag.options.chunk.as_deref(), Some(&b"dG9rZW4="[..]));
         assert_eq!(
             parse(Bytes::from(pack(&Value::Array(vec!["t".into(), 5.into()])))),
             Request::Broken("message mode request has no record")
