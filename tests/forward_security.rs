@@ -885,3 +885,39 @@ async fn a_request_whose_tag_is_not_a_string_is_skipped_and_acked() {
     );
     assert_eq!(metric_sum(&m, "claimcheck_events_received_total"), 0.0);
 }
+
+/// A request refused (here gzip that does not decompress) closes its connection; the requests
+/// before it on that connection, stored, are acked first, so that their senders need not
+/// resend them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_is_answered_after_the_stored_ones_before_it() {
+    let sidecar = Sidecar::standalone(&[]);
+    let base = now_secs();
+    let mut both = fluentd_request(
+        "fd.first",
+        &entries("first", base, 2, false),
+        2,
+        "text",
+        "Zmlyc3Q=\n",
+    );
+    both.extend(fluentd_request(
+        "fd.second",
+        b"\x1f\x8b\x08\x00 not gzip after all",
+        1,
+        "gzip",
+        "c2Vjb25k\n",
+    ));
+    let mut conn = connect(sidecar.port);
+    conn.write_all(&both).unwrap();
+    expect_ack(&mut conn, b"Zmlyc3Q=\n");
+    assert!(closed_silently(&mut conn), "no ack for the refused one");
+    let m = sidecar.metrics().await;
+    assert_eq!(metric_sum(&m, "claimcheck_events_received_total"), 2.0);
+    assert_eq!(
+        metric_sum(
+            &m,
+            r#"claimcheck_requests_refused_total{reason="decompression"}"#
+        ),
+        1.0
+    );
+}

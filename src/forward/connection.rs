@@ -322,8 +322,10 @@ impl Connection {
         let mut last_read_len = 0;
         loop {
             while self.pending.len() < MAX_IN_FLIGHT && !served_one {
-                let Some(frame) = self.next_request()? else {
-                    break;
+                let frame = match self.next_request() {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(e) => return Err(self.refuse(e, &mut writer).await),
                 };
                 if let Some(handshake) = self.handshake.take() {
                     if !self.answer_ping(&handshake, &frame, &mut writer).await? {
@@ -331,7 +333,9 @@ impl Connection {
                     }
                     continue;
                 }
-                self.handle(frame).await?;
+                if let Err(e) = self.handle(frame).await {
+                    return Err(self.refuse(e, &mut writer).await);
+                }
                 served_one = self.config.deny_keepalive;
             }
             let partial = !self.read_buf.is_empty();
@@ -385,12 +389,7 @@ impl Connection {
                 Some((token, received, result)) = self.pending.next(), if !self.pending.is_empty() => {
                     result?;
                     if let Some(token) = token {
-                        writer.write_all(&frame::encode_ack(&token)).await?;
-                        // Over TLS the record may wait in the session's buffer while the
-                        // socket is full: the ack goes out now, not with the next write.
-                        writer.flush().await?;
-                        metrics().acks_sent.inc();
-                        metrics().ack_duration.observe(received.elapsed().as_secs_f64());
+                        write_ack(&mut writer, &token, received).await?;
                     }
                     self.answered += 1;
                     last_read = tokio::time::Instant::now();
@@ -417,6 +416,27 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Before a refused request closes the connection: the acks of the requests read before
+    /// it, in order, as far as they were stored, so that their senders need not resend them.
+    /// Returns the refusal.
+    async fn refuse<W>(&mut self, refusal: ConnectionError, writer: &mut W) -> ConnectionError
+    where
+        W: AsyncWrite + Unpin,
+    {
+        while let Some((token, received, result)) = self.pending.next().await {
+            if result.is_err() {
+                break;
+            }
+            if let Some(token) = token {
+                if write_ack(writer, &token, received).await.is_err() {
+                    break;
+                }
+            }
+            self.answered += 1;
+        }
+        refusal
     }
 
     /// Checks the PING and answers PONG; false if the client was refused (the connection is
@@ -852,6 +872,22 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Refused handshakes: five a minute across connections (all counted in
 /// `claimcheck_handshake_failures_total`).
 static HANDSHAKE_LOG: LogLimit = LogLimit::new(5, Duration::from_secs(60));
+
+/// Writes the ack of a request received at `received`, in one write.
+async fn write_ack<W>(writer: &mut W, token: &[u8], received: Instant) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    writer.write_all(&frame::encode_ack(token)).await?;
+    // Over TLS the record may wait in the session's buffer while the socket is full: the ack
+    // goes out now, not with the next write.
+    writer.flush().await?;
+    metrics().acks_sent.inc();
+    metrics()
+        .ack_duration
+        .observe(received.elapsed().as_secs_f64());
+    Ok(())
+}
 
 /// Connections closed for a request in JSON.
 static JSON_LOG: LogLimit = LogLimit::new(5, Duration::from_secs(60));
