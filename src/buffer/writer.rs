@@ -1321,16 +1321,12 @@ impl SealBatch {
     }
 }
 
-/// Cuts a chunk whose sync failed back to its part synced before ([`ChunkWriter::cut_to_synced`],
-/// unless [`cut_at_once`] did) and counts what is left (a scan of the file, once more after a
-/// failed seal).
+/// Cuts a chunk whose sync failed back to its part synced before ([`cut_back`], unless
+/// [`cut_at_once`] did) and counts what is left (a scan of the file, once more after a failed
+/// seal).
 fn cut_to_synced(sealing: &mut Sealing) -> io::Result<()> {
     let chunk = &mut sealing.chunk;
-    let before = chunk.writer.valid_len();
-    if chunk.writer.cut_to_synced()? {
-        chunk.cut += before - chunk.writer.valid_len();
-        chunk.recount = true;
-    }
+    cut_back(chunk)?;
     if !chunk.recount {
         return Ok(());
     }
@@ -1348,18 +1344,22 @@ fn cut_to_synced(sealing: &mut Sealing) -> io::Result<()> {
 /// the refused frames (whole in the page cache) and their tokens for recovery to take for
 /// stored. If the cut fails, the seal tries again.
 fn cut_at_once(chunk: &mut OpenChunk) {
-    let before = chunk.writer.valid_len();
-    match chunk.writer.cut_to_synced() {
-        Ok(true) => {
-            chunk.cut += before - chunk.writer.valid_len();
-            chunk.recount = true;
-        }
-        Ok(false) => {}
-        Err(e) => {
-            warn!(chunk_id = %chunk.header.chunk_id, cause = %e,
-                  "cannot cut a chunk back to what was synced before its fsync failed yet; its seal tries again")
-        }
+    if let Err(e) = cut_back(chunk) {
+        warn!(chunk_id = %chunk.header.chunk_id, cause = %e,
+              "cannot cut a chunk back to what was synced before its fsync failed yet; its seal tries again")
     }
+}
+
+/// Cuts a chunk's file back to what was synced before its failed sync
+/// ([`ChunkWriter::cut_to_synced`]), counting the bytes cut and its `stats` as to be counted
+/// again.
+fn cut_back(chunk: &mut OpenChunk) -> io::Result<()> {
+    let before = chunk.writer.valid_len();
+    if chunk.writer.cut_to_synced()? {
+        chunk.cut += before - chunk.writer.valid_len();
+        chunk.recount = true;
+    }
+    Ok(())
 }
 
 /// Logs a sync that failed as a chunk's file was closed, and notes it in `closed_unsynced`
