@@ -149,24 +149,17 @@ impl ClientRule {
     }
 
     fn matches(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        // IPv4-mapped IPv6 addresses as IPv4, so that rules match on dual-stack listeners.
+        let ip = ip.to_canonical();
         match &self.source {
             Source::Network(net) => net.contains(&ip),
-            Source::Host(_, addrs) => addrs.iter().any(|a| canonical(*a) == ip),
+            Source::Host(_, addrs) => addrs.iter().any(|a| a.to_canonical() == ip),
         }
     }
 }
 
-/// IPv4-mapped IPv6 addresses as IPv4, so that rules match on dual-stack listeners.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 /// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it maps, as peers'
-/// addresses are compared ([`canonical`]).
+/// addresses are compared ([`IpAddr::to_canonical`]).
 fn canonical_net(net: IpNet) -> IpNet {
     match net {
         IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
@@ -252,7 +245,7 @@ impl Security {
         if client.is_none() && !self.allow_anonymous_source {
             return Err(refuse(
                 "anonymous_denied",
-                format!("anonymous source host '{}' denied", canonical(peer)),
+                format!("anonymous source host '{}' denied", peer.to_canonical()),
             ));
         }
         let key = client
