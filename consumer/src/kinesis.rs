@@ -223,17 +223,22 @@ mod in_memory {
         next_sequence: Mutex<u64>,
         /// GetRecords calls made, per shard id.
         pub(crate) reads: Mutex<Vec<String>>,
-        /// The next GetRecords call finds its iterator expired.
-        expire_next: std::sync::atomic::AtomicBool,
-        /// The next GetRecords call returns an empty page with `MillisBehindLatest` 0.
-        empty_next: std::sync::atomic::AtomicBool,
-        /// The next GetRecords call returns an empty page behind the tip (`MillisBehindLatest`
-        /// above 0), as Kinesis does on a sparse stretch of a shard.
-        behind_next: std::sync::atomic::AtomicBool,
-        /// The next GetRecords call is throttled.
-        throttle_next: std::sync::atomic::AtomicBool,
+        /// What the next GetRecords calls give instead of records, one each, in order.
+        next_reads: Mutex<std::collections::VecDeque<NextRead>>,
         /// Closed shards never end with a null iterator, as in moto.
         never_null: std::sync::atomic::AtomicBool,
+    }
+
+    /// What a GetRecords call gives instead of records ([`InMemoryStream::expire_next_read`]
+    /// and the like).
+    #[derive(Debug, Clone, Copy)]
+    enum NextRead {
+        Expired,
+        Throttled,
+        /// An empty page, at the shard's tip (`MillisBehindLatest` 0) or behind it.
+        Empty {
+            caught_up: bool,
+        },
     }
 
     impl InMemoryStream {
@@ -271,28 +276,29 @@ mod in_memory {
         /// Makes the next GetRecords call find its iterator expired, as Kinesis does after
         /// five minutes without a call.
         pub fn expire_next_read(&self) {
-            self.expire_next
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.next_read(NextRead::Expired);
         }
 
         /// Makes the next GetRecords call return an empty page with `MillisBehindLatest` 0 and
         /// an iterator at the same place, whatever lies after it.
         pub fn empty_next_read(&self) {
-            self.empty_next
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.next_read(NextRead::Empty { caught_up: true });
         }
 
         /// Makes the next GetRecords call return an empty page behind the stream's tip
         /// (`MillisBehindLatest` above 0) and an iterator at the same place.
         pub fn behind_next_read(&self) {
-            self.behind_next
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.next_read(NextRead::Empty { caught_up: false });
         }
 
         /// Makes the next GetRecords call fail with `ProvisionedThroughputExceededException`.
         pub fn throttle_next_read(&self) {
-            self.throttle_next
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.next_read(NextRead::Throttled);
+        }
+
+        /// Queues what a coming GetRecords call gives: the next one not given something else.
+        fn next_read(&self, read: NextRead) {
+            self.next_reads.lock().unwrap().push_back(read);
         }
 
         /// From now on a closed shard read to its end gives an empty page with a next iterator
@@ -398,32 +404,24 @@ mod in_memory {
             iterator: &'a str,
             limit: i32,
         ) -> BoxFuture<'a, Result<Read, Error>> {
-            if self
-                .expire_next
-                .swap(false, std::sync::atomic::Ordering::Relaxed)
-            {
-                return Box::pin(async { Ok(Read::Expired) });
-            }
-            if self
-                .throttle_next
-                .swap(false, std::sync::atomic::Ordering::Relaxed)
-            {
-                return Box::pin(async { Ok(Read::Throttled) });
+            let instead = self.next_reads.lock().unwrap().pop_front();
+            match instead {
+                Some(NextRead::Expired) => return Box::pin(async { Ok(Read::Expired) }),
+                Some(NextRead::Throttled) => return Box::pin(async { Ok(Read::Throttled) }),
+                _ => {}
             }
             let (id, after) = iterator.split_once(':').unwrap();
             let after: u64 = after.parse().unwrap();
             self.reads.lock().unwrap().push(id.to_string());
-            for (empty, caught_up) in [(&self.empty_next, true), (&self.behind_next, false)] {
-                if empty.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                    let next = Some(self.position(id, after));
-                    return Box::pin(async move {
-                        Ok(Read::Page {
-                            records: Vec::new(),
-                            next,
-                            caught_up,
-                        })
-                    });
-                }
+            if let Some(NextRead::Empty { caught_up }) = instead {
+                let next = Some(self.position(id, after));
+                return Box::pin(async move {
+                    Ok(Read::Page {
+                        records: Vec::new(),
+                        next,
+                        caught_up,
+                    })
+                });
             }
             let shards = self.shards.lock().unwrap();
             let shard = shards.iter().find(|s| s.info.id == id).unwrap();
