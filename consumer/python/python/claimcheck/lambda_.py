@@ -136,13 +136,19 @@ class Batch:
         else:
             if chunk is not None:
                 _remember(chunk.pointer.chunk_id)
-            rest = self._records[self._index + 1 :]
-            if not rest:
-                self._done = True
+            self._retry_from_next()
+            if self.failed is None:
                 return
-            self.failed = rest[0].get("kinesis", {}).get("sequenceNumber", "")
         self._done = True
         log.warning("loop left early; Lambda will retry from %s", self.failed)
+
+    def _retry_from_next(self) -> None:
+        """Lambda retries from the record after the current one, which nobody saw; none left:
+        the batch is done."""
+        rest = self._records[self._index + 1 :]
+        if rest:
+            self.failed = rest[0].get("kinesis", {}).get("sequenceNumber", "")
+        self._done = True
 
     def __iter__(self) -> Iterator[Chunk]:
         if self._started:
@@ -208,10 +214,7 @@ class Batch:
             # next record, which nobody saw.
             log.warning("skipping pointer at %s: %s", chunk.sequence_number, error)
             self.error = error
-            rest = self._records[self._index + 1 :]
-            if rest:
-                self.failed = rest[0].get("kinesis", {}).get("sequenceNumber", "")
-            self._done = True
+            self._retry_from_next()
             return True
         self._fail(chunk.sequence_number, error)
         return True
