@@ -226,20 +226,18 @@ async fn tail_stops_at_a_pointer_from_a_newer_sidecar_instead_of_skipping_it() {
     )
     .await;
     let checkpoint = env.dir.path().join("tail.checkpoint");
+    let checkpoint = checkpoint.display().to_string();
     let tail = || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_claimcheck"))
-            .args([
-                "tail",
-                "--kinesis-stream",
-                &env.stream,
-                "--until-idle",
-                "1s",
-            ])
-            .arg("--checkpoint")
-            .arg(&checkpoint)
-            .envs(aws_env(env.moto.port))
-            .output()
-            .unwrap();
+        let args = [
+            "tail",
+            "--kinesis-stream",
+            &env.stream,
+            "--until-idle",
+            "1s",
+            "--checkpoint",
+            &checkpoint,
+        ];
+        let out = claimcheck_output(env.moto.port, &args, None);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!out.status.success(), "tail went past it: {stderr}");
         assert!(stderr.contains("a newer claimcheck reads it"), "{stderr}");

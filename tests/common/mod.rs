@@ -954,6 +954,19 @@ fn run_client(mut cmd: Command, spec: Value, what: &str) -> Value {
 /// Runs `claimcheck <args>` against the emulator on `aws_port`, feeding `stdin`; checks that it
 /// succeeded and returns its stdout and stderr.
 pub fn run_claimcheck(aws_port: u16, args: &[&str], stdin: Option<&[u8]>) -> (Vec<u8>, String) {
+    let out = claimcheck_output(aws_port, args, stdin);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "claimcheck {args:?} failed: {stderr}");
+    (out.stdout, stderr)
+}
+
+/// Runs `claimcheck <args>` against the emulator on `aws_port`, feeding `stdin`, whatever its
+/// exit status.
+pub fn claimcheck_output(
+    aws_port: u16,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> std::process::Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_claimcheck"))
         .args(args)
         .envs(aws_env(aws_port))
@@ -968,10 +981,7 @@ pub fn run_claimcheck(aws_port: u16, args: &[&str], stdin: Option<&[u8]>) -> (Ve
         input.write_all(bytes).unwrap();
     }
     drop(input);
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "claimcheck {args:?} failed: {stderr}");
-    (out.stdout, stderr)
+    child.wait_with_output().unwrap()
 }
 
 /// Stdout of `claimcheck tail` or `resolve` in the JSON format, one value per line.
