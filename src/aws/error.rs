@@ -25,6 +25,9 @@ const NEEDS_OPERATOR: &[&str] = &[
     "KMSNotFoundException",
 ];
 
+/// The remedy for a call that failed for want of a region, as construction or dispatch.
+const NO_REGION: &str = "no region: set AWS_REGION, --s3-region or --kinesis-region";
+
 /// What an operator should change for an error that retrying alone will not fix: the setting
 /// to look at first, and why. `None` for errors that heal by themselves (throttling, 5xx,
 /// timeouts) or that we cannot tell apart.
@@ -84,12 +87,8 @@ pub fn remedy(kinesis: bool, code: &str, message: &str) -> Option<&'static str> 
         (_, "construction" | "dispatch") if credentials => {
             "--role-arn / --external-id / --role-session-name: no credentials (the role cannot be assumed, or the standard chain has none)"
         }
-        (_, "construction") if message.contains("region") => {
-            "no region: set AWS_REGION, --s3-region or --kinesis-region"
-        }
-        (_, "dispatch") if message.contains("region must be set") => {
-            "no region: set AWS_REGION, --s3-region or --kinesis-region"
-        }
+        (_, "construction") if message.contains("region") => NO_REGION,
+        (_, "dispatch") if message.contains("region must be set") => NO_REGION,
         _ => return None,
     })
 }
